@@ -34,7 +34,10 @@ def reference_cdam(model: torch.nn.Module, image: torch.Tensor, score: Callable[
 
 
 def reference_attention(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """The last block's CLS-query attention per head (heads, N), prefix columns dropped."""
+    """The last block's CLS-query attention per head (heads, N), prefix columns dropped.
+
+    For a model without a CLS token: the attention each token receives, averaged over all queries.
+    """
     captured: dict[str, torch.Tensor] = {}
     handle = model.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: captured.setdefault("T", out))
     try:
@@ -46,5 +49,6 @@ def reference_attention(model: torch.nn.Module, image: torch.Tensor) -> torch.Te
     tokens = captured["T"][0]
     qkv = attn.qkv(tokens).reshape(tokens.shape[0], 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = ((q[:, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, 0]
+    queries = q[:, :1] if model.cls_token is not None else q
+    weights = ((queries * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)
     return weights[:, model.num_prefix_tokens:]

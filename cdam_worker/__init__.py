@@ -1,0 +1,23 @@
+"""cdam_worker: CDAM for whole image datasets.
+
+Data flow: WebDataset shards in (``data``), maps computed (``engine``), arrays and tables out (``sinks``).
+"""
+
+from cdam_worker.engine import CDAMExplainer, CDAMResult, VariantConfig
+from cdam_worker.model import LoadedModel, ModelLoadError, load_model, save_checkpoint
+from cdam_worker.targets import Concept, TargetSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CDAMExplainer",
+    "CDAMResult",
+    "Concept",
+    "LoadedModel",
+    "ModelLoadError",
+    "TargetSpec",
+    "VariantConfig",
+    "load_model",
+    "save_checkpoint",
+    "__version__",
+]

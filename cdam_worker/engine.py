@@ -1,0 +1,383 @@
+"""The CDAM engine: batched maps for every target of interest, vanilla, Smooth or Integrated.
+
+``CDAMExplainer(model).explain(images, targets=...)`` runs the trunk once (all blocks but the last),
+then computes the maps from the last block's input by the closed form (CLS-pooled ViTs, spec
+section 3) or by autograd through the last block (every other timm ViT). Smooth and Integrated
+CDAM (spec section 2) alter the last block's input and re-run only the last block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Sequence
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from cdam_worker.autograd_path import autograd_maps, head_outputs
+from cdam_worker.closed_form import closed_form_maps, closed_form_unsupported_reason
+from cdam_worker.model import LoadedModel
+from cdam_worker.targets import Concept, TargetSpec, concept_directions, concept_scores
+
+Method = Literal["auto", "closed_form", "autograd"]
+Variant = Literal["vanilla", "smooth", "integrated"]
+Precision = Literal["float32", "bf16", "tf32"]
+DEFAULT_NOISE_LEVEL = {"vanilla": 0.0, "smooth": 0.05, "integrated": 0.0}
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """Which CDAM: ``vanilla``, ``smooth`` (m noisy copies) or ``integrated`` (m-1 scaled copies)."""
+
+    name: Variant = "vanilla"
+    n_samples: int = 50
+    noise_level: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in DEFAULT_NOISE_LEVEL:
+            raise ValueError(f"unknown variant {self.name!r}: expected vanilla, smooth or integrated")
+        if self.name != "vanilla" and self.n_samples < (2 if self.name == "integrated" else 1):
+            raise ValueError(f"{self.name} CDAM needs n_samples >= {2 if self.name == 'integrated' else 1}, got {self.n_samples}")
+        if self.noise_level is not None and self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
+
+    @property
+    def sigma_fraction(self) -> float:
+        return DEFAULT_NOISE_LEVEL[self.name] if self.noise_level is None else self.noise_level
+
+    @property
+    def n_maps(self) -> int:
+        """How many altered inputs are averaged (Integrated drops the k=0 map)."""
+        return {"vanilla": 1, "smooth": self.n_samples, "integrated": self.n_samples - 1}[self.name]
+
+    def params(self) -> dict[str, float | int | str]:
+        """The parameters that define the maps, for run metadata."""
+        if self.name == "vanilla":
+            return {"variant": "vanilla"}
+        return {"variant": self.name, "n_samples": self.n_samples, "noise_level": self.sigma_fraction, "seed": self.seed}
+
+
+@dataclass
+class CDAMResult:
+    """Maps and model outputs for a batch; maps are at token resolution (the patch grid)."""
+
+    cdam: torch.Tensor  # (B, K, gh, gw) signed CDAM per target slot
+    target_class: torch.Tensor  # (B, K) class index of each slot, -1 for concepts
+    attention: torch.Tensor  # (B, heads, gh, gw) last block's CLS-query attention
+    logits: torch.Tensor  # (B, C)
+    embedding: torch.Tensor  # (B, D) pre-logits feature
+    method: str  # "closed_form" or "autograd"
+    basis: torch.Tensor | None = None  # (B, D, gh, gw) relevance basis, when asked for
+    concept_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def image_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from the run seed and an image key, independent of batch and worker."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
+
+
+def content_key(image: torch.Tensor) -> str:
+    """A key derived from the pixels, used when the caller gives none."""
+    return hashlib.sha1(image.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class CDAMExplainer:
+    """Batched CDAM for a timm VisionTransformer.
+
+    ``method="auto"`` uses the closed form where it is exact (CLS pooling, plain softmax attention,
+    no qk-norm, linear head) and autograd through the last block otherwise; ``self.method`` and
+    ``self.method_reason`` say which and why. Asking for ``"closed_form"`` where it does not hold
+    raises ``ValueError``.
+    """
+
+    def __init__(self, model: nn.Module | LoadedModel, method: Method = "auto", precision: Precision = "float32", class_names: Sequence[str] | None = None, max_rows: int = 256) -> None:
+        if isinstance(model, LoadedModel):
+            class_names = class_names or model.class_names
+            model = model.model
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer: CDAM needs a ViT with blocks[-1].norm1")
+        if type(model).forward_features is not VisionTransformer.forward_features:
+            raise ValueError(f"{type(model).__name__} overrides forward_features; only timm's VisionTransformer trunk is supported")
+        if precision not in ("float32", "bf16", "tf32"):
+            raise ValueError(f"precision must be float32, bf16 or tf32, not {precision!r}")
+        reason = closed_form_unsupported_reason(model)
+        if method == "closed_form" and reason is not None:
+            raise ValueError(f"the closed form does not hold for this model: {reason}; use method='autograd' or 'auto'")
+        if method not in ("auto", "closed_form", "autograd"):
+            raise ValueError(f"method must be auto, closed_form or autograd, not {method!r}")
+        self.model = model.eval()
+        self.method = "closed_form" if method == "closed_form" or (method == "auto" and reason is None) else "autograd"
+        self.method_reason = "closed form: CLS-pooled ViT with plain softmax attention" if self.method == "closed_form" else f"autograd through the last block: {reason or 'asked for'}"
+        self.precision = precision
+        self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
+        self.max_rows = max_rows
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (gh, gw) token grid for an image of this size; ValueError when the model cannot take it."""
+        patch_embed = self.model.patch_embed
+        ph, pw = patch_embed.patch_size
+        if getattr(self.model, "dynamic_img_size", False):
+            if not getattr(patch_embed, "dynamic_img_pad", False) and (height % ph or width % pw):
+                raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
+            return -(-height // ph), -(-width // pw)
+        expected = tuple(patch_embed.img_size)
+        if (height, width) != expected:
+            raise ValueError(
+                f"image size {height}x{width} does not match the model's input size {expected[0]}x{expected[1]} "
+                f"(patch grid {patch_embed.grid_size[0]}x{patch_embed.grid_size[1]}); resize the images or create the model with dynamic_img_size=True"
+            )
+        return tuple(patch_embed.grid_size)
+
+    @torch.no_grad()
+    def last_block_input(self, images: torch.Tensor) -> torch.Tensor:
+        """X, the input of the last block (B, P+N, D), in float32 (the trunk may run in bf16/TF32)."""
+        model = self.model
+        with self._trunk_precision():
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+            x = model.blocks[:-1](x)
+        return x.float()
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The pre-logits embedding h (B, D), e.g. to build concept vectors."""
+        self._check_images(images)
+        return head_outputs(self.model, self.last_block_input(images.to(self.device))).embedding
+
+    def concept_from_images(self, name: str, images: torch.Tensor, similarity: str = "dot") -> Concept:
+        """A concept vector: the mean embedding of example images of the concept."""
+        return Concept(name, self.embed(images).mean(0).cpu(), similarity)
+
+    def explain(
+        self,
+        images: torch.Tensor,
+        targets: str | TargetSpec | torch.Tensor | Sequence[int] = "topk:1",
+        *,
+        concepts: Sequence[Concept] = (),
+        labels: torch.Tensor | Sequence[int] | None = None,
+        keys: Sequence[str] | None = None,
+        variant: Variant | VariantConfig = "vanilla",
+        return_basis: bool = False,
+    ) -> CDAMResult:
+        """CDAM of a batch (B, 3, H, W) for every target slot.
+
+        ``targets``: a spec string (``topk:5``, ``label``, ``classes:3,zebra``, ``all``, ``none``), a
+        list of class indices (same for every image) or a (B, K) tensor (per image). ``concepts`` add
+        slots after the classes. ``keys`` seed the noise of Smooth/Integrated per image (default: a
+        hash of the pixels), so an image gets the same map in any batch.
+        """
+        grid = self._check_images(images)
+        images = images.to(self.device)
+        batch = images.shape[0]
+        config = variant if isinstance(variant, VariantConfig) else VariantConfig(name=variant)
+        concepts = tuple(concepts)
+        embed_dim = self.model.num_features
+        for concept in concepts:
+            if concept.vector.numel() != embed_dim:
+                raise ValueError(f"concept {concept.name!r} has {concept.vector.numel()} dims but the model's embedding has {embed_dim}")
+        if return_basis and type(self.model) is not VisionTransformer:
+            raise ValueError(f"a relevance basis needs logits linear in the embedding; {type(self.model).__name__} has its own head")
+        resolve = self._target_resolver(targets, labels, batch)
+
+        block_input = self.last_block_input(images)
+        if config.name == "vanilla":
+            result = self._maps(block_input, resolve, concepts, return_basis)
+        else:
+            keys = list(keys) if keys is not None else [content_key(image) for image in images]
+            if len(keys) != batch:
+                raise ValueError(f"got {len(keys)} keys for {batch} images")
+            clean = self._maps(block_input, resolve, (), False, with_maps=False)
+            fixed = clean.target_class
+            maps_sum, basis_sum = None, None
+            for altered, copies in self._altered_inputs(block_input, keys, config):
+                part = self._maps(altered, lambda _logits: fixed.repeat_interleave(copies, dim=0), concepts, return_basis)
+                maps_part = part.cdam.view(batch, copies, *part.cdam.shape[1:]).sum(1)
+                maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
+                if return_basis:
+                    basis_part = part.basis.view(batch, copies, *part.basis.shape[1:]).sum(1)
+                    basis_sum = basis_part if basis_sum is None else basis_sum + basis_part
+            result = _MapsPass(
+                cdam=maps_sum / config.n_maps,
+                basis=basis_sum / config.n_maps if return_basis else None,
+                target_class=fixed,
+                logits=clean.logits,
+                embedding=clean.embedding,
+                attention=clean.attention,
+            )
+
+        prefix = self.model.num_prefix_tokens
+        concept_slots = torch.full((batch, len(concepts)), -1, dtype=torch.long, device=images.device)
+        return CDAMResult(
+            cdam=result.cdam.reshape(batch, -1, *grid),
+            target_class=torch.cat([result.target_class, concept_slots], dim=1),
+            attention=result.attention[:, :, prefix:].reshape(batch, -1, *grid),
+            logits=result.logits,
+            embedding=result.embedding,
+            method=self.method,
+            basis=result.basis.reshape(batch, -1, *grid) if result.basis is not None else None,
+            concept_names=tuple(c.name for c in concepts),
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_images(self, images: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != self.model.patch_embed.proj.in_channels:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, {self.model.patch_embed.proj.in_channels}, H, W) tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor (normalised by the model's transform), got {images.dtype}")
+        return self.patch_grid(images.shape[2], images.shape[3])
+
+    def _trunk_precision(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.precision == "tf32" and self.device.type == "cuda":
+            return _tf32()
+        return contextlib.nullcontext()
+
+    def _target_resolver(self, targets, labels, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function logits (B, C) -> target classes (B, Kc), validated up front."""
+        if isinstance(targets, str):
+            targets = TargetSpec.parse(targets, self.class_names)
+        if isinstance(targets, TargetSpec):
+            if targets.kind in ("classes", "topk", "all", "label") and self.num_classes == 0:
+                raise ValueError("the model has no classifier head: use concept targets with targets='none'")
+            if targets.kind == "classes":
+                for index in targets.classes:
+                    _check_class_index(index, self.num_classes)
+            if targets.kind == "label":
+                if labels is None:
+                    raise ValueError("targets 'label' need labels=... (one ground-truth class per image)")
+                labels = torch.as_tensor(labels).long().reshape(-1)
+                if labels.numel() != batch:
+                    raise ValueError(f"got {labels.numel()} labels for {batch} images")
+                for index in labels.tolist():
+                    _check_class_index(index, self.num_classes)
+            spec = targets
+            return lambda logits: spec.resolve(logits, labels)
+        fixed = torch.as_tensor(targets).long()
+        if fixed.ndim == 1:
+            fixed = fixed.expand(batch, -1)
+        if fixed.ndim != 2 or fixed.shape[0] != batch:
+            raise ValueError(f"explicit targets must be a list of classes or a (B, K) tensor with B={batch}, got shape {tuple(fixed.shape)}")
+        for index in fixed.unique().tolist():
+            _check_class_index(index, self.num_classes)
+        return lambda logits: fixed.to(logits.device)
+
+    def _maps(self, block_input: torch.Tensor, resolve, concepts: tuple[Concept, ...], want_basis: bool, with_maps: bool = True) -> "_MapsPass":
+        if self.method == "closed_form":
+            return self._closed_form_pass(block_input, resolve, concepts if with_maps else (), want_basis, with_maps)
+        return self._autograd_pass(block_input, resolve, concepts, want_basis, with_maps)
+
+    def _closed_form_pass(self, block_input, resolve, concepts, want_basis, with_maps) -> "_MapsPass":
+        model = self.model
+        resolved: dict[str, torch.Tensor] = {}
+
+        def directions_of(embedding: torch.Tensor) -> torch.Tensor:
+            logits = model.head(embedding) if self.num_classes else embedding.new_zeros(embedding.shape[0], 0)
+            target_class = resolve(logits)
+            resolved.update(logits=logits.detach(), target_class=target_class)
+            if not with_maps:
+                return embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
+            class_directions = model.head.weight[target_class] if self.num_classes else embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
+            return torch.cat([class_directions, concept_directions(concepts, embedding)], dim=1)
+
+        with torch.no_grad():
+            out = closed_form_maps(model, block_input, directions_of, want_basis)
+        return _MapsPass(out.maps, out.basis, resolved["target_class"], resolved["logits"], out.embedding, out.attention)
+
+    def _autograd_pass(self, block_input, resolve, concepts, want_basis, with_maps) -> "_MapsPass":
+        model = self.model
+        batch = block_input.shape[0]
+        with torch.no_grad():
+            outputs = head_outputs(model, block_input)
+            attention = cls_attention(model, block_input)
+        target_class = resolve(outputs.logits)
+        if not with_maps:
+            return _MapsPass(None, None, target_class, outputs.logits, outputs.embedding, attention)
+
+        def score_of(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+            classes = target_class.repeat(logits.shape[0] // batch, 1)
+            return torch.cat([logits.gather(1, classes), concept_scores(concepts, embedding)], dim=1)
+
+        num_targets = target_class.shape[1] + len(concepts)
+        maps = autograd_maps(model, block_input, score_of, num_targets, self.max_rows)
+        basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows) if want_basis else None
+        return _MapsPass(maps, basis, target_class, outputs.logits, outputs.embedding, attention)
+
+    def _altered_inputs(self, block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig) -> Iterator[tuple[torch.Tensor, int]]:
+        """Chunks of altered last-block inputs, (B * copies, L, D), image-major, with their copy count."""
+        batch = block_input.shape[0]
+        n_maps = config.n_maps
+        noise = None
+        if config.sigma_fraction > 0:
+            span = block_input.flatten(1).amax(1) - block_input.flatten(1).amin(1)  # (B,)
+            sigma = (config.sigma_fraction * span).view(batch, 1, 1, 1)
+            noise = torch.stack([_image_noise(config.seed, key, (n_maps, *block_input.shape[1:]), block_input.device) for key in keys]) * sigma
+        per_chunk = max(1, self.max_rows // batch)
+        for start in range(0, n_maps, per_chunk):
+            stop = min(start + per_chunk, n_maps)
+            if config.name == "smooth":
+                altered = block_input[:, None].expand(-1, stop - start, -1, -1)
+            else:  # integrated: X_k = (k / m) X for k = 1 .. m-1
+                scale = torch.arange(start + 1, stop + 1, device=block_input.device, dtype=block_input.dtype) / config.n_samples
+                altered = scale.view(1, -1, 1, 1) * block_input[:, None]
+            if noise is not None:
+                altered = altered + noise[:, start:stop]
+            yield altered.reshape(-1, *block_input.shape[1:]), stop - start
+
+
+@dataclass
+class _MapsPass:
+    cdam: torch.Tensor | None  # (B, K, N)
+    basis: torch.Tensor | None  # (B, D, N)
+    target_class: torch.Tensor  # (B, Kc)
+    logits: torch.Tensor
+    embedding: torch.Tensor
+    attention: torch.Tensor  # (B, H, L)
+
+
+def cls_attention(model: nn.Module, block_input: torch.Tensor) -> torch.Tensor:
+    """The last block's attention weights (B, H, L) with the CLS token as query (mean over queries without one)."""
+    attn = model.blocks[-1].attn
+    if not hasattr(attn, "qkv"):
+        raise ValueError(f"cannot read attention weights from a {type(attn).__name__} (no fused qkv projection)")
+    tokens = model.blocks[-1].norm1(block_input)
+    batch, length, _ = tokens.shape
+    qkv = attn.qkv(tokens).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    query, key = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    if getattr(model, "cls_token", None) is not None:
+        query = query[:, :, :1]
+    weights = ((query * attn.scale) @ key.transpose(-2, -1)).softmax(-1)
+    return weights.mean(2)
+
+
+def _check_class_index(index: int, num_classes: int) -> None:
+    if not 0 <= index < num_classes:
+        raise ValueError(f"class index {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+
+
+def _image_noise(seed: int, key: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(image_seed(seed, key))
+    return torch.randn(shape, generator=generator, device=device)
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

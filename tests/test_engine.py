@@ -1,0 +1,281 @@
+"""The engine against the literal definition (spec section 4): every target kind, variant and model family."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from cdam_worker import CDAMExplainer, Concept, VariantConfig
+from cdam_worker.engine import _image_noise
+from reference import reference_attention, reference_cdam
+
+TOLERANCE = 1e-4
+
+# name, timm kwargs, expected method
+FAMILIES = {
+    "cls_qkv_bias": ("vit_small_patch16_224", dict(img_size=64, depth=3, qkv_bias=True), "closed_form"),
+    "cls_no_bias": ("vit_small_patch16_224", dict(img_size=48, depth=2, qkv_bias=False), "closed_form"),
+    "registers_layerscale": ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=3, init_values=0.5), "closed_form"),
+    "fc_norm_token": ("vit_small_patch16_224", dict(img_size=48, depth=2, fc_norm=True), "closed_form"),
+    "distilled_deit": ("deit_small_distilled_patch16_224", dict(img_size=64, depth=3), "autograd"),
+    "avg_pool_no_cls": ("vit_small_patch16_224", dict(img_size=64, depth=3, global_pool="avg", class_token=False, fc_norm=True), "autograd"),
+    "avg_pool_with_cls": ("vit_small_patch16_224", dict(img_size=48, depth=2, global_pool="avg"), "autograd"),
+    "qk_norm": ("vit_small_patch16_224", dict(img_size=48, depth=2, qk_norm=True), "autograd"),
+}
+
+
+def make_model(name: str, kwargs: dict, num_classes: int = 12) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+    with torch.no_grad():  # random norms and biases: no parameter sits at a special value
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    return model
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value - reference).abs().max() / reference.abs().max()).item()
+
+
+def images_for(model: torch.nn.Module, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *model.patch_embed.img_size, generator=generator)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    name, kwargs, method = FAMILIES[request.param]
+    model = make_model(name, kwargs)
+    return model, CDAMExplainer(model), method
+
+
+def test_method_is_chosen_per_family(family):
+    _, explainer, method = family
+    assert explainer.method == method
+    assert method.replace("_", " ") in explainer.method_reason
+
+
+def test_every_class_target_kind_matches_reference(family):
+    model, explainer, _ = family
+    images = images_for(model)
+    labels = torch.tensor([4, 0, 11])
+    per_image = torch.tensor([[1, 2], [3, 3], [11, 0]])
+    cases = {"topk:3": None, "classes:5,7": None, "label": labels, "all": None}
+    for spec, spec_labels in cases.items():
+        result = explainer.explain(images, spec, labels=spec_labels)
+        check_against_reference(model, images, result)
+    result = explainer.explain(images, per_image)
+    assert torch.equal(result.target_class, per_image)
+    check_against_reference(model, images, result)
+
+
+def test_topk_slots_follow_predictions(family):
+    model, explainer, _ = family
+    images = images_for(model)
+    result = explainer.explain(images, "topk:4")
+    assert torch.equal(result.target_class, result.logits.topk(4, dim=1).indices)
+    with torch.no_grad():
+        assert relative_error(result.logits, model(images)) < 1e-5
+        assert relative_error(result.embedding, model.forward_head(model.forward_features(images), pre_logits=True)) < 1e-5
+
+
+def test_concepts_dot_and_cosine_match_reference(family):
+    model, explainer, _ = family
+    images = images_for(model)
+    examples = images_for(model, batch=4, seed=7)
+    dot = explainer.concept_from_images("stripes", examples)
+    cosine = Concept("stripes_cos", dot.vector, "cosine")
+    result = explainer.explain(images, "topk:1", concepts=[dot, cosine])
+    assert result.target_class[:, 1:].eq(-1).all()
+    assert result.concept_names == ("stripes", "stripes_cos")
+    check_against_reference(model, images, result, concepts=[dot, cosine])
+
+
+def test_attention_is_cls_query_attention(family):
+    model, explainer, _ = family
+    images = images_for(model)
+    result = explainer.explain(images, "topk:1")
+    for b in range(images.shape[0]):
+        assert relative_error(result.attention[b].flatten(1), reference_attention(model, images[b])) < TOLERANCE
+
+
+@pytest.mark.parametrize("variant", ["smooth", "integrated"])
+@pytest.mark.parametrize("family_name", ["cls_qkv_bias", "registers_layerscale", "distilled_deit", "avg_pool_no_cls"])
+def test_smooth_and_integrated_match_reference(variant, family_name):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs)
+    explainer = CDAMExplainer(model)
+    images = images_for(model, batch=2)
+    keys = ["a/0001", "b/0002"]
+    config = VariantConfig(variant, n_samples=5, noise_level=0.1, seed=3)
+    concept = Concept("c", explainer.embed(images_for(model, 2, seed=9)).mean(0), "cosine")
+    result = explainer.explain(images, "topk:2", concepts=[concept], keys=keys, variant=config)
+    block_input = explainer.last_block_input(images)
+    for b in range(2):
+        span = block_input[b].max() - block_input[b].min()
+        noise = _image_noise(3, keys[b], (config.n_maps, *block_input.shape[1:]), block_input.device) * 0.1 * span
+        factors = [1.0] * config.n_maps if variant == "smooth" else [k / config.n_samples for k in range(1, config.n_samples)]
+        for slot in range(3):
+            score = score_for(result, b, slot, [concept])
+            maps = [reference_cdam(altered_model(model, factors[s], noise[s]), images[b], score) for s in range(config.n_maps)]
+            expected = torch.stack(maps).mean(0)
+            assert relative_error(result.cdam[b, slot].flatten(), expected) < TOLERANCE
+
+
+def test_variant_noise_does_not_depend_on_batch_composition():
+    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
+    model = make_model(name, kwargs)
+    explainer = CDAMExplainer(model)
+    images = images_for(model, batch=3)
+    config = VariantConfig("smooth", n_samples=6, seed=11)
+    together = explainer.explain(images, "classes:2", keys=["x", "y", "z"], variant=config)
+    alone = explainer.explain(images[1:2], "classes:2", keys=["y"], variant=config)
+    assert relative_error(alone.cdam[0], together.cdam[1]) < 1e-5
+    other_seed = explainer.explain(images[1:2], "classes:2", keys=["y"], variant=VariantConfig("smooth", n_samples=6, seed=12))
+    assert relative_error(other_seed.cdam[0], together.cdam[1]) > 1e-3
+
+
+@pytest.mark.parametrize("family_name", ["cls_qkv_bias", "registers_layerscale", "avg_pool_no_cls"])
+@pytest.mark.parametrize("variant", ["vanilla", "smooth"])
+def test_maps_from_basis_match_direct_maps(family_name, variant):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs)
+    explainer = CDAMExplainer(model)
+    images = images_for(model, batch=2)
+    concept = Concept("c", torch.randn(model.num_features, generator=torch.Generator().manual_seed(5)))
+    result = explainer.explain(images, "all", concepts=[concept], return_basis=True, variant=VariantConfig(variant, n_samples=4))
+    assert result.basis.shape == (2, model.num_features, *result.cdam.shape[2:])
+    directions = torch.cat([model.head.weight, concept.vector[None]])  # (K, D)
+    from_basis = torch.einsum("kd,bdyx->bkyx", directions, result.basis)
+    assert relative_error(from_basis, result.cdam) < TOLERANCE
+
+
+def test_many_targets_use_the_column_route_and_still_match():
+    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
+    model = make_model(name, kwargs, num_classes=40)  # K=40 > N=16 patches
+    explainer = CDAMExplainer(model)
+    images = images_for(model, batch=2)
+    result = explainer.explain(images, "all")
+    check_against_reference(model, images, result, slots=[0, 17, 39])
+
+
+def test_closed_form_refused_where_it_does_not_hold():
+    name, kwargs, _ = FAMILIES["distilled_deit"]
+    with pytest.raises(ValueError, match="closed form does not hold.*DistilledPatch|closed form does not hold.*own forward"):
+        CDAMExplainer(make_model(name, kwargs), method="closed_form")
+    name, kwargs, _ = FAMILIES["avg_pool_no_cls"]
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        CDAMExplainer(make_model(name, kwargs), method="closed_form")
+
+
+def test_forced_autograd_equals_closed_form():
+    name, kwargs, _ = FAMILIES["registers_layerscale"]
+    model = make_model(name, kwargs)
+    images = images_for(model)
+    fast = CDAMExplainer(model).explain(images, "topk:3")
+    slow = CDAMExplainer(model, method="autograd").explain(images, "topk:3")
+    assert relative_error(fast.cdam, slow.cdam) < TOLERANCE
+    assert relative_error(fast.attention, slow.attention) < TOLERANCE
+
+
+def test_bf16_trunk_is_close_and_reports_float32_maps():
+    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
+    model = make_model(name, kwargs)
+    images = images_for(model)
+    exact = CDAMExplainer(model).explain(images, "classes:1,2")
+    approx = CDAMExplainer(model, precision="bf16").explain(images, "classes:1,2")
+    assert approx.cdam.dtype == torch.float32
+    assert relative_error(approx.cdam, exact.cdam) < 0.1
+
+
+@pytest.fixture(scope="module")
+def explainer():
+    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
+    return CDAMExplainer(make_model(name, kwargs), class_names=[f"c{i}" for i in range(11)] + ["zebra"])
+
+
+class TestBadInput:
+    def test_image_size_not_matching(self, explainer):
+        with pytest.raises(ValueError, match=r"image size 60x64 does not match the model's input size 64x64 \(patch grid 4x4\)"):
+            explainer.explain(torch.randn(1, 3, 60, 64))
+
+    def test_dynamic_size_needs_patch_multiple(self):
+        model = timm.create_model("vit_small_patch16_224", img_size=64, depth=2, num_classes=3, dynamic_img_size=True).eval()
+        explainer = CDAMExplainer(model)
+        assert explainer.explain(torch.randn(1, 3, 48, 80)).cdam.shape == (1, 1, 3, 5)
+        with pytest.raises(ValueError, match="not a multiple of the patch size 16x16"):
+            explainer.explain(torch.randn(1, 3, 50, 64))
+
+    def test_class_out_of_range(self, explainer):
+        images = torch.randn(1, 3, 64, 64)
+        with pytest.raises(ValueError, match="class index 12 is out of range: the model has 12 classes"):
+            explainer.explain(images, [12])
+        with pytest.raises(ValueError, match="class index 40 is out of range"):
+            explainer.explain(images, "classes:3,40")
+        with pytest.raises(ValueError, match="class index -1 is out of range"):
+            explainer.explain(images, "label", labels=[-1])
+
+    def test_unknown_class_name_and_name_lookup(self, explainer):
+        images = torch.randn(1, 3, 64, 64)
+        with pytest.raises(ValueError, match="unknown class name 'zebro'; did you mean 'zebra'"):
+            explainer.explain(images, "classes:zebro")
+        assert explainer.explain(images, "classes:zebra,c3").target_class.tolist() == [[11, 3]]
+
+    def test_bad_target_specs(self, explainer):
+        images = torch.randn(1, 3, 64, 64)
+        for spec, message in [("topk:0", "positive integer"), ("best", "expected topk:K"), ("topk:13", "exceeds")]:
+            with pytest.raises(ValueError, match=message):
+                explainer.explain(images, spec)
+        with pytest.raises(ValueError, match="need labels"):
+            explainer.explain(images, "label")
+
+    def test_non_vit_and_wrong_images(self, explainer):
+        with pytest.raises(ValueError, match="not a timm VisionTransformer"):
+            CDAMExplainer(timm.create_model("resnet18", num_classes=3))
+        with pytest.raises(ValueError, match="float tensor"):
+            explainer.explain(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+        with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+            explainer.explain(torch.zeros(3, 64, 64))
+        with pytest.raises(ValueError, match="concept 'v' has 5 dims"):
+            explainer.explain(torch.randn(1, 3, 64, 64), concepts=[Concept("v", torch.ones(5))])
+
+
+# -- reference helpers --------------------------------------------------------------------------
+
+
+def score_for(result, b: int, slot: int, concepts):
+    """The scalar score of one slot as a function of (logits, pre_logits), as the reference takes it."""
+    target = result.target_class[b, slot].item()
+    if target >= 0:
+        return lambda logits, _pre: logits[target]
+    concept = concepts[slot - (result.target_class[b] >= 0).sum().item()]
+    if concept.similarity == "dot":
+        return lambda _logits, pre: pre @ concept.vector
+    return lambda _logits, pre: torch.nn.functional.cosine_similarity(pre, concept.vector, dim=0)
+
+
+def check_against_reference(model, images, result, concepts=(), slots=None):
+    slots = range(result.cdam.shape[1]) if slots is None else slots
+    for b in range(images.shape[0]):
+        for slot in slots:
+            expected = reference_cdam(model, images[b], score_for(result, b, slot, concepts))
+            assert relative_error(result.cdam[b, slot].flatten(), expected) < TOLERANCE, (b, slot)
+
+
+class altered_model:
+    """The model with its last block's input replaced by ``factor * X + noise`` (for the variant reference)."""
+
+    def __init__(self, model, factor: float, noise: torch.Tensor):
+        self.model, self.factor, self.noise = model, factor, noise
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward_features(self, images):
+        handle = self.model.blocks[-1].register_forward_pre_hook(lambda _m, args: (self.factor * args[0] + self.noise[None],))
+        try:
+            return self.model.forward_features(images)
+        finally:
+            handle.remove()
