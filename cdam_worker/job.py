@@ -1,0 +1,166 @@
+"""A run's settings, its fingerprint, its manifest and the lock that keeps two drivers off one output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+from cdam_worker.storage import Storage
+
+MANIFEST_PATH = "manifest.json"
+LOCK_PATH = "lock.json"
+LOCK_LEASE_SECONDS = 120.0
+MANIFEST_FORMAT = "cdam-run/1"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How every actor loads the model (the driver has already checked that it loads)."""
+
+    name: str | None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    head_checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    name: str
+    vector: tuple[float, ...]
+    similarity: str = "dot"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: a shard, its block of rows, and the key groups to refuse as cross-shard duplicates."""
+
+    shard_index: int
+    url: str
+    name: str
+    n_samples: int
+    duplicates: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything an actor needs; ``output_settings`` is what must match for a resume."""
+
+    output: str
+    model: ModelSpec
+    model_identity: dict[str, Any]  # name, kwargs, checkpoint sha256s: what the fingerprint sees of the model
+    class_names: tuple[str, ...]
+    targets: str
+    concepts: tuple[ConceptSpec, ...]
+    variant: dict[str, Any]
+    maps_dtype: str
+    store_basis: bool
+    batch_size: int
+    method: str
+    precision: str
+    rows_per_shard: int
+    require_label: bool
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    fault_exit_after_batches: int | None = None
+
+    def output_settings(self, shards: list[ShardTask]) -> dict[str, Any]:
+        """The settings that define the output's bytes: a resume must repeat them exactly."""
+        return {
+            "model": self.model_identity,
+            "targets": self.targets,
+            "concepts": [asdict(c) for c in self.concepts],
+            "variant": self.variant,
+            "maps_dtype": self.maps_dtype,
+            "store_basis": self.store_basis,
+            "method": self.method,
+            "precision": self.precision,
+            "rows_per_shard": self.rows_per_shard,
+            "shards": [{"index": s.shard_index, "url": s.url, "n_samples": s.n_samples} for s in shards],
+        }
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def read_json(storage: Storage, path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.get(path))
+    except FileNotFoundError:
+        return None
+
+
+def write_json(storage: Storage, path: str, payload: dict[str, Any]) -> None:
+    storage.put(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A short description of which settings differ (for the 'refusing to resume' message)."""
+    changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    return ", ".join(changed) or "none"
+
+
+class OutputInUseError(RuntimeError):
+    """Another live job holds the output's lock."""
+
+
+class OutputLock:
+    """A lease object at ``DEST/lock.json``, created with a conditional put and renewed by the driver.
+
+    A lock is stale (and taken over) when its lease has expired, or when its driver ran on this host
+    and that process is gone (a killed driver's rerun need not wait for the lease).
+    """
+
+    def __init__(self, storage: Storage, run_id: str) -> None:
+        self.storage = storage
+        self.payload = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+
+    def acquire(self) -> None:
+        """Take the lock or raise OutputInUseError naming the holder."""
+        body = json.dumps(self.payload).encode()
+        if self.storage.put_if_absent(LOCK_PATH, body):
+            return
+        holder = read_json(self.storage, LOCK_PATH) or {}
+        if self._is_stale(holder):
+            self.storage.delete(LOCK_PATH)
+            if self.storage.put_if_absent(LOCK_PATH, body):
+                return
+            holder = read_json(self.storage, LOCK_PATH) or holder
+        raise OutputInUseError(
+            f"output {self.storage.url} is in use by another cdam job (run {holder.get('run_id')}, pid {holder.get('pid')} on {holder.get('host')}); "
+            f"wait for it to finish, or delete {LOCK_PATH} there if that job is gone"
+        )
+
+    def renew(self) -> None:
+        self.payload["renewed_at"] = time.time()
+        write_json(self.storage, LOCK_PATH, self.payload)
+
+    def release(self) -> None:
+        holder = read_json(self.storage, LOCK_PATH) or {}
+        if holder.get("run_id") == self.payload["run_id"]:
+            self.storage.delete(LOCK_PATH)
+
+    def _is_stale(self, holder: dict[str, Any]) -> bool:
+        if not holder:
+            return True
+        if time.time() - float(holder.get("renewed_at", 0)) > float(holder.get("lease_seconds", LOCK_LEASE_SECONDS)):
+            return True
+        if holder.get("host") == self.payload["host"]:
+            pid = int(holder.get("pid", -1))
+            return not psutil.pid_exists(pid) or _is_zombie(pid)
+        return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True

@@ -1,0 +1,467 @@
+"""The Ray driver of ``cdam explain``: plan the run, hand shards to a pool of actors, resume, summarise.
+
+Everything that can be checked before an actor starts is checked first (model, targets, shards,
+output), so a bad configuration costs one line and no cluster time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cdam_worker import __version__
+from cdam_worker.data import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
+from cdam_worker.engine import CDAMExplainer, VariantConfig
+from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.model import LoadedModel, load_model
+from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
+from cdam_worker.storage import Storage
+from cdam_worker.targets import Concept, TargetSpec
+from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
+
+MAX_SHARD_ATTEMPTS = 3
+OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
+
+
+class ConfigError(ValueError):
+    """A bad flag, model, shard or output, found before any actor starts."""
+
+
+class JobError(RuntimeError):
+    """The job could not go on (no actor could start)."""
+
+
+@dataclass
+class Plan:
+    config: JobConfig
+    layout: Layout
+    storage: Storage
+    shards: list[ShardTask]
+    settings: dict[str, Any]
+    loaded: LoadedModel
+    zarr_attributes: dict[str, Any]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``cdam explain``; returns the process exit status."""
+    started = time.time()
+    plan = make_plan(args)
+    if args.dry_run:
+        print_plan(plan)
+        return 0
+    lock = OutputLock(plan.storage, plan.config.run_id)
+    lock.acquire()
+    stop_renewing = _renew_periodically(lock)
+    try:
+        todo = prepare_output(plan, overwrite=args.overwrite)
+        failures = dispatch(plan, todo, args) if todo else {}
+        summaries = collect_markers(plan)
+        if not failures and len(summaries) == len(plan.shards):
+            finish_manifest(plan, summaries)
+    finally:
+        stop_renewing.set()
+        lock.release()
+    return print_summary(plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=args.strict)
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Check every setting and build the run's plan; ConfigError on the first problem."""
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--model-kwargs is not valid JSON: {error}") from None
+    if not isinstance(model_kwargs, dict):
+        raise ConfigError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 224}'")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    spec = ModelSpec(args.model, model_kwargs, args.pretrained, _absolute(args.checkpoint), _absolute(args.head_checkpoint))
+    loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
+    if loaded.num_classes == 0:
+        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one")
+    try:
+        targets = TargetSpec.parse(args.targets, loaded.class_names)
+        variant = VariantConfig(args.variant, args.samples, args.noise_level, args.seed)
+        explainer = CDAMExplainer(loaded, method=args.method, precision=args.precision)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    concepts = tuple(_load_concept(text, explainer, loaded.transform) for text in args.concepts)
+    if targets.kind == "none" and not concepts:
+        raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
+
+    urls = expand_shard_specs(args.shards)
+    storage = Storage.from_url(args.output)
+    storage.check_writable()
+    scans = _scan_all(urls)
+    first = _first_sample(urls, scans)
+    if targets.kind == "label" and first is not None and first.label is None:
+        raise ConfigError(f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none")
+    tasks = _tasks(urls, scans)
+    grid = explainer.patch_grid(*loaded.data_config["input_size"][1:])
+    config = JobConfig(
+        output=storage.url,
+        model=spec,
+        model_identity={"name": loaded.name, "kwargs": loaded.model_kwargs, "pretrained": spec.pretrained, "checkpoint_sha256": loaded.checkpoint_sha256, "head_checkpoint_sha256": loaded.head_checkpoint_sha256},
+        class_names=tuple(loaded.class_names),
+        targets=str(targets),
+        concepts=tuple(ConceptSpec(c.name, tuple(c.vector.tolist()), c.similarity) for c in concepts),
+        variant=variant.params(),
+        maps_dtype=args.dtype,
+        store_basis=args.store_basis,
+        batch_size=args.batch_size,
+        method=explainer.method,
+        precision=args.precision,
+        rows_per_shard=rows_per_shard_for(max([len(s.keys) for s in scans] + [1])),
+        require_label=targets.kind == "label",
+    )
+    layout = Layout(
+        n_shards=len(tasks),
+        rows_per_shard=config.rows_per_shard,
+        n_targets=targets.num_slots(loaded.num_classes) + len(concepts),
+        n_heads=loaded.model.blocks[-1].attn.num_heads,
+        grid=tuple(grid),
+        embed_dim=loaded.model.num_features,
+        n_classes=loaded.num_classes,
+        maps_dtype=args.dtype,
+        store_basis=args.store_basis,
+    )
+    settings = config.output_settings(tasks)
+    attributes = {
+        "cdam_version": __version__,
+        "run_fingerprint": fingerprint(settings),
+        "model": config.model_identity,
+        "method": explainer.method,
+        "class_names": list(loaded.class_names),
+        "patch_grid": list(grid),
+        "patch_size": list(loaded.model.patch_embed.patch_size),
+        "input_size": list(loaded.data_config["input_size"]),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
+        "num_prefix_tokens": loaded.model.num_prefix_tokens,
+        "targets": config.targets,
+        "concepts": [{"name": c.name, "similarity": c.similarity, "vector": list(c.vector)} for c in config.concepts],
+        "variant": config.variant,
+        "seed": args.seed,
+        "maps_dtype": args.dtype,
+        "rows_per_shard": config.rows_per_shard,
+        "shards": [t.name for t in tasks],
+    }
+    return Plan(config, layout, storage, tasks, settings, loaded, attributes)
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
+    """``NAME=FILE`` (a saved vector) or ``NAME=FOLDER`` (example images), optional ``:cosine`` suffix."""
+    name, sep, source = text.partition("=")
+    similarity = "dot"
+    if source.endswith(":cosine"):
+        source, similarity = source[: -len(":cosine")], "cosine"
+    if not sep or not name or not source:
+        raise ConfigError(f"--concepts {text!r}: expected NAME=FILE or NAME=FOLDER (optionally ending in :cosine)")
+    path = Path(source)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+        if not files:
+            raise ConfigError(f"--concepts {name}: folder {path} holds no images")
+        images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        return explainer.concept_from_images(name, images, similarity)
+    if not path.is_file():
+        raise ConfigError(f"--concepts {name}: {path} is neither a concept file nor a folder of images")
+    try:
+        concept = Concept.load(path, name)
+    except Exception as error:  # noqa: BLE001 - any unreadable concept file is a config error
+        raise ConfigError(f"--concepts {name}: cannot read {path}: {str(error).splitlines()[0]}") from None
+    if concept.vector.numel() != explainer.model.num_features:
+        raise ConfigError(f"--concepts {name}: vector has {concept.vector.numel()} dims, the model's embedding has {explainer.model.num_features}")
+    return Concept(name, concept.vector, "cosine" if similarity == "cosine" else concept.similarity)
+
+
+def _scan_all(urls: list[str]):
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(tqdm(pool.map(scan_shard, urls), total=len(urls), desc="scanning shards", unit="shard", file=sys.stderr, disable=len(urls) < 8))
+
+
+def _first_sample(urls: list[str], scans) -> Sample | None:
+    """The first readable sample of the run (checks decoding and labels before the job starts)."""
+    for url, scan in zip(urls, scans):
+        if not scan.keys:
+            continue
+        for _, item in iter_samples(url):
+            if isinstance(item, Sample):
+                return item
+    return None
+
+
+def _tasks(urls: list[str], scans) -> list[ShardTask]:
+    """One task per shard; a key already seen in an earlier shard is refused in the later one."""
+    first_seen: dict[str, str] = {}
+    tasks = []
+    for index, (url, scan) in enumerate(zip(urls, scans)):
+        name = shard_name(url)
+        duplicates = {}
+        for group, key in enumerate(scan.keys):
+            if key in first_seen and first_seen[key] != name:
+                duplicates[group] = f"duplicate key {key!r}: already in shard {first_seen[key]}"
+            first_seen.setdefault(key, name)
+        tasks.append(ShardTask(index, url, name, len(scan.keys), duplicates))
+    return tasks
+
+
+def print_plan(plan: Plan) -> None:
+    layout = plan.layout
+    bytes_per_image = _bytes_per_image(layout)
+    n_images = sum(t.n_samples for t in plan.shards)
+    lines = [
+        f"model        {plan.loaded.name} ({plan.config.method}; {layout.n_heads} heads, grid {layout.grid[0]}x{layout.grid[1]}, {layout.n_classes} classes)",
+        f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
+        f"variant      {plan.config.variant}",
+        f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",
+        f"output       {plan.storage.url} (writable)",
+        f"estimate     {bytes_per_image / 1024:.1f} KiB per image before compression, {bytes_per_image * n_images / 2**20:.1f} MiB in all",
+    ]
+    print("\n".join(lines))
+
+
+def _bytes_per_image(layout: Layout) -> int:
+    from schemas import array_specs
+
+    total = 0
+    for spec in array_specs(layout.store_basis):
+        shape = layout.shape(spec)[1:]
+        total += int(torch.tensor(shape).prod().item()) * layout.dtype(spec).itemsize
+    return total
+
+
+# -- output set-up and resume ------------------------------------------------------------------
+
+
+def prepare_output(plan: Plan, overwrite: bool) -> list[ShardTask]:
+    """Create or check the output; return the shards that still need work."""
+    storage = plan.storage
+    manifest = read_json(storage, MANIFEST_PATH)
+    if manifest is not None and overwrite:
+        for prefix in OUTPUT_PREFIXES:
+            for path in storage.list(prefix):
+                storage.delete(path)
+        manifest = None
+    if manifest is None:
+        if any(storage.list(prefix) for prefix in OUTPUT_PREFIXES[:-1]):
+            raise ConfigError(f"output {storage.url} holds files of an unfinished or foreign run without a manifest; use --overwrite to replace them")
+        create_zarr(storage, plan.layout, plan.zarr_attributes)
+        write_json(storage, MANIFEST_PATH, _manifest(plan, status="running"))
+        return list(plan.shards)
+    if manifest.get("fingerprint") != fingerprint(plan.settings):
+        differs = settings_difference(manifest.get("settings", {}), plan.settings)
+        raise ConfigError(f"output {storage.url} was made with different settings ({differs}); use another --output or --overwrite")
+    done = {t.shard_index for t in plan.shards if storage.exists(marker_path(t.shard_index))}
+    return [t for t in plan.shards if t.shard_index not in done]
+
+
+def _manifest(plan: Plan, status: str, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "cdam_version": __version__,
+        "status": status,
+        "fingerprint": fingerprint(plan.settings),
+        "settings": plan.settings,
+        "layout": {"rows_per_shard": plan.layout.rows_per_shard, "n_targets": plan.layout.n_targets, "grid": list(plan.layout.grid), "maps_dtype": plan.layout.maps_dtype, "store_basis": plan.layout.store_basis},
+        "shards": shards if shards is not None else [{"index": t.shard_index, "name": t.name, "url": t.url, "n_samples": t.n_samples} for t in plan.shards],
+    }
+
+
+def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
+    summaries = {}
+    for task in plan.shards:
+        marker = read_json(plan.storage, marker_path(task.shard_index))
+        if marker is not None:
+            summaries[task.shard_index] = ShardSummary(**marker)
+    return summaries
+
+
+def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
+    shards = [{"index": s.shard_index, "name": s.shard, "url": s.url, "n_samples": s.n_samples, "n_images": s.n_images, "n_errors": s.n_errors, "rows_checked": s.rows_checked, "checksums": s.checksums} for s in sorted(summaries.values(), key=lambda s: s.shard_index)]
+    manifest = _manifest(plan, status="complete", shards=shards)
+    manifest["totals"] = {"images": sum(s.n_images for s in summaries.values()), "errors": sum(s.n_errors for s in summaries.values())}
+    write_json(plan.storage, MANIFEST_PATH, manifest)
+
+
+def _renew_periodically(lock: OutputLock) -> threading.Event:
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(20.0):
+            lock.renew()
+
+    threading.Thread(target=renew, name="lock-renewal", daemon=True).start()
+    return stop
+
+
+# -- the actor pool ----------------------------------------------------------------------------
+
+
+def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> dict[int, str]:
+    """Run ``tasks`` on a pool of actors, retrying shards whose actor died; returns failed shards."""
+    import ray
+
+    from cdam_worker.actor import make_actor_class
+
+    _init_ray(args.address)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and args.gpus_per_actor > 0
+    n_actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_actor)))
+    n_actors = min(n_actors, len(tasks))
+    actor_class = make_actor_class(args.cpus_per_actor, args.gpus_per_actor if use_gpu else 0)
+    progress = _progress_counter()
+    threads = max(1, int(args.cpus_per_actor))
+    generation = 0
+
+    def start_actor():
+        return actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress)
+
+    starting = {}
+    for _ in range(n_actors):
+        actor = start_actor()
+        starting[actor.ready.remote()] = actor
+    idle: list = []
+    pending = deque((task, 1) for task in tasks)
+    running: dict = {}
+    failures: dict[int, str] = {}
+    last_progress = time.time()
+    total = sum(t.n_samples for t in tasks)
+    bar = tqdm(total=total, desc="explaining", unit="img", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    shards_done = 0
+    try:
+        while pending or running:
+            while idle and pending:
+                actor = idle.pop()
+                task, attempt = pending.popleft()
+                running[actor.process_shard.remote(task)] = (actor, task, attempt)
+            ready, _ = ray.wait(list(running) + list(starting), num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                        last_progress = time.time()
+                    except ray.exceptions.RayError as error:
+                        raise JobError(f"an actor could not start: {_first_line(error)}") from None
+                    continue
+                actor, task, attempt = running.pop(ref)
+                try:
+                    ray.get(ref)
+                    shards_done += 1
+                    idle.append(actor)
+                except ray.exceptions.RayActorError as error:
+                    generation += 1
+                    replacement = start_actor()
+                    starting[replacement.ready.remote()] = replacement
+                    _retry_or_fail(task, attempt, f"actor died: {_first_line(error)}", pending, failures, plan)
+                except ray.exceptions.RayError as error:
+                    idle.append(actor)
+                    _retry_or_fail(task, attempt, _first_line(error), pending, failures, plan)
+                last_progress = time.time()
+            bar.n = min(total, ray.get(progress.value.remote()))
+            bar.set_postfix_str(f"shards {shards_done}/{len(tasks)}", refresh=True)
+            if not running and not idle and pending and time.time() - last_progress > 600:
+                raise JobError("no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)")
+    finally:
+        bar.close()
+    return failures
+
+
+def _retry_or_fail(task: ShardTask, attempt: int, reason: str, pending: deque, failures: dict[int, str], plan: Plan) -> None:
+    if attempt < MAX_SHARD_ATTEMPTS:
+        print(f"shard {task.name}: {reason}; retrying (attempt {attempt + 1} of {MAX_SHARD_ATTEMPTS})", file=sys.stderr)
+        pending.append((task, attempt + 1))
+        return
+    failures[task.shard_index] = reason
+    _write_shard_failure(plan, task, reason)
+
+
+def _write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{"shard": task.name, "shard_index": task.shard_index, "key": None, "reason": f"shard failed after {MAX_SHARD_ATTEMPTS} attempts: {reason}", "run_id": plan.config.run_id}], schema=ERRORS_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    plan.storage.put(f"errors/{shard_file_stem(task.shard_index, task.name)}.parquet", sink.getvalue())
+
+
+def _init_ray(address: str | None) -> None:
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def _progress_counter():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressCounter:
+        def __init__(self) -> None:
+            self.images = 0
+
+        def add(self, n: int) -> None:
+            self.images += n
+
+        def value(self) -> int:
+            return self.images
+
+    return ProgressCounter.remote()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def print_summary(plan: Plan, summaries: dict[int, ShardSummary], failures: dict[int, str], seconds: float, skipped: int, strict: bool) -> int:
+    images = sum(s.n_images for s in summaries.values())
+    errors = sum(s.n_errors for s in summaries.values())
+    lines = [
+        f"done: {images} images explained, {errors} samples in errors/, {len(summaries)}/{len(plan.shards)} shards complete ({skipped} already done before this run)",
+        f"time: {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s overall)",
+        f"output: {plan.storage.url}",
+    ]
+    for index, reason in sorted(failures.items()):
+        lines.append(f"FAILED shard {plan.shards[index].name}: {reason}")
+    print("\n".join(lines))
+    if failures or len(summaries) != len(plan.shards):
+        print(f"error: {len(plan.shards) - len(summaries)} shard(s) not complete; rerun the same command to finish them", file=sys.stderr)
+        return 1
+    if strict and errors:
+        print(f"error: {errors} sample(s) could not be explained (--strict); see {plan.storage.url}/errors/", file=sys.stderr)
+        return 1
+    return 0
