@@ -68,8 +68,7 @@ class JobConfig:
     precision: str
     rows_per_shard: int
     require_label: bool
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    fault_exit_after_batches: int | None = None
+    run_id: str = ""  # the fingerprint's first 12 hex digits: a resumed run writes the same bytes
 
     def output_settings(self, shards: list[ShardTask]) -> dict[str, Any]:
         """The settings that define the output's bytes: a resume must repeat them exactly."""
@@ -121,7 +120,7 @@ class OutputLock:
 
     def __init__(self, storage: Storage, run_id: str) -> None:
         self.storage = storage
-        self.payload = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+        self.payload = {"run_id": run_id, "token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
 
     def acquire(self) -> None:
         """Take the lock or raise OutputInUseError naming the holder."""
@@ -145,7 +144,7 @@ class OutputLock:
 
     def release(self) -> None:
         holder = read_json(self.storage, LOCK_PATH) or {}
-        if holder.get("run_id") == self.payload["run_id"]:
+        if holder.get("token") == self.payload["token"]:
             self.storage.delete(LOCK_PATH)
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:

@@ -7,6 +7,7 @@ output), so a bad configuration costs one line and no cluster time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -139,6 +140,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         store_basis=args.store_basis,
     )
     settings = config.output_settings(tasks)
+    config = dataclasses.replace(config, run_id=fingerprint(settings)[:12])
     attributes = {
         "cdam_version": __version__,
         "run_fingerprint": fingerprint(settings),
