@@ -1,0 +1,184 @@
+"""Builders for test inputs (tar shards, encoded images) and an HTTP proxy that injects S3 faults."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import tarfile
+import threading
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+
+def make_tar(path: str | Path, members: Sequence[tuple[str | tarfile.TarInfo, bytes]]) -> Path:
+    """Write a tar with the members in the given order; '.tar.gz' / '.tgz' paths are gzip-compressed.
+
+    A member is (name, data) for a regular file, or (TarInfo, data) for anything else (links, folders,
+    devices; data is then usually b"").
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "w:gz" if path.name.endswith((".tar.gz", ".tgz")) else "w"
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = name if isinstance(name, tarfile.TarInfo) else tarfile.TarInfo(name)
+            if info.isreg():
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def make_shard(path: str | Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> Path:
+    """Write a WebDataset shard: one '<key>.<ext>' member per (ext, bytes) of each (key, members) sample."""
+    return make_tar(path, [(f"{key}.{ext}", data) for key, members in samples for ext, data in members.items()])
+
+
+def image_bytes(image: Image.Image, format: str = "PNG", **save_options: object) -> bytes:
+    """``image`` encoded in ``format`` (any format Pillow can write)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_options)
+    return buffer.getvalue()
+
+
+def gradient_image(width: int = 16, height: int = 12, mode: str = "RGB") -> Image.Image:
+    """A deterministic colour gradient converted to ``mode``."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, axis=0)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, axis=1)
+    rgb = np.stack([x, y, 255 - x], axis=-1).round().astype(np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+def jpeg_bytes(width: int = 16, height: int = 12, mode: str = "RGB") -> bytes:
+    """A small JPEG (``mode`` may be RGB, L or CMYK)."""
+    return image_bytes(gradient_image(width, height, mode), "JPEG", quality=90)
+
+
+def png_bytes(width: int = 16, height: int = 12, mode: str = "RGB") -> bytes:
+    """A small PNG in any mode PNG supports (RGB, RGBA, L, LA, P, 1, I;16)."""
+    return image_bytes(gradient_image(width, height, mode), "PNG")
+
+
+_FAULTS = {"503": ("SlowDown", "Please reduce your request rate."), "403": ("AccessDenied", "Access Denied")}
+
+
+class S3Proxy:
+    """An HTTP proxy in front of an S3 endpoint that injects faults and records traffic.
+
+    The first ``failures`` requests are answered with ``fault``: "503" (S3 SlowDown), "403" (AccessDenied)
+    or "drop" (the connection is closed without an answer); the rest are forwarded. Further faults:
+
+    - ``fail_every=k``: every k-th request (counting all requests) gets ``fault``: transient faults spread
+      over a whole job;
+    - ``fail_when(method, path)``: every request for which it returns True gets ``fault`` (``path`` is the
+      request path with its query, ``/bucket/key?...``); it may look at ``forwarded`` to fail everything
+      after some request went through. It can be replaced while the proxy runs;
+    - ``hold_when(method, path)``: matching requests wait until :meth:`release_held`, then their
+      connection is dropped (they never reach the server): a client stuck in the middle of a request.
+
+    ``forwarded`` lists (method, path) of the requests that reached the server, ``signed`` says for each
+    request whether it carried an Authorization header. Use as a context manager; ``url`` is its endpoint.
+    """
+
+    def __init__(self, target: str, *, failures: int = 0, fault: str = "503", fail_every: int = 0,
+                 fail_when: Callable[[str, str], bool] | None = None,
+                 hold_when: Callable[[str, str], bool] | None = None) -> None:
+        self.target = urlparse(target)
+        self.failures_left = failures
+        self.fault = fault
+        self.fail_every = fail_every
+        self.fail_when = fail_when
+        self.hold_when = hold_when
+        self.requests = 0
+        self.failed = 0
+        self.held = 0
+        self.bytes_served = 0
+        self.signed: list[bool] = []
+        self.forwarded: list[tuple[str, str]] = []
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> S3Proxy:
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release_held()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def release_held(self) -> None:
+        """Let held requests go: their connections are closed without an answer."""
+        self._released.set()
+
+    def _take_failure(self, signed: bool, method: str, path: str) -> bool:
+        with self._lock:
+            self.requests += 1
+            self.signed.append(signed)
+            fail = self.failures_left > 0 or (self.fail_every > 0 and self.requests % self.fail_every == 0)
+            fail = fail or (self.fail_when is not None and self.fail_when(method, path))
+            self.failures_left = max(0, self.failures_left - 1)
+            self.failed += fail
+            return fail
+
+    def _hold(self, method: str, path: str) -> bool:
+        if self.hold_when is None or self._released.is_set() or not self.hold_when(method, path):
+            return False
+        with self._lock:
+            self.held += 1
+        self._released.wait()
+        return True
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._hold(self.command, self.path):
+                    self.close_connection = True
+                    return
+                if proxy._take_failure("Authorization" in self.headers, self.command, self.path):
+                    if proxy.fault == "drop":
+                        self.close_connection = True
+                        return
+                    code, message = _FAULTS[proxy.fault]
+                    error = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+                    self.send_response(int(proxy.fault))
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                connection = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=30)
+                connection.request(self.command, self.path, body=body or None, headers=dict(self.headers))
+                response = connection.getresponse()
+                payload = response.read()
+                connection.close()
+                with proxy._lock:
+                    proxy.forwarded.append((self.command, self.path))
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", response.getheader("Content-Length") or str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    with proxy._lock:  # counted before the client can see the answer
+                        proxy.bytes_served += len(payload)
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        return Handler
