@@ -102,6 +102,9 @@ class CDAMExplainer:
             raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer: CDAM needs a ViT with blocks[-1].norm1")
         if type(model).forward_features is not VisionTransformer.forward_features:
             raise ValueError(f"{type(model).__name__} overrides forward_features; only timm's VisionTransformer trunk is supported")
+        last_block = model.blocks[-1]
+        if not (hasattr(last_block, "norm1") and hasattr(getattr(last_block, "attn", None), "qkv")):
+            raise ValueError(f"the last block is a {type(last_block).__name__} without norm1 and a qkv attention: CDAM is defined at blocks[-1].norm1")
         if precision not in ("float32", "bf16", "tf32"):
             raise ValueError(f"precision must be float32, bf16 or tf32, not {precision!r}")
         reason = closed_form_unsupported_reason(model)

@@ -234,6 +234,8 @@ class TestBadInput:
     def test_non_vit_and_wrong_images(self, explainer):
         with pytest.raises(ValueError, match="not a timm VisionTransformer"):
             CDAMExplainer(timm.create_model("resnet18", num_classes=3))
+        with pytest.raises(ValueError, match="ParallelThingsBlock without norm1"):
+            CDAMExplainer(timm.create_model("vit_small_patch16_18x2_224", img_size=32, depth=2, num_classes=3))
         with pytest.raises(ValueError, match="float tensor"):
             explainer.explain(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
         with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
