@@ -7,8 +7,13 @@ attention: proj, ls1, residual, norm2, MLP, ls2, final norm, fc_norm) and per he
     z_i = (v_i - b_v) + scale * (q0 . (k_i - b_k)) * (v_i - o),     Z_i = concat_heads(a_i * z_i),
 
 the CDAM of any direction g in feature space is ``S_i = g . (J Z_i)``. ``J`` is never materialised:
-either the K target rows are pulled back through the CLS path (``g^T J``, a batched VJP) or the N
+either the K target rows are pulled back through the CLS path (``p = g^T J``, a batched VJP) or the N
 patch columns are pushed forward (``J Z_i``, a batched JVP), whichever is fewer.
+
+Keys and values of the patch tokens are never formed either. With t_i = norm1(x_i) and per head
+``q0 . (k_i - b_k) = (W_k^T q0) . t_i``, ``o = W_v (sum_i a_i t_i) + b_v`` (the weights sum to 1) and,
+on the rows route, ``p . (v_i - b_v) = (W_v^T p) . t_i``, every patch term is a dot product of t_i with
+a few D-vectors per head: the last block costs O(L D (H + K H)) instead of O(L D^2).
 """
 
 from __future__ import annotations
@@ -42,54 +47,43 @@ def closed_form_unsupported_reason(model: nn.Module) -> str | None:
 
 @dataclass
 class LastBlockState:
-    """The quantities of the last block's CLS-query attention for a batch of last-block inputs."""
+    """The last block's CLS-query attention for a batch of last-block inputs, per head."""
 
-    attention: torch.Tensor  # (B, H, L) CLS-row attention weights over all tokens
-    head_outputs: torch.Tensor  # (B, A) concatenated head outputs of the CLS query (o_cat)
-    relevance_inputs: torch.Tensor  # (B, N, A) Z_i for the patch tokens
+    tokens: torch.Tensor  # (B, L, D) t = norm1(X)
+    attention: torch.Tensor  # (B, H, L) CLS-row attention weights a over all tokens
+    query_dot_keys: torch.Tensor  # (B, H, L) q0 . (k_i - b_k)
+    head_outputs: torch.Tensor  # (B, H, d) o per head
     cls_input: torch.Tensor  # (B, D) the CLS token entering the last block (residual)
-    cls_normed: torch.Tensor  # (B, D) norm1 of the CLS token (feeds the optional output gate)
+
+
+def _qkv_parts(attn: Attention) -> tuple[torch.Tensor, ...]:
+    """W_q, W_k, W_v as (H, d, D) and b_q, b_k, b_v as (H, d) (zeros without a qkv bias)."""
+    heads, head_dim = attn.num_heads, attn.head_dim
+    weights = attn.qkv.weight.view(3, heads, head_dim, -1)
+    bias = attn.qkv.bias if attn.qkv.bias is not None else attn.qkv.weight.new_zeros(3 * heads * head_dim)
+    biases = bias.view(3, heads, head_dim)
+    return weights[0], weights[1], weights[2], biases[0], biases[1], biases[2]
 
 
 def last_block_state(model: VisionTransformer, block_input: torch.Tensor) -> LastBlockState:
-    """Everything the closed form needs from the last block, computing keys/values for all tokens but the query for CLS only."""
+    """The CLS query's attention in the last block, computed without forming any key or value."""
     attn = model.blocks[-1].attn
-    batch, length, _ = block_input.shape
-    heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+    w_q, w_k, w_v, b_q, b_k, b_v = _qkv_parts(attn)
     tokens = model.blocks[-1].norm1(block_input)
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    q_weight, kv_weight = weight[:width], weight[width:]
-    q_bias = bias[:width] if bias is not None else None
-    kv_bias = bias[width:] if bias is not None else None
-
-    query = nn.functional.linear(tokens[:, 0], q_weight, q_bias).view(batch, heads, head_dim)
-    keys_values = nn.functional.linear(tokens, kv_weight)  # without bias: k - b_k, v - b_v
-    keys_nb, values_nb = keys_values.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-    values = values_nb + kv_bias[width:].view(heads, 1, head_dim) if kv_bias is not None else values_nb
-    key_bias_term = (query * kv_bias[:width].view(heads, head_dim)).sum(-1, keepdim=True) if kv_bias is not None else 0.0
-
-    query_dot_keys = torch.einsum("bhd,bhld->bhl", query, keys_nb)  # q0 . (k_i - b_k)
-    attention = (attn.scale * (query_dot_keys + key_bias_term)).softmax(dim=-1)  # (B, H, L)
-    head_out = torch.einsum("bhl,bhld->bhd", attention, values)  # o per head
-
-    prefix = model.num_prefix_tokens
-    patch_values = values[:, :, prefix:]
-    z = values_nb[:, :, prefix:] + attn.scale * query_dot_keys[:, :, prefix:, None] * (patch_values - head_out[:, :, None])
-    relevance_inputs = (attention[:, :, prefix:, None] * z).permute(0, 2, 1, 3).reshape(batch, length - prefix, width)
-    return LastBlockState(
-        attention=attention,
-        head_outputs=head_out.reshape(batch, width),
-        relevance_inputs=relevance_inputs,
-        cls_input=block_input[:, 0],
-        cls_normed=tokens[:, 0],
-    )
+    query = torch.einsum("hed,bd->bhe", w_q, tokens[:, 0]) + b_q  # q0 (B, H, d)
+    key_probe = torch.einsum("bhe,hed->bhd", query, w_k)  # W_k,h^T q0_h (B, H, D)
+    query_dot_keys = torch.einsum("bhd,bld->bhl", key_probe, tokens)
+    attention = (attn.scale * (query_dot_keys + (query * b_k).sum(-1, keepdim=True))).softmax(dim=-1)
+    mixed_tokens = torch.einsum("bhl,bld->bhd", attention, tokens)  # sum_i a_i t_i per head
+    head_outputs = torch.einsum("hed,bhd->bhe", w_v, mixed_tokens) + b_v
+    return LastBlockState(tokens, attention, query_dot_keys, head_outputs, block_input[:, 0])
 
 
 def cls_path(model: VisionTransformer, state: LastBlockState) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map o_cat -> h of the CLS token after the last attention (row-wise, so it batches)."""
+    """The map o_cat (B, A) -> h (B, D) of the CLS token after the last attention (row-wise, so it batches)."""
     block = model.blocks[-1]
     attn = block.attn
-    gate = attn.gate(state.cls_normed).sigmoid() if attn.gate is not None else None
+    gate = attn.gate(state.tokens[:, 0]).sigmoid() if attn.gate is not None else None
 
     def feature(head_outputs: torch.Tensor) -> torch.Tensor:
         mixed = attn.norm(head_outputs)
@@ -119,16 +113,44 @@ def closed_form_maps(
     """CDAM for the target directions ``directions_of(h) -> (B, K, D)`` of a batch of last-block inputs."""
     state = last_block_state(model, block_input)
     feature = cls_path(model, state)
-    z = state.relevance_inputs  # (B, N, A)
+    batch, heads, head_dim = state.head_outputs.shape
+    head_outputs = state.head_outputs.reshape(batch, heads * head_dim)
     with torch.enable_grad():
-        embedding, pull_back = torch.func.vjp(feature, state.head_outputs)
+        embedding, pull_back = torch.func.vjp(feature, head_outputs)
     directions = directions_of(embedding)  # (B, K, D)
+    n_patches = state.tokens.shape[1] - model.num_prefix_tokens
     basis = None
-    if want_basis or directions.shape[1] > z.shape[1]:
-        push_forward = torch.func.vmap(lambda column: torch.func.jvp(feature, (state.head_outputs,), (column,))[1], in_dims=1, out_dims=2)
+    if want_basis or directions.shape[1] > n_patches:
+        z = _relevance_inputs(model, state)  # (B, N, A)
+        push_forward = torch.func.vmap(lambda column: torch.func.jvp(feature, (head_outputs,), (column,))[1], in_dims=1, out_dims=2)
         basis = push_forward(z)  # (B, D, N) = J Z^T
         maps = torch.einsum("bkd,bdn->bkn", directions, basis)
     else:
         pulled = torch.func.vmap(pull_back, in_dims=1, out_dims=1)(directions)[0]  # (B, K, A) = g^T J
-        maps = torch.einsum("bka,bna->bkn", pulled, z)
+        maps = _maps_from_pulled(model, state, pulled.view(batch, -1, heads, head_dim))
     return ClosedFormMaps(maps=maps, basis=basis if want_basis else None, embedding=embedding.detach(), attention=state.attention)
+
+
+def _relevance_inputs(model: VisionTransformer, state: LastBlockState) -> torch.Tensor:
+    """Z (B, N, A): per head a_i * ((v_i - b_v) + scale * (q0 . (k_i - b_k)) * (v_i - o)), heads concatenated."""
+    attn = model.blocks[-1].attn
+    _, _, w_v, _, _, b_v = _qkv_parts(attn)
+    prefix = model.num_prefix_tokens
+    values_nb = torch.einsum("hed,bnd->bhne", w_v, state.tokens[:, prefix:])  # v_i - b_v (B, H, N, d)
+    centred = values_nb + (b_v - state.head_outputs)[:, :, None]  # v_i - o
+    z = values_nb + attn.scale * state.query_dot_keys[:, :, prefix:, None] * centred
+    weighted = state.attention[:, :, prefix:, None] * z
+    return weighted.permute(0, 2, 1, 3).flatten(2)
+
+
+def _maps_from_pulled(model: VisionTransformer, state: LastBlockState, pulled: torch.Tensor) -> torch.Tensor:
+    """S (B, K, N) = sum_h a_i [p . (v_i - b_v) + scale * (q0 . (k_i - b_k)) * p . (v_i - o)] for p = g^T J per head."""
+    attn = model.blocks[-1].attn
+    _, _, w_v, _, _, b_v = _qkv_parts(attn)
+    prefix = model.num_prefix_tokens
+    value_probe = torch.einsum("bkhe,hed->bkhd", pulled, w_v)  # W_v,h^T p (B, K, H, D)
+    p_dot_values = torch.einsum("bkhd,bnd->bkhn", value_probe, state.tokens[:, prefix:])  # p . (v_i - b_v)
+    p_dot_shift = (pulled * (b_v - state.head_outputs)[:, None]).sum(-1, keepdim=True)  # p . (b_v - o)
+    keys = state.query_dot_keys[:, None, :, prefix:]
+    per_head = state.attention[:, None, :, prefix:] * (p_dot_values + attn.scale * keys * (p_dot_values + p_dot_shift))
+    return per_head.sum(2)

@@ -326,8 +326,10 @@ class CDAMExplainer:
         noise = None
         if config.sigma_fraction > 0:
             span = block_input.flatten(1).amax(1) - block_input.flatten(1).amin(1)  # (B,)
-            sigma = (config.sigma_fraction * span).view(batch, 1, 1, 1)
-            noise = torch.stack([_image_noise(config.seed, key, (n_maps, *block_input.shape[1:]), block_input.device) for key in keys]) * sigma
+            noise = block_input.new_empty(batch, n_maps, *block_input.shape[1:])
+            for image, key in enumerate(keys):
+                _image_noise(config.seed, key, noise[image])
+            noise.mul_((config.sigma_fraction * span).view(batch, 1, 1, 1))
         per_chunk = max(1, self.max_rows // batch)
         for start in range(0, n_maps, per_chunk):
             stop = min(start + per_chunk, n_maps)
@@ -371,9 +373,10 @@ def _check_class_index(index: int, num_classes: int) -> None:
         raise ValueError(f"class index {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
 
 
-def _image_noise(seed: int, key: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    generator = torch.Generator(device=device).manual_seed(image_seed(seed, key))
-    return torch.randn(shape, generator=generator, device=device)
+def _image_noise(seed: int, key: str, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` with the standard normal stream of image ``key`` under ``seed``."""
+    generator = torch.Generator(device=out.device).manual_seed(image_seed(seed, key))
+    return torch.randn(out.shape, generator=generator, out=out)
 
 
 @contextlib.contextmanager
