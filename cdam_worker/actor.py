@@ -196,8 +196,15 @@ def _concept_positions(result: CDAMResult) -> np.ndarray:
     return np.cumsum(is_concept, axis=1) - 1
 
 
+# Settings that reach the actors from the driver's environment. Never credentials: actors get those
+# from their own node (environment, profile or instance role), so no secret travels through Ray.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", FAULT_ENV)
+
+
 def make_actor_class(num_cpus: float, num_gpus: float):
     """The Ray actor class for :class:`ShardProcessor` with these resources (no automatic restarts: the driver retries shards)."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(ShardProcessor)
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    options = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0, **options)(ShardProcessor)

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from cdam_worker.storage import Storage
+from cdam_worker.storage import Storage, StorageError
 
 MANIFEST_PATH = "manifest.json"
 LOCK_PATH = "lock.json"
@@ -128,6 +128,8 @@ class OutputLock:
         if self.storage.put_if_absent(LOCK_PATH, body):
             return
         holder = read_json(self.storage, LOCK_PATH) or {}
+        if holder.get("token") == self.payload["token"]:
+            return  # our own create went through but its answer was lost, and the retry saw it
         if self._is_stale(holder):
             self.storage.delete(LOCK_PATH)
             if self.storage.put_if_absent(LOCK_PATH, body):
@@ -143,9 +145,14 @@ class OutputLock:
         write_json(self.storage, LOCK_PATH, self.payload)
 
     def release(self) -> None:
-        holder = read_json(self.storage, LOCK_PATH) or {}
-        if holder.get("token") == self.payload["token"]:
-            self.storage.delete(LOCK_PATH)
+        """Delete the lock if it is still ours. Best effort: a lock left behind (storage failing at the end
+        of a job) goes stale when its lease ends or, on this host, as soon as this process is gone."""
+        try:
+            holder = read_json(self.storage, LOCK_PATH) or {}
+            if holder.get("token") == self.payload["token"]:
+                self.storage.delete(LOCK_PATH)
+        except StorageError:
+            pass
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
         if not holder:

@@ -27,7 +27,7 @@ from cdam_worker.engine import CDAMExplainer, VariantConfig
 from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
 from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
-from cdam_worker.storage import Storage
+from cdam_worker.storage import Storage, StorageError, redact
 from cdam_worker.targets import Concept, TargetSpec
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
@@ -309,7 +309,10 @@ def _renew_periodically(lock: OutputLock) -> threading.Event:
 
     def renew() -> None:
         while not stop.wait(20.0):
-            lock.renew()
+            try:
+                lock.renew()
+            except StorageError as error:  # try again next time: the lease (120 s) outlasts a few failures
+                print(f"warning: could not renew the output lock: {error}", file=sys.stderr)
 
     threading.Thread(target=renew, name="lock-renewal", daemon=True).start()
     return stop
@@ -364,7 +367,10 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> di
                         idle.append(actor)
                         last_progress = time.time()
                     except ray.exceptions.RayError as error:
-                        raise JobError(f"an actor could not start: {_first_line(error)}") from None
+                        if not (idle or running or starting):
+                            raise JobError(f"an actor could not start: {_first_line(error)}") from None
+                        # e.g. its node was lost while it loaded the model: the others go on without it
+                        print(f"an actor could not start: {_first_line(error)}; going on with {len(idle) + len(running) + len(starting)} other actor(s)", file=sys.stderr)
                     continue
                 actor, task, attempt = running.pop(ref)
                 try:
@@ -395,7 +401,10 @@ def _retry_or_fail(task: ShardTask, attempt: int, reason: str, pending: deque, f
         pending.append((task, attempt + 1))
         return
     failures[task.shard_index] = reason
-    _write_shard_failure(plan, task, reason)
+    try:
+        _write_shard_failure(plan, task, reason)
+    except StorageError as error:  # the summary still reports the shard; the job goes on with the others
+        print(f"warning: could not record the failure of shard {task.name} in errors/: {error}", file=sys.stderr)
 
 
 def _write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
@@ -425,9 +434,12 @@ def _init_ray(address: str | None) -> None:
 
 
 def _progress_counter():
+    """A counter of explained images for the progress bar, on the driver's node: losing another node
+    must not lose it (the driver would fail reading it)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
     class ProgressCounter:
         def __init__(self) -> None:
             self.images = 0
@@ -442,6 +454,13 @@ def _progress_counter():
 
 
 def _first_line(error: BaseException) -> str:
+    """One line saying why a Ray call failed: the first line of what the actor raised, else Ray's last line."""
+    import ray
+
+    cause = getattr(error, "cause", None)
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
+        lines = str(cause).strip().splitlines()
+        return redact(f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__)[:500]
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__
 

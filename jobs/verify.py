@@ -1,8 +1,9 @@
 """``cdam verify DEST``: check that a finished output is complete and consistent.
 
-Checks: the manifest is complete; every shard has a marker whose counts agree with the manifest;
-each shard's Zarr block and Parquet files hash to the checksums recorded; every metadata row's
-Zarr row is written (not fill values); keys are unique; Parquet row counts match the markers.
+Checks: the manifest is complete and its fingerprint matches its settings; every shard has a marker
+whose counts agree with the manifest (per shard and in total); each shard's Zarr block and Parquet
+files hash to the checksums recorded; every metadata row's Zarr row is written (not fill values);
+keys are unique; Parquet row counts match the markers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 
-from cdam_worker.job import MANIFEST_PATH, read_json
+from cdam_worker.job import MANIFEST_PATH, fingerprint, read_json
 from cdam_worker.sinks import ShardSummary, block_checksums, marker_path, open_zarr, shard_file_stem
 from cdam_worker.storage import Storage
 from schemas import array_specs
@@ -28,11 +29,14 @@ def verify_output(url: str) -> list[str]:
     problems = []
     if manifest.get("status") != "complete":
         problems.append(f"manifest status is {manifest.get('status')!r}, not 'complete' (rerun the job to finish it)")
+    if manifest.get("fingerprint") != fingerprint(manifest["settings"]):
+        problems.append("manifest fingerprint does not match its settings (the manifest was edited)")
     group = open_zarr(storage, mode="r")
     names = [spec.name for spec in array_specs(bool(manifest["layout"]["store_basis"]))]
     rows_per_shard = int(manifest["layout"]["rows_per_shard"])
     recorded = {s["index"]: s for s in manifest["shards"]}
     seen_keys: dict[str, str] = {}
+    totals = {"images": 0, "errors": 0}
     for entry in manifest["settings"]["shards"]:
         index = entry["index"]
         marker = read_json(storage, marker_path(index))
@@ -40,7 +44,13 @@ def verify_output(url: str) -> list[str]:
             problems.append(f"shard {index}: no completion marker")
             continue
         summary = ShardSummary(**marker)
+        totals["images"] += summary.n_images
+        totals["errors"] += summary.n_errors
         problems += [f"shard {summary.shard}: {p}" for p in _check_shard(storage, group, names, summary, rows_per_shard, entry, recorded.get(index), seen_keys)]
+    complete = not any(problem.endswith(": no completion marker") for problem in problems)
+    for name, count in manifest.get("totals", {}).items():
+        if complete and name in totals and count != totals[name]:
+            problems.append(f"manifest totals say {count} {name}, the shards' markers {totals[name]}")
     return problems
 
 
@@ -48,13 +58,22 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
     problems = []
     if summary.n_samples != planned["n_samples"]:
         problems.append(f"marker counts {summary.n_samples} samples, manifest plans {planned['n_samples']}")
-    if recorded is not None and recorded.get("checksums") != summary.checksums:
-        problems.append("marker checksums differ from those the manifest recorded")
+    if recorded is not None:
+        for count in ("n_samples", "n_images", "n_errors"):
+            if count in recorded and recorded[count] != getattr(summary, count):
+                problems.append(f"manifest records {recorded[count]} {count[2:]}, the marker {getattr(summary, count)}")
+        if recorded.get("checksums", summary.checksums) != summary.checksums:
+            problems.append("marker checksums differ from those the manifest recorded")
     first_row = summary.shard_index * rows_per_shard
-    actual = block_checksums(group, first_row, summary.rows_checked, names)
+    span = f"rows {first_row}..{first_row + summary.rows_checked - 1}"
     for name in names:
-        if actual[name] != summary.checksums.get(name):
-            problems.append(f"Zarr array {name!r} rows {first_row}..{first_row + summary.rows_checked - 1} do not match their checksum")
+        try:
+            actual = block_checksums(group, first_row, summary.rows_checked, [name])[name]
+        except Exception as error:  # noqa: BLE001 - a damaged chunk object is a problem to list, not a crash
+            problems.append(f"Zarr array {name!r} {span} cannot be read ({type(error).__name__})")
+            continue
+        if actual != summary.checksums.get(name):
+            problems.append(f"Zarr array {name!r} {span} do not match their checksum")
     stem = shard_file_stem(summary.shard_index, summary.shard)
     table = _read_table(storage, f"metadata/{stem}.parquet", summary.checksums.get("metadata"), problems)
     if table is not None:
@@ -65,13 +84,19 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
         if outside.size:
             problems.append(f"metadata rows {outside[:5].tolist()} lie outside the shard's block")
         elif rows.size:
-            written = ~np.isnan(group["embedding"].get_orthogonal_selection((rows, slice(0, 1)))[:, 0])
+            try:
+                written = ~np.isnan(group["embedding"].get_orthogonal_selection((rows, slice(0, 1)))[:, 0])
+            except Exception:  # noqa: BLE001 - already listed as an unreadable array
+                written = np.ones(rows.shape, dtype=bool)
             for bad in rows[~written][:5].tolist():
                 problems.append(f"metadata row {bad} points at unwritten Zarr data")
+        duplicates: dict[str, list[str]] = {}
         for key in table.column("key").to_pylist():
             if key in seen_keys:
-                problems.append(f"key {key!r} also in shard {seen_keys[key]}")
+                duplicates.setdefault(seen_keys[key], []).append(key)
             seen_keys[key] = summary.shard
+        for other, keys in duplicates.items():
+            problems.append(f"key {keys[0]!r} also in shard {other}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
     errors_path = f"errors/{stem}.parquet"
     if summary.n_errors:
         errors = _read_table(storage, errors_path, summary.checksums.get("errors"), problems)
@@ -88,4 +113,8 @@ def _read_table(storage: Storage, path: str, checksum: str | None, problems: lis
         return None
     if hashlib.sha256(data).hexdigest() != checksum:
         problems.append(f"{path} does not match its checksum")
-    return pq.read_table(io.BytesIO(data))
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - a damaged file is a problem to list, not a crash
+        problems.append(f"{path} cannot be read as Parquet ({type(error).__name__})")
+        return None

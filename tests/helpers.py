@@ -70,7 +70,8 @@ class S3Proxy:
     """An HTTP proxy in front of an S3 endpoint that injects faults and records traffic.
 
     The first ``failures`` requests are answered with ``fault``: "503" (S3 SlowDown), "403" (AccessDenied)
-    or "drop" (the connection is closed without an answer); the rest are forwarded. Further faults:
+    or "drop" (the connection is closed without an answer); the rest are forwarded. ``fault`` may also be a
+    sequence of those, used in turn. Further faults:
 
     - ``fail_every=k``: every k-th request (counting all requests) gets ``fault``: transient faults spread
       over a whole job;
@@ -78,27 +79,34 @@ class S3Proxy:
       request path with its query, ``/bucket/key?...``); it may look at ``forwarded`` to fail everything
       after some request went through. It can be replaced while the proxy runs;
     - ``hold_when(method, path)``: matching requests wait until :meth:`release_held`, then their
-      connection is dropped (they never reach the server): a client stuck in the middle of a request.
+      connection is dropped (they never reach the server): a client stuck in the middle of a request;
+    - ``lose_answer_when(method, path)``: matching requests are forwarded, but the connection is closed
+      before the server's answer is passed on (the request took effect, the client cannot know).
 
-    ``forwarded`` lists (method, path) of the requests that reached the server, ``signed`` says for each
+    ``forwarded`` lists (method, path) of the requests that reached the server, ``faulted`` (method, path,
+    fault) of those that got a fault, ``signed`` says for each
     request whether it carried an Authorization header. Use as a context manager; ``url`` is its endpoint.
     """
 
-    def __init__(self, target: str, *, failures: int = 0, fault: str = "503", fail_every: int = 0,
+    def __init__(self, target: str, *, failures: int = 0, fault: str | Sequence[str] = "503", fail_every: int = 0,
                  fail_when: Callable[[str, str], bool] | None = None,
-                 hold_when: Callable[[str, str], bool] | None = None) -> None:
+                 hold_when: Callable[[str, str], bool] | None = None,
+                 lose_answer_when: Callable[[str, str], bool] | None = None) -> None:
         self.target = urlparse(target)
         self.failures_left = failures
         self.fault = fault
         self.fail_every = fail_every
         self.fail_when = fail_when
         self.hold_when = hold_when
+        self.lose_answer_when = lose_answer_when
+        self.answers_lost = 0
         self.requests = 0
         self.failed = 0
         self.held = 0
         self.bytes_served = 0
         self.signed: list[bool] = []
         self.forwarded: list[tuple[str, str]] = []
+        self.faulted: list[tuple[str, str, str]] = []
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -118,15 +126,21 @@ class S3Proxy:
         """Let held requests go: their connections are closed without an answer."""
         self._released.set()
 
-    def _take_failure(self, signed: bool, method: str, path: str) -> bool:
+    def _take_failure(self, signed: bool, method: str, path: str) -> str | None:
+        """The fault to answer this request with, or None to forward it."""
         with self._lock:
             self.requests += 1
             self.signed.append(signed)
             fail = self.failures_left > 0 or (self.fail_every > 0 and self.requests % self.fail_every == 0)
             fail = fail or (self.fail_when is not None and self.fail_when(method, path))
             self.failures_left = max(0, self.failures_left - 1)
-            self.failed += fail
-            return fail
+            if not fail:
+                return None
+            faults = [self.fault] if isinstance(self.fault, str) else list(self.fault)
+            fault = faults[self.failed % len(faults)]
+            self.failed += 1
+            self.faulted.append((method, path, fault))
+            return fault
 
     def _hold(self, method: str, path: str) -> bool:
         if self.hold_when is None or self._released.is_set() or not self.hold_when(method, path):
@@ -150,13 +164,14 @@ class S3Proxy:
                 if proxy._hold(self.command, self.path):
                     self.close_connection = True
                     return
-                if proxy._take_failure("Authorization" in self.headers, self.command, self.path):
-                    if proxy.fault == "drop":
+                fault = proxy._take_failure("Authorization" in self.headers, self.command, self.path)
+                if fault is not None:
+                    if fault == "drop":
                         self.close_connection = True
                         return
-                    code, message = _FAULTS[proxy.fault]
+                    code, message = _FAULTS[fault]
                     error = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
-                    self.send_response(int(proxy.fault))
+                    self.send_response(int(fault))
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()
                     self.wfile.write(error)
@@ -168,6 +183,11 @@ class S3Proxy:
                 connection.close()
                 with proxy._lock:
                     proxy.forwarded.append((self.command, self.path))
+                    lose = proxy.lose_answer_when is not None and proxy.lose_answer_when(self.command, self.path)
+                    proxy.answers_lost += lose
+                if lose:
+                    self.close_connection = True
+                    return
                 self.send_response(response.status)
                 for name, value in response.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -1,0 +1,148 @@
+"""A worker node is lost in the middle of a job: its shard goes to the actor that is left, the job ends normally.
+
+This module runs its own two-node Ray cluster (``ray.cluster_utils.Cluster`` on 127.0.0.1: a head and a
+worker node with one CPU each) and no other Ray instance; drivers run in subprocesses with ``--address``.
+After the worker node is gone, the replacement actor the driver asks for can never be scheduled (the
+surviving actor holds the only CPU left): the job must still finish on the surviving actor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from cdam_worker import save_checkpoint
+from cdam_worker.job import LOCK_PATH
+from helpers import image_bytes, make_shard
+from jobs.verify import verify_output
+
+MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
+N_SHARDS, SHARD_SIZE = 8, 8  # about 4 batches per shard: plenty of work is left after the first marker
+REPO = Path(__file__).resolve().parent.parent
+# Ray rewrites a loopback --address (127.0.0.1:port) to the host's own IP, where this cluster's GCS does not
+# listen; with this setting the driver keeps 127.0.0.1 (its node IP is then 127.0.0.1 too, like the nodes').
+LOOPBACK_DRIVER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node with one CPU; each test adds (and loses) its worker node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "another Ray instance is connected in this process"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def add_worker(cluster):
+    node = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    return node
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("node-loss-data")
+    rng = np.random.default_rng(2)
+    for s in range(N_SHARDS):
+        samples = [(f"s{s}/img{i}", {"jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)), "JPEG"), "cls": b"1"}) for i in range(SHARD_SIZE)]
+        make_shard(root / f"part-{s:04d}.tar", samples)
+    torch.manual_seed(0)
+    checkpoint = root / "model.pt"
+    save_checkpoint(checkpoint, timm.create_model("vit_small_patch16_224", **MODEL_KWARGS), "vit_small_patch16_224", MODEL_KWARGS, [f"c{i}" for i in range(6)])
+    return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
+
+
+def start_driver(dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2) -> subprocess.Popen:
+    argv = ["explain", "--shards", dataset["spec"], "--output", str(output), "--checkpoint", dataset["checkpoint"], "--targets", "topk:2", "--batch-size", "2", "--actors", str(actors), "--address", address]
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, start_new_session=True, env={**os.environ, **LOOPBACK_DRIVER_ENV})
+
+
+def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tuple[int, str, str]:
+    try:
+        status = driver.wait(timeout)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    return status, (logs / "stdout").read_text(), (logs / "stderr").read_text()
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH}
+
+
+def shard_processors(cluster) -> list[dict]:
+    """State and node of every ShardProcessor of the current driver, from the GCS (no driver needed here)."""
+    actors = cluster.global_state.actor_table(None).values()
+    return [{"state": a["State"], "node": a["Address"]["NodeID"]} for a in actors if a["ActorClassName"].endswith("ShardProcessor") and a["State"] != "DEAD"]
+
+
+def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert driver.poll() is None, f"the driver exited before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The job on the head node alone (one actor), never disturbed."""
+    root = tmp_path_factory.mktemp("node-loss-reference")
+    status, _, stderr = finish(start_driver(dataset, root / "out", cluster.address, root / "logs", actors=1), root / "logs")
+    assert status == 0, stderr
+    assert verify_output(str(root / "out")) == []
+    return files(root / "out")
+
+
+def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, tmp_path):
+    """The worker node goes while its actor explains a shard: the shard is retried on the head's actor, and the
+    replacement actor the driver asks for can never be scheduled (no CPU left)."""
+    worker = add_worker(cluster)
+    output = tmp_path / "out"
+    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs")
+    busy = lambda: {a["node"] for a in shard_processors(cluster) if a["state"] == "ALIVE"} == {cluster.head_node.node_id, worker.node_id} and list((output / "markers").glob("*.json"))
+    wait_for(busy, "progress with an actor on each node", driver)
+    cluster.remove_node(worker)
+
+    status, stdout, stderr = finish(driver, tmp_path / "logs")
+    assert status == 0, stderr
+    assert "actor died" in stderr and "retrying (attempt 2 of 3)" in stderr
+    assert f"{N_SHARDS}/{N_SHARDS} shards complete" in stdout
+    assert verify_output(str(output)) == []
+    assert files(output) == reference
+
+
+def test_worker_node_lost_while_its_actor_starts(cluster, dataset, reference, tmp_path):
+    """The second actor waits for a CPU, gets one on a node that joins, and that node goes before the actor is
+    ready (it is still loading the model): the job goes on with the head's actor instead of giving up."""
+    output = tmp_path / "out"
+    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs")
+    wait_for(lambda: len(shard_processors(cluster)) == 2, "both actors asked for", driver)
+    worker = add_worker(cluster)
+    wait_for(lambda: any(a["node"] == worker.node_id and a["state"] != "ALIVE" for a in shard_processors(cluster)), "an actor starting on the new node", driver)
+    cluster.remove_node(worker)
+
+    status, stdout, stderr = finish(driver, tmp_path / "logs")
+    assert status == 0, stderr
+    assert "an actor could not start" in stderr
+    assert f"{N_SHARDS}/{N_SHARDS} shards complete" in stdout
+    assert verify_output(str(output)) == []
+    assert files(output) == reference
