@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -102,11 +103,21 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here is a bad file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot read checkpoint {path} as a weights-only torch file: {first_line}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path} as a weights-only torch file: {_load_failure(error)}") from None
     if not isinstance(payload, dict):
         raise ModelLoadError(f"checkpoint {path} holds a {type(payload).__name__}, not a state dict")
     return payload
+
+
+def _load_failure(error: Exception) -> str:
+    """One clean line for a failed torch.load (torch's weights-only refusal is many lines with ANSI codes)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    refused = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if refused is not None:
+        detail = refused[len("WeightsUnpickler error:"):].split(". Please use")[0].strip()
+        return f"it holds pickled Python objects, which weights-only loading refuses ({detail})"
+    first = next((line.split(". ")[0] for line in lines if line), "")
+    return f"not a torch file, or a damaged one ({type(error).__name__}{': ' + first if first else ''})"
 
 
 def _state_dict_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -195,7 +206,8 @@ def load_model(
       file from :func:`save_checkpoint` (then ``name`` may be omitted);
     - ``head_checkpoint``: a linear probe (``weight`` (C, D), ``bias`` (C)) put on the backbone's features;
     - ``model_kwargs`` pass to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``, ...).
-    ``img_size``/``mean``/``std`` override the transform only.
+    ``img_size`` sets the model's input size and the transform's (the transform's only for a
+    ``dynamic_img_size`` model); ``mean``/``std`` override the transform only.
     """
     checkpoint_sha = head_sha = None
     state_dict: dict[str, torch.Tensor] | None = None
@@ -211,6 +223,8 @@ def load_model(
         state_dict = _state_dict_of(payload)
         if "head.weight" in state_dict and "num_classes" not in model_kwargs:
             model_kwargs["num_classes"] = int(state_dict["head.weight"].shape[0])
+    if img_size is not None and not model_kwargs.get("dynamic_img_size", False):
+        model_kwargs["img_size"] = img_size  # the model's input size, not only the transform's
     if name is None:
         raise ModelLoadError("no model name given (and the checkpoint does not record one)")
     if pretrained and checkpoint is not None:
@@ -219,7 +233,8 @@ def load_model(
     head = _linear_head_of(head_checkpoint) if head_checkpoint is not None else None
     if head is not None:
         head_sha = file_sha256(head_checkpoint)
-        model_kwargs.setdefault("num_classes", int(head[0].shape[0]))
+        # a backbone checkpoint without head.* keys loads into a headless model; the probe is put on after
+        model_kwargs.setdefault("num_classes", 0 if state_dict is not None else int(head[0].shape[0]))
 
     model = _create(name, pretrained, model_kwargs)
     if state_dict is not None:
@@ -229,6 +244,7 @@ def load_model(
         if weight.shape[1] != model.num_features:
             raise ModelLoadError(f"head checkpoint {head_checkpoint} takes {weight.shape[1]}-d features but model {name!r} gives {model.num_features}-d")
         model.reset_classifier(int(weight.shape[0]))
+        model_kwargs["num_classes"] = int(weight.shape[0])
         with torch.no_grad():
             model.head.weight.copy_(weight)
             if bias is not None:
