@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
-import shlex
 import statistics
 import sys
 import time
@@ -29,6 +26,7 @@ from typing import Callable
 import timm
 import torch
 
+from bench.report import command_line, load_average, machine_line, write_section
 from cdam_worker import CDAMExplainer, VariantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,43 +130,6 @@ def median_correlation(value: torch.Tensor, reference: torch.Tensor) -> tuple[fl
     b = b - b.mean(-1, keepdim=True)
     r = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
     return r.median().item(), r.min().item()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_line(device: torch.device, threads: int) -> str:
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        physical = None
-    cores = f"{os.cpu_count()} logical cores" + (f" ({physical} physical)" if physical else "")
-    parts = [f"CPU {cpu_model()}, {cores}", f"torch {torch.__version__}", f"timm {timm.__version__}", f"torch threads {threads}"]
-    if device.type == "cuda":
-        parts.insert(1, f"GPU {torch.cuda.get_device_name(device)}")
-    return "; ".join(parts)
-
-
-def command_line() -> str:
-    args = " ".join(shlex.quote(arg) for arg in sys.argv[1:])
-    launcher = "python -m bench.bench_engine" if __spec__ is not None else f"python {shlex.quote(sys.argv[0])}"
-    return f"{launcher} {args}".strip()
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    except OSError:  # pragma: no cover
-        return "n/a"
 
 
 def log(message: str) -> None:
@@ -377,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             if shared
             else "."
         ),
-        f"- Command: `{command_line()}` (total {total / 60:.1f} min).",
+        f"- Command: `{command_line('bench.bench_engine')}` (total {total / 60:.1f} min).",
         "",
         "| Case | Targets K | s / batch (median) | s / batch (best) | images/s (median) | images/s (best) | vs plain forward (median) | CPU s | Notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -425,22 +386,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(section)
     if not args.no_write:
-        write_section(args.output, section)
+        write_section(args.output, SECTION, section)
         log(f"wrote the '{SECTION}' section of {args.output}")
     return 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or add) the ``## Engine`` section of ``path``; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    body = section.rstrip("\n") + "\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _match: body + "\n", text, count=1)
-        text = text.rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text)
 
 
 if __name__ == "__main__":

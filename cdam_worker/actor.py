@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import resource
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -58,6 +59,10 @@ class ShardProcessor:
     def ready(self) -> str:
         """Answers once the model is loaded; the driver hands out work only to ready actors."""
         return self.device
+
+    def peak_rss_mib(self) -> float:
+        """This actor process's peak resident memory so far."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def process_shard(self, task: ShardTask) -> ShardSummary:
         """Explain every sample of a shard, record every failure, and write the shard's outputs."""

@@ -102,10 +102,11 @@ class ShardWriter:
     def __init__(self, storage: Storage, group: zarr.Group, layout: Layout, shard_index: int, shard: str, url: str, n_samples: int, run_id: str) -> None:
         if n_samples > layout.rows_per_shard:
             raise ValueError(f"shard {shard} has {n_samples} samples but the run reserves {layout.rows_per_shard} rows per shard")
-        self.storage, self.group, self.layout = storage, group, layout
+        self.storage, self.layout = storage, layout
         self.shard_index, self.shard, self.url, self.n_samples, self.run_id = shard_index, shard, url, n_samples, run_id
         self.first_row = layout.first_row(shard_index)
         self.names = [spec.name for spec in array_specs(layout.store_basis)]
+        self.arrays = {name: group[name] for name in self.names}  # opened once: each open reads zarr.json
         self.hashes = {name: hashlib.sha256() for name in self.names}
         self.rows: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
@@ -173,8 +174,8 @@ class ShardWriter:
 
     def _flush(self) -> None:
         start = self.first_row + self.chunk_index * CHUNK_ROWS
-        for name in self.names:
-            self.group[name][start : start + CHUNK_ROWS] = self.buffer[name]
+        for name, array in self.arrays.items():
+            array[start : start + CHUNK_ROWS] = self.buffer[name]
         self._hash_chunk(self.buffer)
         self.rows_flushed += CHUNK_ROWS
 

@@ -170,6 +170,15 @@ class Storage:
                 return []
             return sorted(meta["path"] for batch in store.list(prefix or None) for meta in batch)
 
+    def total_size(self, prefix: str = "") -> int:
+        """Bytes in all objects below the folder ``prefix`` (one listing, no per-object requests)."""
+        prefix = _relative(prefix)
+        with self._errors("list", prefix):
+            store = self._obstore()
+            if store is None:
+                return 0
+            return sum(meta["size"] for batch in store.list(prefix or None) for meta in batch)
+
     def delete(self, path: str) -> None:
         """Delete the object at ``path``; no error if it does not exist."""
         path = _relative(path)

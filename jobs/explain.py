@@ -392,6 +392,9 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> di
                 raise JobError("no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)")
     finally:
         bar.close()
+    peaks = ray.get([actor.peak_rss_mib.remote() for actor in idle])
+    if peaks:
+        print(f"actors: {len(peaks)} at the end, peak RSS {', '.join(f'{p:.0f}' for p in peaks)} MiB", file=sys.stderr)
     return failures
 
 
@@ -430,7 +433,7 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
 def _progress_counter():
@@ -474,7 +477,7 @@ def print_summary(plan: Plan, summaries: dict[int, ShardSummary], failures: dict
     lines = [
         f"done: {images} images explained, {errors} samples in errors/, {len(summaries)}/{len(plan.shards)} shards complete ({skipped} already done before this run)",
         f"time: {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s overall)",
-        f"output: {plan.storage.url}",
+        f"output: {plan.storage.url} ({plan.storage.total_size() / 2**20:.1f} MiB)",
     ]
     for index, reason in sorted(failures.items()):
         lines.append(f"FAILED shard {plan.shards[index].name}: {reason}")

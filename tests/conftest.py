@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +97,26 @@ def ray_local(s3_server: str) -> Iterator[str]:
     """
     import ray
 
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo cache folder holding the demo's shards and trained model, built once per test session."""
+    from cdam_worker.demo import ensure_demo_assets
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    ensure_demo_assets(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def demo_assets(demo_cache: Path):  # noqa: ANN201
+    """The demo's shards, trained checkpoint and watermark location (see cdam_worker.demo.DemoAssets)."""
+    from cdam_worker.demo import ensure_demo_assets
+
+    return ensure_demo_assets(demo_cache)
