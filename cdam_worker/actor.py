@@ -11,6 +11,7 @@ import os
 import queue
 import resource
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -27,7 +28,9 @@ from cdam_worker.targets import Concept, TargetSpec
 from schemas import Layout
 
 TOPK_STORED = 5
-FAULT_ENV = "CDAM_FAULT_EXIT_AFTER_BATCHES"
+# Fault injection for the reliability tests (never set in normal runs):
+FAULT_ENV = "CDAM_FAULT_EXIT_AFTER_BATCHES"  # first-generation actors exit hard after N batches
+HOLD_ENV = "CDAM_FAULT_HOLD_WHILE_EXISTS"  # actors wait before each batch while this file exists
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ShardProcessor:
         self.group = open_zarr(self.storage)
         self.batches_done = 0
         self.fault_after = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+        self.hold_file = os.environ.get(HOLD_ENV) or None
 
     def ready(self) -> str:
         """Answers once the model is loaded; the driver hands out work only to ready actors."""
@@ -128,6 +132,8 @@ class ShardProcessor:
         return _Prepared(index, item, tensor)
 
     def _explain(self, batch: list[_Prepared], writer: ShardWriter) -> None:
+        if self.hold_file is not None:
+            _wait_while_exists(self.hold_file)
         images = torch.stack([p.tensor for p in batch]).to(self.device)
         labels = [p.sample.label for p in batch]
         result = self.explainer.explain(
@@ -160,6 +166,15 @@ class ShardProcessor:
             self.progress.add.remote(len(batch))
         if self.fault_after is not None and self.generation == 0 and self.batches_done >= self.fault_after:
             os._exit(1)  # fault injection for the reliability tests: die like a preempted node
+
+
+def _wait_while_exists(path: str) -> None:
+    """Hold (fault injection): announce the wait with a ``<path>.<pid>`` file, then wait for ``path`` to go."""
+    announce = f"{path}.{os.getpid()}"
+    if os.path.exists(path):
+        open(announce, "w").close()
+    while os.path.exists(path):
+        time.sleep(0.05)
 
 
 def _row_arrays(result: CDAMResult) -> dict[str, np.ndarray]:
@@ -203,7 +218,7 @@ def _concept_positions(result: CDAMResult) -> np.ndarray:
 
 # Settings that reach the actors from the driver's environment. Never credentials: actors get those
 # from their own node (environment, profile or instance role), so no secret travels through Ray.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", FAULT_ENV)
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", FAULT_ENV, HOLD_ENV)
 
 
 def make_actor_class(num_cpus: float, num_gpus: float):

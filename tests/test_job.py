@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 from PIL import Image
 
-from cdam_worker import CDAMExplainer, load_model, save_checkpoint
+from cdam_worker import CDAMExplainer, Concept, load_model, save_checkpoint
 from cdam_worker.data import Sample, iter_samples
 from cdam_worker.sinks import open_zarr
 from cdam_worker.storage import Storage
@@ -104,10 +104,43 @@ def test_local_job_matches_engine_and_is_queryable(ray_local, dataset, tmp_path)
     assert data.attrs["targets"] == "topk:2" and data.attrs["method"] == "closed_form"
 
 
-def test_s3_job_with_basis_and_class_names(ray_local, dataset, s3_bucket):
+def test_s3_shards_to_s3_output_with_basis_and_class_names(ray_local, dataset, s3_bucket, s3_client):
+    for shard in dataset["shards"]:
+        s3_client.upload_file(shard, s3_bucket, f"data/{Path(shard).name}")
     output = f"s3://{s3_bucket}/runs/a"
-    assert main(explain_args(dataset, output, "--targets", "classes:zebra,1", "--store-basis")) == 0
+    args = explain_args(dataset, output, "--targets", "classes:zebra,1", "--store-basis")
+    args[args.index("--shards") + 1] = f"s3://{s3_bucket}/data/train-{{0000..0002}}.tar"
+    assert main(args) == 0
     check_output(output, dataset, "classes:2,1", store_basis=True)
+
+
+def test_concepts_from_a_saved_vector_and_a_folder_of_examples(ray_local, dataset, tmp_path):
+    loaded = load_model(checkpoint=dataset["checkpoint"])
+    explainer = CDAMExplainer(loaded)
+    examples = tmp_path / "stripes"
+    examples.mkdir()
+    for i in range(3):
+        gradient_image(40 + 8 * i, 30).save(examples / f"example{i}.png")
+    folder_concept = explainer.concept_from_images("stripes", torch.stack([loaded.transform(Image.open(f).convert("RGB")) for f in sorted(examples.iterdir())]))
+    saved = Concept("noise", torch.randn(loaded.model.num_features, generator=torch.Generator().manual_seed(0)))
+    saved.save(tmp_path / "noise.pt")
+
+    output = str(tmp_path / "out")
+    assert main(explain_args(dataset, output, "--targets", "topk:1", "--concepts", f"stripes={examples}", f"noise={tmp_path / 'noise.pt'}:cosine")) == 0
+    group = open_zarr(Storage.from_url(output), mode="r")
+    concepts = group.attrs["concepts"]
+    assert [c["name"] for c in concepts] == ["stripes", "noise"] and [c["similarity"] for c in concepts] == ["dot", "cosine"]
+    assert np.allclose(concepts[0]["vector"], folder_concept.vector.numpy(), rtol=1e-5, atol=1e-6)
+    cosine = Concept("noise", saved.vector, "cosine")
+    rows = duckdb.sql(f"SELECT key, row, targets, target_names FROM '{output}/metadata/*.parquet'").fetchall()
+    assert len(rows) == sum(SHARD_SIZES)
+    by_key = {item.key: item for shard in dataset["shards"] for _, item in iter_samples(shard)}
+    for key, row, targets, names in rows[:6]:
+        assert targets[1:] == [-1, -1] and names[1:] == ["stripes", "noise"]
+        image = loaded.transform(by_key[key].image)[None]
+        expected = explainer.explain(image, "topk:1", concepts=[folder_concept, cosine]).cdam[0].numpy()
+        stored = group["cdam"][row]
+        assert np.abs(stored - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 def test_rerun_skips_completed_shards_and_refuses_other_settings(ray_local, dataset, tmp_path, capsys):

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
+from cdam_worker.actor import HOLD_ENV
 from cdam_worker.job import LOCK_PATH
 from helpers import image_bytes, make_shard
 from jobs.verify import verify_output
@@ -67,11 +68,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
 
 
-def start_driver(dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2) -> subprocess.Popen:
+def start_driver(dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2, hold: Path | None = None) -> subprocess.Popen:
+    """The driver in a subprocess; with ``hold``, its actors wait before each batch while that file exists."""
     argv = ["explain", "--shards", dataset["spec"], "--output", str(output), "--checkpoint", dataset["checkpoint"], "--targets", "topk:2", "--batch-size", "2", "--actors", str(actors), "--address", address]
     logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **LOOPBACK_DRIVER_ENV}
+    if hold is not None:
+        hold.touch()
+        env[HOLD_ENV] = str(hold)
     with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, start_new_session=True, env={**os.environ, **LOOPBACK_DRIVER_ENV})
+        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, start_new_session=True, env=env)
+
+
+def actors_holding(hold: Path) -> int:
+    """How many actors are waiting at the hold (each announces itself with a file next to it)."""
+    return len(list(hold.parent.glob(f"{hold.name}.*")))
 
 
 def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tuple[int, str, str]:
@@ -116,11 +127,12 @@ def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, 
     """The worker node goes while its actor explains a shard: the shard is retried on the head's actor, and the
     replacement actor the driver asks for can never be scheduled (no CPU left)."""
     worker = add_worker(cluster)
-    output = tmp_path / "out"
-    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs")
-    busy = lambda: {a["node"] for a in shard_processors(cluster) if a["state"] == "ALIVE"} == {cluster.head_node.node_id, worker.node_id} and list((output / "markers").glob("*.json"))
-    wait_for(busy, "progress with an actor on each node", driver)
+    output, hold = tmp_path / "out", tmp_path / "hold"
+    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
+    wait_for(lambda: actors_holding(hold) == 2, "both actors inside a shard", driver)
+    assert {a["node"] for a in shard_processors(cluster) if a["state"] == "ALIVE"} == {cluster.head_node.node_id, worker.node_id}
     cluster.remove_node(worker)
+    hold.unlink()
 
     status, stdout, stderr = finish(driver, tmp_path / "logs")
     assert status == 0, stderr
@@ -133,12 +145,13 @@ def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, 
 def test_worker_node_lost_while_its_actor_starts(cluster, dataset, reference, tmp_path):
     """The second actor waits for a CPU, gets one on a node that joins, and that node goes before the actor is
     ready (it is still loading the model): the job goes on with the head's actor instead of giving up."""
-    output = tmp_path / "out"
-    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs")
-    wait_for(lambda: len(shard_processors(cluster)) == 2, "both actors asked for", driver)
+    output, hold = tmp_path / "out", tmp_path / "hold"
+    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
+    wait_for(lambda: len(shard_processors(cluster)) == 2 and actors_holding(hold) == 1, "the head's actor inside a shard and a second actor asked for", driver)
     worker = add_worker(cluster)
     wait_for(lambda: any(a["node"] == worker.node_id and a["state"] != "ALIVE" for a in shard_processors(cluster)), "an actor starting on the new node", driver)
     cluster.remove_node(worker)
+    hold.unlink()
 
     status, stdout, stderr = finish(driver, tmp_path / "logs")
     assert status == 0, stderr
