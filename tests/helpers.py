@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import http.client
 import io
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -202,3 +207,36 @@ class S3Proxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
         return Handler
+
+
+# --- drivers in a subprocess ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], object], what: str, process: subprocess.Popen | None = None, timeout: float = 240.0) -> None:
+    """Poll ``condition`` until it holds; fail if ``process`` exits first or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the driver exited with {process.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def start_driver(argv: list[str], logs: Path, **env: str) -> subprocess.Popen:
+    """``python -m jobs ARGV`` in its own process group, stdout and stderr to files under ``logs``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, env={**os.environ, **env}, start_new_session=True)
+
+
+def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tuple[int, str, str]:
+    try:
+        status = driver.wait(timeout)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    return status, (logs / "stdout").read_text(), (logs / "stderr").read_text()

@@ -8,11 +8,7 @@ surviving actor holds the only CPU left): the job must still finish on the survi
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +20,11 @@ from PIL import Image
 from cdam_worker import save_checkpoint
 from cdam_worker.actor import HOLD_ENV
 from cdam_worker.job import LOCK_PATH
-from helpers import image_bytes, make_shard
+from helpers import finish, image_bytes, make_shard, start_driver, wait_for
 from jobs.verify import verify_output
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 N_SHARDS, SHARD_SIZE = 8, 8  # about 4 batches per shard: plenty of work is left after the first marker
-REPO = Path(__file__).resolve().parent.parent
 # Ray rewrites a loopback --address (127.0.0.1:port) to the host's own IP, where this cluster's GCS does not
 # listen; with this setting the driver keeps 127.0.0.1 (its node IP is then 127.0.0.1 too, like the nodes').
 LOOPBACK_DRIVER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -68,31 +63,19 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
 
 
-def start_driver(dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2, hold: Path | None = None) -> subprocess.Popen:
+def start_job(dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2, hold: Path | None = None) -> subprocess.Popen:
     """The driver in a subprocess; with ``hold``, its actors wait before each batch while that file exists."""
     argv = ["explain", "--shards", dataset["spec"], "--output", str(output), "--checkpoint", dataset["checkpoint"], "--targets", "topk:2", "--batch-size", "2", "--actors", str(actors), "--address", address]
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **LOOPBACK_DRIVER_ENV}
+    env = dict(LOOPBACK_DRIVER_ENV)
     if hold is not None:
         hold.touch()
         env[HOLD_ENV] = str(hold)
-    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, start_new_session=True, env=env)
+    return start_driver(argv, logs, **env)
 
 
 def actors_holding(hold: Path) -> int:
     """How many actors are waiting at the hold (each announces itself with a file next to it)."""
     return len(list(hold.parent.glob(f"{hold.name}.*")))
-
-
-def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tuple[int, str, str]:
-    try:
-        status = driver.wait(timeout)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-    return status, (logs / "stdout").read_text(), (logs / "stderr").read_text()
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -105,19 +88,11 @@ def shard_processors(cluster) -> list[dict]:
     return [{"state": a["State"], "node": a["Address"]["NodeID"]} for a in actors if a["ActorClassName"].endswith("ShardProcessor") and a["State"] != "DEAD"]
 
 
-def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert driver.poll() is None, f"the driver exited before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def reference(cluster, dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The job on the head node alone (one actor), never disturbed."""
     root = tmp_path_factory.mktemp("node-loss-reference")
-    status, _, stderr = finish(start_driver(dataset, root / "out", cluster.address, root / "logs", actors=1), root / "logs")
+    status, _, stderr = finish(start_job(dataset, root / "out", cluster.address, root / "logs", actors=1), root / "logs")
     assert status == 0, stderr
     assert verify_output(str(root / "out")) == []
     return files(root / "out")
@@ -128,7 +103,7 @@ def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, 
     replacement actor the driver asks for can never be scheduled (no CPU left)."""
     worker = add_worker(cluster)
     output, hold = tmp_path / "out", tmp_path / "hold"
-    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
+    driver = start_job(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
     wait_for(lambda: actors_holding(hold) == 2, "both actors inside a shard", driver)
     assert {a["node"] for a in shard_processors(cluster) if a["state"] == "ALIVE"} == {cluster.head_node.node_id, worker.node_id}
     cluster.remove_node(worker)
@@ -146,7 +121,7 @@ def test_worker_node_lost_while_its_actor_starts(cluster, dataset, reference, tm
     """The second actor waits for a CPU, gets one on a node that joins, and that node goes before the actor is
     ready (it is still loading the model): the job goes on with the head's actor instead of giving up."""
     output, hold = tmp_path / "out", tmp_path / "hold"
-    driver = start_driver(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
+    driver = start_job(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
     wait_for(lambda: len(shard_processors(cluster)) == 2 and actors_holding(hold) == 1, "the head's actor inside a shard and a second actor asked for", driver)
     worker = add_worker(cluster)
     wait_for(lambda: any(a["node"] == worker.node_id and a["state"] != "ALIVE" for a in shard_processors(cluster)), "an actor starting on the new node", driver)

@@ -40,7 +40,7 @@ from cdam_worker.job import LOCK_LEASE_SECONDS, LOCK_PATH, OutputInUseError, Out
 from cdam_worker.sinks import marker_path
 from cdam_worker.storage import Storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
-from helpers import S3Proxy, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes
+from helpers import S3Proxy, finish, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes, start_driver, wait_for
 from jobs.cli import main
 from jobs.verify import verify_output
 
@@ -93,34 +93,6 @@ def reference(ray_local: str, dataset: dict[str, str], tmp_path_factory: pytest.
     files = output_files(output)
     assert sum(path.startswith("markers/") for path in files) == len(SHARD_SIZES)
     return {"url": output, "files": files}
-
-
-def wait_for(condition: Callable[[], object], what: str, process: subprocess.Popen | None = None, timeout: float = 240.0) -> None:
-    """Poll ``condition`` until it holds; fail if ``process`` exits first or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the driver exited with {process.returncode} before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-def start_driver(argv: list[str], logs: Path, **env: str) -> subprocess.Popen:
-    """``python -m jobs ARGV`` in its own process group, stdout and stderr to files under ``logs``."""
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, env={**os.environ, **env}, start_new_session=True)
-
-
-def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tuple[int, str, str]:
-    try:
-        status = driver.wait(timeout)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-    return status, (logs / "stdout").read_text(), (logs / "stderr").read_text()
 
 
 def error_lines(stderr: str) -> list[str]:
