@@ -25,7 +25,7 @@ def default_cache_dir() -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Prepare the demo assets, run ``cdam explain`` on the test split, and report the finding."""
+    """Prepare the demo assets, run ``cdam explain`` on the test split (replacing an earlier demo output), and report the finding."""
     from jobs.cli import build_parser
     from jobs.explain import run
 
@@ -34,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
     assets = ensure_demo_assets(cache_dir)
     output = str(Path(args.output).resolve())
     explain_args = build_parser().parse_args(
-        ["explain", "--shards", *map(str, assets.test_shards), "--output", output, "--checkpoint", str(assets.checkpoint), "--targets", "all", "--actors", str(args.actors), "--batch-size", "32"]
+        ["explain", "--shards", *map(str, assets.test_shards), "--output", output, "--checkpoint", str(assets.checkpoint), "--targets", "all", "--actors", str(args.actors), "--batch-size", "32", "--overwrite"]
     )
     status = run(explain_args)
     if status == 0:
