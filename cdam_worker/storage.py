@@ -163,21 +163,20 @@ class Storage:
 
     def list(self, prefix: str = "") -> list[str]:
         """Sorted paths, relative to this root, of all objects below the folder ``prefix`` (recursive)."""
+        return sorted(meta["path"] for meta in self._listing(prefix))
+
+    def total_size(self, prefix: str = "") -> int:
+        """Bytes in all objects below the folder ``prefix`` (one listing, no per-object requests)."""
+        return sum(meta["size"] for meta in self._listing(prefix))
+
+    def _listing(self, prefix: str) -> list[dict[str, Any]]:
+        """obstore's metadata of every object below the folder ``prefix``."""
         prefix = _relative(prefix)
         with self._errors("list", prefix):
             store = self._obstore()
             if store is None:
                 return []
-            return sorted(meta["path"] for batch in store.list(prefix or None) for meta in batch)
-
-    def total_size(self, prefix: str = "") -> int:
-        """Bytes in all objects below the folder ``prefix`` (one listing, no per-object requests)."""
-        prefix = _relative(prefix)
-        with self._errors("list", prefix):
-            store = self._obstore()
-            if store is None:
-                return 0
-            return sum(meta["size"] for batch in store.list(prefix or None) for meta in batch)
+            return [meta for batch in store.list(prefix or None) for meta in batch]
 
     def delete(self, path: str) -> None:
         """Delete the object at ``path``; no error if it does not exist."""
