@@ -79,6 +79,7 @@ def test_put_get_list_exists_delete(storage: Storage) -> None:
     assert storage.list() == ["a.txt", "sub/b.bin", "sub/deeper/c"]
     assert storage.list("sub") == ["sub/b.bin", "sub/deeper/c"]
     assert storage.child("sub").list() == ["b.bin", "deeper/c"]
+    assert storage.total_size() == 7 and storage.total_size("sub") == 2
     storage.put("a.txt", b"replaced")
     assert storage.get("a.txt") == b"replaced"
     storage.delete("a.txt")
