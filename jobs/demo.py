@@ -70,4 +70,5 @@ output: {output}
   maps    {output}/cdam.zarr      python: import xarray as xr; xr.open_zarr('{output}/cdam.zarr', consolidated=False)
   rows    {output}/metadata/      duckdb: SELECT pred, count(*) FROM '{output}/metadata/*.parquet' GROUP BY pred;
   errors  {output}/errors/        (one row per sample that could not be explained)
-  check   cdam verify {output}"""
+  check   cdam verify {output}
+  (DuckDB and xarray are the 'query' extra: pip install -e '.[query]')"""
