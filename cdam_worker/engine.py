@@ -280,7 +280,7 @@ class CDAMExplainer:
 
     def _maps(self, block_input: torch.Tensor, resolve, concepts: tuple[Concept, ...], want_basis: bool, with_maps: bool = True) -> "_MapsPass":
         if self.method == "closed_form":
-            return self._closed_form_pass(block_input, resolve, concepts if with_maps else (), want_basis, with_maps)
+            return self._closed_form_pass(block_input, resolve, concepts, want_basis, with_maps)
         return self._autograd_pass(block_input, resolve, concepts, want_basis, with_maps)
 
     def _closed_form_pass(self, block_input, resolve, concepts, want_basis, with_maps) -> "_MapsPass":

@@ -228,7 +228,7 @@ def _tasks(urls: list[str], scans) -> list[ShardTask]:
 
 def print_plan(plan: Plan) -> None:
     layout = plan.layout
-    bytes_per_image = _bytes_per_image(layout)
+    bytes_per_image = layout.bytes_per_image()
     n_images = sum(t.n_samples for t in plan.shards)
     lines = [
         f"model        {plan.loaded.name} ({plan.config.method}; {layout.n_heads} heads, grid {layout.grid[0]}x{layout.grid[1]}, {layout.n_classes} classes)",
@@ -239,16 +239,6 @@ def print_plan(plan: Plan) -> None:
         f"estimate     {bytes_per_image / 1024:.1f} KiB per image before compression, {bytes_per_image * n_images / 2**20:.1f} MiB in all",
     ]
     print("\n".join(lines))
-
-
-def _bytes_per_image(layout: Layout) -> int:
-    from schemas import array_specs
-
-    total = 0
-    for spec in array_specs(layout.store_basis):
-        shape = layout.shape(spec)[1:]
-        total += int(torch.tensor(shape).prod().item()) * layout.dtype(spec).itemsize
-    return total
 
 
 # -- output set-up and resume ------------------------------------------------------------------

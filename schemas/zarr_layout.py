@@ -8,6 +8,7 @@ has exactly one writer. Rows never written (errors, padding) read as the fill va
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,10 @@ class Layout:
 
     def fill_value(self, spec: ArraySpec) -> float | int:
         return INT_FILL if np.issubdtype(self.dtype(spec), np.integer) else FLOAT_FILL
+
+    def bytes_per_image(self) -> int:
+        """Uncompressed bytes one image's row takes over all arrays."""
+        return sum(math.prod(self.shape(spec)[1:]) * self.dtype(spec).itemsize for spec in array_specs(self.store_basis))
 
     def first_row(self, shard_index: int) -> int:
         return shard_index * self.rows_per_shard
