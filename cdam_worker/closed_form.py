@@ -8,12 +8,13 @@ attention: proj, ls1, residual, norm2, MLP, ls2, final norm, fc_norm) and per he
 
 the CDAM of any direction g in feature space is ``S_i = g . (J Z_i)``. ``J`` is never materialised:
 either the K target rows are pulled back through the CLS path (``p = g^T J``, a batched VJP) or the N
-patch columns are pushed forward (``J Z_i``, a batched JVP), whichever is fewer.
+patch columns are pushed forward (``J Z_i``, forward mode with explicit rules per layer, see
+``tangents.py``), whichever is fewer.
 
-Keys and values of the patch tokens are never formed either. With t_i = norm1(x_i) and per head
+Keys of the patch tokens are never formed, and values only on the columns route. With t_i = norm1(x_i) and per head
 ``q0 . (k_i - b_k) = (W_k^T q0) . t_i``, ``o = W_v (sum_i a_i t_i) + b_v`` (the weights sum to 1) and,
 on the rows route, ``p . (v_i - b_v) = (W_v^T p) . t_i``, every patch term is a dot product of t_i with
-a few D-vectors per head: the last block costs O(L D (H + K H)) instead of O(L D^2).
+a few D-vectors per head: on the rows route the last block costs O(L D (H + K H)) instead of O(L D^2).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+
+from cdam_worker.tangents import push
 
 
 def closed_form_unsupported_reason(model: nn.Module) -> str | None:
@@ -79,21 +83,30 @@ def last_block_state(model: VisionTransformer, block_input: torch.Tensor) -> Las
     return LastBlockState(tokens, attention, query_dot_keys, head_outputs, block_input[:, 0])
 
 
-def cls_path(model: VisionTransformer, state: LastBlockState) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map o_cat (B, A) -> h (B, D) of the CLS token after the last attention (row-wise, so it batches)."""
+def cls_path(
+    model: VisionTransformer, state: LastBlockState, head_outputs: torch.Tensor, tangents: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CLS token after the last attention: h (B, D) from the concatenated head outputs o (B, A).
+
+    With ``tangents`` (B, N, A) it also returns ``J tangents`` (B, N, D), J = dh/do, each tangent pushed
+    forward through the path's linearisation (``tangents.push``). Row-wise in o, so it batches.
+    """
     block = model.blocks[-1]
     attn = block.attn
-    gate = attn.gate(state.tokens[:, 0]).sigmoid() if attn.gate is not None else None
-
-    def feature(head_outputs: torch.Tensor) -> torch.Tensor:
-        mixed = attn.norm(head_outputs)
-        if gate is not None:
-            mixed = mixed * gate
-        x = state.cls_input + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(mixed))))
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        return model.head_drop(model.fc_norm(model.norm(x)))
-
-    return feature
+    x, dx = push(attn.norm, head_outputs, tangents)
+    if attn.gate is not None:  # the gate reads the CLS token t_0, a constant here
+        gate = attn.gate(state.tokens[:, 0]).sigmoid()
+        x, dx = x * gate, (dx * gate[:, None] if dx is not None else None)
+    for layer in (attn.proj, attn.proj_drop, block.ls1, block.drop_path1):
+        x, dx = push(layer, x, dx)
+    x = state.cls_input + x  # the residual adds a constant: the tangents pass unchanged
+    y, dy = push(block.norm2, x, dx)
+    for layer in (block.mlp, block.ls2, block.drop_path2):
+        y, dy = push(layer, y, dy)
+    x, dx = x + y, (dx + dy if dx is not None else None)
+    for layer in (model.norm, model.fc_norm, model.head_drop):
+        x, dx = push(layer, x, dx)
+    return x, dx
 
 
 @dataclass
@@ -110,37 +123,52 @@ def closed_form_maps(
     directions_of: Callable[[torch.Tensor], torch.Tensor],
     want_basis: bool = False,
 ) -> ClosedFormMaps:
-    """CDAM for the target directions ``directions_of(h) -> (B, K, D)`` of a batch of last-block inputs."""
+    """CDAM for the target directions ``directions_of(h) -> (B, K, D)`` of a batch of last-block inputs.
+
+    Directions that are the same for every image may come as an expanded view (stride 0 over the
+    batch): they are then applied to the whole batch in one matrix product.
+    """
     state = last_block_state(model, block_input)
-    feature = cls_path(model, state)
     batch, heads, head_dim = state.head_outputs.shape
     head_outputs = state.head_outputs.reshape(batch, heads * head_dim)
     with torch.enable_grad():
-        embedding, pull_back = torch.func.vjp(feature, head_outputs)
+        embedding, pull_back = torch.func.vjp(lambda o: cls_path(model, state, o)[0], head_outputs)
     directions = directions_of(embedding)  # (B, K, D)
     n_patches = state.tokens.shape[1] - model.num_prefix_tokens
     basis = None
     if want_basis or directions.shape[1] > n_patches:
-        z = _relevance_inputs(model, state)  # (B, N, A)
-        push_forward = torch.func.vmap(lambda column: torch.func.jvp(feature, (head_outputs,), (column,))[1], in_dims=1, out_dims=2)
-        basis = push_forward(z)  # (B, D, N) = J Z^T
-        maps = torch.einsum("bkd,bdn->bkn", directions, basis)
+        basis = cls_path(model, state, head_outputs, _relevance_inputs(model, state))[1]  # (B, N, D): J Z_i per patch
+        maps = _apply_directions(directions, basis)
     else:
         pulled = torch.func.vmap(pull_back, in_dims=1, out_dims=1)(directions)[0]  # (B, K, A) = g^T J
         maps = _maps_from_pulled(model, state, pulled.view(batch, -1, heads, head_dim))
-    return ClosedFormMaps(maps=maps, basis=basis if want_basis else None, embedding=embedding.detach(), attention=state.attention)
+    basis = basis.transpose(1, 2) if want_basis else None
+    return ClosedFormMaps(maps=maps, basis=basis, embedding=embedding.detach(), attention=state.attention)
 
 
 def _relevance_inputs(model: VisionTransformer, state: LastBlockState) -> torch.Tensor:
-    """Z (B, N, A): per head a_i * ((v_i - b_v) + scale * (q0 . (k_i - b_k)) * (v_i - o)), heads concatenated."""
+    """Z (B, N, A): per head a_i * ((v_i - b_v) + scale * (q0 . (k_i - b_k)) * (v_i - o)), heads concatenated.
+
+    Regrouped as c1_i * (v_i - b_v) + c2_i * (b_v - o) with c1 = a (1 + scale q0.k), c2 = a scale q0.k.
+    """
     attn = model.blocks[-1].attn
     _, _, w_v, _, _, b_v = _qkv_parts(attn)
     prefix = model.num_prefix_tokens
-    values_nb = torch.einsum("hed,bnd->bhne", w_v, state.tokens[:, prefix:])  # v_i - b_v (B, H, N, d)
-    centred = values_nb + (b_v - state.head_outputs)[:, :, None]  # v_i - o
-    z = values_nb + attn.scale * state.query_dot_keys[:, :, prefix:, None] * centred
-    weighted = state.attention[:, :, prefix:, None] * z
-    return weighted.permute(0, 2, 1, 3).flatten(2)
+    batch, heads, head_dim = state.head_outputs.shape
+    values = F.linear(state.tokens[:, prefix:], w_v.reshape(heads * head_dim, -1))  # v_i - b_v (B, N, A)
+    key_term = attn.scale * state.query_dot_keys[:, :, prefix:]  # (B, H, N)
+    weights = state.attention[:, :, prefix:]
+    c1 = (weights * (1 + key_term)).transpose(1, 2)[..., None]  # (B, N, H, 1)
+    c2 = (weights * key_term).transpose(1, 2)[..., None]
+    z = c1 * values.view(batch, -1, heads, head_dim) + c2 * (b_v - state.head_outputs)[:, None]
+    return z.flatten(2)
+
+
+def _apply_directions(directions: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """S (B, K, N) = g . (J Z_i) for directions (B, K, D) and the basis rows J Z_i (B, N, D)."""
+    if directions.shape[0] > 1 and directions.stride(0) == 0:  # shared by every image: one matrix product
+        return (basis @ directions[0].T).transpose(1, 2)
+    return directions @ basis.transpose(1, 2)
 
 
 def _maps_from_pulled(model: VisionTransformer, state: LastBlockState, pulled: torch.Tensor) -> torch.Tensor:

@@ -293,7 +293,9 @@ class CDAMExplainer:
             resolved.update(logits=logits.detach(), target_class=target_class)
             if not with_maps:
                 return embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
-            class_directions = model.head.weight[target_class] if self.num_classes else embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
+            class_directions = _class_directions(model.head.weight, target_class) if self.num_classes else embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
+            if not concepts:
+                return class_directions
             return torch.cat([class_directions, concept_directions(concepts, embedding)], dim=1)
 
         with torch.no_grad():
@@ -366,6 +368,13 @@ def cls_attention(model: nn.Module, block_input: torch.Tensor) -> torch.Tensor:
         query = query[:, :, :1]
     weights = ((query * attn.scale) @ key.transpose(-2, -1)).softmax(-1)
     return weights.mean(2)
+
+
+def _class_directions(head_weight: torch.Tensor, target_class: torch.Tensor) -> torch.Tensor:
+    """The head rows of each slot's class (B, K, D); an expanded view when every image has the same classes."""
+    if target_class.shape[0] > 1 and (target_class == target_class[:1]).all():
+        return head_weight[target_class[0]].expand(target_class.shape[0], -1, -1)
+    return head_weight[target_class]
 
 
 def _check_class_index(index: int, num_classes: int) -> None:

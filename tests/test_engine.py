@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import SwiGLU
 
 from cdam_worker import CDAMExplainer, Concept, VariantConfig
 from cdam_worker.engine import _image_noise
@@ -22,7 +23,15 @@ FAMILIES = {
     "avg_pool_no_cls": ("vit_small_patch16_224", dict(img_size=64, depth=3, global_pool="avg", class_token=False, fc_norm=True), "autograd"),
     "avg_pool_with_cls": ("vit_small_patch16_224", dict(img_size=48, depth=2, global_pool="avg"), "autograd"),
     "qk_norm": ("vit_small_patch16_224", dict(img_size=48, depth=2, qk_norm=True), "autograd"),
+    # closed form through layers with their own forward-mode rules, and through the generic fallback
+    "scale_norms_quick_gelu": (
+        "vit_small_patch16_224",
+        dict(img_size=48, depth=2, scale_attn_norm=True, scale_mlp_norm=True, act_layer="quick_gelu", init_values=0.3, pre_norm=True),
+        "closed_form",
+    ),
+    "swiglu_rmsnorm": ("vit_small_patch16_224", dict(img_size=48, depth=2, mlp_layer=SwiGLU, norm_layer="rmsnorm", act_layer="silu"), "closed_form"),
 }
+CLOSED_FORM_FAMILIES = sorted(name for name, (_, _, method) in FAMILIES.items() if method == "closed_form")
 
 
 def make_model(name: str, kwargs: dict, num_classes: int = 12) -> torch.nn.Module:
@@ -152,13 +161,18 @@ def test_maps_from_basis_match_direct_maps(family_name, variant):
     assert relative_error(from_basis, result.cdam) < TOLERANCE
 
 
-def test_many_targets_use_the_column_route_and_still_match():
-    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
-    model = make_model(name, kwargs, num_classes=40)  # K=40 > N=16 patches
+@pytest.mark.parametrize("family_name", CLOSED_FORM_FAMILIES)
+def test_many_targets_use_the_column_route_and_still_match(family_name):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs, num_classes=60)  # K=60 > N (at most 16 patches here)
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=2)
+    assert model.patch_embed.num_patches < 60
     result = explainer.explain(images, "all")
-    check_against_reference(model, images, result, slots=[0, 17, 39])
+    check_against_reference(model, images, result, slots=[0, 17, 59])
+    per_image = torch.stack([torch.arange(60), torch.arange(60).flip(0)])  # different classes per image
+    result = explainer.explain(images, per_image)
+    check_against_reference(model, images, result, slots=[0, 31])
 
 
 def test_closed_form_refused_where_it_does_not_hold():
