@@ -99,7 +99,7 @@ class CDAMExplainer:
             class_names = class_names or model.class_names
             model = model.model
         if not isinstance(model, VisionTransformer):
-            raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer: CDAM needs a ViT with blocks[-1].norm1")
+            raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer: CDAM supports the VisionTransformer family (ViT, DeiT, DINO, CLIP, hybrids)")
         if type(model).forward_features is not VisionTransformer.forward_features:
             raise ValueError(f"{type(model).__name__} overrides forward_features; only timm's VisionTransformer trunk is supported")
         last_block = model.blocks[-1]
@@ -124,17 +124,23 @@ class CDAMExplainer:
         return int(self.model.num_classes)
 
     @property
+    def input_channels(self) -> int:
+        """Channels the model takes: those of the first convolution of its patch embedding (a hybrid's stem)."""
+        first_conv = next(m for m in self.model.patch_embed.modules() if isinstance(m, nn.Conv2d))
+        return first_conv.in_channels
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """The (gh, gw) token grid for an image of this size; ValueError when the model cannot take it."""
         patch_embed = self.model.patch_embed
-        ph, pw = patch_embed.patch_size
         if getattr(self.model, "dynamic_img_size", False):
+            ph, pw = patch_embed.feat_ratio(as_scalar=False)  # pixels per token (a hybrid's backbone stride included)
             if not getattr(patch_embed, "dynamic_img_pad", False) and (height % ph or width % pw):
                 raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
-            return -(-height // ph), -(-width // pw)
+            return tuple(patch_embed.dynamic_feat_size((height, width)))
         expected = tuple(patch_embed.img_size)
         if (height, width) != expected:
             raise ValueError(
@@ -235,9 +241,10 @@ class CDAMExplainer:
     # -- helpers -------------------------------------------------------------------------------
 
     def _check_images(self, images: torch.Tensor) -> tuple[int, int]:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != self.model.patch_embed.proj.in_channels:
+        channels = self.input_channels
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, {self.model.patch_embed.proj.in_channels}, H, W) tensor, got {shape}")
+            raise ValueError(f"images must be a (B, {channels}, H, W) tensor, got {shape}")
         if not images.is_floating_point():
             raise ValueError(f"images must be a float tensor (normalised by the model's transform), got {images.dtype}")
         return self.patch_grid(images.shape[2], images.shape[3])

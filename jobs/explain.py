@@ -148,7 +148,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "method": explainer.method,
         "class_names": list(loaded.class_names),
         "patch_grid": list(grid),
-        "patch_size": list(loaded.model.patch_embed.patch_size),
+        "patch_size": list(loaded.model.patch_embed.feat_ratio(as_scalar=False)),  # pixels per token (a hybrid stem included)
         "input_size": list(loaded.data_config["input_size"]),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
         "num_prefix_tokens": loaded.model.num_prefix_tokens,

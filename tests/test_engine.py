@@ -29,6 +29,7 @@ FAMILIES = {
         dict(img_size=48, depth=2, scale_attn_norm=True, scale_mlp_norm=True, act_layer="quick_gelu", init_values=0.3, pre_norm=True),
         "closed_form",
     ),
+    "hybrid_resnet_stem": ("vit_small_r26_s32_224", dict(img_size=64, depth=2), "closed_form"),
     "swiglu_rmsnorm": ("vit_small_patch16_224", dict(img_size=48, depth=2, mlp_layer=SwiGLU, norm_layer="rmsnorm", act_layer="silu"), "closed_form"),
 }
 CLOSED_FORM_FAMILIES = sorted(name for name, (_, _, method) in FAMILIES.items() if method == "closed_form")
