@@ -45,15 +45,15 @@ def _norm_tangents(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> torch.
         dx = dx - dx.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
     x_hat = (x * rstd)[:, None]  # (B, 1, D)
-    out = (dx - x_hat * (x_hat * dx).mean(-1, keepdim=True)) * rstd[:, None]
-    return out * norm.weight if norm.weight is not None else out
+    out = (dx - x_hat * (x_hat * dx).mean(-1, keepdim=True)).mul_(rstd[:, None])
+    return out.mul_(norm.weight) if norm.weight is not None else out
 
 
 def _mlp_push(mlp: Mlp, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1, the activation (elementwise: its slope at the primal scales the tangents), norm, fc2."""
     hidden, d_hidden = push(mlp.fc1, x, dx)
     activated, slope = torch.func.jvp(mlp.act, (hidden,), (torch.ones_like(hidden),))
-    d_hidden = d_hidden * slope[:, None]
+    d_hidden.mul_(slope[:, None])  # fc1 is a Linear: its tangents are a fresh tensor
     for layer in (mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2):
         activated, d_hidden = push(layer, activated, d_hidden)
     return activated, d_hidden
