@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     closed = CDAMExplainer(model)
     autograd = CDAMExplainer(model, method="autograd")
     bf16 = CDAMExplainer(model, precision="bf16")
+    tf32 = CDAMExplainer(model, precision="tf32") if device.type == "cuda" else None  # TF32 exists on CUDA only
     if closed.method != "closed_form":
         raise SystemExit(f"{args.model}: the closed form does not hold ({closed.method_reason}); this benchmark compares it with the rest")
     smooth = VariantConfig("smooth", n_samples=args.smooth_samples)
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             warmup=lambda: captum_maps(captum_classes[:1]),
         ),
     ]
+    if tf32 is not None:
+        cases.append(Case("tfall", "CDAM, closed form, TF32 trunk", f"{num_classes} (all)", lambda: explain(tf32, "all"), args.repeats))
     if chunk_targets < num_classes and args.autograd_all != "skip":
         cases.append(
             Case(
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     approx_all = explain(bf16, "all").cdam
     bf16_error = relative_error(approx_all, exact_all)
     bf16_corr_median, bf16_corr_min = median_correlation(approx_all, exact_all)
+    tf32_all = explain(tf32, "all").cdam if tf32 is not None else None
     load_after = load_average()
     total = time.perf_counter() - started
 
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             f"**extrapolated** from {n_captum} targets (x {scale:g})",
         )
     )
-    order = ["forward", "cf1", "cf10", "cfall", "ag1", "ag10", "agchunk", "agall", "sm1", "sm10", "bf1", "bfall", "captum", "captumall"]
+    order = ["forward", "cf1", "cf10", "cfall", "ag1", "ag10", "agchunk", "agall", "sm1", "sm10", "bf1", "bfall", "tfall", "captum", "captumall"]
     keyed = {c.key: r for c, r in zip([c for c in cases if c.key != "captum"], rows)}
     keyed.update(agall=rows[-3], captum=rows[-2], captumall=rows[-1])
     rows = [keyed[key] for key in order if key in keyed]
@@ -376,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Smooth re-runs only the last block's closed form on the {args.smooth_samples} noisy copies of its input "
         f"({max(1, closed.max_rows // args.batch)} copies per chunk).",
     ]
+    if tf32_all is not None:
+        tf32_corr_median, tf32_corr_min = median_correlation(tf32_all, exact_all)
+        tf32_ratio = (paired_ratio(by_key["cfall"], by_key["tfall"]), by_key["cfall"].best / by_key["tfall"].best)
+        lines.append(
+            f"- TF32 trunk vs float32, all {num_classes} classes: max |diff| / max |ref| = {relative_error(tf32_all, exact_all):.2e}; "
+            f"Pearson r per map: median {tf32_corr_median:.5f}, min {tf32_corr_min:.5f}. Time float32 / TF32 (paired median, best-of): "
+            f"{tf32_ratio[0]:.2f}x, {tf32_ratio[1]:.2f}x."
+        )
     if autograd_all is not None:
         lines.append(
             f"- Autograd path at K={num_classes}: {autograd_all.seconds:.1f} s per batch ({autograd_all.note.split(':')[0].strip('*')}); "

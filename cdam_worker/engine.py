@@ -199,31 +199,16 @@ class CDAMExplainer:
             raise ValueError(f"a relevance basis needs logits linear in the embedding; {type(self.model).__name__} has its own head")
         resolve = self._target_resolver(targets, labels, batch)
 
-        block_input = self.last_block_input(images)
-        if config.name == "vanilla":
-            result = self._maps(block_input, resolve, concepts, return_basis)
-        else:
+        if config.name != "vanilla":
             keys = list(keys) if keys is not None else [content_key(image) for image in images]
             if len(keys) != batch:
                 raise ValueError(f"got {len(keys)} keys for {batch} images")
-            clean = self._maps(block_input, resolve, (), False, with_maps=False)
-            fixed = clean.target_class
-            maps_sum, basis_sum = None, None
-            for altered, copies in self._altered_inputs(block_input, keys, config):
-                part = self._maps(altered, lambda _logits: fixed.repeat_interleave(copies, dim=0), concepts, return_basis)
-                maps_part = part.cdam.view(batch, copies, *part.cdam.shape[1:]).sum(1)
-                maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
-                if return_basis:
-                    basis_part = part.basis.view(batch, copies, *part.basis.shape[1:]).sum(1)
-                    basis_sum = basis_part if basis_sum is None else basis_sum + basis_part
-            result = _MapsPass(
-                cdam=maps_sum / config.n_maps,
-                basis=basis_sum / config.n_maps if return_basis else None,
-                target_class=fixed,
-                logits=clean.logits,
-                embedding=clean.embedding,
-                attention=clean.attention,
-            )
+        with _cuda_fp32_precision(self.device, "ieee"):  # exact float32 maps, whatever the trunk ran in
+            block_input = self.last_block_input(images)
+            if config.name == "vanilla":
+                result = self._maps(block_input, resolve, concepts, return_basis)
+            else:
+                result = self._variant_maps(block_input, resolve, concepts, return_basis, keys, config)
 
         prefix = self.model.num_prefix_tokens
         concept_slots = torch.full((batch, len(concepts)), -1, dtype=torch.long, device=images.device)
@@ -252,9 +237,7 @@ class CDAMExplainer:
     def _trunk_precision(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        if self.precision == "tf32" and self.device.type == "cuda":
-            return _tf32()
-        return contextlib.nullcontext()
+        return _cuda_fp32_precision(self.device, "tf32" if self.precision == "tf32" else "ieee")
 
     def _target_resolver(self, targets, labels, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function logits (B, C) -> target classes (B, Kc), validated up front."""
@@ -328,6 +311,28 @@ class CDAMExplainer:
         basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows) if want_basis else None
         return _MapsPass(maps, basis, target_class, outputs.logits, outputs.embedding, attention)
 
+    def _variant_maps(self, block_input, resolve, concepts, want_basis, keys: list[str], config: VariantConfig) -> "_MapsPass":
+        """Smooth / Integrated CDAM: the mean of the maps of the altered last-block inputs."""
+        batch = block_input.shape[0]
+        clean = self._maps(block_input, resolve, (), False, with_maps=False)
+        fixed = clean.target_class
+        maps_sum, basis_sum = None, None
+        for altered, copies in self._altered_inputs(block_input, keys, config):
+            part = self._maps(altered, lambda _logits: fixed.repeat_interleave(copies, dim=0), concepts, want_basis)
+            maps_part = part.cdam.view(batch, copies, *part.cdam.shape[1:]).sum(1)
+            maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
+            if want_basis:
+                basis_part = part.basis.view(batch, copies, *part.basis.shape[1:]).sum(1)
+                basis_sum = basis_part if basis_sum is None else basis_sum + basis_part
+        return _MapsPass(
+            cdam=maps_sum / config.n_maps,
+            basis=basis_sum / config.n_maps if want_basis else None,
+            target_class=fixed,
+            logits=clean.logits,
+            embedding=clean.embedding,
+            attention=clean.attention,
+        )
+
     def _altered_inputs(self, block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig) -> Iterator[tuple[torch.Tensor, int]]:
         """Chunks of altered last-block inputs, (B * copies, L, D), image-major, with their copy count."""
         batch = block_input.shape[0]
@@ -396,10 +401,15 @@ def _image_noise(seed: int, key: str, out: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _tf32() -> Iterator[None]:
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def _cuda_fp32_precision(device: torch.device, mode: Literal["ieee", "tf32"]) -> Iterator[None]:
+    """Float32 matmuls and convolutions on CUDA in exact float32 ("ieee") or TensorFloat-32; nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    previous = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = mode
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+        matmul.fp32_precision, conv.fp32_precision = previous

@@ -205,6 +205,21 @@ def test_bf16_trunk_is_close_and_reports_float32_maps():
     assert relative_error(approx.cdam, exact.cdam) < 0.1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family_name", ["registers_layerscale", "distilled_deit"])
+def test_cuda_float32_matches_the_reference_and_reduced_precisions_stay_close(family_name):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs)
+    images = images_for(model, batch=2)
+    cpu = CDAMExplainer(model).explain(images, "all")
+    check_against_reference(model, images, cpu, slots=[0, 5])
+    model = model.cuda()
+    for precision, tolerance in (("float32", TOLERANCE), ("tf32", 0.05), ("bf16", 0.1)):
+        result = CDAMExplainer(model, precision=precision).explain(images.cuda(), "all")
+        assert result.cdam.device.type == "cuda" and result.cdam.dtype == torch.float32
+        assert relative_error(result.cdam.cpu(), cpu.cdam) < tolerance, precision
+
+
 @pytest.fixture(scope="module")
 def explainer():
     name, kwargs, _ = FAMILIES["cls_qkv_bias"]
