@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 from braceexpand import braceexpand
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .storage import Storage, StorageError, split_url
 
@@ -311,9 +311,10 @@ def _decode_group(group: _Group, index: int, seen: dict[str, int], require_label
         image_member = _first_member(group, IMAGE_EXTENSIONS)
         if image_member is None:
             raise _Rejected(f"no image member (members: {', '.join(member.name for member in group.members)})")
-        image, width, height = _decode_image(image_member)
+        image = decode_image(image_member.data or b"", image_member.name)
+        width, height = image.size
         return Sample(key=group.key, image=image, label=label, meta=meta, width=width, height=height, text=text)
-    except _Rejected as rejected:
+    except (_Rejected, ImageError) as rejected:
         return SampleError(group.key, str(rejected))
 
 
@@ -336,30 +337,34 @@ def _check_group(group: _Group, index: int, first_index: int) -> None:
             raise _Rejected(f"member {member.name!r} is too large ({member.size} bytes)")
 
 
-def _decode_image(member: _Member) -> tuple[Image.Image, int, int]:
-    """The member's image converted to RGB, and its original width and height."""
+class ImageError(ValueError):
+    """An image that cannot be decoded safely: corrupt, a decompression bomb, or not convertible to RGB."""
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode the image file ``data`` (named ``name`` in errors): upright (EXIF orientation applied), 8-bit RGB."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(member.data or b""), formats=_PIL_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
             # Checked here as well: Pillow's limit is a global others may change, and warning filters are
             # process-wide, so another thread's catch_warnings may undo ours.
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(
                     f"{image.width}x{image.height} pixels exceed the limit of {MAX_IMAGE_PIXELS}")
             image.load()
+            image = ImageOps.exif_transpose(image)  # photographs: the upright image a viewer shows
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Rejected(f"decompression bomb: {member.name!r}: {_one_line(exc)}") from None
+        raise ImageError(f"decompression bomb: {name!r}: {_one_line(exc)}") from None
     except UnidentifiedImageError:  # its message names the in-memory buffer, which is of no use
-        raise _Rejected(f"corrupt image {member.name!r}: cannot identify image file") from None
+        raise ImageError(f"corrupt image {name!r}: cannot identify image file") from None
     except Exception as exc:  # Pillow raises many error types on bad input
-        raise _Rejected(f"corrupt image {member.name!r}: {_one_line(exc)}") from None
+        raise ImageError(f"corrupt image {name!r}: {_one_line(exc)}") from None
     try:
-        rgb = to_rgb(image)
+        return to_rgb(image)
     except ValueError as exc:
-        raise _Rejected(f"cannot convert image {member.name!r} (mode {image.mode}) to RGB: {_one_line(exc)}") from None
-    return rgb, image.width, image.height
+        raise ImageError(f"cannot convert image {name!r} (mode {image.mode}) to RGB: {_one_line(exc)}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -164,9 +164,16 @@ class CDAMExplainer:
         self._check_images(images)
         return head_outputs(self.model, self.last_block_input(images.to(self.device))).embedding
 
-    def concept_from_images(self, name: str, images: torch.Tensor, similarity: str = "dot") -> Concept:
-        """A concept vector: the mean embedding of example images of the concept."""
-        return Concept(name, self.embed(images).mean(0).cpu(), similarity)
+    def concept_from_images(self, name: str, images: torch.Tensor | Iterable[torch.Tensor], similarity: str = "dot") -> Concept:
+        """A concept vector: the mean embedding of example images of the concept.
+
+        ``images``: one batch (B, 3, H, W), or an iterable of batches when the examples are many.
+        """
+        batches = [images] if isinstance(images, torch.Tensor) else images
+        embeddings = [self.embed(batch) for batch in batches]
+        if not embeddings or sum(len(e) for e in embeddings) == 0:
+            raise ValueError(f"concept {name!r}: no example images")
+        return Concept(name, torch.cat(embeddings).mean(0).cpu(), similarity)
 
     def explain(
         self,

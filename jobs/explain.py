@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cdam_worker import __version__
-from cdam_worker.data import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
+from cdam_worker.data import IMAGE_EXTENSIONS, ImageError, Sample, decode_image, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.engine import CDAMExplainer, VariantConfig
 from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
@@ -32,6 +32,7 @@ from cdam_worker.targets import Concept, TargetSpec
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
+CONCEPT_BATCH = 32  # example images embedded per forward pass when building a concept from a folder
 OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
 
 
@@ -177,13 +178,17 @@ def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
         raise ConfigError(f"--concepts {text!r}: expected NAME=FILE or NAME=FOLDER (optionally ending in :cosine)")
     path = Path(source)
     if path.is_dir():
-        from PIL import Image
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
         if not files:
-            raise ConfigError(f"--concepts {name}: folder {path} holds no images")
-        images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
-        return explainer.concept_from_images(name, images, similarity)
+            raise ConfigError(f"--concepts {name}: folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        batches = (
+            torch.stack([transform(decode_image(f.read_bytes(), str(f))) for f in files[start : start + CONCEPT_BATCH]])
+            for start in range(0, len(files), CONCEPT_BATCH)
+        )
+        try:
+            return explainer.concept_from_images(name, batches, similarity)
+        except ImageError as error:
+            raise ConfigError(f"--concepts {name}: {error}") from None
     if not path.is_file():
         raise ConfigError(f"--concepts {name}: {path} is neither a concept file nor a folder of images")
     try:

@@ -91,6 +91,26 @@ def test_label_targets_on_shards_without_cls(inputs, tmp_path, capsys):
     assert "--targets label needs a 'cls' member" in line and "'u0'" in line
 
 
+def test_bad_concepts(inputs, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "expected NAME=FILE or NAME=FOLDER" in refused(explain(inputs, out, "--concepts", "stripes"), capsys)
+    missing = tmp_path / "nowhere.pt"
+    assert f"--concepts c: {missing} is neither a concept file nor a folder" in refused(explain(inputs, out, "--concepts", f"c={missing}"), capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert f"--concepts c: folder {empty} holds no images" in refused(explain(inputs, out, "--concepts", f"c={empty}"), capsys)
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "good.jpg").write_bytes(jpeg_bytes(20, 20))
+    (examples / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    line = refused(explain(inputs, out, "--concepts", f"c={examples}"), capsys)
+    assert f"--concepts c: corrupt image '{examples / 'broken.jpg'}'" in line
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.ones(7), wrong)
+    assert "--concepts c: vector has 7 dims, the model's embedding has 48" in refused(explain(inputs, out, "--concepts", f"c={wrong}"), capsys)
+
+
 def test_shard_spec_matching_nothing(inputs, tmp_path, capsys):
     spec = f"{inputs['root']}/val-*.tar"
     line = refused(explain(inputs, str(tmp_path / "out"), shards=spec), capsys)

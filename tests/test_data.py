@@ -243,6 +243,18 @@ def test_32_bit_integer_and_float_tiffs(tmp_path: Path) -> None:
     assert np.asarray(decode(tmp_path, "w.tiff", image_bytes(wide, "TIFF")).image)[..., 0].tolist() == [[0, 5, 255]]
 
 
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # a 4x2 photo stored sideways: orientation 6 means "rotate 90 degrees clockwise to view"
+    stored = np.zeros((2, 4, 3), dtype=np.uint8)
+    stored[0, 0] = (255, 0, 0)  # a red corner, top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = image_bytes(Image.fromarray(stored), "PNG", exif=exif.tobytes())
+    sample = decode(tmp_path, "photo.png", payload)
+    assert (sample.width, sample.height) == (2, 4) and sample.image.size == (2, 4)
+    assert np.asarray(sample.image)[0, 1].tolist() == [255, 0, 0]  # now top right, as a viewer shows it
+
+
 def test_one_pixel_image_is_valid(tmp_path: Path) -> None:
     sample = decode(tmp_path, "k.png", png_bytes(1, 1))
     assert (sample.width, sample.height) == (1, 1)
