@@ -131,8 +131,7 @@ def closed_form_maps(
     state = last_block_state(model, block_input)
     batch, heads, head_dim = state.head_outputs.shape
     head_outputs = state.head_outputs.reshape(batch, heads * head_dim)
-    with torch.enable_grad():
-        embedding, pull_back = torch.func.vjp(lambda o: cls_path(model, state, o)[0], head_outputs)
+    embedding = cls_path(model, state, head_outputs)[0]
     directions = directions_of(embedding)  # (B, K, D)
     n_patches = state.tokens.shape[1] - model.num_prefix_tokens
     basis = None
@@ -140,10 +139,12 @@ def closed_form_maps(
         basis = cls_path(model, state, head_outputs, _relevance_inputs(model, state))[1]  # (B, N, D): J Z_i per patch
         maps = _apply_directions(directions, basis)
     else:
+        with torch.enable_grad():
+            _, pull_back = torch.func.vjp(lambda o: cls_path(model, state, o)[0], head_outputs)
         pulled = torch.func.vmap(pull_back, in_dims=1, out_dims=1)(directions)[0]  # (B, K, A) = g^T J
         maps = _maps_from_pulled(model, state, pulled.view(batch, -1, heads, head_dim))
     basis = basis.transpose(1, 2) if want_basis else None
-    return ClosedFormMaps(maps=maps, basis=basis, embedding=embedding.detach(), attention=state.attention)
+    return ClosedFormMaps(maps=maps, basis=basis, embedding=embedding, attention=state.attention)
 
 
 def _relevance_inputs(model: VisionTransformer, state: LastBlockState) -> torch.Tensor:
