@@ -8,7 +8,7 @@ import torch
 from timm.layers import SwiGLU
 
 from cdam_worker import CDAMExplainer, Concept, VariantConfig
-from cdam_worker.engine import _image_noise
+from cdam_worker.engine import _cuda_fp32_precision, _image_noise
 from reference import reference_attention, reference_cdam
 
 TOLERANCE = 1e-4
@@ -203,6 +203,19 @@ def test_bf16_trunk_is_close_and_reports_float32_maps():
     approx = CDAMExplainer(model, precision="bf16").explain(images, "classes:1,2")
     assert approx.cdam.dtype == torch.float32
     assert relative_error(approx.cdam, exact.cdam) < 0.1
+
+
+def test_cuda_precision_scope_sets_and_restores_the_tf32_flags():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with _cuda_fp32_precision(torch.device("cuda"), "ieee"):  # flags only: no GPU needed
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        with _cuda_fp32_precision(torch.device("cuda"), "tf32"):
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with _cuda_fp32_precision(torch.device("cpu"), "tf32"):  # nothing changes for other devices
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
