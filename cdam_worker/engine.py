@@ -290,10 +290,7 @@ class CDAMExplainer:
             resolved.update(logits=logits.detach(), target_class=target_class)
             if not with_maps:
                 return embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
-            class_directions = _class_directions(model.head.weight, target_class) if self.num_classes else embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
-            if not concepts:
-                return class_directions
-            return torch.cat([class_directions, concept_directions(concepts, embedding)], dim=1)
+            return self._directions(target_class, concepts, embedding)
 
         with torch.no_grad():
             out = closed_form_maps(model, block_input, directions_of, want_basis)
@@ -314,9 +311,23 @@ class CDAMExplainer:
             return torch.cat([logits.gather(1, classes), concept_scores(concepts, embedding)], dim=1)
 
         num_targets = target_class.shape[1] + len(concepts)
+        if type(model) is VisionTransformer and (want_basis or num_targets > model.num_features):
+            # logits linear in the embedding: every map is g . basis, so D backward rows serve all K targets
+            basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows)
+            maps = self._directions(target_class, concepts, outputs.embedding) @ basis
+            return _MapsPass(maps, basis if want_basis else None, target_class, outputs.logits, outputs.embedding, attention)
         maps = autograd_maps(model, block_input, score_of, num_targets, self.max_rows)
-        basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows) if want_basis else None
-        return _MapsPass(maps, basis, target_class, outputs.logits, outputs.embedding, attention)
+        return _MapsPass(maps, None, target_class, outputs.logits, outputs.embedding, attention)
+
+    def _directions(self, target_class: torch.Tensor, concepts: tuple[Concept, ...], embedding: torch.Tensor) -> torch.Tensor:
+        """The gradient of every slot's score with respect to the embedding (B, K, D): head rows, then concepts."""
+        if self.num_classes:
+            class_directions = _class_directions(self.model.head.weight, target_class)
+        else:
+            class_directions = embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
+        if not concepts:
+            return class_directions
+        return torch.cat([class_directions, concept_directions(concepts, embedding)], dim=1)
 
     def _variant_maps(self, block_input, resolve, concepts, want_basis, keys: list[str], config: VariantConfig) -> "_MapsPass":
         """Smooth / Integrated CDAM: the mean of the maps of the altered last-block inputs."""

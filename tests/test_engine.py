@@ -176,6 +176,17 @@ def test_many_targets_use_the_column_route_and_still_match(family_name):
     check_against_reference(model, images, result, slots=[0, 31])
 
 
+@pytest.mark.parametrize("family_name", ["avg_pool_no_cls", "avg_pool_with_cls", "qk_norm", "distilled_deit"])
+def test_more_targets_than_features_on_the_autograd_path(family_name):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs, num_classes=400)  # K=400 > D=384: linear heads go through the basis
+    explainer = CDAMExplainer(model)
+    images = images_for(model, batch=2)
+    concept = Concept("c", torch.randn(model.num_features, generator=torch.Generator().manual_seed(3)), "cosine")
+    result = explainer.explain(images, "all", concepts=[concept])
+    check_against_reference(model, images, result, concepts=[concept], slots=[0, 233, 399, 400])
+
+
 def test_closed_form_refused_where_it_does_not_hold():
     name, kwargs, _ = FAMILIES["distilled_deit"]
     with pytest.raises(ValueError, match="closed form does not hold.*DistilledPatch|closed form does not hold.*own forward"):
