@@ -30,6 +30,7 @@ from schemas import Layout
 TOPK_STORED = 5
 # Fault injection for the reliability tests (never set in normal runs):
 FAULT_ENV = "CDAM_FAULT_EXIT_AFTER_BATCHES"  # first-generation actors exit hard after N batches
+FAIL_START_ENV = "CDAM_FAULT_FAIL_START"  # actors of the first N generations fail in __init__
 HOLD_ENV = "CDAM_FAULT_HOLD_WHILE_EXISTS"  # actors wait before each batch while this file exists
 
 
@@ -44,6 +45,8 @@ class ShardProcessor:
     """Explains shards for one job; run as a Ray actor (:func:`make_actor_class`), usable in-process too."""
 
     def __init__(self, config: JobConfig, layout: Layout, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None) -> None:
+        if int(os.environ.get(FAIL_START_ENV) or 0) > generation:
+            raise RuntimeError(f"fault injection: an actor of generation {generation} fails to start")
         if threads:
             torch.set_num_threads(threads)
         self.config, self.layout, self.progress, self.generation = config, layout, progress, generation
@@ -218,7 +221,7 @@ def _concept_positions(result: CDAMResult) -> np.ndarray:
 
 # Settings that reach the actors from the driver's environment. Never credentials: actors get those
 # from their own node (environment, profile or instance role), so no secret travels through Ray.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", FAULT_ENV, HOLD_ENV)
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", FAULT_ENV, FAIL_START_ENV, HOLD_ENV)
 
 
 def make_actor_class(num_cpus: float, num_gpus: float):

@@ -32,6 +32,7 @@ from cdam_worker.targets import Concept, TargetSpec
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
+MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
 CONCEPT_BATCH = 32  # example images embedded per forward pass when building a concept from a folder
 OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
 
@@ -330,7 +331,8 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> di
     actor_class = make_actor_class(args.cpus_per_actor, args.gpus_per_actor if use_gpu else 0)
     progress = _progress_counter()
     threads = max(1, int(args.cpus_per_actor))
-    generation = 0
+    generation = 0  # bumped for every replacement actor (fault injection acts on the first generations)
+    start_failures = 0
 
     def start_actor():
         return actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress)
@@ -362,10 +364,18 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> di
                         idle.append(actor)
                         last_progress = time.time()
                     except ray.exceptions.RayError as error:
-                        if not (idle or running or starting):
-                            raise JobError(f"an actor could not start: {_first_line(error)}") from None
-                        # e.g. its node was lost while it loaded the model: the others go on without it
-                        print(f"an actor could not start: {_first_line(error)}; going on with {len(idle) + len(running) + len(starting)} other actor(s)", file=sys.stderr)
+                        # e.g. its node was lost while it loaded the model: replaced, up to a budget
+                        start_failures += 1
+                        reason = _first_line(error)
+                        if start_failures <= MAX_START_FAILURES_PER_ACTOR * n_actors:
+                            generation += 1
+                            replacement = start_actor()
+                            starting[replacement.ready.remote()] = replacement
+                            print(f"an actor could not start: {reason}; starting a replacement", file=sys.stderr)
+                        elif not (idle or running or starting):
+                            raise JobError(f"no actor could start ({start_failures} attempts); the last error: {reason}") from None
+                        else:
+                            print(f"an actor could not start: {reason}; going on with {len(idle) + len(running) + len(starting)} other actor(s)", file=sys.stderr)
                     continue
                 actor, task, attempt = running.pop(ref)
                 try:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
-from cdam_worker.actor import FAULT_ENV
+from cdam_worker.actor import FAIL_START_ENV, FAULT_ENV
 from cdam_worker.job import LOCK_LEASE_SECONDS, LOCK_PATH, OutputInUseError, OutputLock
 from cdam_worker.sinks import marker_path
 from cdam_worker.storage import Storage
@@ -122,6 +122,30 @@ def test_actor_dying_mid_shard_is_replaced_and_output_is_identical(ray_local, da
     assert "3/3 shards complete (0 already done before this run)" in captured.out
     assert verify_output(output) == []
     assert output_files(output) == reference["files"]
+
+
+def test_actors_that_fail_to_start_are_replaced(ray_local, dataset, reference, tmp_path, monkeypatch, capsys):
+    """Both first actors fail in __init__ (as on a node lost while loading the model): their replacements do the job."""
+    monkeypatch.setenv(FAIL_START_ENV, "1")
+    output = str(tmp_path / "out")
+    assert main(explain_args(dataset, output)) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("an actor could not start: ") == 2, captured.err
+    assert "fault injection: an actor of generation 0 fails to start; starting a replacement" in captured.err
+    assert verify_output(output) == []
+    assert output_files(output) == reference["files"]
+
+
+def test_job_stops_when_no_actor_can_start(ray_local, dataset, tmp_path, monkeypatch, capsys):
+    """Every start fails: after the replacement budget (2 per actor) the job stops with one line saying why."""
+    monkeypatch.setenv(FAIL_START_ENV, "1000")
+    output = tmp_path / "out"
+    assert main(explain_args(dataset, str(output))) != 0
+    captured = capsys.readouterr()
+    assert captured.err.count("starting a replacement") == 4, captured.err
+    assert "no actor could start (6 attempts); the last error: " in captured.err
+    assert "fault injection: an actor of generation" in captured.err.splitlines()[-1]
+    assert not list((output / "markers").glob("*.json"))
 
 
 def test_killed_driver_resumes_without_redoing_finished_shards(ray_local, dataset, reference, s3_bucket, s3_server, tmp_path, monkeypatch, capsys):
