@@ -162,7 +162,8 @@ class CDAMExplainer:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-logits embedding h (B, D), e.g. to build concept vectors."""
         self._check_images(images)
-        return head_outputs(self.model, self.last_block_input(images.to(self.device))).embedding
+        with _cuda_fp32_precision(self.device, "ieee"):
+            return head_outputs(self.model, self.last_block_input(images.to(self.device))).embedding
 
     def concept_from_images(self, name: str, images: torch.Tensor | Iterable[torch.Tensor], similarity: str = "dot") -> Concept:
         """A concept vector: the mean embedding of example images of the concept.
