@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import textwrap
+import threading
+from typing import Iterator
 
 EXPLAIN_EPILOG = textwrap.dedent(
     """\
@@ -82,24 +86,55 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.explain import ConfigError, JobError
 
     try:
-        if args.command == "explain":
-            from jobs.explain import run
-
-            return run(args)
-        if args.command == "demo":
-            from jobs.demo import run_demo
-
-            return run_demo(args)
-        from jobs.verify import verify_output
-
-        problems = verify_output(args.output)
-        for problem in problems:
-            print(problem)
-        print(f"{'FAILED' if problems else 'OK'}: {len(problems)} problem(s) in {args.output}")
-        return 1 if problems else 0
+        with _sigterm_as_interrupt():
+            return _run_command(args)
     except (ConfigError, DataError, ModelLoadError, StorageError, OutputInUseError, JobError) as error:
         print(f"cdam {args.command}: error: {redact(str(error)).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the lock is released, finished shards kept
+        terminated = isinstance(interrupt, Terminated)
+        resume = "; shards finished so far are kept: rerun the same command to resume" if args.command == "explain" else ""
+        print(f"cdam {args.command}: stopped by {'SIGTERM' if terminated else 'SIGINT'}{resume}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler), raised like Ctrl-C so the job cleans up the same way."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; returns its exit status."""
+    if args.command == "explain":
+        from jobs.explain import run
+
+        return run(args)
+    if args.command == "demo":
+        from jobs.demo import run_demo
+
+        return run_demo(args)
+    from jobs.verify import verify_output
+
+    problems = verify_output(args.output)
+    for problem in problems:
+        print(problem)
+    print(f"{'FAILED' if problems else 'OK'}: {len(problems)} problem(s) in {args.output}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import threading
 import time
@@ -435,10 +436,13 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    if sigterm_handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm_handler)  # ray.init's own handler exits silently with status 15
 
 
 def _progress_counter():

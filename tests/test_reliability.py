@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
-from cdam_worker.actor import FAIL_START_ENV, FAULT_ENV
+from cdam_worker.actor import FAIL_START_ENV, FAULT_ENV, HOLD_ENV
 from cdam_worker.job import LOCK_LEASE_SECONDS, LOCK_PATH, OutputInUseError, OutputLock
 from cdam_worker.sinks import marker_path
 from cdam_worker.storage import Storage
@@ -175,6 +175,26 @@ def test_killed_driver_resumes_without_redoing_finished_shards(ray_local, datase
     assert {path: files[path] for path in finished} == finished
     assert verify_output(output) == []
     assert files == reference["files"]
+
+
+@pytest.mark.parametrize(("signum", "name"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
+def test_stopped_driver_releases_the_lock_and_a_rerun_completes(ray_local, dataset, reference, tmp_path, signum, name):
+    """SIGTERM (ray job stop, a scheduler) or Ctrl-C while an actor is inside a shard: a clean stop, then resume."""
+    output, hold = tmp_path / "out", tmp_path / "hold"
+    hold.touch()
+    driver = start_driver(explain_args(dataset, str(output), "--address", ray_local), tmp_path / "driver", **{HOLD_ENV: str(hold)})
+    wait_for(lambda: list(tmp_path.glob("hold.*")), "an actor waiting inside a shard", driver)
+    assert (output / LOCK_PATH).exists()
+    os.kill(driver.pid, signum)
+    status, _, stderr = finish(driver, tmp_path / "driver", timeout=60)
+    assert status == 128 + signum, stderr
+    assert f"cdam explain: stopped by {name}; shards finished so far are kept: rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (output / LOCK_PATH).exists()
+    hold.unlink()
+    assert main(explain_args(dataset, str(output))) == 0
+    assert verify_output(str(output)) == []
+    assert output_files(str(output)) == reference["files"]
 
 
 def test_transient_s3_faults_are_retried(ray_local, dataset, reference, s3_bucket, s3_server, monkeypatch):
