@@ -137,7 +137,9 @@ class ShardProcessor:
     def _explain(self, batch: list[_Prepared], writer: ShardWriter) -> None:
         if self.hold_file is not None:
             _wait_while_exists(self.hold_file)
-        images = torch.stack([p.tensor for p in batch]).to(self.device)
+        images = torch.stack([p.tensor for p in batch])
+        if self.device.startswith("cuda"):  # page-locked, so the copy overlaps with queued GPU work
+            images = images.pin_memory().to(self.device, non_blocking=True)
         labels = [p.sample.label for p in batch]
         result = self.explainer.explain(
             images,
