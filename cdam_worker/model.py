@@ -137,6 +137,16 @@ def _create(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> torch.
         model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     except TypeError as error:
         raise ModelLoadError(f"bad keyword arguments for model {name!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a download or a pretrained tag that failed: one line, not a traceback
+        if not pretrained:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (
+            " (timm downloads them from the Hugging Face Hub on first use: check the network or the cache, or pass a checkpoint file instead)"
+            if isinstance(error, OSError)  # network and cache errors
+            else ""
+        )
+        raise ModelLoadError(f"cannot get pretrained weights for {name!r}: {type(error).__name__}: {reason}{hint}") from None
     if not isinstance(model, VisionTransformer):
         raise ModelLoadError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer: CDAM needs a ViT with blocks[-1].norm1")
     return model

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", metavar="NAME", help="timm model name (optional with a checkpoint made by cdam)")
     model.add_argument("--model-kwargs", metavar="JSON", help='keyword arguments for timm.create_model, e.g. \'{"img_size": 224}\'')
     weights = model.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs a network or a warm cache)")
+    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights, downloaded from the Hugging Face Hub on first use (needs a network or a warm cache; HF_HUB_OFFLINE=1 fails at once instead of retrying)")
     weights.add_argument("--checkpoint", metavar="FILE", help="a state dict of the timm model, or a checkpoint saved by cdam")
     model.add_argument("--head-checkpoint", metavar="FILE", help="a linear head (weight (C, D), bias (C)) put on the backbone's features")
     model.add_argument("--method", choices=["auto", "closed_form", "autograd"], default="auto", help="how maps are computed (default: auto, the closed form where it is exact)")

@@ -326,6 +326,18 @@ def test_no_name_and_pretrained_with_checkpoint(tmp_path):
     assert "not both" in load_error(name=NAME, pretrained=True, checkpoint=path, **TINY)
 
 
+def test_pretrained_weights_that_cannot_be_had_are_one_line_errors(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    message = load_error(name="vit_small_patch16_224.no_such_tag", pretrained=True)
+    assert message.startswith("cannot get pretrained weights for 'vit_small_patch16_224.no_such_tag': RuntimeError: Invalid pretrained tag")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, answered at once
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and an empty cache
+    message = load_error(name="vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=True)
+    assert message.startswith("cannot get pretrained weights for 'vit_small_patch16_224.augreg_in21k_ft_in1k': ")
+    assert "check the network or the cache, or pass a checkpoint file instead" in message
+
+
 # -- security: no pickle code runs --------------------------------------------------------------
 
 MARKER_NAME = "pwned.txt"
