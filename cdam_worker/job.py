@@ -111,6 +111,10 @@ class OutputInUseError(RuntimeError):
     """Another live job holds the output's lock."""
 
 
+class OutputLockLost(RuntimeError):
+    """Another job took the output's lock over (this job's lease had run out, e.g. its driver was paused)."""
+
+
 class OutputLock:
     """A lease object at ``DEST/lock.json``, created with a conditional put and renewed by the driver.
 
@@ -141,6 +145,20 @@ class OutputLock:
         )
 
     def renew(self) -> None:
+        """Extend the lease; OutputLockLost if another job holds the lock now.
+
+        Read, compare the token, write: another job can only take over between the read and the write
+        (milliseconds), instead of being silently overwritten by a driver that was paused past its lease.
+        """
+        holder = read_json(self.storage, LOCK_PATH)
+        if holder is None and self.storage.put_if_absent(LOCK_PATH, json.dumps(self.payload).encode()):
+            return  # deleted by hand while we ran: ours again
+        holder = holder or read_json(self.storage, LOCK_PATH) or {}
+        if holder.get("token") != self.payload["token"]:
+            raise OutputLockLost(
+                f"another cdam job took over the output lock of {self.storage.url} (run {holder.get('run_id')}, "
+                f"pid {holder.get('pid')} on {holder.get('host')}): this job's lease had run out or its lock was deleted"
+            )
         self.payload["renewed_at"] = time.time()
         write_json(self.storage, LOCK_PATH, self.payload)
 

@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cdam_worker import __version__
 from cdam_worker.data import IMAGE_EXTENSIONS, ImageError, Sample, decode_image, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.engine import CDAMExplainer, VariantConfig
-from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, ModelSpec, OutputLock, OutputLockLost, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
 from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
 from cdam_worker.storage import Storage, StorageError, redact
@@ -33,6 +33,7 @@ from cdam_worker.targets import Concept, TargetSpec
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
+LOCK_RENEW_SECONDS = 20.0  # the lease (LOCK_LEASE_SECONDS, 120 s) outlasts several missed renewals
 MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
 CONCEPT_BATCH = 32  # example images embedded per forward pass when building a concept from a folder
 OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
@@ -43,7 +44,7 @@ class ConfigError(ValueError):
 
 
 class JobError(RuntimeError):
-    """The job could not go on (no actor could start)."""
+    """The job could not go on (no actor could start, or another job took the output's lock over)."""
 
 
 @dataclass
@@ -66,15 +67,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     lock = OutputLock(plan.storage, plan.config.run_id)
     lock.acquire()
-    stop_renewing = _renew_periodically(lock)
+    renewal = LockRenewal(lock)
     try:
         todo = prepare_output(plan, overwrite=args.overwrite)
-        failures = dispatch(plan, todo, args) if todo else {}
+        failures = dispatch(plan, todo, args, renewal.check) if todo else {}
         summaries = collect_markers(plan)
+        renewal.check()
         if not failures and len(summaries) == len(plan.shards):
             finish_manifest(plan, summaries)
     finally:
-        stop_renewing.set()
+        renewal.stop()
         lock.release()
     return print_summary(plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=args.strict)
 
@@ -301,25 +303,42 @@ def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
     write_json(plan.storage, MANIFEST_PATH, manifest)
 
 
-def _renew_periodically(lock: OutputLock) -> threading.Event:
-    stop = threading.Event()
+class LockRenewal:
+    """Renews the output lock every ``LOCK_RENEW_SECONDS`` in a thread, and says when another job took it over."""
 
-    def renew() -> None:
-        while not stop.wait(20.0):
+    def __init__(self, lock: OutputLock) -> None:
+        self.lock = lock
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, name="lock-renewal", daemon=True).start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_RENEW_SECONDS):
             try:
-                lock.renew()
+                self.lock.renew()
+            except OutputLockLost as error:
+                self.lost = str(error)
+                return
             except StorageError as error:  # try again next time: the lease (120 s) outlasts a few failures
                 print(f"warning: could not renew the output lock: {error}", file=sys.stderr)
 
-    threading.Thread(target=renew, name="lock-renewal", daemon=True).start()
-    return stop
+    def check(self) -> None:
+        """JobError once the lock is lost: the job must stop writing into an output another job owns."""
+        if self.lost is not None:
+            raise JobError(f"{self.lost}; stopping so the two jobs do not write the same output")
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # -- the actor pool ----------------------------------------------------------------------------
 
 
-def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> dict[int, str]:
-    """Run ``tasks`` on a pool of actors, retrying shards whose actor died; returns failed shards."""
+def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check_lock: Callable[[], None]) -> dict[int, str]:
+    """Run ``tasks`` on a pool of actors, retrying shards whose actor died; returns failed shards.
+
+    ``check_lock`` runs every second and raises when the output's lock is lost (the job then stops).
+    """
     import ray
 
     from cdam_worker.actor import make_actor_class
@@ -357,6 +376,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace) -> di
                 task, attempt = pending.popleft()
                 running[actor.process_shard.remote(task)] = (actor, task, attempt)
             ready, _ = ray.wait(list(running) + list(starting), num_returns=1, timeout=1.0)
+            check_lock()
             for ref in ready:
                 if ref in starting:
                     actor = starting.pop(ref)

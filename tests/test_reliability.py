@@ -36,7 +36,7 @@ from PIL import Image
 
 from cdam_worker import save_checkpoint
 from cdam_worker.actor import FAIL_START_ENV, FAULT_ENV, HOLD_ENV
-from cdam_worker.job import LOCK_LEASE_SECONDS, LOCK_PATH, OutputInUseError, OutputLock
+from cdam_worker.job import LOCK_LEASE_SECONDS, LOCK_PATH, OutputInUseError, OutputLock, OutputLockLost
 from cdam_worker.sinks import marker_path
 from cdam_worker.storage import Storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
@@ -345,6 +345,45 @@ def test_lock_lease_and_stale_holders(where, tmp_path, request):
         OutputLock(storage, "mine").acquire()
     lock.release()  # not ours any more: left alone
     assert json.loads(storage.get(LOCK_PATH))["token"] == "theirs"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_renewal_notices_a_takeover_and_restores_a_deleted_lock(where, tmp_path, request):
+    url = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/renew"
+    storage = Storage.from_url(url)
+    lock = OutputLock(storage, "mine")
+    lock.acquire()
+    lock.renew()
+    assert json.loads(storage.get(LOCK_PATH))["token"] == lock.payload["token"]
+    storage.delete(LOCK_PATH)  # removed by hand while the job runs: renewing makes it ours again
+    lock.renew()
+    assert json.loads(storage.get(LOCK_PATH))["token"] == lock.payload["token"]
+    taken = {"run_id": "other", "token": "theirs", "host": "elsewhere", "pid": 7, "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+    storage.put(LOCK_PATH, json.dumps(taken).encode())  # another job took over after our lease ran out
+    with pytest.raises(OutputLockLost, match=r"another cdam job took over the output lock of .* \(run other, pid 7 on elsewhere\)"):
+        lock.renew()
+    assert json.loads(storage.get(LOCK_PATH))["token"] == "theirs"  # not overwritten
+    lock.release()
+    assert json.loads(storage.get(LOCK_PATH))["token"] == "theirs"
+
+
+def test_job_that_lost_its_lock_stops(ray_local, dataset, tmp_path):
+    """A driver paused past its lease finds, at its next renewal, that another job took the output: it stops."""
+    output, hold = tmp_path / "out", tmp_path / "hold"
+    hold.touch()
+    driver = start_driver(explain_args(dataset, str(output), "--address", ray_local), tmp_path / "driver", **{HOLD_ENV: str(hold)})
+    try:
+        wait_for(lambda: list(tmp_path.glob("hold.*")), "an actor waiting inside a shard", driver)
+        taken = {"run_id": "other", "token": "theirs", "host": "elsewhere", "pid": 7, "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+        (output / LOCK_PATH).write_text(json.dumps(taken))
+        status, _, stderr = finish(driver, tmp_path / "driver", timeout=90)  # the next renewal comes within 20 s
+    finally:
+        hold.unlink()
+    assert status == 2, stderr
+    assert "cdam explain: error: another cdam job took over the output lock of" in stderr
+    assert "stopping so the two jobs do not write the same output" in stderr
+    assert json.loads((output / LOCK_PATH).read_text())["token"] == "theirs"
+    assert not list((output / "markers").glob("*.json"))
 
 
 # --- security ------------------------------------------------------------------------------------------------
