@@ -124,10 +124,10 @@ class CDAMExplainer:
         return int(self.model.num_classes)
 
     @property
-    def input_channels(self) -> int:
+    def input_channels(self) -> int | None:
         """Channels the model takes: those of the first convolution of its patch embedding (a hybrid's stem)."""
-        first_conv = next(m for m in self.model.patch_embed.modules() if isinstance(m, nn.Conv2d))
-        return first_conv.in_channels
+        first_conv = next((m for m in self.model.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        return first_conv.in_channels if first_conv is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -235,9 +235,9 @@ class CDAMExplainer:
 
     def _check_images(self, images: torch.Tensor) -> tuple[int, int]:
         channels = self.input_channels
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or (channels is not None and images.shape[1] != channels):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, {channels}, H, W) tensor, got {shape}")
+            raise ValueError(f"images must be a (B, {channels or 'C'}, H, W) tensor, got {shape}")
         if not images.is_floating_point():
             raise ValueError(f"images must be a float tensor (normalised by the model's transform), got {images.dtype}")
         return self.patch_grid(images.shape[2], images.shape[3])
