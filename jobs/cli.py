@@ -85,31 +85,34 @@ def main(argv: list[str] | None = None) -> int:
     from cdam_worker.job import OutputInUseError
     from jobs.explain import ConfigError, JobError
 
+    got_sigterm = threading.Event()
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(got_sigterm):
             return _run_command(args)
     except (ConfigError, DataError, ModelLoadError, StorageError, OutputInUseError, JobError) as error:
         print(f"cdam {args.command}: error: {redact(str(error)).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the lock is released, finished shards kept
-        terminated = isinstance(interrupt, Terminated)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the lock is released, finished shards kept
+        terminated = got_sigterm.is_set()
         resume = "; shards finished so far are kept: rerun the same command to resume" if args.command == "explain" else ""
         print(f"cdam {args.command}: stopped by {'SIGTERM' if terminated else 'SIGINT'}{resume}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a scheduler), raised like Ctrl-C so the job cleans up the same way."""
-
-
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt(got_sigterm: threading.Event) -> Iterator[None]:
+    """SIGTERM (``ray job stop``, a scheduler) raises KeyboardInterrupt, so the job cleans up as on Ctrl-C.
+
+    ``got_sigterm`` tells the two apart afterwards: a handler's exception raised inside a blocking Ray
+    call comes back as a plain KeyboardInterrupt, so the exception type cannot.
+    """
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
 
     def terminate(_signum: int, _frame: object) -> None:
-        raise Terminated()
+        got_sigterm.set()
+        raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
