@@ -307,16 +307,17 @@ class CDAMExplainer:
         if not with_maps:
             return _MapsPass(None, None, target_class, outputs.logits, outputs.embedding, attention)
 
-        def score_of(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-            classes = target_class.repeat(logits.shape[0] // batch, 1)
-            return torch.cat([logits.gather(1, classes), concept_scores(concepts, embedding)], dim=1)
-
         num_targets = target_class.shape[1] + len(concepts)
         if type(model) is VisionTransformer and (want_basis or num_targets > model.num_features):
             # logits linear in the embedding: every map is g . basis, so D backward rows serve all K targets
             basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows)
             maps = self._directions(target_class, concepts, outputs.embedding) @ basis
             return _MapsPass(maps, basis if want_basis else None, target_class, outputs.logits, outputs.embedding, attention)
+
+        def score_of(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+            classes = target_class.repeat(logits.shape[0] // batch, 1)
+            return torch.cat([logits.gather(1, classes), concept_scores(concepts, embedding)], dim=1)
+
         maps = autograd_maps(model, block_input, score_of, num_targets, self.max_rows)
         return _MapsPass(maps, None, target_class, outputs.logits, outputs.embedding, attention)
 

@@ -354,13 +354,19 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
     generation = 0  # bumped for every replacement actor (fault injection acts on the first generations)
     start_failures = 0
 
-    def start_actor():
-        return actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress)
+    starting: dict = {}  # ready() reference -> actor still loading its model
 
-    starting = {}
-    for _ in range(n_actors):
-        actor = start_actor()
+    def start_actor() -> None:
+        actor = actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress)
         starting[actor.ready.remote()] = actor
+
+    def start_replacement() -> None:
+        nonlocal generation
+        generation += 1
+        start_actor()
+
+    for _ in range(n_actors):
+        start_actor()
     idle: list = []
     pending = deque((task, 1) for task in tasks)
     running: dict = {}
@@ -389,9 +395,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                         start_failures += 1
                         reason = _first_line(error)
                         if start_failures <= MAX_START_FAILURES_PER_ACTOR * n_actors:
-                            generation += 1
-                            replacement = start_actor()
-                            starting[replacement.ready.remote()] = replacement
+                            start_replacement()
                             print(f"an actor could not start: {reason}; starting a replacement", file=sys.stderr)
                         elif not (idle or running or starting):
                             raise JobError(f"no actor could start ({start_failures} attempts); the last error: {reason}") from None
@@ -404,9 +408,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                     shards_done += 1
                     idle.append(actor)
                 except ray.exceptions.RayActorError as error:
-                    generation += 1
-                    replacement = start_actor()
-                    starting[replacement.ready.remote()] = replacement
+                    start_replacement()
                     _retry_or_fail(task, attempt, f"actor died: {_first_line(error)}", pending, failures, plan)
                 except ray.exceptions.RayError as error:
                     idle.append(actor)
