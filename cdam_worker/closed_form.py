@@ -137,7 +137,7 @@ def closed_form_maps(
     basis = None
     if want_basis or directions.shape[1] > n_patches:
         basis = cls_path(model, state, head_outputs, _relevance_inputs(model, state))[1]  # (B, N, D): J Z_i per patch
-        maps = _apply_directions(directions, basis)
+        maps = maps_from_basis(directions, basis)
     else:
         with torch.enable_grad():
             _, pull_back = torch.func.vjp(lambda o: cls_path(model, state, o)[0], head_outputs)
@@ -165,8 +165,11 @@ def _relevance_inputs(model: VisionTransformer, state: LastBlockState) -> torch.
     return z.flatten(2)
 
 
-def _apply_directions(directions: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """S (B, K, N) = g . (J Z_i) for directions (B, K, D) and the basis rows J Z_i (B, N, D)."""
+def maps_from_basis(directions: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """S (B, K, N) = g . B_i for directions g (B, K, D) and basis rows B_i (B, N, D), e.g. J Z_i.
+
+    Directions shared by every image (an expanded view, stride 0 over the batch) take one matrix product.
+    """
     if directions.shape[0] > 1 and directions.stride(0) == 0:  # shared by every image: one matrix product
         return (basis @ directions[0].T).transpose(1, 2)
     return directions @ basis.transpose(1, 2)

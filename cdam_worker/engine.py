@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cdam_worker.autograd_path import autograd_maps, head_outputs
-from cdam_worker.closed_form import closed_form_maps, closed_form_unsupported_reason
+from cdam_worker.closed_form import closed_form_maps, closed_form_unsupported_reason, maps_from_basis
 from cdam_worker.model import LoadedModel
 from cdam_worker.targets import Concept, TargetSpec, concept_directions, concept_scores
 
@@ -311,7 +311,7 @@ class CDAMExplainer:
         if type(model) is VisionTransformer and (want_basis or num_targets > model.num_features):
             # logits linear in the embedding: every map is g . basis, so D backward rows serve all K targets
             basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows)
-            maps = self._directions(target_class, concepts, outputs.embedding) @ basis
+            maps = maps_from_basis(self._directions(target_class, concepts, outputs.embedding), basis.transpose(1, 2))
             return _MapsPass(maps, basis if want_basis else None, target_class, outputs.logits, outputs.embedding, attention)
 
         def score_of(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
