@@ -6,7 +6,6 @@ batch; at most a few batches are in flight, so an actor never holds a whole shar
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import resource
@@ -161,7 +160,7 @@ class ShardProcessor:
                     label=sample.label,
                     width=sample.width,
                     height=sample.height,
-                    sample_json=json.dumps(sample.meta, sort_keys=True) if sample.meta is not None else None,
+                    sample_json=sample.sample_json,
                     arrays={name: values[i] for name, values in arrays.items()},
                     table={name: values[i] for name, values in tables.items()},
                 )
