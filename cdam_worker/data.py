@@ -38,6 +38,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 """Larger images are refused as decompression bombs (Pillow's default limit, enforced here explicitly)."""
 MAX_MEMBER_BYTES = 256 << 20
 """Larger members are refused rather than read into memory."""
+INT32_RANGE = (-(2**31), 2**31 - 1)
+"""Labels must fit the int32 ``label`` column of the metadata."""
 
 _DECODED_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, *LABEL_EXTENSIONS, "json", "txt"))
 # Pillow formats we decode, whatever the extension says; everything else (EPS, which runs Ghostscript,
@@ -57,7 +59,11 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
-    """One decoded sample: an RGB image, its optional label (cls), metadata (json) and text (txt)."""
+    """One decoded sample: an RGB image, its optional label (cls), metadata (json) and text (txt).
+
+    Every value fits the column it is stored in: ``key`` and ``sample_json`` (the json member as stored,
+    ``json.dumps(meta, sort_keys=True)``) encode as UTF-8, ``label``, ``width`` and ``height`` fit int32.
+    """
 
     key: str
     image: Image.Image
@@ -66,6 +72,7 @@ class Sample:
     width: int
     height: int
     text: str | None = None
+    sample_json: str | None = None
 
 
 @dataclass
@@ -307,13 +314,13 @@ def _decode_group(group: _Group, index: int, seen: dict[str, int], require_label
     first = seen.setdefault(group.key, index)
     try:
         _check_group(group, index, first)
-        label, meta, text = _decode_label(group, require_label), _decode_meta(group), _decode_text(group)
+        label, (meta, sample_json), text = _decode_label(group, require_label), _decode_meta(group), _decode_text(group)
         image_member = _first_member(group, IMAGE_EXTENSIONS)
         if image_member is None:
             raise _Rejected(f"no image member (members: {', '.join(member.name for member in group.members)})")
         image = decode_image(image_member.data or b"", image_member.name)
         width, height = image.size
-        return Sample(key=group.key, image=image, label=label, meta=meta, width=width, height=height, text=text)
+        return Sample(key=group.key, image=image, label=label, meta=meta, width=width, height=height, text=text, sample_json=sample_json)
     except (_Rejected, ImageError) as rejected:
         return SampleError(group.key, str(rejected))
 
@@ -324,6 +331,8 @@ def _check_group(group: _Group, index: int, first_index: int) -> None:
     for name in names:
         if name.startswith("/") or ".." in name.split("/"):
             raise _Rejected(f"unsafe member path {name!r}")
+    if not _is_utf8(group.key):  # tarfile keeps undecodable name bytes as lone surrogates
+        raise _Rejected(f"member name {names[0]!r} is not valid UTF-8, so its key cannot be stored")
     if group.cut_off:
         raise _Rejected(f"{group.cut_off}: sample may be incomplete")
     if first_index != index:
@@ -408,20 +417,36 @@ def _decode_label(group: _Group, require_label: bool) -> int | None:
     text = (member.data or b"").decode("utf-8", errors="replace").strip()
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise _Rejected(f"non-integer cls {member.name!r}: {text[:40]!r}")
-    return int(text)
+    digits = text.lstrip("+-").lstrip("0")
+    label = int(text) if len(digits) <= 10 else None  # int() refuses more than 4300 digits
+    if label is None or not INT32_RANGE[0] <= label <= INT32_RANGE[1]:
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(digits)} digits)"
+        raise _Rejected(f"cls label {shown} in {member.name!r} does not fit the int32 label column "
+                        f"({INT32_RANGE[0]}..{INT32_RANGE[1]})")
+    return label
 
 
-def _decode_meta(group: _Group) -> dict | None:
+def _decode_meta(group: _Group) -> tuple[dict | None, str | None]:
+    """The json member as an object and as the string stored in ``sample_json``; (None, None) if absent."""
     member = _first_member(group, ("json",))
     if member is None:
-        return None
+        return None, None
     try:
         meta = json.loads(member.data or b"")
-    except (ValueError, RecursionError) as exc:
+        stored = json.dumps(meta, sort_keys=True)  # ASCII (non-ASCII and lone surrogates are escaped)
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError and over-long integers
         raise _Rejected(f"invalid json {member.name!r}: {_one_line(exc)}") from None
     if not isinstance(meta, dict):
         raise _Rejected(f"invalid json {member.name!r}: expected an object, got {type(meta).__name__}")
-    return meta
+    return meta, stored
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode_text(group: _Group) -> str | None:
