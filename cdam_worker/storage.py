@@ -167,7 +167,11 @@ class Storage:
 
     def total_size(self, prefix: str = "") -> int:
         """Bytes in all objects below the folder ``prefix`` (one listing, no per-object requests)."""
-        return sum(meta["size"] for meta in self._listing(prefix))
+        return sum(self.sizes(prefix).values())
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size in bytes of every object below the folder ``prefix``, by path (one listing)."""
+        return {meta["path"]: int(meta["size"]) for meta in self._listing(prefix)}
 
     def _listing(self, prefix: str) -> list[dict[str, Any]]:
         """obstore's metadata of every object below the folder ``prefix``."""

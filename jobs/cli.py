@@ -1,9 +1,16 @@
-"""The ``cdam`` command: ``explain`` a dataset, run the offline ``demo``, ``verify`` an output."""
+"""The ``cdam`` command: ``explain`` a dataset, run the offline ``demo``, ``verify`` an output, and the
+commands that read a finished run (one thin module each in ``jobs/``, listed in ``READING_COMMANDS``).
+
+A reading command's module defines ``add_parser(commands)``, which adds its subparser and sets
+``handler`` to a function ``(args) -> exit status``; it imports its library code inside that function,
+so ``cdam --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import signal
 import sys
 import textwrap
@@ -28,6 +35,10 @@ EXPLAIN_EPILOG = textwrap.dedent(
       cdam explain --shards data/*.tar --output out --checkpoint model.pt --targets classes:zebra,7
     """
 )
+
+
+READING_COMMANDS = ("query",)
+"""Modules of ``jobs/`` whose commands read a finished run through ``cdam_worker.reading.open_run``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check a finished output", description="Check that every shard has a marker, counts agree with the manifest, checksums match, and every metadata row's Zarr data is written.")
     verify.add_argument("output", metavar="DEST", help="output folder or s3://bucket/prefix")
+
+    for name in READING_COMMANDS:
+        importlib.import_module(f"jobs.{name}").add_parser(commands)
     return parser
 
 
@@ -82,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     from cdam_worker.data import DataError
     from cdam_worker.model import ModelLoadError
     from cdam_worker.storage import StorageError, redact
-    from cdam_worker.job import OutputInUseError
+    from cdam_worker.job import OutputInUseError, OutputLockLost
+    from cdam_worker.reading import RunError
     from jobs.explain import ConfigError, JobError
 
     got_sigterm = threading.Event()
     try:
         with _sigterm_as_interrupt(got_sigterm):
             return _run_command(args)
-    except (ConfigError, DataError, ModelLoadError, StorageError, OutputInUseError, JobError) as error:
+    except (ConfigError, DataError, ModelLoadError, StorageError, OutputInUseError, OutputLockLost, JobError, RunError) as error:
         print(f"cdam {args.command}: error: {redact(str(error)).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the lock is released, finished shards kept
@@ -123,6 +138,8 @@ def _sigterm_as_interrupt(got_sigterm: threading.Event) -> Iterator[None]:
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the chosen subcommand; returns its exit status."""
+    if hasattr(args, "handler"):
+        return args.handler(args)
     if args.command == "explain":
         from jobs.explain import run
 

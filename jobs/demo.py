@@ -34,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
     assets = ensure_demo_assets(cache_dir)
     output = str(Path(args.output).resolve())
     explain_args = build_parser().parse_args(
-        ["explain", "--shards", *map(str, assets.test_shards), "--output", output, "--checkpoint", str(assets.checkpoint), "--targets", "all", "--actors", str(args.actors), "--batch-size", "32", "--overwrite"]
+        ["explain", "--shards", *map(str, assets.test_shards), "--output", output, "--checkpoint", str(assets.checkpoint), "--targets", "all", "--store-basis", "--actors", str(args.actors), "--batch-size", "32", "--overwrite"]
     )
     status = run(explain_args)
     if status == 0:
@@ -70,5 +70,5 @@ output: {output}
   maps    {output}/cdam.zarr      python: import xarray as xr; xr.open_zarr('{output}/cdam.zarr', consolidated=False)
   rows    {output}/metadata/      duckdb: SELECT pred, count(*) FROM '{output}/metadata/*.parquet' GROUP BY pred;
   errors  {output}/errors/        (one row per sample that could not be explained)
-  check   cdam verify {output}
-  (DuckDB and xarray are the 'query' extra: pip install -e '.[query]')"""
+  query   cdam query {output} "SELECT pred, count(*) FROM metadata GROUP BY pred"
+  check   cdam verify {output}"""

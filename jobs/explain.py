@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cdam_worker import __version__
 from cdam_worker.data import IMAGE_EXTENSIONS, ImageError, Sample, decode_image, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.engine import CDAMExplainer, VariantConfig
-from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, ModelSpec, OutputLock, OutputLockLost, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
 from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
 from cdam_worker.storage import Storage, StorageError, redact
@@ -33,7 +33,6 @@ from cdam_worker.targets import Concept, TargetSpec
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
-LOCK_RENEW_SECONDS = 20.0  # the lease (LOCK_LEASE_SECONDS, 120 s) outlasts several missed renewals
 MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
 CONCEPT_BATCH = 32  # example images embedded per forward pass when building a concept from a folder
 OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
@@ -301,34 +300,6 @@ def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
     manifest = _manifest(plan, status="complete", shards=shards)
     manifest["totals"] = {"images": sum(s.n_images for s in summaries.values()), "errors": sum(s.n_errors for s in summaries.values())}
     write_json(plan.storage, MANIFEST_PATH, manifest)
-
-
-class LockRenewal:
-    """Renews the output lock every ``LOCK_RENEW_SECONDS`` in a thread, and says when another job took it over."""
-
-    def __init__(self, lock: OutputLock) -> None:
-        self.lock = lock
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        threading.Thread(target=self._renew, name="lock-renewal", daemon=True).start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LOCK_RENEW_SECONDS):
-            try:
-                self.lock.renew()
-            except OutputLockLost as error:
-                self.lost = str(error)
-                return
-            except StorageError as error:  # try again next time: the lease (120 s) outlasts a few failures
-                print(f"warning: could not renew the output lock: {error}", file=sys.stderr)
-
-    def check(self) -> None:
-        """JobError once the lock is lost: the job must stop writing into an output another job owns."""
-        if self.lost is not None:
-            raise JobError(f"{self.lost}; stopping so the two jobs do not write the same output")
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 # -- the actor pool ----------------------------------------------------------------------------

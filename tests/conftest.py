@@ -120,3 +120,17 @@ def demo_assets(demo_cache: Path):  # noqa: ANN201
     from cdam_worker.demo import ensure_demo_assets
 
     return ensure_demo_assets(demo_cache)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A finished ``cdam demo`` output (all classes, basis stored), made once per session in a subprocess
+    (its own local Ray). Read-only for the tests: copy it before changing anything."""
+    import subprocess
+    import sys
+
+    output = tmp_path_factory.mktemp("demo-run") / "out"
+    done = subprocess.run([sys.executable, "-m", "jobs", "demo", "--output", str(output), "--cache-dir", str(demo_cache)],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, f"cdam demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return str(output)

@@ -1,0 +1,299 @@
+"""``open_run(DEST)``: a finished (or partly finished) cdam run, read through its output contract.
+
+The contract (``schemas/README.md``): a shard's completion marker is written last, after its Zarr
+chunks and Parquet files, so only shards with a marker are read. Everything else (shards still running,
+failed, or cut off) is listed in :attr:`Run.skipped` with the reason, and never read.
+
+Reading is lazy and chunk-wise: opening a run reads the manifest, the Zarr group's metadata and the
+marker listing; tables are read when asked for, maps a chunk of rows at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import zarr
+
+from cdam_worker.data import Sample, member_offsets, read_sample
+from cdam_worker.job import MANIFEST_PATH, LockRenewal, OutputLock, read_json
+from cdam_worker.model import resolve_class
+from cdam_worker.reading.arrow_fs import storage_filesystem
+from cdam_worker.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
+from cdam_worker.storage import Storage
+from schemas import ERRORS_SCHEMA, METADATA_SCHEMA
+
+if TYPE_CHECKING:
+    import duckdb
+    import xarray as xr
+    from PIL import Image
+
+READ_ROWS = 256
+"""Rows of maps read per step by the chunk-wise readers (a multiple of the 16-row chunks)."""
+
+TARGETS_VIEW_SQL = """
+CREATE OR REPLACE VIEW targets AS
+SELECT key, "row", shard, label, pred,
+       s.slot - 1 AS slot,
+       targets[s.slot] AS class,
+       target_names[s.slot] AS name,
+       relevance_pos_sum[s.slot] AS pos_sum,
+       relevance_neg_sum[s.slot] AS neg_sum,
+       relevance_argmax[s.slot] AS argmax
+FROM metadata, LATERAL (SELECT unnest(range(1, len(targets) + 1)) AS slot) AS s
+"""
+
+
+class RunError(ValueError):
+    """A run that cannot be read, or cannot do what was asked of it; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of the run as its manifest plans it, and what the output holds of it."""
+
+    index: int
+    name: str
+    url: str
+    n_samples: int
+    complete: bool  # its completion marker exists: its rows and tables are whole
+    n_images: int  # from the marker (0 when not complete)
+    n_errors: int
+
+
+class Run:
+    """A cdam output (local folder or s3://), read-only. Build it with :func:`open_run`."""
+
+    def __init__(self, storage: Storage, manifest: dict[str, Any], group: zarr.Group) -> None:
+        self.storage = storage
+        self.url = storage.url
+        self.manifest = manifest
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.shards = self._read_shards()
+        self.skipped: list[str] = [
+            f"shard {s.name}: no completion marker (still running, failed or cut off): not read"
+            for s in self.shards if not s.complete
+        ]
+
+    # -- what the run is ---------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Tokens per column and per row of every map: (gh, gw)."""
+        gh, gw = self.attrs["patch_grid"]
+        return int(gh), int(gw)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.group["cdam"].shape[1])
+
+    @property
+    def complete(self) -> bool:
+        """Whether the job finished every shard (the manifest says so)."""
+        return self.manifest.get("status") == "complete"
+
+    @property
+    def has_basis(self) -> bool:
+        return "basis" in self.array_names
+
+    @functools.cached_property
+    def array_names(self) -> list[str]:
+        return sorted(name for name, _ in self.group.arrays())
+
+    def class_index(self, name_or_index: str | int) -> int:
+        """A class's index from its name or index (RunError naming it if the run has no such class)."""
+        try:
+            return resolve_class(name_or_index, self.class_names)
+        except (KeyError, ValueError, IndexError) as error:
+            raise RunError(f"class {name_or_index!r}: {str(error).strip(chr(39))}") from None
+
+    # -- tables ------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def metadata(self) -> ds.Dataset:
+        """One row per explained image of every complete shard (schema ``cdam.metadata/1``), lazily read."""
+        return self._dataset("metadata", METADATA_SCHEMA)
+
+    @functools.cached_property
+    def errors(self) -> pa.Table:
+        """One row per sample (or shard, key null) that could not be explained, of every shard that has any."""
+        return self._dataset("errors", ERRORS_SCHEMA).to_table()
+
+    @functools.cached_property
+    def index(self) -> pa.Table:
+        """key, row, shard, label, pred and targets of every explained image, sorted by row."""
+        table = self.metadata.to_table(columns=["key", "row", "shard", "label", "pred", "targets"])
+        return table.sort_by("row")
+
+    def sql(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with tables ``metadata`` and ``errors`` and the view ``targets``
+        (one row per image and target slot: key, row, slot, class, name, pos_sum, neg_sum, argmax)."""
+        import duckdb
+
+        connection = duckdb.connect()
+        connection.register("metadata", self.metadata)
+        connection.register("errors", self.errors)
+        connection.execute(TARGETS_VIEW_SQL)
+        return connection
+
+    def table(self, path: str) -> pa.Table:
+        """A Parquet file below the run (e.g. ``audit/classes.parquet``); FileNotFoundError if absent."""
+        return pq.read_table(storage_filesystem(self.storage).open_input_file(path))
+
+    @functools.cached_property
+    def _key_positions(self) -> dict[str, int]:
+        return {key: position for position, key in enumerate(self.index.column("key").to_pylist())}
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """The Zarr row of each key (RunError naming the first key that is not an explained image)."""
+        positions = self._key_positions
+        missing = [key for key in keys if key not in positions]
+        if missing:
+            raise RunError(f"key {missing[0]!r} is not an explained image of {self.url}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        rows = self.index.column("row").to_numpy()
+        return rows[np.asarray([positions[key] for key in keys], dtype=np.int64)].astype(np.int64)
+
+    # -- arrays ------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def maps(self) -> xr.Dataset:
+        """Every array of ``cdam.zarr`` as a lazy xarray Dataset (image, target, y, x, ...)."""
+        import xarray as xr
+
+        return xr.open_zarr(self.storage.zarr_store(ZARR_PATH, read_only=True), consolidated=False, zarr_format=3)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Array ``name`` at ``rows`` (any order), reading only the chunks that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.empty((0, *self.group[name].shape[1:]), dtype=self.group[name].dtype)
+        order = np.argsort(rows, kind="stable")
+        values = self.group[name].get_orthogonal_selection((rows[order],))
+        out = np.empty_like(values)
+        out[order] = values
+        return out
+
+    def iter_rows(self, name: str, rows: np.ndarray, step: int = READ_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, values) of array ``name`` in steps of ``step`` rows, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            yield part, self.read_rows(name, part)
+
+    def maps_for(self, keys: Sequence[str], classes: Sequence[str | int]) -> np.ndarray:
+        """The stored map of each (key, class): (len(keys), len(classes), gh, gw) float32, NaN where that
+        class was not a target of that image."""
+        class_ids = np.asarray([self.class_index(c) for c in classes], dtype=np.int64)
+        rows = self.rows_of(keys)
+        gh, gw = self.grid
+        out = np.full((len(rows), len(class_ids), gh, gw), np.nan, dtype=np.float32)
+        for start in range(0, len(rows), READ_ROWS):
+            part = rows[start : start + READ_ROWS]
+            target_class = self.read_rows("target_class", part)  # (n, T)
+            match = target_class[:, :, None] == class_ids[None, None, :]  # (n, T, C)
+            has = match.any(axis=1)
+            slot = match.argmax(axis=1)  # (n, C)
+            maps = self.read_rows("cdam", part)  # (n, T, gh, gw)
+            picked = np.take_along_axis(maps, slot[:, :, None, None], axis=1).astype(np.float32)
+            picked[~has] = np.nan
+            out[start : start + len(part)] = picked
+        return out
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def image(self, key: str) -> Image.Image:
+        """The original image of ``key`` (upright, RGB), read from the shard named in the manifest."""
+        shard = self._shard_of(key)
+        sample = read_sample(shard.url, key, self._member_offsets(shard.url))
+        if not isinstance(sample, Sample):
+            raise RunError(f"image of {key!r}: {sample.reason}")
+        return sample.image
+
+    def _shard_of(self, key: str) -> ShardInfo:
+        position = self._key_positions.get(key)
+        if position is None:
+            raise RunError(f"key {key!r} is not an explained image of {self.url}")
+        name = self.index.column("shard")[position].as_py()
+        return next(s for s in self.shards if s.name == name)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one cache per run object is what we want
+    def _member_offsets(self, url: str) -> dict[str, list[tuple[str, int, int]]] | None:
+        return member_offsets(url)
+
+    # -- writing results of a reading command into the run -------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self, task: str) -> Iterator[Callable[[], None]]:
+        """Hold the lock ``locks/<task>.json`` of the run while writing ``task``'s results into it.
+
+        A second holder of the same task (another ``cdam audit`` on this run, say) is refused with
+        OutputInUseError; yields a check to call now and then, which raises OutputLockLost if another
+        process took the lock over (this one was paused past its lease).
+        """
+        lock = OutputLock(self.storage, task, path=f"locks/{task}.json")
+        lock.acquire()
+        renewal = LockRenewal(lock)
+        try:
+            yield renewal.check
+        finally:
+            renewal.stop()
+            lock.release()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _read_shards(self) -> list[ShardInfo]:
+        markers = set(self.storage.list("markers"))
+        shards = []
+        for entry in self.manifest["settings"]["shards"]:
+            index = int(entry["index"])
+            named = next((s for s in self.manifest.get("shards", []) if s.get("index") == index), {})
+            name = named.get("name") or self.attrs["shards"][index]
+            marker = read_json(self.storage, marker_path(index)) if marker_path(index) in markers else None
+            shards.append(ShardInfo(index, name, entry["url"], int(entry["n_samples"]), marker is not None,
+                                    int((marker or {}).get("n_images", 0)), int((marker or {}).get("n_errors", 0))))
+        return shards
+
+    def _dataset(self, folder: str, schema: pa.Schema) -> ds.Dataset:
+        present = set(self.storage.list(folder))
+        paths = [path for s in self.shards if s.complete and (path := f"{folder}/{shard_file_stem(s.index, s.name)}.parquet") in present]
+        if folder == "errors":  # a failed shard's one-line record has no marker, but is part of the contract
+            paths += [path for s in self.shards if not s.complete and (path := f"{folder}/{shard_file_stem(s.index, s.name)}.parquet") in present]
+        if not paths:
+            return ds.dataset(pa.Table.from_pylist([], schema=schema))
+        return ds.dataset(paths, schema=schema, format=ds.ParquetFileFormat(), filesystem=storage_filesystem(self.storage))
+
+
+def open_run(dest: str) -> Run:
+    """Open the cdam output at ``dest`` (a folder or s3://bucket/prefix; S3 uses the job's AWS settings).
+
+    RunError when ``dest`` holds no cdam run. A run still in progress, or with failed shards, opens: only
+    its complete shards are read, and :attr:`Run.skipped` says what was left out.
+    """
+    storage = Storage.from_url(dest)
+    manifest = read_json(storage, MANIFEST_PATH)
+    if manifest is None:
+        raise RunError(f"{storage.url}: no {MANIFEST_PATH}, so no cdam run (make one with `cdam explain ... --output {dest}`)")
+    if not isinstance(manifest.get("settings"), dict) or "shards" not in manifest["settings"]:
+        raise RunError(f"{storage.url}/{MANIFEST_PATH} is not a cdam run manifest")
+    try:
+        group = open_zarr(storage, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:  # type: ignore[attr-defined]
+        raise RunError(f"{storage.url}: no readable {ZARR_PATH} ({_one_line(error)})") from None
+    return Run(storage, manifest, group)
+
+
+def _one_line(error: BaseException) -> str:
+    return re.sub(r"\s+", " ", str(error)).strip()[:200] or type(error).__name__
