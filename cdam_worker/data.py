@@ -457,3 +457,61 @@ def _decode_text(group: _Group) -> str | None:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
+
+
+# --- one sample by key (the reading side: ``Run.image``) ----------------------------------------------
+
+SAMPLE_READ_BUFFER = 1 << 16
+"""Read-ahead per request when reading one sample: a sample's members are usually tens of KiB."""
+
+
+def member_offsets(url: str) -> dict[str, list[tuple[str, int, int]]] | None:
+    """key -> [(member name, data offset, size)] of an uncompressed tar, from its headers alone (seeking,
+    also on S3); None for a compressed tar, which cannot be read at an offset."""
+    offsets: dict[str, list[tuple[str, int, int]]] = {}
+    try:
+        with _open_shard(url, _SCAN_BUFFER) as reader:
+            if reader.peek(6)[:6].startswith(_COMPRESSION_MAGIC):
+                return None
+            with tarfile.open(fileobj=reader, mode="r:", tarinfo=_StrictTarInfo) as tar:
+                while (info := tar.next()) is not None:
+                    tar.members.clear()
+                    if info.isreg():
+                        key, _ = split_member_name(info.name)
+                        offsets.setdefault(key, []).append((info.name, info.offset_data, info.size))
+    except (_ShardProblem, *_READ_ERRORS):
+        pass  # what was indexed before a broken header is still readable
+    return offsets
+
+
+def read_sample(url: str, key: str, offsets: dict[str, list[tuple[str, int, int]]] | None = None) -> Sample | SampleError:
+    """The sample ``key`` of the shard at ``url``, decoded exactly as the job decodes it.
+
+    With ``offsets`` (:func:`member_offsets`), only that sample's members are read; without, the shard is
+    streamed up to the sample.
+    """
+    if offsets is not None:
+        if key not in offsets:
+            return SampleError(key, f"no sample {key!r} in {url}")
+        group = _Group(key)
+        try:
+            storage, name = split_url(url)
+            with storage.open_reader(name, SAMPLE_READ_BUFFER) as reader:
+                for member, offset, size in offsets[key]:
+                    _, extension = split_member_name(member)
+                    data = None
+                    if extension in _DECODED_EXTENSIONS and size <= MAX_MEMBER_BYTES:
+                        reader.seek(offset)
+                        data = reader.read(size)
+                    group.members.append(_Member(member, extension, size, data))
+        except (StorageError, OSError) as exc:
+            return SampleError(key, f"cannot read shard {url}: {_one_line(exc)}")
+        return _decode_group(group, 0, {}, require_label=False)
+    try:
+        with _open_shard(url) as reader:
+            for group in _read_groups(reader, "r|*", read_data=True):
+                if group.key == key:
+                    return _decode_group(group, 0, {}, require_label=False)
+    except _ShardProblem as problem:
+        return SampleError(key, str(problem))
+    return SampleError(key, f"no sample {key!r} in {url}")
