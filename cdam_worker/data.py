@@ -22,7 +22,7 @@ import re
 import tarfile
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -309,8 +309,11 @@ class _Rejected(Exception):
     """A sample-level problem; its message becomes the SampleError reason."""
 
 
-def _decode_group(group: _Group, index: int, seen: dict[str, int], require_label: bool) -> Sample | SampleError:
-    """The Sample of one key group, or the SampleError saying why there is none."""
+def _decode_group(group: _Group, index: int, seen: dict[str, int], require_label: bool, image_decoder: Callable[[bytes, str], Image.Image] | None = None) -> Sample | SampleError:
+    """The Sample of one key group, or the SampleError saying why there is none.
+
+    ``image_decoder`` replaces :func:`decode_image` (the GPU decode path only reads a JPEG's header here).
+    """
     first = seen.setdefault(group.key, index)
     try:
         _check_group(group, index, first)
@@ -318,7 +321,7 @@ def _decode_group(group: _Group, index: int, seen: dict[str, int], require_label
         image_member = _first_member(group, IMAGE_EXTENSIONS)
         if image_member is None:
             raise _Rejected(f"no image member (members: {', '.join(member.name for member in group.members)})")
-        image = decode_image(image_member.data or b"", image_member.name)
+        image = (image_decoder or decode_image)(image_member.data or b"", image_member.name)
         width, height = image.size
         return Sample(key=group.key, image=image, label=label, meta=meta, width=width, height=height, text=text, sample_json=sample_json)
     except (_Rejected, ImageError) as rejected:
