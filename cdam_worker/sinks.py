@@ -24,7 +24,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from cdam_worker.storage import Storage
-from schemas import CHUNK_ROWS, ERRORS_SCHEMA, METADATA_SCHEMA, Layout, array_specs
+from schemas import CHUNK_ROWS, ERRORS_SCHEMA, HEAD_GROUP, METADATA_SCHEMA, Layout, array_specs
 
 ZARR_PATH = "cdam.zarr"
 
@@ -37,9 +37,18 @@ def marker_path(shard_index: int) -> str:
     return f"markers/{shard_index:06d}.json"
 
 
-def create_zarr(storage: Storage, layout: Layout, attributes: dict[str, Any]) -> None:
-    """Create the group and its (empty) arrays; only the driver writes Zarr metadata."""
+def create_zarr(storage: Storage, layout: Layout, attributes: dict[str, Any], head: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Create the group and its (empty) arrays; only the driver writes Zarr metadata.
+
+    ``head`` (weight (C, D), bias (C)) is the model's linear head, stored with the basis as ``head/``: the class
+    directions that turn the basis into the map of any class later, without the model.
+    """
     group = zarr.open_group(store=storage.zarr_store(ZARR_PATH), mode="w", zarr_format=3, attributes=attributes)
+    if head is not None:
+        head_group = group.create_group(HEAD_GROUP)
+        for name, values, dims in (("weight", head[0], ("class", "feature")), ("bias", head[1], ("class",))):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            head_group.create_array(name, data=values, chunks=values.shape, dimension_names=dims, compressors=ZstdCodec(level=3))
     for spec in array_specs(layout.store_basis):
         group.create_array(
             spec.name,

@@ -264,7 +264,7 @@ def prepare_output(plan: Plan, overwrite: bool) -> list[ShardTask]:
     if manifest is None:
         if any(storage.list(prefix) for prefix in OUTPUT_PREFIXES[:-1]):
             raise ConfigError(f"output {storage.url} holds files of an unfinished or foreign run without a manifest; use --overwrite to replace them")
-        create_zarr(storage, plan.layout, plan.zarr_attributes)
+        create_zarr(storage, plan.layout, plan.zarr_attributes, head=_linear_head(plan.loaded.model) if plan.layout.store_basis else None)
         write_json(storage, MANIFEST_PATH, _manifest(plan, status="running"))
         return list(plan.shards)
     if manifest.get("fingerprint") != fingerprint(plan.settings):
@@ -281,9 +281,19 @@ def _manifest(plan: Plan, status: str, shards: list[dict[str, Any]] | None = Non
         "status": status,
         "fingerprint": fingerprint(plan.settings),
         "settings": plan.settings,
+        "model_source": dataclasses.asdict(plan.config.model),  # how to load the model again (cdam evaluate, derive)
         "layout": {"rows_per_shard": plan.layout.rows_per_shard, "n_targets": plan.layout.n_targets, "grid": list(plan.layout.grid), "maps_dtype": plan.layout.maps_dtype, "store_basis": plan.layout.store_basis},
         "shards": shards if shards is not None else [{"index": t.shard_index, "name": t.name, "url": t.url, "n_samples": t.n_samples} for t in plan.shards],
     }
+
+
+def _linear_head(model: torch.nn.Module) -> tuple[Any, Any] | None:
+    """(weight (C, D), bias (C)) as numpy of a head that is one linear layer on the pre-logits feature, else None."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_features)
+    return head.weight.detach().float().cpu().numpy(), bias.detach().float().cpu().numpy()
 
 
 def collect_markers(plan: Plan) -> dict[int, ShardSummary]:

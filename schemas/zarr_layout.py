@@ -16,6 +16,10 @@ import numpy as np
 CHUNK_ROWS = 16
 FLOAT_FILL = float("nan")
 INT_FILL = -2  # target_class of an unwritten row; -1 marks a concept slot
+HEAD_GROUP = "head"
+"""Sub-group written with the basis: the linear head, ``weight`` (class, feature) and ``bias`` (class), float32."""
+DERIVED_GROUP = "derived"
+"""Sub-group of maps derived from the basis later: ``derived/NAME/cdam`` and ``derived/NAME/target_class``."""
 
 
 @dataclass(frozen=True)
