@@ -105,11 +105,13 @@ def ray_local(s3_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo cache folder holding the demo's shards and trained model, built once per test session."""
+def demo_cache() -> Path:
+    """The demo's cache folder (the one ``cdam demo`` uses): its shards and trained model are built once
+    per machine, under a key that hashes the demo's settings and source, so a changed demo rebuilds."""
     from cdam_worker.demo import ensure_demo_assets
+    from jobs.demo import default_cache_dir
 
-    cache = tmp_path_factory.mktemp("demo-cache")
+    cache = default_cache_dir()
     ensure_demo_assets(cache)
     return cache
 
