@@ -39,6 +39,8 @@ EXPLAIN_EPILOG = textwrap.dedent(
 
 READING_COMMANDS = ("query",)
 """Modules of ``jobs/`` whose commands read a finished run through ``cdam_worker.reading.open_run``."""
+TOOL_COMMANDS = ("pack",)
+"""Modules of ``jobs/`` with other commands (same ``add_parser`` protocol) that do not read a run."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--store-basis", action="store_true", help="also store the relevance basis (image, feature, y, x): maps of any class or concept later, without the model")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
     run = explain.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    run.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 32 on the CPU; on CUDA the largest power of two from 16 to 512 that fits half the GPU's free memory, measured on a probe batch)")
+    run.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where images are decoded and transformed: cpu (Pillow + the model's timm eval transform; bit-reproducible) or gpu (JPEGs by nvJPEG and resized on the actor's GPU: faster, maps differ slightly, see BENCHMARKS.md; other images take the CPU path) (default: cpu)")
+    run.add_argument("--decode-workers", type=int, default=0, metavar="N", help="decode processes per actor (1: a thread of the actor; default 0: the node's CPUs divided among the actors it holds)")
     run.add_argument("--actors", type=int, default=0, help="actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
     run.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default: 1)")
     run.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor where the cluster has GPUs (default: 1)")
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a finished output", description="Check that every shard has a marker, counts agree with the manifest, checksums match, and every metadata row's Zarr data is written.")
     verify.add_argument("output", metavar="DEST", help="output folder or s3://bucket/prefix")
 
-    for name in READING_COMMANDS:
+    for name in READING_COMMANDS + TOOL_COMMANDS:
         importlib.import_module(f"jobs.{name}").add_parser(commands)
     return parser
 
