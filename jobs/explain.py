@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from cdam_worker import __version__
-from cdam_worker.data import IMAGE_EXTENSIONS, ImageError, Sample, decode_image, expand_shard_specs, iter_samples, scan_shard, shard_name
+from cdam_worker.concepts import ConceptError, load_concept
+from cdam_worker.data import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.engine import CDAMExplainer, VariantConfig
 from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
@@ -34,7 +35,6 @@ from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
 MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
-CONCEPT_BATCH = 32  # example images embedded per forward pass when building a concept from a folder
 OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
 
 
@@ -173,34 +173,10 @@ def _absolute(path: str | None) -> str | None:
 
 def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
     """``NAME=FILE`` (a saved vector) or ``NAME=FOLDER`` (example images), optional ``:cosine`` suffix."""
-    name, sep, source = text.partition("=")
-    similarity = "dot"
-    if source.endswith(":cosine"):
-        source, similarity = source[: -len(":cosine")], "cosine"
-    if not sep or not name or not source:
-        raise ConfigError(f"--concepts {text!r}: expected NAME=FILE or NAME=FOLDER (optionally ending in :cosine)")
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-        if not files:
-            raise ConfigError(f"--concepts {name}: folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        batches = (
-            torch.stack([transform(decode_image(f.read_bytes(), str(f))) for f in files[start : start + CONCEPT_BATCH]])
-            for start in range(0, len(files), CONCEPT_BATCH)
-        )
-        try:
-            return explainer.concept_from_images(name, batches, similarity)
-        except ImageError as error:
-            raise ConfigError(f"--concepts {name}: {error}") from None
-    if not path.is_file():
-        raise ConfigError(f"--concepts {name}: {path} is neither a concept file nor a folder of images")
     try:
-        concept = Concept.load(path, name)
-    except Exception as error:  # noqa: BLE001 - any unreadable concept file is a config error
-        raise ConfigError(f"--concepts {name}: cannot read {path}: {str(error).splitlines()[0]}") from None
-    if concept.vector.numel() != explainer.model.num_features:
-        raise ConfigError(f"--concepts {name}: vector has {concept.vector.numel()} dims, the model's embedding has {explainer.model.num_features}")
-    return Concept(name, concept.vector, "cosine" if similarity == "cosine" else concept.similarity)
+        return load_concept(text, explainer.model.num_features, lambda: (explainer, transform))
+    except ConceptError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _scan_all(urls: list[str]):
