@@ -122,3 +122,38 @@ def test_open_run_on_s3(s3_bucket: str) -> None:
     np.testing.assert_array_equal(maps[0, 0], stored.astype(np.float32))
     assert run.sql().execute("SELECT count(*) FROM targets").fetchone()[0] == 40
     assert Storage.from_url(dest).exists("manifest.json")
+
+
+def test_cdam_query_on_a_run_with_a_failed_shard_says_what_it_skipped(synthetic, tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+
+    from schemas import ERRORS_SCHEMA
+
+    dest = tmp_path / "run"
+    shutil.copytree(synthetic[0], dest)
+    (dest / "markers" / "000001.json").unlink()  # shard 1 failed: no marker, one shard-level error row
+    failure = [{"shard": "synthetic-000001", "shard_index": 1, "key": None, "reason": "shard failed after 3 attempts: actor died", "run_id": "x"}]
+    (dest / "errors").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(failure, schema=ERRORS_SCHEMA), dest / "errors" / "000001-synthetic-000001.parquet")
+    out_csv = tmp_path / "errors.csv"
+    assert main(["query", str(dest), "SELECT shard, key, reason FROM errors", "--csv", str(out_csv)]) == 0
+    assert "note: shard synthetic-000001: no completion marker" in capsys.readouterr().err
+    rows = list(csv.DictReader(out_csv.open()))
+    assert rows == [{"shard": "synthetic-000001", "key": "", "reason": "shard failed after 3 attempts: actor died"}]
+    assert main(["query", str(dest), "SELECT count(*) FROM metadata", "--csv", str(out_csv)]) == 0
+    assert out_csv.read_text().splitlines()[1] == str(N_IMAGES - PER_SHARD)
+
+
+def test_cdam_query_on_s3_retries_transient_faults(s3_server: str, s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    from helpers import S3Proxy
+
+    dest = f"s3://{s3_bucket}/runs/flaky"
+    write_synthetic_run(dest, 20, n_classes=5, n_targets=2, grid=(3, 3), n_heads=2, embed_dim=4, images_per_shard=16)
+    out_csv = tmp_path / "n.csv"
+    with S3Proxy(s3_server, fail_every=3, fault=["503", "drop"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert main(["query", dest, "SELECT count(*) AS n, sum(len(targets)) AS t FROM metadata", "--csv", str(out_csv)]) == 0
+        maps = open_run(dest).maps_for([f"synthetic-000001/{3:06d}"], [0, 1, 2, 3, 4])
+    assert proxy.failed >= 3
+    assert out_csv.read_text().splitlines()[1] == "20,40"
+    assert np.isfinite(maps).sum() == 2 * 9
