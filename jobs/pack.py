@@ -56,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
     outdir = args.outdir.rstrip("/")
     print(f"packed {result.n_samples} images into {len(result.shards)} shard(s), {result.n_bytes / 2**20:.1f} MiB, in {outdir}"
           + (f"; {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json" if result.skipped else ""))
-    print(f"next: cdam explain --shards '{outdir}/shard-{{000000..{len(result.shards) - 1:06d}}}.tar' --output DEST --checkpoint FILE ...")
+    shards = "000000" if len(result.shards) == 1 else f"{{000000..{len(result.shards) - 1:06d}}}"
+    print(f"next: cdam explain --shards '{outdir}/shard-{shards}.tar' --output DEST --checkpoint FILE ...")
     return 0
