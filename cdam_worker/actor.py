@@ -1,7 +1,11 @@
 """The Ray actor: loads the model once, then streams shards through the engine into the sinks.
 
-Decoding runs in a prefetch thread (Pillow releases the GIL) while the engine computes the previous
-batch; at most a few batches are in flight, so an actor never holds a whole shard.
+Three stages overlap, so the engine (the compute thread) waits neither on decoding nor on storage:
+a :class:`~cdam_worker.decoding.DecodePool` reads and decodes a couple of batches ahead, the engine
+explains a batch, and a writer thread turns the previous batch's results into Zarr chunks and Parquet
+rows. At most a few batches are in flight, so an actor never holds a whole shard. On CUDA the batch
+goes to the GPU from page-locked memory on a copy stream of its own, and the default batch size is
+the one that fills the GPU.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import queue
 import resource
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from cdam_worker.data import Sample, SampleError, iter_samples
+from cdam_worker.data import SampleError
+from cdam_worker.decoding import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules, gpu_fallback
 from cdam_worker.engine import CDAMExplainer, CDAMResult, VariantConfig
 from cdam_worker.job import JobConfig, ShardTask
 from cdam_worker.model import load_model
@@ -27,29 +33,45 @@ from cdam_worker.targets import Concept, TargetSpec
 from schemas import Layout
 
 TOPK_STORED = 5
+CPU_BATCH_SIZE = 32  # the default batch on the CPU
+GPU_BATCH_RANGE = (16, 512)  # the default batch on CUDA: the largest power of two in this range that fits
+GPU_MEMORY_SHARE = 0.5  # share of the free GPU memory the default batch may fill
+WRITE_QUEUE_BATCHES = 2  # explained batches waiting for the writer thread
 # Fault injection for the reliability tests (never set in normal runs):
-FAULT_ENV = "CDAM_FAULT_EXIT_AFTER_BATCHES"  # first-generation actors exit hard after N batches
+FAULT_ENV = "CDAM_FAULT_EXIT_AFTER_BATCHES"  # first-generation actors exit hard after N batches written
 FAIL_START_ENV = "CDAM_FAULT_FAIL_START"  # actors of the first N generations fail in __init__
 HOLD_ENV = "CDAM_FAULT_HOLD_WHILE_EXISTS"  # actors wait before each batch while this file exists
 
 
-@dataclass
-class _Prepared:
-    index: int
-    sample: Sample
-    tensor: torch.Tensor
+@dataclass(frozen=True)
+class ActorInfo:
+    """What a started actor reports to the driver."""
+
+    device: str  # where it computes
+    cuda_missing: bool  # it was given a GPU but CUDA is not usable on its node, so it computes on the CPU
+    decode: str  # "cpu" or "gpu" (nvJPEG)
+    decode_workers: int
+    batch_size: int
+    node: str  # Ray node id ("" outside Ray)
 
 
 class ShardProcessor:
-    """Explains shards for one job; run as a Ray actor (:func:`make_actor_class`), usable in-process too."""
+    """Explains shards for one job; run as a Ray actor (:func:`make_actor_class`), usable in-process too.
 
-    def __init__(self, config: JobConfig, layout: Layout, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None) -> None:
+    ``decode_workers`` 0 sizes the decode pool to the node: its CPUs divided among the ``job_actors``
+    actors it can hold (:func:`default_decode_workers`).
+    """
+
+    def __init__(self, config: JobConfig, layout: Layout, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1) -> None:
         if int(os.environ.get(FAIL_START_ENV) or 0) > generation:
             raise RuntimeError(f"fault injection: an actor of generation {generation} fails to start")
         if threads:
             torch.set_num_threads(threads)
+        self.decoder = DecodePool(decode_workers or default_decode_workers(job_actors))  # starts while the model loads
         self.config, self.layout, self.progress, self.generation = config, layout, progress, generation
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda_missing = wanted.startswith("cuda") and not torch.cuda.is_available()  # e.g. a GPU resource without a driver
+        self.device = "cpu" if self.cuda_missing else wanted
         spec = config.model
         self.loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, device=self.device, **spec.model_kwargs)
         self.explainer = CDAMExplainer(self.loaded, method=config.method, precision=config.precision)
@@ -58,13 +80,19 @@ class ShardProcessor:
         self.variant = VariantConfig(**{"name": config.variant["variant"], **{k: v for k, v in config.variant.items() if k != "variant"}})
         self.storage = Storage.from_url(config.output)
         self.group = open_zarr(self.storage)
+        on_cuda = self.device.startswith("cuda")
+        self.gpu_decoder = GpuJpegDecoder(self.loaded.transform, self.device) if config.decode == "gpu" and on_cuda else None
+        self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self.batch_size = config.batch_size or (self._batch_size_filling_gpu() if on_cuda else CPU_BATCH_SIZE)
+        rules = SampleRules(config.require_label, self.loaded.num_classes if self.targets.kind == "label" else None)
+        self.decode_settings = DecodeSettings(self.loaded.transform, rules, gpu_jpegs=self.gpu_decoder is not None)
         self.batches_done = 0
         self.fault_after = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
         self.hold_file = os.environ.get(HOLD_ENV) or None
 
-    def ready(self) -> str:
-        """Answers once the model is loaded; the driver hands out work only to ready actors."""
-        return self.device
+    def ready(self) -> ActorInfo:
+        """Answers once the model is loaded and the decode pool started; the driver hands out work only to ready actors."""
+        return ActorInfo(self.device, self.cuda_missing, "gpu" if self.gpu_decoder else "cpu", self.decoder.workers, self.batch_size, _ray_node_id())
 
     def peak_rss_mib(self) -> float:
         """This actor process's peak resident memory so far."""
@@ -72,95 +100,92 @@ class ShardProcessor:
 
     def process_shard(self, task: ShardTask) -> ShardSummary:
         """Explain every sample of a shard, record every failure, and write the shard's outputs."""
-        writer = ShardWriter(self.storage, self.group, self.layout, task.shard_index, task.name, task.url, task.n_samples, self.config.run_id)
-        batch: list[_Prepared] = []
-        for index, item in self._prefetched(task):
-            if isinstance(item, SampleError):
-                writer.add_error(item.key, item.reason)
-                continue
-            batch.append(item)
-            if len(batch) == self.config.batch_size:
-                self._explain(batch, writer)
-                batch = []
-        if batch:
-            self._explain(batch, writer)
-        return writer.finish()
+        output = _WriterThread(ShardWriter(self.storage, self.group, self.layout, task.shard_index, task.name, task.url, task.n_samples, self.config.run_id))
+        batch: list[PreparedSample] = []
+        try:
+            for item in self.decoder.samples(task, self.decode_settings, in_flight=2 * self.batch_size):
+                if isinstance(item, SampleError):
+                    output.submit(lambda writer, error=item: writer.add_error(error.key, error.reason))
+                    continue
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    self._explain(batch, output)
+                    batch = []
+            if batch:
+                self._explain(batch, output)
+        except BaseException:
+            output.abandon()
+            raise
+        return output.finish()
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _prefetched(self, task: ShardTask) -> Iterator[tuple[int | None, _Prepared | SampleError]]:
-        """Decoded, transformed samples from a background thread, a couple of batches ahead."""
-        items: queue.Queue = queue.Queue(maxsize=2 * self.config.batch_size)
-        done = object()
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for index, item in iter_samples(task.url, require_label=self.config.require_label):
-                    if stop.is_set():
-                        return
-                    items.put((index, self._prepare(task, index, item)))
-            except Exception as error:  # noqa: BLE001 - reported as a shard-level error, the rest is kept
-                items.put((None, SampleError(None, f"reading shard failed: {type(error).__name__}: {error}".splitlines()[0])))
-            finally:
-                items.put(done)
-
-        thread = threading.Thread(target=produce, name=f"prefetch-{task.name}", daemon=True)
-        thread.start()
-        try:
-            while (entry := items.get()) is not done:
-                yield entry
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    items.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-
-    def _prepare(self, task: ShardTask, index: int | None, item: Sample | SampleError) -> _Prepared | SampleError:
-        if isinstance(item, SampleError):
-            return item
-        if index in task.duplicates:
-            return SampleError(item.key, task.duplicates[index])
-        if index >= task.n_samples:
-            return SampleError(item.key, f"sample {index} is beyond the {task.n_samples} samples planned for this shard (the shard changed since the job started)")
-        if item.label is not None and not 0 <= item.label < self.loaded.num_classes and self.targets.kind == "label":
-            return SampleError(item.key, f"cls label {item.label} is out of range for a model with {self.loaded.num_classes} classes")
-        try:
-            tensor = self.loaded.transform(item.image)
-        except Exception as error:  # noqa: BLE001 - a sample the transform cannot take is that sample's error
-            return SampleError(item.key, f"transform failed: {type(error).__name__}: {error}".splitlines()[0])
-        return _Prepared(index, item, tensor)
-
-    def _explain(self, batch: list[_Prepared], writer: ShardWriter) -> None:
+    def _explain(self, batch: list[PreparedSample], output: _WriterThread) -> None:
         if self.hold_file is not None:
             _wait_while_exists(self.hold_file)
-        images = torch.stack([p.tensor for p in batch])
-        if self.device.startswith("cuda"):  # page-locked, so the copy overlaps with queued GPU work
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        labels = [p.sample.label for p in batch]
-        result = self.explainer.explain(
+        if self.gpu_decoder is not None:
+            batch = self._decode_jpegs_on_gpu(batch, output)
+            if not batch:
+                return
+        images = self._to_device([p.tensor for p in batch])
+        result = self._run(images, [p.label for p in batch], [p.key for p in batch])
+        output.submit(lambda writer: self._write(writer, batch, result))
+
+    def _run(self, images: torch.Tensor, labels: list[int | None], keys: list[str], variant: VariantConfig | None = None) -> CDAMResult:
+        return self.explainer.explain(
             images,
             self.targets,
             concepts=self.concepts,
             labels=labels if self.targets.kind == "label" else None,
-            keys=[p.sample.key for p in batch],
-            variant=self.variant,
+            keys=keys,
+            variant=variant or self.variant,
             return_basis=self.config.store_basis,
         )
+
+    def _to_device(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The batch on the compute device; on CUDA copied from page-locked memory on the copy stream, so
+        the copy overlaps the kernels still queued for the previous batch."""
+        if self.copy_stream is None:
+            return torch.stack(tensors)
+        if self.gpu_decoder is not None:  # decoded on the GPU, but for the few the CPU path took
+            return torch.stack([t.to(self.device) for t in tensors])
+        host = torch.stack(tensors).pin_memory()
+        with torch.cuda.stream(self.copy_stream):
+            images = host.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        images.record_stream(compute)
+        return images
+
+    def _decode_jpegs_on_gpu(self, batch: list[PreparedSample], output: _WriterThread) -> list[PreparedSample]:
+        """JPEGs decoded and transformed on the GPU; those nvJPEG refuses take the CPU path (or become errors)."""
+        jpegs = [p for p in batch if p.jpeg is not None]
+        decoded = self.gpu_decoder.decode([p.jpeg for p in jpegs]) if jpegs else []
+        for prepared, image in zip(jpegs, decoded):
+            if image is not None:
+                prepared.tensor, prepared.jpeg = image, None
+        kept = []
+        for prepared in batch:
+            item = gpu_fallback(prepared, self.loaded.transform) if prepared.jpeg is not None else prepared
+            if isinstance(item, SampleError):
+                output.submit(lambda writer, error=item: writer.add_error(error.key, error.reason))
+            else:
+                kept.append(item)
+        return kept
+
+    def _write(self, writer: ShardWriter, batch: list[PreparedSample], result: CDAMResult) -> None:
+        """Writer thread: one explained batch into the shard's rows (then progress, and fault injection)."""
         arrays = _row_arrays(result)
         tables = _row_tables(result, self.loaded.class_names)
         for i, prepared in enumerate(batch):
-            sample = prepared.sample
             writer.add(
                 ExplainedRow(
                     local_row=prepared.index,
-                    key=sample.key,
-                    label=sample.label,
-                    width=sample.width,
-                    height=sample.height,
-                    sample_json=sample.sample_json,
+                    key=prepared.key,
+                    label=prepared.label,
+                    width=prepared.width,
+                    height=prepared.height,
+                    sample_json=prepared.sample_json,
                     arrays={name: values[i] for name, values in arrays.items()},
                     table={name: values[i] for name, values in tables.items()},
                 )
@@ -170,6 +195,90 @@ class ShardProcessor:
             self.progress.add.remote(len(batch))
         if self.fault_after is not None and self.generation == 0 and self.batches_done >= self.fault_after:
             os._exit(1)  # fault injection for the reliability tests: die like a preempted node
+
+    def _batch_size_filling_gpu(self) -> int:
+        """The default batch on CUDA, from the memory a probe batch of vanilla maps takes (Smooth and
+        Integrated CDAM size their own passes over the copies to the free memory)."""
+        probe = GPU_BATCH_RANGE[0]
+        images = torch.randn(probe, *self.loaded.data_config["input_size"], device=self.device)
+        torch.cuda.synchronize(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._run(images, [0] * probe, [f"probe-{i}" for i in range(probe)], variant=VariantConfig("vanilla"))
+        torch.cuda.synchronize(self.device)
+        per_image = (torch.cuda.max_memory_allocated(self.device) - baseline) / probe
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return batch_size_for_memory(per_image, free)
+
+
+def batch_size_for_memory(bytes_per_image: float, free_bytes: int) -> int:
+    """The largest power of two within GPU_BATCH_RANGE whose batch needs at most GPU_MEMORY_SHARE of ``free_bytes``."""
+    low, high = GPU_BATCH_RANGE
+    fits = int(GPU_MEMORY_SHARE * free_bytes // max(bytes_per_image, 1.0))
+    return max(low, min(high, 1 << max(fits, 1).bit_length() - 1))
+
+
+def default_decode_workers(job_actors: int) -> int:
+    """Decode workers for an actor: its node's CPUs divided among the job's actors that fit on the node.
+
+    Inside Ray the node's CPUs and GPUs are Ray's count of them, and an actor fits as often as the node
+    holds the resources this one was given (at most ``job_actors``); outside Ray, all of this machine's CPUs.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return len(os.sched_getaffinity(0))
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
+    given = {name: amount for name, amount in ray.get_runtime_context().get_assigned_resources().items() if name in ("CPU", "GPU") and amount > 0}
+    fits = min((int(node.get(name, 0) // amount) for name, amount in given.items()), default=job_actors)
+    return max(1, int(node.get("CPU", 1) // max(1, min(job_actors, fits))))
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+class _WriterThread:
+    """Runs a shard's ShardWriter calls in order on a thread of its own, so storage never holds up the engine.
+
+    ``submit`` re-raises (on the compute thread) a failure of an earlier call; ``finish`` writes the
+    tables and the marker and returns the summary once every call is done.
+    """
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self._calls: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"write-{writer.shard}", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[ShardWriter], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._calls.put(call)
+
+    def finish(self) -> ShardSummary:
+        self._calls.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.writer.finish()
+
+    def abandon(self) -> None:
+        """Stop after the calls already queued (the shard failed; a retry rewrites its whole block)."""
+        self._calls.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            if self._error is None:
+                try:
+                    call(self.writer)
+                except BaseException as error:  # noqa: BLE001 - handed to the compute thread
+                    self._error = error
 
 
 def _wait_while_exists(path: str) -> None:

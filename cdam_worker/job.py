@@ -66,12 +66,13 @@ class JobConfig:
     variant: dict[str, Any]
     maps_dtype: str
     store_basis: bool
-    batch_size: int
+    batch_size: int  # 0: the actor's default (CPU_BATCH_SIZE on the CPU, the batch that fills the GPU on CUDA)
     method: str
     precision: str
     rows_per_shard: int
     require_label: bool
     run_id: str = ""  # the fingerprint's first 12 hex digits: a resumed run writes the same bytes
+    decode: str = "cpu"  # "cpu" (Pillow + the timm transform, bit-reproducible) or "gpu" (nvJPEG, close to it)
 
     def output_settings(self, shards: list[ShardTask]) -> dict[str, Any]:
         """The settings that define the output's bytes: a resume must repeat them exactly."""
@@ -86,6 +87,7 @@ class JobConfig:
             "precision": self.precision,
             "rows_per_shard": self.rows_per_shard,
             "shards": [{"index": s.shard_index, "url": s.url, "n_samples": s.n_samples} for s in shards],
+            **({"decode": self.decode} if self.decode != "cpu" else {}),  # GPU-decoded maps differ slightly
         }
 
 

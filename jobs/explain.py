@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -91,8 +92,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--model-kwargs is not valid JSON: {error}") from None
     if not isinstance(model_kwargs, dict):
         raise ConfigError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 224}'")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.decode_workers < 0:
+        raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {args.decode_workers}")
+    if args.decode == "gpu" and not (args.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
+        raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
     spec = ModelSpec(args.model, model_kwargs, args.pretrained, _absolute(args.checkpoint), _absolute(args.head_checkpoint))
     loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
     if loaded.num_classes == 0:
@@ -126,11 +131,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         variant=variant.params(),
         maps_dtype=args.dtype,
         store_basis=args.store_basis,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 0,
         method=explainer.method,
         precision=args.precision,
         rows_per_shard=rows_per_shard_for(max([len(s.keys) for s in scans] + [1])),
         require_label=targets.kind == "label",
+        decode=args.decode,
     )
     layout = Layout(
         n_shards=len(tasks),
@@ -303,6 +309,8 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
     _init_ray(args.address)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and args.gpus_per_actor > 0
+    if plan.config.decode == "gpu" and not use_gpu:
+        raise JobError("--decode gpu needs actors with a GPU, but the Ray cluster has no GPU (or --gpus-per-actor is 0); use --decode cpu")
     n_actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_actor)))
     n_actors = min(n_actors, len(tasks))
     actor_class = make_actor_class(args.cpus_per_actor, args.gpus_per_actor if use_gpu else 0)
@@ -312,9 +320,10 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
     start_failures = 0
 
     starting: dict = {}  # ready() reference -> actor still loading its model
+    actors: dict = {}  # ready actor -> _ActorRecord
 
     def start_actor() -> None:
-        actor = actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress)
+        actor = actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress, args.decode_workers, n_actors)
         starting[actor.ready.remote()] = actor
 
     def start_replacement() -> None:
@@ -344,7 +353,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
-                        ray.get(ref)
+                        actors[actor] = _ActorRecord(_checked_actor(ray.get(ref), plan.config, warned=any(r.info.cuda_missing for r in actors.values())))
                         idle.append(actor)
                         last_progress = time.time()
                     except ray.exceptions.RayError as error:
@@ -363,6 +372,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                 try:
                     ray.get(ref)
                     shards_done += 1
+                    actors[actor].shards += 1
                     idle.append(actor)
                 except ray.exceptions.RayActorError as error:
                     start_replacement()
@@ -377,10 +387,28 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                 raise JobError("no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)")
     finally:
         bar.close()
-    peaks = ray.get([actor.peak_rss_mib.remote() for actor in idle])
-    if peaks:
-        print(f"actors: {len(peaks)} at the end, peak RSS {', '.join(f'{p:.0f}' for p in peaks)} MiB", file=sys.stderr)
+    print(f"actors: {len(idle)} at the end", file=sys.stderr)
+    for number, (actor, peak) in enumerate(zip(idle, ray.get([actor.peak_rss_mib.remote() for actor in idle])), 1):
+        record = actors[actor]
+        info = record.info
+        print(f"actor {number}: node {info.node[:12]}, {info.device}, decode {info.decode} with {info.decode_workers} worker(s), batch {info.batch_size}, {record.shards} shard(s), peak RSS {peak:.0f} MiB", file=sys.stderr)
     return failures
+
+
+@dataclass
+class _ActorRecord:
+    info: Any  # cdam_worker.actor.ActorInfo
+    shards: int = 0  # shards it completed
+
+
+def _checked_actor(info: Any, config: JobConfig, warned: bool) -> Any:
+    """An actor's ActorInfo, once it is ready; JobError when it cannot decode as asked. Says once (unless
+    ``warned``: an earlier actor said it) that actors given a GPU found no usable CUDA and run on the CPU."""
+    if config.decode == "gpu" and info.decode != "gpu":
+        raise JobError(f"--decode gpu needs CUDA, but an actor on node {info.node[:12]} has none (torch.cuda.is_available() is False there); use --decode cpu")
+    if info.cuda_missing and not warned:
+        print("warning: actors hold a GPU of the Ray cluster but CUDA is not usable on their node (torch.cuda.is_available() is False); they compute on the CPU", file=sys.stderr)
+    return info
 
 
 def _retry_or_fail(task: ShardTask, attempt: int, reason: str, pending: deque, failures: dict[int, str], plan: Plan) -> None:
@@ -408,8 +436,6 @@ def _write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
 
 
 def _init_ray(address: str | None) -> None:
-    import os
-
     import ray
 
     if ray.is_initialized():

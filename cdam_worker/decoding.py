@@ -1,0 +1,359 @@
+"""Shard samples into model inputs, decoded in a pool of worker processes beside the actor's compute.
+
+One reader thread per shard streams the tar's raw member groups (compressed bytes, cheap to hand over)
+to a :class:`DecodePool`. Its workers decode each group with ``cdam_worker.data``'s own rules, apply the
+job's checks and the model's eval transform, and send the image tensors back through shared memory
+(``torch.multiprocessing``: one shared block per chunk of samples, never a pickle of pixels). Results come
+back in shard order, whatever worker finished first, so rows, errors and outputs do not depend on how
+many workers decode.
+
+With one worker the pool is a thread of the actor (Pillow and the transform release the GIL), which
+costs no process start. With ``gpu_jpegs`` the workers only check JPEGs that nvJPEG can take and hand
+their bytes back; :class:`GpuJpegDecoder` decodes and transforms them on the actor's GPU, and everything
+else (other formats, EXIF-rotated or CMYK JPEGs, images nvJPEG refuses) takes the CPU path per image.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cdam_worker.data import MAX_IMAGE_PIXELS, ImageError, SampleError, decode_image
+from cdam_worker.data import _decode_group, _Group, _open_shard, _read_groups, _ShardProblem  # the job's own sample rules
+from cdam_worker.job import ShardTask
+
+DECODE_CHUNK = 8
+"""Samples per pool task: one task, one shared-memory block back (amortises the hand-over)."""
+
+
+@dataclass(frozen=True)
+class SampleRules:
+    """What makes a sample explainable, besides being decodable: fixed for a job."""
+
+    require_label: bool  # a missing cls label is the sample's error (label targets)
+    label_classes: int | None  # cls labels must lie in 0..label_classes-1 (label targets); None: any label
+
+
+@dataclass
+class PreparedSample:
+    """A sample ready for the engine: its transformed image (or, for the GPU path, its JPEG) and metadata."""
+
+    index: int  # position of its key group in the shard: its row within the shard's block
+    key: str
+    label: int | None
+    width: int
+    height: int
+    sample_json: str | None  # the json member as stored (data.py)
+    tensor: torch.Tensor | None = None  # (3, H, W) after the eval transform; None when ``jpeg`` is set
+    jpeg: bytes | None = None  # GPU path: the JPEG to decode on the GPU
+    image_name: str = ""  # member name of the image (GPU path: named in a fallback's error)
+
+
+@dataclass
+class _Job:
+    """One key group to decode, with what the reader already knows about it."""
+
+    index: int
+    group: _Group
+    first_index: int  # where this key was first seen in the shard (a later group is a duplicate)
+    refusal: str | None  # the job refuses this sample whatever it holds (cross-shard duplicate, shard grew)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a job turns samples into model inputs (travels with every pool task: it is small)."""
+
+    transform: Callable[[Image.Image], torch.Tensor]  # the model's eval transform
+    rules: SampleRules
+    gpu_jpegs: bool = False  # hand JPEGs that nvJPEG takes back undecoded, for the GPU path
+
+
+class DecodePool:
+    """Decodes shards' samples with ``workers`` processes (one: a thread), started once per actor.
+
+    The processes start in the background as soon as the pool is made (an actor makes it before it loads
+    its model, so both happen at once) and fork from a server process that imported this module once.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"decode workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._started: Future[Executor] = _in_background(self._start)
+
+    def samples(self, task: ShardTask, settings: DecodeSettings, in_flight: int) -> Iterator[PreparedSample | SampleError]:
+        """The shard's samples in tar order, each prepared or its SampleError; a shard-level problem
+        (truncated tar, unreadable object) comes last with key None.
+
+        At most about ``in_flight`` samples are read ahead. A worker process that dies (a crash in an
+        image library) fails the shard with RuntimeError after the pool is restarted, so the driver's
+        retry finds a working pool.
+        """
+        futures: queue.Queue = queue.Queue(maxsize=max(2 * self.workers, math.ceil(in_flight / DECODE_CHUNK)))
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read, args=(task, settings, futures, stop), name=f"read-{task.name}", daemon=True)
+        reader.start()
+        try:
+            while (entry := futures.get()) is not None:
+                if isinstance(entry, SampleError):
+                    yield entry
+                    continue
+                try:
+                    results, tensors = entry.result()
+                except BrokenProcessPool as error:
+                    self._started = _in_background(self._start)
+                    raise RuntimeError(f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted") from None
+                rows = iter(tensors)
+                for result in results:
+                    if isinstance(result, PreparedSample) and result.jpeg is None:
+                        result.tensor = next(rows)
+                    yield result
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    pending = futures.get(timeout=0.1)
+                    if isinstance(pending, Future):
+                        pending.cancel()
+                except queue.Empty:
+                    pass
+
+    def close(self) -> None:
+        self._started.result().shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _start(self) -> Executor:
+        if self.workers == 1:
+            return ThreadPoolExecutor(1, thread_name_prefix="decode")
+        # forkserver: workers fork from a clean server that imported torch and PIL once (not from this
+        # process's threads or CUDA context); '__main__' is preloaded so workers need not import it again.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", __name__])
+        executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
+        for _ in range(self.workers):  # Python starts a process per submit until all are there
+            executor.submit(os.getpid)
+        return executor
+
+    def _submit(self, jobs: list[_Job], settings: DecodeSettings) -> Future:
+        """The pool's future for ``jobs``; a pool that cannot take work gives a failed future (never raises)."""
+        try:
+            return self._started.result().submit(decode_jobs, jobs, settings)
+        except Exception as error:  # noqa: BLE001 - e.g. BrokenProcessPool: the consumer sees it in order
+            failed: Future = Future()
+            failed.set_exception(error)
+            return failed
+
+    def _read(self, task: ShardTask, settings: DecodeSettings, futures: queue.Queue, stop: threading.Event) -> None:
+        """Reader thread: the shard's key groups, in chunks, to the pool; their futures, in order, to
+        ``futures``, then a shard-level SampleError if the shard broke, then None."""
+        first_seen: dict[str, int] = {}
+        chunk: list[_Job] = []
+        shard_error = None
+        try:
+            with _open_shard(task.url) as reader:
+                for index, group in enumerate(_read_groups(reader, "r|*", read_data=True)):
+                    if stop.is_set():
+                        return
+                    chunk.append(_Job(index, group, first_seen.setdefault(group.key, index), _refusal(task, index)))
+                    if len(chunk) == DECODE_CHUNK:
+                        futures.put(self._submit(chunk, settings))
+                        chunk = []
+        except _ShardProblem as problem:
+            shard_error = SampleError(None, str(problem))
+        except Exception as error:  # noqa: BLE001 - reported as a shard-level error, the rest is kept
+            shard_error = SampleError(None, f"reading shard failed: {type(error).__name__}: {error}".splitlines()[0])
+        if chunk:  # the last groups, and the one a broken tar cut off (reported as incomplete)
+            futures.put(self._submit(chunk, settings))
+        if shard_error is not None:
+            futures.put(shard_error)
+        futures.put(None)
+
+
+def _in_background(start: Callable[[], Executor]) -> Future[Executor]:
+    """``start()`` run on a thread of its own: the future of its result."""
+    future: Future[Executor] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(start())
+        except BaseException as error:  # noqa: BLE001 - raised where the pool is used
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="decode-pool-start", daemon=True).start()
+    return future
+
+
+def _refusal(task: ShardTask, index: int) -> str | None:
+    if index in task.duplicates:
+        return task.duplicates[index]
+    if index >= task.n_samples:
+        return f"sample {index} is beyond the {task.n_samples} samples planned for this shard (the shard changed since the job started)"
+    return None
+
+
+# -- in the workers --------------------------------------------------------------------------------
+
+def _start_worker() -> None:
+    """Initialiser of a worker process: one torch thread, and exit when the actor is gone."""
+    torch.set_num_threads(1)
+    parent = os.getppid()  # the forkserver, which exits with the actor
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-actor", daemon=True).start()
+
+
+def decode_jobs(jobs: list[_Job], settings: DecodeSettings) -> tuple[list[PreparedSample | SampleError], torch.Tensor]:
+    """Prepare each job's sample; the tensors of prepared samples (in order) are stacked into one."""
+    results: list[PreparedSample | SampleError] = []
+    tensors: list[torch.Tensor] = []
+    for job in jobs:
+        result = _prepare(job, settings)
+        if isinstance(result, PreparedSample) and result.tensor is not None:
+            tensors.append(result.tensor)
+            result.tensor = None  # travels in the stacked block
+        results.append(result)
+    return results, torch.stack(tensors) if tensors else torch.empty(0)
+
+
+def _prepare(job: _Job, settings: DecodeSettings) -> PreparedSample | SampleError:
+    """The job's checks, in order: the sample's own (data.py), the job's refusal, the label's range,
+    then the transform (or, for a GPU-ready JPEG, nothing more)."""
+    gpu_ready: list[tuple[str, bytes]] = []
+
+    def decode_or_probe(data: bytes, name: str) -> Image.Image:
+        if settings.gpu_jpegs and (header := gpu_jpeg_header(data)) is not None:
+            gpu_ready.append((name, data))
+            return header
+        return decode_image(data, name)
+
+    sample = _decode_group(job.group, job.index, {job.group.key: job.first_index}, settings.rules.require_label, image_decoder=decode_or_probe)
+    if isinstance(sample, SampleError):
+        return sample
+    if job.refusal is not None:
+        return SampleError(sample.key, job.refusal)
+    classes = settings.rules.label_classes
+    if classes is not None and sample.label is not None and not 0 <= sample.label < classes:
+        return SampleError(sample.key, f"cls label {sample.label} is out of range for a model with {classes} classes")
+    prepared = PreparedSample(job.index, sample.key, sample.label, sample.width, sample.height, sample.sample_json)
+    if gpu_ready:
+        prepared.image_name, prepared.jpeg = gpu_ready[0]
+        return prepared
+    return transformed(prepared, sample.image, settings.transform)
+
+
+def transformed(prepared: PreparedSample, image: Image.Image, transform: Callable[[Image.Image], torch.Tensor]) -> PreparedSample | SampleError:
+    """``prepared`` with the transformed ``image``, or the sample's error if the transform refuses it."""
+    try:
+        prepared.tensor = transform(image)
+    except Exception as error:  # noqa: BLE001 - a sample the transform cannot take is that sample's error
+        return SampleError(prepared.key, f"transform failed: {type(error).__name__}: {error}".splitlines()[0])
+    return prepared
+
+
+# -- the GPU path ----------------------------------------------------------------------------------
+
+
+def gpu_jpeg_header(data: bytes) -> Image.Image | None:
+    """The (not decoded) image of a JPEG that nvJPEG decodes as the CPU path would, else None.
+
+    Taken: complete baseline or progressive JPEGs (ending with their EOI marker: a cut file goes to the CPU
+    path, which reports it) in RGB or greyscale, upright (no EXIF rotation), within the pixel limit.
+    """
+    if not (data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")):
+        return None
+    try:
+        image = Image.open(io.BytesIO(data), formats=["JPEG"])
+        if image.mode not in ("RGB", "L") or image.width * image.height > MAX_IMAGE_PIXELS:
+            return None
+        if image.getexif().get(0x0112, 1) != 1:  # orientation: the CPU path turns the photo upright
+            return None
+    except Exception:  # noqa: BLE001 - anything odd: the CPU path decides, with its own error text
+        return None
+    return image
+
+
+class GpuJpegDecoder:
+    """Decodes JPEGs with nvJPEG on ``device`` and runs the eval transform there, step by step.
+
+    The steps are the CPU transform's own (torchvision Resize, CenterCrop, ToTensor, Normalize) applied
+    to tensors; the resize kernel is torch's bicubic with antialiasing, which is not Pillow's, so maps
+    differ slightly from the CPU path's (see BENCHMARKS.md). Transforms with other steps are refused.
+    """
+
+    def __init__(self, transform: Any, device: str) -> None:
+        self.device = device
+        self.steps = tensor_transform_steps(transform)
+
+    def decode(self, jpegs: list[bytes]) -> list[torch.Tensor | None]:
+        """Transformed images (3, H, W) on the device; None where nvJPEG refuses the file."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        try:
+            decoded: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
+            decoded = []
+            for data in encoded:
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
+        return [None if image is None else self.apply(image) for image in decoded]
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        """The transform on a decoded uint8 (3, H, W) tensor, on whatever device it lies."""
+        for step in self.steps:
+            image = step(image)
+        return image
+
+
+def tensor_transform_steps(transform: Any) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The steps of a timm eval transform (a torchvision Compose) as functions of uint8 image tensors.
+
+    ValueError names the first step that has no tensor equivalent here.
+    """
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as F
+    from timm.data.transforms import MaybeToTensor
+
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, T.Resize):
+            steps.append(lambda x, s=step: F.resize(x, s.size, s.interpolation, s.max_size, antialias=True))
+        elif isinstance(step, T.CenterCrop):
+            steps.append(lambda x, s=step: F.center_crop(x, s.size))
+        elif isinstance(step, (T.ToTensor, MaybeToTensor)):
+            steps.append(lambda x: x.float().div_(255))
+        elif isinstance(step, T.Normalize):
+            steps.append(lambda x, s=step: F.normalize(x, s.mean, s.std))
+        else:
+            raise ValueError(f"--decode gpu cannot run the transform step {type(step).__name__} on the GPU (it runs Resize, CenterCrop, ToTensor, Normalize); use --decode cpu")
+    return steps
+
+
+def gpu_fallback(prepared: PreparedSample, transform: Callable[[Image.Image], torch.Tensor]) -> PreparedSample | SampleError:
+    """The CPU path for a JPEG nvJPEG refused: decoded and transformed as any other sample."""
+    try:
+        image = decode_image(prepared.jpeg or b"", prepared.image_name)
+    except ImageError as error:
+        return SampleError(prepared.key, str(error))
+    prepared.jpeg = None
+    return transformed(prepared, image, transform)
