@@ -44,6 +44,8 @@ LAYOUTS = ("imagenet", "csv", "flat")
 INDEX_PATH = "index.json"
 INDEX_FORMAT = "cdam.pack/1"
 SHARD_PATTERN = re.compile(r"shard-\d{6}\.tar")
+MAX_LABEL = 2**31 - 1
+"""Labels are stored as int32."""
 FILES_PER_TASK = 16
 """Files read and checked per task of the process pool."""
 
@@ -86,7 +88,7 @@ class PackResult:
 
 
 def pack(src: str | Path, outdir: str, *, layout: str, labels: str | Path | None = None, maxcount: int = 1000,
-         workers: int = 1, overwrite: bool = False, progress: bool = True) -> PackResult:
+         workers: int = 1, overwrite: bool = False) -> PackResult:
     """Pack the images below ``src`` into shards in ``outdir`` (a folder or s3://bucket/prefix).
 
     PackError (one line) when the source, the labels file or the output cannot be used; files that cannot
@@ -111,7 +113,7 @@ def pack(src: str | Path, outdir: str, *, layout: str, labels: str | Path | None
         shards.append({"shard": name, "samples": len(samples), "bytes": len(data)})
         samples.clear()
 
-    with tqdm(total=len(images), desc="packing", unit="image", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=len(images), desc="packing", unit="image", file=sys.stderr) as bar:
         for image, content in _read_checked(src, images, workers):
             bar.update()
             if isinstance(content, str):
@@ -137,10 +139,10 @@ def list_source(src: Path, layout: str, labels: str | Path | None) -> tuple[list
         raise PackError("--labels FILE.csv goes with --layout csv (and --layout csv needs --labels)")
     if not src.is_dir():
         raise PackError(f"source folder {src} does not exist or is not a folder")
-    files = _files_below(src)
+    files, skipped = _files_below(src)
     image_files = [path for path in files if _is_image_file(path)]
-    skipped = [Skipped(path, "not an image file (extensions: " + ", ".join(IMAGE_EXTENSIONS) + ")")
-               for path in files if not _is_image_file(path)]
+    skipped += [Skipped(path, "not an image file (extensions: " + ", ".join(IMAGE_EXTENSIONS) + ")")
+                for path in files if not _is_image_file(path)]
     if layout == "imagenet":
         labelled, unlabelled = _imagenet_labels(image_files)
     elif layout == "csv":
@@ -185,13 +187,20 @@ def shard_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 # --- the source folder --------------------------------------------------------------------------------
 
 
-def _files_below(src: Path) -> list[str]:
-    """'/'-separated paths, relative to ``src``, of every file below it, sorted."""
-    files = []
+def _files_below(src: Path) -> tuple[list[str], list[Skipped]]:
+    """'/'-separated paths, relative to ``src``, of every file below it, sorted; and those whose path is
+    not valid UTF-8 (sample keys must be), skipped."""
+    files, skipped = [], []
     for folder, _, names in os.walk(src):
         relative = Path(folder).relative_to(src).as_posix()
-        files.extend(name if relative == "." else f"{relative}/{name}" for name in names)
-    return sorted(files)
+        for path in (name if relative == "." else f"{relative}/{name}" for name in names):
+            try:
+                path.encode("utf-8")
+                files.append(path)
+            except UnicodeEncodeError:  # undecodable bytes of the name, kept by os.walk as surrogates
+                readable = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                skipped.append(Skipped(readable, "file name is not valid UTF-8"))
+    return sorted(files), skipped
 
 
 def _is_image_file(path: str) -> bool:
@@ -230,23 +239,25 @@ def _csv_labels(labels: Path, image_files: list[str], files: set[str]) -> tuple[
         raise PackError(f"--labels {labels}: cannot read it: {error}") from None
     labelled: dict[str, int] = {}
     first_line: dict[str, int] = {}
+    named: set[str] = set()  # paths with a row, usable or not
     skipped = []
     for line, filename, label in rows:
         where = f"{labels.name} line {line}"
         path = posixpath.normpath(filename)
+        named.add(path)
         if not filename or path.startswith(("/", "../")) or path == "..":
             skipped.append(Skipped(filename, f"{where}: filename must be a path inside the source folder"))
         elif path in first_line:
             skipped.append(Skipped(path, f"{where}: repeats the file of line {first_line[path]}"))
-        elif not re.fullmatch(r"[0-9]+", label):
-            skipped.append(Skipped(path, f"{where}: label {label!r} is not a non-negative integer"))
+        elif not re.fullmatch(r"[0-9]+", label) or int(label) > MAX_LABEL:
+            skipped.append(Skipped(path, f"{where}: label {label!r} is not an integer from 0 to {MAX_LABEL}"))
         elif path not in files:
             skipped.append(Skipped(path, f"{where}: no such file in the source folder"))
         else:
             first_line[path] = line
             if _is_image_file(path):  # other files are listed as 'not an image file' already
                 labelled[path] = int(label)
-    skipped += [Skipped(path, f"no row in {labels.name}") for path in image_files if path not in labelled]
+    skipped += [Skipped(path, f"no row in {labels.name}") for path in image_files if path not in named]
     return [(path, labelled[path]) for path in image_files if path in labelled], skipped
 
 

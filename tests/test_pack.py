@@ -19,6 +19,7 @@ from helpers import gradient_image, image_bytes, jpeg_bytes, png_bytes
 from jobs.cli import main
 from jobs.verify import verify_output
 
+NOT_AN_IMAGE = "not an image file (extensions: jpg, jpeg, png, webp, bmp, tif, tiff, gif, ppm, pgm, pnm)"
 TINY_VIT = dict(img_size=32, patch_size=16, depth=1, embed_dim=24, num_heads=2, num_classes=1000)
 
 
@@ -51,9 +52,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "notes.md": b"# notes",
     })
     csv_source = write_files(root / "csv", {f"p{i}.jpg": jpeg_bytes(20 + i, 20) for i in range(5)})
-    write_files(csv_source, {"unlisted.png": png_bytes(), "broken.png": b"\x89PNG\r\n\x1a\n broken"})
+    (root / "flat" / b"caf\xe9.png".decode(errors="surrogateescape")).write_bytes(png_bytes())  # a Latin-1 file name
+    write_files(csv_source, {"p5.jpg": jpeg_bytes(), "unlisted.png": png_bytes(), "broken.png": b"\x89PNG\r\n\x1a\n broken"})
     labels = root / "labels.csv"
-    labels.write_text("filename,label\np0.jpg,3\np1.jpg,0\np2.jpg, 5\np3.jpg,cat\nmissing.jpg,1\nbroken.png,2\np4.jpg,1\np0.jpg,2\n../etc/passwd,1\n")
+    labels.write_text("filename,label\np0.jpg,3\np1.jpg,0\np2.jpg, 5\np3.jpg,cat\nmissing.jpg,1\nbroken.png,2\np4.jpg,1\np0.jpg,2\n../etc/passwd,1\nunlisted.png,99999999999\n")
     return {"imagenet": imagenet, "flat": flat, "csv": csv_source, "labels": labels}
 
 
@@ -77,7 +79,7 @@ def test_imagenet_layout_labels_from_wnid_folders(sources, tmp_path, capsys):
     assert [s["bytes"] for s in index["shards"]] == [(out / s["shard"]).stat().st_size for s in index["shards"]]
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert index["skipped"] == [
-        {"file": "README.txt", "reason": "not an image file (extensions: jpg, jpeg, png, webp, bmp, tif, tiff, gif, ppm, pgm, pnm)"},
+        {"file": "README.txt", "reason": NOT_AN_IMAGE},
         {"file": "holiday/beach.jpg", "reason": "folder 'holiday' is not an ImageNet-1k wnid"},
         {"file": "n15075141/broken.JPEG", "reason": index["skipped"][2]["reason"]},
     ]
@@ -110,14 +112,14 @@ def test_csv_layout_labels_from_the_file_and_bad_rows_are_listed(sources, tmp_pa
         {"file": "broken.png", "reason": index["skipped"][1]["reason"]},
         {"file": "missing.jpg", "reason": "labels.csv line 6: no such file in the source folder"},
         {"file": "p0.jpg", "reason": "labels.csv line 9: repeats the file of line 2"},
-        {"file": "p3.jpg", "reason": "labels.csv line 5: label 'cat' is not a non-negative integer"},
-        {"file": "p3.jpg", "reason": "no row in labels.csv"},
-        {"file": "unlisted.png", "reason": "no row in labels.csv"},
+        {"file": "p3.jpg", "reason": "labels.csv line 5: label 'cat' is not an integer from 0 to 2147483647"},
+        {"file": "p5.jpg", "reason": "no row in labels.csv"},
+        {"file": "unlisted.png", "reason": "labels.csv line 11: label '99999999999' is not an integer from 0 to 2147483647"},
     ]
     assert index["skipped"][1]["reason"].startswith("corrupt image 'broken.png': ")
     labels = {name: data for name, data in read_tar(out / "shard-000000.tar") if name.endswith(".cls")}
     assert labels == {"p0.cls": b"3", "p1.cls": b"0", "p2.cls": b"5", "p4.cls": b"1"}
-    assert "7 file(s) skipped" in capsys.readouterr().out
+    assert "7 file(s) skipped" in capsys.readouterr().out  # every row and file above, each listed once
 
 
 def test_flat_layout_has_no_labels_and_shards_are_byte_deterministic(sources, tmp_path):
@@ -132,8 +134,11 @@ def test_flat_layout_has_no_labels_and_shards_are_byte_deterministic(sources, tm
         ("sub/dog", None, {"filename": "sub/dog.jpg"}, 18, 26),
     ]
     skipped = json.loads((tmp_path / "one" / "index.json").read_text())["skipped"]
-    assert [s["file"] for s in skipped] == ["garbage.jpg", "notes.md"]
-    assert skipped[0]["reason"] == "corrupt image 'garbage.jpg': cannot identify image file"
+    assert skipped == [
+        {"file": "caf\ufffd.png", "reason": "file name is not valid UTF-8"},
+        {"file": "garbage.jpg", "reason": "corrupt image 'garbage.jpg': cannot identify image file"},
+        {"file": "notes.md", "reason": NOT_AN_IMAGE},
+    ]
 
 
 def test_pack_to_s3_writes_the_same_objects_as_a_local_pack(sources, tmp_path, s3_bucket):
