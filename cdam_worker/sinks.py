@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,12 +89,20 @@ class ShardSummary:
     url: str
     n_samples: int
     n_images: int
-    n_errors: int
+    n_errors: int  # rows of errors/: samples, plus shard-level problems
+    n_shard_errors: int  # rows of errors/ about the shard itself (key null)
     rows_checked: int  # rows from the block start covered by the array checksums
     checksums: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    def unaccounted(self) -> str | None:
+        """Why the shard's samples are not each either explained or in errors/ (None when they are)."""
+        sample_errors = self.n_errors - self.n_shard_errors
+        if self.n_images + sample_errors == self.n_samples:
+            return None
+        return f"{self.n_samples} samples planned, but {self.n_images} explained + {sample_errors} in errors/"
 
 
 def block_checksums(group: zarr.Group, first_row: int, n_rows: int, names: list[str]) -> dict[str, str]:
@@ -104,8 +113,10 @@ def block_checksums(group: zarr.Group, first_row: int, n_rows: int, names: list[
 class ShardWriter:
     """Writes one shard's block: Zarr chunks as they fill, the Parquet tables and the marker at the end.
 
-    Rows arrive in shard order; a chunk is written once no later row can fall into it, so the
-    writer holds at most one chunk of rows per array.
+    Rows arrive in shard order; a chunk is written once no later row can fall into it, so the writer
+    holds at most one chunk of rows per array. One bad sample costs one sample: a row that cannot be
+    stored (a value its metadata column cannot hold, arrays of the wrong shape, a row out of order)
+    becomes that sample's error row, and its Zarr row keeps its fill values.
     """
 
     def __init__(self, storage: Storage, group: zarr.Group, layout: Layout, shard_index: int, shard: str, url: str, n_samples: int, run_id: str) -> None:
@@ -117,19 +128,31 @@ class ShardWriter:
         self.names = [spec.name for spec in array_specs(layout.store_basis)]
         self.arrays = {name: group[name] for name in self.names}  # opened once: each open reads zarr.json
         self.hashes = {name: hashlib.sha256() for name in self.names}
-        self.rows: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []  # metadata rows of the chunk being filled
+        self.metadata: list[pa.RecordBatch] = []  # metadata rows of the chunks already written
         self.errors: list[dict[str, Any]] = []
+        self.n_shard_errors = 0
+        self.last_row = -1  # local row of the last image recorded
         self.chunk_index = 0  # chunk of the block being filled
         self.buffer = self._empty_chunk()
         self.rows_flushed = 0
 
     def add(self, row: ExplainedRow) -> None:
-        """Record an explained image at its row of the shard's block."""
+        """Record an explained image at its row of the shard's block (or, if it cannot be stored, as an error)."""
+        if not self.last_row < row.local_row < self.n_samples:
+            self.add_error(row.key, f"cannot store sample {row.local_row}: rows must arrive in order (the last was {self.last_row}) and below {self.n_samples}")
+            return
         self._advance_to(row.local_row)
         offset = row.local_row - self.chunk_index * CHUNK_ROWS
         for name in self.names:
-            self.buffer[name][offset] = row.arrays[name]
-        self.rows.append(
+            value, expected = row.arrays.get(name), self.buffer[name].shape[1:]
+            if np.shape(value) != expected:
+                self._clear(offset)
+                self.add_error(row.key, f"cannot store sample {row.local_row}: Zarr array {name!r} needs shape {expected}, got {np.shape(value)}")
+                return
+            self.buffer[name][offset] = value
+        self.last_row = row.local_row
+        self.pending.append(
             {
                 "key": row.key,
                 "shard": self.shard,
@@ -145,20 +168,26 @@ class ShardWriter:
         )
 
     def add_error(self, key: str | None, reason: str) -> None:
-        self.errors.append({"shard": self.shard, "shard_index": self.shard_index, "key": key, "reason": reason, "run_id": self.run_id})
+        """Record a sample that could not be explained, or with key None a problem of the shard itself.
+
+        Text is stored as UTF-8 (undecodable characters escaped), the reason on one line.
+        """
+        self.n_shard_errors += int(key is None)
+        self.errors.append({"shard": _utf8(self.shard), "shard_index": self.shard_index, "key": None if key is None else _utf8(key), "reason": _one_line(reason), "run_id": self.run_id})
 
     def finish(self) -> ShardSummary:
-        """Flush the last chunk, write the tables, then the completion marker."""
-        if self.rows:
-            self._flush()
+        """Write the last chunk, the tables, then the completion marker."""
+        if self.pending:
+            self._close_chunk()
         stem = shard_file_stem(self.shard_index, self.shard)
         checksums = {name: digest.hexdigest() for name, digest in self.hashes.items()}
-        checksums["metadata"] = self._put_table(f"metadata/{stem}.parquet", self.rows, METADATA_SCHEMA)
+        metadata = pa.Table.from_batches(self.metadata, schema=METADATA_SCHEMA).combine_chunks()
+        checksums["metadata"] = self._put_table(f"metadata/{stem}.parquet", metadata)
         if self.errors:
-            checksums["errors"] = self._put_table(f"errors/{stem}.parquet", self.errors, ERRORS_SCHEMA)
+            checksums["errors"] = self._put_table(f"errors/{stem}.parquet", pa.Table.from_pylist(self.errors, schema=ERRORS_SCHEMA))
         else:
             self.storage.delete(f"errors/{stem}.parquet")  # a stale file from an earlier attempt
-        summary = ShardSummary(self.shard, self.shard_index, self.url, self.n_samples, len(self.rows), len(self.errors), self.rows_flushed, checksums)
+        summary = ShardSummary(self.shard, self.shard_index, self.url, self.n_samples, metadata.num_rows, len(self.errors), self.n_shard_errors, self.rows_flushed, checksums)
         self.storage.put(marker_path(self.shard_index), summary.to_json())
         return summary
 
@@ -168,34 +197,96 @@ class ShardWriter:
             chunk[spec.name] = np.full(self.layout.chunks(spec), self.layout.fill_value(spec), dtype=self.layout.dtype(spec))
         return chunk
 
+    def _clear(self, offset: int) -> None:
+        """Put fill values back into one row of the chunk being filled."""
+        for spec in array_specs(self.layout.store_basis):
+            self.buffer[spec.name][offset] = self.layout.fill_value(spec)
+
     def _advance_to(self, local_row: int) -> None:
-        target_chunk = local_row // CHUNK_ROWS
-        if target_chunk < self.chunk_index:
-            raise ValueError(f"shard {self.shard}: rows must arrive in order (row {local_row} after chunk {self.chunk_index})")
-        while self.chunk_index < target_chunk:
-            if self.rows and self.rows[-1]["row"] >= self.first_row + self.chunk_index * CHUNK_ROWS:
-                self._flush()
-            else:  # a chunk with no explained row stays unwritten, but its fill values count in the checksum
-                self._hash_chunk(self._empty_chunk())
-                self.rows_flushed += CHUNK_ROWS
+        while self.chunk_index < local_row // CHUNK_ROWS:
+            self._close_chunk()  # a chunk with no explained row stays unwritten, but its fill values count in the checksum
             self.chunk_index += 1
             self.buffer = self._empty_chunk()
 
-    def _flush(self) -> None:
-        start = self.first_row + self.chunk_index * CHUNK_ROWS
-        for name, array in self.arrays.items():
-            array[start : start + CHUNK_ROWS] = self.buffer[name]
+    def _close_chunk(self) -> None:
+        """Convert the chunk's metadata, write its arrays if any of its rows is explained, and hash it."""
+        if self._convert_pending():
+            start = self.first_row + self.chunk_index * CHUNK_ROWS
+            for name, array in self.arrays.items():
+                array[start : start + CHUNK_ROWS] = self.buffer[name]
         self._hash_chunk(self.buffer)
         self.rows_flushed += CHUNK_ROWS
+
+    def _convert_pending(self) -> bool:
+        """Move the chunk's metadata rows into Arrow; a row that does not fit the schema becomes that sample's
+        error and its arrays fill values. Returns whether any row of the chunk is explained."""
+        rows, self.pending = self.pending, []
+        try:
+            batch = _metadata_batch(rows)
+        except _UNSTORABLE:  # find the rows at fault, one at a time (only for a chunk that has one)
+            good = []
+            for row in rows:
+                try:
+                    _metadata_batch([row])
+                    good.append(row)
+                except _UNSTORABLE:
+                    self._clear(row["row"] - self.first_row - self.chunk_index * CHUNK_ROWS)
+                    self.add_error(row["key"], _unstorable_reason(row))
+            batch = _metadata_batch(good)
+        self.metadata.append(batch)
+        return batch.num_rows > 0
 
     def _hash_chunk(self, chunk: dict[str, np.ndarray]) -> None:
         for name in self.names:
             self.hashes[name].update(np.ascontiguousarray(chunk[name]).tobytes())
 
-    def _put_table(self, path: str, rows: list[dict[str, Any]], schema: pa.Schema) -> str:
-        table = pa.Table.from_pylist(rows, schema=schema)
+    def _put_table(self, path: str, table: pa.Table) -> str:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
         self.storage.put(path, data)
         return hashlib.sha256(data).hexdigest()
+
+
+# What converting a Python value to an Arrow column raises when the column cannot hold it.
+_UNSTORABLE = (pa.ArrowException, ValueError, TypeError, OverflowError)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _metadata_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    """Metadata rows as Arrow; raises ValueError for a null in a non-nullable column (Parquet would refuse it)."""
+    batch = pa.RecordBatch.from_pylist(rows, schema=METADATA_SCHEMA)
+    for field, column in zip(METADATA_SCHEMA, batch.columns):
+        if not field.nullable and column.null_count:
+            raise ValueError(f"column {field.name!r} is declared non-nullable but contains nulls")
+    return batch
+
+
+def _unstorable_reason(row: dict[str, Any]) -> str:
+    """Which column of a metadata row cannot hold its value, and why (one line)."""
+    for field in METADATA_SCHEMA:
+        value = row.get(field.name)
+        try:
+            if value is None and not field.nullable:
+                raise ValueError("null in a non-nullable column")
+            pa.array([value], type=field.type)
+        except _UNSTORABLE as error:
+            return f"metadata column {field.name!r} cannot hold {_shown(value)}: {type(error).__name__}: {error}"
+    return "the metadata row does not fit its schema"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr of a value for an error reason, long strings cut short."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)[: 2 * limit]
+
+
+def _utf8(text: str) -> str:
+    """``text`` as storable UTF-8: lone surrogates (undecodable bytes of a tar member name) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line of storable UTF-8: control characters and lone surrogates escaped."""
+    return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], text)

@@ -495,9 +495,13 @@ def print_summary(plan: Plan, summaries: dict[int, ShardSummary], failures: dict
     ]
     for index, reason in sorted(failures.items()):
         lines.append(f"FAILED shard {plan.shards[index].name}: {reason}")
-    print("\n".join(lines))
+    unaccounted = [f"UNACCOUNTED shard {s.shard}: {problem}" for s in sorted(summaries.values(), key=lambda s: s.shard_index) if (problem := s.unaccounted())]
+    print("\n".join(lines + unaccounted))
     if failures or len(summaries) != len(plan.shards):
         print(f"error: {len(plan.shards) - len(summaries)} shard(s) not complete; rerun the same command to finish them", file=sys.stderr)
+        return 1
+    if unaccounted:
+        print(f"error: {len(unaccounted)} shard(s) do not have each sample either explained or in errors/ exactly once (see UNACCOUNTED above)", file=sys.stderr)
         return 1
     if strict and errors:
         print(f"error: {errors} sample(s) could not be explained (--strict); see {plan.storage.url}/errors/", file=sys.stderr)

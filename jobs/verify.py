@@ -3,7 +3,9 @@
 Checks: the manifest is complete and its fingerprint matches its settings; every shard has a marker
 whose counts agree with the manifest (per shard and in total); each shard's Zarr block and Parquet
 files hash to the checksums recorded; every metadata row's Zarr row is written (not fill values);
-keys are unique; Parquet row counts match the markers.
+keys are unique; Parquet row counts match the markers; every sample of a shard is either explained
+(one metadata row, at its own row) or in errors/, exactly once. Maps derived by ``cdam derive``
+(``derived/NAME``) are checked the same way: markers, block and table checksums, row counts.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 
+from cdam_worker.derive import verify_derived
 from cdam_worker.job import MANIFEST_PATH, fingerprint, read_json
 from cdam_worker.sinks import ShardSummary, block_checksums, marker_path, open_zarr, shard_file_stem
 from cdam_worker.storage import Storage
@@ -36,6 +39,7 @@ def verify_output(url: str) -> list[str]:
     rows_per_shard = int(manifest["layout"]["rows_per_shard"])
     recorded = {s["index"]: s for s in manifest["shards"]}
     seen_keys: dict[str, str] = {}
+    completed: set[int] = set()  # shards with a completion marker
     totals = {"images": 0, "errors": 0}
     for entry in manifest["settings"]["shards"]:
         index = entry["index"]
@@ -43,6 +47,7 @@ def verify_output(url: str) -> list[str]:
         if marker is None:
             problems.append(f"shard {index}: no completion marker")
             continue
+        completed.add(index)
         summary = ShardSummary(**marker)
         totals["images"] += summary.n_images
         totals["errors"] += summary.n_errors
@@ -51,6 +56,7 @@ def verify_output(url: str) -> list[str]:
     for name, count in manifest.get("totals", {}).items():
         if complete and name in totals and count != totals[name]:
             problems.append(f"manifest totals say {count} {name}, the shards' markers {totals[name]}")
+    problems += verify_derived(storage, group, manifest["settings"]["shards"], rows_per_shard, completed)
     return problems
 
 
@@ -81,6 +87,12 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
             problems.append(f"metadata has {table.num_rows} rows, marker says {summary.n_images} images")
         rows = np.asarray(table.column("row").to_pylist(), dtype=np.int64)
         outside = rows[(rows < first_row) | (rows >= first_row + rows_per_shard)]
+        beyond = rows[(rows >= first_row + summary.n_samples) & (rows < first_row + rows_per_shard)]
+        values, counts = np.unique(rows, return_counts=True)
+        if (repeated := values[counts > 1]).size:
+            problems.append(f"metadata rows {repeated[:5].tolist()} appear more than once")
+        if beyond.size:
+            problems.append(f"metadata rows {beyond[:5].tolist()} lie beyond the shard's {summary.n_samples} samples")
         if outside.size:
             problems.append(f"metadata rows {outside[:5].tolist()} lie outside the shard's block")
         elif rows.size:
@@ -98,10 +110,14 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
         for other, keys in duplicates.items():
             problems.append(f"key {keys[0]!r} also in shard {other}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
     errors_path = f"errors/{stem}.parquet"
-    if summary.n_errors:
-        errors = _read_table(storage, errors_path, summary.checksums.get("errors"), problems)
-        if errors is not None and errors.num_rows != summary.n_errors:
+    errors = _read_table(storage, errors_path, summary.checksums.get("errors"), problems) if summary.n_errors else None
+    if errors is not None:
+        if errors.num_rows != summary.n_errors:
             problems.append(f"errors has {errors.num_rows} rows, marker says {summary.n_errors}")
+        if errors.column("key").null_count != summary.n_shard_errors:
+            problems.append(f"errors has {errors.column('key').null_count} shard-level rows, marker says {summary.n_shard_errors}")
+    if unaccounted := summary.unaccounted():  # the tables agree with these counts, or a problem is listed above
+        problems.append(f"{unaccounted} (each sample must be explained or in errors/, exactly once)")
     return problems
 
 

@@ -1,0 +1,89 @@
+"""Shared by the bad-sample and fuzz tests: an in-process shard processor (no Ray) on a tiny model, and the
+property every processed shard must have: each sample explained or in errors/, exactly once."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import timm
+import torch
+
+from cdam_worker import save_checkpoint
+from cdam_worker.actor import ShardProcessor
+from cdam_worker.data import scan_shard, shard_name
+from cdam_worker.job import ShardTask
+from cdam_worker.sinks import ShardSummary, open_zarr, shard_file_stem
+from cdam_worker.storage import Storage
+from helpers import make_shard, png_bytes
+from jobs.cli import build_parser
+from jobs.explain import make_plan, prepare_output
+from schemas import CHUNK_ROWS
+
+MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
+CLASS_NAMES = ["cat", "dog", "zebra", "analog clock", "car", "tree"]
+PLACEHOLDER_SAMPLES = 40  # the plan's shard: its size sets rows_per_shard (48), the most samples a test shard may have
+
+
+def write_checkpoint(path: Path) -> str:
+    """A tiny ViT (32x32 input, 4x4 tokens, 6 classes) saved the way cdam saves checkpoints."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
+    save_checkpoint(path, model, "vit_small_patch16_224", MODEL_KWARGS, CLASS_NAMES)
+    return str(path)
+
+
+def in_process_processor(root: Path, targets: str) -> ShardProcessor:
+    """A ShardProcessor of a planned job (output under ``root``), run in this process on the CPU."""
+    root.mkdir(parents=True, exist_ok=True)
+    placeholder = make_shard(root / "placeholder.tar", [(f"p{i}", {"png": png_bytes(8, 8), "cls": b"1"}) for i in range(PLACEHOLDER_SAMPLES)])
+    checkpoint = write_checkpoint(root / "model.pt")
+    args = build_parser().parse_args(["explain", "--shards", str(placeholder), "--output", str(root / "out"), "--checkpoint", checkpoint, "--targets", targets, "--batch-size", "4"])
+    plan = make_plan(args)
+    prepare_output(plan, overwrite=False)
+    return ShardProcessor(plan.config, plan.layout, device="cpu", threads=1, decode_workers=1)
+
+
+def process(processor: ShardProcessor, shard: str) -> tuple[list[str], ShardSummary]:
+    """Scan a shard as the driver does and explain it as shard 0 of the processor's job."""
+    scan = scan_shard(shard)
+    assert len(scan.keys) <= processor.layout.rows_per_shard, "test shard too large for the planned rows"
+    return scan.keys, processor.process_shard(ShardTask(0, shard, shard_name(shard), len(scan.keys)))
+
+
+def storable(key: str) -> str:
+    """A key as errors/ stores it (lone surrogates from undecodable tar names escaped)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def assert_every_sample_accounted(processor: ShardProcessor, keys: list[str], summary: ShardSummary) -> tuple[list[dict], list[dict]]:
+    """Each scanned sample is explained (at its row, with its key) or an error row, exactly once; returns both tables."""
+    storage = Storage.from_url(processor.config.output)
+    stem = shard_file_stem(summary.shard_index, summary.shard)
+    metadata = pq.read_table(io.BytesIO(storage.get(f"metadata/{stem}.parquet"))).to_pylist()
+    errors = pq.read_table(io.BytesIO(storage.get(f"errors/{stem}.parquet"))).to_pylist() if summary.n_errors else []
+    assert not storage.exists(f"errors/{stem}.parquet") or summary.n_errors
+    assert summary.unaccounted() is None, summary.unaccounted()
+    assert (summary.n_samples, summary.n_images, summary.n_errors) == (len(keys), len(metadata), len(errors))
+    assert summary.n_shard_errors == sum(row["key"] is None for row in errors)
+
+    explained = [row["row"] for row in metadata]
+    assert explained == sorted(set(explained)) and all(0 <= row < len(keys) for row in explained)
+    assert [row["key"] for row in metadata] == [keys[row] for row in explained]
+    not_explained = Counter(storable(keys[i]) for i in range(len(keys)) if i not in set(explained))
+    assert Counter(row["key"] for row in errors if row["key"] is not None) == not_explained
+    for row in errors:
+        assert row["reason"] and "\n" not in row["reason"] and row["shard"] == summary.shard
+
+    # Zarr: rows of written chunks hold data exactly where a sample was explained (fill values elsewhere)
+    if explained:
+        written_chunks = sorted({row // CHUNK_ROWS for row in explained})
+        embedding = open_zarr(storage, mode="r")["embedding"]
+        for chunk in written_chunks:
+            values = embedding[chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS, 0]
+            rows = set(range(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS))
+            assert {r for r, value in zip(sorted(rows), values) if not np.isnan(value)} == rows & set(explained)
+    return metadata, errors
