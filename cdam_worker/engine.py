@@ -3,7 +3,9 @@
 ``CDAMExplainer(model).explain(images, targets=...)`` runs the trunk once (all blocks but the last),
 then computes the maps from the last block's input by the closed form (CLS-pooled ViTs, spec
 section 3) or by autograd through the last block (every other timm ViT). Smooth and Integrated
-CDAM (spec section 2) alter the last block's input and re-run only the last block.
+CDAM (spec section 2) alter the last block's input and re-run only the last block, on chunks of
+(image, copy) rows sized to the device: ``max_rows`` rows (256 on the CPU), or on CUDA as many as
+half the free GPU memory holds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ Method = Literal["auto", "closed_form", "autograd"]
 Variant = Literal["vanilla", "smooth", "integrated"]
 Precision = Literal["float32", "bf16", "tf32"]
 DEFAULT_NOISE_LEVEL = {"vanilla": 0.0, "smooth": 0.05, "integrated": 0.0}
+CPU_ROWS = 256  # rows (copies of a last-block input) per pass on the CPU
+CUDA_MEMORY_SHARE = 0.5  # share of the free GPU memory the rows of one pass may fill
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,23 @@ class CDAMExplainer:
     no qk-norm, linear head) and autograd through the last block otherwise; ``self.method`` and
     ``self.method_reason`` say which and why. Asking for ``"closed_form"`` where it does not hold
     raises ``ValueError``.
+
+    ``precision`` is the trunk's (all blocks but the last); vanilla maps are exact float32 whatever it
+    is. ``variant_precision`` is that of the last-block re-runs of Smooth/Integrated CDAM; by default
+    they follow ``precision``. ``max_rows`` caps the rows (copies of an image's last-block input) of
+    one pass, in autograd backward passes and Smooth/Integrated chunks; by default 256 on the CPU
+    and, on CUDA, as many as half the free GPU memory holds. Maps do not depend on it.
     """
 
-    def __init__(self, model: nn.Module | LoadedModel, method: Method = "auto", precision: Precision = "float32", class_names: Sequence[str] | None = None, max_rows: int = 256) -> None:
+    def __init__(
+        self,
+        model: nn.Module | LoadedModel,
+        method: Method = "auto",
+        precision: Precision = "float32",
+        class_names: Sequence[str] | None = None,
+        max_rows: int | None = None,
+        variant_precision: Precision | None = None,
+    ) -> None:
         if isinstance(model, LoadedModel):
             class_names = class_names or model.class_names
             model = model.model
@@ -105,8 +123,11 @@ class CDAMExplainer:
         last_block = model.blocks[-1]
         if not (hasattr(last_block, "norm1") and hasattr(getattr(last_block, "attn", None), "qkv")):
             raise ValueError(f"the last block is a {type(last_block).__name__} without norm1 and a qkv attention: CDAM is defined at blocks[-1].norm1")
-        if precision not in ("float32", "bf16", "tf32"):
-            raise ValueError(f"precision must be float32, bf16 or tf32, not {precision!r}")
+        for name, value in (("precision", precision), ("variant_precision", variant_precision or precision)):
+            if value not in ("float32", "bf16", "tf32"):
+                raise ValueError(f"{name} must be float32, bf16 or tf32, not {value!r}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         reason = closed_form_unsupported_reason(model)
         if method == "closed_form" and reason is not None:
             raise ValueError(f"the closed form does not hold for this model: {reason}; use method='autograd' or 'auto'")
@@ -116,6 +137,7 @@ class CDAMExplainer:
         self.method = "closed_form" if method == "closed_form" or (method == "auto" and reason is None) else "autograd"
         self.method_reason = "closed form: CLS-pooled ViT with plain softmax attention" if self.method == "closed_form" else f"autograd through the last block: {reason or 'asked for'}"
         self.precision = precision
+        self.variant_precision = variant_precision or precision
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
         self.max_rows = max_rows
 
@@ -153,7 +175,7 @@ class CDAMExplainer:
     def last_block_input(self, images: torch.Tensor) -> torch.Tensor:
         """X, the input of the last block (B, P+N, D), in float32 (the trunk may run in bf16/TF32)."""
         model = self.model
-        with self._trunk_precision():
+        with self._precision_scope(self.precision):
             x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
             x = model.blocks[:-1](x)
         return x.float()
@@ -162,7 +184,7 @@ class CDAMExplainer:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-logits embedding h (B, D), e.g. to build concept vectors."""
         self._check_images(images)
-        with _cuda_fp32_precision(self.device, "ieee"):
+        with cuda_fp32_precision(self.device, "ieee"):
             return head_outputs(self.model, self.last_block_input(images.to(self.device))).embedding
 
     def concept_from_images(self, name: str, images: torch.Tensor | Iterable[torch.Tensor], similarity: str = "dot") -> Concept:
@@ -211,7 +233,7 @@ class CDAMExplainer:
             keys = list(keys) if keys is not None else [content_key(image) for image in images]
             if len(keys) != batch:
                 raise ValueError(f"got {len(keys)} keys for {batch} images")
-        with _cuda_fp32_precision(self.device, "ieee"):  # exact float32 maps, whatever the trunk ran in
+        with cuda_fp32_precision(self.device, "ieee"):  # exact float32 maps, whatever the trunk ran in
             block_input = self.last_block_input(images)
             if config.name == "vanilla":
                 result = self._maps(block_input, resolve, concepts, return_basis)
@@ -231,6 +253,29 @@ class CDAMExplainer:
             concept_names=tuple(c.name for c in concepts),
         )
 
+    def rows_per_pass(self, tokens: int) -> int:
+        """Rows (copies of a last-block input of ``tokens`` tokens) one pass may hold: ``max_rows``, or sized to the device."""
+        if self.max_rows is not None:
+            return self.max_rows
+        if self.device.type != "cuda":
+            return CPU_ROWS
+        return max(1, int(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device) // self._bytes_per_row(tokens)))
+
+    def variant_chunks(self, batch: int, tokens: int, config: VariantConfig) -> tuple[int, int]:
+        """(images per group, copies per chunk) of Smooth/Integrated CDAM.
+
+        With ``max_rows`` set or on the CPU, a chunk holds all images of the batch and ``rows // batch`` of
+        their copies (groups of ``rows`` images, one copy each, when the batch is larger). On CUDA a group of
+        images also keeps its noise for all copies, so groups and chunks are sized from the free memory.
+        """
+        n_maps = config.n_maps
+        if self.max_rows is not None or self.device.type != "cuda":
+            rows = self.rows_per_pass(tokens)
+            images = min(batch, rows)
+            return images, min(n_maps, max(1, rows // images))
+        noise = n_maps * tokens * self.model.embed_dim * 4 if config.sigma_fraction > 0 else 0  # float32 noise per image
+        return _chunks_in_budget(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device), batch, n_maps, self._bytes_per_row(tokens), noise)
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _check_images(self, images: torch.Tensor) -> tuple[int, int]:
@@ -242,10 +287,21 @@ class CDAMExplainer:
             raise ValueError(f"images must be a float tensor (normalised by the model's transform), got {images.dtype}")
         return self.patch_grid(images.shape[2], images.shape[3])
 
-    def _trunk_precision(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
+    def _precision_scope(self, precision: Precision) -> contextlib.AbstractContextManager:
+        """bf16 autocast, TF32 allowed on CUDA, or exact float32."""
+        if precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return _cuda_fp32_precision(self.device, "tf32" if self.precision == "tf32" else "ieee")
+        return cuda_fp32_precision(self.device, "tf32" if precision == "tf32" else "ieee")
+
+    def _bytes_per_row(self, tokens: int) -> int:
+        """Peak memory of one row in a pass, estimated on the safe side from the last block's shapes."""
+        block, dim = self.model.blocks[-1], self.model.embed_dim
+        if self.method == "closed_form":  # no autograd graph: norm1's output and a few copies of it
+            floats = 4 * tokens * dim
+        else:  # the block's activations kept for the backward pass (attention weights included), and as much again
+            mlp_activations = sum(p.numel() for p in block.mlp.parameters()) // dim  # about 2 x hidden per token
+            floats = 2 * (tokens * (14 * dim + mlp_activations) + 2 * block.attn.num_heads * tokens * tokens)
+        return 4 * floats
 
     def _target_resolver(self, targets, labels, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function logits (B, C) -> target classes (B, Kc), validated up front."""
@@ -308,9 +364,10 @@ class CDAMExplainer:
             return _MapsPass(None, None, target_class, outputs.logits, outputs.embedding, attention)
 
         num_targets = target_class.shape[1] + len(concepts)
+        rows = self.rows_per_pass(block_input.shape[1])
         if type(model) is VisionTransformer and (want_basis or num_targets > model.num_features):
             # logits linear in the embedding: every map is g . basis, so D backward rows serve all K targets
-            basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, self.max_rows)
+            basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, rows)
             maps = maps_from_basis(self._directions(target_class, concepts, outputs.embedding), basis.transpose(1, 2))
             return _MapsPass(maps, basis if want_basis else None, target_class, outputs.logits, outputs.embedding, attention)
 
@@ -318,7 +375,7 @@ class CDAMExplainer:
             classes = target_class.repeat(logits.shape[0] // batch, 1)
             return torch.cat([logits.gather(1, classes), concept_scores(concepts, embedding)], dim=1)
 
-        maps = autograd_maps(model, block_input, score_of, num_targets, self.max_rows)
+        maps = autograd_maps(model, block_input, score_of, num_targets, rows)
         return _MapsPass(maps, None, target_class, outputs.logits, outputs.embedding, attention)
 
     def _directions(self, target_class: torch.Tensor, concepts: tuple[Concept, ...], embedding: torch.Tensor) -> torch.Tensor:
@@ -332,29 +389,45 @@ class CDAMExplainer:
         return torch.cat([class_directions, concept_directions(concepts, embedding)], dim=1)
 
     def _variant_maps(self, block_input, resolve, concepts, want_basis, keys: list[str], config: VariantConfig) -> "_MapsPass":
-        """Smooth / Integrated CDAM: the mean of the maps of the altered last-block inputs."""
-        batch = block_input.shape[0]
+        """Smooth / Integrated CDAM: the mean of the maps of the altered last-block inputs.
+
+        The clean input sets the targets, logits, embedding and attention (float32); the altered copies run in
+        ``variant_precision``, in groups of images and chunks of copies (``variant_chunks``).
+        """
+        batch, tokens = block_input.shape[:2]
         clean = self._maps(block_input, resolve, (), False, with_maps=False)
-        fixed = clean.target_class
-        maps_sum, basis_sum = None, None
-        for altered, copies in self._altered_inputs(block_input, keys, config):
-            part = self._maps(altered, lambda _logits: fixed.repeat_interleave(copies, dim=0), concepts, want_basis)
-            maps_part = part.cdam.view(batch, copies, *part.cdam.shape[1:]).sum(1)
-            maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
-            if want_basis:
-                basis_part = part.basis.view(batch, copies, *part.basis.shape[1:]).sum(1)
-                basis_sum = basis_part if basis_sum is None else basis_sum + basis_part
+        images_per_group, copies_per_chunk = self.variant_chunks(batch, tokens, config)
+        maps, bases = [], []
+        for first in range(0, batch, images_per_group):
+            group = slice(first, first + images_per_group)
+            group_size = block_input[group].shape[0]
+            group_targets = clean.target_class[group]
+            maps_sum, basis_sum = None, None
+            for altered, copies in self._altered_inputs(block_input[group], keys[group], config, copies_per_chunk):
+                with self._precision_scope(self.variant_precision):
+                    part = self._maps(altered, lambda _logits: group_targets.repeat_interleave(copies, dim=0), concepts, want_basis)
+                maps_part = part.cdam.float().view(group_size, copies, *part.cdam.shape[1:]).sum(1)
+                maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
+                if want_basis:
+                    basis_part = part.basis.float().view(group_size, copies, *part.basis.shape[1:]).sum(1)
+                    basis_sum = basis_part if basis_sum is None else basis_sum + basis_part
+            maps.append(maps_sum / config.n_maps)
+            bases.append(basis_sum / config.n_maps if want_basis else None)
         return _MapsPass(
-            cdam=maps_sum / config.n_maps,
-            basis=basis_sum / config.n_maps if want_basis else None,
-            target_class=fixed,
+            cdam=torch.cat(maps),
+            basis=torch.cat(bases) if want_basis else None,
+            target_class=clean.target_class,
             logits=clean.logits,
             embedding=clean.embedding,
             attention=clean.attention,
         )
 
-    def _altered_inputs(self, block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig) -> Iterator[tuple[torch.Tensor, int]]:
-        """Chunks of altered last-block inputs, (B * copies, L, D), image-major, with their copy count."""
+    def _altered_inputs(self, block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig, copies_per_chunk: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """Chunks of altered last-block inputs, (B * copies, L, D), image-major, with their copy count.
+
+        Each image's noise is one draw of all its copies from its own stream (``_image_noise``), so a map
+        depends neither on the batch nor on the chunking.
+        """
         batch = block_input.shape[0]
         n_maps = config.n_maps
         noise = None
@@ -364,16 +437,14 @@ class CDAMExplainer:
             for image, key in enumerate(keys):
                 _image_noise(config.seed, key, noise[image])
             noise.mul_((config.sigma_fraction * span).view(batch, 1, 1, 1))
-        per_chunk = max(1, self.max_rows // batch)
-        for start in range(0, n_maps, per_chunk):
-            stop = min(start + per_chunk, n_maps)
+        for start in range(0, n_maps, copies_per_chunk):
+            stop = min(start + copies_per_chunk, n_maps)
             if config.name == "smooth":
-                altered = block_input[:, None].expand(-1, stop - start, -1, -1)
+                base = block_input[:, None].expand(-1, stop - start, -1, -1)
             else:  # integrated: X_k = (k / m) X for k = 1 .. m-1
                 scale = torch.arange(start + 1, stop + 1, device=block_input.device, dtype=block_input.dtype) / config.n_samples
-                altered = scale.view(1, -1, 1, 1) * block_input[:, None]
-            if noise is not None:
-                altered = altered + noise[:, start:stop]
+                base = scale.view(1, -1, 1, 1) * block_input[:, None]
+            altered = base if noise is None else noise[:, start:stop].add_(base)  # the noise buffer becomes the input
             yield altered.reshape(-1, *block_input.shape[1:]), stop - start
 
 
@@ -414,6 +485,22 @@ def _check_class_index(index: int, num_classes: int) -> None:
         raise ValueError(f"class index {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
 
 
+def _chunks_in_budget(budget: float, batch: int, n_maps: int, row_bytes: int, noise_bytes: int) -> tuple[int, int]:
+    """(images per group, copies per chunk) whose noise and rows fit ``budget`` bytes; at least one row.
+
+    All copies of as many images as fit (the whole batch when it does); when not even one image's copies
+    fit, one image and as many copies as fit.
+    """
+    images = min(batch, max(1, int(budget // (noise_bytes + n_maps * row_bytes))))
+    return images, min(n_maps, max(1, int((budget / images - noise_bytes) // row_bytes)))
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    """GPU memory free for new tensors: free on the device plus what PyTorch's allocator holds unused."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def _image_noise(seed: int, key: str, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` with the standard normal stream of image ``key`` under ``seed``."""
     generator = torch.Generator(device=out.device).manual_seed(image_seed(seed, key))
@@ -421,7 +508,7 @@ def _image_noise(seed: int, key: str, out: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cuda_fp32_precision(device: torch.device, mode: Literal["ieee", "tf32"]) -> Iterator[None]:
+def cuda_fp32_precision(device: torch.device, mode: Literal["ieee", "tf32"]) -> Iterator[None]:
     """Float32 matmuls and convolutions on CUDA in exact float32 ("ieee") or TensorFloat-32; nothing elsewhere."""
     if device.type != "cuda":
         yield

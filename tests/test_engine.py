@@ -8,7 +8,7 @@ import torch
 from timm.layers import SwiGLU
 
 from cdam_worker import CDAMExplainer, Concept, VariantConfig
-from cdam_worker.engine import _cuda_fp32_precision, _image_noise
+from cdam_worker.engine import _chunks_in_budget, _image_noise, cuda_fp32_precision
 from reference import reference_attention, reference_cdam
 
 TOLERANCE = 1e-4
@@ -147,6 +147,55 @@ def test_variant_noise_does_not_depend_on_batch_composition():
     assert relative_error(other_seed.cdam[0], together.cdam[1]) > 1e-3
 
 
+@pytest.mark.parametrize("family_name", ["cls_qkv_bias", "avg_pool_no_cls"])
+def test_chunking_of_variant_copies_does_not_change_the_maps(family_name):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs)
+    images = images_for(model, batch=3)
+    keys = ["p", "q", "r"]
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for config in (VariantConfig("smooth", n_samples=7, seed=5), VariantConfig("integrated", n_samples=8, noise_level=0.02, seed=5)):
+        one_chunk = CDAMExplainer(model, max_rows=3 * config.n_maps)
+        assert one_chunk.variant_chunks(3, tokens, config) == (3, config.n_maps)
+        expected = one_chunk.explain(images, "topk:2", keys=keys, variant=config).cdam
+        # one image and one copy per chunk; groups of two images; the whole batch, one copy; two copies per chunk
+        for rows, plan in ((1, (1, 1)), (2, (2, 1)), (5, (3, 1)), (6, (3, 2))):
+            explainer = CDAMExplainer(model, max_rows=rows)
+            assert explainer.variant_chunks(3, tokens, config) == plan
+            chunked = explainer.explain(images, "topk:2", keys=keys, variant=config).cdam
+            assert relative_error(chunked, expected) <= 1e-6, (config.name, rows)
+
+
+def test_gpu_chunks_fit_their_memory_budget():
+    row, noise = 1000, 50 * 250  # bytes per row; noise of one image's 50 copies
+    assert _chunks_in_budget(1e9, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (64, 50)  # everything at once
+    for budget in (2e5, 1e6, 3e6):
+        images, copies = _chunks_in_budget(budget, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise)
+        assert images * (noise + copies * row) <= budget and (copies == 50 or images == 1)
+    assert _chunks_in_budget(2e5, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (3, 50)
+    assert _chunks_in_budget(2e4, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (1, 7)
+    assert _chunks_in_budget(10, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (1, 1)  # one row at least
+
+
+def test_variant_copies_follow_the_precision_unless_told_otherwise():
+    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
+    model = make_model(name, kwargs)
+    images = images_for(model, batch=2)
+    config = VariantConfig("smooth", n_samples=6, seed=2)
+    assert CDAMExplainer(model, precision="bf16").variant_precision == "bf16"
+    exact = CDAMExplainer(model).explain(images, "classes:1,2", keys=["u", "v"], variant=config)
+    float32_copies = CDAMExplainer(model, precision="bf16", variant_precision="float32").explain(images, "classes:1,2", keys=["u", "v"], variant=config)
+    bf16_copies = CDAMExplainer(model, precision="bf16").explain(images, "classes:1,2", keys=["u", "v"], variant=config)
+    assert bf16_copies.cdam.dtype == torch.float32
+    assert 0 < relative_error(bf16_copies.cdam, float32_copies.cdam) < 0.05
+    assert 0 < relative_error(float32_copies.cdam, exact.cdam) < 0.05
+    assert torch.equal(bf16_copies.logits, float32_copies.logits)  # the clean pass stays float32
+    with pytest.raises(ValueError, match="variant_precision must be float32, bf16 or tf32, not 'fp8'"):
+        CDAMExplainer(model, variant_precision="fp8")
+    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
+        CDAMExplainer(model, max_rows=0)
+
+
 @pytest.mark.parametrize("family_name", ["cls_qkv_bias", "registers_layerscale", "avg_pool_no_cls"])
 @pytest.mark.parametrize("variant", ["vanilla", "smooth"])
 def test_maps_from_basis_match_direct_maps(family_name, variant):
@@ -219,13 +268,13 @@ def test_bf16_trunk_is_close_and_reports_float32_maps():
 def test_cuda_precision_scope_sets_and_restores_the_tf32_flags():
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = matmul.fp32_precision, conv.fp32_precision
-    with _cuda_fp32_precision(torch.device("cuda"), "ieee"):  # flags only: no GPU needed
+    with cuda_fp32_precision(torch.device("cuda"), "ieee"):  # flags only: no GPU needed
         assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
-        with _cuda_fp32_precision(torch.device("cuda"), "tf32"):
+        with cuda_fp32_precision(torch.device("cuda"), "tf32"):
             assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
         assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
     assert (matmul.fp32_precision, conv.fp32_precision) == before
-    with _cuda_fp32_precision(torch.device("cpu"), "tf32"):  # nothing changes for other devices
+    with cuda_fp32_precision(torch.device("cpu"), "tf32"):  # nothing changes for other devices
         assert (matmul.fp32_precision, conv.fp32_precision) == before
 
 
@@ -242,6 +291,23 @@ def test_cuda_float32_matches_the_reference_and_reduced_precisions_stay_close(fa
         result = CDAMExplainer(model, precision=precision).explain(images.cuda(), "all")
         assert result.cdam.device.type == "cuda" and result.cdam.dtype == torch.float32
         assert relative_error(result.cdam.cpu(), cpu.cdam) < tolerance, precision
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family_name", ["cls_qkv_bias", "avg_pool_no_cls"])
+def test_cuda_smooth_chunks_sized_to_free_memory_match_small_chunks(family_name):
+    name, kwargs, _ = FAMILIES[family_name]
+    model = make_model(name, kwargs).cuda()
+    images = images_for(model, batch=4).cuda()
+    keys = ["a", "b", "c", "d"]
+    config = VariantConfig("smooth", n_samples=50, seed=1)
+    sized = CDAMExplainer(model)
+    assert sized.variant_chunks(4, model.patch_embed.num_patches + model.num_prefix_tokens, config) == (4, 50)  # a tiny model: one chunk
+    one_chunk = sized.explain(images, "classes:1,2", keys=keys, variant=config).cdam
+    small_chunks = CDAMExplainer(model, max_rows=3).explain(images, "classes:1,2", keys=keys, variant=config).cdam
+    assert relative_error(one_chunk, small_chunks) < 1e-5
+    bf16_copies = CDAMExplainer(model, precision="bf16").explain(images, "classes:1,2", keys=keys, variant=config)
+    assert bf16_copies.cdam.dtype == torch.float32 and relative_error(bf16_copies.cdam, one_chunk) < 0.1
 
 
 @pytest.fixture(scope="module")
