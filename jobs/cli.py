@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoint", metavar="FILE", help="a state dict of the timm model, or a checkpoint saved by cdam")
     model.add_argument("--head-checkpoint", metavar="FILE", help="a linear head (weight (C, D), bias (C)) put on the backbone's features")
     model.add_argument("--method", choices=["auto", "closed_form", "autograd"], default="auto", help="how maps are computed (default: auto, the closed form where it is exact)")
-    model.add_argument("--precision", choices=["float32", "bf16", "tf32"], default="float32", help="precision of the trunk (all blocks but the last): float32 (exact, TF32 off on CUDA), bf16 autocast, or tf32 (CUDA only; no effect on CPU); the last block and the maps are always float32 (default: float32)")
+    model.add_argument("--precision", choices=["float32", "bf16", "tf32"], default="float32", help="precision of the trunk (all blocks but the last) and of Smooth/Integrated's re-runs of the last block on their noisy copies: float32 (exact, TF32 off on CUDA), bf16 autocast, or tf32 (CUDA only; no effect on CPU); vanilla maps and the clean pass that picks the targets are always float32 (default: float32)")
     what = explain.add_argument_group("what to explain")
     what.add_argument("--targets", default="topk:5", help="topk:K | label | classes:3,7,zebra | all | none (default: topk:5)")
     what.add_argument("--concepts", nargs="*", default=[], metavar="NAME=FILE", help="concept targets: a saved vector or a folder of example images; append :cosine for cosine similarity")
