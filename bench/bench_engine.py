@@ -2,7 +2,10 @@
 
 Everything runs in one process on the same random-weight model and the same batch. The timed cases are
 interleaved round by round (case A, case B, ..., then again), so a change in machine load hits every case
-alike; each number is the median over the rounds, after one warm-up round.
+alike; each number is the median over the rounds, after one warm-up round. Captum runs in exact float32
+(no TF32 on CUDA), like the engine's float32 maps it is checked against. Smooth CDAM is timed in float32 and
+with bf16 (trunk and copies, and trunk only), and its bf16 maps are compared with float32 copies next to
+Smooth's own sampling error (two seeds).
 
     python -m bench.bench_engine                       # CPU defaults: vit_small_patch16_224, batch 8, 224 px
     python -m bench.bench_engine --device cuda --batch 64 --repeats 10
@@ -28,6 +31,7 @@ import torch
 
 from bench.report import command_line, load_average, machine_line, write_section
 from cdam_worker import CDAMExplainer, VariantConfig
+from cdam_worker.engine import cuda_fp32_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Engine"
@@ -174,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
     closed = CDAMExplainer(model)
     autograd = CDAMExplainer(model, method="autograd")
-    bf16 = CDAMExplainer(model, precision="bf16")
+    bf16 = CDAMExplainer(model, precision="bf16")  # Smooth's copies in bf16 too
+    bf16_float32_copies = CDAMExplainer(model, precision="bf16", variant_precision="float32")
     tf32 = CDAMExplainer(model, precision="tf32") if device.type == "cuda" else None  # TF32 exists on CUDA only
     if closed.method != "closed_form":
         raise SystemExit(f"{args.model}: the closed form does not hold ({closed.method_reason}); this benchmark compares it with the rest")
     smooth = VariantConfig("smooth", n_samples=args.smooth_samples)
-    chunk_targets = max(1, autograd.max_rows // args.batch)  # targets per autograd backward pass
+    tokens = model.patch_embed.num_patches + prefix
+    chunk_targets = max(1, autograd.rows_per_pass(tokens) // args.batch)  # targets per autograd backward pass
 
     def explain(explainer: CDAMExplainer, targets, **kwargs):
         with torch.no_grad():
@@ -197,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         captum_classes = model(images).mean(0).topk(min(args.captum_targets, num_classes)).indices.tolist()
 
     def captum_maps(classes: list[int]) -> torch.Tensor:
-        maps = [captum.attribute(images, target=c).sum(-1)[:, prefix:] for c in classes]  # (B, N) each
+        with cuda_fp32_precision(device, "ieee"):  # the reference in exact float32: no TF32 convolutions on CUDA
+            maps = [captum.attribute(images, target=c).sum(-1)[:, prefix:] for c in classes]  # (B, N) each
         return torch.stack(maps, dim=1).detach()
 
     k10 = min(10, num_classes)
@@ -212,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         Case("ag1", "CDAM, autograd through the last block", "1", lambda: explain(autograd, "topk:1"), args.repeats),
         Case("ag10", "CDAM, autograd through the last block", str(k10), lambda: explain(autograd, f"topk:{k10}"), args.repeats),
         Case("bf1", "CDAM, closed form, bf16 trunk", "1", lambda: explain(bf16, "topk:1"), args.repeats),
+        Case("smbf1", f"{smooth_label}, bf16 trunk and copies", "1", lambda: explain(bf16, "topk:1", keys=keys, variant=smooth), args.repeats),
+        Case(
+            "smbf1f",
+            f"{smooth_label}, bf16 trunk, float32 copies",
+            "1",
+            lambda: explain(bf16_float32_copies, "topk:1", keys=keys, variant=smooth),
+            args.repeats,
+        ),
         Case("bfall", "CDAM, closed form, bf16 trunk", f"{num_classes} (all)", lambda: explain(bf16, "all"), args.repeats),
         Case(
             "captum",
@@ -283,6 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     exact_all = explain(closed, "all").cdam
     approx_all = explain(bf16, "all").cdam
     bf16_error = relative_error(approx_all, exact_all)
+    smooth_classes = explain(closed, f"topk:{k10}").target_class  # the same classes for every precision
+    smooth_exact = explain(closed, smooth_classes, keys=keys, variant=smooth).cdam
+    smooth_other_seed = explain(closed, smooth_classes, keys=keys, variant=VariantConfig("smooth", n_samples=args.smooth_samples, seed=smooth.seed + 1)).cdam
+    smooth_bf16_float32_copies = explain(bf16_float32_copies, smooth_classes, keys=keys, variant=smooth).cdam
+    smooth_bf16 = explain(bf16, smooth_classes, keys=keys, variant=smooth).cdam
+    smooth_moves = {  # what: (max |diff| / max |ref|, median and min Pearson r per map)
+        what: (relative_error(value, reference), *median_correlation(value, reference))
+        for what, (value, reference) in {
+            "its own sampling error, seed 0 vs seed 1 (float32)": (smooth_other_seed, smooth_exact),
+            "bf16 copies vs float32 copies (both with a bf16 trunk)": (smooth_bf16, smooth_bf16_float32_copies),
+            "bf16 trunk vs float32 trunk (both with float32 copies)": (smooth_bf16_float32_copies, smooth_exact),
+            "bf16 trunk and copies vs float32 throughout": (smooth_bf16, smooth_exact),
+        }.items()
+    }
     bf16_corr_median, bf16_corr_min = median_correlation(approx_all, exact_all)
     tf32_all = explain(tf32, "all").cdam if tf32 is not None else None
     load_after = load_average()
@@ -311,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             f"**extrapolated** from {n_captum} targets (x {scale:g})",
         )
     )
-    order = ["forward", "cf1", "cf10", "cfall", "ag1", "ag10", "agchunk", "agall", "sm1", "sm10", "bf1", "bfall", "tfall", "captum", "captumall"]
+    order = ["forward", "cf1", "cf10", "cfall", "ag1", "ag10", "agchunk", "agall", "sm1", "sm10", "bf1", "bfall", "smbf1", "smbf1f", "tfall", "captum", "captumall"]
     keyed = {c.key: r for c, r in zip([c for c in cases if c.key != "captum"], rows)}
     keyed.update(agall=rows[-3], captum=rows[-2], captumall=rows[-1])
     rows = [keyed[key] for key in order if key in keyed]
@@ -328,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     forward_ratio = ratios(forward, by_key["cfall"])
     captum_speedup = ratios(captum_case, by_key["cfall"], scale)
     smooth_ratio = ratios(by_key["sm1"], by_key["cf1"])
+    smooth_bf16_ratio = ratios(by_key["smbf1"], by_key["bf1"])
+    smooth_bf16_float32_copies_ratio = (paired_ratio(by_key["smbf1f"], by_key["bf1"]), by_key["smbf1f"].best / by_key["bf1"].best)
     smooth10_ratio = (paired_ratio(by_key["sm10"], by_key["cf10"]), by_key["sm10"].best / by_key["cf10"].best)
     bf16_ratio = (paired_ratio(by_key["cf1"], by_key["bf1"]), by_key["cf1"].best / by_key["bf1"].best)
     bf16_all_ratio = (paired_ratio(by_key["cfall"], by_key["bfall"]), by_key["cfall"].best / by_key["bfall"].best)
@@ -342,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         return "-" if value is None or value != value else f"{value:.{digits}f}"
 
     shared = device.type == "cpu"
+    smooth_images, smooth_copies = closed.variant_chunks(args.batch, tokens, smooth)
     forward_macs, closed_macs, block_macs = multiply_adds(model, num_classes)
     block_share = block_macs / forward_macs
     lines = [
@@ -388,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{captum_speedup[0]:.0f}x | {captum_speedup[1]:.0f}x | {captum_speedup[2]:.0f}x | {met(captum_speedup, lambda v: v >= GOAL_CAPTUM_SPEEDUP)} |",
         f"| Smooth CDAM m={args.smooth_samples} time / vanilla time, K=1 | <= {GOAL_SMOOTH_RATIO:.0f}x | "
         f"{smooth_ratio[0]:.2f}x | {smooth_ratio[1]:.2f}x | {smooth_ratio[2]:.2f}x | {met(smooth_ratio, lambda v: v <= GOAL_SMOOTH_RATIO)} |",
+        f"| Smooth CDAM m={args.smooth_samples} time / vanilla time, K=1, both with `precision=bf16` (Smooth's copies in bf16) | <= {GOAL_SMOOTH_RATIO:.0f}x | "
+        f"{smooth_bf16_ratio[0]:.2f}x | {smooth_bf16_ratio[1]:.2f}x | {smooth_bf16_ratio[2]:.2f}x | {met(smooth_bf16_ratio, lambda v: v <= GOAL_SMOOTH_RATIO)} |",
         "",
         f"Arithmetic ceiling of the first goal: per image, a plain forward is {forward_macs / 1e9:.2f} G multiply-adds and all-class "
         f"CDAM by the closed form {closed_macs / 1e9:.2f} G (the last block, {block_share:.0%} of the forward, is replaced by pushing "
@@ -406,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         "Random weights: the error on a trained model may differ.",
         f"- Smooth CDAM m={args.smooth_samples} / vanilla at K={k10} (paired median, best-of): {smooth10_ratio[0]:.2f}x, {smooth10_ratio[1]:.2f}x. "
         f"Smooth re-runs only the last block's closed form on the {args.smooth_samples} noisy copies of its input "
-        f"({max(1, closed.max_rows // args.batch)} copies per chunk).",
+        f"(chunks of {smooth_images} images x {smooth_copies} copies). With a bf16 trunk and float32 copies, Smooth / vanilla bf16 at K=1 "
+        f"(paired median, best-of): {smooth_bf16_float32_copies_ratio[0]:.2f}x, {smooth_bf16_float32_copies_ratio[1]:.2f}x.",
+        f"- What moves the Smooth maps (m={args.smooth_samples}, the top {k10} float32 classes; max |diff| / max |ref| over the batch, "
+        "and Pearson r per (image, class) map, median and min): "
+        + "; ".join(f"{what}: {error:.2e}, r {r_median:.5f} / {r_min:.5f}" for what, (error, r_median, r_min) in smooth_moves.items())
+        + ". Two seeds differ by about sqrt(2) times the sampling error of one map. Random weights: a trained model may differ.",
     ]
     if tf32_all is not None:
         tf32_corr_median, tf32_corr_min = median_correlation(tf32_all, exact_all)
