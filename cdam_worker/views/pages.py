@@ -1,0 +1,141 @@
+"""HTML of the views, shared by the dashboard (``cdam serve``) and the static report (``cdam report``).
+
+Every function returns a fragment (text already escaped); links and picture sources come from the
+caller, so the same overview links to ``/class/3`` on the server and to ``#class-3`` in the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from html import escape
+from typing import Any
+
+LEGEND = "Colours: red = evidence for the class, blue = evidence against it, white/clear = none; each map has its own symmetric scale (±its largest |value|), upsampled from tokens to pixels for display only."
+
+
+def document(title: str, body: str, head: str) -> str:
+    """A whole HTML page; ``head`` holds its style and scripts (links on the server, inline in the report)."""
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>{head}</head>"
+        f"<body>{body}</body></html>\n"
+    )
+
+
+def number(value: Any, digits: int = 3) -> str:
+    """A number for a table cell: integers as they are, floats to ``digits`` significant digits, None as a dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return escape(str(value))
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def notes(lines: Sequence[str], kind: str = "note") -> str:
+    """A box of one-line notes (what was not read and why, missing audit ...); empty without lines."""
+    if not lines:
+        return ""
+    return f"<div class=\"notes {kind}\" role=\"status\">" + "".join(f"<p>{escape(line)}</p>" for line in lines) + "</div>"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], css: str = "") -> str:
+    """A table; cells are HTML fragments (escape text before)."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table class=\"{css}\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderboard: list[dict[str, Any]], errors: list[dict[str, Any]],
+             n_errors: int, no_audit: str, class_link: Callable[[int], str]) -> str:
+    """The overview: run facts, what was skipped, the audit's leaderboard, classes, errors."""
+    variant = facts["variant"]
+    variant_text = variant.get("name", "?") if isinstance(variant, dict) else str(variant)
+    run_rows = [
+        ("run", f"<code>{escape(facts['url'])}</code>" + ("" if facts["complete"] else " <span class=\"warn\">(not complete)</span>")),
+        ("model", f"{escape(facts['model'])} ({escape(str(facts['method']))})"),
+        ("targets", escape(str(facts["targets"])) + (f"; concepts: {escape(', '.join(facts['concepts']))}" if facts["concepts"] else "")),
+        ("variant", escape(variant_text)),
+        ("maps", f"{escape(facts['grid'])} over a {escape(facts['input_size'])} input, {escape(facts['maps_dtype'])}"),
+        ("images", f"{facts['n_images']} explained in {facts['shards_complete']} of {facts['n_shards']} shards; {facts['n_errors']} error row(s)"),
+        ("accuracy", f"{percent(facts['accuracy'])} on {facts['n_labelled']} labelled image(s)" if facts["accuracy"] is not None else "no labels"),
+        ("classes", str(facts["n_classes"])),
+    ]
+    parts = [notes(facts["skipped"], "warn"), "<h2>Run</h2>", "<dl class=\"facts\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in run_rows) + "</dl>"]
+    parts.append("<h2>Audit: classes by suspicion</h2>")
+    if leaderboard:
+        rows = [
+            [str(r["rank"]), f"<a href=\"{class_link(r['class'])}\">{escape(r['class_name'])}</a>", str(r["n_images"]), number(r["score"]),
+             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", escape(_reasons(r["reasons"]))]
+            for r in leaderboard
+        ]
+        parts.append(table(["rank", "class", "images", "score", "", "reasons"], rows, "leaderboard"))
+    else:
+        parts.append(notes([no_audit]))
+    parts.append("<h2>Classes</h2>")
+    shown = [c for c in class_counts if c["predicted"] or c["labelled"]]
+    rows = [[f"<a href=\"{class_link(c['class'])}\">{escape(c['name'])}</a>", str(c["predicted"]), str(c["labelled"]), percent(c["accuracy"])] for c in shown]
+    parts.append(table(["class", "predicted", "labelled", "accuracy on its labels"], rows, "classes"))
+    if len(shown) < len(class_counts):
+        parts.append(f"<p class=\"muted\">{len(class_counts) - len(shown)} class(es) with no image predicted or labelled as them are not listed.</p>")
+    parts.append(f"<h2>Errors ({n_errors})</h2>")
+    if errors:
+        rows = [[escape(e["shard"]), escape(e["key"] or "(whole shard)"), escape(e["reason"])] for e in errors]
+        parts.append(table(["shard", "key", "reason"], rows, "errors"))
+        if n_errors > len(errors):
+            parts.append(f"<p class=\"muted\">{n_errors - len(errors)} more: <code>cdam query {escape(facts['url'])} \"SELECT * FROM errors\"</code></p>")
+    else:
+        parts.append("<p class=\"muted\">No sample failed.</p>")
+    return "".join(parts)
+
+
+def _reasons(reasons: Any) -> str:
+    if isinstance(reasons, list):
+        return "; ".join(str(r) for r in reasons)
+    return str(reasons or "")
+
+
+def class_audit(audit_row: dict[str, Any] | None, no_audit: str) -> str:
+    """The audit's verdict on a class, or the note that there is no audit."""
+    if audit_row is None:
+        return notes([no_audit])
+    flag = "<span class=\"flag\">flagged</span> " if audit_row["flagged"] else ""
+    return (f"<p class=\"verdict\">{flag}rank {audit_row['rank']}, suspicion score {number(audit_row['score'])} "
+            f"over {audit_row['n_images']} image(s). {escape(_reasons(audit_row['reasons']))}</p>")
+
+
+def prototypes(clusters: list[dict[str, Any]], prototype_src: Callable[[int], str], medoid_src: Callable[[str], str], cluster_link: Callable[[int], str] | None) -> str:
+    """The audit's clusters of a class: prototype (mean map), medoid image, size, share, purity."""
+    if not clusters:
+        return ""
+    cards = []
+    for c in clusters:
+        title = f"cluster {c['cluster']}"
+        flag = " <span class=\"flag\">flagged</span>" if c["flagged"] else ""
+        heading = f"<a href=\"{cluster_link(c['cluster'])}\" data-cluster=\"{c['cluster']}\">{title}</a>" if cluster_link else title
+        cards.append(
+            f"<figure class=\"cluster{' flagged' if c['flagged'] else ''}\">"
+            f"<div class=\"pair\"><img alt=\"prototype of {title}\" src=\"{prototype_src(c['cluster'])}\">"
+            f"<img alt=\"medoid of {title}\" src=\"{medoid_src(c['medoid_key'])}\"></div>"
+            f"<figcaption>{heading}{flag}<br>"
+            f"{c['size']} images ({percent(c['share'])}), purity {percent(c['purity'])}<br>"
+            f"<span class=\"muted\">prototype | medoid {escape(c['medoid_key'])}</span></figcaption></figure>"
+        )
+    return "<h3>Clusters: prototype (mean map) and medoid</h3><div class=\"clusters\">" + "".join(cards) + "</div>"
+
+
+def card(src: str, alt_src: str | None, caption: str, href: str | None, css: str = "") -> str:
+    """A gallery card: a tile (``alt_src``, if given, shows on hover), its caption, and a link."""
+    images = f"<img class=\"main\" alt=\"\" src=\"{src}\">" + (f"<img class=\"alt\" alt=\"\" src=\"{alt_src}\">" if alt_src else "")
+    inner = f"<div class=\"tile\">{images}</div><figcaption>{caption}</figcaption>"
+    return f"<figure class=\"card {css}\">" + (f"<a href=\"{href}\">{inner}</a>" if href else inner) + "</figure>"
+
+
+def json_data(element_id: str, payload: Any) -> str:
+    """Data for the page's script, as a non-executed JSON block (the CSP forbids inline scripts)."""
+    text = json.dumps(payload).replace("<", "\\u003c")
+    return f"<script type=\"application/json\" id=\"{element_id}\">{text}</script>"

@@ -1,0 +1,147 @@
+"""Tiles of a run (an image, its map, or both) rendered at display size and cached in memory.
+
+A map is named by a string: ``c<class>`` (the stored map of that class, NaN where it was not a target
+of the image), ``s<slot>`` (target slot ``slot``, concepts included) or ``att`` (the last block's CLS
+attention, mean over heads, less its minimum: a nearly uniform attention shows as nearly nothing). Batches are read together: the maps of a page with one chunk-wise read,
+its images in a thread pool (one ranged read per image member).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from cdam_worker.reading import Run, RunError
+from cdam_worker.views.render import VIEWS, display_size, encode, model_view_transform, tile
+
+SIZES = (96, 160, 256, 512)
+"""Allowed tile sizes (pixels of the longer side)."""
+MAP_NAME = re.compile(r"^(?:c(\d{1,6})|s(\d{1,4})|att)$")
+IMAGE_THREADS = 8
+
+
+class ByteLRU:
+    """A thread-safe least-recently-used cache bounded by the bytes of its values."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
+    def __contains__(self, key: Any) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key)[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                self._bytes -= self._items.popitem(last=False)[1][1]
+
+
+class TileRenderer:
+    """Renders and caches the tiles of one run (the dashboard's and the report's pictures)."""
+
+    def __init__(self, run: Run, image_format: str = "PNG", cache_bytes: int = 512 << 20) -> None:
+        self.run = run
+        self.image_format = image_format
+        self.model_view = model_view_transform(run.attrs["data_config"])
+        height, width = run.attrs["input_size"][1:]
+        self.input_size = (int(height), int(width))
+        self._images = ByteLRU(cache_bytes // 2)  # (key, size) -> (H, W, 3) uint8, or None if unreadable
+        self._maps = ByteLRU(cache_bytes // 8)  # (key, map) -> (gh, gw) float32
+        self._tiles = ByteLRU(cache_bytes // 4)  # (key, view, map, size) -> encoded bytes
+        self._pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="cdam-images")
+        self.unreadable: dict[str, str] = {}  # key -> why its image could not be read
+
+    def check_map(self, name: str) -> None:
+        """RunError unless ``name`` names a map this run has."""
+        match = MAP_NAME.match(name)
+        if match is None:
+            raise RunError(f"map {name!r}: expected c<class>, s<slot> or att")
+        if match.group(1) is not None and int(match.group(1)) >= len(self.run.class_names):
+            raise RunError(f"map {name!r}: the run has {len(self.run.class_names)} classes")
+        if match.group(2) is not None and int(match.group(2)) >= self.run.n_targets:
+            raise RunError(f"map {name!r}: the run stores {self.run.n_targets} target slots")
+
+    def prefetch(self, keys: Sequence[str], map_name: str, size: int) -> None:
+        """Read what the tiles of ``keys`` need and is not cached: their maps at once, their images in parallel."""
+        missing_maps = [key for key in dict.fromkeys(keys) if (key, map_name) not in self._maps]
+        if missing_maps:
+            for key, values in zip(missing_maps, self._read_maps(missing_maps, map_name)):
+                self._maps.put((key, map_name), values, values.nbytes)
+        self._prefetch_images(keys, size)
+
+    def _prefetch_images(self, keys: Sequence[str], size: int) -> None:
+        missing_images = [key for key in dict.fromkeys(keys) if (key, size) not in self._images]
+        for key, picture in zip(missing_images, self._pool.map(lambda key: self._read_image(key, size), missing_images)):
+            self._images.put((key, size), picture, 64 if picture is None else picture.nbytes)
+
+    def tile(self, key: str, view: str, map_name: str, size: int) -> bytes:
+        """The encoded tile (PNG or JPEG) of an explained image."""
+        cache_key = (key, view, map_name, size)
+        data = self._tiles.get(cache_key)
+        if data is None:
+            self.prefetch([key], map_name, size)
+            picture = tile(view, self._images.get((key, size)), self._maps.get((key, map_name)), display_size(self.input_size, size))
+            data = encode(picture, self.image_format)
+            self._tiles.put(cache_key, data, len(data))
+        return data
+
+    def map_values(self, key: str, map_name: str) -> np.ndarray:
+        """The (gh, gw) map ``map_name`` of ``key`` (NaN where not stored)."""
+        self.prefetch([key], map_name, SIZES[0])
+        return self._maps.get((key, map_name))
+
+    def model_view_image(self, key: str, size: int) -> np.ndarray | None:
+        """The image as the model saw it, at display size ``size`` (None if unreadable)."""
+        self._prefetch_images([key], size)
+        return self._images.get((key, size))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_maps(self, keys: list[str], map_name: str) -> np.ndarray:
+        match = MAP_NAME.match(map_name)
+        if match is None:
+            raise RunError(f"map {map_name!r}: expected c<class>, s<slot> or att")
+        if match.group(1) is not None:
+            return self.run.maps_for(keys, [int(match.group(1))])[:, 0]
+        rows = self.run.rows_of(keys)
+        if match.group(2) is not None:
+            return self.run.read_rows("cdam", rows)[:, int(match.group(2))].astype(np.float32)
+        attention = self.run.read_rows("attention", rows).astype(np.float32).mean(axis=1)
+        return attention - np.where(np.isfinite(attention), attention, np.inf).min(axis=(1, 2), keepdims=True)
+
+    def _read_image(self, key: str, size: int) -> np.ndarray | None:
+        try:
+            picture = self.model_view(self.run.image(key))
+        except RunError as error:
+            if key not in self.unreadable:
+                self.unreadable[key] = str(error)
+                print(f"note: {error}", file=sys.stderr)
+            return None
+        return np.asarray(picture.convert("RGB").resize(display_size(self.input_size, size)), dtype=np.uint8)
+
+
+def check_view(view: str) -> None:
+    if view not in VIEWS:
+        raise RunError(f"view {view!r}: expected one of {', '.join(VIEWS)}")

@@ -1,0 +1,41 @@
+"""``cdam export-fiftyone DEST OUT``: a run as a FiftyOne dataset folder (images, heatmaps, audit clusters)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+OUT gets FiftyOne's JSON dataset format: samples.json, metadata.json, data/ (each image as the model
+saw it, the frame the maps cover) and heatmaps/ (one float32 .npy per image and stored map, with its
+range [-s, s]). Audit clusters become the fields audit_cluster/audit_x/audit_y/audit_score and the tags
+cluster-<k> and audit-flagged. FiftyOne is not needed to write it; to open it (with FiftyOne installed):
+
+  python -c 'import fiftyone as fo; fo.launch_app(fo.Dataset.from_dir("OUT", fo.types.FiftyOneDataset)).wait()'
+
+examples:
+  cdam export-fiftyone cdam-demo-output demo-fiftyone
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("export-fiftyone", help="write a run as a FiftyOne dataset folder", description="Write a run as a FiftyOne dataset folder: images, one heatmap file per image and map with its range, predictions, labels and the audit's clusters as fields and tags.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
+    parser.add_argument("out", metavar="OUT", help="a new (or empty) local folder for the FiftyOne dataset")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cdam_worker.reading import open_run
+    from cdam_worker.views.fiftyone import export_fiftyone
+
+    run_ = open_run(args.output)
+    for note in run_.skipped:
+        print(f"note: {note}", file=sys.stderr)
+    counts = export_fiftyone(run_, Path(args.out))
+    left_out = f"; left out: {counts['unreadable_images']} unreadable image(s), {counts['missing_maps']} map(s) not written (NaN)" if counts["unreadable_images"] or counts["missing_maps"] else ""
+    print(f"wrote {counts['samples']} samples to {args.out}{left_out}", file=sys.stderr)
+    print(f'open it: python -c \'import fiftyone as fo; fo.launch_app(fo.Dataset.from_dir("{args.out}", fo.types.FiftyOneDataset)).wait()\'', file=sys.stderr)
+    return 0

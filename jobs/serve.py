@@ -1,0 +1,67 @@
+"""``cdam serve DEST``: a local, read-only web dashboard over a run (local folder or s3://)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+import sys
+
+EPILOG = """\
+pages:
+  /                  overview: model, targets, counts, errors, accuracy, the audit's class leaderboard
+  /class/INDEX       every image of a class (paged), as input, heatmap or overlay; filters by
+                     prediction, label, correctness and audit cluster; the audit's 2-D plot (drag a box
+                     to select images) and the clusters' prototypes
+  /image?key=KEY     every stored target's map and the attention map of one image, with its metadata
+
+Colours: red = evidence for the class, blue = against; one symmetric scale per map. Views that need
+`cdam audit DEST` say so until it has run. The server only reads the run; it binds 127.0.0.1 unless
+--host says otherwise (it has no authentication: bind another address only on a trusted network).
+
+examples:
+  cdam serve cdam-demo-output
+  cdam serve s3://bucket/cdam/val --port 8080
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="a local web dashboard over a run", description="Serve a read-only web dashboard over a run: overview, per-class galleries of every image, the audit's plots and prototypes, per-image maps.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cdam_worker.reading import RunError, open_run
+    from cdam_worker.views.app import create_app
+
+    run_ = open_run(args.output)
+    for note in run_.skipped:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"reading the index of {run_.url} ...", file=sys.stderr)
+    app = create_app(run_)
+    if not _is_loopback(args.host):
+        print(f"warning: serving on {args.host}: anyone who can reach this address can see the run (no authentication)", file=sys.stderr)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as error:
+        raise RunError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    port = listener.getsockname()[1]
+    shown = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    print(f"cdam serve: http://{shown}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[listener])
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

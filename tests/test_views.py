@@ -1,0 +1,334 @@
+"""The views of a run: the ``cdam serve`` dashboard and the ``cdam report`` file driven in a real headless
+Chromium, ``cdam show`` figures checked as pictures, the FiftyOne export's files, and every command on a
+damaged run and on S3 with transient faults (issue 10, issue 12 §3).
+
+Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_ACCESS_KEY, TEST_SECRET
+from views_fixtures import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, NON_BLANK_IMAGES_JS, PageWatch, damage_run, png_stats, serving, write_audit
+
+from cdam_worker.reading import open_run
+from cdam_worker.views.catalog import Catalog
+from jobs.cli import main
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def audited_run(demo_run: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A copy of the demo run with audit tables (the format ``cdam audit`` writes) and what they hold."""
+    dest = tmp_path_factory.mktemp("views") / "run"
+    shutil.copytree(demo_run, dest)
+    return str(dest), write_audit(dest)
+
+
+@pytest.fixture(scope="module")
+def browser():  # noqa: ANN201 - playwright Browser
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def raw_get(base: str, path: str) -> tuple[int, bytes]:
+    """GET ``path`` exactly as written (no client-side normalisation of '..')."""
+    address = urlparse(base)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def wait_until(page, expression: str, timeout: float = 30.0) -> None:  # noqa: ANN001 - playwright Page
+    """Poll a JavaScript expression until it is true (page.wait_for_function would need 'unsafe-eval',
+    which the dashboard's Content-Security-Policy forbids)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(50)
+
+
+def wait_total(page, expected: int) -> None:  # noqa: ANN001
+    wait_until(page, f"document.getElementById('gallery').dataset.total === '{expected}'")
+
+
+def wait_images(page, selector: str) -> list[float]:  # noqa: ANN001
+    wait_until(page, f"(() => {{ const all = [...document.querySelectorAll({selector!r})]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); }})()")
+    return page.evaluate(NON_BLANK_IMAGES_JS, selector)
+
+
+def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:  # noqa: ANN001
+    dest, truth = audited_run
+    catalog = Catalog(open_run(dest))
+    in_class = np.flatnonzero((catalog.preds == 0) | (catalog.labels == 0))
+    wrong = in_class[catalog.preds[in_class] != catalog.labels[in_class]]
+    assert len(in_class) > 48 and 0 < len(wrong) < len(in_class), "the demo run should give class 0 two pages and some mistakes"
+    with serving(dest) as url:
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        watch = PageWatch(page)
+        page.goto(url + "/")
+        assert page.inner_text("table.leaderboard tbody tr >> nth=0").split("\t")[:2] == ["1", catalog.class_names[0]]
+        assert "flagged" in page.inner_text("table.leaderboard tbody tr >> nth=0")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
+
+        page.click("table.leaderboard a >> nth=0")
+        page.wait_for_url(f"{url}/class/0")
+        wait_total(page, len(in_class))
+        contrast = wait_images(page, "#gallery img")
+        assert len(contrast) == 48 and min(contrast) > 5, f"blank or missing gallery pictures: {contrast}"
+        assert min(wait_images(page, ".clusters img")) > 1
+        page.screenshot(path=str(ARTIFACTS / "dashboard-class.png"), full_page=True)
+
+        page.select_option("#filter-correct", "no")  # a filter changes the gallery
+        wait_total(page, len(wrong))
+        assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) == {catalog.keys[p] for p in wrong[:48]}
+        page.select_option("#filter-correct", "")
+        wait_total(page, len(in_class))
+
+        canvas = page.locator("#scatter").bounding_box()  # drag a box over the left half: audit cluster 0 only
+        page.mouse.move(canvas["x"] + 1, canvas["y"] + 1)
+        page.mouse.down()
+        page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] - 1, steps=5)
+        page.mouse.up()
+        wait_total(page, len(truth["members"][0][0]))
+        assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) <= set(truth["members"][0][0])
+        page.screenshot(path=str(ARTIFACTS / "dashboard-selection.png"), full_page=True)
+        page.mouse.click(canvas["x"] + 5, canvas["y"] + 5)  # a click clears the selection
+        wait_total(page, len(in_class))
+
+        page.click("[data-page=last]")  # paging reaches the last image
+        wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
+        keys = page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")
+        assert keys[-1] == catalog.keys[in_class[-1]] and len(keys) == len(in_class) - 48 * ((len(in_class) - 1) // 48)
+        assert "page=" in page.url
+
+        page.click("a[data-cluster='1']")  # a cluster of the prototypes filters the gallery
+        wait_total(page, len(truth["members"][0][1]))
+        page.check("#view-heatmap")
+        wait_until(page, "[...document.querySelectorAll('#gallery img')].every((i) => i.src.includes('view=heatmap'))")
+        assert min(wait_images(page, "#gallery img")) > 5
+
+        page.click("#gallery figure a >> nth=0")
+        page.wait_for_url(f"{url}/image?key=*")
+        contrast = wait_images(page, ".gallery.large img")
+        assert len(contrast) == 2 + catalog.run.n_targets and min(contrast) > 1
+        assert page.inner_text("h1") == truth["members"][0][1][0]
+        page.screenshot(path=str(ARTIFACTS / "dashboard-image.png"), full_page=True)
+
+        assert watch.errors == [], watch.errors
+        assert watch.foreign_requests(url + "/") == []
+        assert len(watch.requests) > 100
+        page.close()
+
+        for path in ("/static/../../../etc/passwd", "/static/..%2F..%2F..%2Fetc%2Fpasswd", "/static/%2e%2e/app.py", "/../../etc/passwd",
+                     "/tile?key=..%2F..%2Fmanifest.json&view=input&map=att&size=160", "/image?key=..%2Fmanifest.json",
+                     "/contact-sheet?class=..%2F..%2Fetc", "/class/99", "/nothing-here"):
+            status, body = raw_get(url, path)
+            assert status == 404, (path, status, body)
+            assert b"root:" not in body and len(body.splitlines()) == 1
+        assert get(url + "/tile?key=" + quote(catalog.keys[0]) + "&view=input&map=att&size=161")[0] == 400
+        assert get(url + "/tile?key=" + quote(catalog.keys[0]) + "&view=input&map=c77&size=160")[0] == 400
+        status, _ = raw_get(url, "/")
+        assert status == 200
+
+
+def test_report_in_a_browser(audited_run: tuple[str, dict], browser, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    dest, truth = audited_run
+    out = tmp_path / "report.html"
+    assert main(["report", dest, "-o", str(out), "--classes", "2", "--per-class", "6"]) == 0
+    assert "wrote" in capsys.readouterr().err
+    html = out.read_text()
+    assert "no audit yet" not in html and "<script" not in html
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    watch = PageWatch(page)
+    page.goto(out.as_uri())
+    sections = page.eval_on_selector_all("section.class", "(all) => all.map((s) => s.id)")
+    assert sections == ["class-0", "class-2"]  # the two highest-ranked classes of the audit
+    cards = page.eval_on_selector_all("#class-0 .gallery figcaption", "(all) => all.map((c) => c.innerText)")
+    assert len(cards) == 6 and "medoid of cluster 0" in cards[0] and "medoid of cluster 1" in cards[4]
+    assert cards[0].startswith(truth["members"][0][0][0])
+    contrast = wait_images(page, "img:not(.sheet)")  # (the test's contact sheet is one flat colour)
+    assert len(contrast) == 1 + 2 * 2 * 2 + 2 * (6 + 6) and min(contrast) > 1  # colour bar, prototypes + medoids, overlay + input
+    assert page.eval_on_selector_all("img.sheet", "(all) => all.length") == 1
+    page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    assert watch.errors == [] and watch.foreign_requests(out.as_uri()) == []
+    page.close()
+
+
+def overlay_rows(picture: np.ndarray, left: int, width: int) -> np.ndarray:
+    """Rows of the figure whose span [left, left + width) is almost all drawn (not the white background)."""
+    drawn = (picture[:, left : left + width] < 250).any(axis=2).mean(axis=1)
+    return np.flatnonzero(drawn > 0.9)
+
+
+def test_show_draws_the_map_with_a_colour_bar(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+    dest, _ = audited_run
+    run = open_run(dest)
+    record = run.metadata.to_table().slice(5, 1).to_pylist()[0]
+    out = tmp_path / "show.png"
+    assert main(["show", dest, "--key", record["key"], "-o", str(out), "--size", "256"]) == 0
+    assert f"class {run.class_names[record['pred']]}" in capsys.readouterr().err
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(np.int32)
+    rows = overlay_rows(picture, 8, 256)
+    assert len(rows) == 256 and np.all(np.diff(rows) == 1), "the overlay is a 256-pixel square below the title"
+    top = rows[0]
+    overlay = picture[top : top + 256, 8 : 8 + 256]
+    bar = picture[top : top + 256, 8 + 256 + 8 + 6]  # the middle column of the colour bar
+    assert np.abs(bar[1] - [103, 0, 31]).max() < 12 and np.abs(bar[-2] - [5, 48, 97]).max() < 12  # +scale deep red, -scale deep blue
+    assert np.abs(bar[128] - [247, 247, 247]).max() < 20  # 0 near white
+    assert (bar[1:128, 0] > bar[1:128, 2]).all() and (bar[129:-1, 0] < bar[129:-1, 2]).all()  # warm above 0, cool below
+    from cdam_worker.views.tiles import TileRenderer
+
+    tiles = TileRenderer(run)
+    plain = tiles.model_view_image(record["key"], 256).astype(np.int32)
+    gh, gw = run.grid
+    slot = record["targets"].index(record["pred"])
+    y, x = divmod(record["relevance_argmax"][slot], gw)
+    hot = overlay[int((y + 0.5) * 256 / gh), int((x + 0.5) * 256 / gw)]
+    assert hot[0] > hot[2] + 30, f"the strongest positive token should be red in the overlay, got {hot}"
+    assert np.abs(overlay - plain).mean() > 3, "the overlay looks like the plain image"
+    tiles.close()
+
+
+def test_show_refuses_what_it_cannot_draw_in_one_line(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+    dest, _ = audited_run
+    key = open_run(dest).index.column("key")[0].as_py()
+    for argv, text in ((["--key", "no-such-key"], "key 'no-such-key' is not an explained image"),
+                       (["--key", key, "--target", "unicorn"], "class 'unicorn'"),
+                       (["--key", key, "--size", "5"], "--size 5")):
+        assert main(["show", dest, *argv, "-o", str(tmp_path / "x.png")]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("cdam show: error:") and text in error[0], error
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+    dest, truth = audited_run
+    run = open_run(dest)
+    out = tmp_path / "fo"
+    assert main(["export-fiftyone", dest, str(out)]) == 0
+    assert "fo.Dataset.from_dir" in capsys.readouterr().err
+    samples = json.loads((out / "samples.json").read_text())["samples"]
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert "version" not in metadata and metadata["media_type"] == "image" and metadata["info"]["classes"] == run.class_names
+    assert len(samples) == run.index.num_rows
+    flagged = set(truth["members"][0][1])
+    pred_of = dict(zip(run.index.column("key").to_pylist(), run.index.column("pred").to_pylist()))
+    cluster_of = {key: k for c in truth["members"].values() for k, keys in c.items() for key in keys}
+    _, height, width = run.attrs["input_size"]
+    for sample in samples[:40]:
+        assert Image.open(out / sample["filepath"]).size == (width, height)
+        row = sample["row"]
+        maps = run.read_rows("cdam", np.asarray([row]))[0]
+        for slot in range(run.n_targets):
+            heatmap = sample[f"cdam_{slot}"]
+            values = np.load(heatmap["map_path"])
+            assert heatmap["_cls"] == "Heatmap" and np.array_equal(values, maps[slot])
+            assert heatmap["range"] == pytest.approx([-np.abs(values).max(), np.abs(values).max()])
+            assert sample[f"cdam_{slot}_target"] == run.class_names[slot]  # --targets all: slot k is class k
+        assert sample["attention"]["_cls"] == "Heatmap" and np.load(sample["attention"]["map_path"]).shape == run.grid
+        assert sample["prediction"]["label"] == run.class_names[pred_of[sample["key"]]]
+        assert (f"cluster-{cluster_of[sample['key']]}" in sample["tags"]) == (sample["key"] in cluster_of)
+        assert ("audit-flagged" in sample["tags"]) == (sample["key"] in flagged)
+    assert main(["export-fiftyone", dest, str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: str, tmp_path: Path, capsys) -> None:
+    dest = tmp_path / "damaged"
+    damage = damage_run(demo_run, dest)
+    catalog = Catalog(open_run(str(dest)))
+    nan_key, good_key = damage["nan_keys"][0], catalog.keys[-1]
+    with serving(str(dest)) as url:
+        status, body = get(url + "/")
+        text = body.decode()
+        assert status == 200
+        assert f"shard {damage['skipped_shard']}: no completion marker" in text and "(not complete)" in text
+        assert "broken-sample" in text and "cannot identify image file" in text
+        assert "no audit yet: run `cdam audit" in text
+        status, body = get(url + "/class/0")
+        assert status == 200 and "no audit yet: run `cdam audit" in body.decode()
+        gallery = json.loads(get(url + "/api/gallery?class=0&limit=500")[1])
+        assert gallery["total"] == int(((catalog.preds == 0) | (catalog.labels == 0)).sum())
+        assert gallery["items"] and all(item["row"] < damage["skipped_first_row"] for item in gallery["items"])
+        status, body = get(url + "/image?key=" + quote(nan_key))
+        assert status == 200 and "were not written" in body.decode()
+        status, body = get(url + f"/tile?key={quote(nan_key)}&view=overlay&map=c0&size=160")
+        size, _ = png_stats(body)
+        grey = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+        assert status == 200 and (np.abs(grey.astype(int) - 225).max(axis=2) < 3).mean() > 0.8  # the 'no map' placeholder
+        status, body = get(url + f"/tile?key={quote(good_key)}&view=overlay&map=c0&size=160")
+        assert status == 200 and png_stats(body)[1] > 5
+        assert get(url + "/api/scatter?class=0")[1].decode().count("no audit yet") == 1
+
+    report = tmp_path / "report.html"
+    assert main(["report", str(dest), "-o", str(report), "--classes", "4", "--per-class", "70"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: shard {damage['skipped_shard']}: no completion marker" in err and "no stored map" in err
+    html = report.read_text()
+    assert "no audit yet: run `cdam audit" in html and "no stored map of their class" in html
+
+    assert main(["show", str(dest), "--key", nan_key, "-o", str(tmp_path / "nan.png")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "its maps were not written" in lines[-1] and any("no completion marker" in line for line in lines[:-1])
+    assert main(["show", str(dest), "--key", good_key, "-o", str(tmp_path / "good.png")]) == 0
+    assert main(["export-fiftyone", str(dest), str(tmp_path / "fo")]) == 0
+    err = capsys.readouterr().err
+    assert f"map(s) not written (NaN)" in err
+    samples = json.loads((tmp_path / "fo" / "samples.json").read_text())["samples"]
+    assert len(samples) == len(catalog.keys) and all("cdam_0" not in s for s in samples if s["key"] in damage["nan_keys"])
+
+
+def test_views_on_s3_retry_transient_faults(audited_run: tuple[str, dict], s3_server: str, s3_bucket: str, s3_client, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from helpers import S3Proxy
+
+    source, _ = audited_run
+    for path in Path(source).rglob("*"):
+        if path.is_file():
+            s3_client.upload_file(str(path), s3_bucket, f"runs/demo/{path.relative_to(source).as_posix()}")
+    dest = f"s3://{s3_bucket}/runs/demo"
+    with S3Proxy(s3_server, fail_every=4, fault="503") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with serving(dest) as url:
+            key = open_run(source).index.column("key")[3].as_py()
+            pages = [get(url + path) for path in ("/", "/class/0", "/image?key=" + quote(key), "/api/gallery?class=0", "/contact-sheet?class=0")]
+            assert [status for status, _ in pages] == [200] * 5
+            assert "flagged" in pages[0][1].decode()
+            status, tile = get(url + f"/tile?key={quote(key)}&view=overlay&map=c0&size=160")
+            assert status == 200 and png_stats(tile)[1] > 5
+            for _, body in pages:
+                assert TEST_SECRET.encode() not in body and TEST_ACCESS_KEY.encode() not in body
+        assert main(["report", dest, "-o", str(tmp_path / "r.html"), "--classes", "1", "--per-class", "4"]) == 0
+        assert main(["show", dest, "--key", key, "-o", str(tmp_path / "s.png")]) == 0
+        assert main(["export-fiftyone", dest, str(tmp_path / "fo")]) == 0
+    assert proxy.failed >= 5
+    html = (tmp_path / "r.html").read_text()
+    assert TEST_SECRET not in html and TEST_ACCESS_KEY not in html and "flagged" in html
+    assert Image.open(tmp_path / "s.png").size[0] > 512
