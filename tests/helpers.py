@@ -179,7 +179,8 @@ class S3Proxy:
                     self.send_response(int(fault))
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()
-                    self.wfile.write(error)
+                    if self.command != "HEAD":  # a body after a HEAD answer would corrupt the kept-alive connection
+                        self.wfile.write(error)
                     return
                 connection = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=30)
                 connection.request(self.command, self.path, body=body or None, headers=dict(self.headers))
