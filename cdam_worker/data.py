@@ -271,6 +271,8 @@ def _read_groups(reader: BinaryIO, mode: str, *, read_data: bool) -> Iterator[_G
         tar = tarfile.open(fileobj=reader, mode=mode, tarinfo=_StrictTarInfo)
     except _READ_ERRORS as exc:
         raise _ShardProblem(f"not a tar file: {_one_line(exc)}") from None
+    except TypeError:  # tarfile's gzip reader calls ord() on a byte of the header that is not there
+        raise _ShardProblem("not a tar file: truncated gzip header") from None
     try:
         with tar:
             while (info := tar.next()) is not None:

@@ -44,7 +44,7 @@ def in_process_processor(root: Path, targets: str) -> ShardProcessor:
     args = build_parser().parse_args(["explain", "--shards", str(placeholder), "--output", str(root / "out"), "--checkpoint", checkpoint, "--targets", targets, "--batch-size", "4"])
     plan = make_plan(args)
     prepare_output(plan, overwrite=False)
-    return ShardProcessor(plan.config, plan.layout, device="cpu", threads=1, decode_workers=1)
+    return ShardProcessor(plan.config, plan.layout, plan.loaded, device="cpu", threads=1, decode_workers=1)
 
 
 def process(processor: ShardProcessor, shard: str) -> tuple[list[str], ShardSummary]:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from accounting import assert_every_sample_accounted, in_process_processor, process, write_checkpoint
-from cdam_worker.data import Sample, SampleError, iter_samples
+from cdam_worker.data import Sample, SampleError, ShardScan, iter_samples, scan_shard
 from cdam_worker.job import ShardTask
 from cdam_worker.sinks import ExplainedRow, ShardSummary, ShardWriter
 from cdam_worker.storage import Storage
@@ -213,3 +213,18 @@ def test_summary_names_a_shard_whose_samples_are_not_all_accounted_for(tmp_path,
     assert "UNACCOUNTED shard b: 3 samples planned, but 1 explained + 1 in errors/" in captured.out.splitlines()
     assert "UNACCOUNTED shard a" not in captured.out
     assert "1 shard(s) do not have each sample either explained or in errors/ exactly once" in captured.err
+
+
+@pytest.mark.parametrize("header", [b"\x1f\x8b\x08", b"\x1f\x8b\x08\x04"])
+def test_a_gzip_header_cut_short_is_a_shard_level_error_not_a_crash(tmp_path, capsys, header):
+    # Found by tests/test_fuzz.py: tarfile's gzip reader raised TypeError out of scan_shard, which crashed
+    # the driver while it planned the job, whatever the other shards held.
+    cut = tmp_path / "cut-0001.tar.gz"
+    cut.write_bytes(header)
+    assert scan_shard(str(cut)) == ShardScan([], "not a tar file: truncated gzip header")
+    assert list(iter_samples(str(cut))) == [(None, SampleError(None, "not a tar file: truncated gzip header"))]
+
+    good = make_shard(tmp_path / "good-0000.tar", [("a", {"png": png_bytes(), "cls": b"1"})])
+    argv = ["explain", "--shards", str(good), str(cut), "--output", str(tmp_path / "out"), "--checkpoint", write_checkpoint(tmp_path / "model.pt"), "--dry-run"]
+    assert main(argv) == 0
+    assert "shards       2 (1 samples" in capsys.readouterr().out

@@ -205,7 +205,7 @@ def processors(tmp_path_factory: pytest.TempPathFactory):
     return {targets: in_process_processor(root / targets.replace(":", "-"), targets) for targets in ("topk:2", "label")}
 
 
-@settings(**FUZZ, max_examples=80)
+@settings(**FUZZ, max_examples=150)
 @given(chosen=members(), tar_format=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]), compressed=st.booleans(), targets=st.sampled_from(["topk:2", "label"]))
 def test_every_sample_of_any_shard_is_explained_or_an_error_exactly_once(processors, tmp_path_factory, chosen, tar_format, compressed, targets):
     processor = processors[targets]
@@ -217,7 +217,7 @@ def test_every_sample_of_any_shard_is_explained_or_an_error_exactly_once(process
         assert row["label"] is None or (targets == "topk:2" or 0 <= row["label"] < 6)
 
 
-@settings(**FUZZ, max_examples=60)
+@settings(**FUZZ, max_examples=120)
 @given(data=st.data(), compressed=st.booleans())
 def test_every_sample_of_a_damaged_shard_is_explained_or_an_error_exactly_once(processors, tmp_path_factory, data, compressed):
     processor = processors["topk:2"]
@@ -227,7 +227,7 @@ def test_every_sample_of_a_damaged_shard_is_explained_or_an_error_exactly_once(p
     assert_every_sample_accounted(processor, keys, summary)
 
 
-@settings(**FUZZ, max_examples=200)
+@settings(**FUZZ, max_examples=400)
 @given(data=st.data(), compressed=st.booleans())
 def test_reading_a_damaged_shard_yields_each_scanned_sample_once_in_order(tmp_path_factory, data, compressed):
     shard = tmp_path_factory.getbasetemp() / ("read.tar.gz" if compressed else "read.tar")
