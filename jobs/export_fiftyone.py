@@ -7,9 +7,11 @@ import sys
 
 EPILOG = """\
 OUT gets FiftyOne's JSON dataset format: samples.json, metadata.json, data/ (each image as the model
-saw it, the frame the maps cover) and heatmaps/ (one float32 .npy per image and stored map, with its
-range [-s, s]). Audit clusters become the fields audit_cluster/audit_x/audit_y/audit_score and the tags
-cluster-<k> and audit-flagged. FiftyOne is not needed to write it; to open it (with FiftyOne installed):
+saw it, the frame the maps cover) and heatmaps/ (per image and stored map: a PNG for FiftyOne's Heatmap
+field cdam_<k> (slot k; its class in cdam_<k>_target), where pixel p stands for (p / 127.5 - 1) *
+cdam_<k>_scale, and the exact float32 map as .npy). Audit clusters become the fields audit_cluster,
+audit_x, audit_y, audit_score and the tags cluster-<k> and audit-flagged. FiftyOne is not needed to
+write it; to open it (with FiftyOne installed):
 
   python -c 'import fiftyone as fo; fo.launch_app(fo.Dataset.from_dir("OUT", fo.types.FiftyOneDataset)).wait()'
 

@@ -248,12 +248,14 @@ def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[
         row = sample["row"]
         maps = run.read_rows("cdam", np.asarray([row]))[0]
         for slot in range(run.n_targets):
-            heatmap = sample[f"cdam_{slot}"]
-            values = np.load(heatmap["map_path"])
-            assert heatmap["_cls"] == "Heatmap" and np.array_equal(values, maps[slot])
-            assert heatmap["range"] == pytest.approx([-np.abs(values).max(), np.abs(values).max()])
+            heatmap, scale = sample[f"cdam_{slot}"], sample[f"cdam_{slot}_scale"]
+            assert heatmap["_cls"] == "Heatmap" and heatmap["range"] == [0, 255] and heatmap["map_path"].endswith(".png")
+            assert np.array_equal(np.load(heatmap["map_path"][:-4] + ".npy"), maps[slot])  # the exact map beside it
+            pixels = np.asarray(Image.open(heatmap["map_path"]), dtype=np.float64)
+            assert pixels.shape == run.grid and scale == pytest.approx(np.abs(maps[slot]).max())
+            assert np.abs((pixels / 127.5 - 1) * scale - maps[slot]).max() <= scale / 127  # 8-bit, 0 = middle grey
             assert sample[f"cdam_{slot}_target"] == run.class_names[slot]  # --targets all: slot k is class k
-        assert sample["attention"]["_cls"] == "Heatmap" and np.load(sample["attention"]["map_path"]).shape == run.grid
+        assert sample["attention"]["_cls"] == "Heatmap" and Image.open(sample["attention"]["map_path"]).size == run.grid[::-1]
         assert sample["prediction"]["label"] == run.class_names[pred_of[sample["key"]]]
         assert (f"cluster-{cluster_of[sample['key']]}" in sample["tags"]) == (sample["key"] in cluster_of)
         assert ("audit-flagged" in sample["tags"]) == (sample["key"] in flagged)

@@ -4,9 +4,11 @@ The folder is FiftyOne's JSON dataset format (``samples.json`` + ``metadata.json
 ``fo.Dataset.from_dir("OUT", fo.types.FiftyOneDataset)``. FiftyOne is not needed to write it.
 
 - ``data/<n>.png``: each image as the model saw it (the run's resize and crop), the frame every map covers;
-- ``heatmaps/<n>-<field>.npy``: each stored map (target slot, and the attention), float32 at token
-  resolution, exact; FiftyOne stretches it over the image. Its ``range`` is ``[-s, s]`` with ``s`` the map's
-  largest |value|, so zero sits in the middle of the colour scale;
+- ``heatmaps/<n>-<field>.png``: each stored map (target slot, and the attention) at token resolution,
+  the file a FiftyOne ``Heatmap`` points to (FiftyOne stretches it over the image). Maps are signed, PNGs
+  are not: a pixel ``p`` (``range`` [0, 255]) stands for ``(p / 127.5 - 1) * s``, with ``s`` (the field
+  ``<field>_scale``) the map's largest |value|, so 0 is the middle grey and each map uses its whole range;
+- ``heatmaps/<n>-<field>.npy``: the same map, float32, exact (for analysis outside FiftyOne);
 - per sample: ``key``, ``row``, ``shard``, ``ground_truth`` and ``prediction`` (Classification),
   ``cdam_<k>`` (Heatmap of target slot k) with ``cdam_<k>_target`` (its class or concept name),
   ``attention`` (Heatmap), and, when ``cdam audit`` has run, ``audit_cluster``, ``audit_x``, ``audit_y``,
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from cdam_worker.reading import Run, RunError
@@ -62,7 +65,7 @@ def export_fiftyone(run: Run, out: Path) -> dict[str, int]:
     counts["samples"] = len(samples)
     (out / "samples.json").write_text(json.dumps({"samples": samples}))
     info = {"cdam_run": run.url, "classes": catalog.class_names, "patch_grid": list(run.grid), "targets": run.attrs.get("targets"),
-            "maps": "CDAM at token resolution, signed: range [-s, s], s = the map's largest |value|; images are the model's input crop"}
+            "maps": "heatmaps at token resolution over the model's input crop; pixel p stands for (p / 127.5 - 1) * <field>_scale; exact float32 maps in heatmaps/*.npy"}
     (out / "metadata.json").write_text(json.dumps({"name": f"cdam-{Path(run.url).name}", "media_type": "image", "info": info}, indent=2))
     return counts
 
@@ -92,10 +95,13 @@ def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarr
         if not np.isfinite(values).any():
             counts["missing_maps"] += 1
             continue
-        path = out / "heatmaps" / f"{n:07d}-{field}.npy"
-        np.save(path, values.astype(np.float32))
+        stem = out.resolve() / "heatmaps" / f"{n:07d}-{field}"
+        np.save(stem.with_suffix(".npy"), values.astype(np.float32))
         scale = symmetric_scale(values) or 1.0
-        sample[field] = {"_cls": "Heatmap", "map_path": str(path.resolve()), "range": [-scale, scale] if field != "attention" else [0.0, scale]}
+        pixels = np.rint((np.clip(np.nan_to_num(values) / scale, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(stem.with_suffix(".png"))
+        sample[field] = {"_cls": "Heatmap", "map_path": str(stem.with_suffix(".png")), "range": [0, 255]}
+        sample[f"{field}_scale"] = scale
         if target is not None:
             sample[f"{field}_target"] = target
     if audit is not None:
