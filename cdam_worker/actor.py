@@ -10,9 +10,11 @@ the one that fills the GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from cdam_worker.data import SampleError
 from cdam_worker.decoding import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules, gpu_fallback
 from cdam_worker.engine import CDAMExplainer, CDAMResult, VariantConfig
 from cdam_worker.job import JobConfig, ShardTask
-from cdam_worker.model import load_model
+from cdam_worker.model import LoadedModel
 from cdam_worker.sinks import ExplainedRow, ShardSummary, ShardWriter, open_zarr
 from cdam_worker.storage import Storage
 from cdam_worker.targets import Concept, TargetSpec
@@ -58,11 +60,12 @@ class ActorInfo:
 class ShardProcessor:
     """Explains shards for one job; run as a Ray actor (:func:`make_actor_class`), usable in-process too.
 
-    ``decode_workers`` 0 sizes the decode pool to the node: its CPUs divided among the ``job_actors``
+    ``loaded`` is the model the driver loaded and checked (shipped once per node through Ray's object
+    store, so no actor creates a model or reads a checkpoint). ``decode_workers`` 0 sizes the decode pool to the node: its CPUs divided among the ``job_actors``
     actors it can hold (:func:`default_decode_workers`).
     """
 
-    def __init__(self, config: JobConfig, layout: Layout, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1) -> None:
+    def __init__(self, config: JobConfig, layout: Layout, loaded: LoadedModel, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1) -> None:
         if int(os.environ.get(FAIL_START_ENV) or 0) > generation:
             raise RuntimeError(f"fault injection: an actor of generation {generation} fails to start")
         if threads:
@@ -72,8 +75,7 @@ class ShardProcessor:
         wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda_missing = wanted.startswith("cuda") and not torch.cuda.is_available()  # e.g. a GPU resource without a driver
         self.device = "cpu" if self.cuda_missing else wanted
-        spec = config.model
-        self.loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, device=self.device, **spec.model_kwargs)
+        self.loaded = dataclasses.replace(loaded, model=loaded.model.to(self.device))
         self.explainer = CDAMExplainer(self.loaded, method=config.method, precision=config.precision)
         self.targets = TargetSpec.parse(config.targets, self.loaded.class_names)
         self.concepts = tuple(Concept(c.name, torch.tensor(c.vector), c.similarity) for c in config.concepts)
@@ -92,6 +94,7 @@ class ShardProcessor:
 
     def ready(self) -> ActorInfo:
         """Answers once the model is loaded and the decode pool started; the driver hands out work only to ready actors."""
+        self.decoder.wait_until_started()
         return ActorInfo(self.device, self.cuda_missing, "gpu" if self.gpu_decoder else "cpu", self.decoder.workers, self.batch_size, _ray_node_id())
 
     def peak_rss_mib(self) -> float:
@@ -224,9 +227,8 @@ def default_decode_workers(job_actors: int) -> int:
     Inside Ray the node's CPUs and GPUs are Ray's count of them, and an actor fits as often as the node
     holds the resources this one was given (at most ``job_actors``); outside Ray, all of this machine's CPUs.
     """
-    import ray
-
-    if not ray.is_initialized():
+    ray = _running_ray()
+    if ray is None:
         return len(os.sched_getaffinity(0))
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
@@ -236,9 +238,14 @@ def default_decode_workers(job_actors: int) -> int:
 
 
 def _ray_node_id() -> str:
-    import ray
+    ray = _running_ray()
+    return ray.get_runtime_context().get_node_id() if ray is not None else ""
 
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+def _running_ray() -> Any:
+    """The ray module when this process is connected to Ray (as an actor is), else None (Ray need not be installed)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
 
 
 class _WriterThread:

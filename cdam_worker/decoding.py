@@ -131,6 +131,10 @@ class DecodePool:
                 except queue.Empty:
                     pass
 
+    def wait_until_started(self) -> None:
+        """Block until the worker processes are up (raises what starting them raised)."""
+        self._started.result()
+
     def close(self) -> None:
         self._started.result().shutdown(wait=False, cancel_futures=True)
 

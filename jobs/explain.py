@@ -315,15 +315,17 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
     n_actors = min(n_actors, len(tasks))
     actor_class = make_actor_class(args.cpus_per_actor, args.gpus_per_actor if use_gpu else 0)
     progress = _progress_counter()
+    model = ray.put(plan.loaded)  # the checked model, read by the actors from the object store of their node
     threads = max(1, int(args.cpus_per_actor))
     generation = 0  # bumped for every replacement actor (fault injection acts on the first generations)
     start_failures = 0
 
     starting: dict = {}  # ready() reference -> actor still loading its model
     actors: dict = {}  # ready actor -> _ActorRecord
+    first_ready = None  # when the first actor was ready: the job's throughput is measured from there
 
     def start_actor() -> None:
-        actor = actor_class.remote(plan.config, plan.layout, "cuda" if use_gpu else "cpu", threads, generation, progress, args.decode_workers, n_actors)
+        actor = actor_class.remote(plan.config, plan.layout, model, "cuda" if use_gpu else "cpu", threads, generation, progress, args.decode_workers, n_actors)
         starting[actor.ready.remote()] = actor
 
     def start_replacement() -> None:
@@ -353,6 +355,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
+                        first_ready = first_ready or time.time()
                         actors[actor] = _ActorRecord(_checked_actor(ray.get(ref), plan.config, warned=any(r.info.cuda_missing for r in actors.values())))
                         idle.append(actor)
                         last_progress = time.time()
@@ -387,7 +390,9 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                 raise JobError("no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)")
     finally:
         bar.close()
-    print(f"actors: {len(idle)} at the end", file=sys.stderr)
+    explained = ray.get(progress.value.remote())
+    seconds = time.time() - (first_ready or time.time())
+    print(f"actors: {len(idle)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)
     for number, (actor, peak) in enumerate(zip(idle, ray.get([actor.peak_rss_mib.remote() for actor in idle])), 1):
         record = actors[actor]
         info = record.info
