@@ -1,0 +1,160 @@
+"""Bench: how fast the ``cdam serve`` dashboard shows a 48-image gallery page of a 50,000-image run.
+
+Writes (or reuses) a synthetic run in the real output format with real image shards
+(``bench/synthetic_run.py``) and audit tables, serves it in this process with uvicorn on 127.0.0.1, and
+times a class's first gallery page:
+
+- over HTTP: the gallery API call, then its 48 tiles fetched 6 at a time (as a browser does);
+- in headless Chromium (if /usr/bin/chromium exists): from navigation to the class page until all 48
+  pictures are loaded.
+
+Each is timed cold (a fresh server: nothing cached, every map chunk and image read) and warm (the same
+page again). ``--screenshot RUN OUT.png`` instead saves a screenshot of a class page of RUN (the README's).
+
+    python -m bench.bench_views --run /tmp/views-bench-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+def write_run(dest: Path, n_images: int, n_classes: int) -> None:
+    """A synthetic run with image shards and audit tables (three clusters per class)."""
+    from bench.synthetic_run import write_synthetic_run
+    from cdam_worker.reading import open_run
+
+    write_synthetic_run(str(dest), n_images, n_classes=n_classes, with_images=True)
+    run = open_run(str(dest))
+    index = run.index
+    rng = np.random.default_rng(0)
+    preds = index.column("pred").to_numpy()
+    cluster = rng.integers(0, 3, len(preds))
+    images = pa.table({"key": index.column("key"), "row": index.column("row"), "class": pa.array(preds, pa.int32()), "cluster": cluster,
+                       "x": rng.normal(size=len(preds)) + 3 * cluster, "y": rng.normal(size=len(preds)), "score": rng.uniform(size=len(preds)), "flagged": cluster == 2})
+    gh, gw = run.grid
+    clusters = [{"class": c, "cluster": k, "size": int(((preds == c) & (cluster == k)).sum()), "share": 1 / 3, "purity": 0.9,
+                 "prototype": np.zeros(gh * gw, np.float32).tolist(), "medoid_key": index.column("key")[int(np.flatnonzero((preds == c) & (cluster == k))[0])].as_py(),
+                 "flagged": k == 2} for c in range(n_classes) for k in range(3)]
+    classes = [{"class": c, "class_name": run.class_names[c], "n_images": int((preds == c).sum()), "score": 1 - c / n_classes, "rank": c + 1,
+                "flagged": c == 0, "reasons": "synthetic"} for c in range(n_classes)]
+    (dest / "audit").mkdir(exist_ok=True)
+    for name, table in (("images", images), ("clusters", pa.Table.from_pylist(clusters)), ("classes", pa.Table.from_pylist(classes))):
+        pq.write_table(table, dest / "audit" / f"{name}.parquet")
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return response.read()
+
+
+def time_http_page(base: str, class_index: int) -> float:
+    """Seconds for the gallery API call and its 48 tiles, 6 requests at a time."""
+    started = time.perf_counter()
+    page = json.loads(fetch(f"{base}/api/gallery?class={class_index}&offset=0&limit=48&view=overlay"))
+    with ThreadPoolExecutor(6) as pool:
+        sizes = list(pool.map(lambda item: len(fetch(base + item["tile"])), page["items"]))
+    assert len(sizes) == 48 and min(sizes) > 100
+    return time.perf_counter() - started
+
+
+def time_browser_page(browser, base: str, class_index: int) -> float:  # noqa: ANN001 - playwright Browser
+    """Seconds from navigating to the class page until its 48 gallery pictures are loaded."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    started = time.perf_counter()
+    page.goto(f"{base}/class/{class_index}")
+    while not page.evaluate("(() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length === 48 && all.every((i) => i.complete && i.naturalWidth > 0); })()"):
+        page.wait_for_timeout(5)
+    elapsed = time.perf_counter() - started
+    page.close()
+    return elapsed
+
+
+def serve(dest: Path):  # noqa: ANN201 - (server, thread, url)
+    import threading
+
+    import uvicorn
+
+    from cdam_worker.reading import open_run
+    from cdam_worker.views.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(open_run(str(dest))), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+def screenshot(run: Path, out: Path, class_index: int) -> None:
+    """A screenshot of a class page of ``run``, saved as a small palette PNG."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    server, thread, base = serve(run)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base}/class/{class_index}")
+        while not page.evaluate("(() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); })()"):
+            page.wait_for_timeout(20)
+        page.screenshot(path=str(out))
+        browser.close()
+    server.should_exit = True
+    thread.join()
+    Image.open(out).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    print(f"{out}: {out.stat().st_size / 1024:.0f} KiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("/tmp/cdam-views-bench-run"), help="where the synthetic run is written (reused if there)")
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--screenshot", nargs=2, metavar=("RUN", "OUT"), help="save a screenshot of a class page of RUN to OUT and exit")
+    parser.add_argument("--screenshot-class", type=int, default=0)
+    args = parser.parse_args()
+    if args.screenshot:
+        screenshot(Path(args.screenshot[0]), Path(args.screenshot[1]), args.screenshot_class)
+        return
+    if not (args.run / "manifest.json").exists():
+        started = time.perf_counter()
+        write_run(args.run, args.images, args.classes)
+        print(f"wrote the synthetic run ({args.images} images, {args.classes} classes) in {time.perf_counter() - started:.0f} s")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    results = {}
+    started = time.perf_counter()
+    server, thread, base = serve(args.run)
+    results["server start (index and audit read)"] = time.perf_counter() - started
+    results["HTTP, cold (class 1)"] = time_http_page(base, 1)
+    results["HTTP, warm (class 1)"] = time_http_page(base, 1)
+    if Path(CHROMIUM).exists():
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            results["Chromium, cold (class 2)"] = time_browser_page(browser, base, 2)
+            results["Chromium, warm (class 2)"] = time_browser_page(browser, base, 2)
+            browser.close()
+    server.should_exit = True
+    thread.join()
+    for name, seconds in results.items():
+        print(f"{name:40s} {seconds:6.3f} s")
+
+
+if __name__ == "__main__":
+    main()
