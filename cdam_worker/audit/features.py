@@ -1,0 +1,179 @@
+"""Per-image features of a class's CDAM map: where its class-specific evidence lies, and how concentrated.
+
+CDAM is signed and class-specific, so a map says more than "where the model looks": it says which
+tokens argue *for* this class. A shortcut (a watermark, a logo, a tag) shows as evidence for the class on
+a few tokens that carry no evidence for the image's competing classes. The features are computed from
+
+- the class map's positive evidence ``max(m, 0)`` and its distribution ``P`` over the token grid;
+- the **specific evidence** ``E = max(m - max(r, 0), 0)``: the class map ``m`` minus, token by token,
+  the strongest positive evidence ``r`` any competing class has there (the image's other stored class
+  targets; with no competitor stored, ``E`` is the positive part of ``m``). An object part that
+  supports several classes cancels; a mark that speaks for this class alone stays.
+
+Features (all per image, vectorised over images):
+
+- ``spot``: the largest share of ``P`` inside one ``w x w`` window of tokens (``w = spot_width(grid)``,
+  2 for grids up to 17 tokens a side): "how much of the evidence sits on one small spot", wherever it
+  is. This is translation-invariant, so a mark that moves is seen as well as one at a fixed place;
+- ``spot_y``, ``spot_x``: the spot's centre (fractions of the grid height and width);
+- ``spot_specificity``: the share of the spot's positive evidence that is specific (``E / max(m, 0)``
+  summed over the spot): 1 when no competitor shares the spot's evidence;
+- ``profile``: the shares of ``P`` on the 1, 2, 4, 8 and 16 largest tokens (the sorted, pooled shape of
+  the distribution; translation-invariant);
+- ``area``: the effective share of the grid carrying the evidence, ``1 / (N * sum(P**2))``;
+- ``border``: the share of ``P`` on the outermost ring of tokens;
+- ``centroid_y``, ``centroid_x``, ``spread``: the centre of mass of ``P`` and its radius (fractions of
+  the grid), for "where the evidence lies";
+- ``specificity``: ``sum(E) / sum(max(m, 0))``, the share of the class's positive evidence that no
+  competitor shares;
+- ``pooled``: ``P`` average-pooled onto a 4 x 4 grid (fixed places: a corner watermark).
+
+The clustering descriptor (``descriptor``) stacks these, so images group by the shape of their
+evidence (invariant part) and, more weakly, by where it is (pooled part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+POOLED_SIDE = 4
+PROFILE_TOKENS = (1, 2, 4, 8, 16)
+POOLED_WEIGHT = 0.5
+"""Weight of the 16 pooled location features in the descriptor, against 1 for every other feature."""
+
+
+def spot_width(grid: tuple[int, int]) -> int:
+    """Side, in tokens, of the window a mark is looked for in: about a seventh of the grid, at least 2."""
+    return max(2, round(min(grid) / 7))
+
+
+def border_mask(grid: tuple[int, int]) -> np.ndarray:
+    """(gh, gw) bool: the outermost ring of tokens."""
+    mask = np.ones(grid, dtype=bool)
+    mask[1:-1, 1:-1] = False
+    return mask
+
+
+@dataclass
+class ImageFeatures:
+    """Features of n images' class maps (one value, or row, per image)."""
+
+    spot: np.ndarray
+    spot_y: np.ndarray
+    spot_x: np.ndarray
+    spot_specificity: np.ndarray
+    profile: np.ndarray  # (n, len(PROFILE_TOKENS))
+    area: np.ndarray
+    border: np.ndarray
+    centroid_y: np.ndarray
+    centroid_x: np.ndarray
+    spread: np.ndarray
+    specificity: np.ndarray
+    pooled: np.ndarray  # (n, POOLED_SIDE**2)
+    evidence: np.ndarray  # (n,) sum of positive evidence; 0 = the map has none (features then describe nothing)
+
+    def take(self, index: np.ndarray) -> ImageFeatures:
+        """The features of a subset of the images."""
+        return ImageFeatures(**{name: value[index] for name, value in vars(self).items()})
+
+    @staticmethod
+    def concatenate(parts: list[ImageFeatures]) -> ImageFeatures:
+        """The features of several groups of images, one after the other."""
+        return ImageFeatures(**{name: np.concatenate([vars(part)[name] for part in parts]) for name in vars(parts[0])})
+
+    def descriptor(self) -> np.ndarray:
+        """(n, F) float64 vectors for clustering, each feature standardised over these images."""
+        columns = np.column_stack([self.spot, self.spot_y, self.spot_x, self.spot_specificity, self.profile, np.log(self.area),
+                                   self.border, self.centroid_y, self.centroid_x, self.spread, self.specificity])
+        standard = _standardise(columns)
+        pooled = _standardise(self.pooled) * POOLED_WEIGHT
+        return np.concatenate([standard, pooled], axis=1)
+
+
+def specific_evidence(class_maps: np.ndarray, rival_maps: np.ndarray) -> np.ndarray:
+    """(n, gh, gw): the class's positive evidence beyond the strongest competitor's at each token.
+
+    ``rival_maps`` is (n, R, gh, gw) with NaN where an image has fewer competitors (R may be 0).
+    """
+    if rival_maps.shape[1] == 0:
+        return np.clip(class_maps, 0, None)
+    strongest = np.nan_to_num(np.nanmax(np.where(np.isnan(rival_maps), -np.inf, rival_maps), axis=1), neginf=0.0)
+    return np.clip(class_maps - np.clip(strongest, 0, None), 0, None)
+
+
+def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatures:
+    """Features of each image's class map ``class_maps`` (n, gh, gw) against its competitors ``rival_maps``
+    (n, R, gh, gw, NaN-padded)."""
+    class_maps = class_maps.astype(np.float64)
+    n, gh, gw = class_maps.shape
+    positive = np.clip(class_maps, 0, None)
+    specific = specific_evidence(class_maps, rival_maps.astype(np.float64))
+    evidence = positive.sum(axis=(1, 2))
+    # An image without positive evidence gets a uniform distribution: no spot, nothing concentrated.
+    share = np.where(evidence[:, None, None] > 0, positive / np.maximum(evidence, 1e-30)[:, None, None], 1.0 / (gh * gw))
+
+    width = spot_width((gh, gw))
+    windows = _window_sums(share, width).reshape(n, -1)  # (n, (gh - w + 1) * (gw - w + 1))
+    best = windows.argmax(axis=1)
+    wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
+    spot = windows[np.arange(n), best]
+    on_spot = _window_sums(positive, width).reshape(n, -1)[np.arange(n), best]
+    specific_on_spot = _window_sums(specific, width).reshape(n, -1)[np.arange(n), best]
+
+    ordered = -np.sort(-share.reshape(n, -1), axis=1)
+    cumulative = np.cumsum(ordered, axis=1)
+    profile = cumulative[:, [min(k, gh * gw) - 1 for k in PROFILE_TOKENS]]
+
+    y = (np.arange(gh) + 0.5) / gh
+    x = (np.arange(gw) + 0.5) / gw
+    centroid_y = (share.sum(axis=2) * y).sum(axis=1)
+    centroid_x = (share.sum(axis=1) * x).sum(axis=1)
+    distance2 = (y[None, :, None] - centroid_y[:, None, None]) ** 2 + (x[None, None, :] - centroid_x[:, None, None]) ** 2
+    return ImageFeatures(
+        spot=spot,
+        spot_y=(wy + width / 2) / gh,
+        spot_x=(wx + width / 2) / gw,
+        spot_specificity=np.where(on_spot > 0, specific_on_spot / np.maximum(on_spot, 1e-30), 0.0),
+        profile=profile,
+        area=1.0 / (gh * gw * (share**2).sum(axis=(1, 2))),
+        border=(share * border_mask((gh, gw))).sum(axis=(1, 2)),
+        centroid_y=centroid_y,
+        centroid_x=centroid_x,
+        spread=np.sqrt((share * distance2).sum(axis=(1, 2))),
+        specificity=np.where(evidence > 0, specific.sum(axis=(1, 2)) / np.maximum(evidence, 1e-30), 0.0),
+        pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
+        evidence=evidence,
+    )
+
+
+def uniform_spot(grid: tuple[int, int]) -> float:
+    """The ``spot`` of evidence spread evenly over the grid: the floor every score is measured from."""
+    width = spot_width(grid)
+    return width * width / (grid[0] * grid[1])
+
+
+def _window_sums(values: np.ndarray, width: int) -> np.ndarray:
+    """Sums of every ``width x width`` window of each (gh, gw) map, by a summed-area table."""
+    table = np.pad(values.cumsum(axis=1).cumsum(axis=2), ((0, 0), (1, 0), (1, 0)))
+    return table[:, width:, width:] - table[:, :-width, width:] - table[:, width:, :-width] + table[:, :-width, :-width]
+
+
+def _pool(values: np.ndarray, side: int) -> np.ndarray:
+    """Average each (gh, gw) map onto a ``side x side`` grid (bins of nearly equal size)."""
+    n, gh, gw = values.shape
+    rows = np.minimum(np.arange(gh) * side // gh, side - 1)
+    cols = np.minimum(np.arange(gw) * side // gw, side - 1)
+    pooled = np.zeros((n, side, side))
+    np.add.at(pooled, (slice(None), rows[:, None], cols[None, :]), values)
+    counts = np.zeros((side, side))
+    np.add.at(counts, (rows[:, None], cols[None, :]), 1.0)
+    return pooled / np.maximum(counts, 1.0)
+
+
+def _standardise(columns: np.ndarray) -> np.ndarray:
+    """Each column centred and scaled to unit standard deviation (constant columns become 0)."""
+    centred = columns - columns.mean(axis=0)
+    scale = centred.std(axis=0)
+    return centred / np.where(scale > 1e-12, scale, 1.0)

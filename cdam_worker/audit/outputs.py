@@ -1,0 +1,69 @@
+"""Write an audit's files (one writer per file) and render its ranked table.
+
+Below the audit folder (``DEST/audit/`` by default): ``classes.parquet``, ``clusters.parquet``,
+``images.parquet``, ``contact-sheets/<class index>-<safe class name>.png`` (one per flagged class), and
+``summary.json``, written last. Sheets of an earlier audit that no longer apply are deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cdam_worker.audit.contact_sheet import contact_sheet, sheet_path
+from cdam_worker.audit.pipeline import AuditOptions, AuditResult
+from cdam_worker.reading import Run
+from cdam_worker.storage import Storage
+
+SHEETS_FOLDER = "contact-sheets"
+TABLE_ROWS = 20
+
+
+def write_audit(run: Run, result: AuditResult, options: AuditOptions, storage: Storage, check_lock: Callable[[], None]) -> dict:
+    """Write every file of the audit into ``storage``; returns the summary (as written to ``summary.json``)."""
+    for name, table in (("classes", result.classes), ("clusters", result.clusters), ("images", result.images)):
+        check_lock()
+        storage.put(f"{name}.parquet", _parquet_bytes(table))
+    sheets, notes = {}, []
+    for audit in result.audited:
+        if not audit.flagged:
+            continue
+        check_lock()
+        chosen = np.flatnonzero(audit.image_flagged)
+        positions = audit.positions[chosen[np.argsort(-audit.image_scores[chosen], kind="stable")]]
+        features = result.gathered.features
+        spots = np.column_stack([features.spot_y[positions], features.spot_x[positions]])
+        title = f"{audit.index} {audit.name}: {audit.reasons}"
+        png, sheet_notes = contact_sheet(run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title)
+        path = sheet_path(audit.index, audit.name)
+        storage.put(path, png)
+        sheets[audit.name] = path
+        notes += sheet_notes
+    for stale in set(storage.list(SHEETS_FOLDER)) - set(sheets.values()):
+        storage.delete(stale)
+    summary = result.summary(run, options) | {"output": storage.url, "contact_sheets": sheets, "contact_sheet_notes": notes}
+    check_lock()
+    storage.put("summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+    return summary
+
+
+def ranked_table(result: AuditResult) -> str:
+    """The classes, most suspicious first (flagged ones lead), at most ``TABLE_ROWS`` lines."""
+    lines = [f"{'rank':>4}  {'class':<20} {'images':>6} {'score':>5}  {'':7}  reasons"]
+    for audit in result.audited[:TABLE_ROWS]:
+        flag = "FLAGGED" if audit.flagged else ""
+        lines.append(f"{audit.rank:>4}  {audit.name[:20]:<20} {len(audit.positions):>6} {audit.score:>5.2f}  {flag:7}  {audit.reasons}")
+    if len(result.audited) > TABLE_ROWS:
+        lines.append(f"      ... {len(result.audited) - TABLE_ROWS} more classes in classes.parquet")
+    return "\n".join(lines)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()

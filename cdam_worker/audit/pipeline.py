@@ -1,0 +1,211 @@
+"""The audit of a run, from its maps to its tables: gather, check the blind spot, cluster and score each class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
+from cdam_worker.audit.clustering import spectral_clusters
+from cdam_worker.audit.gather import Gathered, gather
+from cdam_worker.audit.scoring import THRESHOLD, ClusterReport, class_score, describe_cluster, reasons_in_words
+from cdam_worker.reading import Run, RunError
+
+CLASSES_SCHEMA = pa.schema([
+    pa.field("class", pa.int32(), nullable=False), pa.field("class_name", pa.string(), nullable=False),
+    pa.field("n_images", pa.int32(), nullable=False), pa.field("score", pa.float64(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
+    pa.field("reasons", pa.string(), nullable=False), pa.field("n_clusters", pa.int32(), nullable=False),
+], metadata={"schema": "cdam.audit.classes/1"})
+CLUSTERS_SCHEMA = pa.schema([
+    pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("size", pa.int32(), nullable=False), pa.field("share", pa.float64(), nullable=False),
+    pa.field("purity", pa.float64()), pa.field("prototype", pa.list_(pa.float32()), nullable=False),
+    pa.field("medoid_key", pa.string(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False), pa.field("focus", pa.float64(), nullable=False),
+    pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
+    pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
+    pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
+], metadata={"schema": "cdam.audit.clusters/1"})
+IMAGES_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False), pa.field("row", pa.int64(), nullable=False),
+    pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("x", pa.float32(), nullable=False), pa.field("y", pa.float32(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
+    pa.field("spot_y", pa.float32(), nullable=False), pa.field("spot_x", pa.float32(), nullable=False),
+], metadata={"schema": "cdam.audit.images/1"})
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """What to audit: ``by`` "pred" or "label", a subset of ``classes`` (indices; empty = all), ``min_images``."""
+
+    by: str = "pred"
+    classes: tuple[int, ...] = ()
+    min_images: int = 20
+
+    def __post_init__(self) -> None:
+        if self.by not in ("pred", "label"):
+            raise RunError(f"--by {self.by!r}: expected pred or label")
+        if self.min_images < 4:
+            raise RunError(f"--min-images {self.min_images}: at least 4 images are needed to cluster a class")
+
+
+@dataclass
+class ClassAudit:
+    """One audited class: its clusters and, per image, cluster, 2-D coordinates and score."""
+
+    index: int
+    name: str
+    positions: np.ndarray  # indices into Gathered
+    clusters: list[ClusterReport]
+    labels: np.ndarray  # per image: its cluster
+    coordinates: np.ndarray  # per image: (x, y)
+    image_scores: np.ndarray  # per image: its own score (scoring.py)
+    image_flagged: np.ndarray  # per image: in a flagged cluster
+    score: float
+    reasons: str
+    rank: int = 0
+
+    @property
+    def flagged(self) -> bool:
+        return any(c.flagged for c in self.clusters)
+
+
+@dataclass
+class AuditResult:
+    """The audit's tables and what it could not do."""
+
+    classes: pa.Table
+    clusters: pa.Table
+    images: pa.Table
+    audited: list[ClassAudit]
+    gathered: Gathered
+    blind_spot: BlindSpot
+    not_audited: dict[str, str] = field(default_factory=dict)  # class name -> why
+    skipped: list[str] = field(default_factory=list)  # one-line notes: shards not read, images left out
+
+    def summary(self, run: Run, options: AuditOptions) -> dict[str, Any]:
+        """What ``audit/summary.json`` records."""
+        return {
+            "run": run.url, "by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images},
+            "threshold": THRESHOLD, "images_audited": int(len(self.gathered.keys)), "classes_audited": len(self.audited),
+            "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
+            "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
+        }
+
+
+def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] = lambda _rows: None) -> AuditResult:
+    """Audit every class of ``run`` (or ``options.classes``) as the package docstring describes."""
+    wanted = set(options.classes) or None
+    gathered = gather(run, options.by, wanted, progress)
+    names = run.class_names
+    skipped = list(run.skipped) + _error_notes(run) + _left_out_notes(gathered, names, options.by)
+    not_audited: dict[str, str] = {}
+    for c in sorted(wanted or ()):
+        if not (gathered.classes == c).any():
+            not_audited[names[c]] = _why_no_images(gathered, c, options.by)
+    audited = []
+    for c in np.unique(gathered.classes):
+        positions = np.flatnonzero(gathered.classes == c)
+        if len(positions) < options.min_images:
+            not_audited[names[c]] = f"{len(positions)} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
+            continue
+        audited.append(_audit_class(gathered, int(c), names[int(c)], positions, options.by))
+    for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
+        audit.rank = rank
+    audited.sort(key=lambda a: a.rank)
+    return AuditResult(classes=_classes_table(audited), clusters=_clusters_table(audited), images=_images_table(audited, gathered),
+                       audited=audited, gathered=gathered, blind_spot=check_blind_spot(run, gathered.rows),
+                       not_audited=not_audited, skipped=skipped)
+
+
+def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, by: str) -> ClassAudit:
+    features = gathered.features.take(positions)
+    descriptors = features.descriptor()
+    clustering = spectral_clusters(descriptors)
+    keys, labels, maps = gathered.keys[positions], gathered.labels[positions], gathered.class_maps[positions]
+    clusters = [describe_cluster(k, np.flatnonzero(clustering.labels == k), features, descriptors, maps, keys, labels, index, len(positions), by)
+                for k in range(clustering.n_clusters)]
+    image_scores = np.zeros(len(positions), dtype=np.float32)
+    image_flagged = np.zeros(len(positions), dtype=bool)
+    for cluster in clusters:
+        members = clustering.labels == cluster.cluster
+        image_scores[members] = cluster.member_scores
+        image_flagged[members] = cluster.flagged
+    return ClassAudit(index=index, name=name, positions=positions, clusters=clusters, labels=clustering.labels,
+                      coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=image_flagged,
+                      score=class_score(clusters), reasons=reasons_in_words(clusters, len(positions), by))
+
+
+def _classes_table(audited: list[ClassAudit]) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"class": a.index, "class_name": a.name, "n_images": len(a.positions), "score": a.score, "rank": a.rank,
+         "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters)} for a in audited], schema=CLASSES_SCHEMA)
+
+
+def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"class": a.index, "cluster": c.cluster, "size": c.size, "share": c.share, "purity": c.purity,
+         "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
+         "score": c.score, "focus": c.focus, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
+         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
+
+
+def _images_table(audited: list[ClassAudit], gathered: Gathered) -> pa.Table:
+    """One row per audited image, in row order."""
+    parts = [(a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged) for a in audited]
+    if not parts:
+        return IMAGES_SCHEMA.empty_table()
+    positions = np.concatenate([p[0] for p in parts])
+    order = np.argsort(gathered.rows[positions], kind="stable")
+    positions = positions[order]
+    coordinates = np.concatenate([p[3] for p in parts])[order]
+    features = gathered.features
+    return pa.table({
+        "key": pa.array(gathered.keys[positions].tolist(), pa.string()),
+        "row": pa.array(gathered.rows[positions], pa.int64()),
+        "class": pa.array(np.concatenate([np.full(len(p[0]), p[1]) for p in parts])[order], pa.int32()),
+        "cluster": pa.array(np.concatenate([p[2] for p in parts])[order], pa.int32()),
+        "x": pa.array(coordinates[:, 0], pa.float32()), "y": pa.array(coordinates[:, 1], pa.float32()),
+        "score": pa.array(np.concatenate([p[4] for p in parts])[order], pa.float32()),
+        "flagged": pa.array(np.concatenate([p[5] for p in parts])[order], pa.bool_()),
+        "spot_y": pa.array(features.spot_y[positions], pa.float32()), "spot_x": pa.array(features.spot_x[positions], pa.float32()),
+    }, schema=IMAGES_SCHEMA)
+
+
+def _error_notes(run: Run) -> list[str]:
+    """What errors/ says was never explained (samples and whole shards)."""
+    keys = run.errors.column("key")
+    samples = len(keys) - keys.null_count
+    notes = [f"{samples} sample(s) listed in errors/ could not be explained: not audited"] if samples else []
+    if keys.null_count:
+        notes.append(f"{keys.null_count} shard-level error(s) in errors/ (cdam query {run.url} \"SELECT * FROM errors\")")
+    return notes
+
+
+def _left_out_notes(gathered: Gathered, names: list[str], by: str) -> list[str]:
+    """One line per kind of image left out of the audit, with counts."""
+    notes = []
+    if gathered.no_label:
+        notes.append(f"{gathered.no_label} image(s) without a label: not audited (--by label)")
+    if gathered.no_map:
+        total = sum(gathered.no_map.values())
+        notes.append(f"{total} image(s) have no stored map of their {'predicted class' if by == 'pred' else 'label'} "
+                     f"(not among the run's --targets), in {len(gathered.no_map)} class(es): not audited")
+    if gathered.unreadable:
+        total = sum(gathered.unreadable.values())
+        notes.append(f"{total} image(s) whose map reads NaN (a row never written or a damaged chunk), in {len(gathered.unreadable)} class(es): not audited")
+    return notes
+
+
+def _why_no_images(gathered: Gathered, c: int, by: str) -> str:
+    if gathered.no_map.get(c):
+        return f"none of its {gathered.no_map[c]} image(s) has a stored map of it (the run's --targets did not include it)"
+    if gathered.unreadable.get(c):
+        return f"the maps of all {gathered.unreadable[c]} of its image(s) read NaN"
+    return f"no image is {'predicted as' if by == 'pred' else 'labelled'} it"

@@ -1,0 +1,163 @@
+"""What each cluster is, how suspicious it looks, and why, in words; the class's score and rank.
+
+An image's **suspicion score** (0 to 1) is
+
+    score = concentration * spot_specificity * (1 - LABEL_WEIGHT + LABEL_WEIGHT * other_label)
+
+- ``concentration = (spot - u) / (1 - u)``, clipped to [0, 1]: the share of the image's positive
+  evidence on its one small spot (features.py), rescaled so that evidence spread evenly over the grid
+  (``spot = u = w*w / N``) gives 0 and evidence all on the spot gives 1;
+- ``spot_specificity``: the share of the spot's evidence that no competing class shares (1 with no
+  competitor stored);
+- ``other_label``: 1 when the image is labelled as another class than the one it is audited for (the
+  spot made the model call it this class), else 0 (also for unlabelled images and with ``--by label``);
+  ``LABEL_WEIGHT = 0.2`` of the score depends on it.
+
+A **cluster's score** is the median of its images' scores. A cluster is **flagged** when its score is at
+least ``THRESHOLD`` (0.5) and it holds at least ``MIN_CLUSTER_IMAGES`` images and ``MIN_CLUSTER_SHARE``
+of the class; its images are flagged with it. A **class's score** is the highest score among its clusters
+large enough to be flagged; the class is flagged when one of its clusters is. Classes are ranked by
+score, 1 = most suspicious.
+
+In words: a group of images whose evidence for the class sits on one small spot that speaks for this
+class alone is suspicious, the more so when those images are labelled as other classes. Genuine
+objects spread their evidence over more tokens (and share it with similar classes); an object that
+truly covers only a spot of ``w x w`` tokens looks like a mark, and the contact sheet tells which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdam_worker.audit.features import ImageFeatures, spot_width, uniform_spot
+
+THRESHOLD = 0.5
+LABEL_WEIGHT = 0.2
+MIN_CLUSTER_IMAGES = 3
+MIN_CLUSTER_SHARE = 0.05
+FIXED_PLACE_SPREAD = 0.12
+"""Spots of a cluster whose positions vary less than this (fraction of the grid, per axis; a robust standard
+deviation, the interquartile range / 1.35) are at one place."""
+EDGE_ZONE = 0.25
+"""Spot centres within this fraction of the grid from an edge lie along that edge."""
+
+
+@dataclass
+class ClusterReport:
+    """One cluster of one class, as ``clusters.parquet`` stores it."""
+
+    cluster: int
+    size: int
+    share: float
+    purity: float | None  # share of labelled images whose label is the class (None: no labels)
+    prototype: np.ndarray  # (gh, gw) mean class map
+    medoid_key: str
+    focus: float  # median share of the images' positive evidence on their spot
+    specificity: float  # median share of the spot's evidence no competitor shares
+    score: float
+    flagged: bool
+    centroid_y: float
+    centroid_x: float
+    spread: float
+    border: float
+    spot_area: float  # the spot's share of the grid
+    place: str  # where the spots are, in words
+    member_scores: np.ndarray  # per image, its own score
+
+
+def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures, descriptors: np.ndarray, class_maps: np.ndarray,
+                     keys: np.ndarray, labels: np.ndarray, class_index: int, class_size: int, by: str) -> ClusterReport:
+    """Statistics, score and flag of the cluster made of ``members`` (indices into the class's images)."""
+    grid = class_maps.shape[1:]
+    mine = features.take(members)
+    labelled = labels[members] >= 0
+    purity = float((labels[members][labelled] == class_index).mean()) if labelled.any() else None
+    other_label = (labels[members] != class_index) & labelled & (by == "pred")
+    member_scores = image_scores(mine, other_label, grid)
+    score = float(np.median(member_scores))
+    centre = descriptors[members].mean(axis=0)
+    medoid = members[int(np.argmin(((descriptors[members] - centre) ** 2).sum(axis=1)))]
+    size = len(members)
+    share = size / class_size
+    large_enough = size >= MIN_CLUSTER_IMAGES and share >= MIN_CLUSTER_SHARE
+    width = spot_width(grid)
+    return ClusterReport(
+        cluster=cluster, size=size, share=share, purity=purity, prototype=class_maps[members].mean(axis=0),
+        medoid_key=str(keys[medoid]), focus=float(np.median(mine.spot)), specificity=float(np.median(mine.spot_specificity)), score=score,
+        flagged=large_enough and score >= THRESHOLD,
+        centroid_y=float(mine.centroid_y.mean()), centroid_x=float(mine.centroid_x.mean()), spread=float(mine.spread.mean()),
+        border=float(mine.border.mean()), spot_area=width * width / (grid[0] * grid[1]),
+        place=place_in_words(mine.spot_y, mine.spot_x, grid), member_scores=member_scores,
+    )
+
+
+def image_scores(features: ImageFeatures, other_label: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Each image's suspicion score (the module docstring's formula)."""
+    floor = uniform_spot(grid)
+    concentration = np.clip((features.spot - floor) / (1.0 - floor), 0.0, 1.0)
+    return concentration * features.spot_specificity * (1.0 - LABEL_WEIGHT + LABEL_WEIGHT * other_label)
+
+
+def class_score(clusters: list[ClusterReport]) -> float:
+    """The class's suspicion: the highest score among its clusters large enough to be flagged (0 if none)."""
+    eligible = [c.score for c in clusters if c.size >= MIN_CLUSTER_IMAGES and c.share >= MIN_CLUSTER_SHARE]
+    return max(eligible, default=0.0)
+
+
+def reasons_in_words(clusters: list[ClusterReport], n_images: int, by: str) -> str:
+    """Why the class scores as it does: its most suspicious cluster (and how many more are flagged)."""
+    if not clusters:
+        return ""
+    top = max(clusters, key=lambda c: (c.flagged, c.score))
+    who = (f"a coherent cluster of {top.share:.0%} of the images ({top.size} of {n_images}) puts" if len(clusters) > 1
+           else f"all {n_images} images (one cluster) put")
+    text = f"{who} {top.focus:.0%} of their positive evidence on {top.spot_area:.0%} of the area, {top.place}"
+    if top.specificity < 0.95:
+        text += f" ({top.specificity:.0%} of it not shared by competing classes)"
+    if top.purity is not None and by == "pred":
+        text += f"; {1 - top.purity:.0%} of those images are labelled as other classes"
+    more = sum(c.flagged for c in clusters) - top.flagged
+    if more:
+        text += f"; {more} more cluster{'s' if more > 1 else ''} flagged"
+    if not top.flagged:
+        text = "nothing above the threshold; most concentrated: " + text
+    return text
+
+
+def place_in_words(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]) -> str:
+    """Where a cluster's spots lie: one place ("at the bottom-right corner"), along an edge, or at varying places."""
+    fixed_y = _robust_spread(spot_y) < FIXED_PLACE_SPREAD
+    fixed_x = _robust_spread(spot_x) < FIXED_PLACE_SPREAD
+    y, x = float(np.median(spot_y)), float(np.median(spot_x))
+    vertical = "top" if y < EDGE_ZONE else "bottom" if y > 1 - EDGE_ZONE else ""
+    horizontal = "left" if x < EDGE_ZONE else "right" if x > 1 - EDGE_ZONE else ""
+    if fixed_y and fixed_x:
+        if vertical and horizontal:
+            return f"at one place, the {vertical}-{horizontal} corner"
+        if vertical or horizontal:
+            return f"at one place on the {vertical or horizontal} edge"
+        return "at one place inside the image"
+    if fixed_y and vertical:
+        return f"along the {vertical} edge"
+    if fixed_x and horizontal:
+        return f"along the {horizontal} edge"
+    on_border = _on_border(spot_y, spot_x, grid).mean()
+    if on_border >= 0.7:
+        return f"at varying places along the border ({on_border:.0%} of the spots touch it)"
+    return "at varying places"
+
+
+def _robust_spread(values: np.ndarray) -> float:
+    low, high = np.quantile(values, [0.25, 0.75])
+    return float(high - low) / 1.35
+
+
+def _on_border(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Whether each spot (its centre) lies within one spot width of the grid's edge."""
+    margin_y = spot_width(grid) / grid[0]
+    margin_x = spot_width(grid) / grid[1]
+    return (spot_y <= margin_y) | (spot_y >= 1 - margin_y) | (spot_x <= margin_x) | (spot_x >= 1 - margin_x)
+
+
