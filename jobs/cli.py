@@ -37,7 +37,7 @@ EXPLAIN_EPILOG = textwrap.dedent(
 )
 
 
-READING_COMMANDS = ("query", "audit", "serve", "report", "show", "export_fiftyone")
+READING_COMMANDS = ("query", "audit", "serve", "report", "show", "export_fiftyone", "derive", "evaluate")
 """Modules of ``jobs/`` whose commands read a finished run through ``cdam_worker.reading.open_run``."""
 TOOL_COMMANDS = ("pack",)
 """Modules of ``jobs/`` with other commands (same ``add_parser`` protocol) that do not read a run."""

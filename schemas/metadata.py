@@ -1,4 +1,5 @@
-"""Arrow schemas of the Parquet tables a run writes: ``metadata/`` (one row per explained image) and ``errors/``.
+"""Arrow schemas of the Parquet tables a run writes: ``metadata/`` (one row per explained image), ``errors/``,
+and ``derived/NAME/metadata.parquet`` (one row per image of maps derived from the basis by ``cdam derive``).
 
 Per-target columns are lists aligned with ``targets``: element k describes the map ``cdam[row, k]``.
 """
@@ -40,4 +41,19 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
     ],
     metadata={"schema": "cdam.errors/1"},
+)
+
+DERIVED_METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
+        pa.field("shard", pa.string(), nullable=False, metadata={"doc": "shard name (file name without .tar)"}),
+        pa.field("shard_index", pa.int32(), nullable=False, metadata={"doc": "position of the shard in the run's shard list"}),
+        pa.field("row", pa.int64(), nullable=False, metadata={"doc": "index along the Zarr 'image' axis (of derived/NAME/cdam too)"}),
+        pa.field("targets", pa.list_(pa.int32()), nullable=False, metadata={"doc": "class of each derived slot, -1 for concepts"}),
+        pa.field("target_names", pa.list_(pa.string()), nullable=False, metadata={"doc": "class or concept name of each slot"}),
+        pa.field("relevance_pos_sum", pa.list_(pa.float32()), nullable=False, metadata={"doc": "sum of positive CDAM scores per slot"}),
+        pa.field("relevance_neg_sum", pa.list_(pa.float32()), nullable=False, metadata={"doc": "sum of negative CDAM scores per slot"}),
+        pa.field("relevance_argmax", pa.list_(pa.int32()), nullable=False, metadata={"doc": "flat token index (y * gw + x) of the largest score per slot"}),
+    ],
+    metadata={"schema": "cdam.derived-metadata/1"},
 )

@@ -241,3 +241,11 @@ def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tupl
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     return status, (logs / "stdout").read_text(), (logs / "stderr").read_text()
+
+
+def upload_folder(client, folder: str | Path, bucket: str, prefix: str) -> str:  # boto3 client types are generated at run time
+    """Copy every file below ``folder`` to ``s3://bucket/prefix/...`` (same relative paths); returns that URL."""
+    folder = Path(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    return f"s3://{bucket}/{prefix}"

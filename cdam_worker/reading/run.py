@@ -24,17 +24,19 @@ import pyarrow.parquet as pq
 import zarr
 
 from cdam_worker.data import Sample, member_offsets, read_sample
-from cdam_worker.job import MANIFEST_PATH, LockRenewal, OutputLock, read_json
-from cdam_worker.model import resolve_class
+from cdam_worker.job import MANIFEST_PATH, LockRenewal, ModelSpec, OutputLock, read_json
+from cdam_worker.model import LoadedModel, ModelLoadError, load_model, resolve_class
 from cdam_worker.reading.arrow_fs import storage_filesystem
 from cdam_worker.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
 from cdam_worker.storage import Storage
-from schemas import ERRORS_SCHEMA, METADATA_SCHEMA
+from schemas import ERRORS_SCHEMA, HEAD_GROUP, METADATA_SCHEMA
 
 if TYPE_CHECKING:
     import duckdb
     import xarray as xr
     from PIL import Image
+
+    from cdam_worker.targets import Concept
 
 READ_ROWS = 256
 """Rows of maps read per step by the chunk-wise readers (a multiple of the 16-row chunks)."""
@@ -112,6 +114,38 @@ class Run:
     @functools.cached_property
     def array_names(self) -> list[str]:
         return sorted(name for name, _ in self.group.arrays())
+
+    @functools.cached_property
+    def head(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The model's linear head stored with the basis, (weight (C, D), bias (C)) float32; None for a run
+        without ``--store-basis`` (or made before heads were stored)."""
+        if HEAD_GROUP not in self.group:
+            return None
+        return self.group[f"{HEAD_GROUP}/weight"][:], self.group[f"{HEAD_GROUP}/bias"][:]
+
+    def load_model(self, spec: ModelSpec | None = None) -> LoadedModel:
+        """The run's model, from ``spec`` (the ``explain`` model flags) or else from the manifest's record.
+
+        RunError (one line) when it cannot be loaded, or is not the model the run was made with (its
+        checkpoint's sha256, or its classes, differ from those the run recorded).
+        """
+        if spec is None:
+            source = self.manifest.get("model_source")
+            if source is None:
+                raise RunError(f"{self.url}: the manifest does not say how to load the model (a run made by an older cdam); give the model flags (--model, --checkpoint, ...)")
+            spec = ModelSpec(**source)
+        try:
+            loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
+        except ModelLoadError as error:
+            raise RunError(f"cannot load the run's model: {error}; give the model flags (--model, --checkpoint, ...)") from None
+        recorded = self.attrs.get("model", {})
+        for what, sha in (("checkpoint", loaded.checkpoint_sha256), ("head checkpoint", loaded.head_checkpoint_sha256)):
+            expected = recorded.get(f"{what.replace(' ', '_')}_sha256")
+            if sha != expected:
+                raise RunError(f"the {what} given is not the one {self.url} was made with (sha256 {str(sha)[:12]}, the run's {str(expected)[:12]})")
+        if loaded.class_names != self.class_names:
+            raise RunError(f"the model's {loaded.num_classes} classes differ from the run's {len(self.class_names)} ({self.url})")
+        return loaded
 
     def class_index(self, name_or_index: str | int) -> int:
         """A class's index from its name or index (RunError naming it if the run has no such class)."""
@@ -198,19 +232,34 @@ class Run:
         class was not a target of that image."""
         class_ids = np.asarray([self.class_index(c) for c in classes], dtype=np.int64)
         rows = self.rows_of(keys)
+        return self.class_maps(rows, np.broadcast_to(class_ids, (len(rows), len(class_ids))))
+
+    def class_maps(self, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """The stored map of class ``classes[i, k]`` of row ``rows[i]``: (n, K, gh, gw) float32, NaN where that
+        class was not a target of that image (or is negative)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        classes = np.asarray(classes, dtype=np.int64).reshape(len(rows), -1)
         gh, gw = self.grid
-        out = np.full((len(rows), len(class_ids), gh, gw), np.nan, dtype=np.float32)
+        out = np.full((len(rows), classes.shape[1], gh, gw), np.nan, dtype=np.float32)
         for start in range(0, len(rows), READ_ROWS):
-            part = rows[start : start + READ_ROWS]
+            part, wanted = rows[start : start + READ_ROWS], classes[start : start + READ_ROWS]
             target_class = self.read_rows("target_class", part)  # (n, T)
-            match = target_class[:, :, None] == class_ids[None, None, :]  # (n, T, C)
+            match = (target_class[:, :, None] == wanted[:, None, :]) & (wanted[:, None, :] >= 0)  # (n, T, K)
             has = match.any(axis=1)
-            slot = match.argmax(axis=1)  # (n, C)
+            slot = match.argmax(axis=1)  # (n, K)
             maps = self.read_rows("cdam", part)  # (n, T, gh, gw)
             picked = np.take_along_axis(maps, slot[:, :, None, None], axis=1).astype(np.float32)
             picked[~has] = np.nan
             out[start : start + len(part)] = picked
         return out
+
+    def derive(self, targets: str = "none", keys: Sequence[str] | None = None, concepts: Sequence[Concept | str] = ()) -> xr.DataArray:
+        """CDAM of any classes (``targets``: ``classes:3,zebra``, ``topk:K``, ``label``, ``all``, ``none``) and
+        ``concepts`` (Concept objects or ``NAME=FILE|FOLDER[:cosine]``) for ``keys`` (default: every explained
+        image), computed from the stored basis without the model; see :func:`cdam_worker.derive.derive_maps`."""
+        from cdam_worker.derive import derive_maps
+
+        return derive_maps(self, targets, keys, concepts)
 
     # -- images ------------------------------------------------------------------------------------
 

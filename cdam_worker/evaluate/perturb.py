@@ -1,0 +1,89 @@
+"""The model-side baselines and tests of the evaluation: token ablation (TAM), token deletion, input x gradient.
+
+Removing a token means what the spec says (section 5): the patch token is dropped from the sequence right
+after the positional embedding, and the rest of the network runs on the shorter sequence (the model's own
+``norm_pre``, blocks, norm and head, so average-pooled models average over the tokens left). Many removals
+run as one batch: every row is an image's embedded tokens gathered at the indices it keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+DEFAULT_ROWS = 256
+"""Sequences per forward pass (rows of removals, or image copies for input x gradient)."""
+
+
+@torch.no_grad()
+def embedded_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The tokens right after the positional embedding (B, P + N, D): prefix tokens first, then the patches."""
+    return model.patch_drop(model._pos_embed(model.patch_embed(images)))
+
+
+@torch.no_grad()
+def logits_keeping(model: VisionTransformer, tokens: torch.Tensor, image: torch.Tensor, keep: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+    """Logits (R, C) of R sequences: row r keeps tokens ``keep[r]`` (indices into the P + N tokens) of image ``image[r]``."""
+    out = []
+    for start in range(0, len(keep), max_rows):
+        rows = slice(start, start + max_rows)
+        x = tokens[image[rows, None], keep[rows]]  # (r, L', D)
+        x = model.norm(model.blocks(model.norm_pre(x)))
+        out.append(model.forward_head(x))
+    return torch.cat(out) if out else tokens.new_zeros(0, model.num_classes)
+
+
+@torch.no_grad()
+def token_ablation(model: VisionTransformer, images: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ablation: (logits (B, C), drops (B, C, N)) where drops[b, c, i] = f_c(image b) - f_c(image b without
+    patch token i). The token ablation map (TAM) of class c is drops[:, c] on the patch grid."""
+    tokens = embedded_tokens(model, images)
+    batch, length, _ = tokens.shape
+    prefix = model.num_prefix_tokens
+    n_patches = length - prefix
+    patches = torch.arange(n_patches, device=tokens.device)
+    others = patches.expand(n_patches, -1)[patches[:, None] != patches[None]].view(n_patches, n_patches - 1)  # row i: all but i
+    keep = torch.cat([torch.arange(prefix, device=tokens.device).expand(n_patches, -1), others + prefix], dim=1)
+    image = torch.arange(batch, device=tokens.device).repeat_interleave(n_patches)
+    logits = model(images)
+    ablated = logits_keeping(model, tokens, image, keep.repeat(batch, 1), max_rows).view(batch, n_patches, -1)
+    return logits, (logits[:, None] - ablated).transpose(1, 2)
+
+
+@torch.no_grad()
+def deletion_drops(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, orders: torch.Tensor, removed: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+    """Deletion curves: the drop of the logit of ``classes[b]`` (B,) when the first ``removed[s]`` patch tokens of
+    ``orders[b, r]`` (B, R, N) are removed: (B, R, S+1). One batch per step, over every image and order."""
+    tokens = embedded_tokens(model, images)
+    batch = tokens.shape[0]
+    prefix = model.num_prefix_tokens
+    n_orders = orders.shape[1]
+    image = torch.arange(batch, device=tokens.device).repeat_interleave(n_orders)
+    prefix_index = torch.arange(prefix, device=tokens.device).expand(batch * n_orders, -1)
+    score = model(images).gather(1, classes[:, None])[:, 0]  # (B,)
+    drops = []
+    for k in removed.tolist():
+        kept = orders.reshape(batch * n_orders, -1)[:, k:].sort(dim=1).values + prefix  # patches left, in their order
+        logits = logits_keeping(model, tokens, image, torch.cat([prefix_index, kept], dim=1), max_rows)
+        drops.append(score.repeat_interleave(n_orders) - logits.gather(1, classes.repeat_interleave(n_orders)[:, None])[:, 0])
+    return torch.stack(drops, dim=1).view(batch, n_orders, -1)
+
+
+def input_x_gradient(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+    """Input x gradient of the logit of each ``classes[b, k]`` (B, K), summed over channels and over each token's
+    pixels (``patch`` pixels per token, a ``grid`` of tokens): (B, K, gh, gw)."""
+    batch, n_classes = classes.shape
+    copies = images.repeat_interleave(n_classes, dim=0)  # row b * K + k explains classes[b, k]
+    wanted = classes.reshape(-1, 1)
+    pixels = []
+    for start in range(0, len(copies), max_rows):
+        x = copies[start : start + max_rows].detach().requires_grad_(True)
+        with torch.enable_grad():
+            score = model(x).gather(1, wanted[start : start + max_rows]).sum()
+            (grad,) = torch.autograd.grad(score, x)
+        pixels.append((x.detach() * grad).sum(1))  # (r, H, W)
+    (ph, pw), (gh, gw) = patch, grid
+    per_pixel = torch.cat(pixels)[:, : gh * ph, : gw * pw]
+    per_pixel = F.pad(per_pixel, (0, gw * pw - per_pixel.shape[2], 0, gh * ph - per_pixel.shape[1]))  # a padded border
+    return per_pixel.view(-1, gh, ph, gw, pw).sum((2, 4)).view(batch, n_classes, gh, gw)
