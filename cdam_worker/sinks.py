@@ -97,6 +97,11 @@ class ShardSummary:
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
 
+    @classmethod
+    def from_marker(cls, marker: dict[str, Any]) -> ShardSummary:
+        """The summary a marker records; markers of cdam 0.1 have no ``n_shard_errors`` (read as 0)."""
+        return cls(**{"n_shard_errors": 0, **marker})
+
     def unaccounted(self) -> str | None:
         """Why the shard's samples are not each either explained or in errors/ (None when they are)."""
         sample_errors = self.n_errors - self.n_shard_errors

@@ -283,7 +283,7 @@ def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
     for task in plan.shards:
         marker = read_json(plan.storage, marker_path(task.shard_index))
         if marker is not None:
-            summaries[task.shard_index] = ShardSummary(**marker)
+            summaries[task.shard_index] = ShardSummary.from_marker(marker)
     return summaries
 
 

@@ -48,7 +48,7 @@ def verify_output(url: str) -> list[str]:
             problems.append(f"shard {index}: no completion marker")
             continue
         completed.add(index)
-        summary = ShardSummary(**marker)
+        summary = ShardSummary.from_marker(marker)
         totals["images"] += summary.n_images
         totals["errors"] += summary.n_errors
         problems += [f"shard {summary.shard}: {p}" for p in _check_shard(storage, group, names, summary, rows_per_shard, entry, recorded.get(index), seen_keys)]
