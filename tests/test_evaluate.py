@@ -157,6 +157,20 @@ def test_evaluate_on_the_demo_run(evaluated):
     assert np.allclose(gaps, images.column("deletion_auc_gap").to_numpy(), atol=1e-5)
 
 
+def test_a_smooth_run_is_compared_with_vanilla_cdam_from_the_engine(demo_run, tmp_path):
+    """A run whose attributes say Smooth CDAM (here the demo's vanilla maps, relabelled): its stored maps are
+    measured as 'Smooth CDAM', and 'CDAM' comes from the engine, which gives those same vanilla maps again."""
+    run_dir = copy_run(demo_run, tmp_path)
+    group = zarr.open_group(Path(run_dir, "cdam.zarr"), mode="r+", zarr_format=3)
+    group.attrs["variant"] = {"variant": "smooth", "n_samples": 4, "noise_level": 0.05, "seed": 0}
+    assert main(["evaluate", run_dir, "--sample", "6", "--steps", "2"]) == 0
+    images = open_run(run_dir).table("evaluation/images.parquet")
+    by_method = {m: images.filter(images.column("method").to_numpy(zero_copy_only=False) == m) for m in ("CDAM", "Smooth CDAM")}
+    assert [row["method"] for row in open_run(run_dir).table("evaluation/summary.parquet").to_pylist()] == ["CDAM", "Smooth CDAM", "TAM", "AM", "Input x gradient"]
+    for measure in ("gini", "class_similarity", "correctness_spearman"):
+        assert np.allclose(by_method["CDAM"].column(measure).to_numpy(), by_method["Smooth CDAM"].column(measure).to_numpy(), atol=1e-5)
+
+
 def test_evaluate_without_a_model_measures_the_stored_maps(evaluated, demo_run, tmp_path, capsys):
     run_dir = copy_run(demo_run, tmp_path)
     assert main(["evaluate", run_dir, "--sample", "24", "--steps", "4", "--seed", "3", "--no-model"]) == 0

@@ -85,7 +85,9 @@ class Evaluation:
 def methods_of(run: Run, with_model: bool) -> list[str]:
     """The methods evaluated, in the paper's order (CDAM first)."""
     variant = run.attrs.get("variant", {}).get("variant", "vanilla")
-    cdam = [CDAM_NAMES["vanilla"]] if variant == "vanilla" else ([CDAM_NAMES["vanilla"]] if with_model else []) + [CDAM_NAMES[variant]]
+    cdam = [CDAM_NAMES["vanilla"]] if variant == "vanilla" or with_model else []  # vanilla CDAM of a Smooth run: the engine
+    if variant != "vanilla":
+        cdam.append(CDAM_NAMES[variant])
     return cdam + ([TAM] if with_model else []) + [AM] + ([INPUT_X_GRADIENT] if with_model else [])
 
 
