@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((args.host, args.port))
+        listener.listen(2048)  # before the address is announced: connections wait until the app serves them
     except OSError as error:
         raise RunError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     port = listener.getsockname()[1]

@@ -84,6 +84,47 @@ def wait_images(page, selector: str) -> list[float]:  # noqa: ANN001
     return page.evaluate(NON_BLANK_IMAGES_JS, selector)
 
 
+def test_colour_map_is_symmetric_and_centred_on_zero() -> None:
+    from cdam_worker.views.colormap import LUT_SIZE, MISSING_GREY, colorize, overlay, symmetric_scale
+
+    values = np.array([[-2.0, -1.0, 0.0], [1.0, 2.0, np.nan]], dtype=np.float32)
+    scale = symmetric_scale(values)
+    colours = colorize(values, scale).astype(int)
+    assert scale == 2.0 and LUT_SIZE % 2 == 1
+    assert colours[0, 0, 2] > colours[0, 0, 0] and colours[1, 1, 0] > colours[1, 1, 2]  # -scale cool, +scale warm
+    assert np.all(colours[0, 2] > 240) and tuple(colours[1, 2]) == MISSING_GREY  # 0 white, NaN grey
+    assert np.abs((colours[0, 1] + colours[1, 0]) - (colours[0, 0] + colours[1, 1])).max() > 0  # halfway is lighter than the ends
+    image = np.full((2, 3, 3), 90, dtype=np.uint8)
+    blended = overlay(image, values, scale)
+    assert np.array_equal(blended[0, 2], image[0, 2]) and np.array_equal(blended[1, 2], image[1, 2])  # 0 and NaN leave the image
+    change = np.linalg.norm(blended.astype(float) - image, axis=2)
+    assert change[1, 1] > change[1, 0] > 10 and change[0, 0] > change[0, 1] > 10  # the colour shows more as |value| grows
+
+
+def test_cdam_serve_command_binds_loopback_and_stops_on_ctrl_c(audited_run: tuple[str, dict]) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    dest, _ = audited_run
+    server = subprocess.Popen([sys.executable, "-m", "jobs", "serve", dest, "--port", "0"], stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("cdam serve: http://")):
+            line = server.stderr.readline()
+            assert line, f"cdam serve exited: {''.join(lines)}"
+            lines.append(line)
+        url = lines[-1].split()[2]
+        assert url.startswith("http://127.0.0.1:")
+        status, body = get(url)
+        assert status == 200 and b"Audit: classes by suspicion" in body
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 130  # 128 + SIGINT, like every cdam command stopped by Ctrl-C
+    assert server.stderr.read().strip().splitlines()[-1] == "cdam serve: stopped by SIGINT"
+
+
 def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:  # noqa: ANN001
     dest, truth = audited_run
     catalog = Catalog(open_run(dest))

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 READ_ROWS = 256
 """Rows of maps read per step by the chunk-wise readers (a multiple of the 16-row chunks)."""
+IMAGE_INDEX_SHARDS = 64
+"""Shards whose tar member index (for ``Run.image``) is kept in memory."""
 
 TARGETS_VIEW_SQL = """
 CREATE OR REPLACE VIEW targets AS
@@ -271,6 +273,13 @@ class Run:
             raise RunError(f"image of {key!r}: {sample.reason}")
         return sample.image
 
+    def index_images(self) -> None:
+        """Index the tar members of the complete shards now (one header scan per shard, for as many shards
+        as the index cache holds), so that later ``image`` calls need only one ranged read per member.
+        Viewers call it in a background thread when they start."""
+        for shard in [s for s in self.shards if s.complete][:IMAGE_INDEX_SHARDS]:
+            self._member_offsets(shard.url)
+
     def _shard_of(self, key: str) -> ShardInfo:
         position = self._key_positions.get(key)
         if position is None:
@@ -278,7 +287,7 @@ class Run:
         name = self.index.column("shard")[position].as_py()
         return next(s for s in self.shards if s.name == name)
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - one cache per run object is what we want
+    @functools.lru_cache(maxsize=IMAGE_INDEX_SHARDS)  # noqa: B019 - one cache per run object is what we want
     def _member_offsets(self, url: str) -> dict[str, list[tuple[str, int, int]]] | None:
         return member_offsets(url)
 

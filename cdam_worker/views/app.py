@@ -10,8 +10,11 @@ but this server's own files.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
 from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -23,6 +26,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from cdam_worker.reading import Run, RunError
+from cdam_worker.storage import StorageError
 from cdam_worker.views import pages
 from cdam_worker.views.catalog import Catalog, GalleryQuery
 from cdam_worker.views.colormap import colorbar
@@ -55,6 +59,19 @@ class Dashboard:
         self.catalog = Catalog(run)
         self.tiles = TileRenderer(run)
         self.static = {name: static_file(name) for name in STATIC_FILES}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Once the server listens, scan the shards' tar headers in the background, so that the images of
+        a class page come with one ranged read each."""
+        threading.Thread(target=self._index_images, name="cdam-index-images", daemon=True).start()
+        yield
+
+    def _index_images(self) -> None:
+        try:
+            self.run.index_images()
+        except (RunError, StorageError, OSError) as error:
+            print(f"note: indexing the shards' images: {error}", file=sys.stderr)
 
     # -- pages ----------------------------------------------------------------------------------
 
@@ -279,6 +296,6 @@ def create_app(run: Run) -> SecurityHeaders:
         Route("/colorbar.png", dashboard.colorbar_png),
         Route("/static/{name}", dashboard.static_route),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=dashboard.lifespan)
     app.state.dashboard = dashboard
     return SecurityHeaders(app)
