@@ -41,8 +41,9 @@ SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
 ]
+PICTURE_CACHING = {"cache-control": "private, max-age=3600"}
+"""A picture of a key never changes while the run is served: the browser may keep it (pages and data: no-store)."""
 HEAD = '<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/style.css"><script src="/static/app.js" defer></script>'
 
 
@@ -177,7 +178,7 @@ class Dashboard:
             raise HTTPException(400, f"size: one of {', '.join(map(str, SIZES))}")
         self._check(check_view, view)
         self._check(self.tiles.check_map, map_name)
-        return Response(self.tiles.tile(key, view, map_name, size), media_type="image/png")
+        return Response(self.tiles.tile(key, view, map_name, size), media_type="image/png", headers=PICTURE_CACHING)
 
     def prototype(self, request: Request) -> Response:
         params = request.query_params
@@ -190,14 +191,14 @@ class Dashboard:
         if not found:
             raise HTTPException(404, f"class {c} has no audit cluster {cluster}")
         picture = render_tile("heatmap", None, found[0]["prototype"], display_size(self.tiles.input_size, size))
-        return Response(encode(picture), media_type="image/png")
+        return Response(encode(picture), media_type="image/png", headers=PICTURE_CACHING)
 
     def contact_sheet(self, request: Request) -> Response:
         c = self._class(request.query_params.get("class"))
         sheets = self.catalog.audit.contact_sheets if self.catalog.audit is not None else {}
         if c not in sheets:
             raise HTTPException(404, f"no contact sheet for class {c}")
-        return Response(self.run.storage.get(sheets[c]), media_type="image/png")
+        return Response(self.run.storage.get(sheets[c]), media_type="image/png", headers=PICTURE_CACHING)
 
     def colorbar_png(self, request: Request) -> Response:
         from PIL import Image
@@ -267,7 +268,8 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
 
 
 class SecurityHeaders:
-    """ASGI middleware: every response carries the Content-Security-Policy and friends."""
+    """ASGI middleware: every response carries the Content-Security-Policy and friends, and is not cached
+    by the browser unless it says otherwise (pictures)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -275,7 +277,10 @@ class SecurityHeaders:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = [*headers, *SECURITY_HEADERS]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
