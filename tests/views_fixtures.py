@@ -52,6 +52,8 @@ def write_audit(dest: str | Path) -> dict[str, object]:
         x, y = 4.0 * cluster + rng.normal(0, 0.5, positions.size), rng.normal(0, 1, positions.size)
         for k in (0, 1):
             inside = cluster == k
+            if not inside.any():  # a class with one image has one cluster
+                continue
             clusters.append({"class": c, "cluster": k, "size": int(inside.sum()), "share": float(inside.mean()), "purity": 0.9,
                              "prototype": np.nanmean(maps[inside], axis=0).reshape(-1).astype(np.float32).tolist(),
                              "medoid_key": class_keys[int(np.flatnonzero(inside)[0])], "flagged": c == 0 and k == 1})
@@ -70,7 +72,7 @@ def write_audit(dest: str | Path) -> dict[str, object]:
     pq.write_table(pa.Table.from_pylist(images), audit / "images.parquet")
     Image.new("RGB", (64, 32), (200, 40, 40)).save(audit / "contact-sheets" / f"0-{run.class_names[0]}.png")
     (audit / "summary.json").write_text(json.dumps({"run": run.url, "by": "pred"}))
-    return {"members": members, "grid": (gh, gw)}
+    return {"members": members, "grid": (gh, gw), "ranked": [row["class"] for row in order]}
 
 
 def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
