@@ -197,8 +197,8 @@ class Catalog:
             selected &= self.preds == query.pred
         if query.label is not None:
             selected &= self.labels == query.label
-        if query.correct is not None:
-            selected &= (self.preds == self.labels) == query.correct
+        if query.correct is not None:  # only labelled images are right or wrong
+            selected &= (self.labels != NO_LABEL) & ((self.preds == self.labels) == query.correct)
         cluster_of = np.full(len(self.keys), -1, dtype=np.int64)
         audit = self.class_audit(c)
         if audit is not None:
