@@ -321,7 +321,7 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
         assert status == 200
         assert f"shard {damage['skipped_shard']}: no completion marker" in text and "(not complete)" in text
         assert "broken-sample" in text and "cannot identify image file" in text
-        assert "no audit yet: run `cdam audit" in text
+        assert "no audit yet: run `cdam audit" in text and "<dt>variant</dt><dd>vanilla</dd>" in text
         status, body = get(url + "/class/0")
         assert status == 200 and "no audit yet: run `cdam audit" in body.decode()
         gallery = json.loads(get(url + "/api/gallery?class=0&limit=500")[1])

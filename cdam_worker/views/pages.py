@@ -53,8 +53,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], css: str = "") 
 def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderboard: list[dict[str, Any]], errors: list[dict[str, Any]],
              n_errors: int, no_audit: str, class_link: Callable[[int], str]) -> str:
     """The overview: run facts, what was skipped, the audit's leaderboard, classes, errors."""
-    variant = facts["variant"]
-    variant_text = variant.get("name", "?") if isinstance(variant, dict) else str(variant)
+    variant = dict(facts["variant"]) if isinstance(facts["variant"], dict) else {"variant": str(facts["variant"])}
+    variant_text = str(variant.pop("variant", "?")) + "".join(f", {name.replace('_', ' ')} {value}" for name, value in variant.items())
     run_rows = [
         ("run", f"<code>{escape(facts['url'])}</code>" + ("" if facts["complete"] else " <span class=\"warn\">(not complete)</span>")),
         ("model", f"{escape(facts['model'])} ({escape(str(facts['method']))})"),
