@@ -120,7 +120,7 @@ class Dashboard:
         tiles.append(self._image_tile(key, "att", f"attention (mean of {self.run.group['attention'].shape[1]} heads, above its minimum)"))
         for slot, (target, target_name, pos, neg) in enumerate(slots):
             kind = "concept" if target < 0 else f"class {target}"
-            tiles.append(self._image_tile(key, f"s{slot}", f"{escape(target_name)} ({kind}); sum + {pages.number(pos)}, − {pages.number(neg)}"))
+            tiles.append(self._image_tile(key, f"s{slot}", f"{escape(target_name)} ({kind}); positive sum {pages.number(pos)}, negative sum {pages.number(neg)}"))
         facts = [(name, escape(_shown(value))) for name, value in record.items() if name not in ("targets", "target_names", "relevance_pos_sum", "relevance_neg_sum", "relevance_argmax")]
         pred_link = f"<a href=\"/class/{record['pred']}\">{escape(self.catalog.class_names[record['pred']])}</a>"
         body = (
