@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.dataset as ds
 from PIL import Image
 
 from cdam_worker.reading import Run, RunError
@@ -33,8 +34,6 @@ def target_map(run: Run, record: dict, target: str | None) -> tuple[str, str]:
 
 def show_figure(run: Run, key: str, target: str | None, size: int) -> tuple[Image.Image, str]:
     """The figure of ``key``'s map of ``target`` and a one-line description of it."""
-    import pyarrow.dataset as ds
-
     table = run.metadata.to_table(filter=ds.field("key") == key)
     if table.num_rows == 0:
         raise RunError(f"key {key!r} is not an explained image of {run.url}")
