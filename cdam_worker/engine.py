@@ -261,12 +261,13 @@ class CDAMExplainer:
             return CPU_ROWS
         return max(1, int(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device) // self._bytes_per_row(tokens)))
 
-    def variant_chunks(self, batch: int, tokens: int, config: VariantConfig) -> tuple[int, int]:
+    def variant_chunks(self, batch: int, tokens: int, config: VariantConfig, columns: bool = False) -> tuple[int, int]:
         """(images per group, copies per chunk) of Smooth/Integrated CDAM.
 
         With ``max_rows`` set or on the CPU, a chunk holds all images of the batch and ``rows // batch`` of
         their copies (groups of ``rows`` images, one copy each, when the batch is larger). On CUDA a group of
         images also keeps its noise for all copies, so groups and chunks are sized from the free memory.
+        ``columns``: the closed form takes its column route (more targets than patches, or the basis).
         """
         n_maps = config.n_maps
         if self.max_rows is not None or self.device.type != "cuda":
@@ -274,7 +275,7 @@ class CDAMExplainer:
             images = min(batch, rows)
             return images, min(n_maps, max(1, rows // images))
         noise = n_maps * tokens * self.model.embed_dim * 4 if config.sigma_fraction > 0 else 0  # float32 noise per image
-        return _chunks_in_budget(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device), batch, n_maps, self._bytes_per_row(tokens), noise)
+        return _chunks_in_budget(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device), batch, n_maps, self._bytes_per_row(tokens, columns), noise)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -293,13 +294,15 @@ class CDAMExplainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return cuda_fp32_precision(self.device, "tf32" if precision == "tf32" else "ieee")
 
-    def _bytes_per_row(self, tokens: int) -> int:
+    def _bytes_per_row(self, tokens: int, columns: bool = False) -> int:
         """Peak memory of one row in a pass, estimated on the safe side from the last block's shapes."""
         block, dim = self.model.blocks[-1], self.model.embed_dim
-        if self.method == "closed_form":  # no autograd graph: norm1's output and a few copies of it
+        mlp_activations = sum(p.numel() for p in block.mlp.parameters()) // dim  # about 2 x hidden per token
+        if self.method == "closed_form" and not columns:  # no autograd graph: norm1's output and a few copies of it
             floats = 4 * tokens * dim
+        elif self.method == "closed_form":  # and every patch column's tangents through proj, norm2 and the MLP
+            floats = tokens * (8 * dim + 2 * mlp_activations)
         else:  # the block's activations kept for the backward pass (attention weights included), and as much again
-            mlp_activations = sum(p.numel() for p in block.mlp.parameters()) // dim  # about 2 x hidden per token
             floats = 2 * (tokens * (14 * dim + mlp_activations) + 2 * block.attn.num_heads * tokens * tokens)
         return 4 * floats
 
@@ -396,14 +399,15 @@ class CDAMExplainer:
         """
         batch, tokens = block_input.shape[:2]
         clean = self._maps(block_input, resolve, (), False, with_maps=False)
-        images_per_group, copies_per_chunk = self.variant_chunks(batch, tokens, config)
+        columns = want_basis or clean.target_class.shape[1] + len(concepts) > tokens - self.model.num_prefix_tokens
+        images_per_group, copies_per_chunk = self.variant_chunks(batch, tokens, config, columns)
         maps, bases = [], []
         for first in range(0, batch, images_per_group):
             group = slice(first, first + images_per_group)
-            group_size = block_input[group].shape[0]
-            group_targets = clean.target_class[group]
+            group_input, group_targets = block_input[group], clean.target_class[group]
+            group_size = group_input.shape[0]
             maps_sum, basis_sum = None, None
-            for altered, copies in self._altered_inputs(block_input[group], keys[group], config, copies_per_chunk):
+            for altered, copies in self._altered_inputs(group_input, keys[group], config, copies_per_chunk):
                 with self._precision_scope(self.variant_precision):
                     part = self._maps(altered, lambda _logits: group_targets.repeat_interleave(copies, dim=0), concepts, want_basis)
                 maps_part = part.cdam.float().view(group_size, copies, *part.cdam.shape[1:]).sum(1)
