@@ -61,8 +61,8 @@ class ShardProcessor:
     """Explains shards for one job; run as a Ray actor (:func:`make_actor_class`), usable in-process too.
 
     ``loaded`` is the model the driver loaded and checked (shipped once per node through Ray's object
-    store, so no actor creates a model or reads a checkpoint). ``decode_workers`` 0 sizes the decode pool to the node: its CPUs divided among the ``job_actors``
-    actors it can hold (:func:`default_decode_workers`).
+    store, so no actor creates a model or reads a checkpoint). ``decode_workers`` 0 sizes the decode pool
+    to the node: its CPUs divided among the ``job_actors`` actors it can hold (:func:`default_decode_workers`).
     """
 
     def __init__(self, config: JobConfig, layout: Layout, loaded: LoadedModel, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1) -> None:
@@ -70,7 +70,7 @@ class ShardProcessor:
             raise RuntimeError(f"fault injection: an actor of generation {generation} fails to start")
         if threads:
             torch.set_num_threads(threads)
-        self.decoder = DecodePool(decode_workers or default_decode_workers(job_actors))  # starts while the model loads
+        self.decoder = DecodePool(decode_workers or default_decode_workers(job_actors))  # starts in the background
         self.config, self.layout, self.progress, self.generation = config, layout, progress, generation
         wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda_missing = wanted.startswith("cuda") and not torch.cuda.is_available()  # e.g. a GPU resource without a driver

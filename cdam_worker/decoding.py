@@ -84,8 +84,8 @@ class DecodeSettings:
 class DecodePool:
     """Decodes shards' samples with ``workers`` processes (one: a thread), started once per actor.
 
-    The processes start in the background as soon as the pool is made (an actor makes it before it loads
-    its model, so both happen at once) and fork from a server process that imported this module once.
+    The processes start in the background as soon as the pool is made (an actor makes it first, so they
+    start while it sets up its model) and fork from a server process that imported this module once.
     """
 
     def __init__(self, workers: int) -> None:
@@ -114,6 +114,7 @@ class DecodePool:
                 try:
                     results, tensors = entry.result()
                 except BrokenProcessPool as error:
+                    self._started.result().shutdown(wait=False, cancel_futures=True)
                     self._started = _in_background(self._start)
                     raise RuntimeError(f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted") from None
                 rows = iter(tensors)

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     lock = OutputLock(plan.storage, plan.config.run_id)
     lock.acquire()
     renewal = LockRenewal(lock)
+    ray_was_connected = _ray_connected()
     try:
         todo = prepare_output(plan, overwrite=args.overwrite)
         failures = dispatch(plan, todo, args, renewal.check) if todo else {}
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         if not failures and len(summaries) == len(plan.shards):
             finish_manifest(plan, summaries)
     finally:
+        if not ray_was_connected:  # the Ray this job started (or joined) goes now, not at the interpreter's exit
+            _disconnect_ray()
         renewal.stop()
         lock.release()
     return print_summary(plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=args.strict)
@@ -440,10 +443,21 @@ def _write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
     plan.storage.put(f"errors/{shard_file_stem(task.shard_index, task.name)}.parquet", sink.getvalue())
 
 
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _disconnect_ray() -> None:
+    """Shut down the local Ray this process started (or leave the cluster it joined), if connected."""
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
-    if ray.is_initialized():
+    if _ray_connected():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     sigterm_handler = signal.getsignal(signal.SIGTERM)
