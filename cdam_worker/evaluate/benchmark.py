@@ -29,12 +29,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from cdam_worker.data import DataError
 from cdam_worker.derive import basis_class_maps
 from cdam_worker.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics
 from cdam_worker.evaluate.perturb import DEFAULT_ROWS, deletion_drops, input_x_gradient, token_ablation
 from cdam_worker.model import LoadedModel
 from cdam_worker.reading.run import Run, RunError
+from cdam_worker.storage import StorageError
 
 CDAM_NAMES = {"vanilla": "CDAM", "smooth": "Smooth CDAM", "integrated": "Integrated CDAM"}
 AM, TAM, INPUT_X_GRADIENT = "AM", "TAM", "Input x gradient"
@@ -197,7 +199,7 @@ class _ChunkEvaluator:
             try:
                 tensors.append(self.model.transform(self.run.image(key)))
                 usable[position] = True
-            except (RunError, OSError) as error:
+            except (RunError, DataError, StorageError, OSError) as error:  # a moved shard, an unreadable member
                 self.notes.append(f"image {key}: cannot be read ({error}): only its stored maps are measured")
         return (torch.stack(tensors) if tensors else None), usable
 
