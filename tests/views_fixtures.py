@@ -66,7 +66,8 @@ def write_audit(dest: str | Path) -> dict[str, object]:
     for rank, row in enumerate(order, start=1):
         row["rank"] = rank
     audit = Path(dest) / "audit"
-    (audit / "contact-sheets").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(audit, ignore_errors=True)  # a real audit's files (cdam demo runs one) make way for these
+    (audit / "contact-sheets").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(order), audit / "classes.parquet")
     pq.write_table(pa.Table.from_pylist(clusters), audit / "clusters.parquet")
     pq.write_table(pa.Table.from_pylist(images), audit / "images.parquet")
@@ -77,10 +78,12 @@ def write_audit(dest: str | Path) -> dict[str, object]:
 
 def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
     """A copy of a finished run with what issue 12 §3 lists: a failed shard (no marker), error rows, rows
-    whose maps read as NaN (a Zarr chunk object deleted) and a partly written output (manifest 'running')."""
+    whose maps read as NaN (a Zarr chunk object deleted) and a partly written output (manifest 'running');
+    without an audit."""
     from cdam_worker.reading import open_run
 
     shutil.copytree(source, dest)
+    shutil.rmtree(dest / "audit", ignore_errors=True)  # and no audit yet
     run = open_run(str(dest))
     shards = run.shards
     (dest / "markers" / f"{shards[-1].index:06d}.json").unlink()
