@@ -108,7 +108,7 @@ def screenshot(run: Path, out: Path, class_index: int) -> None:
     server, thread, base = serve(run)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
         page.goto(f"{base}/class/{class_index}")
         while not page.evaluate("(() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); })()"):
             page.wait_for_timeout(20)

@@ -166,7 +166,7 @@ class Scatter {
       return;
     }
     const clusters = [...new Set(this.points.cluster)].sort((a, b) => a - b);
-    legend.replaceChildren(...clusters.map((k) => element("span", { class: "swatch", text: "● cluster " + k + " " })));
+    legend.replaceChildren(...clusters.map((k) => element("span", { class: "legend-item" }, element("span", { class: "swatch", text: "●" }), " cluster " + k + " ")));
     legend.querySelectorAll(".swatch").forEach((node, i) => { node.style.color = PALETTE[clusters[i] % PALETTE.length]; });
     const xs = this.points.x, ys = this.points.y;
     this.bounds = { x0: Math.min(...xs), x1: Math.max(...xs), y0: Math.min(...ys), y1: Math.max(...ys) };
