@@ -114,7 +114,7 @@ class Dashboard:
         record = self.catalog.record(key)
         slots = list(zip(record["targets"], record["target_names"], record["relevance_pos_sum"], record["relevance_neg_sum"]))
         problems = [] if self.catalog.maps_written(key) else [f"the maps of {key!r} were not written (its Zarr row reads as fill values, NaN): shown as 'no map'"]
-        if key in self.tiles.unreadable:
+        if self.tiles.model_view_image(key, IMAGE_TILE) is None:
             problems.append(self.tiles.unreadable[key])
         tiles = [pages.card(self._tile_src(key, "input", "att", IMAGE_TILE), None, "input (as the model saw it)", None)]
         tiles.append(self._image_tile(key, "att", f"attention (mean of {self.run.group['attention'].shape[1]} heads, above its minimum)"))
