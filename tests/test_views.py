@@ -314,7 +314,8 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
     dest = tmp_path / "damaged"
     damage = damage_run(demo_run, dest)
     catalog = Catalog(open_run(str(dest)))
-    nan_key, good_key = damage["nan_keys"][0], catalog.keys[-1]
+    nan_key = damage["nan_keys"][0]
+    good_key = next(k for k in catalog.keys if k not in damage["nan_keys"] and k not in damage["unreadable_keys"])
     with serving(str(dest)) as url:
         status, body = get(url + "/")
         text = body.decode()
@@ -336,6 +337,11 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
         status, body = get(url + f"/tile?key={quote(good_key)}&view=overlay&map=c0&size=160")
         assert status == 200 and png_stats(body)[1] > 5
         assert get(url + "/api/scatter?class=0")[1].decode().count("no audit yet") == 1
+        lost = damage["unreadable_keys"][0]
+        status, body = get(url + "/image?key=" + quote(lost))
+        assert status == 200 and "moved-away.tar" in body.decode()  # the reason names the shard it could not read
+        status, body = get(url + f"/tile?key={quote(lost)}&view=overlay&map=c0&size=160")
+        assert status == 200 and (np.abs(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int) - 225).max(axis=2) < 3).mean() > 0.8
 
     report = tmp_path / "report.html"
     assert main(["report", str(dest), "-o", str(report), "--classes", "4", "--per-class", "70"]) == 0
@@ -348,11 +354,14 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
     lines = capsys.readouterr().err.strip().splitlines()
     assert "its maps were not written" in lines[-1] and any("no completion marker" in line for line in lines[:-1])
     assert main(["show", str(dest), "--key", good_key, "-o", str(tmp_path / "good.png")]) == 0
+    assert main(["show", str(dest), "--key", lost, "-o", str(tmp_path / "lost.png")]) == 2
+    assert "moved-away.tar" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["export-fiftyone", str(dest), str(tmp_path / "fo")]) == 0
     err = capsys.readouterr().err
-    assert f"map(s) not written (NaN)" in err
+    assert f"left out: {len(damage['unreadable_keys'])} unreadable image(s)" in err and "map(s) not written (NaN)" in err
     samples = json.loads((tmp_path / "fo" / "samples.json").read_text())["samples"]
-    assert len(samples) == len(catalog.keys) and all("cdam_0" not in s for s in samples if s["key"] in damage["nan_keys"])
+    assert len(samples) == len(catalog.keys) - len(damage["unreadable_keys"])
+    assert all("cdam_0" not in s for s in samples if s["key"] in damage["nan_keys"])
 
 
 def test_views_on_s3_retry_transient_faults(audited_run: tuple[str, dict], s3_server: str, s3_bucket: str, s3_client, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

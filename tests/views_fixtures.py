@@ -78,8 +78,8 @@ def write_audit(dest: str | Path) -> dict[str, object]:
 
 def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
     """A copy of a finished run with what issue 12 §3 lists: a failed shard (no marker), error rows, rows
-    whose maps read as NaN (a Zarr chunk object deleted) and a partly written output (manifest 'running');
-    without an audit."""
+    whose maps read as NaN (a Zarr chunk object deleted), a partly written output (manifest 'running') and
+    a shard whose tar is gone (its images unreadable); without an audit."""
     from cdam_worker.reading import open_run
 
     shutil.copytree(source, dest)
@@ -94,10 +94,13 @@ def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
         shutil.rmtree(dest / "cdam.zarr" / array / "c" / "0")
     manifest = json.loads((dest / "manifest.json").read_text())
     manifest["status"] = "running"
+    manifest["settings"]["shards"][2]["url"] = str(dest / "moved-away.tar")  # shard 2's images cannot be read
     (dest / "manifest.json").write_text(json.dumps(manifest))
     index = run.index
     nan_keys = [k for k, r in zip(index.column("key").to_pylist(), index.column("row").to_pylist()) if r < 16]
-    return {"skipped_shard": shards[-1].name, "skipped_first_row": shards[-1].index * int(run.attrs["rows_per_shard"]), "nan_keys": nan_keys, "error_key": "broken-sample"}
+    rows_per_shard = int(run.attrs["rows_per_shard"])
+    unreadable = [k for k, r in zip(index.column("key").to_pylist(), index.column("row").to_pylist()) if r // rows_per_shard == shards[2].index]
+    return {"skipped_shard": shards[-1].name, "skipped_first_row": shards[-1].index * rows_per_shard, "unreadable_keys": unreadable, "nan_keys": nan_keys, "error_key": "broken-sample"}
 
 
 @contextlib.contextmanager
