@@ -243,6 +243,8 @@ def test_show_draws_the_map_with_a_colour_bar(audited_run: tuple[str, dict], tmp
     assert main(["show", dest, "--key", record["key"], "-o", str(out), "--size", "256"]) == 0
     assert f"class {run.class_names[record['pred']]}" in capsys.readouterr().err
     picture = np.asarray(Image.open(out).convert("RGB")).astype(np.int32)
+    height, width, _ = picture.shape
+    assert 256 + 30 <= height <= 256 + 120 and 256 + 30 <= width <= 256 + 150  # the picture, a title above, a colour bar beside
     rows = overlay_rows(picture, 8, 256)
     assert len(rows) == 256 and np.all(np.diff(rows) == 1), "the overlay is a 256-pixel square below the title"
     top = rows[0]
