@@ -472,7 +472,7 @@ SAMPLE_READ_BUFFER = 1 << 16
 
 def member_offsets(url: str) -> dict[str, list[tuple[str, int, int]]] | None:
     """key -> [(member name, data offset, size)] of an uncompressed tar, from its headers alone (seeking,
-    also on S3); None for a compressed tar, which cannot be read at an offset."""
+    also on S3); None for a compressed tar, which cannot be read at an offset, or a shard that cannot be opened."""
     offsets: dict[str, list[tuple[str, int, int]]] = {}
     try:
         with _open_shard(url, _SCAN_BUFFER) as reader:
@@ -484,7 +484,9 @@ def member_offsets(url: str) -> dict[str, list[tuple[str, int, int]]] | None:
                     if info.isreg():
                         key, _ = split_member_name(info.name)
                         offsets.setdefault(key, []).append((info.name, info.offset_data, info.size))
-    except (_ShardProblem, *_READ_ERRORS):
+    except _ShardProblem:
+        return None  # missing or unreadable: read_sample's streaming path says what is wrong with it
+    except _READ_ERRORS:
         pass  # what was indexed before a broken header is still readable
     return offsets
 
