@@ -37,16 +37,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
     parser.add_argument("--steps", type=int, default=10, help="points of each deletion curve after the first (default: 10, i.e. 10%% of the tokens per step)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
+    parser.add_argument("--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)")
     parser.add_argument("--no-model", action="store_true", help="measure only the stored maps (no TAM, input x gradient or deletion curves)")
     add_model_flags(parser, "needed for TAM, input x gradient and the deletion curves")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from cdam_worker.evaluate import EvaluateSettings, evaluate_run, format_summary, write_evaluation
     from cdam_worker.reading import RunError, open_run
 
-    settings = EvaluateSettings(sample=args.sample, seed=args.seed, steps=args.steps, batch=args.batch_size)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = EvaluateSettings(sample=args.sample, seed=args.seed, steps=args.steps, batch=args.batch_size, device=device)
     run_ = open_run(args.output)
     model, spec = None, model_spec(args)
     if not args.no_model:

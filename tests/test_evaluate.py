@@ -224,3 +224,12 @@ def test_a_second_evaluate_is_refused(demo_run, tmp_path, capsys):
         assert main(["evaluate", run_dir, "--sample", "4", "--no-model"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"cdam evaluate: error: output {run_dir} is in use by another cdam job")
     assert not Path(run_dir, "evaluation").exists()
+
+
+def test_bad_flags_are_one_line_errors(demo_run, capsys):
+    assert main(["evaluate", demo_run, "--sample", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "cdam evaluate: error: --sample, --steps and --batch-size must be at least 1 (got 0, 10, 16)"
+    assert main(["evaluate", demo_run, "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith("cdam evaluate: error: --device 'tpu': ")
+    assert main(["evaluate", demo_run, "--checkpoint", "/nowhere/model.pt"]) == 2
+    assert capsys.readouterr().err.strip() == "cdam evaluate: error: cannot load the run's model: checkpoint file not found: /nowhere/model.pt; give the model flags (--model, --checkpoint, ...)"

@@ -33,7 +33,7 @@ from cdam_worker.data import DataError
 from cdam_worker.derive import basis_class_maps
 from cdam_worker.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics
-from cdam_worker.evaluate.perturb import DEFAULT_ROWS, deletion_drops, input_x_gradient, token_ablation
+from cdam_worker.evaluate.perturb import deletion_drops, input_x_gradient, rows_per_pass, token_ablation
 from cdam_worker.model import LoadedModel
 from cdam_worker.reading.run import Run, RunError
 from cdam_worker.storage import StorageError
@@ -64,17 +64,24 @@ SUMMARY_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """How many images (a seeded sample), how many deletion steps, and how big the batches are."""
+    """How many images (a seeded sample), how many deletion steps, how big the batches are, and where the
+    model runs."""
 
     sample: int = 1000
     seed: int = 0
     steps: int = 10
     batch: int = 16  # images per step
-    max_rows: int = DEFAULT_ROWS  # sequences per forward pass (token removals)
+    device: str = "cpu"  # where the model runs: "cpu" or "cuda[:N]"
 
     def __post_init__(self) -> None:
-        if min(self.sample, self.steps, self.batch, self.max_rows) < 1:
+        if min(self.sample, self.steps, self.batch) < 1:
             raise RunError(f"--sample, --steps and --batch-size must be at least 1 (got {self.sample}, {self.steps}, {self.batch})")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as error:
+            raise RunError(f"--device {self.device!r}: {error}") from None
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+            raise RunError(f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)")
 
 
 @dataclass
@@ -158,7 +165,8 @@ class _ChunkEvaluator:
         self.run, self.model, self.settings, self.methods, self.notes = run, model, settings, methods, notes
         self.variant = run.attrs.get("variant", {}).get("variant", "vanilla")
         self.own = CDAM_NAMES[self.variant]
-        self.explainer = CDAMExplainer(model) if model is not None else None
+        self.device = torch.device(settings.device)
+        self.explainer = CDAMExplainer(model.model.to(self.device), class_names=model.class_names) if model is not None else None
         n_patches = run.grid[0] * run.grid[1]
         prefix = int(run.attrs.get("num_prefix_tokens", 1))
         self.removed = metrics.deletion_steps(n_patches if prefix else n_patches - 1, settings.steps)  # a model without prefix tokens keeps one
@@ -201,24 +209,25 @@ class _ChunkEvaluator:
                 usable[position] = True
             except (RunError, DataError, StorageError, OSError) as error:  # a moved shard, an unreadable member
                 self.notes.append(f"image {key}: cannot be read ({error}): only its stored maps are measured")
-        return (torch.stack(tensors) if tensors else None), usable
+        return (torch.stack(tensors).to(self.device) if tensors else None), usable
 
     def _model_maps(self, images: torch.Tensor, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, usable: np.ndarray, maps: dict[str, np.ndarray]) -> None:
         """TAM, input x gradient, and the CDAM the run does not hold (by the engine), into ``maps`` at ``usable``."""
-        model, settings, n = self.model.model, self.settings, len(rows)
-        both = torch.from_numpy(np.where(classes < 0, classes[:, :1], classes))  # a missing runner-up: any valid class, NaN below
-        logits, ablation = token_ablation(model, images, settings.max_rows)
-        self._check_logits(rows, logits)
+        model, n = self.model.model, len(rows)
+        both = torch.from_numpy(np.where(classes < 0, classes[:, :1], classes)).to(self.device)  # a missing runner-up: any valid class, NaN below
+        logits, ablation = token_ablation(model, images, self._rows(images))
+        self._check_logits(rows, logits.cpu())
+        rows_with_grad = max(1, self._rows(images) // (3 * len(model.blocks)))  # backward keeps every block's activations
         computed = {
-            TAM: ablation.gather(1, both[:, :, None].expand(-1, -1, ablation.shape[2])).numpy(),
-            INPUT_X_GRADIENT: input_x_gradient(model, images, both, tuple(self.run.attrs["patch_size"]), self.run.grid, settings.max_rows).reshape(n, 2, -1).numpy(),
+            TAM: ablation.gather(1, both[:, :, None].expand(-1, -1, ablation.shape[2])).cpu().numpy(),
+            INPUT_X_GRADIENT: input_x_gradient(model, images, both, tuple(self.run.attrs["patch_size"]), self.run.grid, rows_with_grad).reshape(n, 2, -1).cpu().numpy(),
         }
         if self.variant != "vanilla":
-            computed[CDAM_NAMES["vanilla"]] = self.explainer.explain(images, both).cdam.reshape(n, 2, -1).numpy()
+            computed[CDAM_NAMES["vanilla"]] = self.explainer.explain(images, both).cdam.reshape(n, 2, -1).cpu().numpy()
         own = maps[self.own][usable]
         if np.isnan(own[classes >= 0]).any():  # neither stored nor derivable from a basis: the engine, with the run's variant
             variant = VariantConfig(self.variant, **{k: v for k, v in self.run.attrs.get("variant", {}).items() if k != "variant"})
-            engine = self.explainer.explain(images, both, keys=list(keys), variant=variant).cdam.reshape(n, 2, -1).numpy()
+            engine = self.explainer.explain(images, both, keys=list(keys), variant=variant).cdam.reshape(n, 2, -1).cpu().numpy()
             computed[self.own] = np.where(np.isnan(own), engine, own)
         for method, values in computed.items():
             values[classes < 0] = np.nan
@@ -228,12 +237,18 @@ class _ChunkEvaluator:
         """Every method's deletion curves of the predicted class, in one batch per step, into ``drops`` at ``usable``."""
         pred_maps = np.stack([maps[method][usable, 0] for method in self.methods], axis=1)  # (u, M, N)
         orders = metrics.deletion_orders(np.nan_to_num(pred_maps.reshape(-1, pred_maps.shape[2]), nan=0.0))  # (u * M, 2, N)
-        curves = deletion_drops(self.model.model, images, torch.from_numpy(classes[:, 0]), torch.from_numpy(orders).view(len(pred_maps), -1, orders.shape[2]),
-                                torch.from_numpy(self.removed), self.settings.max_rows)
-        curves = curves.view(len(pred_maps), len(self.methods), 2, -1).numpy()
+        as_tensor = (lambda values: torch.from_numpy(values).to(self.device))
+        curves = deletion_drops(self.model.model, images, as_tensor(classes[:, 0]), as_tensor(orders).view(len(pred_maps), -1, orders.shape[2]),
+                                as_tensor(self.removed), self._rows(images))
+        curves = curves.view(len(pred_maps), len(self.methods), 2, -1).cpu().numpy()
         for position, method in enumerate(self.methods):
             has_map = ~np.isnan(pred_maps[:, position]).any(axis=1)
             drops[method][np.flatnonzero(usable)[has_map]] = curves[has_map, position]
+
+    def _rows(self, images: torch.Tensor) -> int:
+        """Sequences per forward pass for these images' token count."""
+        n_tokens = self.run.grid[0] * self.run.grid[1] + self.model.model.num_prefix_tokens
+        return rows_per_pass(self.model.model, n_tokens, self.device)
 
     def _check_logits(self, rows: np.ndarray, logits: torch.Tensor) -> None:
         """Note once when the model's logits on the images are not the stored ones (another model, or decoding)."""

@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 DEFAULT_ROWS = 256
-"""Sequences per forward pass (rows of removals, or image copies for input x gradient)."""
+"""Sequences per forward pass (rows of removals, or image copies for input x gradient) unless sized by ``rows_per_pass``."""
+CPU_BUDGET = 1 << 30  # bytes of activations one pass may hold on the CPU; on CUDA a quarter of the free memory
+
+
+def rows_per_pass(model: VisionTransformer, n_tokens: int, device: torch.device) -> int:
+    """Sequences of ``n_tokens`` one forward pass may hold: a block's activations of that many fit the budget."""
+    block = model.blocks[-1]
+    hidden = getattr(getattr(block.mlp, "fc1", None), "out_features", 4 * model.embed_dim)
+    per_row = 4 * n_tokens * (6 * model.embed_dim + hidden + 2 * block.attn.num_heads * n_tokens)
+    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else CPU_BUDGET
+    return int(max(1, min(4096, budget // per_row)))
 
 
 @torch.no_grad()
