@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The engine's GPU check, for a lent GPU machine (one H100: about 3 minutes, under 5 with the machine's start).
+# The engine's GPU check, for a lent GPU machine (one H100: an estimated 3 minutes; each step stops itself in time).
 #
 # Runs, on the first CUDA device:
 #   1. the CUDA engine tests: pytest -q tests/test_engine.py -k "cuda or precision"
