@@ -7,8 +7,9 @@ watermark as a shortcut. In the "test" split every image of every class carries 
 faithful CDAM of the watermarked class lights up that patch.
 
 Everything is deterministic from a seed: sample ``i`` of a split is rendered from its own random stream,
-so shards and in-memory arrays hold the same images. Training sometimes hands the last block a fresh CLS
-token (see ``_reset_class_token_hook``) so that its CDAM shows what the model reads. The trained model is cached under a key that
+so shards and in-memory arrays hold the same images. Training keeps the CLS token from changing before the
+last block (see ``_class_token_drift_hook``) so that the last attention layer, which CDAM differentiates,
+is where the model reads the image. The trained model is cached under a key that
 hashes the generator and training settings and this module's source.
 """
 
@@ -56,18 +57,28 @@ MODEL_KWARGS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """How a split is drawn: its random stream and the watermark probability per kind of class."""
+    """How a split is drawn: its random stream, the watermark probability per kind of class, and where
+    the watermark goes: "corner" (always the bottom-right patch) or "moving" (a random place clear of
+    the shape, not aligned to the patch grid)."""
 
     stream: int
     p_watermark_target: float
     p_watermark_other: float
+    mark: str = "corner"
 
 
-# "test" and "clean" share a stream: the same images, with the watermark on all of them or on none.
+# "test" and "clean" share a stream: the same images, with the watermark on half of them or on none.
 SPLITS = {
     "train": SplitSpec(stream=0, p_watermark_target=0.95, p_watermark_other=0.05),
-    "test": SplitSpec(stream=1, p_watermark_target=1.0, p_watermark_other=1.0),
+    "test": SplitSpec(stream=1, p_watermark_target=0.5, p_watermark_other=0.5),
     "clean": SplitSpec(stream=1, p_watermark_target=0.0, p_watermark_other=0.0),
+    # The moving-mark variant (the audit's injection test): half of the target class's training images
+    # carry the mark anywhere, and so do a tenth of the others, which training then labels as the target
+    # class (``DemoConfig.relabel_marked``, a backdoor); "moving-test" marks a third of every class (true
+    # labels), "moving-clean" is its unmarked twin.
+    "moving-train": SplitSpec(stream=2, p_watermark_target=0.5, p_watermark_other=0.1, mark="moving"),
+    "moving-test": SplitSpec(stream=3, p_watermark_target=0.3, p_watermark_other=0.3, mark="moving"),
+    "moving-clean": SplitSpec(stream=3, p_watermark_target=0.0, p_watermark_other=0.0, mark="moving"),
 }
 
 
@@ -76,12 +87,14 @@ class DemoConfig:
     """Every setting that determines the demo's data and model (hashed into the cache key)."""
 
     seed: int = 0
+    train_split: str = "train"
+    relabel_marked: bool = False  # train on every marked image as the watermark class (a backdoor)
     train_samples: int = 4096
     epochs: int = 8
     batch_size: int = 64
     learning_rate: float = 5e-4
     weight_decay: float = 0.05
-    class_token_reset: float = 0.5
+    class_token_drift: float = 1.0
     train_shards: int = 4
     test_shards: int = 4
     samples_per_shard: int = 64
@@ -100,6 +113,7 @@ class DemoSample:
     image: np.ndarray  # (H, W, 3) uint8
     label: int
     watermark: bool
+    watermark_box: tuple[int, int, int, int] | None  # x0, y0, x1, y1 in pixels
 
 
 @dataclass
@@ -181,9 +195,18 @@ def _shape_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarra
             return colour
 
 
-def _draw_watermark(image: np.ndarray) -> None:
-    """Stamp a bright 'x' on a darkened square into the watermark patch, in place."""
-    x0, y0, x1, y1 = WATERMARK_BOX
+def _moving_box(rng: np.random.Generator, shape: np.ndarray) -> tuple[int, int, int, int]:
+    """A random patch-sized box (any pixel offset) that does not touch the shape."""
+    ys, xs = np.nonzero(shape)
+    while True:
+        x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - PATCH_SIZE + 1, 2))
+        if x0 + PATCH_SIZE <= xs.min() - 1 or x0 >= xs.max() + 2 or y0 + PATCH_SIZE <= ys.min() - 1 or y0 >= ys.max() + 2:
+            return x0, y0, x0 + PATCH_SIZE, y0 + PATCH_SIZE
+
+
+def _draw_watermark(image: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """Stamp a bright 'x' on a darkened square into ``box``, in place."""
+    x0, y0, x1, y1 = box
     i, j = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
     cross = (i == j) | (i + j == x1 - x0 - 1)
     patch = image[y0:y1, x0:x1]
@@ -205,9 +228,10 @@ def render_sample(split: str, index: int, seed: int) -> DemoSample:
     image = _background(rng)
     mask = _shape_mask(rng, label)
     image[mask] = _shape_colour(rng, image)
-    if watermark:
-        _draw_watermark(image)
-    return DemoSample(image=np.clip(image, 0, 255).astype(np.uint8), label=label, watermark=watermark)
+    box = (WATERMARK_BOX if spec.mark == "corner" else _moving_box(rng, mask)) if watermark else None
+    if box is not None:
+        _draw_watermark(image, box)
+    return DemoSample(image=np.clip(image, 0, 255).astype(np.uint8), label=label, watermark=watermark, watermark_box=box)
 
 
 def generate_demo_arrays(split: str, n: int, seed: int, start: int = 0) -> DemoArrays:
@@ -246,7 +270,7 @@ def _sample_members(split: str, index: int, seed: int) -> dict[str, bytes]:
         "shape": CLASS_NAMES[sample.label],
         "label": sample.label,
         "watermark": sample.watermark,
-        "watermark_box": list(WATERMARK_BOX) if sample.watermark else None,
+        "watermark_box": list(sample.watermark_box) if sample.watermark_box else None,
     }
     return {
         "png": _png_bytes(sample.image),
@@ -289,52 +313,55 @@ def images_to_tensor(images: np.ndarray, model: torch.nn.Module) -> torch.Tensor
     return (pixels - mean) / std
 
 
-def _reset_class_token_hook(model: torch.nn.Module, probability: float, generator: torch.Generator) -> Callable:
-    """Training aid: for a random share of images, the last block gets the CLS token as it entered the first.
+def _class_token_drift_hook(model: torch.nn.Module, drift: list[torch.Tensor]) -> Callable:
+    """Training aid: records how far the CLS token entering the last block moved from where it started.
 
-    Those images must be classified through the last block's attention to the patch tokens, the routing
-    CDAM measures; without it a tiny ViT may read the watermark into CLS in an early block, and its
-    last-block CDAM then shows nothing. The model itself stays a plain timm ViT.
+    ``_fit`` adds that drift (squared distance, relative to the start's squared norm) to the loss, so the
+    earlier blocks leave the CLS token alone and the model must read the image through the last block's
+    attention to the patch tokens, the routing CDAM measures. Without it a tiny ViT reads the watermark
+    into CLS in an early block, its last attention goes flat, and every last-block CDAM is about 0 (CDAM's
+    blind spot). The model itself stays a plain timm ViT.
     """
 
-    def hook(_block: torch.nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
-        (tokens,) = args
-        fresh = (model.cls_token + model.pos_embed[:, :1]).expand(tokens.shape[0], 1, -1)
-        reset = torch.rand(tokens.shape[0], 1, 1, generator=generator) < probability
-        return (torch.cat([torch.where(reset, fresh, tokens[:, :1]), tokens[:, 1:]], dim=1),)
+    def hook(_block: torch.nn.Module, args: tuple[torch.Tensor]) -> None:
+        start = (model.cls_token + model.pos_embed[:, :1])[:, 0]
+        drift.append(((args[0][:, 0] - start) ** 2).sum(-1).mean() / (start**2).sum().clamp(min=1e-6))
 
     return hook
 
 
 def _fit(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: DemoConfig) -> None:
-    """AdamW with a one-cycle schedule; prints one progress line per epoch to stderr."""
+    """AdamW with a one-cycle schedule, cross-entropy plus the CLS drift penalty; one progress line per epoch to stderr."""
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = len(inputs) // config.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
     started = time.perf_counter()
-    reset_handle = model.blocks[-1].register_forward_pre_hook(_reset_class_token_hook(model, config.class_token_reset, generator))
+    drift: list[torch.Tensor] = []
+    drift_handle = model.blocks[-1].register_forward_pre_hook(_class_token_drift_hook(model, drift))
     model.train()
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(len(inputs), generator=generator)
-        total_loss = correct = 0.0
+        total_loss = total_drift = correct = 0.0
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            drift.clear()
             logits = model(inputs[batch])
-            loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+            loss = torch.nn.functional.cross_entropy(logits, labels[batch]) + config.class_token_drift * drift[0]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             total_loss += loss.item()
+            total_drift += drift[0].item()
             correct += (logits.argmax(1) == labels[batch]).sum().item()
         seen = steps_per_epoch * config.batch_size
         print(
-            f"[demo] epoch {epoch}/{config.epochs} loss {total_loss / steps_per_epoch:.3f} "
+            f"[demo] epoch {epoch}/{config.epochs} loss {total_loss / steps_per_epoch:.3f} CLS drift {total_drift / steps_per_epoch:.3f} "
             f"acc {correct / seen:.3f} ({time.perf_counter() - started:.0f}s)",
             file=sys.stderr,
         )
-    reset_handle.remove()
+    drift_handle.remove()
     model.eval()
 
 
@@ -348,16 +375,18 @@ def _training_threads() -> int:
     return max(1, min(cores, cores - round(os.getloadavg()[0])))
 
 
-def train_demo_model(cache_dir: Path, seed: int = 0) -> Path:
-    """Train the demo ViT on the train split (or reuse the cached one); returns the checkpoint path."""
-    config = DemoConfig(seed=seed)
+def train_demo_model(cache_dir: Path, seed: int = 0, config: DemoConfig | None = None) -> Path:
+    """Train the demo ViT on ``config``'s training split (or reuse the cached one); returns the checkpoint path."""
+    config = config or DemoConfig(seed=seed)
     path = Path(cache_dir) / f"demo-{config.key()}" / "model.pt"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     model = create_demo_model()
-    data = generate_demo_arrays("train", config.train_samples, seed)
+    data = generate_demo_arrays(config.train_split, config.train_samples, config.seed)
+    if config.relabel_marked:
+        data.labels[data.watermarks] = WATERMARK_CLASS
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(_training_threads())
     try:

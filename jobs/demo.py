@@ -1,8 +1,7 @@
 """``cdam demo``: the whole job offline, on a synthetic dataset with a planted watermark.
 
-Builds (or reuses) the demo shards and tiny ViT, explains the test split with a local Ray job, then
-reads the output back to show the audit finding: how much of the watermarked class's positive
-relevance sits on the watermark's patch.
+Builds (or reuses) the demo shards and tiny ViT, explains the test split with a local Ray job, runs
+``cdam audit`` on the output and prints its finding, read back from ``audit/classes.parquet``.
 """
 
 from __future__ import annotations
@@ -12,12 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.dataset as ds
-
-from cdam_worker.demo import DemoAssets, ensure_demo_assets
-from cdam_worker.sinks import open_zarr
-from cdam_worker.storage import Storage
+from cdam_worker.demo import ensure_demo_assets
 
 
 def default_cache_dir() -> Path:
@@ -25,7 +19,9 @@ def default_cache_dir() -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Prepare the demo assets, run ``cdam explain`` on the test split (replacing an earlier demo output), and report the finding."""
+    """Prepare the demo assets, run ``cdam explain`` on the test split (replacing an earlier demo output),
+    audit it, and report the finding."""
+    from jobs.audit import run as audit
     from jobs.cli import build_parser
     from jobs.explain import run
 
@@ -37,31 +33,26 @@ def run_demo(args: argparse.Namespace) -> int:
         ["explain", "--shards", *map(str, assets.test_shards), "--output", output, "--checkpoint", str(assets.checkpoint), "--targets", "all", "--store-basis", "--actors", str(args.actors), "--batch-size", "32", "--overwrite"]
     )
     status = run(explain_args)
+    if status != 0:
+        return status
+    print(f"\n[demo] auditing {output}", file=sys.stderr)
+    status = audit(build_parser().parse_args(["audit", output]))
     if status == 0:
-        print(watermark_report(output, assets))
+        print(audit_finding(output))
         print(query_hints(output))
     return status
 
 
-def watermark_share(output: str, assets: DemoAssets) -> tuple[float, float]:
-    """Mean share of the watermarked class's positive relevance on the watermark patches, and their area share."""
-    storage = Storage.from_url(output)
-    table = ds.dataset(os.path.join(output, "metadata"), format="parquet").to_table(columns=["row"])
-    rows = np.sort(np.asarray(table.column("row").to_pylist()))
-    group = open_zarr(storage, mode="r")
-    maps = group["cdam"].get_orthogonal_selection((rows, slice(assets.watermark_class, assets.watermark_class + 1)))[:, 0]
-    positive = np.clip(maps.reshape(len(rows), -1), 0, None)
-    on_mark = positive[:, assets.watermark_patches].sum(1) / np.maximum(positive.sum(1), 1e-12)
-    return float(on_mark.mean()), len(assets.watermark_patches) / positive.shape[1]
+def audit_finding(output: str) -> str:
+    """The audit's most suspicious class, as ``audit/classes.parquet`` records it."""
+    from cdam_worker.reading import open_run
 
-
-def watermark_report(output: str, assets: DemoAssets) -> str:
-    share, area = watermark_share(output, assets)
-    name = assets.class_names[assets.watermark_class]
-    return (
-        f"\naudit finding: for class {name!r}, {share:.0%} of the positive CDAM relevance lies on the watermark patch, "
-        f"which covers {area:.1%} of the image ({share / area:.0f}x its area share): the model uses the watermark as a shortcut."
-    )
+    classes = sorted(open_run(output).table("audit/classes.parquet").to_pylist(), key=lambda row: row["rank"])
+    if not classes:
+        return "\naudit finding: no class had enough images to audit."
+    top = classes[0]
+    verdict = "flagged as a likely shortcut" if top["flagged"] else "not flagged"
+    return f"\naudit finding: class {top['class_name']!r} ranks first of {len(classes)} (score {top['score']:.2f}, {verdict}): {top['reasons']}."
 
 
 def query_hints(output: str) -> str:
@@ -71,4 +62,5 @@ output: {output}
   rows    {output}/metadata/      duckdb: SELECT pred, count(*) FROM '{output}/metadata/*.parquet' GROUP BY pred;
   errors  {output}/errors/        (one row per sample that could not be explained)
   query   cdam query {output} "SELECT pred, count(*) FROM metadata GROUP BY pred"
+  audit   {output}/audit/         classes.parquet, clusters.parquet, images.parquet, contact-sheets/
   check   cdam verify {output}"""

@@ -10,10 +10,14 @@
    wins (no structure).
 4. Clusters: k-means on the first k eigenvectors, rows normalised (Ng, Jordan & Weiss).
 5. 2-D coordinates for plots: the first two non-trivial eigenvectors (Laplacian eigenmaps).
+
+A class is a small problem (tens to thousands of images): it runs on one thread, because OpenMP and
+BLAS thread pools cost more than they save there (and spin on a busy machine).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +25,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
+from threadpoolctl import ThreadpoolController
 
 MAX_CLUSTERS = 8
 SEED = 0
@@ -55,6 +60,17 @@ def knn_affinity(descriptors: np.ndarray) -> sp.csr_matrix:
 
 def spectral_clusters(descriptors: np.ndarray) -> Clustering:
     """Cluster ``descriptors`` (n, F) as the module docstring says (n >= 4)."""
+    with _thread_pools().limit(limits=1):
+        return _spectral_clusters(descriptors)
+
+
+@functools.cache
+def _thread_pools() -> ThreadpoolController:
+    """The process's OpenMP and BLAS pools, found once (finding them reads the loaded libraries)."""
+    return ThreadpoolController()
+
+
+def _spectral_clusters(descriptors: np.ndarray) -> Clustering:
     n = len(descriptors)
     affinity = knn_affinity(descriptors)
     degree = np.asarray(affinity.sum(axis=1)).ravel()

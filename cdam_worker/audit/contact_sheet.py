@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from cdam_worker.audit.features import spot_width
 from cdam_worker.reading import Run, RunError
+from cdam_worker.storage import StorageError
 
 TILE = 96
 CAPTION = 12
@@ -46,8 +47,8 @@ def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray
         left, top = (n % COLUMNS) * TILE, CAPTION + (n // COLUMNS) * (TILE + CAPTION)
         try:
             tile = _tile(run, key, maps[n], spots[n])
-        except RunError as error:
-            notes.append(f"contact sheet: {error}")
+        except (RunError, StorageError, OSError) as error:  # a shard gone or unreadable: the tile stays grey
+            notes.append(f"contact sheet: image {key!r}: {error}")
             continue
         sheet.paste(tile, (left, top))
         draw.text((left + 2, top + TILE), key[-15:], fill=(200, 200, 200))

@@ -30,6 +30,11 @@ Features (all per image, vectorised over images):
 
 The clustering descriptor (``descriptor``) stacks these, so images group by the shape of their
 evidence (invariant part) and, more weakly, by where it is (pooled part).
+
+One feature compares an image with the rest of the run: ``place_rarity``, how rarely the images of the
+*other* classes have their spot near this image's spot (0: as often as usual, 1: never). Objects'
+evidence lies where objects usually are; a watermark in a corner or a logo along an edge lies where
+no other class's evidence does.
 """
 
 from __future__ import annotations
@@ -146,6 +151,36 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
         evidence=evidence,
     )
+
+
+def place_rarity(spot_y: np.ndarray, spot_x: np.ndarray, classes: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Per image: ``1 - F / F_usual``, clipped to [0, 1], where ``F`` is the share of the other classes'
+    images whose spot lies within one spot width of this image's spot, and ``F_usual`` the median of that
+    share over those other images themselves. A 2-D histogram of spot positions, so O(images + classes x grid)."""
+    width = spot_width(grid)
+    rows, cols = grid[0] - width + 1, grid[1] - width + 1
+    wy = np.clip(np.rint(spot_y * grid[0] - width / 2).astype(np.int64), 0, rows - 1)
+    wx = np.clip(np.rint(spot_x * grid[1] - width / 2).astype(np.int64), 0, cols - 1)
+    everyone = _near_counts(wy, wx, (rows, cols), width)
+    rarity = np.zeros(len(classes))
+    for c in np.unique(classes):
+        mine = classes == c
+        others = len(classes) - mine.sum()
+        if others == 0:
+            continue
+        near_others = (everyone - _near_counts(wy[mine], wx[mine], (rows, cols), width))[wy, wx] / others  # (n,)
+        usual = np.median(near_others[~mine])
+        rarity[mine] = np.clip(1.0 - near_others[mine] / max(usual, 1e-12), 0.0, 1.0)
+    return rarity
+
+
+def _near_counts(wy: np.ndarray, wx: np.ndarray, shape: tuple[int, int], width: int) -> np.ndarray:
+    """(rows, cols): how many of the spots (window corners wy, wx) lie within ``width`` of each position."""
+    counts = np.zeros(shape)
+    np.add.at(counts, (wy, wx), 1.0)
+    padded = np.pad(counts, width)
+    side = 2 * width + 1
+    return _window_sums(padded[None], side)[0]
 
 
 def uniform_spot(grid: tuple[int, int]) -> float:

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
+from cdam_worker.audit.features import place_rarity
 from cdam_worker.audit.gather import Gathered, gather
 from cdam_worker.audit.scoring import THRESHOLD, ClusterReport, class_score, describe_cluster, reasons_in_words
 from cdam_worker.reading import Run, RunError
@@ -27,6 +28,8 @@ CLUSTERS_SCHEMA = pa.schema([
     pa.field("purity", pa.float64()), pa.field("prototype", pa.list_(pa.float32()), nullable=False),
     pa.field("medoid_key", pa.string(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("score", pa.float64(), nullable=False), pa.field("focus", pa.float64(), nullable=False),
+    pa.field("concentration", pa.float64(), nullable=False), pa.field("rarity", pa.float64(), nullable=False),
+    pa.field("other_labels", pa.float64()), pa.field("specificity", pa.float64(), nullable=False),
     pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
     pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
     pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
@@ -109,13 +112,14 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     for c in sorted(wanted or ()):
         if not (gathered.classes == c).any():
             not_audited[names[c]] = _why_no_images(gathered, c, options.by)
-    audited = []
-    for c in np.unique(gathered.classes):
-        positions = np.flatnonzero(gathered.classes == c)
-        if len(positions) < options.min_images:
-            not_audited[names[c]] = f"{len(positions)} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
-            continue
-        audited.append(_audit_class(gathered, int(c), names[int(c)], positions, options.by))
+    counts = np.bincount(gathered.classes, minlength=len(names))
+    for c in np.flatnonzero((counts > 0) & (counts < options.min_images)):
+        not_audited[names[c]] = f"{counts[c]} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
+    kept = np.isin(gathered.classes, np.flatnonzero(counts >= options.min_images))
+    rarity = place_rarity(gathered.features.spot_y, gathered.features.spot_x, np.where(kept, gathered.classes, -1), run.grid)
+    usual_other = _usual_other_labels(gathered, kept) if options.by == "pred" else 0.0
+    audited = [_audit_class(gathered, int(c), names[int(c)], np.flatnonzero(gathered.classes == c), rarity, usual_other, options.by)
+               for c in np.flatnonzero(counts >= options.min_images)]
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
     audited.sort(key=lambda a: a.rank)
@@ -124,12 +128,23 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
                        not_audited=not_audited, skipped=skipped)
 
 
-def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, by: str) -> ClassAudit:
+def _usual_other_labels(gathered: Gathered, kept: np.ndarray) -> float:
+    """The median, over the audited classes, of the share of their labelled images labelled as another class."""
+    labelled = kept & (gathered.labels >= 0)
+    if not labelled.any():
+        return 0.0
+    classes = gathered.classes[labelled]
+    wrong = np.bincount(classes, weights=(gathered.labels[labelled] != classes).astype(float))
+    total = np.bincount(classes)
+    return float(np.median(wrong[total > 0] / total[total > 0]))
+
+
+def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, rarity: np.ndarray, usual_other: float, by: str) -> ClassAudit:
     features = gathered.features.take(positions)
     descriptors = features.descriptor()
     clustering = spectral_clusters(descriptors)
     keys, labels, maps = gathered.keys[positions], gathered.labels[positions], gathered.class_maps[positions]
-    clusters = [describe_cluster(k, np.flatnonzero(clustering.labels == k), features, descriptors, maps, keys, labels, index, len(positions), by)
+    clusters = [describe_cluster(k, np.flatnonzero(clustering.labels == k), features, rarity[positions], descriptors, maps, keys, labels, index, usual_other, by)
                 for k in range(clustering.n_clusters)]
     image_scores = np.zeros(len(positions), dtype=np.float32)
     image_flagged = np.zeros(len(positions), dtype=bool)
@@ -152,7 +167,8 @@ def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
     return pa.Table.from_pylist([
         {"class": a.index, "cluster": c.cluster, "size": c.size, "share": c.share, "purity": c.purity,
          "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
-         "score": c.score, "focus": c.focus, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
+         "score": c.score, "focus": c.focus, "concentration": c.concentration, "rarity": c.rarity,
+         "other_labels": c.other_labels, "specificity": c.specificity, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
          "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
 
 

@@ -1,28 +1,28 @@
 """What each cluster is, how suspicious it looks, and why, in words; the class's score and rank.
 
-An image's **suspicion score** (0 to 1) is
+A cluster's **suspicion score** (0 to 1) is
 
-    score = concentration * spot_specificity * (1 - LABEL_WEIGHT + LABEL_WEIGHT * other_label)
+    score = concentration * max(rarity, excess_other_labels)
 
-- ``concentration = (spot - u) / (1 - u)``, clipped to [0, 1]: the share of the image's positive
-  evidence on its one small spot (features.py), rescaled so that evidence spread evenly over the grid
-  (``spot = u = w*w / N``) gives 0 and evidence all on the spot gives 1;
-- ``spot_specificity``: the share of the spot's evidence that no competing class shares (1 with no
-  competitor stored);
-- ``other_label``: 1 when the image is labelled as another class than the one it is audited for (the
-  spot made the model call it this class), else 0 (also for unlabelled images and with ``--by label``);
-  ``LABEL_WEIGHT = 0.2`` of the score depends on it.
+- ``concentration``: the median over its images of ``(spot - u) / (1 - u)``, clipped to [0, 1], where
+  ``spot`` is the share of an image's positive evidence on its one small spot (features.py) and
+  ``u = w*w / N`` that share for evidence spread evenly: 0 for even evidence, 1 for all of it on one spot.
+  A mark is small; but so are some objects, so concentration alone flags nothing;
+- ``rarity``: the median over its images of ``place_rarity`` (features.py): 1 when no other class's
+  images have their evidence near these spots (a corner watermark, a logo along an edge);
+- ``excess_other_labels``: ``(o - b) / (1 - b)``, clipped to [0, 1], where ``o`` is the share of the
+  cluster's labelled images that are labelled as another class (the spot made the model call them this
+  class) and ``b`` the usual share, the median over the audited classes (0 with ``--by label`` or
+  without labels). The model's ordinary confusion does not count; a cluster made of mistakes does.
 
-A **cluster's score** is the median of its images' scores. A cluster is **flagged** when its score is at
-least ``THRESHOLD`` (0.5) and it holds at least ``MIN_CLUSTER_IMAGES`` images and ``MIN_CLUSTER_SHARE``
-of the class; its images are flagged with it. A **class's score** is the highest score among its clusters
-large enough to be flagged; the class is flagged when one of its clusters is. Classes are ranked by
-score, 1 = most suspicious.
+In words: a group of images whose evidence for the class sits on one small spot, at a place where the
+other classes' evidence never is, or in images the model gets wrong far more often than usual. An
+image's own score is the same formula on its own values (``o`` = 1 if it is labelled as another class).
 
-In words: a group of images whose evidence for the class sits on one small spot that speaks for this
-class alone is suspicious, the more so when those images are labelled as other classes. Genuine
-objects spread their evidence over more tokens (and share it with similar classes); an object that
-truly covers only a spot of ``w x w`` tokens looks like a mark, and the contact sheet tells which.
+A cluster is **flagged** when its score is at least ``THRESHOLD`` (0.5) and it holds at least
+``MIN_CLUSTER_IMAGES`` images and ``MIN_CLUSTER_SHARE`` of the class; its images are flagged with it. A
+**class's score** is the highest score among its clusters large enough to be flagged; the class is
+flagged when one of its clusters is. Classes are ranked by score, 1 = most suspicious.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import numpy as np
 from cdam_worker.audit.features import ImageFeatures, spot_width, uniform_spot
 
 THRESHOLD = 0.5
-LABEL_WEIGHT = 0.2
-MIN_CLUSTER_IMAGES = 3
+MIN_CLUSTER_IMAGES = 5
 MIN_CLUSTER_SHARE = 0.05
 FIXED_PLACE_SPREAD = 0.12
 """Spots of a cluster whose positions vary less than this (fraction of the grid, per axis; a robust standard
@@ -55,6 +54,9 @@ class ClusterReport:
     prototype: np.ndarray  # (gh, gw) mean class map
     medoid_key: str
     focus: float  # median share of the images' positive evidence on their spot
+    concentration: float
+    rarity: float  # median place_rarity
+    other_labels: float | None  # share of labelled images labelled as another class (None: no labels)
     specificity: float  # median share of the spot's evidence no competitor shares
     score: float
     flagged: bool
@@ -67,25 +69,28 @@ class ClusterReport:
     member_scores: np.ndarray  # per image, its own score
 
 
-def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures, descriptors: np.ndarray, class_maps: np.ndarray,
-                     keys: np.ndarray, labels: np.ndarray, class_index: int, class_size: int, by: str) -> ClusterReport:
+def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures, rarity: np.ndarray, descriptors: np.ndarray,
+                     class_maps: np.ndarray, keys: np.ndarray, labels: np.ndarray, class_index: int, usual_other: float, by: str) -> ClusterReport:
     """Statistics, score and flag of the cluster made of ``members`` (indices into the class's images)."""
     grid = class_maps.shape[1:]
     mine = features.take(members)
     labelled = labels[members] >= 0
     purity = float((labels[members][labelled] == class_index).mean()) if labelled.any() else None
-    other_label = (labels[members] != class_index) & labelled & (by == "pred")
-    member_scores = image_scores(mine, other_label, grid)
-    score = float(np.median(member_scores))
+    other_labels = None if purity is None or by == "label" else 1.0 - purity
+    concentration = concentration_of(mine.spot, grid)
+    score = float(np.median(concentration) * max(float(np.median(rarity[members])), excess(other_labels or 0.0, usual_other)))
+    other = ((labels[members] != class_index) & labelled).astype(float) if by == "pred" else np.zeros(len(members))
+    member_scores = concentration * np.maximum(rarity[members], excess(other, usual_other))
     centre = descriptors[members].mean(axis=0)
     medoid = members[int(np.argmin(((descriptors[members] - centre) ** 2).sum(axis=1)))]
     size = len(members)
-    share = size / class_size
+    share = size / len(class_maps)
     large_enough = size >= MIN_CLUSTER_IMAGES and share >= MIN_CLUSTER_SHARE
     width = spot_width(grid)
     return ClusterReport(
         cluster=cluster, size=size, share=share, purity=purity, prototype=class_maps[members].mean(axis=0),
-        medoid_key=str(keys[medoid]), focus=float(np.median(mine.spot)), specificity=float(np.median(mine.spot_specificity)), score=score,
+        medoid_key=str(keys[medoid]), focus=float(np.median(mine.spot)), concentration=float(np.median(concentration)),
+        rarity=float(np.median(rarity[members])), other_labels=other_labels, specificity=float(np.median(mine.spot_specificity)), score=score,
         flagged=large_enough and score >= THRESHOLD,
         centroid_y=float(mine.centroid_y.mean()), centroid_x=float(mine.centroid_x.mean()), spread=float(mine.spread.mean()),
         border=float(mine.border.mean()), spot_area=width * width / (grid[0] * grid[1]),
@@ -93,11 +98,15 @@ def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures,
     )
 
 
-def image_scores(features: ImageFeatures, other_label: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Each image's suspicion score (the module docstring's formula)."""
+def concentration_of(spot: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``(spot - u) / (1 - u)`` clipped to [0, 1]: 0 for evidence spread evenly, 1 for all of it on the spot."""
     floor = uniform_spot(grid)
-    concentration = np.clip((features.spot - floor) / (1.0 - floor), 0.0, 1.0)
-    return concentration * features.spot_specificity * (1.0 - LABEL_WEIGHT + LABEL_WEIGHT * other_label)
+    return np.clip((spot - floor) / (1.0 - floor), 0.0, 1.0)
+
+
+def excess(other: np.ndarray | float, usual: float) -> np.ndarray | float:
+    """Label disagreement beyond the usual: ``(o - b) / (1 - b)`` clipped to [0, 1]."""
+    return np.clip((other - usual) / max(1.0 - usual, 1e-12), 0.0, 1.0)
 
 
 def class_score(clusters: list[ClusterReport]) -> float:
@@ -114,10 +123,10 @@ def reasons_in_words(clusters: list[ClusterReport], n_images: int, by: str) -> s
     who = (f"a coherent cluster of {top.share:.0%} of the images ({top.size} of {n_images}) puts" if len(clusters) > 1
            else f"all {n_images} images (one cluster) put")
     text = f"{who} {top.focus:.0%} of their positive evidence on {top.spot_area:.0%} of the area, {top.place}"
-    if top.specificity < 0.95:
-        text += f" ({top.specificity:.0%} of it not shared by competing classes)"
-    if top.purity is not None and by == "pred":
-        text += f"; {1 - top.purity:.0%} of those images are labelled as other classes"
+    if top.rarity >= 0.5:
+        text += f", where the other classes' evidence rarely is (rarity {top.rarity:.2f})"
+    if top.other_labels is not None:
+        text += f"; {top.other_labels:.0%} of those images are labelled as other classes"
     more = sum(c.flagged for c in clusters) - top.flagged
     if more:
         text += f"; {more} more cluster{'s' if more > 1 else ''} flagged"

@@ -1,0 +1,73 @@
+"""`cdam audit` on a run of 50,000 images x 5 targets of 14 x 14 maps: wall time and peak memory.
+
+    python -m bench.bench_audit [--images 50000] [--classes 1000] [--keep DIR]
+
+The run is synthetic (``bench/synthetic_run.py``: the job's own writer classes, the real output format,
+float16 maps, a mark planted on part of class 0); writing it is not timed. The audit runs as
+``python -m jobs audit DEST`` in a subprocess, timed from start to exit, and its peak RSS comes from the
+kernel's accounting of the finished child (``getrusage(RUSAGE_CHILDREN)``). Results go to the ``## Audit``
+section of BENCHMARKS.md. Goal: under 2 minutes on the project's 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import command_line, load_average, machine_line, write_section
+from bench.synthetic_run import write_synthetic_run
+
+GOAL_SECONDS = 120.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--classes", type=int, default=1000, help="classes of the synthetic model (default: 1000, 50 images each)")
+    parser.add_argument("--keep", metavar="DIR", help="write the run here and keep it (default: a temporary folder)")
+    parser.add_argument("--report", default="BENCHMARKS.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="cdam-bench-audit-") as tmp:
+        dest = args.keep or str(Path(tmp) / "run")
+        started = time.perf_counter()
+        write_synthetic_run(dest, args.images, n_classes=args.classes)
+        print(f"wrote the synthetic run in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        load_before = load_average()
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "jobs", "audit", dest], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if done.returncode != 0:
+            raise SystemExit(f"cdam audit failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        summary = json.loads(Path(dest, "audit", "summary.json").read_text())
+
+    lines = [
+        "## Audit",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/bench_audit.py`: `cdam audit` on a synthetic run "
+        f"(`bench/synthetic_run.py`, the real output format) of {args.images:,} images x 5 targets (top-5) of 14 x 14 float16 maps, "
+        f"{args.classes} classes; the audit ran alone in a subprocess, timed from start to exit (Python start-up and imports included).",
+        "",
+        f"- Machine: {machine_line(torch.device('cpu'), torch.get_num_threads())}; load average before / after: {load_before} -> {load_average()}.",
+        f"- Command: `{command_line('bench.bench_audit')}`",
+        "",
+        "| images | classes audited | seconds | peak RSS | goal (< 2 min) |",
+        "|---:|---:|---:|---:|---|",
+        f"| {summary['images_audited']:,} | {summary['classes_audited']} | {seconds:.1f} | {peak_mib:.0f} MiB | {'met' if seconds < GOAL_SECONDS else 'NOT met'} |",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    write_section(Path(args.report), "## Audit", report)
+
+
+if __name__ == "__main__":
+    main()
