@@ -358,8 +358,8 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
-                        first_ready = first_ready or time.time()
                         actors[actor] = _ActorRecord(_checked_actor(ray.get(ref), plan.config, warned=any(r.info.cuda_missing for r in actors.values())))
+                        first_ready = first_ready or time.time()
                         idle.append(actor)
                         last_progress = time.time()
                     except ray.exceptions.RayError as error:
