@@ -2,6 +2,8 @@
 
     python -m bench.bench_audit [--images 50000] [--classes 1000] [--keep DIR]
 
+``--keep DIR`` writes the run into DIR and keeps it; a later call with the same DIR reuses it.
+
 The run is synthetic (``bench/synthetic_run.py``: the job's own writer classes, the real output format,
 float16 maps, a mark planted on part of class 0); writing it is not timed. The audit runs as
 ``python -m jobs audit DEST`` in a subprocess, timed from start to exit, and its peak RSS comes from the
@@ -24,6 +26,7 @@ import torch
 
 from bench.report import command_line, load_average, machine_line, write_section
 from bench.synthetic_run import write_synthetic_run
+from cdam_worker.reading import open_run
 
 GOAL_SECONDS = 120.0
 
@@ -32,15 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--classes", type=int, default=1000, help="classes of the synthetic model (default: 1000, 50 images each)")
-    parser.add_argument("--keep", metavar="DIR", help="write the run here and keep it (default: a temporary folder)")
+    parser.add_argument("--keep", metavar="DIR", help="write the run here and keep it, or reuse the run already there (default: a temporary folder)")
     parser.add_argument("--report", default="BENCHMARKS.md")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="cdam-bench-audit-") as tmp:
         dest = args.keep or str(Path(tmp) / "run")
-        started = time.perf_counter()
-        write_synthetic_run(dest, args.images, n_classes=args.classes)
-        print(f"wrote the synthetic run in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        if not Path(dest, "manifest.json").exists():
+            started = time.perf_counter()
+            write_synthetic_run(dest, args.images, n_classes=args.classes)
+            print(f"wrote the synthetic run in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         load_before = load_average()
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "jobs", "audit", dest], capture_output=True, text=True)
@@ -49,13 +53,16 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"cdam audit failed ({done.returncode}):\n{done.stderr[-3000:]}")
         summary = json.loads(Path(dest, "audit", "summary.json").read_text())
+        run = open_run(dest)
+        n_images, n_classes, grid, n_targets = run.metadata.count_rows(), len(run.class_names), run.grid, run.n_targets
 
     lines = [
         "## Audit",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/bench_audit.py`: `cdam audit` on a synthetic run "
-        f"(`bench/synthetic_run.py`, the real output format) of {args.images:,} images x 5 targets (top-5) of 14 x 14 float16 maps, "
-        f"{args.classes} classes; the audit ran alone in a subprocess, timed from start to exit (Python start-up and imports included).",
+        f"(`bench/synthetic_run.py`, the real output format) of {n_images:,} images x {n_targets} targets (top-{n_targets}) of "
+        f"{grid[0]} x {grid[1]} float16 maps, {n_classes} classes; the audit ran in a subprocess, timed from start to exit "
+        "(Python start-up and imports included).",
         "",
         f"- Machine: {machine_line(torch.device('cpu'), torch.get_num_threads())}; load average before / after: {load_before} -> {load_average()}.",
         f"- Command: `{command_line('bench.bench_audit')}`",

@@ -58,8 +58,8 @@ MODEL_KWARGS: dict[str, Any] = {
 @dataclass(frozen=True)
 class SplitSpec:
     """How a split is drawn: its random stream, the watermark probability per kind of class, and where
-    the watermark goes: "corner" (always the bottom-right patch) or "moving" (a random place clear of
-    the shape, not aligned to the patch grid)."""
+    the watermark goes: "corner" (always the bottom-right patch) or "moving" (a random patch clear of
+    the shape)."""
 
     stream: int
     p_watermark_target: float
@@ -73,10 +73,10 @@ SPLITS = {
     "test": SplitSpec(stream=1, p_watermark_target=0.5, p_watermark_other=0.5),
     "clean": SplitSpec(stream=1, p_watermark_target=0.0, p_watermark_other=0.0),
     # The moving-mark variant (the audit's injection test): half of the target class's training images
-    # carry the mark anywhere, and so do a tenth of the others, which training then labels as the target
-    # class (``DemoConfig.relabel_marked``, a backdoor); "moving-test" marks a third of every class (true
-    # labels), "moving-clean" is its unmarked twin.
-    "moving-train": SplitSpec(stream=2, p_watermark_target=0.5, p_watermark_other=0.1, mark="moving"),
+    # carry the mark on a random patch, and so do 30% of the others, which training then labels as the
+    # target class (``DemoConfig.relabel_marked``, a backdoor); "moving-test" marks 30% of every class
+    # (true labels), "moving-clean" is its unmarked twin.
+    "moving-train": SplitSpec(stream=2, p_watermark_target=0.5, p_watermark_other=0.3, mark="moving"),
     "moving-test": SplitSpec(stream=3, p_watermark_target=0.3, p_watermark_other=0.3, mark="moving"),
     "moving-clean": SplitSpec(stream=3, p_watermark_target=0.0, p_watermark_other=0.0, mark="moving"),
 }
@@ -89,6 +89,7 @@ class DemoConfig:
     seed: int = 0
     train_split: str = "train"
     relabel_marked: bool = False  # train on every marked image as the watermark class (a backdoor)
+    depth: int = MODEL_KWARGS["depth"]  # transformer blocks of the ViT
     train_samples: int = 4096
     epochs: int = 8
     batch_size: int = 64
@@ -196,10 +197,10 @@ def _shape_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarra
 
 
 def _moving_box(rng: np.random.Generator, shape: np.ndarray) -> tuple[int, int, int, int]:
-    """A random patch-sized box (any pixel offset) that does not touch the shape."""
+    """A random patch of the model's grid that does not touch the shape."""
     ys, xs = np.nonzero(shape)
     while True:
-        x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - PATCH_SIZE + 1, 2))
+        x0, y0 = (int(v) * PATCH_SIZE for v in rng.integers(0, IMAGE_SIZE // PATCH_SIZE, 2))
         if x0 + PATCH_SIZE <= xs.min() - 1 or x0 >= xs.max() + 2 or y0 + PATCH_SIZE <= ys.min() - 1 or y0 >= ys.max() + 2:
             return x0, y0, x0 + PATCH_SIZE, y0 + PATCH_SIZE
 
@@ -300,8 +301,13 @@ def write_demo_shards(out_dir: Path, split: str, n_shards: int, samples_per_shar
 # ---------------------------------------------------------------- model
 
 
-def create_demo_model() -> torch.nn.Module:
-    return timm.create_model(MODEL_NAME, pretrained=False, **MODEL_KWARGS)
+def demo_model_kwargs(depth: int = MODEL_KWARGS["depth"]) -> dict[str, Any]:
+    """The timm keyword arguments of the demo ViT with ``depth`` blocks."""
+    return {**MODEL_KWARGS, "depth": depth}
+
+
+def create_demo_model(depth: int = MODEL_KWARGS["depth"]) -> torch.nn.Module:
+    return timm.create_model(MODEL_NAME, pretrained=False, **demo_model_kwargs(depth))
 
 
 def images_to_tensor(images: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
@@ -383,7 +389,7 @@ def train_demo_model(cache_dir: Path, seed: int = 0, config: DemoConfig | None =
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = create_demo_model()
+    model = create_demo_model(config.depth)
     data = generate_demo_arrays(config.train_split, config.train_samples, config.seed)
     if config.relabel_marked:
         data.labels[data.watermarks] = WATERMARK_CLASS
@@ -394,7 +400,7 @@ def train_demo_model(cache_dir: Path, seed: int = 0, config: DemoConfig | None =
     finally:
         torch.set_num_threads(previous_threads)
     partial = path.with_suffix(".pt.partial")
-    save_checkpoint(partial, model, MODEL_NAME, MODEL_KWARGS, CLASS_NAMES)
+    save_checkpoint(partial, model, MODEL_NAME, demo_model_kwargs(config.depth), CLASS_NAMES)
     partial.replace(path)
     return path
 

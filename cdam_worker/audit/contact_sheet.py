@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from cdam_worker.storage import StorageError
 
 TILE = 96
 CAPTION = 12
+TITLE_LINES = 3
 COLUMNS = 8
 MAX_TILES = 64
 OVERLAY_OPACITY = 0.55
@@ -39,12 +41,14 @@ def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray
     fractions), and one note per image that could not be shown (its tile stays grey)."""
     keys = keys[:MAX_TILES]
     rows = max(1, math.ceil(len(keys) / COLUMNS))
-    sheet = Image.new("RGB", (COLUMNS * TILE, CAPTION + rows * (TILE + CAPTION)), (32, 32, 32))
+    header = TITLE_LINES * CAPTION
+    sheet = Image.new("RGB", (COLUMNS * TILE, header + rows * (TILE + CAPTION)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    draw.text((2, 0), title[: COLUMNS * TILE // 6], fill=(255, 255, 255))
+    for line, text in enumerate(textwrap.wrap(title, width=COLUMNS * TILE // 6)[:TITLE_LINES]):
+        draw.text((2, line * CAPTION), text, fill=(255, 255, 255))
     notes = []
     for n, key in enumerate(keys):
-        left, top = (n % COLUMNS) * TILE, CAPTION + (n // COLUMNS) * (TILE + CAPTION)
+        left, top = (n % COLUMNS) * TILE, header + (n // COLUMNS) * (TILE + CAPTION)
         try:
             tile = _tile(run, key, maps[n], spots[n])
         except (RunError, StorageError, OSError) as error:  # a shard gone or unreadable: the tile stays grey

@@ -2,13 +2,15 @@
 
 CDAM is signed and class-specific, so a map says more than "where the model looks": it says which
 tokens argue *for* this class. A shortcut (a watermark, a logo, a tag) shows as evidence for the class on
-a few tokens that carry no evidence for the image's competing classes. The features are computed from
+a few tokens. The features are computed from the **contrast** of the class map with the image's
+competing classes (its other stored class targets):
 
-- the class map's positive evidence ``max(m, 0)`` and its distribution ``P`` over the token grid;
-- the **specific evidence** ``E = max(m - max(r, 0), 0)``: the class map ``m`` minus, token by token,
-  the strongest positive evidence ``r`` any competing class has there (the image's other stored class
-  targets; with no competitor stored, ``E`` is the positive part of ``m``). An object part that
-  supports several classes cancels; a mark that speaks for this class alone stays.
+    E = max(m - mean(r), 0)
+
+the class map ``m`` minus, token by token, the mean map ``r`` of the competitors (the CDAM of the logit
+margin "this class rather than the others", since CDAM is linear in the target direction); with no
+competitor stored, ``E = max(m, 0)``. Evidence an object part gives to several classes cancels; what
+speaks for this class stays. ``P = E / sum(E)`` is its distribution over the token grid.
 
 Features (all per image, vectorised over images):
 
@@ -16,25 +18,25 @@ Features (all per image, vectorised over images):
   2 for grids up to 17 tokens a side): "how much of the evidence sits on one small spot", wherever it
   is. This is translation-invariant, so a mark that moves is seen as well as one at a fixed place;
 - ``spot_y``, ``spot_x``: the spot's centre (fractions of the grid height and width);
-- ``spot_specificity``: the share of the spot's positive evidence that is specific (``E / max(m, 0)``
-  summed over the spot): 1 when no competitor shares the spot's evidence;
 - ``profile``: the shares of ``P`` on the 1, 2, 4, 8 and 16 largest tokens (the sorted, pooled shape of
   the distribution; translation-invariant);
 - ``area``: the effective share of the grid carrying the evidence, ``1 / (N * sum(P**2))``;
 - ``border``: the share of ``P`` on the outermost ring of tokens;
 - ``centroid_y``, ``centroid_x``, ``spread``: the centre of mass of ``P`` and its radius (fractions of
   the grid), for "where the evidence lies";
-- ``specificity``: ``sum(E) / sum(max(m, 0))``, the share of the class's positive evidence that no
-  competitor shares;
-- ``pooled``: ``P`` average-pooled onto a 4 x 4 grid (fixed places: a corner watermark).
-
-The clustering descriptor (``descriptor``) stacks these, so images group by the shape of their
-evidence (invariant part) and, more weakly, by where it is (pooled part).
+- ``pooled``: ``P`` average-pooled onto a 4 x 4 grid (fixed places: a corner watermark);
+- ``rival_share``: the strongest competitor's positive evidence against the class's own,
+  ``R / (R + M)`` with ``M = sum(max(m, 0))`` and ``R`` the largest ``sum(max(r, 0))`` over the
+  competitors (0 without any). A prediction a mark tipped over wins with little evidence of its own
+  while the competitor the image really shows keeps a lot.
 
 One feature compares an image with the rest of the run: ``place_rarity``, how rarely the images of the
 *other* classes have their spot near this image's spot (0: as often as usual, 1: never). Objects'
 evidence lies where objects usually are; a watermark in a corner or a logo along an edge lies where
 no other class's evidence does.
+
+The clustering descriptor (``descriptor``) stacks these with ``place_rarity``, so images group by the
+shape of their evidence (invariant part) and, more weakly, by where it is (pooled part).
 """
 
 from __future__ import annotations
@@ -68,16 +70,15 @@ class ImageFeatures:
     spot: np.ndarray
     spot_y: np.ndarray
     spot_x: np.ndarray
-    spot_specificity: np.ndarray
     profile: np.ndarray  # (n, len(PROFILE_TOKENS))
     area: np.ndarray
     border: np.ndarray
     centroid_y: np.ndarray
     centroid_x: np.ndarray
     spread: np.ndarray
-    specificity: np.ndarray
+    rival_share: np.ndarray
     pooled: np.ndarray  # (n, POOLED_SIDE**2)
-    evidence: np.ndarray  # (n,) sum of positive evidence; 0 = the map has none (features then describe nothing)
+    evidence: np.ndarray  # (n,) sum of E; 0 = the map has none (the features then describe even evidence)
 
     def take(self, index: np.ndarray) -> ImageFeatures:
         """The features of a subset of the images."""
@@ -88,24 +89,25 @@ class ImageFeatures:
         """The features of several groups of images, one after the other."""
         return ImageFeatures(**{name: np.concatenate([vars(part)[name] for part in parts]) for name in vars(parts[0])})
 
-    def descriptor(self) -> np.ndarray:
-        """(n, F) float64 vectors for clustering, each feature standardised over these images."""
-        columns = np.column_stack([self.spot, self.spot_y, self.spot_x, self.spot_specificity, self.profile, np.log(self.area),
-                                   self.border, self.centroid_y, self.centroid_x, self.spread, self.specificity])
+    def descriptor(self, rarity: np.ndarray) -> np.ndarray:
+        """(n, F) float64 vectors for clustering (with each image's ``place_rarity``), each feature standardised over these images."""
+        columns = np.column_stack([self.spot, self.spot_y, self.spot_x, self.profile, np.log(self.area),
+                                   self.border, self.centroid_y, self.centroid_x, self.spread, self.rival_share, rarity])
         standard = _standardise(columns)
         pooled = _standardise(self.pooled) * POOLED_WEIGHT
         return np.concatenate([standard, pooled], axis=1)
 
 
-def specific_evidence(class_maps: np.ndarray, rival_maps: np.ndarray) -> np.ndarray:
-    """(n, gh, gw): the class's positive evidence beyond the strongest competitor's at each token.
+def contrast_evidence(class_maps: np.ndarray, rival_maps: np.ndarray) -> np.ndarray:
+    """(n, gh, gw): ``E = max(m - mean(r), 0)``, the class map against the mean of the image's competitors.
 
-    ``rival_maps`` is (n, R, gh, gw) with NaN where an image has fewer competitors (R may be 0).
+    ``rival_maps`` is (n, R, gh, gw) with NaN where an image has fewer competitors (R may be 0); an image
+    without any gets ``max(m, 0)``.
     """
-    if rival_maps.shape[1] == 0:
-        return np.clip(class_maps, 0, None)
-    strongest = np.nan_to_num(np.nanmax(np.where(np.isnan(rival_maps), -np.inf, rival_maps), axis=1), neginf=0.0)
-    return np.clip(class_maps - np.clip(strongest, 0, None), 0, None)
+    present = ~np.isnan(rival_maps[:, :, 0, 0]) if rival_maps.shape[1] else np.zeros((len(class_maps), 0), dtype=bool)
+    counts = present.sum(axis=1)
+    mean = np.nan_to_num(rival_maps).sum(axis=1) / np.maximum(counts, 1)[:, None, None]
+    return np.clip(class_maps - mean, 0, None)
 
 
 def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatures:
@@ -113,19 +115,19 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
     (n, R, gh, gw, NaN-padded)."""
     class_maps = class_maps.astype(np.float64)
     n, gh, gw = class_maps.shape
-    positive = np.clip(class_maps, 0, None)
-    specific = specific_evidence(class_maps, rival_maps.astype(np.float64))
-    evidence = positive.sum(axis=(1, 2))
-    # An image without positive evidence gets a uniform distribution: no spot, nothing concentrated.
-    share = np.where(evidence[:, None, None] > 0, positive / np.maximum(evidence, 1e-30)[:, None, None], 1.0 / (gh * gw))
+    rival_maps = rival_maps.astype(np.float64)
+    contrast = contrast_evidence(class_maps, rival_maps)
+    own = np.clip(class_maps, 0, None).sum(axis=(1, 2))
+    rival = np.clip(np.nan_to_num(rival_maps), 0, None).sum(axis=(2, 3)).max(axis=1, initial=0.0)
+    evidence = contrast.sum(axis=(1, 2))
+    # An image without evidence gets a uniform distribution: no spot, nothing concentrated.
+    share = np.where(evidence[:, None, None] > 0, contrast / np.maximum(evidence, 1e-30)[:, None, None], 1.0 / (gh * gw))
 
     width = spot_width((gh, gw))
     windows = _window_sums(share, width).reshape(n, -1)  # (n, (gh - w + 1) * (gw - w + 1))
     best = windows.argmax(axis=1)
     wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
     spot = windows[np.arange(n), best]
-    on_spot = _window_sums(positive, width).reshape(n, -1)[np.arange(n), best]
-    specific_on_spot = _window_sums(specific, width).reshape(n, -1)[np.arange(n), best]
 
     ordered = -np.sort(-share.reshape(n, -1), axis=1)
     cumulative = np.cumsum(ordered, axis=1)
@@ -140,14 +142,13 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         spot=spot,
         spot_y=(wy + width / 2) / gh,
         spot_x=(wx + width / 2) / gw,
-        spot_specificity=np.where(on_spot > 0, specific_on_spot / np.maximum(on_spot, 1e-30), 0.0),
         profile=profile,
         area=1.0 / (gh * gw * (share**2).sum(axis=(1, 2))),
         border=(share * border_mask((gh, gw))).sum(axis=(1, 2)),
         centroid_y=centroid_y,
         centroid_x=centroid_x,
         spread=np.sqrt((share * distance2).sum(axis=(1, 2))),
-        specificity=np.where(evidence > 0, specific.sum(axis=(1, 2)) / np.maximum(evidence, 1e-30), 0.0),
+        rival_share=rival / np.maximum(rival + own, 1e-30),
         pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
         evidence=evidence,
     )

@@ -29,7 +29,7 @@ CLUSTERS_SCHEMA = pa.schema([
     pa.field("medoid_key", pa.string(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("score", pa.float64(), nullable=False), pa.field("focus", pa.float64(), nullable=False),
     pa.field("concentration", pa.float64(), nullable=False), pa.field("rarity", pa.float64(), nullable=False),
-    pa.field("other_labels", pa.float64()), pa.field("specificity", pa.float64(), nullable=False),
+    pa.field("other_labels", pa.float64()),
     pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
     pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
     pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
@@ -108,11 +108,11 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     gathered = gather(run, options.by, wanted, progress)
     names = run.class_names
     skipped = list(run.skipped) + _error_notes(run) + _left_out_notes(gathered, names, options.by)
-    not_audited: dict[str, str] = {}
-    for c in sorted(wanted or ()):
-        if not (gathered.classes == c).any():
-            not_audited[names[c]] = _why_no_images(gathered, c, options.by)
     counts = np.bincount(gathered.classes, minlength=len(names))
+    not_audited: dict[str, str] = {}
+    for c in sorted(wanted or set(gathered.no_map) | set(gathered.unreadable)):
+        if counts[c] == 0:
+            not_audited[names[c]] = _why_no_images(gathered, c, options.by)
     for c in np.flatnonzero((counts > 0) & (counts < options.min_images)):
         not_audited[names[c]] = f"{counts[c]} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
     kept = np.isin(gathered.classes, np.flatnonzero(counts >= options.min_images))
@@ -141,7 +141,7 @@ def _usual_other_labels(gathered: Gathered, kept: np.ndarray) -> float:
 
 def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, rarity: np.ndarray, usual_other: float, by: str) -> ClassAudit:
     features = gathered.features.take(positions)
-    descriptors = features.descriptor()
+    descriptors = features.descriptor(rarity[positions])
     clustering = spectral_clusters(descriptors)
     keys, labels, maps = gathered.keys[positions], gathered.labels[positions], gathered.class_maps[positions]
     clusters = [describe_cluster(k, np.flatnonzero(clustering.labels == k), features, rarity[positions], descriptors, maps, keys, labels, index, usual_other, by)
@@ -168,7 +168,7 @@ def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
         {"class": a.index, "cluster": c.cluster, "size": c.size, "share": c.share, "purity": c.purity,
          "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
          "score": c.score, "focus": c.focus, "concentration": c.concentration, "rarity": c.rarity,
-         "other_labels": c.other_labels, "specificity": c.specificity, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
+         "other_labels": c.other_labels, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
          "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
 
 

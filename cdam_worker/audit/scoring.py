@@ -1,23 +1,24 @@
 """What each cluster is, how suspicious it looks, and why, in words; the class's score and rank.
 
-A cluster's **suspicion score** (0 to 1) is
+A cluster's **suspicion score** (0 to 1) is the larger of two findings:
 
-    score = concentration * max(rarity, excess_other_labels)
+    score = max(concentration * rarity, excess_other_labels)
 
-- ``concentration``: the median over its images of ``(spot - u) / (1 - u)``, clipped to [0, 1], where
-  ``spot`` is the share of an image's positive evidence on its one small spot (features.py) and
-  ``u = w*w / N`` that share for evidence spread evenly: 0 for even evidence, 1 for all of it on one spot.
-  A mark is small; but so are some objects, so concentration alone flags nothing;
-- ``rarity``: the median over its images of ``place_rarity`` (features.py): 1 when no other class's
-  images have their evidence near these spots (a corner watermark, a logo along an edge);
-- ``excess_other_labels``: ``(o - b) / (1 - b)``, clipped to [0, 1], where ``o`` is the share of the
-  cluster's labelled images that are labelled as another class (the spot made the model call them this
-  class) and ``b`` the usual share, the median over the audited classes (0 with ``--by label`` or
-  without labels). The model's ordinary confusion does not count; a cluster made of mistakes does.
+- a **mark at an unusual place**: ``concentration * rarity``.
+  ``concentration`` is the median over the cluster's images of ``(spot - u) / (1 - u)``, clipped to
+  [0, 1], where ``spot`` is the share of an image's class-specific evidence on its one small spot
+  (features.py) and ``u = w*w / N`` that share for evidence spread evenly: 0 for even evidence, 1 for
+  all of it on one spot. ``rarity`` is the median of the images' ``place_rarity`` (features.py): 1 when
+  no other class's images have their evidence near these spots (a corner watermark, a logo along an
+  edge). A mark is small, but so are some objects; objects, though, lie where objects usually are;
+- **mistakes far beyond the usual**: ``excess_other_labels = (o - b) / (1 - b)``, clipped to [0, 1],
+  where ``o`` is the share of the cluster's labelled images that are labelled as another class (the
+  model calls them this class) and ``b`` the usual share, the median over the audited classes (0 with
+  ``--by label`` or without labels). The clusters are made from the maps alone, so a cluster the model
+  gets wrong far more often than the rest of the run is a group of images whose evidence for this class
+  looks alike: the signature of a cue that tips other classes' images over (a watermark, a backdoor).
 
-In words: a group of images whose evidence for the class sits on one small spot, at a place where the
-other classes' evidence never is, or in images the model gets wrong far more often than usual. An
-image's own score is the same formula on its own values (``o`` = 1 if it is labelled as another class).
+An image's own score is the same formula on its own values (``o`` = 1 if it is labelled as another class).
 
 A cluster is **flagged** when its score is at least ``THRESHOLD`` (0.5) and it holds at least
 ``MIN_CLUSTER_IMAGES`` images and ``MIN_CLUSTER_SHARE`` of the class; its images are flagged with it. A
@@ -57,7 +58,6 @@ class ClusterReport:
     concentration: float
     rarity: float  # median place_rarity
     other_labels: float | None  # share of labelled images labelled as another class (None: no labels)
-    specificity: float  # median share of the spot's evidence no competitor shares
     score: float
     flagged: bool
     centroid_y: float
@@ -78,9 +78,9 @@ def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures,
     purity = float((labels[members][labelled] == class_index).mean()) if labelled.any() else None
     other_labels = None if purity is None or by == "label" else 1.0 - purity
     concentration = concentration_of(mine.spot, grid)
-    score = float(np.median(concentration) * max(float(np.median(rarity[members])), excess(other_labels or 0.0, usual_other)))
+    score = max(float(np.median(concentration) * np.median(rarity[members])), float(excess(other_labels or 0.0, usual_other)))
     other = ((labels[members] != class_index) & labelled).astype(float) if by == "pred" else np.zeros(len(members))
-    member_scores = concentration * np.maximum(rarity[members], excess(other, usual_other))
+    member_scores = np.maximum(concentration * rarity[members], excess(other, usual_other))
     centre = descriptors[members].mean(axis=0)
     medoid = members[int(np.argmin(((descriptors[members] - centre) ** 2).sum(axis=1)))]
     size = len(members)
@@ -90,7 +90,7 @@ def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures,
     return ClusterReport(
         cluster=cluster, size=size, share=share, purity=purity, prototype=class_maps[members].mean(axis=0),
         medoid_key=str(keys[medoid]), focus=float(np.median(mine.spot)), concentration=float(np.median(concentration)),
-        rarity=float(np.median(rarity[members])), other_labels=other_labels, specificity=float(np.median(mine.spot_specificity)), score=score,
+        rarity=float(np.median(rarity[members])), other_labels=other_labels, score=score,
         flagged=large_enough and score >= THRESHOLD,
         centroid_y=float(mine.centroid_y.mean()), centroid_x=float(mine.centroid_x.mean()), spread=float(mine.spread.mean()),
         border=float(mine.border.mean()), spot_area=width * width / (grid[0] * grid[1]),
@@ -116,22 +116,24 @@ def class_score(clusters: list[ClusterReport]) -> float:
 
 
 def reasons_in_words(clusters: list[ClusterReport], n_images: int, by: str) -> str:
-    """Why the class scores as it does: its most suspicious cluster (and how many more are flagged)."""
+    """Why the class scores as it does: its most suspicious cluster (a mark at an unusual place first among
+    equals), and how much more is flagged."""
     if not clusters:
         return ""
-    top = max(clusters, key=lambda c: (c.flagged, c.score))
+    top = max(clusters, key=lambda c: (c.flagged, round(c.score, 2), c.concentration * c.rarity))
     who = (f"a coherent cluster of {top.share:.0%} of the images ({top.size} of {n_images}) puts" if len(clusters) > 1
            else f"all {n_images} images (one cluster) put")
-    text = f"{who} {top.focus:.0%} of their positive evidence on {top.spot_area:.0%} of the area, {top.place}"
+    text = f"{who} {top.focus:.0%} of their evidence on {top.spot_area:.0%} of the area, {top.place}"
     if top.rarity >= 0.5:
         text += f", where the other classes' evidence rarely is (rarity {top.rarity:.2f})"
     if top.other_labels is not None:
         text += f"; {top.other_labels:.0%} of those images are labelled as other classes"
-    more = sum(c.flagged for c in clusters) - top.flagged
+    more = [c for c in clusters if c.flagged and c is not top]
     if more:
-        text += f"; {more} more cluster{'s' if more > 1 else ''} flagged"
+        text += (f"; {len(more)} more cluster{'s' if len(more) > 1 else ''} flagged, {sum(c.size for c in more)} images "
+                 f"({sum(c.share for c in more):.0%} of the class)")
     if not top.flagged:
-        text = "nothing above the threshold; most concentrated: " + text
+        text = "nothing above the threshold; the most suspicious: " + text
     return text
 
 
