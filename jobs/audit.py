@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(ranked_table(result))
     flagged = summary["classes_flagged"]
     print(f"\n{len(flagged)} of {len(result.audited)} audited classes flagged" + (f": {', '.join(flagged)}" if flagged else "")
-          + ("; but these maps cannot tell (CDAM's blind spot: see the warning)" if result.blind_spot.found else ""))
+          + ("; these maps are in CDAM's blind spot (see the warning): for the classes not flagged that means 'cannot tell'" if result.blind_spot.found else ""))
     print(f"files: {storage.url}/ (classes.parquet, clusters.parquet, images.parquet, summary.json"
           + (f", {len(summary['contact_sheets'])} contact sheet(s) in contact-sheets/)" if summary["contact_sheets"] else ")"))
     return 0
