@@ -38,7 +38,7 @@ def cdam_commands(text: str) -> list[list[str]]:
         if match is None:
             continue
         tokens = shlex.split(match[1], comments=True)
-        end = next((i for i, token in enumerate(tokens) if token in ("&&", ";", "|", "||", "&")), len(tokens))
+        end = next((i for i, token in enumerate(tokens) if token in ("&&", ";", "|", "||", "&", ">", ">>", "<", "2>")), len(tokens))
         commands.append(tokens[:end])
     return commands
 
