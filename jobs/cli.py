@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="check shards, model and output, print the plan and size estimate, and exit")
     run.add_argument("--strict", action="store_true", help="exit 1 when any sample could not be explained")
 
-    demo = commands.add_parser("demo", help="run the whole job offline on a built-in synthetic dataset with a planted watermark", description="Generate a synthetic WebDataset with a spurious watermark, train a tiny ViT (cached), explain the test split with a local Ray job, and show how to query the output.")
+    demo = commands.add_parser("demo", help="run the whole job offline on a built-in synthetic dataset with a planted watermark", description="Generate a synthetic WebDataset with a spurious watermark, train a tiny ViT (cached), explain the test split with a local Ray job, audit it (cdam audit), and show how to query the output.")
     demo.add_argument("--output", default="cdam-demo-output", help="output folder (default: ./cdam-demo-output)")
     demo.add_argument("--cache-dir", default=None, help="where the demo data and model are cached (default: ~/.cache/cdam)")
     demo.add_argument("--actors", type=int, default=2, help="actors (default: 2)")

@@ -78,7 +78,6 @@ class ImageFeatures:
     spread: np.ndarray
     rival_share: np.ndarray
     pooled: np.ndarray  # (n, POOLED_SIDE**2)
-    evidence: np.ndarray  # (n,) sum of E; 0 = the map has none (the features then describe even evidence)
 
     def take(self, index: np.ndarray) -> ImageFeatures:
         """The features of a subset of the images."""
@@ -150,7 +149,6 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         spread=np.sqrt((share * distance2).sum(axis=(1, 2))),
         rival_share=rival / np.maximum(rival + own, 1e-30),
         pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
-        evidence=evidence,
     )
 
 

@@ -21,6 +21,7 @@ CLASSES_SCHEMA = pa.schema([
     pa.field("n_images", pa.int32(), nullable=False), pa.field("score", pa.float64(), nullable=False),
     pa.field("rank", pa.int32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("reasons", pa.string(), nullable=False), pa.field("n_clusters", pa.int32(), nullable=False),
+    pa.field("eigenvalues", pa.list_(pa.float32()), nullable=False),
 ], metadata={"schema": "cdam.audit.classes/1"})
 CLUSTERS_SCHEMA = pa.schema([
     pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
@@ -70,6 +71,7 @@ class ClassAudit:
     coordinates: np.ndarray  # per image: (x, y)
     image_scores: np.ndarray  # per image: its own score (scoring.py)
     image_flagged: np.ndarray  # per image: in a flagged cluster
+    eigenvalues: np.ndarray  # the smallest Laplacian eigenvalues (their largest gap chose the clusters)
     score: float
     reasons: str
     rank: int = 0
@@ -153,14 +155,15 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
         image_scores[members] = cluster.member_scores
         image_flagged[members] = cluster.flagged
     return ClassAudit(index=index, name=name, positions=positions, clusters=clusters, labels=clustering.labels,
-                      coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=image_flagged,
+                      coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=image_flagged, eigenvalues=clustering.eigenvalues,
                       score=class_score(clusters), reasons=reasons_in_words(clusters, len(positions), by))
 
 
 def _classes_table(audited: list[ClassAudit]) -> pa.Table:
     return pa.Table.from_pylist([
         {"class": a.index, "class_name": a.name, "n_images": len(a.positions), "score": a.score, "rank": a.rank,
-         "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters)} for a in audited], schema=CLASSES_SCHEMA)
+         "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters),
+         "eigenvalues": a.eigenvalues.astype(np.float32).tolist()} for a in audited], schema=CLASSES_SCHEMA)
 
 
 def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
