@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import ThreadpoolController
@@ -77,8 +77,14 @@ def _spectral_clusters(descriptors: np.ndarray) -> Clustering:
     inverse_sqrt = sp.diags(1.0 / np.sqrt(np.maximum(degree, 1e-12)))
     normalised = (inverse_sqrt @ affinity @ inverse_sqrt).tocsr()
     n_vectors = min(MAX_CLUSTERS + 1, n - 2)
-    start = np.full(n, 1.0 / np.sqrt(n))  # a fixed start vector: the same clusters every run
-    values, vectors = eigsh(normalised, k=n_vectors, which="LA", v0=start)
+    start = np.random.default_rng(SEED).uniform(0.5, 1.5, n)  # fixed: the same clusters every run
+    try:
+        values, vectors = eigsh(normalised, k=n_vectors, which="LA", v0=start)
+    except ArpackNoConvergence as error:  # keep what converged (always the leading eigenvectors)
+        values, vectors = error.eigenvalues, error.eigenvectors
+        n_vectors = len(values)
+        if n_vectors == 0:
+            return Clustering(labels=np.zeros(n, dtype=np.int64), coordinates=np.zeros((n, 2)), eigenvalues=np.zeros(0), n_clusters=1)
     order = np.argsort(-values)
     eigenvalues = np.clip(1.0 - values[order], 0.0, 2.0)
     vectors = vectors[:, order]
