@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cdam_worker.job import ModelSpec
+if TYPE_CHECKING:  # importing cdam_worker loads torch: not at parser construction (cdam --help stays fast)
+    from cdam_worker.job import ModelSpec
 
 
 def add_model_flags(parser: argparse.ArgumentParser, needed_for: str) -> None:
@@ -26,6 +28,7 @@ def add_model_flags(parser: argparse.ArgumentParser, needed_for: str) -> None:
 
 def model_spec(args: argparse.Namespace) -> ModelSpec | None:
     """The model the flags name, or None when none is given (then the manifest's is used)."""
+    from cdam_worker.job import ModelSpec
     from cdam_worker.reading import RunError
 
     if not (args.model or args.checkpoint or args.pretrained or args.head_checkpoint):
