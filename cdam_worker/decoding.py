@@ -16,10 +16,12 @@ else (other formats, EXIF-rotated or CMYK JPEGs, images nvJPEG refuses) takes th
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import math
 import multiprocessing
 import os
+import pickle
 import queue
 import threading
 import time
@@ -157,10 +159,10 @@ class DecodePool:
             executor.submit(os.getpid)
         return executor
 
-    def _submit(self, jobs: list[_Job], settings: DecodeSettings) -> Future:
+    def _submit(self, jobs: list[_Job], pickled_settings: bytes) -> Future:
         """The pool's future for ``jobs``; a pool that cannot take work gives a failed future (never raises)."""
         try:
-            return self._started.result().submit(decode_jobs, jobs, settings)
+            return self._started.result().submit(_decode_pickled, jobs, pickled_settings)
         except Exception as error:  # noqa: BLE001 - e.g. BrokenProcessPool: the consumer sees it in order
             failed: Future = Future()
             failed.set_exception(error)
@@ -169,6 +171,10 @@ class DecodePool:
     def _read(self, task: ShardTask, settings: DecodeSettings, futures: queue.Queue, stop: threading.Event) -> None:
         """Reader thread: the shard's key groups, in chunks, to the pool; their futures, in order, to
         ``futures``, then a shard-level SampleError if the shard broke, then None."""
+        # Pickled once per shard, tensors by value: a worker unpickles it once (_settings_of). Handed over as
+        # an object, the transform's tensors would travel as shared-memory handles, each task then fetching
+        # two file descriptors from this process.
+        pickled = pickle.dumps(settings)
         first_seen: dict[str, int] = {}
         chunk: list[_Job] = []
         chunk_bytes = 0
@@ -181,14 +187,14 @@ class DecodePool:
                     chunk.append(_Job(index, group, first_seen.setdefault(group.key, index), _refusal(task, index)))
                     chunk_bytes += sum(len(member.data or b"") for member in group.members)
                     if len(chunk) == DECODE_CHUNK or chunk_bytes >= DECODE_CHUNK_BYTES:
-                        futures.put(self._submit(chunk, settings))
+                        futures.put(self._submit(chunk, pickled))
                         chunk, chunk_bytes = [], 0
         except _ShardProblem as problem:
             shard_error = SampleError(None, str(problem))
         except Exception as error:  # noqa: BLE001 - reported as a shard-level error, the rest is kept
             shard_error = SampleError(None, f"reading shard failed: {type(error).__name__}: {error}".splitlines()[0])
         if chunk:  # the last groups, and the one a broken tar cut off (reported as incomplete)
-            futures.put(self._submit(chunk, settings))
+            futures.put(self._submit(chunk, pickled))
         if shard_error is not None:
             futures.put(shard_error)
         futures.put(None)
@@ -245,6 +251,17 @@ def _keep_freed_memory() -> None:
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
+
+
+def _decode_pickled(jobs: list[_Job], pickled_settings: bytes) -> tuple[list[PreparedSample | SampleError], torch.Tensor]:
+    """A pool task: :func:`decode_jobs` with the shard's settings as the reader pickled them."""
+    return decode_jobs(jobs, _settings_of(pickled_settings))
+
+
+@functools.lru_cache(maxsize=4)
+def _settings_of(pickled: bytes) -> DecodeSettings:
+    """The settings a shard's tasks carry, unpickled once per worker (they are this actor's own object)."""
+    return pickle.loads(pickled)
 
 
 def decode_jobs(jobs: list[_Job], settings: DecodeSettings) -> tuple[list[PreparedSample | SampleError], torch.Tensor]:
