@@ -185,6 +185,7 @@ def test_gpu_path_hands_back_jpegs_and_keeps_every_other_outcome(shard, transfor
     assert gpu_fallback(broken, transform) == SampleError("bad", "corrupt image 'bad.jpg': cannot identify image file")
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision are deprecated:DeprecationWarning")
 def test_tensor_transform_steps_follow_the_timm_transform():
     """The GPU path's resize / crop / normalise steps, on CPU tensors decoded by torchvision, against Pillow +
     timm's transform on the ViT-S/16 eval transform (resize 248 bicubic, crop 224, mean/std 0.5).
