@@ -295,3 +295,20 @@ def _utf8(text: str) -> str:
 def _one_line(text: str) -> str:
     """``text`` as one line of storable UTF-8: control characters and lone surrogates escaped."""
     return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def read_checked_table(storage: Storage, path: str, checksum: str | None, problems: list[str], prefix: str = "") -> pa.Table | None:
+    """A Parquet file written with its sha256 recorded, read back for a check: what is wrong with it (missing,
+    not matching ``checksum``, unreadable) is appended to ``problems`` (each line starting with ``prefix``)."""
+    try:
+        data = storage.get(path)
+    except FileNotFoundError:
+        problems.append(f"{prefix}{path} is missing")
+        return None
+    if hashlib.sha256(data).hexdigest() != checksum:
+        problems.append(f"{prefix}{path} does not match its checksum")
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - a damaged file is a problem to list, not a crash
+        problems.append(f"{prefix}{path} cannot be read as Parquet ({type(error).__name__})")
+        return None

@@ -17,6 +17,8 @@ import textwrap
 import threading
 from typing import Iterator
 
+from jobs.model_flags import add_model_flags
+
 EXPLAIN_EPILOG = textwrap.dedent(
     """\
     output (DEST, a folder or s3://bucket/prefix):
@@ -51,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = explain.add_argument_group("data")
     data.add_argument("--shards", nargs="+", required=True, metavar="SPEC", help="tar shards: paths, globs, brace patterns (val-{0000..0063}.tar) or s3://bucket/prefix/...")
     data.add_argument("--output", required=True, metavar="DEST", help="output folder or s3://bucket/prefix")
-    model = explain.add_argument_group("model")
-    model.add_argument("--model", metavar="NAME", help="timm model name (optional with a checkpoint made by cdam)")
-    model.add_argument("--model-kwargs", metavar="JSON", help='keyword arguments for timm.create_model, e.g. \'{"img_size": 224}\'')
-    weights = model.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights, downloaded from the Hugging Face Hub on first use (needs a network or a warm cache; HF_HUB_OFFLINE=1 fails at once instead of retrying)")
-    weights.add_argument("--checkpoint", metavar="FILE", help="a state dict of the timm model, or a checkpoint saved by cdam")
-    model.add_argument("--head-checkpoint", metavar="FILE", help="a linear head (weight (C, D), bias (C)) put on the backbone's features")
+    model = add_model_flags(explain)
     model.add_argument("--method", choices=["auto", "closed_form", "autograd"], default="auto", help="how maps are computed (default: auto, the closed form where it is exact)")
     model.add_argument("--precision", choices=["float32", "bf16", "tf32"], default="float32", help="precision of the trunk (all blocks but the last) and of Smooth/Integrated's re-runs of the last block on their noisy copies: float32 (exact, TF32 off on CUDA), bf16 autocast, or tf32 (CUDA only; no effect on CPU); vanilla maps and the clean pass that picks the targets are always float32 (default: float32)")
     what = explain.add_argument_group("what to explain")

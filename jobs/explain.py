@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -17,7 +16,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,11 +25,12 @@ from cdam_worker import __version__
 from cdam_worker.concepts import ConceptError, load_concept
 from cdam_worker.data import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.engine import CDAMExplainer, VariantConfig
-from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
 from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
 from cdam_worker.storage import Storage, StorageError, redact
 from cdam_worker.targets import Concept, TargetSpec
+from jobs.model_flags import spec_from_flags
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
@@ -90,18 +89,15 @@ def run(args: argparse.Namespace) -> int:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Check every setting and build the run's plan; ConfigError on the first problem."""
     try:
-        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--model-kwargs is not valid JSON: {error}") from None
-    if not isinstance(model_kwargs, dict):
-        raise ConfigError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 224}'")
+        spec = spec_from_flags(args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.decode_workers < 0:
         raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {args.decode_workers}")
     if args.decode == "gpu" and not (args.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
         raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
-    spec = ModelSpec(args.model, model_kwargs, args.pretrained, _absolute(args.checkpoint), _absolute(args.head_checkpoint))
     loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
     if loaded.num_classes == 0:
         raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one")
@@ -174,10 +170,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "shards": [t.name for t in tasks],
     }
     return Plan(config, layout, storage, tasks, settings, loaded, attributes)
-
-
-def _absolute(path: str | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
 
 
 def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:

@@ -10,15 +10,11 @@ keys are unique; Parquet row counts match the markers; every sample of a shard i
 
 from __future__ import annotations
 
-import hashlib
-import io
-
 import numpy as np
-import pyarrow.parquet as pq
 
 from cdam_worker.derive import verify_derived
 from cdam_worker.job import MANIFEST_PATH, fingerprint, read_json
-from cdam_worker.sinks import ShardSummary, block_checksums, marker_path, open_zarr, shard_file_stem
+from cdam_worker.sinks import ShardSummary, block_checksums, marker_path, open_zarr, read_checked_table, shard_file_stem
 from cdam_worker.storage import Storage
 from schemas import array_specs
 
@@ -81,7 +77,7 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
         if actual != summary.checksums.get(name):
             problems.append(f"Zarr array {name!r} {span} do not match their checksum")
     stem = shard_file_stem(summary.shard_index, summary.shard)
-    table = _read_table(storage, f"metadata/{stem}.parquet", summary.checksums.get("metadata"), problems)
+    table = read_checked_table(storage, f"metadata/{stem}.parquet", summary.checksums.get("metadata"), problems)
     if table is not None:
         if table.num_rows != summary.n_images:
             problems.append(f"metadata has {table.num_rows} rows, marker says {summary.n_images} images")
@@ -110,7 +106,7 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
         for other, keys in duplicates.items():
             problems.append(f"key {keys[0]!r} also in shard {other}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
     errors_path = f"errors/{stem}.parquet"
-    errors = _read_table(storage, errors_path, summary.checksums.get("errors"), problems) if summary.n_errors else None
+    errors = read_checked_table(storage, errors_path, summary.checksums.get("errors"), problems) if summary.n_errors else None
     if errors is not None:
         if errors.num_rows != summary.n_errors:
             problems.append(f"errors has {errors.num_rows} rows, marker says {summary.n_errors}")
@@ -119,18 +115,3 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
     if unaccounted := summary.unaccounted():  # the tables agree with these counts, or a problem is listed above
         problems.append(f"{unaccounted} (each sample must be explained or in errors/, exactly once)")
     return problems
-
-
-def _read_table(storage: Storage, path: str, checksum: str | None, problems: list[str]):
-    try:
-        data = storage.get(path)
-    except FileNotFoundError:
-        problems.append(f"{path} is missing")
-        return None
-    if hashlib.sha256(data).hexdigest() != checksum:
-        problems.append(f"{path} does not match its checksum")
-    try:
-        return pq.read_table(io.BytesIO(data))
-    except Exception as error:  # noqa: BLE001 - a damaged file is a problem to list, not a crash
-        problems.append(f"{path} cannot be read as Parquet ({type(error).__name__})")
-        return None

@@ -33,7 +33,7 @@ from zarr.codecs import ZstdCodec
 from cdam_worker.derive.compute import DerivedRows, DerivePlan, derive_rows
 from cdam_worker.job import fingerprint, read_json, settings_difference, write_json
 from cdam_worker.reading.run import READ_ROWS, Run, RunError, ShardInfo
-from cdam_worker.sinks import ZARR_PATH, block_checksums, open_zarr, shard_file_stem
+from cdam_worker.sinks import ZARR_PATH, block_checksums, open_zarr, read_checked_table, shard_file_stem
 from cdam_worker.storage import Storage
 from schemas import CHUNK_ROWS, DERIVED_GROUP, DERIVED_METADATA_SCHEMA
 from schemas.zarr_layout import FLOAT_FILL, INT_FILL
@@ -255,7 +255,7 @@ def verify_derived(storage: Storage, group: zarr.Group, settings_shards: list[di
                 continue
             total += marker["n_images"]
             problems += [f"derived {name}: shard {marker['shard']}: {p}" for p in _check_shard(storage, group, name, marker, index * rows_per_shard)]
-        metadata = _read_checked(storage, f"{root}/metadata.parquet", manifest.get("metadata_checksum"), problems, f"derived {name}: ")
+        metadata = read_checked_table(storage, f"{root}/metadata.parquet", manifest.get("metadata_checksum"), problems, f"derived {name}: ")
         if metadata is not None and manifest.get("status") != "running" and metadata.num_rows != total:
             problems.append(f"derived {name}: metadata.parquet has {metadata.num_rows} rows, the shards' markers {total}")
     return problems
@@ -273,22 +273,7 @@ def _check_shard(storage: Storage, group: zarr.Group, name: str, marker: dict[st
         if next(iter(actual.values())) != marker["checksums"].get(array):
             problems.append(f"Zarr array 'derived/{name}/{array}' {span} do not match their checksum")
     path = f"{derived_root(name)}/shards/{shard_file_stem(marker['shard_index'], marker['shard'])}.parquet"
-    table = _read_checked(storage, path, marker["checksums"].get("metadata"), problems, "")
+    table = read_checked_table(storage, path, marker["checksums"].get("metadata"), problems)
     if table is not None and table.num_rows != marker["n_images"]:
         problems.append(f"{path} has {table.num_rows} rows, the marker says {marker['n_images']} images")
     return problems
-
-
-def _read_checked(storage: Storage, path: str, checksum: str | None, problems: list[str], prefix: str) -> pa.Table | None:
-    try:
-        data = storage.get(path)
-    except FileNotFoundError:
-        problems.append(f"{prefix}{path} is missing")
-        return None
-    if hashlib.sha256(data).hexdigest() != checksum:
-        problems.append(f"{prefix}{path} does not match its checksum")
-    try:
-        return pq.read_table(io.BytesIO(data))
-    except Exception as error:  # noqa: BLE001 - a damaged file is a problem to list
-        problems.append(f"{prefix}{path} cannot be read as Parquet ({type(error).__name__})")
-        return None
