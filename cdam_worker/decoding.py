@@ -155,8 +155,10 @@ class DecodePool:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["__main__", __name__])
         executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
-        for _ in range(self.workers):  # Python starts a process per submit until all are there
-            executor.submit(os.getpid)
+        # Python starts a process per submit until all are there. Waiting for the answers makes "started"
+        # mean decoding can begin: the forkserver has imported torch and the workers are forked from it.
+        for started in [executor.submit(os.getpid) for _ in range(self.workers)]:
+            started.result()
         return executor
 
     def _submit(self, jobs: list[_Job], pickled_settings: bytes) -> Future:
