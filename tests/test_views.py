@@ -169,6 +169,13 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         keys = page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")
         assert keys[-1] == catalog.keys[in_class[-1]] and len(keys) == len(in_class) - 48 * ((len(in_class) - 1) // 48)
         assert "page=" in page.url
+        page.goto(page.url)  # the address restores the page: its gallery comes with the HTML
+        wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
+        assert page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)") == keys
+        page.goto(f"{url}/class/0?page=999")  # past the end: the last page
+        wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
+        page.goto(f"{url}/class/0")
+        wait_total(page, len(in_class))
 
         page.click("a[data-cluster='1']")  # a cluster of the prototypes filters the gallery
         wait_total(page, len(truth["members"][0][1]))
@@ -186,6 +193,10 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         assert watch.errors == [], watch.errors
         assert watch.foreign_requests(url + "/") == []
         assert len(watch.requests) > 100
+        page.close()
+        page = browser.new_page()  # a bad filter in the address: the API's one-line error on the page
+        page.goto(f"{url}/class/0?cluster=abc")
+        wait_until(page, "document.getElementById('status').textContent.includes('cluster: expected an integer')")
         page.close()
 
         for path in ("/static/../../../etc/passwd", "/static/..%2F..%2F..%2Fetc%2Fpasswd", "/static/%2e%2e/app.py", "/../../etc/passwd",

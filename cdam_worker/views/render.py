@@ -77,7 +77,7 @@ def placeholder(size: tuple[int, int], text: str) -> Image.Image:
 
 
 def encode(picture: Image.Image, format: str = "PNG") -> bytes:
-    """``picture`` as PNG (lossless, the dashboard) or JPEG (small, the self-contained report)."""
+    """``picture`` as PNG (lossless) or JPEG (small and quick to encode: the dashboard's and the report's tiles)."""
     buffer = io.BytesIO()
     if format == "JPEG":
         picture.convert("RGB").save(buffer, format="JPEG", quality=88)

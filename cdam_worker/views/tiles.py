@@ -13,7 +13,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ class TileRenderer:
     def __init__(self, run: Run, image_format: str = "PNG", cache_bytes: int = 512 << 20) -> None:
         self.run = run
         self.image_format = image_format
+        self.media_type = {"PNG": "image/png", "JPEG": "image/jpeg"}[image_format]
         self.model_view = model_view_transform(run.attrs["data_config"])
         height, width = run.attrs["input_size"][1:]
         self.input_size = (int(height), int(width))
@@ -70,6 +71,9 @@ class TileRenderer:
         self._maps = ByteLRU(cache_bytes // 8)  # (key, map) -> (gh, gw) float32
         self._tiles = ByteLRU(cache_bytes // 4)  # (key, view, map, size) -> encoded bytes
         self._pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="cdam-images")
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="cdam-tiles-ahead")  # pages' tiles, one page at a time
+        self._pending: dict[tuple[str, str, str, int], Future[bytes]] = {}  # tiles being rendered ahead
+        self._pending_lock = threading.Lock()
         self.unreadable: dict[str, str] = {}  # key -> why its image could not be read
 
     def check_map(self, name: str) -> None:
@@ -95,16 +99,60 @@ class TileRenderer:
         for key, picture in zip(missing_images, self._pool.map(lambda key: self._read_image(key, size), missing_images)):
             self._images.put((key, size), picture, 64 if picture is None else picture.nbytes)
 
+    def render_ahead(self, keys: Sequence[str], view: str, map_name: str, size: int) -> None:
+        """Render the tiles of ``keys`` in the background (a gallery page's, which the browser asks for next):
+        their maps read at once, their images and tiles in parallel. A request for one of them waits for it."""
+        with self._pending_lock:
+            todo = [(key, view, map_name, size) for key in dict.fromkeys(keys)]
+            todo = [tile_key for tile_key in todo if tile_key not in self._pending and tile_key not in self._tiles]
+            futures = {tile_key: Future() for tile_key in todo}
+            self._pending.update(futures)
+        if todo:
+            self._ahead.submit(self._render_page, futures)
+
+    def cached(self, key: str, view: str, map_name: str, size: int) -> bytes | None:
+        """The encoded tile if it is already rendered, else None."""
+        return self._tiles.get((key, view, map_name, size))
+
     def tile(self, key: str, view: str, map_name: str, size: int) -> bytes:
         """The encoded tile (PNG or JPEG) of an explained image."""
-        cache_key = (key, view, map_name, size)
-        data = self._tiles.get(cache_key)
-        if data is None:
-            self.prefetch([key], map_name, size)
-            picture = tile(view, self._images.get((key, size)), self._maps.get((key, map_name)), display_size(self.input_size, size))
-            data = encode(picture, self.image_format)
-            self._tiles.put(cache_key, data, len(data))
+        tile_key = (key, view, map_name, size)
+        data = self._tiles.get(tile_key)
+        if data is not None:
+            return data
+        with self._pending_lock:
+            pending = self._pending.get(tile_key)
+        if pending is not None:
+            try:
+                return pending.result()
+            except Exception:  # noqa: BLE001 - rendered again here, where its error reaches the caller
+                pass
+        return self._render(tile_key)
+
+    def _render(self, tile_key: tuple[str, str, str, int]) -> bytes:
+        key, view, map_name, size = tile_key
+        self.prefetch([key], map_name, size)
+        picture = tile(view, self._images.get((key, size)), self._maps.get((key, map_name)), display_size(self.input_size, size))
+        data = encode(picture, self.image_format)
+        self._tiles.put(tile_key, data, len(data))
         return data
+
+    def _render_page(self, futures: dict[tuple[str, str, str, int], Future[bytes]]) -> None:
+        """Background: render a page's tiles, each handed to its future as it is done."""
+        try:
+            _, _, map_name, size = next(iter(futures))
+            self.prefetch([key for key, *_ in futures], map_name, size)
+            rendered = self._pool.map(self._render, futures)
+            for future in futures.values():
+                future.set_result(next(rendered))
+        except BaseException as error:  # noqa: BLE001 - each waiting request renders its tile itself
+            for future in futures.values():
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            with self._pending_lock:
+                for tile_key in futures:
+                    self._pending.pop(tile_key, None)
 
     def map_values(self, key: str, map_name: str) -> np.ndarray:
         """The (gh, gw) map ``map_name`` of ``key`` (NaN where not stored)."""
@@ -117,6 +165,7 @@ class TileRenderer:
         return self._images.get((key, size))
 
     def close(self) -> None:
+        self._ahead.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_maps(self, keys: list[str], map_name: str) -> np.ndarray:

@@ -82,7 +82,10 @@ function initClassPage(data) {
   async function load() {
     const response = await fetch("/api/gallery?" + query());
     if (!response.ok) { status.textContent = await response.text(); return; }
-    const result = await response.json();
+    show(await response.json());
+  }
+
+  function show(result) {
     pages = result.pages;
     if (state.page >= pages && pages > 0 && result.total > 0) { state.page = pages - 1; return load(); }
     render(result);
@@ -139,7 +142,7 @@ function initClassPage(data) {
     scatter = new Scatter(canvas, data.class, state, () => { state.page = 0; load(); });
     scatter.fetch();
   }
-  load();
+  if (data.gallery) show(data.gallery); else load();  // the first page came with the page
 }
 
 // -- the audit's 2-D plot ---------------------------------------------------------------------------------
