@@ -47,7 +47,6 @@ _DECODED_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, *LABEL_EXTENSIONS, "json", "
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 _TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 _COMPRESSION_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-_SCAN_BUFFER = 4096
 # What reading a broken or unreadable tar raises (the decompressors raise their own errors).
 _READ_ERRORS = (tarfile.TarError, StorageError, OSError, EOFError, zlib.error, lzma.LZMAError)
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
@@ -132,8 +131,8 @@ def scan_shard(url: str) -> ShardScan:
     """
     keys: list[str] = []
     try:
-        with _open_shard(url, _SCAN_BUFFER) as probe:
-            compressed = probe.peek(6)[:6].startswith(_COMPRESSION_MAGIC)
+        with _open_shard(url, scan=True) as probe:
+            compressed = _compressed(probe)
             if not compressed:
                 keys.extend(group.key for group in _read_groups(probe, "r:", read_data=False))
         if compressed:
@@ -239,17 +238,25 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise _BadHeader(f"corrupt header at byte {tar.offset} ({exc})") from None
 
 
-def _open_shard(url: str, buffer_size: int | None = None) -> BinaryIO:
-    """A reader for the shard at ``url``; _ShardProblem if it is missing, unreadable or empty."""
+def _open_shard(url: str, scan: bool = False) -> BinaryIO:
+    """A reader for the shard at ``url`` (``scan``: one for jumping from header to header); _ShardProblem if
+    it is missing, unreadable or empty."""
     try:
         storage, name = split_url(url)
         if storage.size(name) == 0:
             raise _ShardProblem("empty file, not a tar")
-        return storage.open_reader(name, buffer_size)
+        return storage.open_scanner(name) if scan else storage.open_reader(name)
     except FileNotFoundError:
         raise _ShardProblem(f"shard not found: {url}") from None
     except StorageError as exc:
         raise _ShardProblem(f"cannot read shard: {exc}") from None
+
+
+def _compressed(reader: BinaryIO) -> bool:
+    """Whether the shard ``reader`` reads (from its start) is gzip, bzip2 or xz compressed; leaves it at its start."""
+    magic = reader.read(6)
+    reader.seek(0)
+    return magic.startswith(_COMPRESSION_MAGIC)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -475,8 +482,8 @@ def member_offsets(url: str) -> dict[str, list[tuple[str, int, int]]] | None:
     also on S3); None for a compressed tar, which cannot be read at an offset, or a shard that cannot be opened."""
     offsets: dict[str, list[tuple[str, int, int]]] = {}
     try:
-        with _open_shard(url, _SCAN_BUFFER) as reader:
-            if reader.peek(6)[:6].startswith(_COMPRESSION_MAGIC):
+        with _open_shard(url, scan=True) as reader:
+            if _compressed(reader):
                 return None
             with tarfile.open(fileobj=reader, mode="r:", tarinfo=_StrictTarInfo) as tar:
                 while (info := tar.next()) is not None:

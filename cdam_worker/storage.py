@@ -17,6 +17,7 @@ import io
 import os
 import re
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -41,6 +42,10 @@ RETRY_CONFIG: RetryConfig = {
 
 LOCAL_READ_BUFFER = 1 << 20
 S3_READ_BUFFER = 8 << 20
+SCAN_WINDOWS = (4 << 10, 1 << 20)
+"""A header scan's read sizes: reads far apart fetch the small one, reads close together the large one..."""
+SCAN_CLOSE = 64 << 10
+"""...which they are when the last reads lie at most this far apart on average (16 or more per large read)."""
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _ACCESS_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 
@@ -199,6 +204,12 @@ class Storage:
         raw = _RangeReader(self, _relative(path), size)
         return io.BufferedReader(raw, buffer_size=buffer_size)  # type: ignore[return-value]
 
+    def open_scanner(self, path: str) -> BinaryIO:
+        """A seekable reader for a scan that jumps from header to header (a tar's member headers): each read
+        it cannot answer from its last fetch fetches 1 MiB where the reads lie close together (small members:
+        many headers per request) and 4 KiB where they lie far apart (large members: headers, not data)."""
+        return _ScanReader(_RangeReader(self, _relative(path), self.size(path)))  # type: ignore[return-value]
+
     def zarr_store(self, path: str = "", read_only: bool = False) -> zarr.abc.store.Store:
         """A zarr v3 store (zarr.storage.ObjectStore) rooted at ``path`` below this storage."""
         from zarr.storage import ObjectStore
@@ -309,6 +320,47 @@ class _RangeReader(io.RawIOBase):
         memoryview(buffer).cast("B")[:count] = memoryview(data)
         self._position += count
         return count
+
+
+class _ScanReader(io.RawIOBase):
+    """Reads of a _RangeReader through one window, sized by how far apart the recent reads lie."""
+
+    def __init__(self, raw: _RangeReader) -> None:
+        super().__init__()
+        self._raw = raw
+        self._window, self._window_start = b"", 0
+        self._position, self._last_read = 0, 0
+        self._gaps: deque[int] = deque(maxlen=16)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset, whence = self._position + offset, io.SEEK_SET
+        self._position = self._raw.seek(offset, whence)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = len(buffer)
+        self._gaps.append(abs(self._position - self._last_read))
+        self._last_read = self._position
+        start = self._position - self._window_start
+        if start < 0 or start + wanted > len(self._window):
+            close = len(self._gaps) >= 4 and sum(self._gaps) <= SCAN_CLOSE * len(self._gaps)
+            self._raw.seek(self._position)
+            self._window = self._raw.read(max(wanted, SCAN_WINDOWS[close])) or b""
+            self._window_start, start = self._position, 0
+        data = self._window[start : start + wanted]
+        memoryview(buffer).cast("B")[: len(data)] = data
+        self._position += len(data)
+        return len(data)
 
 
 def _relative(path: str) -> str:

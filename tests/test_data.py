@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cdam_worker import data
-from cdam_worker.data import (DataError, Sample, SampleError, expand_shard_specs, iter_samples, scan_shard,
+from cdam_worker.data import (DataError, Sample, SampleError, expand_shard_specs, iter_samples, member_offsets, scan_shard,
                               shard_name)
 from cdam_worker.storage import Storage
 from tests.helpers import S3Proxy, gradient_image, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes
@@ -472,6 +472,19 @@ def test_s3_scan_reads_headers_only(s3_bucket: str, s3_server: str, tmp_path: Pa
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         assert scan_shard(url) == data.ShardScan([f"k{i}" for i in range(8)], None)
     assert proxy.bytes_served < 200_000  # of an 8 MiB shard
+
+
+def test_s3_scan_of_small_members_takes_few_requests(s3_bucket: str, s3_server: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = [(f"k{i}", {"jpg": jpeg_bytes(), "cls": b"1"}) for i in range(600)]  # about 1 MiB of headers and small files
+    url = upload(s3_bucket, "small.tar", make_shard(tmp_path / "small.tar", samples).read_bytes())
+    with S3Proxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert scan_shard(url) == data.ShardScan([f"k{i}" for i in range(600)], None)
+        scanned = proxy.requests
+        offsets = member_offsets(url)
+    assert scanned < 10, f"{scanned} requests to scan 1,200 headers"  # 4 KiB per request would take hundreds
+    assert sorted(offsets) == sorted(f"k{i}" for i in range(600)) and [name for name, *_ in offsets["k7"]] == ["k7.jpg", "k7.cls"]
 
 
 def test_s3_unreadable_shard(s3_strict_auth: str) -> None:
