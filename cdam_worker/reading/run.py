@@ -273,12 +273,14 @@ class Run:
             raise RunError(f"image of {key!r}: {sample.reason}")
         return sample.image
 
-    def index_images(self) -> None:
+    def index_images(self) -> int:
         """Index the tar members of the complete shards now (one header scan per shard, for as many shards
-        as the index cache holds), so that later ``image`` calls need only one ranged read per member.
-        Viewers call it in a background thread when they start."""
-        for shard in [s for s in self.shards if s.complete][:IMAGE_INDEX_SHARDS]:
+        as the index cache holds), so that later ``image`` calls need only one ranged read per member; the
+        number of shards indexed. Viewers call it in a background thread when they start."""
+        shards = [s for s in self.shards if s.complete][:IMAGE_INDEX_SHARDS]
+        for shard in shards:
             self._member_offsets(shard.url)
+        return len(shards)
 
     def _shard_of(self, key: str) -> ShardInfo:
         position = self._key_positions.get(key)

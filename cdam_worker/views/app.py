@@ -14,6 +14,7 @@ import contextlib
 import importlib.resources
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from html import escape
 from typing import Any
@@ -70,10 +71,13 @@ class Dashboard:
         yield
 
     def _index_images(self) -> None:
+        started = time.perf_counter()
         try:
-            self.run.index_images()
+            shards = self.run.index_images()
         except (RunError, StorageError, OSError) as error:
             print(f"note: indexing the shards' images: {error}", file=sys.stderr)
+            return
+        print(f"indexed the images of {shards} shard(s) in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
     # -- pages ----------------------------------------------------------------------------------
 
