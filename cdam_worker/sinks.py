@@ -261,22 +261,22 @@ _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 def _metadata_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
     """Metadata rows as Arrow; raises ValueError for a null in a non-nullable column (Parquet would refuse it)."""
     batch = pa.RecordBatch.from_pylist(rows, schema=METADATA_SCHEMA)
-    for field, column in zip(METADATA_SCHEMA, batch.columns):
-        if not field.nullable and column.null_count:
-            raise ValueError(f"column {field.name!r} is declared non-nullable but contains nulls")
+    for column_field, column in zip(METADATA_SCHEMA, batch.columns):
+        if not column_field.nullable and column.null_count:
+            raise ValueError(f"column {column_field.name!r} is declared non-nullable but contains nulls")
     return batch
 
 
 def _unstorable_reason(row: dict[str, Any]) -> str:
     """Which column of a metadata row cannot hold its value, and why (one line)."""
-    for field in METADATA_SCHEMA:
-        value = row.get(field.name)
+    for column_field in METADATA_SCHEMA:
+        value = row.get(column_field.name)
         try:
-            if value is None and not field.nullable:
+            if value is None and not column_field.nullable:
                 raise ValueError("null in a non-nullable column")
-            pa.array([value], type=field.type)
+            pa.array([value], type=column_field.type)
         except _UNSTORABLE as error:
-            return f"metadata column {field.name!r} cannot hold {_shown(value)}: {type(error).__name__}: {error}"
+            return f"metadata column {column_field.name!r} cannot hold {_shown(value)}: {type(error).__name__}: {error}"
     return "the metadata row does not fit its schema"
 
 

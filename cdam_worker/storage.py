@@ -208,7 +208,7 @@ class Storage:
         """A seekable reader for a scan that jumps from header to header (a tar's member headers): each read
         it cannot answer from its last fetch fetches 1 MiB where the reads lie close together (small members:
         many headers per request) and 4 KiB where they lie far apart (large members: headers, not data)."""
-        return _ScanReader(_RangeReader(self, _relative(path), self.size(path)))  # type: ignore[return-value]
+        return _ScanReader(self, _relative(path), self.size(path))  # type: ignore[return-value]
 
     def zarr_store(self, path: str = "", read_only: bool = False) -> zarr.abc.store.Store:
         """A zarr v3 store (zarr.storage.ObjectStore) rooted at ``path`` below this storage."""
@@ -322,30 +322,15 @@ class _RangeReader(io.RawIOBase):
         return count
 
 
-class _ScanReader(io.RawIOBase):
-    """Reads of a _RangeReader through one window, sized by how far apart the recent reads lie."""
+class _ScanReader(_RangeReader):
+    """A _RangeReader whose reads are answered from one window, fetched in a size set by how far apart
+    the recent reads lie (Storage.open_scanner)."""
 
-    def __init__(self, raw: _RangeReader) -> None:
-        super().__init__()
-        self._raw = raw
-        self._window, self._window_start = b"", 0
-        self._position, self._last_read = 0, 0
+    def __init__(self, storage: Storage, path: str, size: int) -> None:
+        super().__init__(storage, path, size)
+        self._window, self._window_start = memoryview(b""), 0
+        self._last_read = 0
         self._gaps: deque[int] = deque(maxlen=16)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_CUR:
-            offset, whence = self._position + offset, io.SEEK_SET
-        self._position = self._raw.seek(offset, whence)
-        return self._position
 
     def readinto(self, buffer: Any) -> int:
         wanted = len(buffer)
@@ -354,9 +339,10 @@ class _ScanReader(io.RawIOBase):
         start = self._position - self._window_start
         if start < 0 or start + wanted > len(self._window):
             close = len(self._gaps) >= 4 and sum(self._gaps) <= SCAN_CLOSE * len(self._gaps)
-            self._raw.seek(self._position)
-            self._window = self._raw.read(max(wanted, SCAN_WINDOWS[close])) or b""
+            window = bytearray(max(wanted, SCAN_WINDOWS[close]))
             self._window_start, start = self._position, 0
+            self._window = memoryview(window)[: super().readinto(window)]
+            self._position = self._window_start
         data = self._window[start : start + wanted]
         memoryview(buffer).cast("B")[: len(data)] = data
         self._position += len(data)
