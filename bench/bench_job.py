@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="side of the small job's JPEGs")
     parser.add_argument("--targets", default="topk:5")
     parser.add_argument("--large-shards", type=int, default=2)
-    parser.add_argument("--large-per-shard", type=int, default=96)
+    parser.add_argument("--large-per-shard", type=int, default=192, help="samples per shard of the decode-bound job (long enough that start-up and the drain at each shard's end do not dominate)")
     parser.add_argument("--large-size", type=int, nargs=2, default=(1600, 1200), metavar=("W", "H"), help="the decode-bound job's JPEGs")
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds per section (medians are reported)")
     parser.add_argument("--report", default="BENCHMARKS.md")
