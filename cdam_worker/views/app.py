@@ -1,8 +1,9 @@
 """The ``cdam serve`` dashboard: a read-only Starlette app over one run.
 
 Pages: ``/`` (overview), ``/class/<index>`` (a class's gallery, filters, the audit's 2-D plot and
-prototypes), ``/image?key=KEY`` (every stored map of an image). The gallery, plot and tiles come from
-``/api/...`` and ``/tile`` and are drawn by ``static/app.js``. Only GET exists; every key, class, map and
+prototypes), ``/image?key=KEY`` (every stored map of an image). A class page carries its first gallery
+page (whose tiles the server starts rendering as it answers); further pages, the plot and the tiles come
+from ``/api/...`` and ``/tile`` and are drawn by ``static/app.js``. Only GET exists; every key, class, map and
 file name is checked against the run (or a fixed list) before use, so nothing outside the run can be
 named; unknown things get a one-line 404. A Content-Security-Policy keeps pages from loading anything
 but this server's own files.
@@ -21,10 +22,10 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from cdam_worker.reading import Run, RunError
