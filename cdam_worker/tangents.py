@@ -9,6 +9,9 @@ linear layer. Any other layer falls back to ``torch.func.jvp`` vectorised over t
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, RmsNorm
@@ -52,6 +55,7 @@ def _norm_tangents(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> torch.
 def _mlp_push(mlp: Mlp, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1, the activation (elementwise: its slope at the primal scales the tangents), norm, fc2."""
     hidden, d_hidden = push(mlp.fc1, x, dx)
+    _prepare_jvp()
     activated, slope = torch.func.jvp(mlp.act, (hidden,), (torch.ones_like(hidden),))
     d_hidden.mul_(slope[:, None])  # fc1 is a Linear: its tangents are a fresh tensor
     for layer in (mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2):
@@ -61,5 +65,16 @@ def _mlp_push(mlp: Mlp, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor
 
 def _generic_push(module: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Any row-wise layer: forward-mode autodiff, vectorised over the N tangents."""
+    _prepare_jvp()
     tangents = torch.func.vmap(lambda tangent: torch.func.jvp(module, (x,), (tangent,))[1], in_dims=1, out_dims=1)(dx)
     return module(x), tangents
+
+
+@functools.cache
+def _prepare_jvp() -> None:
+    """Make torch.func.jvp's first call, once per process, without its noise: that call scripts torch's own
+    jvp decompositions with the deprecated ``torch.jit.script``, whose FutureWarning (printed by every actor)
+    is nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
+        torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
