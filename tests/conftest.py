@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# A runner that starts the tests in the background (`cmd &` in a script, nohup) ignores SIGINT, and an ignored
+# signal stays ignored in every process started from here: the commands the tests stop with Ctrl-C would not stop.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TEST_ACCESS_KEY = "cdam-test-access-key"
 TEST_SECRET = "cdam-test-secret-DO-NOT-LEAK"
