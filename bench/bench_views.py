@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 
 CHROMIUM = "/usr/bin/chromium"
+LISTENING = r"cdam serve: (http://\S+)/ "
+"""The line `cdam serve` prints once it listens (its address in group 1)."""
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
@@ -101,40 +103,6 @@ ALL_PICTURES_LOADED = """() => {
 }"""
 
 
-def serve(dest: Path):  # noqa: ANN201 - (server, thread, url)
-    import uvicorn
-
-    from cdam_worker.reading import open_run
-    from cdam_worker.views.app import create_app
-
-    server = uvicorn.Server(uvicorn.Config(create_app(open_run(str(dest))), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-
-def screenshot(run: Path, out: Path, class_index: int) -> None:
-    """A screenshot of a class page of ``run``, saved as a small palette PNG."""
-    from PIL import Image
-    from playwright.sync_api import sync_playwright
-
-    server, thread, base = serve(run)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
-        page.goto(f"{base}/class/{class_index}")
-        while not page.evaluate("(() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); })()"):
-            page.wait_for_timeout(20)
-        page.screenshot(path=str(out))
-        browser.close()
-    server.should_exit = True
-    thread.join()
-    Image.open(out).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
-    print(f"{out}: {out.stat().st_size / 1024:.0f} KiB")
-
-
 class ServeCommand:
     """``cdam serve RUN --port 0`` in a process of its own, as a user runs it; its stderr lines, timed."""
 
@@ -163,6 +131,27 @@ class ServeCommand:
         self.process.wait(timeout=30)
 
 
+def screenshot(run: Path, out: Path, class_index: int) -> None:
+    """A screenshot of a class page of ``run``, saved as a small palette PNG."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    server = ServeCommand(run)
+    try:
+        base = server.wait_for(LISTENING)[1].group(1)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"{base}/class/{class_index}")
+            page.wait_for_function("() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); }", polling="raf", timeout=120_000)
+            page.screenshot(path=str(out))
+            browser.close()
+    finally:
+        server.stop()
+    Image.open(out).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    print(f"{out}: {out.stat().st_size / 1024:.0f} KiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("/tmp/cdam-views-bench-run"), help="where the synthetic run is written (reused if there)")
@@ -182,8 +171,8 @@ def main() -> None:
     results = {}
     server = ServeCommand(args.run)
     try:
-        results["cdam serve: start to listening (imports, index read)"], match = server.wait_for(r"cdam serve: (http://\S+)/ ")
-        base = match.group(1)
+        results["cdam serve: start to listening (imports, index read)"], listening = server.wait_for(LISTENING)
+        base = listening.group(1)
         results["HTTP, cold, while the shards are indexed (class 1)"] = time_http_page(base, 1)
         results["HTTP, warm (class 1)"] = time_http_page(base, 1)
         results["shards' tar headers indexed (background, from start)"], _ = server.wait_for(r"^indexed the images of \d+ shard")
