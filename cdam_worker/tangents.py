@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,7 @@ def _norm_tangents(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> torch.
 def _mlp_push(mlp: Mlp, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1, the activation (elementwise: its slope at the primal scales the tangents), norm, fc2."""
     hidden, d_hidden = push(mlp.fc1, x, dx)
-    _prepare_jvp()
-    activated, slope = torch.func.jvp(mlp.act, (hidden,), (torch.ones_like(hidden),))
+    activated, slope = _jvp(mlp.act, (hidden,), (torch.ones_like(hidden),))
     d_hidden.mul_(slope[:, None])  # fc1 is a Linear: its tangents are a fresh tensor
     for layer in (mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2):
         activated, d_hidden = push(layer, activated, d_hidden)
@@ -65,16 +65,21 @@ def _mlp_push(mlp: Mlp, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor
 
 def _generic_push(module: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Any row-wise layer: forward-mode autodiff, vectorised over the N tangents."""
-    _prepare_jvp()
-    tangents = torch.func.vmap(lambda tangent: torch.func.jvp(module, (x,), (tangent,))[1], in_dims=1, out_dims=1)(dx)
+    tangents = torch.func.vmap(lambda tangent: _jvp(module, (x,), (tangent,))[1], in_dims=1, out_dims=1)(dx)
     return module(x), tangents
 
 
+def _jvp(function: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.func.jvp``, its first call in this process made without the noise of that call."""
+    _first_jvp()
+    return torch.func.jvp(function, primals, tangents)
+
+
 @functools.cache
-def _prepare_jvp() -> None:
-    """Make torch.func.jvp's first call, once per process, without its noise: that call scripts torch's own
-    jvp decompositions with the deprecated ``torch.jit.script``, whose FutureWarning (printed by every actor)
-    is nothing a user can act on."""
+def _first_jvp() -> None:
+    """torch.func.jvp's first call scripts torch's own jvp decompositions with the deprecated
+    ``torch.jit.script``, whose FutureWarning (printed by every actor) is nothing a user can act on: make
+    that call once, with the warning silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
         torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))

@@ -114,8 +114,8 @@ class Dashboard:
             "class": c, "name": name, "classes": self.catalog.class_names, "clusters": [k["cluster"] for k in clusters],
             "audit": self.catalog.audit is not None, "limit": GALLERY_PAGE, "size": GALLERY_TILE,
         }
+        params = request.query_params
         try:  # the gallery the page opens with comes with it, its tiles rendering already (no API round trip)
-            params = request.query_params
             page = max(0, _integer(params.get("page", "0"), "page"))
             data["gallery"] = self._gallery_page(c, params, page * GALLERY_PAGE, GALLERY_PAGE)
         except HTTPException:

@@ -117,17 +117,15 @@ class TileRenderer:
     def tile(self, key: str, view: str, map_name: str, size: int) -> bytes:
         """The encoded tile (PNG or JPEG) of an explained image."""
         tile_key = (key, view, map_name, size)
-        data = self._tiles.get(tile_key)
-        if data is not None:
-            return data
-        with self._pending_lock:
+        with self._pending_lock:  # before the cache: a tile leaves _pending only once it is in the cache
             pending = self._pending.get(tile_key)
         if pending is not None:
             try:
                 return pending.result()
             except Exception:  # noqa: BLE001 - rendered again here, where its error reaches the caller
                 pass
-        return self._render(tile_key)
+        data = self.cached(key, view, map_name, size)
+        return data if data is not None else self._render(tile_key)
 
     def _render(self, tile_key: tuple[str, str, str, int]) -> bytes:
         key, view, map_name, size = tile_key
