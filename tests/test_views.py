@@ -125,6 +125,33 @@ def test_cdam_serve_command_binds_loopback_and_stops_on_ctrl_c(audited_run: tupl
     assert server.stderr.read().strip().splitlines()[-1] == "cdam serve: stopped by SIGINT"
 
 
+def test_served_connections_send_small_responses_without_delay() -> None:
+    """The server's socket is one asyncio turns Nagle's algorithm off on: with it on, each response after the
+    first on a kept-alive connection waits for the client's delayed ACK (40 ms a tile)."""
+    import asyncio
+    import socket
+
+    from jobs.serve import listen
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        listener = listen("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        try:
+            return await asyncio.wait_for(seen, 30)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:  # noqa: ANN001
     dest, truth = audited_run
     catalog = Catalog(open_run(dest))
