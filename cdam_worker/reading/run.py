@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import zarr
@@ -29,7 +30,7 @@ from cdam_worker.model import LoadedModel, ModelLoadError, load_model, resolve_c
 from cdam_worker.reading.arrow_fs import storage_filesystem
 from cdam_worker.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
 from cdam_worker.storage import Storage
-from schemas import ERRORS_SCHEMA, HEAD_GROUP, METADATA_SCHEMA
+from schemas import ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
 
 if TYPE_CHECKING:
     import duckdb
@@ -82,6 +83,7 @@ class Run:
         self.manifest = manifest
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._arrays: dict[str, zarr.Array] = {}
         self.shards = self._read_shards()
         self.skipped: list[str] = [
             f"shard {s.name}: no completion marker (still running, failed or cut off): not read"
@@ -102,7 +104,7 @@ class Run:
 
     @property
     def n_targets(self) -> int:
-        return int(self.group["cdam"].shape[1])
+        return int(self.array("cdam").shape[1])
 
     @property
     def complete(self) -> bool:
@@ -211,13 +213,24 @@ class Run:
 
         return xr.open_zarr(self.storage.zarr_store(ZARR_PATH, read_only=True), consolidated=False, zarr_format=3)
 
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` of ``cdam.zarr``. The job's own arrays (``cdam``, ``attention``, ...) are
+        opened once (opening reads their metadata); arrays below a sub-group (``derived/...``), which a
+        later command may replace, are opened on each call."""
+        if "/" in name:
+            return self.group[name]
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Array ``name`` at ``rows`` (any order), reading only the chunks that hold them."""
         rows = np.asarray(rows, dtype=np.int64)
+        array = self.array(name)
         if rows.size == 0:
-            return np.empty((0, *self.group[name].shape[1:]), dtype=self.group[name].dtype)
+            return np.empty((0, *array.shape[1:]), dtype=array.dtype)
         order = np.argsort(rows, kind="stable")
-        values = self.group[name].get_orthogonal_selection((rows[order],))
+        values = array.get_orthogonal_selection((rows[order],))
         out = np.empty_like(values)
         out[order] = values
         return out
@@ -238,22 +251,49 @@ class Run:
 
     def class_maps(self, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """The stored map of class ``classes[i, k]`` of row ``rows[i]``: (n, K, gh, gw) float32, NaN where that
-        class was not a target of that image (or is negative)."""
+        class was not a target of that image (or is negative). Which slot holds a class comes from the
+        index's ``targets`` (the same as the Zarr ``target_class`` row), so only the maps are read."""
         rows = np.asarray(rows, dtype=np.int64)
         classes = np.asarray(classes, dtype=np.int64).reshape(len(rows), -1)
         gh, gw = self.grid
         out = np.full((len(rows), classes.shape[1], gh, gw), np.nan, dtype=np.float32)
+        target_class = self._target_classes_of_rows(rows)  # (n, T)
+        match = (target_class[:, :, None] == classes[:, None, :]) & (classes[:, None, :] >= 0)  # (n, T, K)
+        has = match.any(axis=1)
+        slot = match.argmax(axis=1)  # (n, K)
         for start in range(0, len(rows), READ_ROWS):
-            part, wanted = rows[start : start + READ_ROWS], classes[start : start + READ_ROWS]
-            target_class = self.read_rows("target_class", part)  # (n, T)
-            match = (target_class[:, :, None] == wanted[:, None, :]) & (wanted[:, None, :] >= 0)  # (n, T, K)
-            has = match.any(axis=1)
-            slot = match.argmax(axis=1)  # (n, K)
-            maps = self.read_rows("cdam", part)  # (n, T, gh, gw)
-            picked = np.take_along_axis(maps, slot[:, :, None, None], axis=1).astype(np.float32)
-            picked[~has] = np.nan
-            out[start : start + len(part)] = picked
+            part = slice(start, start + READ_ROWS)
+            if not has[part].any():
+                continue
+            maps = self.read_rows("cdam", rows[part])  # (n, T, gh, gw)
+            picked = np.take_along_axis(maps, slot[part, :, None, None], axis=1).astype(np.float32)
+            picked[~has[part]] = np.nan
+            out[part] = picked
         return out
+
+    def _target_classes_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), n_targets) class of each target slot of each row (-1 a concept, -2 no such slot or a
+        row that is not an explained image)."""
+        index_rows = self.index.column("row").to_numpy()  # sorted
+        at = np.searchsorted(index_rows, rows)
+        found = at < len(index_rows)
+        found[found] = index_rows[at[found]] == rows[found]
+        out = np.full((len(rows), self.n_targets), INT_FILL, dtype=np.int64)
+        out[found] = self._target_classes[at[found]]
+        return out
+
+    @functools.cached_property
+    def _target_classes(self) -> np.ndarray:
+        """(n_images, n_targets) int64: the index's ``targets`` as a padded matrix (-2 past an image's list)."""
+        targets = self.index.column("targets").combine_chunks()
+        lengths = pc.list_value_length(targets).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(targets).to_numpy(zero_copy_only=False).astype(np.int64)
+        width = max(self.n_targets, int(lengths.max(initial=0)))
+        out = np.full((len(lengths), width), INT_FILL, dtype=np.int64)
+        image = np.repeat(np.arange(len(lengths)), lengths)
+        slot = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[image, slot] = values
+        return out[:, : self.n_targets]
 
     def derive(self, targets: str = "none", keys: Sequence[str] | None = None, concepts: Sequence[Concept | str] = ()) -> xr.DataArray:
         """CDAM of any classes (``targets``: ``classes:3,zebra``, ``topk:K``, ``label``, ``all``, ``none``) and
