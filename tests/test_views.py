@@ -101,6 +101,35 @@ def test_colour_map_is_symmetric_and_centred_on_zero() -> None:
     assert change[1, 1] > change[1, 0] > 10 and change[0, 0] > change[0, 1] > 10  # the colour shows more as |value| grows
 
 
+@pytest.mark.parametrize("config", [
+    {"crop_pct": 0.875, "crop_mode": "center"},
+    {"crop_pct": 0.95, "crop_mode": "squash"},
+    {"crop_pct": 1.0, "crop_mode": "border"},
+    {"crop_pct": 0.9, "crop_mode": "center", "input_size": [3, 224, 160]},
+])
+def test_model_view_at_display_size_is_the_eval_transform_resampled_once(config: dict) -> None:
+    """The model's view at a tile's size is the same picture as the run's eval transform (resize, crop)
+    followed by a resize to that size, from one resample of the crop's box, or from the steps themselves
+    where they pad (a border crop of an image of another aspect ratio)."""
+    from cdam_worker.views.render import ModelView
+
+    view = ModelView({"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, **config})
+    for width, height in [(500, 375), (300, 600), (56, 56), (223, 224)]:
+        y, x = np.mgrid[0:height, 0:width]
+        smooth = np.stack([255 * x / width, 255 * y / height, 127 + 100 * np.sin(x / 40) * np.cos(y / 30)], axis=-1)
+        image = Image.fromarray(smooth.round().astype(np.uint8))
+        expected = image
+        for step in view.steps:
+            expected = step(expected)
+        size = (96, round(96 * view.input_size[1] / view.input_size[0]))
+        shown = view(image, size)
+        assert shown.size == size and view(image).size == view.input_size == expected.size
+        difference = np.abs(np.asarray(shown, dtype=np.float64) - np.asarray(expected.resize(size, Image.Resampling.BICUBIC), dtype=np.float64))
+        assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2, (width, height, difference.mean())
+        pads = config["crop_mode"] == "border" and width != height
+        assert (view.box(image.size) is None) == pads
+
+
 def test_cdam_serve_command_binds_loopback_and_stops_on_ctrl_c(audited_run: tuple[str, dict]) -> None:
     import signal
     import subprocess

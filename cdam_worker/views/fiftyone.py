@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cdam_worker.reading import Run, RunError
 from cdam_worker.views.catalog import Catalog
 from cdam_worker.views.colormap import symmetric_scale
-from cdam_worker.views.render import model_view_transform
+from cdam_worker.views.render import ModelView
 
 CHUNK = 256
 METADATA_COLUMNS = ["key", "row", "shard", "label", "pred", "pred_prob", "targets", "target_names"]
@@ -46,7 +46,7 @@ def export_fiftyone(run: Run, out: Path) -> dict[str, int]:
     (out / "data").mkdir(parents=True, exist_ok=True)
     (out / "heatmaps").mkdir(exist_ok=True)
     catalog = Catalog(run)
-    model_view = model_view_transform(run.attrs["data_config"])
+    model_view = ModelView(run.attrs["data_config"])
     audit_by_key = _audit_by_key(catalog)
     table = run.metadata.to_table(columns=METADATA_COLUMNS).sort_by("row")
     samples: list[dict[str, Any]] = []
@@ -70,7 +70,7 @@ def export_fiftyone(run: Run, out: Path) -> dict[str, int]:
     return counts
 
 
-def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarray, heads: np.ndarray, model_view: Any,
+def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarray, heads: np.ndarray, model_view: ModelView,
             class_names: list[str], audit: dict[str, Any] | None, counts: dict[str, int]) -> dict[str, Any] | None:
     try:
         image = model_view(run.image(record["key"])).convert("RGB")

@@ -1,14 +1,14 @@
 """Pictures of a run's maps: the model's view of an image, tiles (input, heatmap, overlay), placeholders,
-and the captioned figure of ``cdam show``. numpy and Pillow only.
+and the captioned figure of ``cdam show``. numpy and Pillow (and timm's eval transform, for the model's view).
 
 A map covers the image as the model saw it (resized and centre-cropped by the run's eval transform), so
-every picture starts from :func:`model_view`, and the map is upsampled onto it for display only.
+every picture starts from :class:`ModelView`, and the map is upsampled onto it for display only.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,23 +23,77 @@ INK = (20, 20, 20)
 PLACEHOLDER_FILL = (225, 225, 225)
 
 
-def model_view_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:
-    """The picture steps of the run's eval transform (resize, crop; no tensor conversion or normalisation)."""
-    from timm.data import create_transform
+class ModelView:
+    """The picture steps of the run's eval transform (resize, crop; no tensor conversion or normalisation):
+    ``view(image, size)`` is the image as the model saw it, at ``size`` (width, height; default the model's
+    input size).
 
-    config = {key: tuple(value) if isinstance(value, list) else value for key, value in data_config.items()}
-    steps = []
-    for step in create_transform(**config, is_training=False).transforms:
-        if "ToTensor" in type(step).__name__:
-            break
-        steps.append(step)
+    timm's eval transforms are resizes and centre crops; where they crop inside the image, the model's
+    input is a box of the original image, and the view is that box resampled once to ``size`` (a gallery
+    tile: one resize of the original, not an upsampling to the input size, a crop and a downsampling).
+    Steps that pad, or that this class does not know, run as they are and their result is resized.
+    """
 
-    def apply(image: Image.Image) -> Image.Image:
-        for step in steps:
-            image = step(image)
-        return image
+    REDUCING_GAP = 3.0
+    """Large reductions (photographs to thumbnails) first shrink by an integer factor, then resample."""
 
-    return apply
+    def __init__(self, data_config: dict[str, Any]) -> None:
+        from timm.data import create_transform
+
+        config = {key: tuple(value) if isinstance(value, list) else value for key, value in data_config.items()}
+        self.steps: list[Callable[[Image.Image], Image.Image]] = []
+        for step in create_transform(**config, is_training=False).transforms:
+            if "ToTensor" in type(step).__name__:
+                break
+            self.steps.append(step)
+        _, height, width = config["input_size"]
+        self.input_size = (int(width), int(height))
+
+    def __call__(self, image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+        size = size or self.input_size
+        box = self.box(image.size)
+        if box is None:
+            for step in self.steps:
+                image = step(image)
+            return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+        return image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=self.REDUCING_GAP)
+
+    def box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+        """The model's input as a box (left, top, right, bottom) of the pixels of an image of ``image_size``
+        (width, height); None if a step pads or is not a resize or a centre crop."""
+        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+        from torchvision.transforms import CenterCrop, Resize
+
+        width, height = image_size
+        left, top, right, bottom = 0.0, 0.0, float(width), float(height)
+        for step in self.steps:
+            if isinstance(step, Resize) and step.max_size is None:
+                width, height = _resized(step.size, width, height)
+            elif isinstance(step, ResizeKeepRatio) and step.random_scale_prob == 0 and step.random_aspect_prob == 0:
+                height, width = step.get_params(Image.new("1", (width, height)), step.size, step.longest)
+            elif isinstance(step, (CenterCrop, CenterCropOrPad)):
+                crop_height, crop_width = step.size
+                if crop_height > height or crop_width > width:
+                    return None  # padded: not a box of the image
+                crop_top, crop_left = int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
+                x_scale, y_scale = (right - left) / width, (bottom - top) / height
+                left, top = left + crop_left * x_scale, top + crop_top * y_scale
+                right, bottom = left + crop_width * x_scale, top + crop_height * y_scale
+                width, height = crop_width, crop_height
+            else:
+                return None
+        return left, top, right, bottom
+
+
+def _resized(size: int | Sequence[int], width: int, height: int) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize(size)``: an int (or one-element list) sets the shorter
+    side, keeping the aspect ratio; a pair is (height, width)."""
+    if isinstance(size, int) or len(size) == 1:
+        short = size if isinstance(size, int) else size[0]
+        if width <= height:
+            return short, int(short * height / width)
+        return int(short * width / height), short
+    return int(size[1]), int(size[0])
 
 
 def display_size(input_size: tuple[int, int], longest: int) -> tuple[int, int]:

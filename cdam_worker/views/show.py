@@ -20,7 +20,7 @@ def target_map(run: Run, record: dict, target: str | None) -> tuple[str, str]:
     RunError (one line) when the image has no stored map of it.
     """
     if target == ATTENTION:
-        return "att", f"attention (mean of {run.group['attention'].shape[1]} heads, above its minimum)"
+        return "att", f"attention (mean of {run.array('attention').shape[1]} heads, above its minimum)"
     names = list(record["target_names"])
     stored = ", ".join(names)
     if target is not None and target in names and record["targets"][names.index(target)] < 0:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cdam_worker.reading import Run, RunError
-from cdam_worker.views.render import VIEWS, display_size, encode, model_view_transform, tile
+from cdam_worker.views.render import VIEWS, ModelView, display_size, encode, tile
 
 SIZES = (96, 160, 256, 512)
 """Allowed tile sizes (pixels of the longer side)."""
@@ -64,7 +64,7 @@ class TileRenderer:
         self.run = run
         self.image_format = image_format
         self.media_type = {"PNG": "image/png", "JPEG": "image/jpeg"}[image_format]
-        self.model_view = model_view_transform(run.attrs["data_config"])
+        self.model_view = ModelView(run.attrs["data_config"])
         height, width = run.attrs["input_size"][1:]
         self.input_size = (int(height), int(width))
         self._images = ByteLRU(cache_bytes // 2)  # (key, size) -> (H, W, 3) uint8, or None if unreadable
@@ -152,6 +152,13 @@ class TileRenderer:
                 for tile_key in futures:
                     self._pending.pop(tile_key, None)
 
+    def warm_up(self) -> None:
+        """Pay a first render's one-time costs (the run's lookups built, its arrays opened, thread pools
+        started) before a page asks: render the tile of the first image's predicted class."""
+        index = self.run.index
+        if index.num_rows:
+            self.tile(index.column("key")[0].as_py(), "overlay", f"c{index.column('pred')[0].as_py()}", SIZES[0])
+
     def map_values(self, key: str, map_name: str) -> np.ndarray:
         """The (gh, gw) map ``map_name`` of ``key`` (NaN where not stored)."""
         self.prefetch([key], map_name, SIZES[0])
@@ -180,13 +187,13 @@ class TileRenderer:
 
     def _read_image(self, key: str, size: int) -> np.ndarray | None:
         try:
-            picture = self.model_view(self.run.image(key))
+            picture = self.model_view(self.run.image(key), display_size(self.input_size, size))
         except RunError as error:
             if key not in self.unreadable:
                 self.unreadable[key] = str(error)
                 print(f"note: {error}", file=sys.stderr)
             return None
-        return np.asarray(picture.convert("RGB").resize(display_size(self.input_size, size)), dtype=np.uint8)
+        return np.asarray(picture.convert("RGB"), dtype=np.uint8)
 
 
 def check_view(view: str) -> None:
