@@ -152,6 +152,13 @@ class Storage:
         with self._errors("read", path):
             return bytes(self._existing_obstore(path).get(path).bytes())
 
+    def read_range(self, path: str, start: int, length: int) -> memoryview:
+        """``length`` bytes of the object at ``path`` from ``start``, in one ranged request;
+        FileNotFoundError if it does not exist."""
+        path = _relative(path)
+        with self._errors("read", path):
+            return memoryview(self._existing_obstore(path).get_range(path, start=start, length=length))
+
     def exists(self, path: str) -> bool:
         """Whether an object exists at ``path``."""
         try:
@@ -313,11 +320,9 @@ class _RangeReader(io.RawIOBase):
         length = min(len(buffer), self._size - self._position)
         if length <= 0:
             return 0
-        with self._storage._errors("read", self._path):
-            store = self._storage._existing_obstore(self._path)
-            data = store.get_range(self._path, start=self._position, length=length)
+        data = self._storage.read_range(self._path, self._position, length)
         count = len(data)
-        memoryview(buffer).cast("B")[:count] = memoryview(data)
+        memoryview(buffer).cast("B")[:count] = data
         self._position += count
         return count
 

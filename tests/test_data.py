@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 import tarfile
@@ -485,6 +486,52 @@ def test_s3_scan_of_small_members_takes_few_requests(s3_bucket: str, s3_server: 
         offsets = member_offsets(url)
     assert scanned < 10, f"{scanned} requests to scan 1,200 headers"  # 4 KiB per request would take hundreds
     assert sorted(offsets) == sorted(f"k{i}" for i in range(600)) and [name for name, *_ in offsets["k7"]] == ["k7.jpg", "k7.cls"]
+
+
+def formatted_tar(path: Path, tar_format: int, members: list[tuple[str | tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for name, payload in members:
+            info = name if isinstance(name, tarfile.TarInfo) else tarfile.TarInfo(name)
+            info.size = len(payload) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(payload) if info.isreg() else None)
+    return path
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("damage", ["none", "long name", "cut inside a member", "cut between members", "bad checksum", "no end marker"])
+def test_member_offsets_read_plain_headers_quickly_and_agree_with_tarfile(tmp_path: Path, tar_format: int, damage: str) -> None:
+    """member_offsets reads plain headers itself (a fifth of tarfile's time) and hands anything else to
+    tarfile: over tar formats, folders, links, empty and block-sized members, long names (a ustar prefix,
+    a GNU long-name or a pax header) and damage, its answer is tarfile's."""
+    folder, link = tarfile.TarInfo("d"), tarfile.TarInfo("d/link.jpg")
+    folder.type, link.type, link.linkname = tarfile.DIRTYPE, tarfile.SYMTYPE, "a.jpg"
+    members: list[tuple[str | tarfile.TarInfo, bytes]] = [
+        ("a.jpg", jpeg_bytes()), ("a.cls", b"1"), (folder, b""), (link, b""), ("d/b.jpg", b"x" * 512),
+        ("d/b.cls", b""), ("c.seg.png", png_bytes()), ("c.json", b"{}"),
+    ]
+    if damage == "long name":
+        members.append(("deep/" * 30 + "e.jpg", b"y" * 700))  # 155 characters of folders: past a plain header's 100
+    path = formatted_tar(tmp_path / "t.tar", tar_format, members)
+    whole = path.read_bytes()
+    ends = member_end_offsets(str(path))
+    if damage == "cut inside a member":
+        path.write_bytes(whole[: ends[0] + 512 + 100])
+    elif damage == "cut between members":
+        path.write_bytes(whole[: ends[4]])
+    elif damage == "bad checksum":
+        path.write_bytes(whole[: ends[1]] + b"x" * 100 + whole[ends[1] + 100 :])
+    elif damage == "no end marker":
+        path.write_bytes(whole[: ends[-1]] + b"\x01" + whole[ends[-1] + 1 :])
+
+    with open(path, "rb") as reader:
+        expected = data._tarfile_offsets(reader)
+    with open(path, "rb") as reader:
+        plain = data._plain_tar_offsets(reader)
+    assert member_offsets(str(path)) == expected
+    assert expected, "every case keeps some members"
+    assert (plain is not None) == (damage == "none" or (damage == "long name" and tar_format == tarfile.USTAR_FORMAT))
+    if plain is not None:
+        assert plain == expected
 
 
 def test_s3_unreadable_shard(s3_strict_auth: str) -> None:
