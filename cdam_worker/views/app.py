@@ -66,14 +66,16 @@ class Dashboard:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Once the server listens, scan the shards' tar headers in the background, so that the images of
-        a class page come with one ranged read each."""
-        threading.Thread(target=self._index_images, name="cdam-index-images", daemon=True).start()
+        """Once the server listens, render a first tile (one-time costs paid before a page asks) and scan
+        the shards' tar headers in the background, so that the images of a class page come with one ranged
+        read each."""
+        threading.Thread(target=self._prepare, name="cdam-prepare", daemon=True).start()
         yield
 
-    def _index_images(self) -> None:
+    def _prepare(self) -> None:
         started = time.perf_counter()
         try:
+            self.tiles.warm_up()
             shards = self.run.index_images()
         except (RunError, StorageError, OSError) as error:
             print(f"note: indexing the shards' images: {error}", file=sys.stderr)
@@ -115,13 +117,16 @@ class Dashboard:
             "audit": self.catalog.audit is not None, "limit": GALLERY_PAGE, "size": GALLERY_TILE,
         }
         params = request.query_params
+        preloads = ""
         try:  # the gallery the page opens with comes with it, its tiles rendering already (no API round trip)
             page = max(0, _integer(params.get("page", "0"), "page"))
             data["gallery"] = self._gallery_page(c, params, page * GALLERY_PAGE, GALLERY_PAGE)
+            # the browser fetches them while it parses the page, not after the script has built the gallery
+            preloads = "".join(f"<link rel=\"preload\" as=\"image\" href=\"{escape(item['tile'])}\">" for item in data["gallery"]["items"])
         except HTTPException:
             pass  # a bad filter in the address: the script asks the API, which says what is wrong
         parts.append(pages.json_data("class-data", data))
-        return self._page(f"cdam: {name}", "".join(parts))
+        return self._page(f"cdam: {name}", "".join(parts), preloads)
 
     def image_page(self, request: Request) -> Response:
         key = self._key(request.query_params.get("key"))
@@ -131,7 +136,7 @@ class Dashboard:
         if self.tiles.model_view_image(key, IMAGE_TILE) is None:
             problems.append(self.tiles.unreadable[key])
         tiles = [pages.card(self._tile_src(key, "input", "att", IMAGE_TILE), None, "input (as the model saw it)", None)]
-        tiles.append(self._image_tile(key, "att", f"attention (mean of {self.run.group['attention'].shape[1]} heads, above its minimum)"))
+        tiles.append(self._image_tile(key, "att", f"attention (mean of {self.run.array('attention').shape[1]} heads, above its minimum)"))
         for slot, (target, target_name, pos, neg) in enumerate(slots):
             kind = "concept" if target < 0 else f"class {target}"
             tiles.append(self._image_tile(key, f"s{slot}", f"{escape(target_name)} ({kind}); positive sum {pages.number(pos)}, negative sum {pages.number(neg)}"))
@@ -237,8 +242,8 @@ class Dashboard:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _page(self, title: str, body: str) -> HTMLResponse:
-        return HTMLResponse(pages.document(title, f"<main>{body}</main>", HEAD))
+    def _page(self, title: str, body: str, head: str = "") -> HTMLResponse:
+        return HTMLResponse(pages.document(title, f"<main>{body}</main>", HEAD + head))
 
     def _class(self, text: Any) -> int:
         if text is None or text == "":
