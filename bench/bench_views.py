@@ -14,7 +14,8 @@ again. The server indexes the shards' tar headers in the background from its sta
 done); a page opened before that pays for the header scans of its shards. ``--screenshot RUN OUT.png``
 instead saves a screenshot of a class page of RUN (the README's).
 
-    python -m bench.bench_views --run /tmp/views-bench-run
+    python -m bench.bench_views --run /tmp/cdam-views-bench-run
+    python -m bench.bench_views --run /tmp/cdam-views-bench-photos --photos 500x375   # ImageNet-sized JPEGs (2.8 GB)
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ VIEWPORT = {"width": 1400, "height": 1000}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
-def write_run(dest: Path, n_images: int, n_classes: int) -> None:
-    """A synthetic run with image shards and audit tables (three clusters per class)."""
+def write_run(dest: Path, n_images: int, n_classes: int, photo_size: tuple[int, int] | None) -> None:
+    """A synthetic run with image shards (small PNGs, or JPEGs of ``photo_size``) and audit tables (three
+    clusters per class)."""
     from bench.synthetic_run import write_synthetic_run
     from cdam_worker.reading import open_run
 
-    write_synthetic_run(str(dest), n_images, n_classes=n_classes, with_images=True)
+    write_synthetic_run(str(dest), n_images, n_classes=n_classes, with_images=True, photo_size=photo_size)
     run = open_run(str(dest))
     index = run.index
     rng = np.random.default_rng(0)
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("/tmp/cdam-views-bench-run"), help="where the synthetic run is written (reused if there)")
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--photos", metavar="WxH", help="the run's images as JPEGs of this size (ImageNet's are about 500x375) instead of 56x56 PNGs")
     parser.add_argument("--screenshot", nargs=2, metavar=("RUN", "OUT"), help="save a screenshot of a class page of RUN to OUT and exit")
     parser.add_argument("--screenshot-class", type=int, default=0)
     args = parser.parse_args()
@@ -173,8 +176,9 @@ def main() -> None:
         return
     if not (args.run / "manifest.json").exists():
         started = time.perf_counter()
-        write_run(args.run, args.images, args.classes)
-        print(f"wrote the synthetic run ({args.images} images, {args.classes} classes) in {time.perf_counter() - started:.0f} s")
+        photo_size = tuple(int(v) for v in args.photos.lower().split("x")) if args.photos else None
+        write_run(args.run, args.images, args.classes, photo_size)
+        print(f"wrote the synthetic run ({args.images} images{f' of {args.photos} JPEGs' if photo_size else ''}, {args.classes} classes) in {time.perf_counter() - started:.0f} s")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     results = {}
     server = ServeCommand(args.run)

@@ -7,7 +7,8 @@ complete manifest, exactly as ``cdam explain`` lays them out (``cdam verify`` ac
 The maps are not noise: each is a smooth Gaussian blob at a random place; for ``marked_class`` a share
 ``marked_share`` of its images also carries a compact mark of strong relevance on the top edge that the
 rival targets do not share (a planted shortcut for audit benchmarks). Optionally each sample gets a small
-PNG in a real WebDataset shard, so ``Run.image`` works too.
+PNG in a real WebDataset shard, so ``Run.image`` works too, or a photograph-sized JPEG (``photo_size``: what
+ImageNet's are, for benchmarks of the views).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ TOPK = 5
 
 def write_synthetic_run(dest: str, n_images: int, *, n_classes: int = 1000, n_targets: int = TOPK, grid: tuple[int, int] = (14, 14),
                         n_heads: int = 6, embed_dim: int = 384, images_per_shard: int = 1000, maps_dtype: str = "float16",
-                        marked_class: int = 0, marked_share: float = 0.3, with_images: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a complete run of ``n_images`` images with ``--targets topk:{n_targets}`` into ``dest``.
+                        marked_class: int = 0, marked_share: float = 0.3, with_images: bool = False, photo_size: tuple[int, int] | None = None,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a complete run of ``n_images`` images with ``--targets topk:{n_targets}`` into ``dest``; with
+    ``with_images``, shards of small PNGs, or of JPEGs of ``photo_size`` (width, height) if given.
 
     Returns the ground truth: ``keys``, ``pred``, ``marked`` (bool per image, in key order).
     """
@@ -67,7 +70,7 @@ def write_synthetic_run(dest: str, n_images: int, *, n_classes: int = 1000, n_ta
         keys = [f"{name}/{j:06d}" for j in range(size)]
         pred, targets, maps, marked = _shard_maps(rng, size, n_classes, n_targets, grid, marked_class, marked_share)
         if with_images:
-            _write_shard(url, keys, pred, marked, grid)
+            _write_shard(url, keys, pred, marked, grid, photo_size)
         writer = ShardWriter(storage, group, layout, index, name, url, size, run_id)
         _add_rows(writer, rng, keys, pred, targets, maps, layout, class_names)
         summaries.append(writer.finish())
@@ -132,24 +135,45 @@ def _shard_url(dest: str, name: str) -> str:
     return f"{dest.rstrip('/')}/shards/{name}.tar" if dest.startswith("s3://") else str(Path(dest).resolve() / "shards" / f"{name}.tar")
 
 
-def _write_shard(url: str, keys: list[str], pred: np.ndarray, marked: np.ndarray, grid: tuple[int, int]) -> None:
-    """Small PNGs (a grey level per class, a white bar on the top edge where marked) in a real tar."""
+def _write_shard(url: str, keys: list[str], pred: np.ndarray, marked: np.ndarray, grid: tuple[int, int], photo_size: tuple[int, int] | None) -> None:
+    """Small PNGs (a grey level per class, a white bar on the top edge where marked) in a real tar; or, with
+    ``photo_size``, JPEGs of that size (a class-tinted gradient under a textured noise, as costly to decode
+    as a photograph of that size)."""
+    textures = _textures(photo_size) if photo_size else []
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for key, cls, mark in zip(keys, pred, marked):
-            pixels = np.full((grid[0] * 4, grid[1] * 4, 3), 40 + int(cls) % 200, dtype=np.uint8)
+        for index, (key, cls, mark) in enumerate(zip(keys, pred, marked)):
+            if photo_size:
+                pixels = np.clip(textures[index % len(textures)] + np.asarray([int(cls) % 7, int(cls) % 11, int(cls) % 13]) * 12, 0, 255).astype(np.uint8)
+                extension, image_format = "jpg", "JPEG"
+            else:
+                pixels = np.full((grid[0] * 4, grid[1] * 4, 3), 40 + int(cls) % 200, dtype=np.uint8)
+                extension, image_format = "png", "PNG"
             if mark:
-                pixels[:4] = 255
-            png = io.BytesIO()
-            Image.fromarray(pixels).save(png, format="PNG")
-            for extension, data in (("png", png.getvalue()), ("cls", str(int(cls)).encode())):
-                info = tarfile.TarInfo(f"{key}.{extension}")
+                pixels[: max(4, pixels.shape[0] // 14)] = 255
+            encoded = io.BytesIO()
+            Image.fromarray(pixels).save(encoded, format=image_format, **({"quality": 85} if image_format == "JPEG" else {}))
+            for member_extension, data in ((extension, encoded.getvalue()), ("cls", str(int(cls)).encode())):
+                info = tarfile.TarInfo(f"{key}.{member_extension}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     from cdam_worker.storage import split_url
 
     storage, name = split_url(url)
     storage.put(name, buffer.getvalue())
+
+
+def _textures(size: tuple[int, int], count: int = 8) -> list[np.ndarray]:
+    """``count`` (height, width, 3) float pictures: smooth gradients under fine noise."""
+    width, height = size
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    textures = []
+    for _ in range(count):
+        a, b, c = rng.uniform(0.3, 1.0, 3)
+        base = np.stack([120 * a * x / width, 120 * b * y / height, 60 + 60 * c * np.sin(x / (20 + 40 * a)) * np.cos(y / (20 + 40 * b))], axis=-1)
+        textures.append(base + rng.normal(0, 14, (height, width, 3)).astype(np.float32))
+    return textures
 
 
 def main() -> None:
