@@ -534,6 +534,24 @@ def test_member_offsets_read_plain_headers_quickly_and_agree_with_tarfile(tmp_pa
         assert plain == expected
 
 
+def test_s3_indexed_sample_takes_one_request(s3_bucket: str, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its shard is indexed, a sample is one ranged read over its members (no HEAD, no read-ahead
+    beyond it); a sample whose members lie far apart (a large member not decoded between them) is one
+    read per decoded member, never the member in between."""
+    filler = bytes(2 << 20)
+    samples = [("near", {"jpg": jpeg_bytes(), "cls": b"3", "json": b'{"a": 1}'}), ("far", {"cls": b"4", "npy": filler, "png": png_bytes()})]
+    url = upload(s3_bucket, "mixed.tar", make_shard(tmp_path / "mixed.tar", samples).read_bytes())
+    offsets = member_offsets(url)
+    with S3Proxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        near = data.read_sample(url, "near", offsets)
+        assert proxy.requests == 1
+        far = data.read_sample(url, "far", offsets)
+        assert proxy.requests == 3 and proxy.bytes_served < 100_000
+    assert isinstance(near, Sample) and near.label == 3 and near.meta == {"a": 1}
+    assert isinstance(far, Sample) and far.label == 4 and far.image.size == Image.open(io.BytesIO(png_bytes())).size
+
+
 def test_s3_unreadable_shard(s3_strict_auth: str) -> None:
     url = f"s3://{s3_strict_auth}/val.tar"
     [(index, error)] = list(iter_samples(url))

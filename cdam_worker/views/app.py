@@ -78,7 +78,7 @@ class Dashboard:
             self.tiles.warm_up()
             shards = self.run.index_images()
         except (RunError, StorageError, OSError) as error:
-            print(f"note: indexing the shards' images: {error}", file=sys.stderr)
+            print(f"note: preparing the pictures (a first tile, the shards' tar headers): {error}", file=sys.stderr)
             return
         print(f"indexed the images of {shards} shard(s) in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
