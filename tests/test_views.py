@@ -128,6 +128,10 @@ def test_model_view_at_display_size_is_the_eval_transform_resampled_once(config:
         assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2, (width, height, difference.mean())
         pads = config["crop_mode"] == "border" and width != height
         assert (view.box(image.size) is None) == pads
+    for width in range(1, 600):  # every box lies inside its image (Pillow refuses one a rounding error past an edge)
+        for height in (width, 1, 37, 375, 1000):
+            box = view.box((width, height))
+            assert box is None or (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height), (width, height, box)
 
 
 def test_cdam_serve_command_binds_loopback_and_stops_on_ctrl_c(audited_run: tuple[str, dict]) -> None:

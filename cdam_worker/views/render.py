@@ -64,7 +64,7 @@ class ModelView:
         from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
         from torchvision.transforms import CenterCrop, Resize
 
-        width, height = image_size
+        original_width, original_height = width, height = image_size
         left, top, right, bottom = 0.0, 0.0, float(width), float(height)
         for step in self.steps:
             if isinstance(step, Resize) and step.max_size is None:
@@ -82,7 +82,7 @@ class ModelView:
                 width, height = crop_width, crop_height
             else:
                 return None
-        return left, top, right, bottom
+        return max(0.0, left), max(0.0, top), min(float(original_width), right), min(float(original_height), bottom)  # no rounding past the edges
 
 
 def _resized(size: int | Sequence[int], width: int, height: int) -> tuple[int, int]:

@@ -187,7 +187,11 @@ class TileRenderer:
 
     def _read_image(self, key: str, size: int) -> np.ndarray | None:
         try:
-            picture = self.model_view(self.run.image(key), display_size(self.input_size, size))
+            image = self.run.image(key)
+            try:
+                picture = self.model_view(image, display_size(self.input_size, size))
+            except (ValueError, OSError) as error:  # the eval transform refuses it (as it would have in the job)
+                raise RunError(f"image of {key!r} ({image.width}x{image.height}): cannot draw the model's view of it: {error}") from None
         except RunError as error:
             if key not in self.unreadable:
                 self.unreadable[key] = str(error)
