@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cdam_worker import __version__
+from cdam_worker.data import member_offsets
 from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, fingerprint, write_json
 from cdam_worker.sinks import ExplainedRow, ShardWriter, create_zarr, open_zarr
 from cdam_worker.storage import Storage
@@ -69,9 +70,10 @@ def write_synthetic_run(dest: str, n_images: int, *, n_classes: int = 1000, n_ta
     for index, (name, url, size) in enumerate(zip(names, urls, sizes)):
         keys = [f"{name}/{j:06d}" for j in range(size)]
         pred, targets, maps, marked = _shard_maps(rng, size, n_classes, n_targets, grid, marked_class, marked_share)
+        writer = ShardWriter(storage, group, layout, index, name, url, size, run_id)
         if with_images:
             _write_shard(url, keys, pred, marked, grid, photo_size)
-        writer = ShardWriter(storage, group, layout, index, name, url, size, run_id)
+            writer.add_members([(key, member, offset, length) for key, files in member_offsets(url).items() for member, offset, length in files])
         _add_rows(writer, rng, keys, pred, targets, maps, layout, class_names)
         summaries.append(writer.finish())
         truth["keys"] += keys

@@ -105,8 +105,9 @@ class ShardProcessor:
         """Explain every sample of a shard, record every failure, and write the shard's outputs."""
         output = _WriterThread(ShardWriter(self.storage, self.group, self.layout, task.shard_index, task.name, task.url, task.n_samples, self.config.run_id))
         batch: list[PreparedSample] = []
+        members: list[tuple[str, str, int, int]] = []
         try:
-            for item in self.decoder.samples(task, self.decode_settings, in_flight=2 * self.batch_size):
+            for item in self.decoder.samples(task, self.decode_settings, in_flight=2 * self.batch_size, members=members):
                 if isinstance(item, SampleError):
                     output.submit(lambda writer, error=item: writer.add_error(error.key, error.reason))
                     continue
@@ -116,6 +117,7 @@ class ShardProcessor:
                     batch = []
             if batch:
                 self._explain(batch, output)
+            output.submit(lambda writer: writer.add_members(members))
         except BaseException:
             output.abandon()
             raise

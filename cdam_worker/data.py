@@ -204,6 +204,7 @@ class _Member:
     extension: str
     size: int
     data: bytes | None  # None when not needed (an extension we ignore) or not read (a header scan)
+    offset: int = -1  # of its data in the (uncompressed) tar stream
 
 
 @dataclass
@@ -293,7 +294,7 @@ def _read_groups(reader: BinaryIO, mode: str, *, read_data: bool) -> Iterator[_G
                         group = _Group(key)
                     wanted = read_data and extension in _DECODED_EXTENSIONS and info.size <= MAX_MEMBER_BYTES
                     data = tar.extractfile(info).read() if wanted else None  # type: ignore[union-attr]
-                    group.members.append(_Member(info.name, extension, info.size, data))
+                    group.members.append(_Member(info.name, extension, info.size, data, info.offset_data))
     except _READ_ERRORS as exc:
         if isinstance(exc, _BadHeader):
             complete = started
@@ -572,7 +573,7 @@ def read_sample(url: str, key: str, offsets: dict[str, list[tuple[str, int, int]
             data = _read_members(url, wanted)
         except (StorageError, OSError) as exc:
             return SampleError(key, f"cannot read shard {url}: {_one_line(exc)}")
-        group = _Group(key, [_Member(member, extension, size, data.get(offset)) for member, extension, offset, size in members])
+        group = _Group(key, [_Member(member, extension, size, data.get(offset), offset) for member, extension, offset, size in members])
         return _decode_group(group, 0, {}, require_label=False)
     try:
         with _open_shard(url) as reader:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from cdam_worker.data import MAX_IMAGE_PIXELS, ImageError, SampleError, decode_image
-from cdam_worker.data import _decode_group, _Group, _open_shard, _read_groups, _ShardProblem  # the job's own sample rules
+from cdam_worker.data import _compressed, _decode_group, _Group, _open_shard, _read_groups, _ShardProblem  # the job's own sample rules
 from cdam_worker.job import ShardTask
 
 DECODE_CHUNK = 8
@@ -100,9 +100,11 @@ class DecodePool:
         self.workers = workers
         self._started: Future[Executor] = _in_background(self._start)
 
-    def samples(self, task: ShardTask, settings: DecodeSettings, in_flight: int) -> Iterator[PreparedSample | SampleError]:
+    def samples(self, task: ShardTask, settings: DecodeSettings, in_flight: int, members: list[tuple[str, str, int, int]] | None = None) -> Iterator[PreparedSample | SampleError]:
         """The shard's samples in tar order, each prepared or its SampleError; a shard-level problem
-        (truncated tar, unreadable object) comes last with key None.
+        (truncated tar, unreadable object) comes last with key None. ``members``, if given, receives
+        (key, member name, data offset, size) of every file of an uncompressed shard as it is read (all of
+        them once the samples are), so that readers can later fetch a sample with one ranged read.
 
         At most about ``in_flight`` samples are read ahead. A worker process that dies (a crash in an
         image library) fails the shard with RuntimeError after the pool is restarted, so the driver's
@@ -110,7 +112,7 @@ class DecodePool:
         """
         futures: queue.Queue = queue.Queue(maxsize=max(2 * self.workers, math.ceil(in_flight / DECODE_CHUNK)))
         stop = threading.Event()
-        reader = threading.Thread(target=self._read, args=(task, settings, futures, stop), name=f"read-{task.name}", daemon=True)
+        reader = threading.Thread(target=self._read, args=(task, settings, futures, stop, members), name=f"read-{task.name}", daemon=True)
         reader.start()
         try:
             while (entry := futures.get()) is not None:
@@ -170,9 +172,10 @@ class DecodePool:
             failed.set_exception(error)
             return failed
 
-    def _read(self, task: ShardTask, settings: DecodeSettings, futures: queue.Queue, stop: threading.Event) -> None:
+    def _read(self, task: ShardTask, settings: DecodeSettings, futures: queue.Queue, stop: threading.Event, members: list | None) -> None:
         """Reader thread: the shard's key groups, in chunks, to the pool; their futures, in order, to
-        ``futures``, then a shard-level SampleError if the shard broke, then None."""
+        ``futures``, then a shard-level SampleError if the shard broke, then None; the groups' members to
+        ``members`` (for an uncompressed shard, whose offsets are the file's)."""
         # Pickled once per shard, tensors by value: a worker unpickles it once (_settings_of). Handed over as
         # an object, the transform's tensors would travel as shared-memory handles, each task then fetching
         # two file descriptors from this process.
@@ -183,9 +186,13 @@ class DecodePool:
         shard_error = None
         try:
             with _open_shard(task.url) as reader:
+                if members is not None and _compressed(reader):
+                    members = None
                 for index, group in enumerate(_read_groups(reader, "r|*", read_data=True)):
                     if stop.is_set():
                         return
+                    if members is not None:
+                        members.extend((group.key, member.name, member.offset, member.size) for member in group.members)
                     chunk.append(_Job(index, group, first_seen.setdefault(group.key, index), _refusal(task, index)))
                     chunk_bytes += sum(len(member.data or b"") for member in group.members)
                     if len(chunk) == DECODE_CHUNK or chunk_bytes >= DECODE_CHUNK_BYTES:

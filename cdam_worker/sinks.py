@@ -25,7 +25,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from cdam_worker.storage import Storage
-from schemas import CHUNK_ROWS, ERRORS_SCHEMA, HEAD_GROUP, METADATA_SCHEMA, Layout, array_specs
+from schemas import CHUNK_ROWS, ERRORS_SCHEMA, HEAD_GROUP, MEMBERS_SCHEMA, METADATA_SCHEMA, Layout, array_specs
 
 ZARR_PATH = "cdam.zarr"
 
@@ -136,6 +136,7 @@ class ShardWriter:
         self.pending: list[dict[str, Any]] = []  # metadata rows of the chunk being filled
         self.metadata: list[pa.RecordBatch] = []  # metadata rows of the chunks already written
         self.errors: list[dict[str, Any]] = []
+        self.members: list[tuple[str, str, int, int]] = []  # (key, member, offset, size) of the shard's files
         self.n_shard_errors = 0
         self.last_row = -1  # local row of the last image recorded
         self.chunk_index = 0  # chunk of the block being filled
@@ -180,6 +181,10 @@ class ShardWriter:
         self.n_shard_errors += int(key is None)
         self.errors.append({"shard": _utf8(self.shard), "shard_index": self.shard_index, "key": None if key is None else _utf8(key), "reason": _one_line(reason), "run_id": self.run_id})
 
+    def add_members(self, members: list[tuple[str, str, int, int]]) -> None:
+        """Record where the shard's files lie in it: (key, member name, data offset, size) each."""
+        self.members.extend(members)
+
     def finish(self) -> ShardSummary:
         """Write the last chunk, the tables, then the completion marker."""
         if self.pending:
@@ -192,6 +197,12 @@ class ShardWriter:
             checksums["errors"] = self._put_table(f"errors/{stem}.parquet", pa.Table.from_pylist(self.errors, schema=ERRORS_SCHEMA))
         else:
             self.storage.delete(f"errors/{stem}.parquet")  # a stale file from an earlier attempt
+        if self.members:
+            key, member, offset, size = zip(*self.members)
+            columns = [pa.array([_utf8(text) for text in key]), pa.array([_utf8(text) for text in member]), pa.array(offset, pa.int64()), pa.array(size, pa.int64())]
+            checksums["members"] = self._put_table(f"members/{stem}.parquet", pa.Table.from_arrays(columns, schema=MEMBERS_SCHEMA))
+        else:
+            self.storage.delete(f"members/{stem}.parquet")
         summary = ShardSummary(self.shard, self.shard_index, self.url, self.n_samples, metadata.num_rows, len(self.errors), self.n_shard_errors, self.rows_flushed, checksums)
         self.storage.put(marker_path(self.shard_index), summary.to_json())
         return summary

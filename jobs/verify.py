@@ -3,7 +3,7 @@
 Checks: the manifest is complete and its fingerprint matches its settings; every shard has a marker
 whose counts agree with the manifest (per shard and in total); each shard's Zarr block and Parquet
 files hash to the checksums recorded; every metadata row's Zarr row is written (not fill values);
-keys are unique; Parquet row counts match the markers; every sample of a shard is either explained
+keys are unique; the members table (where a shard's files lie in it) holds every explained key; Parquet row counts match the markers; every sample of a shard is either explained
 (one metadata row, at its own row) or in errors/, exactly once. Maps derived by ``cdam derive``
 (``derived/NAME``) are checked the same way: markers, block and table checksums, row counts.
 """
@@ -112,6 +112,10 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
             problems.append(f"errors has {errors.num_rows} rows, marker says {summary.n_errors}")
         if errors.column("key").null_count != summary.n_shard_errors:
             problems.append(f"errors has {errors.column('key').null_count} shard-level rows, marker says {summary.n_shard_errors}")
+    if "members" in summary.checksums:  # where the shard's files lie in it (uncompressed shards; older runs have none)
+        members = read_checked_table(storage, f"members/{stem}.parquet", summary.checksums["members"], problems)
+        if members is not None and table is not None and (missing := set(table.column("key").to_pylist()) - set(members.column("key").to_pylist())):
+            problems.append(f"members/{stem}.parquet lacks {len(missing)} explained key(s), e.g. {sorted(missing)[0]!r}")
     if unaccounted := summary.unaccounted():  # the tables agree with these counts, or a problem is listed above
         problems.append(f"{unaccounted} (each sample must be explained or in errors/, exactly once)")
     return problems

@@ -1,5 +1,6 @@
 """Arrow schemas of the Parquet tables a run writes: ``metadata/`` (one row per explained image), ``errors/``,
-and ``derived/NAME/metadata.parquet`` (one row per image of maps derived from the basis by ``cdam derive``).
+``members/`` (where each file of an uncompressed shard lies in it) and ``derived/NAME/metadata.parquet``
+(one row per image of maps derived from the basis by ``cdam derive``).
 
 Per-target columns are lists aligned with ``targets``: element k describes the map ``cdam[row, k]``.
 """
@@ -41,6 +42,16 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
     ],
     metadata={"schema": "cdam.errors/1"},
+)
+
+MEMBERS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
+        pa.field("member", pa.string(), nullable=False, metadata={"doc": "name of the tar member (a file of the sample)"}),
+        pa.field("offset", pa.int64(), nullable=False, metadata={"doc": "byte offset of the member's data in the shard file"}),
+        pa.field("size", pa.int64(), nullable=False, metadata={"doc": "bytes of the member's data"}),
+    ],
+    metadata={"schema": "cdam.members/1"},
 )
 
 DERIVED_METADATA_SCHEMA = pa.schema(

@@ -50,6 +50,41 @@ def test_open_run_reads_metadata_maps_and_images_of_the_demo(demo_run: str) -> N
     assert np.array_equal(np.asarray(run.image(key)), np.asarray(expected.image))
 
 
+def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan(demo_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job writes members/<shard>.parquet as it streams each shard: exactly what a scan of the tar
+    headers finds, every explained key in it. Run.image reads a sample from it with no scan; a run without
+    it (made before it existed) scans the headers and shows the same pixels."""
+    import cdam_worker.reading.run as run_module
+    from cdam_worker.data import member_offsets
+    from cdam_worker.sinks import shard_file_stem
+
+    run = open_run(demo_run)
+    for shard in run.shards:
+        table = pq.read_table(Path(demo_run) / "members" / f"{shard_file_stem(shard.index, shard.name)}.parquet")
+        recorded: dict[str, list] = {}
+        for key, member, offset, size in zip(*(table.column(name).to_pylist() for name in ("key", "member", "offset", "size"))):
+            recorded.setdefault(key, []).append((member, offset, size))
+        assert recorded == member_offsets(shard.url)
+    assert set(run.index.column("key").to_pylist()) <= {key for shard in run.shards for key in run._member_offsets(shard)}
+
+    keys = run.index.column("key").to_pylist()[::7]
+    scans: list[str] = []
+    monkeypatch.setattr(run_module, "member_offsets", lambda url: scans.append(url) or member_offsets(url))
+    with_table = [np.asarray(open_run(demo_run).image(key)) for key in keys]
+    assert scans == []
+    copy = tmp_path / "old-run"
+    shutil.copytree(demo_run, copy)
+    shutil.rmtree(copy / "members")
+    old = open_run(str(copy))
+    scanned = [np.asarray(old.image(key)) for key in keys]
+    assert len(scans) == len({old._shard_of(key).url for key in keys}) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(with_table, scanned))
+    from jobs.verify import verify_output
+
+    assert verify_output(demo_run) == []
+    assert any(problem.endswith(".parquet is missing") and "members/" in problem for problem in verify_output(str(copy)))  # its markers list the tables
+
+
 def test_maps_for_is_nan_where_the_class_was_not_a_target(synthetic) -> None:
     dest, truth = synthetic
     run = open_run(dest)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from cdam_worker.job import MANIFEST_PATH, LockRenewal, ModelSpec, OutputLock, r
 from cdam_worker.model import LoadedModel, ModelLoadError, load_model, resolve_class
 from cdam_worker.reading.arrow_fs import storage_filesystem
 from cdam_worker.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
-from cdam_worker.storage import Storage
+from cdam_worker.storage import Storage, StorageError
 from schemas import ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
 
 if TYPE_CHECKING:
@@ -308,18 +309,18 @@ class Run:
     def image(self, key: str) -> Image.Image:
         """The original image of ``key`` (upright, RGB), read from the shard named in the manifest."""
         shard = self._shard_of(key)
-        sample = read_sample(shard.url, key, self._member_offsets(shard.url))
+        sample = read_sample(shard.url, key, self._member_offsets(shard))
         if not isinstance(sample, Sample):
             raise RunError(f"image of {key!r}: {sample.reason}")
         return sample.image
 
     def index_images(self) -> int:
-        """Index the tar members of the complete shards now (one header scan per shard, for as many shards
-        as the index cache holds), so that later ``image`` calls need only one ranged read per member; the
-        number of shards indexed. Viewers call it in a background thread when they start."""
+        """Index the tar members of the complete shards now (for as many shards as the index cache holds),
+        so that later ``image`` calls need only one ranged read per sample; the number of shards indexed.
+        Viewers call it in a background thread when they start."""
         shards = [s for s in self.shards if s.complete][:IMAGE_INDEX_SHARDS]
         for shard in shards:
-            self._member_offsets(shard.url)
+            self._member_offsets(shard)
         return len(shards)
 
     def _shard_of(self, key: str) -> ShardInfo:
@@ -330,8 +331,17 @@ class Run:
         return next(s for s in self.shards if s.name == name)
 
     @functools.lru_cache(maxsize=IMAGE_INDEX_SHARDS)  # noqa: B019 - one cache per run object is what we want
-    def _member_offsets(self, url: str) -> dict[str, list[tuple[str, int, int]]] | None:
-        return member_offsets(url)
+    def _member_offsets(self, shard: ShardInfo) -> dict[str, list[tuple[str, int, int]]] | None:
+        """Where each sample's files lie in ``shard``: from the members table the job wrote as it read the
+        shard (one small read), else (runs made before it did, compressed shards) a scan of its tar headers."""
+        try:  # small (tens of KiB): one request
+            table = pq.read_table(io.BytesIO(self.storage.get(f"members/{shard_file_stem(shard.index, shard.name)}.parquet")))
+        except (FileNotFoundError, StorageError, pa.ArrowException, OSError):  # absent or unreadable: scan
+            return member_offsets(shard.url)
+        offsets: dict[str, list[tuple[str, int, int]]] = {}
+        for key, member, offset, size in zip(*(table.column(name).to_pylist() for name in ("key", "member", "offset", "size"))):
+            offsets.setdefault(key, []).append((member, offset, size))
+        return offsets
 
     # -- writing results of a reading command into the run -------------------------------------------
 
