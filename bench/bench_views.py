@@ -10,8 +10,9 @@ a user does), and times a class's first gallery page:
   user clicks through), five cold in new tabs (each with a renderer process to start), two warm.
 
 Cold: nothing of the page cached (its map chunks and images read, its tiles rendered); warm: the same page
-again. The server indexes the shards' tar headers in the background from its start (it prints a line when
-done); a page opened before that pays for the header scans of its shards. ``--screenshot RUN OUT.png``
+again. The server indexes where each image lies in its shard in the background from its start (it prints a
+line when done): from the run's ``members/`` tables, or for a run made before them by scanning the shards' tar
+headers; a page opened before that pays for indexing its shards. ``--screenshot RUN OUT.png``
 instead saves a screenshot of a class page of RUN (the README's).
 
     python -m bench.bench_views --run /tmp/cdam-views-bench-run
@@ -187,7 +188,7 @@ def main() -> None:
         base = listening.group(1)
         results["HTTP, cold, while the shards are indexed (class 1)"] = time_http_page(base, 1)
         results["HTTP, warm (class 1)"] = time_http_page(base, 1)
-        results["shards' tar headers indexed (background, from start)"], _ = server.wait_for(r"^indexed the images of \d+ shard")
+        results["shards indexed (background, from start)"], _ = server.wait_for(r"^indexed the images of \d+ shard")
         results["HTTP, cold, after indexing (class 3)"] = time_http_page(base, 3)
         if Path(CHROMIUM).exists():
             from playwright.sync_api import sync_playwright

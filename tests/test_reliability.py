@@ -573,7 +573,10 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "metadata replaced": (
         lambda out: shutil.copy(out / "metadata/000001-train-0001.parquet", out / "metadata/000000-train-0000.parquet"),
         ["shard train-0000: metadata/000000-train-0000.parquet does not match its checksum", "shard train-0000: metadata has 7 rows, marker says 18 images",
-         "shard train-0000: metadata rows [32, 33, 34, 35, 36] lie outside the shard's block", "shard train-0001: key 's1/img000' also in shard train-0000 (and 6 more keys)"]),
+         "shard train-0000: metadata rows [32, 33, 34, 35, 36] lie outside the shard's block",
+         "shard train-0000: members/000000-train-0000.parquet lacks 7 explained key(s), e.g. 's1/img000'",
+         "shard train-0001: key 's1/img000' also in shard train-0000 (and 6 more keys)"]),
+    "members deleted": (lambda out: (out / "members/000001-train-0001.parquet").unlink(), ["shard train-0001: members/000001-train-0001.parquet is missing"]),
     "manifest image count": (
         lambda out: _edit_json(out / "manifest.json", lambda m: m["shards"][2].update(n_images=12)),
         ["shard train-0002: manifest records 12 images, the marker 13"]),
