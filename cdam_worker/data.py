@@ -204,7 +204,7 @@ class _Member:
     extension: str
     size: int
     data: bytes | None  # None when not needed (an extension we ignore) or not read (a header scan)
-    offset: int = -1  # of its data in the (uncompressed) tar stream
+    offset: int  # of its data in the (uncompressed) tar stream
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Checks: the manifest is complete and its fingerprint matches its settings; every shard has a marker
 whose counts agree with the manifest (per shard and in total); each shard's Zarr block and Parquet
 files hash to the checksums recorded; every metadata row's Zarr row is written (not fill values);
-keys are unique; the members table (where a shard's files lie in it) holds every explained key; Parquet row counts match the markers; every sample of a shard is either explained
-(one metadata row, at its own row) or in errors/, exactly once. Maps derived by ``cdam derive``
+keys are unique; the members table (where a shard's files lie in it) holds every explained key; Parquet
+row counts match the markers; every sample of a shard is either explained (one metadata row, at its own
+row) or in errors/, exactly once. Maps derived by ``cdam derive``
 (``derived/NAME``) are checked the same way: markers, block and table checksums, row counts.
 """
 

@@ -66,9 +66,9 @@ class Dashboard:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Once the server listens, render a first tile (one-time costs paid before a page asks) and scan
-        the shards' tar headers in the background, so that the images of a class page come with one ranged
-        read each."""
+        """Once the server listens, render a first tile (one-time costs paid before a page asks) and index
+        where each image lies in its shard (the run's members tables, or for an older run a scan of the tar
+        headers) in the background, so that the images of a class page come with one ranged read each."""
         threading.Thread(target=self._prepare, name="cdam-prepare", daemon=True).start()
         yield
 
@@ -78,7 +78,7 @@ class Dashboard:
             self.tiles.warm_up()
             shards = self.run.index_images()
         except (RunError, StorageError, OSError) as error:
-            print(f"note: preparing the pictures (a first tile, the shards' tar headers): {error}", file=sys.stderr)
+            print(f"note: preparing the pictures (a first tile, the shards' index): {error}", file=sys.stderr)
             return
         print(f"indexed the images of {shards} shard(s) in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
