@@ -31,7 +31,7 @@ import torch
 
 from bench.report import command_line, load_average, machine_line, write_section
 from cdam_worker import CDAMExplainer, VariantConfig
-from cdam_worker.engine import cuda_fp32_precision
+from cdam_worker.maps.engine import cuda_fp32_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Engine"

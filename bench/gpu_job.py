@@ -38,9 +38,9 @@ import torch
 from bench.bench_job import write_shards
 from bench.report import machine_line
 from cdam_worker import CDAMExplainer, load_model, save_checkpoint
-from cdam_worker.actor import ShardProcessor
-from cdam_worker.data import decode_image
-from cdam_worker.decoding import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules
+from cdam_worker.pipeline.actor import ShardProcessor
+from cdam_worker.shards.tar_reader import decode_image
+from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules
 from jobs.cli import build_parser
 from jobs.explain import make_plan, prepare_output
 

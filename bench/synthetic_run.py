@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 
 from cdam_worker import __version__
-from cdam_worker.data import member_offsets
-from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, fingerprint, write_json
-from cdam_worker.sinks import ExplainedRow, ShardWriter, create_zarr, open_zarr
+from cdam_worker.shards.tar_reader import member_offsets
+from cdam_worker.pipeline.settings import MANIFEST_FORMAT, MANIFEST_PATH, fingerprint, write_json
+from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter, create_zarr, open_zarr
 from cdam_worker.storage import Storage
 from schemas import Layout, rows_per_shard_for
 

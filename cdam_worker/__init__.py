@@ -4,10 +4,10 @@ Data flow: WebDataset shards in (``data``), maps computed (``engine``), arrays a
 a finished run is read back through ``open_run`` (``reading``).
 """
 
-from cdam_worker.engine import CDAMExplainer, CDAMResult, VariantConfig
-from cdam_worker.model import LoadedModel, ModelLoadError, load_model, save_checkpoint
+from cdam_worker.maps.engine import CDAMExplainer, CDAMResult, VariantConfig
+from cdam_worker.maps.model import LoadedModel, ModelLoadError, load_model, save_checkpoint
 from cdam_worker.reading import Run, RunError, open_run
-from cdam_worker.targets import Concept, TargetSpec
+from cdam_worker.maps.targets import Concept, TargetSpec
 
 __version__ = "0.1.0"
 

@@ -93,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cdam_worker.data import DataError
-    from cdam_worker.model import ModelLoadError
+    from cdam_worker.shards.tar_reader import DataError
+    from cdam_worker.maps.model import ModelLoadError
     from cdam_worker.storage import StorageError, redact
-    from cdam_worker.job import OutputInUseError, OutputLockLost
+    from cdam_worker.pipeline.settings import OutputInUseError, OutputLockLost
     from cdam_worker.reading import RunError
     from jobs.explain import ConfigError, JobError
 

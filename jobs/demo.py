@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from cdam_worker.demo import ensure_demo_assets
+from cdam_worker.demo_assets import ensure_demo_assets
 
 
 def default_cache_dir() -> Path:

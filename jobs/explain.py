@@ -22,14 +22,14 @@ import torch
 from tqdm import tqdm
 
 from cdam_worker import __version__
-from cdam_worker.concepts import ConceptError, load_concept
-from cdam_worker.data import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
-from cdam_worker.engine import CDAMExplainer, VariantConfig
-from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
-from cdam_worker.model import LoadedModel, load_model
-from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
+from cdam_worker.maps.concepts import ConceptError, load_concept
+from cdam_worker.shards.tar_reader import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
+from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
+from cdam_worker.pipeline.settings import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.maps.model import LoadedModel, load_model
+from cdam_worker.pipeline.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
 from cdam_worker.storage import Storage, StorageError, redact
-from cdam_worker.targets import Concept, TargetSpec
+from cdam_worker.maps.targets import Concept, TargetSpec
 from jobs.model_flags import spec_from_flags
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
@@ -299,7 +299,7 @@ def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check
     """
     import ray
 
-    from cdam_worker.actor import make_actor_class
+    from cdam_worker.pipeline.actor import make_actor_class
 
     _init_ray(args.address)
     gpus = float(ray.cluster_resources().get("GPU", 0))

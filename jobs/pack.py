@@ -45,7 +45,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdam_worker.packing import pack
+    from cdam_worker.shards.packing import pack
 
     layout = args.layout or ("csv" if args.labels else "flat")
     result = pack(args.src, args.outdir, layout=layout, labels=args.labels, maxcount=args.maxcount, workers=args.workers, overwrite=args.overwrite)

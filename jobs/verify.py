@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from cdam_worker.derive import verify_derived
-from cdam_worker.job import MANIFEST_PATH, fingerprint, read_json
-from cdam_worker.sinks import ShardSummary, block_checksums, marker_path, open_zarr, read_checked_table, shard_file_stem
+from cdam_worker.pipeline.settings import MANIFEST_PATH, fingerprint, read_json
+from cdam_worker.pipeline.sinks import ShardSummary, block_checksums, marker_path, open_zarr, read_checked_table, shard_file_stem
 from cdam_worker.storage import Storage
 from schemas import array_specs
 

@@ -13,10 +13,10 @@ import timm
 import torch
 
 from cdam_worker import save_checkpoint
-from cdam_worker.actor import ShardProcessor
-from cdam_worker.data import scan_shard, shard_name
-from cdam_worker.job import ShardTask
-from cdam_worker.sinks import ShardSummary, open_zarr, shard_file_stem
+from cdam_worker.pipeline.actor import ShardProcessor
+from cdam_worker.shards.tar_reader import scan_shard, shard_name
+from cdam_worker.pipeline.settings import ShardTask
+from cdam_worker.pipeline.sinks import ShardSummary, open_zarr, shard_file_stem
 from cdam_worker.storage import Storage
 from helpers import make_shard, png_bytes
 from jobs.cli import build_parser

@@ -114,7 +114,7 @@ def ray_local(s3_server: str) -> Iterator[str]:
 def demo_cache() -> Path:
     """The demo's cache folder (the one ``cdam demo`` uses): its shards and trained model are built once
     per machine, under a key that hashes the demo's settings and source, so a changed demo rebuilds."""
-    from cdam_worker.demo import ensure_demo_assets
+    from cdam_worker.demo_assets import ensure_demo_assets
     from jobs.demo import default_cache_dir
 
     cache = default_cache_dir()
@@ -125,7 +125,7 @@ def demo_cache() -> Path:
 @pytest.fixture(scope="session")
 def demo_assets(demo_cache: Path):  # noqa: ANN201
     """The demo's shards, trained checkpoint and watermark location (see cdam_worker.demo.DemoAssets)."""
-    from cdam_worker.demo import ensure_demo_assets
+    from cdam_worker.demo_assets import ensure_demo_assets
 
     return ensure_demo_assets(demo_cache)
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from accounting import assert_every_sample_accounted, in_process_processor, process, write_checkpoint
-from cdam_worker.data import Sample, SampleError, ShardScan, iter_samples, scan_shard
-from cdam_worker.job import ShardTask
-from cdam_worker.sinks import ExplainedRow, ShardSummary, ShardWriter
+from cdam_worker.shards.tar_reader import Sample, SampleError, ShardScan, iter_samples, scan_shard
+from cdam_worker.pipeline.settings import ShardTask
+from cdam_worker.pipeline.sinks import ExplainedRow, ShardSummary, ShardWriter
 from cdam_worker.storage import Storage
 from helpers import image_bytes, make_shard, png_bytes
 from jobs.cli import main

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdam_worker import data
-from cdam_worker.data import (DataError, Sample, SampleError, expand_shard_specs, iter_samples, member_offsets, scan_shard,
+from cdam_worker.shards import tar_reader as data
+from cdam_worker.shards.tar_reader import (DataError, Sample, SampleError, expand_shard_specs, iter_samples, member_offsets, scan_shard,
                               shard_name)
 from cdam_worker.storage import Storage
 from tests.helpers import S3Proxy, gradient_image, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from cdam_worker import load_model
-from cdam_worker.actor import GPU_BATCH_RANGE, batch_size_for_memory
-from cdam_worker.data import Sample, SampleError, decode_image, iter_samples
-from cdam_worker.decoding import DECODE_CHUNK, DecodePool, DecodeSettings, PreparedSample, SampleRules, gpu_fallback, gpu_jpeg_header, tensor_transform_steps
-from cdam_worker.job import ShardTask
+from cdam_worker.pipeline.actor import GPU_BATCH_RANGE, batch_size_for_memory
+from cdam_worker.shards.tar_reader import Sample, SampleError, decode_image, iter_samples
+from cdam_worker.pipeline.decode_pool import DECODE_CHUNK, DecodePool, DecodeSettings, PreparedSample, SampleRules, gpu_fallback, gpu_jpeg_header, tensor_transform_steps
+from cdam_worker.pipeline.settings import ShardTask
 from helpers import image_bytes, jpeg_bytes, make_shard, png_bytes
 from jobs.cli import main
 

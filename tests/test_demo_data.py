@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdam_worker.demo import (
+from cdam_worker.demo_assets import (
     CLASS_NAMES,
     IMAGE_SIZE,
     WATERMARK_BOX,
@@ -25,7 +25,7 @@ from cdam_worker.demo import (
     watermark_patch_indices,
     write_demo_shards,
 )
-from cdam_worker.model import LoadedModel, load_model
+from cdam_worker.maps.model import LoadedModel, load_model
 from reference import reference_cdam
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import zarr
 
-from cdam_worker.data import decode_image
-from cdam_worker.engine import CDAMExplainer
+from cdam_worker.shards.tar_reader import decode_image
+from cdam_worker.maps.engine import CDAMExplainer
 from cdam_worker.reading import open_run
-from cdam_worker.targets import Concept
+from cdam_worker.maps.targets import Concept
 from helpers import S3Proxy, upload_folder
 from jobs.cli import main
 from jobs.verify import verify_output

@@ -8,7 +8,7 @@ import torch
 from timm.layers import SwiGLU
 
 from cdam_worker import CDAMExplainer, Concept, VariantConfig
-from cdam_worker.engine import _chunks_in_budget, _image_noise, cuda_fp32_precision
+from cdam_worker.maps.engine import _chunks_in_budget, _image_noise, cuda_fp32_precision
 from reference import reference_attention, reference_cdam
 
 TOLERANCE = 1e-4

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
-from cdam_worker.actor import HOLD_ENV
-from cdam_worker.job import LOCK_PATH
+from cdam_worker.pipeline.actor import HOLD_ENV
+from cdam_worker.pipeline.settings import LOCK_PATH
 from helpers import finish, image_bytes, make_shard, start_driver, wait_for
 from jobs.verify import verify_output
 

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from cdam_worker import save_checkpoint
-from cdam_worker.data import Sample, iter_samples
+from cdam_worker.shards.tar_reader import Sample, iter_samples
 from cdam_worker.storage import Storage
 from helpers import gradient_image, image_bytes, jpeg_bytes, png_bytes
 from jobs.cli import main

@@ -12,7 +12,7 @@ import pytest
 
 from bench.synthetic_run import write_synthetic_run
 from cdam_worker import RunError, open_run
-from cdam_worker.data import Sample, iter_samples
+from cdam_worker.shards.tar_reader import Sample, iter_samples
 from cdam_worker.storage import Storage
 from jobs.cli import main
 
@@ -55,8 +55,8 @@ def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan
     headers finds, every explained key in it. Run.image reads a sample from it with no scan; a run without
     it (made before it existed) scans the headers and shows the same pixels."""
     import cdam_worker.reading.run as run_module
-    from cdam_worker.data import member_offsets
-    from cdam_worker.sinks import shard_file_stem
+    from cdam_worker.shards.tar_reader import member_offsets
+    from cdam_worker.pipeline.sinks import shard_file_stem
 
     run = open_run(demo_run)
     for shard in run.shards:

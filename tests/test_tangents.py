@@ -8,7 +8,7 @@ from timm.layers import GluMlp, LayerNorm, LayerScale, Mlp, RmsNorm, SwiGLU
 from timm.layers.activations import QuickGELU
 from torch import nn
 
-from cdam_worker.tangents import push
+from cdam_worker.maps.tangents import push
 
 DIM = 24
 

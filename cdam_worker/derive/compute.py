@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cdam_worker.closed_form import maps_from_basis
-from cdam_worker.concepts import ConceptError, load_concept
-from cdam_worker.engine import CDAMExplainer, _class_directions
-from cdam_worker.job import ModelSpec
+from cdam_worker.maps.closed_form import maps_from_basis
+from cdam_worker.maps.concepts import ConceptError, load_concept
+from cdam_worker.maps.engine import CDAMExplainer, _class_directions
+from cdam_worker.pipeline.settings import ModelSpec
 from cdam_worker.reading.run import READ_ROWS, Run, RunError
-from cdam_worker.targets import Concept, TargetSpec, concept_directions
+from cdam_worker.maps.targets import Concept, TargetSpec, concept_directions
 from schemas.zarr_layout import INT_FILL
 
 if TYPE_CHECKING:

@@ -31,9 +31,9 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
 from cdam_worker.derive.compute import DerivedRows, DerivePlan, derive_rows
-from cdam_worker.job import fingerprint, read_json, settings_difference, write_json
+from cdam_worker.pipeline.settings import fingerprint, read_json, settings_difference, write_json
 from cdam_worker.reading.run import READ_ROWS, Run, RunError, ShardInfo
-from cdam_worker.sinks import ZARR_PATH, block_checksums, open_zarr, read_checked_table, shard_file_stem
+from cdam_worker.pipeline.sinks import ZARR_PATH, block_checksums, open_zarr, read_checked_table, shard_file_stem
 from cdam_worker.storage import Storage
 from schemas import CHUNK_ROWS, DERIVED_GROUP, DERIVED_METADATA_SCHEMA
 from schemas.zarr_layout import FLOAT_FILL, INT_FILL

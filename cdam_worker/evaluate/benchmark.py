@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from cdam_worker.data import DataError
+from cdam_worker.shards.tar_reader import DataError
 from cdam_worker.derive import basis_class_maps
-from cdam_worker.engine import CDAMExplainer, VariantConfig
+from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics
 from cdam_worker.evaluate.perturb import deletion_drops, input_x_gradient, rows_per_pass, token_ablation
-from cdam_worker.model import LoadedModel
+from cdam_worker.maps.model import LoadedModel
 from cdam_worker.reading.run import Run, RunError
 from cdam_worker.storage import StorageError
 

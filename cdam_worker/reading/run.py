@@ -25,11 +25,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import zarr
 
-from cdam_worker.data import Sample, member_offsets, read_sample
-from cdam_worker.job import MANIFEST_PATH, LockRenewal, ModelSpec, OutputLock, read_json
-from cdam_worker.model import LoadedModel, ModelLoadError, load_model, resolve_class
+from cdam_worker.shards.tar_reader import Sample, member_offsets, read_sample
+from cdam_worker.pipeline.settings import MANIFEST_PATH, LockRenewal, ModelSpec, OutputLock, read_json
+from cdam_worker.maps.model import LoadedModel, ModelLoadError, load_model, resolve_class
 from cdam_worker.reading.arrow_fs import storage_filesystem
-from cdam_worker.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
+from cdam_worker.pipeline.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
 from cdam_worker.storage import Storage, StorageError
 from schemas import ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import xarray as xr
     from PIL import Image
 
-    from cdam_worker.targets import Concept
+    from cdam_worker.maps.targets import Concept
 
 READ_ROWS = 256
 """Rows of maps read per step by the chunk-wise readers (a multiple of the 16-row chunks)."""

@@ -30,7 +30,7 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .storage import Storage, StorageError, split_url
+from cdam_worker.storage import Storage, StorageError, split_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 LABEL_EXTENSIONS = ("cls", "cls2", "class", "label")

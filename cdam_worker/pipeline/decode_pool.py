@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cdam_worker.data import MAX_IMAGE_PIXELS, ImageError, SampleError, decode_image
-from cdam_worker.data import _compressed, _decode_group, _Group, _open_shard, _read_groups, _ShardProblem  # the job's own sample rules
-from cdam_worker.job import ShardTask
+from cdam_worker.shards.tar_reader import MAX_IMAGE_PIXELS, ImageError, SampleError, decode_image
+from cdam_worker.shards.tar_reader import _compressed, _decode_group, _Group, _open_shard, _read_groups, _ShardProblem  # the job's own sample rules
+from cdam_worker.pipeline.settings import ShardTask
 
 DECODE_CHUNK = 8
 """Samples per pool task, at most: one task, one shared-memory block back (amortises the hand-over)..."""

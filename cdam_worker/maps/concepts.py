@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from cdam_worker.data import IMAGE_EXTENSIONS, ImageError, decode_image
-from cdam_worker.targets import Concept
+from cdam_worker.shards.tar_reader import IMAGE_EXTENSIONS, ImageError, decode_image
+from cdam_worker.maps.targets import Concept
 
 if TYPE_CHECKING:
-    from cdam_worker.engine import CDAMExplainer
+    from cdam_worker.maps.engine import CDAMExplainer
 
 CONCEPT_BATCH = 32  # example images embedded per forward pass when building a concept from a folder
 

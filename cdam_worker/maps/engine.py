@@ -19,10 +19,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cdam_worker.autograd_path import autograd_maps, head_outputs
-from cdam_worker.closed_form import closed_form_maps, closed_form_unsupported_reason, maps_from_basis
-from cdam_worker.model import LoadedModel
-from cdam_worker.targets import Concept, TargetSpec, concept_directions, concept_scores
+from cdam_worker.maps.autograd_path import autograd_maps, head_outputs
+from cdam_worker.maps.closed_form import closed_form_maps, closed_form_unsupported_reason, maps_from_basis
+from cdam_worker.maps.model import LoadedModel
+from cdam_worker.maps.targets import Concept, TargetSpec, concept_directions, concept_scores
 
 Method = Literal["auto", "closed_form", "autograd"]
 Variant = Literal["vanilla", "smooth", "integrated"]

@@ -28,7 +28,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from cdam_worker.tangents import push
+from cdam_worker.maps.tangents import push
 
 
 def closed_form_unsupported_reason(model: nn.Module) -> str | None:

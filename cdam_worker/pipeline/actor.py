@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdam_worker.data import SampleError
-from cdam_worker.decoding import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules, gpu_fallback
-from cdam_worker.engine import CDAMExplainer, CDAMResult, VariantConfig
-from cdam_worker.job import JobConfig, ShardTask
-from cdam_worker.model import LoadedModel
-from cdam_worker.sinks import ExplainedRow, ShardSummary, ShardWriter, open_zarr
+from cdam_worker.shards.tar_reader import SampleError
+from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules, gpu_fallback
+from cdam_worker.maps.engine import CDAMExplainer, CDAMResult, VariantConfig
+from cdam_worker.pipeline.settings import JobConfig, ShardTask
+from cdam_worker.maps.model import LoadedModel
+from cdam_worker.pipeline.sinks import ExplainedRow, ShardSummary, ShardWriter, open_zarr
 from cdam_worker.storage import Storage
-from cdam_worker.targets import Concept, TargetSpec
+from cdam_worker.maps.targets import Concept, TargetSpec
 from schemas import Layout
 
 TOPK_STORED = 5

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from timm.data import resolve_model_data_config
 
-from cdam_worker.model import save_checkpoint
+from cdam_worker.maps.model import save_checkpoint
 
 CLASS_NAMES = ["circle", "square", "triangle", "cross"]
 IMAGE_SIZE = 64

@@ -1,0 +1,1 @@
+"""Shards in: WebDataset shard specs, the tar reader, sample decoding, and packing images into shards."""
