@@ -24,8 +24,11 @@ from PIL import Image
 
 from cdam_worker import __version__
 from cdam_worker.shards.tar_reader import member_offsets
-from cdam_worker.pipeline.settings import MANIFEST_FORMAT, MANIFEST_PATH, fingerprint, write_json
-from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter, create_zarr, open_zarr
+from cdam_worker.run_files import write_json
+from schemas.manifest import MANIFEST_FORMAT, fingerprint
+from schemas.paths import MANIFEST_PATH
+from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter, create_zarr
+from cdam_worker.run_files import open_zarr
 from cdam_worker.storage import Storage
 from schemas import Layout, rows_per_shard_for
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdam_worker.shards.tar_reader import DataError
     from cdam_worker.maps.model import ModelLoadError
     from cdam_worker.storage import StorageError, redact
-    from cdam_worker.pipeline.settings import OutputInUseError, OutputLockLost
+    from cdam_worker.output_lock import OutputInUseError, OutputLockLost
     from cdam_worker.reading import RunError
     from jobs.explain import ConfigError, JobError
 

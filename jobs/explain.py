@@ -25,9 +25,14 @@ from cdam_worker import __version__
 from cdam_worker.maps.concepts import ConceptError, load_concept
 from cdam_worker.shards.tar_reader import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
-from cdam_worker.pipeline.settings import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.output_lock import LockRenewal, OutputLock
+from cdam_worker.pipeline.settings import ConceptSpec, JobConfig, ShardTask
+from cdam_worker.run_files import read_json, write_json
+from schemas.manifest import MANIFEST_FORMAT, fingerprint, settings_difference
 from cdam_worker.maps.model import LoadedModel, load_model
-from cdam_worker.pipeline.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
+from cdam_worker.pipeline.sinks import create_zarr
+from schemas.manifest import ShardSummary
+from schemas.paths import ERRORS_DIR, MANIFEST_PATH, OUTPUT_PREFIXES, marker_path, shard_table_path
 from cdam_worker.storage import Storage, StorageError, redact
 from cdam_worker.maps.targets import Concept, TargetSpec
 from jobs.model_flags import spec_from_flags
@@ -35,7 +40,6 @@ from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
 MAX_SHARD_ATTEMPTS = 3
 MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
-OUTPUT_PREFIXES = ("cdam.zarr", "metadata", "errors", "markers", MANIFEST_PATH)
 
 
 class ConfigError(ValueError):
@@ -432,7 +436,7 @@ def _write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
     table = pa.Table.from_pylist([{"shard": task.name, "shard_index": task.shard_index, "key": None, "reason": f"shard failed after {MAX_SHARD_ATTEMPTS} attempts: {reason}", "run_id": plan.config.run_id}], schema=ERRORS_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    plan.storage.put(f"errors/{shard_file_stem(task.shard_index, task.name)}.parquet", sink.getvalue())
+    plan.storage.put(shard_table_path(ERRORS_DIR, task.shard_index, task.name), sink.getvalue())
 
 
 def _ray_connected() -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # importing cdam_worker loads torch: not at parser construction (cdam --help stays fast)
-    from cdam_worker.pipeline.settings import ModelSpec
+    from schemas.manifest import ModelSpec
 
 
 def add_model_flags(parser: argparse.ArgumentParser, needed_for: str | None = None) -> argparse._ArgumentGroup:
@@ -31,7 +31,7 @@ def add_model_flags(parser: argparse.ArgumentParser, needed_for: str | None = No
 
 def spec_from_flags(args: argparse.Namespace) -> ModelSpec:
     """The model the flags name (checkpoint paths made absolute); ValueError, one line, for bad --model-kwargs."""
-    from cdam_worker.pipeline.settings import ModelSpec
+    from schemas.manifest import ModelSpec
 
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}

@@ -14,8 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from cdam_worker.derive import verify_derived
-from cdam_worker.pipeline.settings import MANIFEST_PATH, fingerprint, read_json
-from cdam_worker.pipeline.sinks import ShardSummary, block_checksums, marker_path, open_zarr, read_checked_table, shard_file_stem
+from cdam_worker.run_files import read_json
+from schemas.manifest import fingerprint
+from schemas.paths import MANIFEST_PATH
+from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table
+from schemas.manifest import ShardSummary
+from schemas.paths import ERRORS_DIR, MEMBERS_DIR, METADATA_DIR, marker_path, shard_table_path
 from cdam_worker.storage import Storage
 from schemas import array_specs
 
@@ -77,8 +81,10 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
             continue
         if actual != summary.checksums.get(name):
             problems.append(f"Zarr array {name!r} {span} do not match their checksum")
-    stem = shard_file_stem(summary.shard_index, summary.shard)
-    table = read_checked_table(storage, f"metadata/{stem}.parquet", summary.checksums.get("metadata"), problems)
+    metadata_path, errors_path, members_path = (
+        shard_table_path(folder, summary.shard_index, summary.shard) for folder in (METADATA_DIR, ERRORS_DIR, MEMBERS_DIR)
+    )
+    table = read_checked_table(storage, metadata_path, summary.checksums.get("metadata"), problems)
     if table is not None:
         if table.num_rows != summary.n_images:
             problems.append(f"metadata has {table.num_rows} rows, marker says {summary.n_images} images")
@@ -106,7 +112,6 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
             seen_keys[key] = summary.shard
         for other, keys in duplicates.items():
             problems.append(f"key {keys[0]!r} also in shard {other}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
-    errors_path = f"errors/{stem}.parquet"
     errors = read_checked_table(storage, errors_path, summary.checksums.get("errors"), problems) if summary.n_errors else None
     if errors is not None:
         if errors.num_rows != summary.n_errors:
@@ -114,9 +119,9 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
         if errors.column("key").null_count != summary.n_shard_errors:
             problems.append(f"errors has {errors.column('key').null_count} shard-level rows, marker says {summary.n_shard_errors}")
     if "members" in summary.checksums:  # where the shard's files lie in it (uncompressed shards; older runs have none)
-        members = read_checked_table(storage, f"members/{stem}.parquet", summary.checksums["members"], problems)
+        members = read_checked_table(storage, members_path, summary.checksums["members"], problems)
         if members is not None and table is not None and (missing := set(table.column("key").to_pylist()) - set(members.column("key").to_pylist())):
-            problems.append(f"members/{stem}.parquet lacks {len(missing)} explained key(s), e.g. {sorted(missing)[0]!r}")
+            problems.append(f"{members_path} lacks {len(missing)} explained key(s), e.g. {sorted(missing)[0]!r}")
     if unaccounted := summary.unaccounted():  # the tables agree with these counts, or a problem is listed above
         problems.append(f"{unaccounted} (each sample must be explained or in errors/, exactly once)")
     return problems

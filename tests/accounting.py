@@ -16,7 +16,9 @@ from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.actor import ShardProcessor
 from cdam_worker.shards.tar_reader import scan_shard, shard_name
 from cdam_worker.pipeline.settings import ShardTask
-from cdam_worker.pipeline.sinks import ShardSummary, open_zarr, shard_file_stem
+from cdam_worker.run_files import open_zarr
+from schemas.manifest import ShardSummary
+from schemas.paths import shard_file_stem
 from cdam_worker.storage import Storage
 from helpers import make_shard, png_bytes
 from jobs.cli import build_parser

@@ -23,7 +23,7 @@ from PIL import Image
 from bench.synthetic_run import write_synthetic_run
 from cdam_worker.demo_assets import DemoConfig, train_demo_model, write_demo_shards
 from cdam_worker.reading import open_run
-from cdam_worker.pipeline.sinks import open_zarr
+from cdam_worker.run_files import open_zarr
 from cdam_worker.storage import Storage
 from jobs.cli import main
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.actor import HOLD_ENV
-from cdam_worker.pipeline.settings import LOCK_PATH
+from schemas.paths import LOCK_PATH
 from helpers import finish, image_bytes, make_shard, start_driver, wait_for
 from jobs.verify import verify_output
 

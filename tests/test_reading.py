@@ -56,7 +56,7 @@ def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan
     it (made before it existed) scans the headers and shows the same pixels."""
     import cdam_worker.reading.run as run_module
     from cdam_worker.shards.tar_reader import member_offsets
-    from cdam_worker.pipeline.sinks import shard_file_stem
+    from schemas.paths import shard_file_stem
 
     run = open_run(demo_run)
     for shard in run.shards:

@@ -36,8 +36,9 @@ from PIL import Image
 
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.actor import FAIL_START_ENV, FAULT_ENV, HOLD_ENV
-from cdam_worker.pipeline.settings import LOCK_LEASE_SECONDS, LOCK_PATH, OutputInUseError, OutputLock, OutputLockLost
-from cdam_worker.pipeline.sinks import marker_path
+from cdam_worker.output_lock import LOCK_LEASE_SECONDS, OutputInUseError, OutputLock, OutputLockLost
+from schemas.paths import LOCK_PATH
+from schemas.paths import marker_path
 from cdam_worker.storage import Storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
 from helpers import S3Proxy, finish, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes, start_driver, wait_for

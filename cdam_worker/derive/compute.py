@@ -22,7 +22,7 @@ import torch
 from cdam_worker.maps.closed_form import maps_from_basis
 from cdam_worker.maps.concepts import ConceptError, load_concept
 from cdam_worker.maps.engine import CDAMExplainer, _class_directions
-from cdam_worker.pipeline.settings import ModelSpec
+from schemas.manifest import ModelSpec
 from cdam_worker.reading.run import READ_ROWS, Run, RunError
 from cdam_worker.maps.targets import Concept, TargetSpec, concept_directions
 from schemas.zarr_layout import INT_FILL

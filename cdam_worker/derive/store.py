@@ -31,9 +31,11 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
 from cdam_worker.derive.compute import DerivedRows, DerivePlan, derive_rows
-from cdam_worker.pipeline.settings import fingerprint, read_json, settings_difference, write_json
+from cdam_worker.run_files import read_json, write_json
+from schemas.manifest import fingerprint, settings_difference
 from cdam_worker.reading.run import READ_ROWS, Run, RunError, ShardInfo
-from cdam_worker.pipeline.sinks import ZARR_PATH, block_checksums, open_zarr, read_checked_table, shard_file_stem
+from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table
+from schemas.paths import ZARR_PATH, derived_manifest_path, derived_marker_path, derived_root, derived_table_path
 from cdam_worker.storage import Storage
 from schemas import CHUNK_ROWS, DERIVED_GROUP, DERIVED_METADATA_SCHEMA
 from schemas.zarr_layout import FLOAT_FILL, INT_FILL
@@ -55,11 +57,6 @@ class DerivedSummary:
     skipped: list[str] = field(default_factory=list)  # "key: reason" of images this call could not derive
 
 
-def derived_root(name: str) -> str:
-    """Where the tables, markers and manifest of derivation ``name`` live below the run."""
-    return f"{DERIVED_GROUP}/{name}"
-
-
 def check_name(name: str) -> str:
     """``name`` if it is a valid derivation name (letters, digits, ``_.-``; 64 at most), else RunError."""
     if not NAME_PATTERN.fullmatch(name) or ".." in name:
@@ -78,16 +75,16 @@ def write_derived(run: Run, plan: DerivePlan, name: str, overwrite: bool = False
         storage = run.storage
         root = derived_root(name)
         settings = _settings(run, plan)
-        manifest = read_json(storage, f"{root}/manifest.json")
+        manifest = read_json(storage, derived_manifest_path(name))
         if manifest is not None and manifest.get("fingerprint") != fingerprint(settings) and not overwrite:
             differs = settings_difference(manifest.get("settings", {}), settings)
             raise RunError(f"derived maps {name!r} of {run.url} were made with other settings ({differs}); use another --name, or --overwrite")
         if manifest is None or overwrite:  # a fresh start: clear what an interrupted first attempt left
             _delete(storage, name)
             _create_arrays(run, name, plan.n_slots)
-            write_json(storage, f"{root}/manifest.json", {"status": "running", "fingerprint": fingerprint(settings), "settings": settings})
+            write_json(storage, derived_manifest_path(name), {"status": "running", "fingerprint": fingerprint(settings), "settings": settings})
         done = set(storage.list(f"{root}/markers"))
-        todo = [s for s in run.shards if s.complete and _marker_path(name, s.index) not in done]
+        todo = [s for s in run.shards if s.complete and derived_marker_path(name, s.index) not in done]
         group = open_zarr(storage, mode="r+")
         arrays = {array: group[f"{DERIVED_GROUP}/{name}/{array}"] for array in ARRAYS}
         index = run.index
@@ -118,10 +115,6 @@ def _settings(run: Run, plan: DerivePlan) -> dict[str, Any]:
         "n_slots": plan.n_slots,
         "maps_dtype": str(run.group["cdam"].dtype),
     }
-
-
-def _marker_path(name: str, shard_index: int) -> str:
-    return f"{derived_root(name)}/markers/{shard_index:06d}.json"
 
 
 def _delete(storage: Storage, name: str) -> None:
@@ -174,10 +167,10 @@ def _derive_shard(run: Run, plan: DerivePlan, name: str, shard: ShardInfo, array
         check_lock()
     table = pa.concat_tables(tables) if tables else DERIVED_METADATA_SCHEMA.empty_table()
     checksums = {array: digest.hexdigest() for array, digest in hashes.items()}
-    checksums["metadata"] = _put_table(run.storage, f"{derived_root(name)}/shards/{shard_file_stem(shard.index, shard.name)}.parquet", table)
+    checksums["metadata"] = _put_table(run.storage, derived_table_path(name, shard.index, shard.name), table)
     marker = {"shard": shard.name, "shard_index": shard.index, "n_images": table.num_rows, "n_skipped": len(skipped),
               "skipped": skipped[:SKIPPED_LISTED], "rows_checked": rows_per_shard, "checksums": checksums}
-    write_json(run.storage, _marker_path(name, shard.index), marker)
+    write_json(run.storage, derived_marker_path(name, shard.index), marker)
     return {**marker, "skipped": skipped}
 
 
@@ -214,12 +207,12 @@ def _finish(run: Run, name: str, settings: dict[str, Any]) -> str:
     """Write the combined statistics and the manifest from the shards' markers; returns the status."""
     storage = run.storage
     root = derived_root(name)
-    markers = [marker for s in run.shards if (marker := read_json(storage, _marker_path(name, s.index))) is not None]
-    tables = [pq.read_table(io.BytesIO(storage.get(f"{root}/shards/{shard_file_stem(m['shard_index'], m['shard'])}.parquet"))) for m in markers]
+    markers = [marker for s in run.shards if (marker := read_json(storage, derived_marker_path(name, s.index))) is not None]
+    tables = [pq.read_table(io.BytesIO(storage.get(derived_table_path(name, m["shard_index"], m["shard"])))) for m in markers]
     table = pa.concat_tables(tables).sort_by("row") if tables else DERIVED_METADATA_SCHEMA.empty_table()
     metadata_checksum = _put_table(storage, f"{root}/metadata.parquet", table)
     status = "complete" if len(markers) == len(run.shards) else "partial"
-    write_json(storage, f"{root}/manifest.json", {
+    write_json(storage, derived_manifest_path(name), {
         "status": status,
         "fingerprint": fingerprint(settings),
         "settings": settings,
@@ -237,7 +230,7 @@ def verify_derived(storage: Storage, group: zarr.Group, settings_shards: list[di
     problems = []
     for name in names:
         root = derived_root(name)
-        manifest = read_json(storage, f"{root}/manifest.json")
+        manifest = read_json(storage, derived_manifest_path(name))
         if manifest is None:
             problems.append(f"derived {name}: no manifest.json (a first `cdam derive --name {name}` was cut off; rerun it)")
             continue
@@ -248,7 +241,7 @@ def verify_derived(storage: Storage, group: zarr.Group, settings_shards: list[di
         total = 0
         for entry in settings_shards:
             index = int(entry["index"])
-            marker = read_json(storage, _marker_path(name, index))
+            marker = read_json(storage, derived_marker_path(name, index))
             if marker is None:
                 if index in completed:
                     problems.append(f"derived {name}: shard {index} is not derived (rerun the same `cdam derive` to finish it)")
@@ -272,7 +265,7 @@ def _check_shard(storage: Storage, group: zarr.Group, name: str, marker: dict[st
             continue
         if next(iter(actual.values())) != marker["checksums"].get(array):
             problems.append(f"Zarr array 'derived/{name}/{array}' {span} do not match their checksum")
-    path = f"{derived_root(name)}/shards/{shard_file_stem(marker['shard_index'], marker['shard'])}.parquet"
+    path = derived_table_path(name, marker["shard_index"], marker["shard"])
     table = read_checked_table(storage, path, marker["checksums"].get("metadata"), problems)
     if table is not None and table.num_rows != marker["n_images"]:
         problems.append(f"{path} has {table.num_rows} rows, the marker says {marker['n_images']} images")

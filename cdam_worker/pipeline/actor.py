@@ -29,7 +29,9 @@ from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpeg
 from cdam_worker.maps.engine import CDAMExplainer, CDAMResult, VariantConfig
 from cdam_worker.pipeline.settings import JobConfig, ShardTask
 from cdam_worker.maps.model import LoadedModel
-from cdam_worker.pipeline.sinks import ExplainedRow, ShardSummary, ShardWriter, open_zarr
+from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter
+from cdam_worker.run_files import open_zarr
+from schemas.manifest import ShardSummary
 from cdam_worker.storage import Storage
 from cdam_worker.maps.targets import Concept, TargetSpec
 from schemas import Layout

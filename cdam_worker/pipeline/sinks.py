@@ -1,21 +1,12 @@
-"""Arrays and tables out: the Zarr store, per-shard Parquet files and completion markers of a run.
-
-Output tree under DEST (local folder or S3 prefix)::
-
-    cdam.zarr/                 Zarr v3 group (schemas/zarr_layout.py)
-    metadata/NNNNNN-<shard>.parquet   one row per explained image (schemas/metadata.py)
-    errors/NNNNNN-<shard>.parquet     one row per sample that could not be explained
-    markers/NNNNNN.json        written last, once the shard's arrays and tables are durable
-    manifest.json              run settings, shard list, and (when complete) per-shard checksums
-"""
+"""Arrays and tables out: a shard's block of the Zarr store, its Parquet tables and its completion marker
+(the paths are in schemas/paths.py, the marker's fields in schemas/manifest.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,16 +17,8 @@ from zarr.codecs import ZstdCodec
 
 from cdam_worker.storage import Storage
 from schemas import CHUNK_ROWS, ERRORS_SCHEMA, HEAD_GROUP, MEMBERS_SCHEMA, METADATA_SCHEMA, Layout, array_specs
-
-ZARR_PATH = "cdam.zarr"
-
-
-def shard_file_stem(shard_index: int, shard_name: str) -> str:
-    return f"{shard_index:06d}-{shard_name}"
-
-
-def marker_path(shard_index: int) -> str:
-    return f"markers/{shard_index:06d}.json"
+from schemas.manifest import ShardSummary
+from schemas.paths import ERRORS_DIR, MEMBERS_DIR, METADATA_DIR, ZARR_PATH, marker_path, shard_table_path
 
 
 def create_zarr(storage: Storage, layout: Layout, attributes: dict[str, Any], head: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -62,10 +45,6 @@ def create_zarr(storage: Storage, layout: Layout, attributes: dict[str, Any], he
         )
 
 
-def open_zarr(storage: Storage, mode: str = "r+") -> zarr.Group:
-    return zarr.open_group(store=storage.zarr_store(ZARR_PATH, read_only=mode == "r"), mode=mode, zarr_format=3)
-
-
 @dataclass
 class ExplainedRow:
     """Everything stored for one explained image (numpy, on the CPU)."""
@@ -78,41 +57,6 @@ class ExplainedRow:
     sample_json: str | None
     arrays: dict[str, np.ndarray]  # one entry per Zarr array, without the image axis
     table: dict[str, Any]  # the metadata columns computed from the model outputs
-
-
-@dataclass
-class ShardSummary:
-    """What a shard's completion marker records."""
-
-    shard: str
-    shard_index: int
-    url: str
-    n_samples: int
-    n_images: int
-    n_errors: int  # rows of errors/: samples, plus shard-level problems
-    n_shard_errors: int  # rows of errors/ about the shard itself (key null)
-    rows_checked: int  # rows from the block start covered by the array checksums
-    checksums: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_marker(cls, marker: dict[str, Any]) -> ShardSummary:
-        """The summary a marker records; markers of cdam 0.1 have no ``n_shard_errors`` (read as 0)."""
-        return cls(**{"n_shard_errors": 0, **marker})
-
-    def unaccounted(self) -> str | None:
-        """Why the shard's samples are not each either explained or in errors/ (None when they are)."""
-        sample_errors = self.n_errors - self.n_shard_errors
-        if self.n_images + sample_errors == self.n_samples:
-            return None
-        return f"{self.n_samples} samples planned, but {self.n_images} explained + {sample_errors} in errors/"
-
-
-def block_checksums(group: zarr.Group, first_row: int, n_rows: int, names: list[str]) -> dict[str, str]:
-    """sha256 of each array's values over rows [first_row, first_row + n_rows) (C order)."""
-    return {name: hashlib.sha256(np.ascontiguousarray(group[name][first_row : first_row + n_rows]).tobytes()).hexdigest() for name in names}
 
 
 class ShardWriter:
@@ -189,20 +133,22 @@ class ShardWriter:
         """Write the last chunk, the tables, then the completion marker."""
         if self.pending:
             self._close_chunk()
-        stem = shard_file_stem(self.shard_index, self.shard)
+        metadata_path, errors_path, members_path = (
+            shard_table_path(folder, self.shard_index, self.shard) for folder in (METADATA_DIR, ERRORS_DIR, MEMBERS_DIR)
+        )
         checksums = {name: digest.hexdigest() for name, digest in self.hashes.items()}
         metadata = pa.Table.from_batches(self.metadata, schema=METADATA_SCHEMA).combine_chunks()
-        checksums["metadata"] = self._put_table(f"metadata/{stem}.parquet", metadata)
+        checksums["metadata"] = self._put_table(metadata_path, metadata)
         if self.errors:
-            checksums["errors"] = self._put_table(f"errors/{stem}.parquet", pa.Table.from_pylist(self.errors, schema=ERRORS_SCHEMA))
+            checksums["errors"] = self._put_table(errors_path, pa.Table.from_pylist(self.errors, schema=ERRORS_SCHEMA))
         else:
-            self.storage.delete(f"errors/{stem}.parquet")  # a stale file from an earlier attempt
+            self.storage.delete(errors_path)  # a stale file from an earlier attempt
         if self.members:
             key, member, offset, size = zip(*self.members)
             columns = [pa.array([_utf8(text) for text in key]), pa.array([_utf8(text) for text in member]), pa.array(offset, pa.int64()), pa.array(size, pa.int64())]
-            checksums["members"] = self._put_table(f"members/{stem}.parquet", pa.Table.from_arrays(columns, schema=MEMBERS_SCHEMA))
+            checksums["members"] = self._put_table(members_path, pa.Table.from_arrays(columns, schema=MEMBERS_SCHEMA))
         else:
-            self.storage.delete(f"members/{stem}.parquet")
+            self.storage.delete(members_path)
         summary = ShardSummary(self.shard, self.shard_index, self.url, self.n_samples, metadata.num_rows, len(self.errors), self.n_shard_errors, self.rows_flushed, checksums)
         self.storage.put(marker_path(self.shard_index), summary.to_json())
         return summary
@@ -306,20 +252,3 @@ def _utf8(text: str) -> str:
 def _one_line(text: str) -> str:
     """``text`` as one line of storable UTF-8: control characters and lone surrogates escaped."""
     return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], text)
-
-
-def read_checked_table(storage: Storage, path: str, checksum: str | None, problems: list[str], prefix: str = "") -> pa.Table | None:
-    """A Parquet file written with its sha256 recorded, read back for a check: what is wrong with it (missing,
-    not matching ``checksum``, unreadable) is appended to ``problems`` (each line starting with ``prefix``)."""
-    try:
-        data = storage.get(path)
-    except FileNotFoundError:
-        problems.append(f"{prefix}{path} is missing")
-        return None
-    if hashlib.sha256(data).hexdigest() != checksum:
-        problems.append(f"{prefix}{path} does not match its checksum")
-    try:
-        return pq.read_table(io.BytesIO(data))
-    except Exception as error:  # noqa: BLE001 - a damaged file is a problem to list, not a crash
-        problems.append(f"{prefix}{path} cannot be read as Parquet ({type(error).__name__})")
-        return None

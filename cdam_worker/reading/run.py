@@ -26,10 +26,14 @@ import pyarrow.parquet as pq
 import zarr
 
 from cdam_worker.shards.tar_reader import Sample, member_offsets, read_sample
-from cdam_worker.pipeline.settings import MANIFEST_PATH, LockRenewal, ModelSpec, OutputLock, read_json
+from cdam_worker.output_lock import LockRenewal, OutputLock
+from cdam_worker.run_files import read_json
+from schemas.manifest import ModelSpec
+from schemas.paths import MANIFEST_PATH
 from cdam_worker.maps.model import LoadedModel, ModelLoadError, load_model, resolve_class
 from cdam_worker.reading.arrow_fs import storage_filesystem
-from cdam_worker.pipeline.sinks import ZARR_PATH, marker_path, open_zarr, shard_file_stem
+from cdam_worker.run_files import open_zarr
+from schemas.paths import ERRORS_DIR, MARKERS_DIR, MEMBERS_DIR, METADATA_DIR, ZARR_PATH, marker_path, shard_table_path, task_lock_path
 from cdam_worker.storage import Storage, StorageError
 from schemas import ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
 
@@ -164,12 +168,12 @@ class Run:
     @functools.cached_property
     def metadata(self) -> ds.Dataset:
         """One row per explained image of every complete shard (schema ``cdam.metadata/1``), lazily read."""
-        return self._dataset("metadata", METADATA_SCHEMA)
+        return self._dataset(METADATA_DIR, METADATA_SCHEMA)
 
     @functools.cached_property
     def errors(self) -> pa.Table:
         """One row per sample (or shard, key null) that could not be explained, of every shard that has any."""
-        return self._dataset("errors", ERRORS_SCHEMA).to_table()
+        return self._dataset(ERRORS_DIR, ERRORS_SCHEMA).to_table()
 
     @functools.cached_property
     def index(self) -> pa.Table:
@@ -335,7 +339,7 @@ class Run:
         """Where each sample's files lie in ``shard``: from the members table the job wrote as it read the
         shard (one small read), else (runs made before it did, compressed shards) a scan of its tar headers."""
         try:  # small (tens of KiB): one request
-            table = pq.read_table(io.BytesIO(self.storage.get(f"members/{shard_file_stem(shard.index, shard.name)}.parquet")))
+            table = pq.read_table(io.BytesIO(self.storage.get(shard_table_path(MEMBERS_DIR, shard.index, shard.name))))
         except (FileNotFoundError, StorageError, pa.ArrowException, OSError):  # absent or unreadable: scan
             return member_offsets(shard.url)
         offsets: dict[str, list[tuple[str, int, int]]] = {}
@@ -353,7 +357,7 @@ class Run:
         OutputInUseError; yields a check to call now and then, which raises OutputLockLost if another
         process took the lock over (this one was paused past its lease).
         """
-        lock = OutputLock(self.storage, task, path=f"locks/{task}.json")
+        lock = OutputLock(self.storage, task, path=task_lock_path(task))
         lock.acquire()
         renewal = LockRenewal(lock)
         try:
@@ -365,7 +369,7 @@ class Run:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _read_shards(self) -> list[ShardInfo]:
-        markers = set(self.storage.list("markers"))
+        markers = set(self.storage.list(MARKERS_DIR))
         shards = []
         for entry in self.manifest["settings"]["shards"]:
             index = int(entry["index"])
@@ -378,9 +382,9 @@ class Run:
 
     def _dataset(self, folder: str, schema: pa.Schema) -> ds.Dataset:
         present = set(self.storage.list(folder))
-        paths = [path for s in self.shards if s.complete and (path := f"{folder}/{shard_file_stem(s.index, s.name)}.parquet") in present]
-        if folder == "errors":  # a failed shard's one-line record has no marker, but is part of the contract
-            paths += [path for s in self.shards if not s.complete and (path := f"{folder}/{shard_file_stem(s.index, s.name)}.parquet") in present]
+        paths = [path for s in self.shards if s.complete and (path := shard_table_path(folder, s.index, s.name)) in present]
+        if folder == ERRORS_DIR:  # a failed shard's one-line record has no marker, but is part of the contract
+            paths += [path for s in self.shards if not s.complete and (path := shard_table_path(folder, s.index, s.name)) in present]
         if not paths:
             return ds.dataset(pa.Table.from_pylist([], schema=schema))
         return ds.dataset(paths, schema=schema, format=ds.ParquetFileFormat(), filesystem=storage_filesystem(self.storage))
