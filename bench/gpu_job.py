@@ -42,7 +42,9 @@ from cdam_worker.pipeline.actor import ShardProcessor
 from cdam_worker.shards.tar_reader import decode_image
 from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules
 from jobs.cli import build_parser
-from jobs.explain import make_plan, prepare_output
+from cdam_worker.pipeline.plan import make_plan
+from cdam_worker.pipeline.run_output import prepare_output
+from jobs.explain import explain_options
 
 IMAGENET_SIZE = (500, 375)
 EXTRAPOLATE_TO = 50_000
@@ -80,7 +82,7 @@ def _one_shard(root: Path, per_shard: int, index: int) -> None:
 
 def plan_for(shards: list[str], output: Path, checkpoint: str, decode: str, precision: str):
     args = build_parser().parse_args(["explain", "--shards", *shards, "--output", str(output), "--checkpoint", checkpoint, "--targets", "topk:5", "--decode", decode, "--precision", precision])
-    plan = make_plan(args)
+    plan = make_plan(explain_options(args))
     prepare_output(plan, overwrite=True)
     return plan
 

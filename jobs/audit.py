@@ -38,18 +38,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return audit(args.output, args.classes, args.by, args.min_images, args.audit_output, args.json)
+
+
+def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images: int = 20, audit_output: str | None = None, as_json: bool = False) -> int:
+    """Audit the run at ``dest`` and print the ranked classes (the flags of the same names); returns the exit status."""
     from tqdm import tqdm
 
     from cdam_worker.audit import AuditOptions, audit_run, ranked_table, write_audit
     from cdam_worker.reading import open_run
     from cdam_worker.storage import Storage
 
-    run_ = open_run(args.output)
+    run_ = open_run(dest)
     for note in run_.skipped:
         print(f"note: {note}", file=sys.stderr)
-    classes = tuple(run_.class_index(c.strip()) for c in args.classes.split(",") if c.strip()) if args.classes else ()
-    options = AuditOptions(by=args.by, classes=classes, min_images=args.min_images)
-    storage = Storage.from_url(args.audit_output) if args.audit_output else run_.storage.child("audit")
+    classes = tuple(run_.class_index(c.strip()) for c in class_list.split(",") if c.strip()) if class_list else ()
+    options = AuditOptions(by=by, classes=classes, min_images=min_images)
+    storage = Storage.from_url(audit_output) if audit_output else run_.storage.child("audit")
     with run_.exclusive("audit") as check_lock:
         with tqdm(total=None if classes else run_.index.num_rows, unit="img", desc="reading maps", file=sys.stderr, disable=None) as bar:
             result = audit_run(run_, options, progress=bar.update)
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"not audited: {name}: {reason}", file=sys.stderr)
     if result.blind_spot.found:
         print(f"warning: {result.blind_spot.message()}", file=sys.stderr)
-    if args.json:
+    if as_json:
         print(json.dumps({**summary, "classes": result.classes.to_pylist()}, indent=2))
         return 0
     print(ranked_table(result))

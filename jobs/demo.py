@@ -11,7 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-from cdam_worker.demo_assets import ensure_demo_assets
+from jobs.audit import audit
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser("demo", help="run the whole job offline on a built-in synthetic dataset with a planted watermark", description="Generate a synthetic WebDataset with a spurious watermark, train a tiny ViT (cached), explain the test split with a local Ray job, audit it (cdam audit), and show how to query the output.")
+    demo.add_argument("--output", default="cdam-demo-output", help="output folder (default: ./cdam-demo-output)")
+    demo.add_argument("--cache-dir", default=None, help="where the demo data and model are cached (default: ~/.cache/cdam)")
+    demo.add_argument("--actors", type=int, default=2, help="actors (default: 2)")
+    demo.set_defaults(handler=run_demo)
 
 
 def default_cache_dir() -> Path:
@@ -19,24 +27,25 @@ def default_cache_dir() -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Prepare the demo assets, run ``cdam explain`` on the test split (replacing an earlier demo output),
+    """Prepare the demo assets, run the explain job on the test split (replacing an earlier demo output),
     audit it, and report the finding."""
-    from jobs.audit import run as audit
-    from jobs.cli import build_parser
-    from jobs.explain import run
+    from cdam_worker.demo_assets import ensure_demo_assets
+    from cdam_worker.pipeline.driver import explain
+    from cdam_worker.pipeline.plan import ExplainOptions
+    from schemas.manifest import ModelSpec
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     print(f"[demo] preparing the synthetic dataset and the tiny ViT under {cache_dir} (cached after the first run)", file=sys.stderr)
     assets = ensure_demo_assets(cache_dir)
     output = str(Path(args.output).resolve())
-    explain_args = build_parser().parse_args(
-        ["explain", "--shards", *map(str, assets.test_shards), "--output", output, "--checkpoint", str(assets.checkpoint), "--targets", "all", "--store-basis", "--actors", str(args.actors), "--batch-size", "32", "--overwrite"]
-    )
-    status = run(explain_args)
+    model = ModelSpec(None, checkpoint=str(Path(assets.checkpoint).resolve()))
+    options = ExplainOptions(shards=tuple(map(str, assets.test_shards)), output=output, model=model, targets="all", store_basis=True,
+                             actors=args.actors, batch_size=32, overwrite=True)
+    status = explain(options)
     if status != 0:
         return status
     print(f"\n[demo] auditing {output}", file=sys.stderr)
-    status = audit(build_parser().parse_args(["audit", output]))
+    status = audit(output)
     if status == 0:
         print(audit_finding(output))
         print(query_hints(output))

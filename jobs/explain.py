@@ -1,524 +1,109 @@
-"""The Ray driver of ``cdam explain``: plan the run, hand shards to a pool of actors, resume, summarise.
-
-Everything that can be checked before an actor starts is checked first (model, targets, shards,
-output), so a bad configuration costs one line and no cluster time.
-"""
+"""``cdam explain``: the flags of the Ray job, turned into :class:`~cdam_worker.pipeline.plan.ExplainOptions` for
+the library's driver (:func:`cdam_worker.pipeline.driver.explain`)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import signal
-import sys
-import threading
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable
+import textwrap
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+from jobs.model_flags import add_model_flags, spec_from_flags
 
-from cdam_worker import __version__
-from cdam_worker.maps.concepts import ConceptError, load_concept
-from cdam_worker.shards.tar_reader import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
-from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
-from cdam_worker.output_lock import LockRenewal, OutputLock
-from cdam_worker.pipeline.settings import ConceptSpec, JobConfig, ShardTask
-from cdam_worker.run_files import read_json, write_json
-from schemas.manifest import MANIFEST_FORMAT, fingerprint, settings_difference
-from cdam_worker.maps.model import LoadedModel, load_model
-from cdam_worker.pipeline.sinks import create_zarr
-from schemas.manifest import ShardSummary
-from schemas.paths import ERRORS_DIR, MANIFEST_PATH, OUTPUT_PREFIXES, marker_path, shard_table_path
-from cdam_worker.storage import Storage, StorageError, redact
-from cdam_worker.maps.targets import Concept, TargetSpec
-from jobs.model_flags import spec_from_flags
-from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
+if TYPE_CHECKING:  # importing cdam_worker loads torch: not at parser construction (cdam --help stays fast)
+    from cdam_worker.pipeline.plan import ExplainOptions
 
-MAX_SHARD_ATTEMPTS = 3
-MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
+EPILOG = textwrap.dedent(
+    """\
+    output (DEST, a folder or s3://bucket/prefix):
+      cdam.zarr/   Zarr v3 arrays cdam (image, target, y, x), target_class, attention,
+                   embedding, logits [, basis]; one block of rows per shard
+      metadata/    Parquet, one row per explained image (query with DuckDB: 'DEST/metadata/*.parquet')
+      errors/      Parquet, one row per sample that could not be explained (shard, key, reason)
+      markers/     per-shard completion markers; manifest.json: settings and checksums
+
+    rerunning the same command resumes: completed shards are skipped. S3 uses the standard AWS
+    settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, roles).
+
+    examples:
+      cdam explain --shards 'val-{0000..0063}.tar' --output s3://bucket/cdam/val \\
+          --model vit_small_patch16_224.augreg_in21k_ft_in1k --pretrained --targets topk:5
+      cdam explain --shards data/*.tar --output out --checkpoint model.pt --targets classes:zebra,7
+    """
+)
 
 
-class ConfigError(ValueError):
-    """A bad flag, model, shard or output, found before any actor starts."""
-
-
-class JobError(RuntimeError):
-    """The job could not go on (no actor could start, or another job took the output's lock over)."""
-
-
-@dataclass
-class Plan:
-    config: JobConfig
-    layout: Layout
-    storage: Storage
-    shards: list[ShardTask]
-    settings: dict[str, Any]
-    loaded: LoadedModel
-    zarr_attributes: dict[str, Any]
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    explain = commands.add_parser("explain", help="explain WebDataset shards with a Ray job", description="Explain every image of WebDataset shards: Ray actors run batched CDAM and write Zarr + Parquet.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = explain.add_argument_group("data")
+    data.add_argument("--shards", nargs="+", required=True, metavar="SPEC", help="tar shards: paths, globs, brace patterns (val-{0000..0063}.tar) or s3://bucket/prefix/...")
+    data.add_argument("--output", required=True, metavar="DEST", help="output folder or s3://bucket/prefix")
+    model = add_model_flags(explain)
+    model.add_argument("--method", choices=["auto", "closed_form", "autograd"], default="auto", help="how maps are computed (default: auto, the closed form where it is exact)")
+    model.add_argument("--precision", choices=["float32", "bf16", "tf32"], default="float32", help="precision of the trunk (all blocks but the last) and of Smooth/Integrated's re-runs of the last block on their noisy copies: float32 (exact, TF32 off on CUDA), bf16 autocast, or tf32 (CUDA only; no effect on CPU); vanilla maps and the clean pass that picks the targets are always float32 (default: float32)")
+    what = explain.add_argument_group("what to explain")
+    what.add_argument("--targets", default="topk:5", help="topk:K | label | classes:3,7,zebra | all | none (default: topk:5)")
+    what.add_argument("--concepts", nargs="*", default=[], metavar="NAME=FILE", help="concept targets: a saved vector or a folder of example images; append :cosine for cosine similarity")
+    what.add_argument("--variant", choices=["vanilla", "smooth", "integrated"], default="vanilla", help="vanilla, Smooth or Integrated CDAM (default: vanilla)")
+    what.add_argument("--samples", type=int, default=50, metavar="M", help="samples for smooth/integrated (default: 50)")
+    what.add_argument("--noise-level", type=float, default=None, help="noise as a fraction of each image's value range (default: 0.05 smooth, 0 integrated)")
+    what.add_argument("--seed", type=int, default=0, help="seed of the per-image noise streams (default: 0)")
+    out = explain.add_argument_group("output")
+    out.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage type of maps (default: float32, exact)")
+    out.add_argument("--store-basis", action="store_true", help="also store the relevance basis (image, feature, y, x): maps of any class or concept later, without the model")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    execution = explain.add_argument_group("execution")
+    execution.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 32 on the CPU; on CUDA the largest power of two from 16 to 512 that fits half the GPU's free memory, measured on a probe batch)")
+    execution.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where images are decoded and transformed: cpu (Pillow + the model's timm eval transform; bit-reproducible) or gpu (JPEGs by nvJPEG and resized on the actor's GPU: faster, maps differ slightly, see BENCHMARKS.md; other images take the CPU path) (default: cpu)")
+    execution.add_argument("--decode-workers", type=int, default=0, metavar="N", help="decode processes per actor (1: a thread of the actor; default 0: the node's CPUs divided among the actors it holds)")
+    execution.add_argument("--actors", type=int, default=0, help="actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
+    execution.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default: 1)")
+    execution.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor where the cluster has GPUs (default: 1)")
+    execution.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    execution.add_argument("--dry-run", action="store_true", help="check shards, model and output, print the plan and size estimate, and exit")
+    execution.add_argument("--strict", action="store_true", help="exit 1 when any sample could not be explained")
+    explain.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``cdam explain``; returns the process exit status."""
-    started = time.time()
-    plan = make_plan(args)
-    if args.dry_run:
-        print_plan(plan)
-        return 0
-    lock = OutputLock(plan.storage, plan.config.run_id)
-    lock.acquire()
-    renewal = LockRenewal(lock)
-    ray_was_connected = _ray_connected()
+    from cdam_worker.pipeline.driver import explain
+
+    return explain(explain_options(args))
+
+
+def explain_options(args: argparse.Namespace) -> ExplainOptions:
+    """The parsed flags as the driver's options; ConfigError, one line, for bad --model-kwargs. Fault injection
+    (the reliability tests) comes from the ``CDAM_FAULT_*`` environment variables."""
+    from cdam_worker.pipeline.faults import Faults
+    from cdam_worker.pipeline.plan import ConfigError, ExplainOptions
+
     try:
-        todo = prepare_output(plan, overwrite=args.overwrite)
-        failures = dispatch(plan, todo, args, renewal.check) if todo else {}
-        summaries = collect_markers(plan)
-        renewal.check()
-        if not failures and len(summaries) == len(plan.shards):
-            finish_manifest(plan, summaries)
-    finally:
-        if not ray_was_connected:  # the Ray this job started (or joined) goes now, not at the interpreter's exit
-            _disconnect_ray()
-        renewal.stop()
-        lock.release()
-    return print_summary(plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=args.strict)
-
-
-# -- planning ----------------------------------------------------------------------------------
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Check every setting and build the run's plan; ConfigError on the first problem."""
-    try:
-        spec = spec_from_flags(args)
+        model = spec_from_flags(args)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.decode_workers < 0:
-        raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {args.decode_workers}")
-    if args.decode == "gpu" and not (args.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
-        raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
-    loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
-    if loaded.num_classes == 0:
-        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one")
-    try:
-        targets = TargetSpec.parse(args.targets, loaded.class_names)
-        variant = VariantConfig(args.variant, args.samples, args.noise_level, args.seed)
-        explainer = CDAMExplainer(loaded, method=args.method, precision=args.precision)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    concepts = tuple(_load_concept(text, explainer, loaded.transform) for text in args.concepts)
-    if targets.kind == "none" and not concepts:
-        raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
-
-    urls = expand_shard_specs(args.shards)
-    storage = Storage.from_url(args.output)
-    storage.check_writable()
-    scans = _scan_all(urls)
-    first = _first_sample(urls, scans)
-    if targets.kind == "label" and first is not None and first.label is None:
-        raise ConfigError(f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none")
-    tasks = _tasks(urls, scans)
-    grid = explainer.patch_grid(*loaded.data_config["input_size"][1:])
-    config = JobConfig(
-        output=storage.url,
-        model=spec,
-        model_identity={"name": loaded.name, "kwargs": loaded.model_kwargs, "pretrained": spec.pretrained, "checkpoint_sha256": loaded.checkpoint_sha256, "head_checkpoint_sha256": loaded.head_checkpoint_sha256},
-        class_names=tuple(loaded.class_names),
-        targets=str(targets),
-        concepts=tuple(ConceptSpec(c.name, tuple(c.vector.tolist()), c.similarity) for c in concepts),
-        variant=variant.params(),
-        maps_dtype=args.dtype,
-        store_basis=args.store_basis,
-        batch_size=args.batch_size or 0,
-        method=explainer.method,
+    return ExplainOptions(
+        shards=tuple(args.shards),
+        output=args.output,
+        model=model,
+        method=args.method,
         precision=args.precision,
-        rows_per_shard=rows_per_shard_for(max([len(s.keys) for s in scans] + [1])),
-        require_label=targets.kind == "label",
-        decode=args.decode,
-    )
-    layout = Layout(
-        n_shards=len(tasks),
-        rows_per_shard=config.rows_per_shard,
-        n_targets=targets.num_slots(loaded.num_classes) + len(concepts),
-        n_heads=loaded.model.blocks[-1].attn.num_heads,
-        grid=tuple(grid),
-        embed_dim=loaded.model.num_features,
-        n_classes=loaded.num_classes,
-        maps_dtype=args.dtype,
+        targets=args.targets,
+        concepts=tuple(args.concepts),
+        variant=args.variant,
+        samples=args.samples,
+        noise_level=args.noise_level,
+        seed=args.seed,
+        dtype=args.dtype,
         store_basis=args.store_basis,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        decode=args.decode,
+        decode_workers=args.decode_workers,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        address=args.address,
+        dry_run=args.dry_run,
+        strict=args.strict,
+        faults=Faults.from_environment(),
     )
-    settings = config.output_settings(tasks)
-    config = dataclasses.replace(config, run_id=fingerprint(settings)[:12])
-    attributes = {
-        "cdam_version": __version__,
-        "run_fingerprint": fingerprint(settings),
-        "model": config.model_identity,
-        "method": explainer.method,
-        "class_names": list(loaded.class_names),
-        "patch_grid": list(grid),
-        "patch_size": list(loaded.model.patch_embed.feat_ratio(as_scalar=False)),  # pixels per token (a hybrid stem included)
-        "input_size": list(loaded.data_config["input_size"]),
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
-        "num_prefix_tokens": loaded.model.num_prefix_tokens,
-        "targets": config.targets,
-        "concepts": [{"name": c.name, "similarity": c.similarity, "vector": list(c.vector)} for c in config.concepts],
-        "variant": config.variant,
-        "seed": args.seed,
-        "maps_dtype": args.dtype,
-        "rows_per_shard": config.rows_per_shard,
-        "shards": [t.name for t in tasks],
-    }
-    return Plan(config, layout, storage, tasks, settings, loaded, attributes)
-
-
-def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
-    """``NAME=FILE`` (a saved vector) or ``NAME=FOLDER`` (example images), optional ``:cosine`` suffix."""
-    try:
-        return load_concept(text, explainer.model.num_features, lambda: (explainer, transform))
-    except ConceptError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _scan_all(urls: list[str]):
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(tqdm(pool.map(scan_shard, urls), total=len(urls), desc="scanning shards", unit="shard", file=sys.stderr, disable=len(urls) < 8))
-
-
-def _first_sample(urls: list[str], scans) -> Sample | None:
-    """The first readable sample of the run (checks decoding and labels before the job starts)."""
-    for url, scan in zip(urls, scans):
-        if not scan.keys:
-            continue
-        for _, item in iter_samples(url):
-            if isinstance(item, Sample):
-                return item
-    return None
-
-
-def _tasks(urls: list[str], scans) -> list[ShardTask]:
-    """One task per shard; a key already seen in an earlier shard is refused in the later one."""
-    first_seen: dict[str, str] = {}
-    tasks = []
-    for index, (url, scan) in enumerate(zip(urls, scans)):
-        name = shard_name(url)
-        duplicates = {}
-        for group, key in enumerate(scan.keys):
-            if key in first_seen and first_seen[key] != name:
-                duplicates[group] = f"duplicate key {key!r}: already in shard {first_seen[key]}"
-            first_seen.setdefault(key, name)
-        tasks.append(ShardTask(index, url, name, len(scan.keys), duplicates))
-    return tasks
-
-
-def print_plan(plan: Plan) -> None:
-    layout = plan.layout
-    bytes_per_image = layout.bytes_per_image()
-    n_images = sum(t.n_samples for t in plan.shards)
-    lines = [
-        f"model        {plan.loaded.name} ({plan.config.method}; {layout.n_heads} heads, grid {layout.grid[0]}x{layout.grid[1]}, {layout.n_classes} classes)",
-        f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
-        f"variant      {plan.config.variant}",
-        f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",
-        f"output       {plan.storage.url} (writable)",
-        f"estimate     {bytes_per_image / 1024:.1f} KiB per image before compression, {bytes_per_image * n_images / 2**20:.1f} MiB in all",
-    ]
-    print("\n".join(lines))
-
-
-# -- output set-up and resume ------------------------------------------------------------------
-
-
-def prepare_output(plan: Plan, overwrite: bool) -> list[ShardTask]:
-    """Create or check the output; return the shards that still need work."""
-    storage = plan.storage
-    manifest = read_json(storage, MANIFEST_PATH)
-    if manifest is not None and overwrite:
-        for prefix in OUTPUT_PREFIXES:
-            for path in storage.list(prefix):
-                storage.delete(path)
-        manifest = None
-    if manifest is None:
-        if any(storage.list(prefix) for prefix in OUTPUT_PREFIXES[:-1]):
-            raise ConfigError(f"output {storage.url} holds files of an unfinished or foreign run without a manifest; use --overwrite to replace them")
-        create_zarr(storage, plan.layout, plan.zarr_attributes, head=_linear_head(plan.loaded.model) if plan.layout.store_basis else None)
-        write_json(storage, MANIFEST_PATH, _manifest(plan, status="running"))
-        return list(plan.shards)
-    if manifest.get("fingerprint") != fingerprint(plan.settings):
-        differs = settings_difference(manifest.get("settings", {}), plan.settings)
-        raise ConfigError(f"output {storage.url} was made with different settings ({differs}); use another --output or --overwrite")
-    done = {t.shard_index for t in plan.shards if storage.exists(marker_path(t.shard_index))}
-    return [t for t in plan.shards if t.shard_index not in done]
-
-
-def _manifest(plan: Plan, status: str, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "cdam_version": __version__,
-        "status": status,
-        "fingerprint": fingerprint(plan.settings),
-        "settings": plan.settings,
-        "model_source": dataclasses.asdict(plan.config.model),  # how to load the model again (cdam evaluate, derive)
-        "layout": {"rows_per_shard": plan.layout.rows_per_shard, "n_targets": plan.layout.n_targets, "grid": list(plan.layout.grid), "maps_dtype": plan.layout.maps_dtype, "store_basis": plan.layout.store_basis},
-        "shards": shards if shards is not None else [{"index": t.shard_index, "name": t.name, "url": t.url, "n_samples": t.n_samples} for t in plan.shards],
-    }
-
-
-def _linear_head(model: torch.nn.Module) -> tuple[Any, Any] | None:
-    """(weight (C, D), bias (C)) as numpy of a head that is one linear layer on the pre-logits feature, else None."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, torch.nn.Linear):
-        return None
-    bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_features)
-    return head.weight.detach().float().cpu().numpy(), bias.detach().float().cpu().numpy()
-
-
-def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
-    summaries = {}
-    for task in plan.shards:
-        marker = read_json(plan.storage, marker_path(task.shard_index))
-        if marker is not None:
-            summaries[task.shard_index] = ShardSummary.from_marker(marker)
-    return summaries
-
-
-def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
-    shards = [{"index": s.shard_index, "name": s.shard, "url": s.url, "n_samples": s.n_samples, "n_images": s.n_images, "n_errors": s.n_errors, "rows_checked": s.rows_checked, "checksums": s.checksums} for s in sorted(summaries.values(), key=lambda s: s.shard_index)]
-    manifest = _manifest(plan, status="complete", shards=shards)
-    manifest["totals"] = {"images": sum(s.n_images for s in summaries.values()), "errors": sum(s.n_errors for s in summaries.values())}
-    write_json(plan.storage, MANIFEST_PATH, manifest)
-
-
-# -- the actor pool ----------------------------------------------------------------------------
-
-
-def dispatch(plan: Plan, tasks: list[ShardTask], args: argparse.Namespace, check_lock: Callable[[], None]) -> dict[int, str]:
-    """Run ``tasks`` on a pool of actors, retrying shards whose actor died; returns failed shards.
-
-    ``check_lock`` runs every second and raises when the output's lock is lost (the job then stops).
-    """
-    import ray
-
-    from cdam_worker.pipeline.actor import make_actor_class
-
-    _init_ray(args.address)
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 and args.gpus_per_actor > 0
-    if plan.config.decode == "gpu" and not use_gpu:
-        raise JobError("--decode gpu needs actors with a GPU, but the Ray cluster has no GPU (or --gpus-per-actor is 0); use --decode cpu")
-    n_actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_actor)))
-    n_actors = min(n_actors, len(tasks))
-    actor_class = make_actor_class(args.cpus_per_actor, args.gpus_per_actor if use_gpu else 0)
-    progress = _progress_counter()
-    model = ray.put(plan.loaded)  # the checked model, read by the actors from the object store of their node
-    threads = max(1, int(args.cpus_per_actor))
-    generation = 0  # bumped for every replacement actor (fault injection acts on the first generations)
-    start_failures = 0
-
-    starting: dict = {}  # ready() reference -> actor still loading its model
-    actors: dict = {}  # ready actor -> _ActorRecord
-    first_ready = None  # when the first actor was ready: the job's throughput is measured from there
-
-    def start_actor() -> None:
-        actor = actor_class.remote(plan.config, plan.layout, model, "cuda" if use_gpu else "cpu", threads, generation, progress, args.decode_workers, n_actors)
-        starting[actor.ready.remote()] = actor
-
-    def start_replacement() -> None:
-        nonlocal generation
-        generation += 1
-        start_actor()
-
-    for _ in range(n_actors):
-        start_actor()
-    idle: list = []
-    pending = deque((task, 1) for task in tasks)
-    running: dict = {}
-    failures: dict[int, str] = {}
-    last_progress = time.time()
-    total = sum(t.n_samples for t in tasks)
-    bar = tqdm(total=total, desc="explaining", unit="img", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-    shards_done = 0
-    try:
-        while pending or running:
-            while idle and pending:
-                actor = idle.pop()
-                task, attempt = pending.popleft()
-                running[actor.process_shard.remote(task)] = (actor, task, attempt)
-            ready, _ = ray.wait(list(running) + list(starting), num_returns=1, timeout=1.0)
-            check_lock()
-            for ref in ready:
-                if ref in starting:
-                    actor = starting.pop(ref)
-                    try:
-                        actors[actor] = _ActorRecord(_checked_actor(ray.get(ref), plan.config, warned=any(r.info.cuda_missing for r in actors.values())))
-                        first_ready = first_ready or time.time()
-                        idle.append(actor)
-                        last_progress = time.time()
-                    except ray.exceptions.RayError as error:
-                        # e.g. its node was lost while it loaded the model: replaced, up to a budget
-                        start_failures += 1
-                        reason = _first_line(error)
-                        if start_failures <= MAX_START_FAILURES_PER_ACTOR * n_actors:
-                            start_replacement()
-                            print(f"an actor could not start: {reason}; starting a replacement", file=sys.stderr)
-                        elif not (idle or running or starting):
-                            raise JobError(f"no actor could start ({start_failures} attempts); the last error: {reason}") from None
-                        else:
-                            print(f"an actor could not start: {reason}; going on with {len(idle) + len(running) + len(starting)} other actor(s)", file=sys.stderr)
-                    continue
-                actor, task, attempt = running.pop(ref)
-                try:
-                    ray.get(ref)
-                    shards_done += 1
-                    actors[actor].shards += 1
-                    idle.append(actor)
-                except ray.exceptions.RayActorError as error:
-                    start_replacement()
-                    _retry_or_fail(task, attempt, f"actor died: {_first_line(error)}", pending, failures, plan)
-                except ray.exceptions.RayError as error:
-                    idle.append(actor)
-                    _retry_or_fail(task, attempt, _first_line(error), pending, failures, plan)
-                last_progress = time.time()
-            bar.n = min(total, ray.get(progress.value.remote()))
-            bar.set_postfix_str(f"shards {shards_done}/{len(tasks)}", refresh=True)
-            if not running and not idle and pending and time.time() - last_progress > 600:
-                raise JobError("no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)")
-    finally:
-        bar.close()
-    explained = ray.get(progress.value.remote())
-    seconds = time.time() - (first_ready or time.time())
-    print(f"actors: {len(idle)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)
-    for number, (actor, peak) in enumerate(zip(idle, ray.get([actor.peak_rss_mib.remote() for actor in idle])), 1):
-        record = actors[actor]
-        info = record.info
-        print(f"actor {number}: node {info.node[:12]}, {info.device}, decode {info.decode} with {info.decode_workers} worker(s), batch {info.batch_size}, {record.shards} shard(s), peak RSS {peak:.0f} MiB", file=sys.stderr)
-    return failures
-
-
-@dataclass
-class _ActorRecord:
-    info: Any  # cdam_worker.actor.ActorInfo
-    shards: int = 0  # shards it completed
-
-
-def _checked_actor(info: Any, config: JobConfig, warned: bool) -> Any:
-    """An actor's ActorInfo, once it is ready; JobError when it cannot decode as asked. Says once (unless
-    ``warned``: an earlier actor said it) that actors given a GPU found no usable CUDA and run on the CPU."""
-    if config.decode == "gpu" and info.decode != "gpu":
-        raise JobError(f"--decode gpu needs CUDA, but an actor on node {info.node[:12]} has none (torch.cuda.is_available() is False there); use --decode cpu")
-    if info.cuda_missing and not warned:
-        print("warning: actors hold a GPU of the Ray cluster but CUDA is not usable on their node (torch.cuda.is_available() is False); they compute on the CPU", file=sys.stderr)
-    return info
-
-
-def _retry_or_fail(task: ShardTask, attempt: int, reason: str, pending: deque, failures: dict[int, str], plan: Plan) -> None:
-    if attempt < MAX_SHARD_ATTEMPTS:
-        print(f"shard {task.name}: {reason}; retrying (attempt {attempt + 1} of {MAX_SHARD_ATTEMPTS})", file=sys.stderr)
-        pending.append((task, attempt + 1))
-        return
-    failures[task.shard_index] = reason
-    try:
-        _write_shard_failure(plan, task, reason)
-    except StorageError as error:  # the summary still reports the shard; the job goes on with the others
-        print(f"warning: could not record the failure of shard {task.name} in errors/: {error}", file=sys.stderr)
-
-
-def _write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist([{"shard": task.name, "shard_index": task.shard_index, "key": None, "reason": f"shard failed after {MAX_SHARD_ATTEMPTS} attempts: {reason}", "run_id": plan.config.run_id}], schema=ERRORS_SCHEMA)
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    plan.storage.put(shard_table_path(ERRORS_DIR, task.shard_index, task.name), sink.getvalue())
-
-
-def _ray_connected() -> bool:
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
-
-
-def _disconnect_ray() -> None:
-    """Shut down the local Ray this process started (or leave the cluster it joined), if connected."""
-    if _ray_connected():
-        sys.modules["ray"].shutdown()
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if _ray_connected():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    sigterm_handler = signal.getsignal(signal.SIGTERM)
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
-    if sigterm_handler is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm_handler)  # ray.init's own handler exits silently with status 15
-
-
-def _progress_counter():
-    """A counter of explained images for the progress bar, on the driver's node: losing another node
-    must not lose it (the driver would fail reading it)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    @ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
-    class ProgressCounter:
-        def __init__(self) -> None:
-            self.images = 0
-
-        def add(self, n: int) -> None:
-            self.images += n
-
-        def value(self) -> int:
-            return self.images
-
-    return ProgressCounter.remote()
-
-
-def _first_line(error: BaseException) -> str:
-    """One line saying why a Ray call failed: the first line of what the actor raised, else Ray's last line."""
-    import ray
-
-    cause = getattr(error, "cause", None)
-    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
-        lines = str(cause).strip().splitlines()
-        return redact(f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__)[:500]
-    text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
-
-
-# -- summary -----------------------------------------------------------------------------------
-
-
-def print_summary(plan: Plan, summaries: dict[int, ShardSummary], failures: dict[int, str], seconds: float, skipped: int, strict: bool) -> int:
-    images = sum(s.n_images for s in summaries.values())
-    errors = sum(s.n_errors for s in summaries.values())
-    lines = [
-        f"done: {images} images explained, {errors} samples in errors/, {len(summaries)}/{len(plan.shards)} shards complete ({skipped} already done before this run)",
-        f"time: {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s overall)",
-        f"output: {plan.storage.url} ({plan.storage.total_size() / 2**20:.1f} MiB)",
-    ]
-    for index, reason in sorted(failures.items()):
-        lines.append(f"FAILED shard {plan.shards[index].name}: {reason}")
-    unaccounted = [f"UNACCOUNTED shard {s.shard}: {problem}" for s in sorted(summaries.values(), key=lambda s: s.shard_index) if (problem := s.unaccounted())]
-    print("\n".join(lines + unaccounted))
-    if failures or len(summaries) != len(plan.shards):
-        print(f"error: {len(plan.shards) - len(summaries)} shard(s) not complete; rerun the same command to finish them", file=sys.stderr)
-        return 1
-    if unaccounted:
-        print(f"error: {len(unaccounted)} shard(s) do not have each sample either explained or in errors/ exactly once (see UNACCOUNTED above)", file=sys.stderr)
-        return 1
-    if strict and errors:
-        print(f"error: {errors} sample(s) could not be explained (--strict); see {plan.storage.url}/errors/", file=sys.stderr)
-        return 1
-    return 0

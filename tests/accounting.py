@@ -15,14 +15,14 @@ import torch
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.actor import ShardProcessor
 from cdam_worker.shards.tar_reader import scan_shard, shard_name
+from cdam_worker.pipeline.plan import ExplainOptions, make_plan
+from cdam_worker.pipeline.run_output import prepare_output
 from cdam_worker.pipeline.settings import ShardTask
 from cdam_worker.run_files import open_zarr
-from schemas.manifest import ShardSummary
+from schemas.manifest import ModelSpec, ShardSummary
 from schemas.paths import shard_file_stem
 from cdam_worker.storage import Storage
 from helpers import make_shard, png_bytes
-from jobs.cli import build_parser
-from jobs.explain import make_plan, prepare_output
 from schemas import CHUNK_ROWS
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
@@ -43,8 +43,8 @@ def in_process_processor(root: Path, targets: str) -> ShardProcessor:
     root.mkdir(parents=True, exist_ok=True)
     placeholder = make_shard(root / "placeholder.tar", [(f"p{i}", {"png": png_bytes(8, 8), "cls": b"1"}) for i in range(PLACEHOLDER_SAMPLES)])
     checkpoint = write_checkpoint(root / "model.pt")
-    args = build_parser().parse_args(["explain", "--shards", str(placeholder), "--output", str(root / "out"), "--checkpoint", checkpoint, "--targets", targets, "--batch-size", "4"])
-    plan = make_plan(args)
+    model = ModelSpec(None, checkpoint=str(Path(checkpoint).resolve()))
+    plan = make_plan(ExplainOptions(shards=(str(placeholder),), output=str(root / "out"), model=model, targets=targets, batch_size=4))
     prepare_output(plan, overwrite=False)
     return ShardProcessor(plan.config, plan.layout, plan.loaded, device="cpu", threads=1, decode_workers=1)
 

@@ -124,7 +124,7 @@ def demo_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_assets(demo_cache: Path):  # noqa: ANN201
-    """The demo's shards, trained checkpoint and watermark location (see cdam_worker.demo.DemoAssets)."""
+    """The demo's shards, trained checkpoint and watermark location (see cdam_worker.demo_assets.DemoAssets)."""
     from cdam_worker.demo_assets import ensure_demo_assets
 
     return ensure_demo_assets(demo_cache)

@@ -18,7 +18,9 @@ import torch
 from cdam_worker import save_checkpoint
 from helpers import jpeg_bytes, make_shard
 from jobs.cli import build_parser, main
-from jobs.explain import make_plan, prepare_output
+from cdam_worker.pipeline.plan import make_plan
+from cdam_worker.pipeline.run_output import prepare_output
+from jobs.explain import explain_options
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 CLASS_NAMES = ["cat", "dog", "zebra", "analog clock", "car", "tree"]
@@ -139,7 +141,7 @@ def test_bad_credentials(inputs, s3_strict_auth, capsys, monkeypatch):
 def test_resume_into_output_made_with_other_settings(inputs, tmp_path, capsys):
     output = tmp_path / "out"
     first = build_parser().parse_args(explain(inputs, str(output), "--targets", "topk:1"))
-    prepare_output(make_plan(first), overwrite=False)  # an unfinished run: its manifest, no shard done
+    prepare_output(make_plan(explain_options(first)), overwrite=False)  # an unfinished run: its manifest, no shard done
     line = refused(explain(inputs, str(output), "--targets", "topk:2", "--dtype", "float16"), capsys)
     assert f"output {output} was made with different settings (maps_dtype, targets)" in line
     assert not (output / "lock.json").exists()

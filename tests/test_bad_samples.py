@@ -22,7 +22,7 @@ from schemas.manifest import ShardSummary
 from cdam_worker.storage import Storage
 from helpers import image_bytes, make_shard, png_bytes
 from jobs.cli import main
-from jobs.explain import print_summary
+from cdam_worker.pipeline.driver import print_summary
 from jobs.verify import verify_output
 from schemas import array_specs
 

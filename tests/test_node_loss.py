@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
-from cdam_worker.pipeline.actor import HOLD_ENV
+from cdam_worker.pipeline.faults import HOLD_ENV
 from schemas.paths import LOCK_PATH
 from helpers import finish, image_bytes, make_shard, start_driver, wait_for
 from jobs.verify import verify_output

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
-from cdam_worker.pipeline.actor import FAIL_START_ENV, FAULT_ENV, HOLD_ENV
+from cdam_worker.pipeline.faults import EXIT_AFTER_BATCHES_ENV, FAIL_START_ENV, HOLD_ENV
 from cdam_worker.output_lock import LOCK_LEASE_SECONDS, OutputInUseError, OutputLock, OutputLockLost
 from schemas.paths import LOCK_PATH
 from schemas.paths import marker_path
@@ -115,7 +115,7 @@ def shard_objects(shard_index: int) -> re.Pattern[str]:
 
 def test_actor_dying_mid_shard_is_replaced_and_output_is_identical(ray_local, dataset, reference, tmp_path, monkeypatch, capsys):
     """Both first actors exit after 5 batches: in shard 0 that is after its first Zarr chunk was written."""
-    monkeypatch.setenv(FAULT_ENV, "5")
+    monkeypatch.setenv(EXIT_AFTER_BATCHES_ENV, "5")
     output = str(tmp_path / "out")
     assert main(explain_args(dataset, output)) == 0
     captured = capsys.readouterr()

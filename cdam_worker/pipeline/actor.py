@@ -1,7 +1,7 @@
 """The Ray actor: loads the model once, then streams shards through the engine into the sinks.
 
 Three stages overlap, so the engine (the compute thread) waits neither on decoding nor on storage:
-a :class:`~cdam_worker.decoding.DecodePool` reads and decodes a couple of batches ahead, the engine
+a :class:`~cdam_worker.pipeline.decode_pool.DecodePool` reads and decodes a couple of batches ahead, the engine
 explains a batch, and a writer thread turns the previous batch's results into Zarr chunks and Parquet
 rows. At most a few batches are in flight, so an actor never holds a whole shard. On CUDA the batch
 goes to the GPU from page-locked memory on a copy stream of its own, and the default batch size is
@@ -16,7 +16,6 @@ import queue
 import resource
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from cdam_worker.shards.tar_reader import SampleError
+from cdam_worker.pipeline.faults import NO_FAULTS, Faults
 from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules, gpu_fallback
 from cdam_worker.maps.engine import CDAMExplainer, CDAMResult, VariantConfig
 from cdam_worker.pipeline.settings import JobConfig, ShardTask
@@ -41,10 +41,6 @@ CPU_BATCH_SIZE = 32  # the default batch on the CPU
 GPU_BATCH_RANGE = (16, 512)  # the default batch on CUDA: the largest power of two in this range that fits
 GPU_MEMORY_SHARE = 0.5  # share of the free GPU memory the default batch may fill
 WRITE_QUEUE_BATCHES = 2  # explained batches waiting for the writer thread
-# Fault injection for the reliability tests (never set in normal runs):
-FAULT_ENV = "CDAM_FAULT_EXIT_AFTER_BATCHES"  # first-generation actors exit hard after N batches written
-FAIL_START_ENV = "CDAM_FAULT_FAIL_START"  # actors of the first N generations fail in __init__
-HOLD_ENV = "CDAM_FAULT_HOLD_WHILE_EXISTS"  # actors wait before each batch while this file exists
 
 
 @dataclass(frozen=True)
@@ -67,9 +63,8 @@ class ShardProcessor:
     to the node: its CPUs divided among the ``job_actors`` actors it can hold (:func:`default_decode_workers`).
     """
 
-    def __init__(self, config: JobConfig, layout: Layout, loaded: LoadedModel, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1) -> None:
-        if int(os.environ.get(FAIL_START_ENV) or 0) > generation:
-            raise RuntimeError(f"fault injection: an actor of generation {generation} fails to start")
+    def __init__(self, config: JobConfig, layout: Layout, loaded: LoadedModel, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1, faults: Faults = NO_FAULTS) -> None:
+        faults.at_start(generation)
         if threads:
             torch.set_num_threads(threads)
         self.decoder = DecodePool(decode_workers or default_decode_workers(job_actors))  # starts in the background
@@ -91,8 +86,7 @@ class ShardProcessor:
         rules = SampleRules(config.require_label, self.loaded.num_classes if self.targets.kind == "label" else None)
         self.decode_settings = DecodeSettings(self.loaded.transform, rules, gpu_jpegs=self.gpu_decoder is not None)
         self.batches_done = 0
-        self.fault_after = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
-        self.hold_file = os.environ.get(HOLD_ENV) or None
+        self.faults = faults
 
     def ready(self) -> ActorInfo:
         """Answers once the model is loaded and the decode pool started; the driver hands out work only to ready actors."""
@@ -128,8 +122,7 @@ class ShardProcessor:
     # -- helpers -------------------------------------------------------------------------------
 
     def _explain(self, batch: list[PreparedSample], output: _WriterThread) -> None:
-        if self.hold_file is not None:
-            _wait_while_exists(self.hold_file)
+        self.faults.before_batch()
         if self.gpu_decoder is not None:
             batch = self._decode_jpegs_on_gpu(batch, output)
             if not batch:
@@ -200,8 +193,7 @@ class ShardProcessor:
         self.batches_done += 1
         if self.progress is not None:
             self.progress.add.remote(len(batch))
-        if self.fault_after is not None and self.generation == 0 and self.batches_done >= self.fault_after:
-            os._exit(1)  # fault injection for the reliability tests: die like a preempted node
+        self.faults.after_batch(self.generation, self.batches_done)
 
     def _batch_size_filling_gpu(self) -> int:
         """The default batch on CUDA, from the memory a probe batch of vanilla maps takes (Smooth and
@@ -292,15 +284,6 @@ class _WriterThread:
                     self._error = error
 
 
-def _wait_while_exists(path: str) -> None:
-    """Hold (fault injection): announce the wait with a ``<path>.<pid>`` file, then wait for ``path`` to go."""
-    announce = f"{path}.{os.getpid()}"
-    if os.path.exists(path):
-        open(announce, "w").close()
-    while os.path.exists(path):
-        time.sleep(0.05)
-
-
 def _row_arrays(result: CDAMResult) -> dict[str, np.ndarray]:
     arrays = {
         "cdam": result.cdam,
@@ -342,7 +325,7 @@ def _concept_positions(result: CDAMResult) -> np.ndarray:
 
 # Settings that reach the actors from the driver's environment. Never credentials: actors get those
 # from their own node (environment, profile or instance role), so no secret travels through Ray.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", FAULT_ENV, FAIL_START_ENV, HOLD_ENV)
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
 
 
 def make_actor_class(num_cpus: float, num_gpus: float):

@@ -1,0 +1,211 @@
+"""Planning a run: every setting of ``cdam explain`` checked, the shards scanned and the output's layout fixed,
+before an actor starts (so a bad configuration costs one line and no cluster time)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cdam_worker import __version__
+from cdam_worker.maps.concepts import ConceptError, load_concept
+from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
+from cdam_worker.maps.model import LoadedModel, load_model
+from cdam_worker.maps.targets import Concept, TargetSpec
+from cdam_worker.pipeline.faults import NO_FAULTS, Faults
+from cdam_worker.pipeline.settings import ConceptSpec, JobConfig, ShardTask
+from cdam_worker.shards.tar_reader import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
+from cdam_worker.storage import Storage
+from schemas import Layout, rows_per_shard_for
+from schemas.manifest import ModelSpec, fingerprint
+
+
+class ConfigError(ValueError):
+    """A setting of the job is wrong (reported as one line before any work starts)."""
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """Everything a ``cdam explain`` run takes, typed; each field is the flag of the same name (see ``cdam explain --help``)."""
+
+    shards: Sequence[str]  # tar shards: paths, globs, brace patterns or s3:// URLs
+    output: str  # a folder or s3://bucket/prefix
+    model: ModelSpec
+    method: str = "auto"  # auto | closed_form | autograd
+    precision: str = "float32"  # float32 | bf16 | tf32
+    targets: str = "topk:5"
+    concepts: Sequence[str] = ()  # NAME=FILE or NAME=FOLDER, optional :cosine
+    variant: str = "vanilla"  # vanilla | smooth | integrated
+    samples: int = 50
+    noise_level: float | None = None
+    seed: int = 0
+    dtype: str = "float32"  # storage type of maps: float32 | float16
+    store_basis: bool = False
+    overwrite: bool = False
+    batch_size: int | None = None  # None: the actor's default
+    decode: str = "cpu"  # cpu | gpu
+    decode_workers: int = 0  # 0: sized to the node
+    actors: int = 0  # 0: one per GPU, else one per cpus_per_actor CPUs
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+    address: str | None = None  # Ray cluster address (None: RAY_ADDRESS, else a local Ray)
+    dry_run: bool = False
+    strict: bool = False
+    faults: Faults = field(default=NO_FAULTS)  # fault injection, for the reliability tests only
+
+
+@dataclass
+class Plan:
+    """A checked run: its settings, layout, output storage, shards, and the model every actor gets."""
+
+    config: JobConfig
+    layout: Layout
+    storage: Storage
+    shards: list[ShardTask]
+    settings: dict[str, Any]
+    loaded: LoadedModel
+    zarr_attributes: dict[str, Any]
+
+
+def make_plan(options: ExplainOptions) -> Plan:
+    """Check every setting and build the run's plan; ConfigError on the first problem."""
+    spec = options.model
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.decode_workers < 0:
+        raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {options.decode_workers}")
+    if options.decode == "gpu" and not (options.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
+        raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
+    loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
+    if loaded.num_classes == 0:
+        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one")
+    try:
+        targets = TargetSpec.parse(options.targets, loaded.class_names)
+        variant = VariantConfig(options.variant, options.samples, options.noise_level, options.seed)
+        explainer = CDAMExplainer(loaded, method=options.method, precision=options.precision)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    concepts = tuple(_load_concept(text, explainer, loaded.transform) for text in options.concepts)
+    if targets.kind == "none" and not concepts:
+        raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
+
+    urls = expand_shard_specs(options.shards)
+    storage = Storage.from_url(options.output)
+    storage.check_writable()
+    scans = _scan_all(urls)
+    first = _first_sample(urls, scans)
+    if targets.kind == "label" and first is not None and first.label is None:
+        raise ConfigError(f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none")
+    tasks = _tasks(urls, scans)
+    grid = explainer.patch_grid(*loaded.data_config["input_size"][1:])
+    config = JobConfig(
+        output=storage.url,
+        model=spec,
+        model_identity={"name": loaded.name, "kwargs": loaded.model_kwargs, "pretrained": spec.pretrained, "checkpoint_sha256": loaded.checkpoint_sha256, "head_checkpoint_sha256": loaded.head_checkpoint_sha256},
+        class_names=tuple(loaded.class_names),
+        targets=str(targets),
+        concepts=tuple(ConceptSpec(c.name, tuple(c.vector.tolist()), c.similarity) for c in concepts),
+        variant=variant.params(),
+        maps_dtype=options.dtype,
+        store_basis=options.store_basis,
+        batch_size=options.batch_size or 0,
+        method=explainer.method,
+        precision=options.precision,
+        rows_per_shard=rows_per_shard_for(max([len(s.keys) for s in scans] + [1])),
+        require_label=targets.kind == "label",
+        decode=options.decode,
+    )
+    layout = Layout(
+        n_shards=len(tasks),
+        rows_per_shard=config.rows_per_shard,
+        n_targets=targets.num_slots(loaded.num_classes) + len(concepts),
+        n_heads=loaded.model.blocks[-1].attn.num_heads,
+        grid=tuple(grid),
+        embed_dim=loaded.model.num_features,
+        n_classes=loaded.num_classes,
+        maps_dtype=options.dtype,
+        store_basis=options.store_basis,
+    )
+    settings = config.output_settings(tasks)
+    config = dataclasses.replace(config, run_id=fingerprint(settings)[:12])
+    attributes = {
+        "cdam_version": __version__,
+        "run_fingerprint": fingerprint(settings),
+        "model": config.model_identity,
+        "method": explainer.method,
+        "class_names": list(loaded.class_names),
+        "patch_grid": list(grid),
+        "patch_size": list(loaded.model.patch_embed.feat_ratio(as_scalar=False)),  # pixels per token (a hybrid stem included)
+        "input_size": list(loaded.data_config["input_size"]),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
+        "num_prefix_tokens": loaded.model.num_prefix_tokens,
+        "targets": config.targets,
+        "concepts": [{"name": c.name, "similarity": c.similarity, "vector": list(c.vector)} for c in config.concepts],
+        "variant": config.variant,
+        "seed": options.seed,
+        "maps_dtype": options.dtype,
+        "rows_per_shard": config.rows_per_shard,
+        "shards": [t.name for t in tasks],
+    }
+    return Plan(config, layout, storage, tasks, settings, loaded, attributes)
+
+
+def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
+    """``NAME=FILE`` (a saved vector) or ``NAME=FOLDER`` (example images), optional ``:cosine`` suffix."""
+    try:
+        return load_concept(text, explainer.model.num_features, lambda: (explainer, transform))
+    except ConceptError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _scan_all(urls: list[str]):
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(tqdm(pool.map(scan_shard, urls), total=len(urls), desc="scanning shards", unit="shard", file=sys.stderr, disable=len(urls) < 8))
+
+
+def _first_sample(urls: list[str], scans) -> Sample | None:
+    """The first readable sample of the run (checks decoding and labels before the job starts)."""
+    for url, scan in zip(urls, scans):
+        if not scan.keys:
+            continue
+        for _, item in iter_samples(url):
+            if isinstance(item, Sample):
+                return item
+    return None
+
+
+def _tasks(urls: list[str], scans) -> list[ShardTask]:
+    """One task per shard; a key already seen in an earlier shard is refused in the later one."""
+    first_seen: dict[str, str] = {}
+    tasks = []
+    for index, (url, scan) in enumerate(zip(urls, scans)):
+        name = shard_name(url)
+        duplicates = {}
+        for group, key in enumerate(scan.keys):
+            if key in first_seen and first_seen[key] != name:
+                duplicates[group] = f"duplicate key {key!r}: already in shard {first_seen[key]}"
+            first_seen.setdefault(key, name)
+        tasks.append(ShardTask(index, url, name, len(scan.keys), duplicates))
+    return tasks
+
+
+def print_plan(plan: Plan) -> None:
+    layout = plan.layout
+    bytes_per_image = layout.bytes_per_image()
+    n_images = sum(t.n_samples for t in plan.shards)
+    lines = [
+        f"model        {plan.loaded.name} ({plan.config.method}; {layout.n_heads} heads, grid {layout.grid[0]}x{layout.grid[1]}, {layout.n_classes} classes)",
+        f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
+        f"variant      {plan.config.variant}",
+        f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",
+        f"output       {plan.storage.url} (writable)",
+        f"estimate     {bytes_per_image / 1024:.1f} KiB per image before compression, {bytes_per_image * n_images / 2**20:.1f} MiB in all",
+    ]
+    print("\n".join(lines))
