@@ -40,7 +40,8 @@ from PIL import Image
 
 from bench.report import command_line, load_average, machine_line, write_section
 from cdam_worker import load_model, save_checkpoint
-from cdam_worker.shards.tar_reader import Sample, iter_samples
+from cdam_worker.shards.samples import Sample
+from cdam_worker.shards.tar_reader import iter_samples
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
@@ -146,7 +147,7 @@ def _set_transform(transform) -> None:
 
 
 def _decode_and_transform(image: tuple[str, bytes]) -> None:
-    from cdam_worker.shards.tar_reader import decode_image
+    from cdam_worker.shards.samples import decode_image
 
     _transform(decode_image(image[1], image[0]))
 

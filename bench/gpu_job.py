@@ -39,11 +39,11 @@ from bench.bench_job import write_shards
 from bench.report import machine_line
 from cdam_worker import CDAMExplainer, load_model, save_checkpoint
 from cdam_worker.pipeline.actor import ShardProcessor
-from cdam_worker.shards.tar_reader import decode_image
 from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules
-from jobs.cli import build_parser
 from cdam_worker.pipeline.plan import make_plan
 from cdam_worker.pipeline.run_output import prepare_output
+from cdam_worker.shards.samples import decode_image
+from jobs.cli import build_parser
 from jobs.explain import explain_options
 
 IMAGENET_SIZE = (500, 375)

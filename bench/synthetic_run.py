@@ -23,14 +23,13 @@ import numpy as np
 from PIL import Image
 
 from cdam_worker import __version__
-from cdam_worker.shards.tar_reader import member_offsets
-from cdam_worker.run_files import write_json
-from schemas.manifest import MANIFEST_FORMAT, fingerprint
-from schemas.paths import MANIFEST_PATH
 from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter, create_zarr
-from cdam_worker.run_files import open_zarr
+from cdam_worker.run_files import open_zarr, write_json
+from cdam_worker.shards.member_index import member_offsets
 from cdam_worker.storage import Storage
 from schemas import Layout, rows_per_shard_for
+from schemas.manifest import MANIFEST_FORMAT, fingerprint
+from schemas.paths import MANIFEST_PATH
 
 TOPK = 5
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdam_worker.pipeline.plan import ConfigError
     from cdam_worker.pipeline.scheduler import JobError
     from cdam_worker.reading import RunError
-    from cdam_worker.shards.tar_reader import DataError
+    from cdam_worker.shards.specs import DataError
     from cdam_worker.storage import StorageError, redact
 
     got_sigterm = threading.Event()

@@ -21,7 +21,7 @@ derives shards the run finished since); other settings under the same NAME need 
 examples:
   cdam derive out --targets classes:zebra,7 --name zebra7
   cdam derive s3://bucket/cdam/val --targets none --concepts stripes=examples/stripes/ --name stripes
-  python: open_run("out").derive("topk:3", keys=["val-000001"])   # in memory, nothing written
+  python: derive_maps(open_run("out"), "topk:3", keys=["val-000001"])   # cdam_worker.derive; in memory, nothing written
 """
 
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from cdam_worker.derive import verify_derived
-from cdam_worker.run_files import read_json
-from schemas.manifest import fingerprint
-from schemas.paths import MANIFEST_PATH
-from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table
-from schemas.manifest import ShardSummary
-from schemas.paths import ERRORS_DIR, MEMBERS_DIR, METADATA_DIR, marker_path, shard_table_path
+from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table, read_json
 from cdam_worker.storage import Storage
 from schemas import array_specs
+from schemas.manifest import ShardSummary, fingerprint
+from schemas.paths import ERRORS_DIR, MANIFEST_PATH, MEMBERS_DIR, METADATA_DIR, marker_path, shard_table_path
 
 
 def verify_output(url: str) -> list[str]:

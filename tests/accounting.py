@@ -14,16 +14,17 @@ import torch
 
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.actor import ShardProcessor
-from cdam_worker.shards.tar_reader import scan_shard, shard_name
 from cdam_worker.pipeline.plan import ExplainOptions, make_plan
 from cdam_worker.pipeline.run_output import prepare_output
 from cdam_worker.pipeline.settings import ShardTask
 from cdam_worker.run_files import open_zarr
-from schemas.manifest import ModelSpec, ShardSummary
-from schemas.paths import shard_file_stem
+from cdam_worker.shards.specs import shard_name
+from cdam_worker.shards.tar_reader import scan_shard
 from cdam_worker.storage import Storage
 from helpers import make_shard, png_bytes
 from schemas import CHUNK_ROWS
+from schemas.manifest import ModelSpec, ShardSummary
+from schemas.paths import shard_file_stem
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 CLASS_NAMES = ["cat", "dog", "zebra", "analog clock", "car", "tree"]

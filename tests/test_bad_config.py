@@ -16,10 +16,10 @@ import timm
 import torch
 
 from cdam_worker import save_checkpoint
-from helpers import jpeg_bytes, make_shard
-from jobs.cli import build_parser, main
 from cdam_worker.pipeline.plan import make_plan
 from cdam_worker.pipeline.run_output import prepare_output
+from helpers import jpeg_bytes, make_shard
+from jobs.cli import build_parser, main
 from jobs.explain import explain_options
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)

@@ -15,16 +15,17 @@ import pytest
 from PIL import Image
 
 from accounting import assert_every_sample_accounted, in_process_processor, process, write_checkpoint
-from cdam_worker.shards.tar_reader import Sample, SampleError, ShardScan, iter_samples, scan_shard
+from cdam_worker.pipeline.driver import print_summary
 from cdam_worker.pipeline.settings import ShardTask
 from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter
-from schemas.manifest import ShardSummary
+from cdam_worker.shards.samples import Sample, SampleError
+from cdam_worker.shards.tar_reader import ShardScan, iter_samples, scan_shard
 from cdam_worker.storage import Storage
 from helpers import image_bytes, make_shard, png_bytes
 from jobs.cli import main
-from cdam_worker.pipeline.driver import print_summary
 from jobs.verify import verify_output
 from schemas import array_specs
+from schemas.manifest import ShardSummary
 
 
 def photo(seed: int) -> bytes:

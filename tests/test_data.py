@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdam_worker.shards import tar_reader as data
-from cdam_worker.shards.tar_reader import (DataError, Sample, SampleError, expand_shard_specs, iter_samples, member_offsets, scan_shard,
-                              shard_name)
+from cdam_worker.shards import member_index, samples
+from cdam_worker.shards.member_index import member_offsets
+from cdam_worker.shards.samples import Sample, SampleError
+from cdam_worker.shards.specs import DataError, expand_shard_specs, shard_name
+from cdam_worker.shards.tar_reader import ShardScan, iter_samples, scan_shard
 from cdam_worker.storage import Storage
 from tests.helpers import S3Proxy, gradient_image, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes
 
@@ -281,7 +283,7 @@ def test_decompression_bombs_are_refused(tmp_path: Path, side: int) -> None:
 def test_decompression_bomb_limit_holds_when_pillow_guard_is_off(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(samples, "MAX_IMAGE_PIXELS", 100)
     reason = only_error(read_all(shard_of(tmp_path, {"k.png": png_bytes(11, 10)})))
     assert reason == "decompression bomb: 'k.png': 11x10 pixels exceed the limit of 100"
 
@@ -335,7 +337,7 @@ def test_repeated_member_in_one_sample(tmp_path: Path) -> None:
 
 
 def test_oversized_members_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 100)
+    monkeypatch.setattr(samples, "MAX_MEMBER_BYTES", 100)
     url = shard_of(tmp_path, {"k.jpg": jpeg_bytes(), "k.npy": bytes(1000)})
     assert only_error(read_all(url)).startswith("member 'k.jpg' is too large (")
 
@@ -471,7 +473,7 @@ def test_s3_scan_reads_headers_only(s3_bucket: str, s3_server: str, tmp_path: Pa
     url = upload(s3_bucket, "big.tar", make_shard(tmp_path / "big.tar", samples).read_bytes())
     with S3Proxy(s3_server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        assert scan_shard(url) == data.ShardScan([f"k{i}" for i in range(8)], None)
+        assert scan_shard(url) == ShardScan([f"k{i}" for i in range(8)], None)
     assert proxy.bytes_served < 200_000  # of an 8 MiB shard
 
 
@@ -481,7 +483,7 @@ def test_s3_scan_of_small_members_takes_few_requests(s3_bucket: str, s3_server: 
     url = upload(s3_bucket, "small.tar", make_shard(tmp_path / "small.tar", samples).read_bytes())
     with S3Proxy(s3_server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        assert scan_shard(url) == data.ShardScan([f"k{i}" for i in range(600)], None)
+        assert scan_shard(url) == ShardScan([f"k{i}" for i in range(600)], None)
         scanned = proxy.requests
         offsets = member_offsets(url)
     assert scanned < 10, f"{scanned} requests to scan 1,200 headers"  # 4 KiB per request would take hundreds
@@ -524,9 +526,9 @@ def test_member_offsets_read_plain_headers_quickly_and_agree_with_tarfile(tmp_pa
         path.write_bytes(whole[: ends[-1]] + b"\x01" + whole[ends[-1] + 1 :])
 
     with open(path, "rb") as reader:
-        expected = data._tarfile_offsets(reader)
+        expected = member_index._tarfile_offsets(reader)
     with open(path, "rb") as reader:
-        plain = data._plain_tar_offsets(reader)
+        plain = member_index._plain_tar_offsets(reader)
     assert member_offsets(str(path)) == expected
     assert expected, "every case keeps some members"
     assert (plain is not None) == (damage == "none" or (damage == "long name" and tar_format == tarfile.USTAR_FORMAT))
@@ -544,9 +546,9 @@ def test_s3_indexed_sample_takes_one_request(s3_bucket: str, s3_server: str, tmp
     offsets = member_offsets(url)
     with S3Proxy(s3_server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        near = data.read_sample(url, "near", offsets)
+        near = member_index.read_sample(url, "near", offsets)
         assert proxy.requests == 1
-        far = data.read_sample(url, "far", offsets)
+        far = member_index.read_sample(url, "far", offsets)
         assert proxy.requests == 3 and proxy.bytes_served < 100_000
     assert isinstance(near, Sample) and near.label == 3 and near.meta == {"a": 1}
     assert isinstance(far, Sample) and far.label == 4 and far.image.size == Image.open(io.BytesIO(png_bytes())).size

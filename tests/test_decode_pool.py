@@ -15,9 +15,19 @@ from PIL import Image
 
 from cdam_worker import load_model
 from cdam_worker.pipeline.actor import GPU_BATCH_RANGE, batch_size_for_memory
-from cdam_worker.shards.tar_reader import Sample, SampleError, decode_image, iter_samples
-from cdam_worker.pipeline.decode_pool import DECODE_CHUNK, DecodePool, DecodeSettings, PreparedSample, SampleRules, gpu_fallback, gpu_jpeg_header, tensor_transform_steps
+from cdam_worker.pipeline.decode_pool import (
+    DECODE_CHUNK,
+    DecodePool,
+    DecodeSettings,
+    PreparedSample,
+    SampleRules,
+    gpu_fallback,
+    gpu_jpeg_header,
+    tensor_transform_steps,
+)
 from cdam_worker.pipeline.settings import ShardTask
+from cdam_worker.shards.samples import Sample, SampleError, decode_image
+from cdam_worker.shards.tar_reader import iter_samples
 from helpers import image_bytes, jpeg_bytes, make_shard, png_bytes
 from jobs.cli import main
 

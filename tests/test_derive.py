@@ -12,10 +12,11 @@ import pytest
 import torch
 import zarr
 
-from cdam_worker.shards.tar_reader import decode_image
+from cdam_worker.derive import derive_maps
 from cdam_worker.maps.engine import CDAMExplainer
-from cdam_worker.reading import open_run
 from cdam_worker.maps.targets import Concept
+from cdam_worker.reading import open_run
+from cdam_worker.shards.samples import decode_image
 from helpers import S3Proxy, upload_folder
 from jobs.cli import main
 from jobs.verify import verify_output
@@ -53,29 +54,29 @@ def concept_file(demo, tmp_path_factory) -> Path:
 
 def test_derived_class_maps_equal_the_engine(demo):
     run, _, explainer, keys, images = demo
-    derived = run.derive("classes:2,circle", keys=keys)
+    derived = derive_maps(run, "classes:2,circle", keys=keys)
     assert derived.dims == ("image", "target", "y", "x") and derived.shape == (12, 2, 8, 8)
     assert derived["key"].values.tolist() == keys and derived["row"].values.tolist() == run.rows_of(keys).tolist()
     assert (derived["target_class"].values == [2, 0]).all() and derived.attrs["skipped"] == []
     assert relative_error(derived.values, explainer.explain(images, [2, 0]).cdam.numpy()) <= TOLERANCE
 
-    top = run.derive("topk:2", keys=keys)  # the top classes come from the stored logits
+    top = derive_maps(run, "topk:2", keys=keys)  # the top classes come from the stored logits
     engine = explainer.explain(images, "topk:2")
     assert (top["target_class"].values == engine.target_class.numpy()).all()
     assert relative_error(top.values, engine.cdam.numpy()) <= TOLERANCE
 
     labels = run.index.column("label").to_numpy()[[run.index.column("key").to_pylist().index(k) for k in keys]]
-    by_label = run.derive("label", keys=keys)
+    by_label = derive_maps(run, "label", keys=keys)
     assert (by_label["target_class"].values[:, 0] == labels).all()
     assert relative_error(by_label.values, explainer.explain(images, "label", labels=torch.from_numpy(labels)).cdam.numpy()) <= TOLERANCE
 
     stored = run.maps_for(keys, run.class_names)  # the run stored every class: derived 'all' is the same maps
-    assert relative_error(run.derive("all", keys=keys).values, stored) <= TOLERANCE
+    assert relative_error(derive_maps(run, "all", keys=keys).values, stored) <= TOLERANCE
 
 
 def test_derived_concept_maps_equal_the_engine(demo, concept_file):
     run, _, explainer, keys, images = demo
-    derived = run.derive("none", keys=keys, concepts=[f"mark={concept_file}", f"markcos={concept_file}:cosine"])
+    derived = derive_maps(run, "none", keys=keys, concepts=[f"mark={concept_file}", f"markcos={concept_file}:cosine"])
     vector = Concept.load(concept_file).vector
     engine = explainer.explain(images, "none", concepts=[Concept("mark", vector), Concept("markcos", vector, "cosine")])
     assert (derived["target_class"].values == -1).all()
@@ -90,7 +91,7 @@ def test_cdam_derive_writes_into_the_run_resumes_and_verifies(demo, demo_run, co
     assert "derived top2: 3 map(s) per image for 256 images in 4 shard(s) (0 derived before), 0 skipped; status complete" in capsys.readouterr().out
     run = open_run(run_dir)
     rows = run.index.column("row").to_numpy()
-    expected = run.derive("topk:2", concepts=[f"mark={concept_file}"])  # in memory, every image in row order
+    expected = derive_maps(run, "topk:2", concepts=[f"mark={concept_file}"])  # in memory, every image in row order
     written = run.group["derived/top2/cdam"].get_orthogonal_selection((rows,))
     assert np.array_equal(written, expected.values)
     assert np.array_equal(run.group["derived/top2/target_class"].get_orthogonal_selection((rows,)), expected["target_class"].values)
@@ -175,7 +176,7 @@ def test_derive_on_s3_retries_transient_faults(demo, demo_run, concept_file, s3_
     assert "256 images in 4 shard(s)" in capsys.readouterr().out
     run = open_run(url)
     rows = run.index.column("row").to_numpy()
-    local = demo[0].derive("classes:1", concepts=[f"mark={concept_file}"])
+    local = derive_maps(demo[0], "classes:1", concepts=[f"mark={concept_file}"])
     assert np.array_equal(run.group["derived/c1/cdam"].get_orthogonal_selection((rows,)), local.values)
     assert verify_output(url) == []
 

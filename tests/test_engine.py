@@ -8,7 +8,9 @@ import torch
 from timm.layers import SwiGLU
 
 from cdam_worker import CDAMExplainer, Concept, VariantConfig
-from cdam_worker.maps.engine import _chunks_in_budget, _image_noise, cuda_fp32_precision
+from cdam_worker.maps.engine import cuda_fp32_precision
+from cdam_worker.maps.memory_budget import chunks_in_budget
+from cdam_worker.maps.variants import image_noise
 from reference import reference_attention, reference_cdam
 
 TOLERANCE = 1e-4
@@ -125,7 +127,7 @@ def test_smooth_and_integrated_match_reference(variant, family_name):
     block_input = explainer.last_block_input(images)
     for b in range(2):
         span = block_input[b].max() - block_input[b].min()
-        noise = _image_noise(3, keys[b], torch.empty(config.n_maps, *block_input.shape[1:])) * 0.1 * span
+        noise = image_noise(3, keys[b], torch.empty(config.n_maps, *block_input.shape[1:])) * 0.1 * span
         factors = [1.0] * config.n_maps if variant == "smooth" else [k / config.n_samples for k in range(1, config.n_samples)]
         for slot in range(3):
             score = score_for(result, b, slot, [concept])
@@ -170,13 +172,13 @@ def test_chunking_of_variant_copies_does_not_change_the_maps(family_name, config
 
 def test_gpu_chunks_fit_their_memory_budget():
     row, noise = 1000, 50 * 250  # bytes per row; noise of one image's 50 copies
-    assert _chunks_in_budget(1e9, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (64, 50)  # everything at once
+    assert chunks_in_budget(1e9, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (64, 50)  # everything at once
     for budget in (2e5, 1e6, 3e6):
-        images, copies = _chunks_in_budget(budget, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise)
+        images, copies = chunks_in_budget(budget, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise)
         assert images * (noise + copies * row) <= budget and (copies == 50 or images == 1)
-    assert _chunks_in_budget(2e5, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (3, 50)
-    assert _chunks_in_budget(2e4, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (1, 7)
-    assert _chunks_in_budget(10, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (1, 1)  # one row at least
+    assert chunks_in_budget(2e5, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (3, 50)
+    assert chunks_in_budget(2e4, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (1, 7)
+    assert chunks_in_budget(10, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (1, 1)  # one row at least
 
 
 def test_variant_copies_follow_the_precision_unless_told_otherwise():

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounting import assert_every_sample_accounted, in_process_processor, process
-from cdam_worker.shards.tar_reader import INT32_RANGE, Sample, SampleError, iter_samples, scan_shard
+from cdam_worker.shards.samples import INT32_RANGE, Sample, SampleError
+from cdam_worker.shards.tar_reader import iter_samples, scan_shard
 from helpers import gradient_image, image_bytes
 
 FUZZ = dict(

@@ -15,8 +15,9 @@ import xarray as xr
 from PIL import Image
 
 from cdam_worker import CDAMExplainer, Concept, load_model, save_checkpoint
-from cdam_worker.shards.tar_reader import Sample, iter_samples
 from cdam_worker.run_files import open_zarr
+from cdam_worker.shards.samples import Sample
+from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
 from helpers import gradient_image, image_bytes, make_shard
 from jobs.cli import main

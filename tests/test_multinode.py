@@ -20,9 +20,9 @@ from PIL import Image
 
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.faults import HOLD_ENV
-from schemas.paths import LOCK_PATH
 from helpers import finish, image_bytes, make_shard, start_driver, wait_for
 from jobs.verify import verify_output
+from schemas.paths import LOCK_PATH
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 N_SHARDS, SHARD_SIZE = 4, 9

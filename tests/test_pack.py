@@ -13,7 +13,8 @@ import timm
 import torch
 
 from cdam_worker import save_checkpoint
-from cdam_worker.shards.tar_reader import Sample, iter_samples
+from cdam_worker.shards.samples import Sample
+from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
 from helpers import gradient_image, image_bytes, jpeg_bytes, png_bytes
 from jobs.cli import main

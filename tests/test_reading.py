@@ -12,7 +12,8 @@ import pytest
 
 from bench.synthetic_run import write_synthetic_run
 from cdam_worker import RunError, open_run
-from cdam_worker.shards.tar_reader import Sample, iter_samples
+from cdam_worker.shards.samples import Sample
+from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
 from jobs.cli import main
 
@@ -55,7 +56,7 @@ def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan
     headers finds, every explained key in it. Run.image reads a sample from it with no scan; a run without
     it (made before it existed) scans the headers and shows the same pixels."""
     import cdam_worker.reading.run as run_module
-    from cdam_worker.shards.tar_reader import member_offsets
+    from cdam_worker.shards.member_index import member_offsets
     from schemas.paths import shard_file_stem
 
     run = open_run(demo_run)

@@ -35,15 +35,14 @@ import torch
 from PIL import Image
 
 from cdam_worker import save_checkpoint
-from cdam_worker.pipeline.faults import EXIT_AFTER_BATCHES_ENV, FAIL_START_ENV, HOLD_ENV
 from cdam_worker.output_lock import LOCK_LEASE_SECONDS, OutputInUseError, OutputLock, OutputLockLost
-from schemas.paths import LOCK_PATH
-from schemas.paths import marker_path
+from cdam_worker.pipeline.faults import EXIT_AFTER_BATCHES_ENV, FAIL_START_ENV, HOLD_ENV
 from cdam_worker.storage import Storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
 from helpers import S3Proxy, finish, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes, start_driver, wait_for
 from jobs.cli import main
 from jobs.verify import verify_output
+from schemas.paths import LOCK_PATH, marker_path
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 CLASS_NAMES = ["cat", "dog", "zebra", "analog clock", "car", "tree"]

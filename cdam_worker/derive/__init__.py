@@ -1,6 +1,6 @@
 """Maps of any class or concept derived from a run's stored relevance basis, later and without the model.
 
-``derive_maps`` returns them as an xarray DataArray (``Run.derive`` calls it); ``write_derived`` writes them
+``derive_maps(run, ...)`` returns them as an xarray DataArray; ``write_derived`` writes them
 into the run as ``derived/NAME`` (``cdam derive``), and ``verify_derived`` checks what it wrote (``cdam verify``).
 """
 

@@ -21,10 +21,10 @@ import torch
 
 from cdam_worker.maps.closed_form import maps_from_basis
 from cdam_worker.maps.concepts import ConceptError, load_concept
-from cdam_worker.maps.engine import CDAMExplainer, _class_directions
-from schemas.manifest import ModelSpec
-from cdam_worker.reading.run import READ_ROWS, Run, RunError
+from cdam_worker.maps.engine import CDAMExplainer, class_directions
 from cdam_worker.maps.targets import Concept, TargetSpec, concept_directions
+from cdam_worker.reading.run import READ_ROWS, Run, RunError
+from schemas.manifest import ModelSpec
 from schemas.zarr_layout import INT_FILL
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def derive_rows(run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarray
             torch.from_numpy(run.read_rows("logits", rows[good])) if plan.spec.kind == "topk" else h.new_zeros(len(good), len(plan.class_names)),
             torch.from_numpy(labels[good]) if plan.spec.kind == "label" else None,
         )
-        directions = torch.cat([_class_directions(plan.head_weight, classes) if classes.shape[1] else h.new_zeros(len(good), 0, h.shape[1]), concept_directions(plan.concepts, h)], dim=1)
+        directions = torch.cat([class_directions(plan.head_weight, classes) if classes.shape[1] else h.new_zeros(len(good), 0, h.shape[1]), concept_directions(plan.concepts, h)], dim=1)
         good_basis = torch.from_numpy(basis[good]).float().flatten(2)  # (n, D, N)
         maps[good] = maps_from_basis(directions, good_basis.transpose(1, 2)).reshape(len(good), n_slots, gh, gw).numpy()
         target_class[good] = torch.cat([classes, classes.new_full((len(good), len(plan.concepts)), -1)], dim=1).numpy()
@@ -141,7 +141,7 @@ def basis_class_maps(run: Run, rows: np.ndarray, classes: np.ndarray) -> np.ndar
         raise RunError(f"{run.url} has no relevance basis and head to derive class maps from (a run made with --store-basis has)")
     classes = torch.from_numpy(np.asarray(classes, dtype=np.int64))
     basis = torch.from_numpy(run.read_rows("basis", rows)).float().flatten(2)  # (n, D, N)
-    maps = maps_from_basis(_class_directions(torch.from_numpy(head[0]), classes.clamp_min(0)), basis.transpose(1, 2))
+    maps = maps_from_basis(class_directions(torch.from_numpy(head[0]), classes.clamp_min(0)), basis.transpose(1, 2))
     maps[classes < 0] = float("nan")
     return maps.reshape(*classes.shape, *run.grid).numpy()
 
@@ -153,7 +153,9 @@ def iter_derived(run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarra
 
 
 def derive_maps(run: Run, targets: str = "none", keys: Sequence[str] | None = None, concepts: Sequence[Concept | str] = ()) -> xr.DataArray:
-    """Derived CDAM maps as a DataArray (image, target, y, x) with ``key``, ``row`` and ``target_class`` coordinates.
+    """CDAM of any classes (``targets``: ``classes:3,zebra``, ``topk:K``, ``label``, ``all``, ``none``) and ``concepts``
+    (Concept objects or ``NAME=FILE|FOLDER[:cosine]``) for ``keys``, computed from the run's stored basis without the
+    model: a DataArray (image, target, y, x) with ``key``, ``row`` and ``target_class`` coordinates.
 
     Every image of ``keys`` (default: every explained image of the run's complete shards) has a row; one that
     could not be derived is NaN with target_class -2, and ``attrs["skipped"]`` says why ("key: reason").

@@ -31,13 +31,12 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
 from cdam_worker.derive.compute import DerivedRows, DerivePlan, derive_rows
-from cdam_worker.run_files import read_json, write_json
-from schemas.manifest import fingerprint, settings_difference
 from cdam_worker.reading.run import READ_ROWS, Run, RunError, ShardInfo
-from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table
-from schemas.paths import ZARR_PATH, derived_manifest_path, derived_marker_path, derived_root, derived_table_path
+from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table, read_json, write_json
 from cdam_worker.storage import Storage
 from schemas import CHUNK_ROWS, DERIVED_GROUP, DERIVED_METADATA_SCHEMA
+from schemas.manifest import fingerprint, settings_difference
+from schemas.paths import ZARR_PATH, derived_manifest_path, derived_marker_path, derived_root, derived_table_path
 from schemas.zarr_layout import FLOAT_FILL, INT_FILL
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

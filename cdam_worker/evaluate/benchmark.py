@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from cdam_worker.shards.tar_reader import DataError
+from cdam_worker.shards.specs import DataError
 from cdam_worker.derive import basis_class_maps
 from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from cdam_worker.shards.tar_reader import IMAGE_EXTENSIONS, ImageError, decode_image
 from cdam_worker.maps.targets import Concept
+from cdam_worker.shards.samples import IMAGE_EXTENSIONS, ImageError, decode_image
 
 if TYPE_CHECKING:
     from cdam_worker.maps.engine import CDAMExplainer

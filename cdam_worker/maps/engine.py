@@ -4,8 +4,8 @@
 then computes the maps from the last block's input by the closed form (CLS-pooled ViTs, spec
 section 3) or by autograd through the last block (every other timm ViT). Smooth and Integrated
 CDAM (spec section 2) alter the last block's input and re-run only the last block, on chunks of
-(image, copy) rows sized to the device: ``max_rows`` rows (256 on the CPU), or on CUDA as many as
-half the free GPU memory holds.
+(image, copy) rows sized to the device (``memory_budget.py``): ``max_rows`` rows (256 on the CPU), or on
+CUDA as many as half the free GPU memory holds. The variants wrap the vanilla pass (``variants.py``).
 """
 
 from __future__ import annotations
@@ -21,48 +21,13 @@ from torch import nn
 
 from cdam_worker.maps.autograd_path import autograd_maps, head_outputs
 from cdam_worker.maps.closed_form import closed_form_maps, closed_form_unsupported_reason, maps_from_basis
+from cdam_worker.maps.memory_budget import MemoryBudget
 from cdam_worker.maps.model import LoadedModel
 from cdam_worker.maps.targets import Concept, TargetSpec, concept_directions, concept_scores
+from cdam_worker.maps.variants import Variant, VariantConfig, VariantMaps
 
 Method = Literal["auto", "closed_form", "autograd"]
-Variant = Literal["vanilla", "smooth", "integrated"]
 Precision = Literal["float32", "bf16", "tf32"]
-DEFAULT_NOISE_LEVEL = {"vanilla": 0.0, "smooth": 0.05, "integrated": 0.0}
-CPU_ROWS = 256  # rows (copies of a last-block input) per pass on the CPU
-CUDA_MEMORY_SHARE = 0.5  # share of the free GPU memory the rows of one pass may fill
-
-
-@dataclass(frozen=True)
-class VariantConfig:
-    """Which CDAM: ``vanilla``, ``smooth`` (m noisy copies) or ``integrated`` (m-1 scaled copies)."""
-
-    name: Variant = "vanilla"
-    n_samples: int = 50
-    noise_level: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.name not in DEFAULT_NOISE_LEVEL:
-            raise ValueError(f"unknown variant {self.name!r}: expected vanilla, smooth or integrated")
-        if self.name != "vanilla" and self.n_samples < (2 if self.name == "integrated" else 1):
-            raise ValueError(f"{self.name} CDAM needs n_samples >= {2 if self.name == 'integrated' else 1}, got {self.n_samples}")
-        if self.noise_level is not None and self.noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
-
-    @property
-    def sigma_fraction(self) -> float:
-        return DEFAULT_NOISE_LEVEL[self.name] if self.noise_level is None else self.noise_level
-
-    @property
-    def n_maps(self) -> int:
-        """How many altered inputs are averaged (Integrated drops the k=0 map)."""
-        return {"vanilla": 1, "smooth": self.n_samples, "integrated": self.n_samples - 1}[self.name]
-
-    def params(self) -> dict[str, float | int | str]:
-        """The parameters that define the maps, for run metadata."""
-        if self.name == "vanilla":
-            return {"variant": "vanilla"}
-        return {"variant": self.name, "n_samples": self.n_samples, "noise_level": self.sigma_fraction, "seed": self.seed}
 
 
 @dataclass
@@ -77,11 +42,6 @@ class CDAMResult:
     method: str  # "closed_form" or "autograd"
     basis: torch.Tensor | None = None  # (B, D, gh, gw) relevance basis, when asked for
     concept_names: tuple[str, ...] = field(default_factory=tuple)
-
-
-def image_seed(seed: int, key: str) -> int:
-    """A 63-bit seed from the run seed and an image key, independent of batch and worker."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
 
 
 def content_key(image: torch.Tensor) -> str:
@@ -139,7 +99,8 @@ class CDAMExplainer:
         self.precision = precision
         self.variant_precision = variant_precision or precision
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
-        self.max_rows = max_rows
+        self.budget = MemoryBudget(self.model, self.method, max_rows)
+        self.variants = VariantMaps(self._maps, self.variant_chunks, self._variant_precision_scope, model.num_prefix_tokens)
 
     @property
     def num_classes(self) -> int:
@@ -238,7 +199,7 @@ class CDAMExplainer:
             if config.name == "vanilla":
                 result = self._maps(block_input, resolve, concepts, return_basis)
             else:
-                result = self._variant_maps(block_input, resolve, concepts, return_basis, keys, config)
+                result = self.variants(block_input, resolve, concepts, return_basis, keys, config)
 
         prefix = self.model.num_prefix_tokens
         concept_slots = torch.full((batch, len(concepts)), -1, dtype=torch.long, device=images.device)
@@ -255,27 +216,12 @@ class CDAMExplainer:
 
     def rows_per_pass(self, tokens: int) -> int:
         """Rows (copies of a last-block input of ``tokens`` tokens) one pass may hold: ``max_rows``, or sized to the device."""
-        if self.max_rows is not None:
-            return self.max_rows
-        if self.device.type != "cuda":
-            return CPU_ROWS
-        return max(1, int(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device) // self._bytes_per_row(tokens)))
+        return self.budget.rows_per_pass(tokens)
 
     def variant_chunks(self, batch: int, tokens: int, config: VariantConfig, columns: bool = False) -> tuple[int, int]:
-        """(images per group, copies per chunk) of Smooth/Integrated CDAM.
-
-        With ``max_rows`` set or on the CPU, a chunk holds all images of the batch and ``rows // batch`` of
-        their copies (groups of ``rows`` images, one copy each, when the batch is larger). On CUDA a group of
-        images also keeps its noise for all copies, so groups and chunks are sized from the free memory.
-        ``columns``: the closed form takes its column route (more targets than patches, or the basis).
-        """
-        n_maps = config.n_maps
-        if self.max_rows is not None or self.device.type != "cuda":
-            rows = self.rows_per_pass(tokens)
-            images = min(batch, rows)
-            return images, min(n_maps, max(1, rows // images))
-        noise = n_maps * tokens * self.model.embed_dim * 4 if config.sigma_fraction > 0 else 0  # float32 noise per image
-        return _chunks_in_budget(CUDA_MEMORY_SHARE * _free_cuda_bytes(self.device), batch, n_maps, self._bytes_per_row(tokens, columns), noise)
+        """(images per group, copies per chunk) of Smooth/Integrated CDAM (see :meth:`MemoryBudget.variant_chunks`).
+        ``columns``: the closed form takes its column route (more targets than patches, or the basis)."""
+        return self.budget.variant_chunks(batch, tokens, config.n_maps, config.sigma_fraction > 0, columns)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -294,17 +240,9 @@ class CDAMExplainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return cuda_fp32_precision(self.device, "tf32" if precision == "tf32" else "ieee")
 
-    def _bytes_per_row(self, tokens: int, columns: bool = False) -> int:
-        """Peak memory of one row in a pass, estimated on the safe side from the last block's shapes."""
-        block, dim = self.model.blocks[-1], self.model.embed_dim
-        mlp_activations = sum(p.numel() for p in block.mlp.parameters()) // dim  # about 2 x hidden per token
-        if self.method == "closed_form" and not columns:  # no autograd graph: norm1's output and a few copies of it
-            floats = 4 * tokens * dim
-        elif self.method == "closed_form":  # and every patch column's tangents through proj, norm2 and the MLP
-            floats = tokens * (8 * dim + 2 * mlp_activations)
-        else:  # the block's activations kept for the backward pass (attention weights included), and as much again
-            floats = 2 * (tokens * (14 * dim + mlp_activations) + 2 * block.attn.num_heads * tokens * tokens)
-        return 4 * floats
+    def _variant_precision_scope(self) -> contextlib.AbstractContextManager:
+        """Where Smooth/Integrated CDAM runs the last block on its altered copies."""
+        return self._precision_scope(self.variant_precision)
 
     def _target_resolver(self, targets, labels, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function logits (B, C) -> target classes (B, Kc), validated up front."""
@@ -384,73 +322,12 @@ class CDAMExplainer:
     def _directions(self, target_class: torch.Tensor, concepts: tuple[Concept, ...], embedding: torch.Tensor) -> torch.Tensor:
         """The gradient of every slot's score with respect to the embedding (B, K, D): head rows, then concepts."""
         if self.num_classes:
-            class_directions = _class_directions(self.model.head.weight, target_class)
+            head_rows = class_directions(self.model.head.weight, target_class)
         else:
-            class_directions = embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
+            head_rows = embedding.new_zeros(embedding.shape[0], 0, embedding.shape[1])
         if not concepts:
-            return class_directions
-        return torch.cat([class_directions, concept_directions(concepts, embedding)], dim=1)
-
-    def _variant_maps(self, block_input, resolve, concepts, want_basis, keys: list[str], config: VariantConfig) -> "_MapsPass":
-        """Smooth / Integrated CDAM: the mean of the maps of the altered last-block inputs.
-
-        The clean input sets the targets, logits, embedding and attention (float32); the altered copies run in
-        ``variant_precision``, in groups of images and chunks of copies (``variant_chunks``).
-        """
-        batch, tokens = block_input.shape[:2]
-        clean = self._maps(block_input, resolve, (), False, with_maps=False)
-        columns = want_basis or clean.target_class.shape[1] + len(concepts) > tokens - self.model.num_prefix_tokens
-        images_per_group, copies_per_chunk = self.variant_chunks(batch, tokens, config, columns)
-        maps, bases = [], []
-        for first in range(0, batch, images_per_group):
-            group = slice(first, first + images_per_group)
-            group_input, group_targets = block_input[group], clean.target_class[group]
-            group_size = group_input.shape[0]
-            maps_sum, basis_sum = None, None
-            for altered, copies in self._altered_inputs(group_input, keys[group], config, copies_per_chunk):
-                with self._precision_scope(self.variant_precision):
-                    part = self._maps(altered, lambda _logits: group_targets.repeat_interleave(copies, dim=0), concepts, want_basis)
-                maps_part = part.cdam.float().view(group_size, copies, *part.cdam.shape[1:]).sum(1)
-                maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
-                if want_basis:
-                    basis_part = part.basis.float().view(group_size, copies, *part.basis.shape[1:]).sum(1)
-                    basis_sum = basis_part if basis_sum is None else basis_sum + basis_part
-            maps.append(maps_sum / config.n_maps)
-            bases.append(basis_sum / config.n_maps if want_basis else None)
-        return _MapsPass(
-            cdam=torch.cat(maps),
-            basis=torch.cat(bases) if want_basis else None,
-            target_class=clean.target_class,
-            logits=clean.logits,
-            embedding=clean.embedding,
-            attention=clean.attention,
-        )
-
-    def _altered_inputs(self, block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig, copies_per_chunk: int) -> Iterator[tuple[torch.Tensor, int]]:
-        """Chunks of altered last-block inputs, (B * copies, L, D), image-major, with their copy count.
-
-        Each image's noise is one draw of all its copies from its own stream (``_image_noise``), so a map
-        depends neither on the batch nor on the chunking.
-        """
-        batch = block_input.shape[0]
-        n_maps = config.n_maps
-        noise = None
-        if config.sigma_fraction > 0:
-            span = block_input.flatten(1).amax(1) - block_input.flatten(1).amin(1)  # (B,)
-            noise = block_input.new_empty(batch, n_maps, *block_input.shape[1:])
-            for image, key in enumerate(keys):
-                _image_noise(config.seed, key, noise[image])
-            noise.mul_((config.sigma_fraction * span).view(batch, 1, 1, 1))
-        for start in range(0, n_maps, copies_per_chunk):
-            stop = min(start + copies_per_chunk, n_maps)
-            if config.name == "smooth":
-                base = block_input[:, None].expand(-1, stop - start, -1, -1)
-            else:  # integrated: X_k = (k / m) X for k = 1 .. m-1
-                scale = torch.arange(start + 1, stop + 1, device=block_input.device, dtype=block_input.dtype) / config.n_samples
-                base = scale.view(1, -1, 1, 1) * block_input[:, None]
-            altered = base if noise is None else noise[:, start:stop].add_(base)  # the noise buffer becomes the input
-            yield altered.reshape(-1, *block_input.shape[1:]), stop - start
-
+            return head_rows
+        return torch.cat([head_rows, concept_directions(concepts, embedding)], dim=1)
 
 @dataclass
 class _MapsPass:
@@ -477,7 +354,7 @@ def cls_attention(model: nn.Module, block_input: torch.Tensor) -> torch.Tensor:
     return weights.mean(2)
 
 
-def _class_directions(head_weight: torch.Tensor, target_class: torch.Tensor) -> torch.Tensor:
+def class_directions(head_weight: torch.Tensor, target_class: torch.Tensor) -> torch.Tensor:
     """The head rows of each slot's class (B, K, D); an expanded view when every image has the same classes."""
     if target_class.shape[0] > 1 and (target_class == target_class[:1]).all():
         return head_weight[target_class[0]].expand(target_class.shape[0], -1, -1)
@@ -487,28 +364,6 @@ def _class_directions(head_weight: torch.Tensor, target_class: torch.Tensor) -> 
 def _check_class_index(index: int, num_classes: int) -> None:
     if not 0 <= index < num_classes:
         raise ValueError(f"class index {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-
-
-def _chunks_in_budget(budget: float, batch: int, n_maps: int, row_bytes: int, noise_bytes: int) -> tuple[int, int]:
-    """(images per group, copies per chunk) whose noise and rows fit ``budget`` bytes; at least one row.
-
-    All copies of as many images as fit (the whole batch when it does); when not even one image's copies
-    fit, one image and as many copies as fit.
-    """
-    images = min(batch, max(1, int(budget // (noise_bytes + n_maps * row_bytes))))
-    return images, min(n_maps, max(1, int((budget / images - noise_bytes) // row_bytes)))
-
-
-def _free_cuda_bytes(device: torch.device) -> int:
-    """GPU memory free for new tensors: free on the device plus what PyTorch's allocator holds unused."""
-    free, _total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def _image_noise(seed: int, key: str, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` with the standard normal stream of image ``key`` under ``seed``."""
-    generator = torch.Generator(device=out.device).manual_seed(image_seed(seed, key))
-    return torch.randn(out.shape, generator=generator, out=out)
 
 
 @contextlib.contextmanager

@@ -23,18 +23,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdam_worker.shards.tar_reader import SampleError
-from cdam_worker.pipeline.faults import NO_FAULTS, Faults
-from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules, gpu_fallback
 from cdam_worker.maps.engine import CDAMExplainer, CDAMResult, VariantConfig
-from cdam_worker.pipeline.settings import JobConfig, ShardTask
 from cdam_worker.maps.model import LoadedModel
+from cdam_worker.maps.targets import Concept, TargetSpec
+from cdam_worker.pipeline.decode_pool import (
+    DecodePool,
+    DecodeSettings,
+    GpuJpegDecoder,
+    PreparedSample,
+    SampleRules,
+    gpu_fallback,
+)
+from cdam_worker.pipeline.faults import NO_FAULTS, Faults
+from cdam_worker.pipeline.settings import JobConfig, ShardTask
 from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter
 from cdam_worker.run_files import open_zarr
-from schemas.manifest import ShardSummary
+from cdam_worker.shards.samples import SampleError
 from cdam_worker.storage import Storage
-from cdam_worker.maps.targets import Concept, TargetSpec
 from schemas import Layout
+from schemas.manifest import ShardSummary
 
 TOPK_STORED = 5
 CPU_BATCH_SIZE = 32  # the default batch on the CPU

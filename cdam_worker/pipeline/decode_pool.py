@@ -1,7 +1,7 @@
 """Shard samples into model inputs, decoded in a pool of worker processes beside the actor's compute.
 
 One reader thread per shard streams the tar's raw member groups (compressed bytes, cheap to hand over)
-to a :class:`DecodePool`. Its workers decode each group with ``cdam_worker.data``'s own rules, apply the
+to a :class:`DecodePool`. Its workers decode each group with the job's own rules (``cdam_worker.shards.samples``), apply the
 job's checks and the model's eval transform, and send the image tensors back through shared memory
 (``torch.multiprocessing``: one shared block per chunk of samples, never a pickle of pixels). Results come
 back in shard order, whatever worker finished first, so rows, errors and outputs do not depend on how
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cdam_worker.shards.tar_reader import MAX_IMAGE_PIXELS, ImageError, SampleError, decode_image
-from cdam_worker.shards.tar_reader import _compressed, _decode_group, _Group, _open_shard, _read_groups, _ShardProblem  # the job's own sample rules
 from cdam_worker.pipeline.settings import ShardTask
+from cdam_worker.shards.samples import MAX_IMAGE_PIXELS, ImageError, KeyGroup, SampleError, decode_group, decode_image
+from cdam_worker.shards.tar_reader import ShardProblem, is_compressed, open_shard, read_groups
 
 DECODE_CHUNK = 8
 """Samples per pool task, at most: one task, one shared-memory block back (amortises the hand-over)..."""
@@ -62,7 +62,7 @@ class PreparedSample:
     label: int | None
     width: int
     height: int
-    sample_json: str | None  # the json member as stored (data.py)
+    sample_json: str | None  # the json member as stored (shards/samples.py)
     tensor: torch.Tensor | None = None  # (3, H, W) after the eval transform; None when ``jpeg`` is set
     jpeg: bytes | None = None  # GPU path: the JPEG to decode on the GPU
     image_name: str = ""  # member name of the image (GPU path: named in a fallback's error)
@@ -73,7 +73,7 @@ class _Job:
     """One key group to decode, with what the reader already knows about it."""
 
     index: int
-    group: _Group
+    group: KeyGroup
     first_index: int  # where this key was first seen in the shard (a later group is a duplicate)
     refusal: str | None  # the job refuses this sample whatever it holds (cross-shard duplicate, shard grew)
 
@@ -185,10 +185,10 @@ class DecodePool:
         chunk_bytes = 0
         shard_error = None
         try:
-            with _open_shard(task.url) as reader:
-                if members is not None and _compressed(reader):
+            with open_shard(task.url) as reader:
+                if members is not None and is_compressed(reader):
                     members = None
-                for index, group in enumerate(_read_groups(reader, "r|*", read_data=True)):
+                for index, group in enumerate(read_groups(reader, "r|*", read_data=True)):
                     if stop.is_set():
                         return
                     if members is not None:
@@ -198,7 +198,7 @@ class DecodePool:
                     if len(chunk) == DECODE_CHUNK or chunk_bytes >= DECODE_CHUNK_BYTES:
                         futures.put(self._submit(chunk, pickled))
                         chunk, chunk_bytes = [], 0
-        except _ShardProblem as problem:
+        except ShardProblem as problem:
             shard_error = SampleError(None, str(problem))
         except Exception as error:  # noqa: BLE001 - reported as a shard-level error, the rest is kept
             shard_error = SampleError(None, f"reading shard failed: {type(error).__name__}: {error}".splitlines()[0])
@@ -287,7 +287,7 @@ def decode_jobs(jobs: list[_Job], settings: DecodeSettings) -> tuple[list[Prepar
 
 
 def _prepare(job: _Job, settings: DecodeSettings) -> PreparedSample | SampleError:
-    """The job's checks, in order: the sample's own (data.py), the job's refusal, the label's range,
+    """The job's checks, in order: the sample's own (shards/samples.py), the job's refusal, the label's range,
     then the transform (or, for a GPU-ready JPEG, nothing more)."""
     gpu_ready: list[tuple[str, bytes]] = []
 
@@ -297,7 +297,7 @@ def _prepare(job: _Job, settings: DecodeSettings) -> PreparedSample | SampleErro
             return header
         return decode_image(data, name)
 
-    sample = _decode_group(job.group, job.index, {job.group.key: job.first_index}, settings.rules.require_label, image_decoder=decode_or_probe)
+    sample = decode_group(job.group, job.index, {job.group.key: job.first_index}, settings.rules.require_label, image_decoder=decode_or_probe)
     if isinstance(sample, SampleError):
         return sample
     if job.refusal is not None:

@@ -21,7 +21,9 @@ from cdam_worker.maps.model import LoadedModel, load_model
 from cdam_worker.maps.targets import Concept, TargetSpec
 from cdam_worker.pipeline.faults import NO_FAULTS, Faults
 from cdam_worker.pipeline.settings import ConceptSpec, JobConfig, ShardTask
-from cdam_worker.shards.tar_reader import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
+from cdam_worker.shards.samples import Sample
+from cdam_worker.shards.specs import expand_shard_specs, shard_name
+from cdam_worker.shards.tar_reader import iter_samples, scan_shard
 from cdam_worker.storage import Storage
 from schemas import Layout, rows_per_shard_for
 from schemas.manifest import ModelSpec, fingerprint

@@ -123,7 +123,7 @@ class ShardWriter:
         Text is stored as UTF-8 (undecodable characters escaped), the reason on one line.
         """
         self.n_shard_errors += int(key is None)
-        self.errors.append({"shard": _utf8(self.shard), "shard_index": self.shard_index, "key": None if key is None else _utf8(key), "reason": _one_line(reason), "run_id": self.run_id})
+        self.errors.append({"shard": _utf8(self.shard), "shard_index": self.shard_index, "key": None if key is None else _utf8(key), "reason": _storable_line(reason), "run_id": self.run_id})
 
     def add_members(self, members: list[tuple[str, str, int, int]]) -> None:
         """Record where the shard's files lie in it: (key, member name, data offset, size) each."""
@@ -233,11 +233,11 @@ def _unstorable_reason(row: dict[str, Any]) -> str:
                 raise ValueError("null in a non-nullable column")
             pa.array([value], type=column_field.type)
         except _UNSTORABLE as error:
-            return f"metadata column {column_field.name!r} cannot hold {_shown(value)}: {type(error).__name__}: {error}"
+            return f"metadata column {column_field.name!r} cannot hold {_short_repr(value)}: {type(error).__name__}: {error}"
     return "the metadata row does not fit its schema"
 
 
-def _shown(value: Any, limit: int = 80) -> str:
+def _short_repr(value: Any, limit: int = 80) -> str:
     """repr of a value for an error reason, long strings cut short."""
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]!r}... ({len(value)} characters)"
@@ -249,6 +249,6 @@ def _utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _one_line(text: str) -> str:
+def _storable_line(text: str) -> str:
     """``text`` as one line of storable UTF-8: control characters and lone surrogates escaped."""
     return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], text)

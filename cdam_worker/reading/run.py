@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,24 +24,32 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import zarr
 
-from cdam_worker.shards.tar_reader import Sample, member_offsets, read_sample
-from cdam_worker.output_lock import LockRenewal, OutputLock
-from cdam_worker.run_files import read_json
-from schemas.manifest import ModelSpec
-from schemas.paths import MANIFEST_PATH
 from cdam_worker.maps.model import LoadedModel, ModelLoadError, load_model, resolve_class
+from cdam_worker.messages import one_line
+from cdam_worker.output_lock import LockRenewal, OutputLock
 from cdam_worker.reading.arrow_fs import storage_filesystem
-from cdam_worker.run_files import open_zarr
-from schemas.paths import ERRORS_DIR, MARKERS_DIR, MEMBERS_DIR, METADATA_DIR, ZARR_PATH, marker_path, shard_table_path, task_lock_path
+from cdam_worker.run_files import open_zarr, read_json
+from cdam_worker.shards.member_index import member_offsets, read_sample
+from cdam_worker.shards.samples import Sample
 from cdam_worker.storage import Storage, StorageError
 from schemas import ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
+from schemas.manifest import ModelSpec
+from schemas.paths import (
+    ERRORS_DIR,
+    MANIFEST_PATH,
+    MARKERS_DIR,
+    MEMBERS_DIR,
+    METADATA_DIR,
+    ZARR_PATH,
+    marker_path,
+    shard_table_path,
+    task_lock_path,
+)
 
 if TYPE_CHECKING:
     import duckdb
     import xarray as xr
     from PIL import Image
-
-    from cdam_worker.maps.targets import Concept
 
 READ_ROWS = 256
 """Rows of maps read per step by the chunk-wise readers (a multiple of the 16-row chunks)."""
@@ -300,14 +307,6 @@ class Run:
         out[image, slot] = values
         return out[:, : self.n_targets]
 
-    def derive(self, targets: str = "none", keys: Sequence[str] | None = None, concepts: Sequence[Concept | str] = ()) -> xr.DataArray:
-        """CDAM of any classes (``targets``: ``classes:3,zebra``, ``topk:K``, ``label``, ``all``, ``none``) and
-        ``concepts`` (Concept objects or ``NAME=FILE|FOLDER[:cosine]``) for ``keys`` (default: every explained
-        image), computed from the stored basis without the model; see :func:`cdam_worker.derive.derive_maps`."""
-        from cdam_worker.derive import derive_maps
-
-        return derive_maps(self, targets, keys, concepts)
-
     # -- images ------------------------------------------------------------------------------------
 
     def image(self, key: str) -> Image.Image:
@@ -405,9 +404,5 @@ def open_run(dest: str) -> Run:
     try:
         group = open_zarr(storage, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:  # type: ignore[attr-defined]
-        raise RunError(f"{storage.url}: no readable {ZARR_PATH} ({_one_line(error)})") from None
+        raise RunError(f"{storage.url}: no readable {ZARR_PATH} ({one_line(error, 200)})") from None
     return Run(storage, manifest, group)
-
-
-def _one_line(error: BaseException) -> str:
-    return re.sub(r"\s+", " ", str(error)).strip()[:200] or type(error).__name__

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cdam_worker.shards.tar_reader import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, DataError, ImageError, decode_image
+from cdam_worker.shards.samples import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, ImageError, decode_image
+from cdam_worker.shards.specs import DataError
 from cdam_worker.storage import Storage
 
 LAYOUTS = ("imagenet", "csv", "flat")
