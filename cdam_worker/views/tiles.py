@@ -28,13 +28,22 @@ IMAGE_THREADS = 8
 
 
 class ByteLRU:
-    """A thread-safe least-recently-used cache bounded by the bytes of its values."""
+    """A thread-safe least-recently-used cache bounded by the bytes of its values (one value larger than the
+    bound is kept alone). ``nbytes`` is what it holds now, ``peak_bytes`` the most it has held after a put."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+        self.peak_bytes = 0
         self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, key: Any) -> Any:
         with self._lock:
@@ -55,6 +64,7 @@ class ByteLRU:
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 self._bytes -= self._items.popitem(last=False)[1][1]
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
 
 
 class TileRenderer:
@@ -75,6 +85,11 @@ class TileRenderer:
         self._pending: dict[tuple[str, str, str, int], Future[bytes]] = {}  # tiles being rendered ahead
         self._pending_lock = threading.Lock()
         self.unreadable: dict[str, str] = {}  # key -> why its image could not be read
+
+    @property
+    def caches(self) -> dict[str, ByteLRU]:
+        """The renderer's caches by what they hold (their bounds add up to ``cache_bytes`` or less)."""
+        return {"images": self._images, "maps": self._maps, "tiles": self._tiles}
 
     def check_map(self, name: str) -> None:
         """RunError unless ``name`` names a map this run has."""
