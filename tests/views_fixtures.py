@@ -20,8 +20,11 @@ from PIL import Image
 from schemas import ERRORS_SCHEMA
 
 CHROMIUM = "/usr/bin/chromium"
+REBINDING_HOST = "rebind.attacker.test"
+"""A host name the tests' Chromium resolves to 127.0.0.1, as a DNS-rebinding attacker's would."""
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
+                 "--no-first-run", "--disable-sync", "--disable-quic",
+                 f"--host-resolver-rules=MAP {REBINDING_HOST} 127.0.0.1"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -130,12 +133,18 @@ def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
 def serving(dest: str, token: str | None = None, allow_hosts: tuple[str, ...] = ()) -> Iterator[str]:
     """``cdam serve``'s app over ``dest`` (requiring ``token`` if given) in a uvicorn thread on 127.0.0.1 and
     a free port; yields its URL (without the token)."""
-    import uvicorn
-
     from cdam_worker.reading import open_run
     from cdam_worker.views.app import create_app
 
-    app = create_app(open_run(dest), "127.0.0.1", allow_hosts, token)
+    with serving_app(create_app(open_run(dest), "127.0.0.1", allow_hosts, token)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving_app(app: object) -> Iterator[str]:
+    """An ASGI app made by ``create_app`` in a uvicorn thread on 127.0.0.1 and a free port; yields its URL."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
