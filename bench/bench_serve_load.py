@@ -2,8 +2,8 @@
 
 Several clients (threads, each with its own kept-alive connection, as a browser tab has) walk the dashboard
 of a 50,000-image synthetic run (``bench/bench_views.py``'s: real image shards, audit tables) as users do:
-the overview now and then, a class page (random class and gallery page), its gallery's 48 tiles, the
-audit's 2-D plot, another gallery page through the API, and an image page with its tiles. The server runs
+the overview now and then, a class page (random class and gallery page) and the 48 tiles it preloads, the
+audit's 2-D plot, the next gallery page through the API and its tiles, and an image page with its tiles. The server runs
 behind a token (the clients open the tokened address once and go on with the cookie), in a process of its
 own; the load stops after ``--seconds`` or ``--max-requests``, whichever comes first.
 
@@ -37,14 +37,19 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from html import unescape
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"^serving (http://\S+)")
+PICTURE = re.compile(r'<(?:link rel="preload" as="image" href|img[^>]* src)="(/[^"]+)"')
+"""A picture a page names: a preloaded gallery tile, or an image's source."""
+TOKEN_VARIABLE = "CDAM_BENCH_SERVE_TOKEN"
+"""How the server process gets its token (a command line is visible to every user of the machine)."""
 
 
 def tile_caches(app: Any) -> dict[str, Any]:
@@ -54,8 +59,10 @@ def tile_caches(app: Any) -> dict[str, Any]:
 
 def cache_state(app: Any) -> dict[str, dict[str, int]]:
     """Each cache's bytes now, its peak and its bound."""
-    return {name: {"bytes": cache.nbytes, "peak_bytes": cache.peak_bytes, "max_bytes": cache.max_bytes, "items": len(cache)}
-            for name, cache in tile_caches(app).items()}
+    return {
+        name: {"bytes": cache.nbytes, "peak_bytes": cache.peak_bytes, "max_bytes": cache.max_bytes, "items": len(cache)}
+        for name, cache in tile_caches(app).items()
+    }
 
 
 # -- the server ----------------------------------------------------------------------------------------
@@ -131,24 +138,33 @@ class Client:
         self.tally.add(kind, time.perf_counter() - started, failure)
         return None if failure else body
 
+    def get_pictures(self, html: bytes | None) -> None:
+        """GET the pictures a page names (preloaded tiles, image sources), as a browser does."""
+        for source in PICTURE.findall(html.decode() if html else ""):
+            address = urlparse(unescape(source))
+            kind = f"tile {parse_qs(address.query)['size'][0]}" if address.path == "/tile" else address.path.lstrip("/")
+            self.get(kind, unescape(source))
+
     def walk(self, rng: random.Random, n_classes: int) -> None:
-        """Walk the dashboard until the budget or the time is spent."""
+        """Walk the dashboard as a browser tab does, following the pictures each page names, until the
+        budget or the time is spent."""
         try:
             while True:
                 if rng.random() < 0.1:
                     self.get("overview", "/")
-                c = rng.randrange(n_classes)
-                self.get("class page", f"/class/{c}?page={rng.randrange(3)}")
-                gallery = self.get("gallery api", f"/api/gallery?class={c}&offset={48 * rng.randrange(4)}&limit=48")
+                c, page = rng.randrange(n_classes), rng.randrange(3)
+                self.get_pictures(
+                    self.get("class page", f"/class/{c}?page={page}")
+                )  # its first gallery, prototypes, medoids
+                self.get("scatter api", f"/api/scatter?class={c}")
+                gallery = self.get(
+                    "gallery api", f"/api/gallery?class={c}&offset={48 * (page + 1)}&limit=48"
+                )  # the next page
                 items = json.loads(gallery)["items"] if gallery else []
                 for item in items:
                     self.get("tile 160", item["tile"])
-                self.get("scatter api", f"/api/scatter?class={c}")
                 if items:
-                    key = rng.choice(items)["key"]
-                    self.get("image page", f"/image?key={quote(key)}")
-                    for map_name in ("att", "s0", "s1"):
-                        self.get("tile 256", f"/tile?key={quote(key)}&view=overlay&map={map_name}&size=256")
+                    self.get_pictures(self.get("image page", rng.choice(items)["href"]))
         except Spent:
             pass
         finally:
@@ -168,14 +184,21 @@ def open_with_token(base: str, token: str) -> str:
     return response.getheader("set-cookie").split(";")[0]
 
 
-def load(base: str, token: str, n_classes: int, clients: int, seconds: float, max_requests: int, seed: int = 0) -> tuple[Tally, float]:
+def load(
+    base: str, token: str, n_classes: int, clients: int, seconds: float, max_requests: int, seed: int = 0
+) -> tuple[Tally, float]:
     """Run ``clients`` walking clients against ``base`` until ``seconds`` pass or ``max_requests`` are made;
     returns the tally and the seconds it took."""
     cookie = open_with_token(base, token)
     tally, budget = Tally(), threading.Semaphore(max_requests)
     started = time.monotonic()
-    threads = [threading.Thread(target=Client(base, cookie, tally, budget, started + seconds).walk, args=(random.Random(seed + i), n_classes))
-               for i in range(clients)]
+    threads = [
+        threading.Thread(
+            target=Client(base, cookie, tally, budget, started + seconds).walk,
+            args=(random.Random(seed + i), n_classes),
+        )
+        for i in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -189,20 +212,23 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("/tmp/cdam-serve-load-run"), help="the synthetic run (written if not there)")
+    parser.add_argument(
+        "--run", type=Path, default=Path("/tmp/cdam-serve-load-run"), help="the synthetic run (written if not there)"
+    )
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0, help="stop after this long (default 60)")
     parser.add_argument("--max-requests", type=int, default=20_000, help="or after this many requests (default 20,000)")
-    parser.add_argument("--cache-mb", type=int, default=512, help="the tile renderer's cache bound (cdam serve's default: 512)")
+    parser.add_argument(
+        "--cache-mb", type=int, default=512, help="the tile renderer's cache bound (cdam serve's default: 512)"
+    )
     parser.add_argument("--serve", metavar="RUN", help=argparse.SUPPRESS)
-    parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         try:
-            serve(args.serve, args.token, args.cache_mb << 20, args.stats)
+            serve(args.serve, os.environ[TOKEN_VARIABLE], args.cache_mb << 20, args.stats)
         except KeyboardInterrupt:  # how the bench stops it
             pass
         return
@@ -211,12 +237,30 @@ def main() -> None:
 
         started = time.perf_counter()
         write_run(args.run, args.images, args.classes, None)
-        print(f"wrote the synthetic run ({args.images} images, {args.classes} classes) in {time.perf_counter() - started:.0f} s")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"wrote the synthetic run ({args.images} images, {args.classes} classes) "
+            f"in {time.perf_counter() - started:.0f} s"
+        )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     token = secrets.token_urlsafe(32)
     stats = Path(tempfile.mkdtemp(prefix="cdam-serve-load-")) / "stats.json"
-    server = subprocess.Popen([sys.executable, "-m", "bench.bench_serve_load", "--serve", str(args.run), "--token", token, "--stats", str(stats),
-                               "--cache-mb", str(args.cache_mb)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "bench.bench_serve_load",
+        "--serve",
+        str(args.run),
+        "--stats",
+        str(stats),
+        "--cache-mb",
+        str(args.cache_mb),
+    ]
+    server = subprocess.Popen(
+        command, cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, TOKEN_VARIABLE: token}
+    )
     try:
         for line in server.stderr:
             if match := LISTENING.match(line):
@@ -233,16 +277,22 @@ def main() -> None:
     state = json.loads(stats.read_text())
     every = [s for values in tally.seconds.values() for s in values]
     p50, p99 = percentiles(every)
-    print(f"{tally.count} requests by {args.clients} clients in {took:.1f} s: {tally.count / took:.0f} requests/s; p50 {1000 * p50:.1f} ms, "
-          f"p99 {1000 * p99:.1f} ms; {len(tally.failures)} failed")
+    print(
+        f"{tally.count} requests by {args.clients} clients in {took:.1f} s: {tally.count / took:.0f} requests/s; "
+        f"p50 {1000 * p50:.1f} ms, "
+        f"p99 {1000 * p99:.1f} ms; {len(tally.failures)} failed"
+    )
     for kind, values in sorted(tally.seconds.items()):
         p50, p99 = percentiles(values)
         print(f"  {kind:12s} {len(values):6d} requests  p50 {1000 * p50:7.1f} ms  p99 {1000 * p99:7.1f} ms")
     print(f"server peak RSS: {state['peak_rss_bytes'] / 2**20:.0f} MiB")
     over = []
     for name, cache in state["caches"].items():
-        print(f"  cache {name:7s} peak {cache['peak_bytes'] / 2**20:6.1f} MiB of {cache['max_bytes'] / 2**20:6.1f} MiB bound, "
-              f"at the end {cache['bytes'] / 2**20:6.1f} MiB in {cache['items']} items")
+        print(
+            f"  cache {name:7s} peak {cache['peak_bytes'] / 2**20:6.1f} MiB "
+            f"of {cache['max_bytes'] / 2**20:6.1f} MiB bound, "
+            f"at the end {cache['bytes'] / 2**20:6.1f} MiB in {cache['items']} items"
+        )
         if cache["peak_bytes"] > cache["max_bytes"]:
             over.append(name)
     for failure in tally.failures[:10]:

@@ -31,13 +31,14 @@ who it answers:
              (?token=...); opening it once sets a cookie (HttpOnly, SameSite=Strict) and drops the token
              from the address; any request without the cookie or the token gets a 403. --token-file
              FILE keeps a fixed token; --no-auth turns the token off (anyone who reaches the port sees
-             the run). Tokens are compared in constant time and never logged.
+             the run). Tokens are compared in constant time and never logged. On a machine others log
+             in to, loopback is theirs too: add --token.
 
 examples:
   cdam serve cdam-demo-output
   cdam serve s3://bucket/cdam/val --port 8080
   cdam serve s3://bucket/cdam/val --host 0.0.0.0 --allow-host gpu-box.example.org   # prints a tokened URL
-  ssh -L 9000:localhost:8050 gpu-box   # then, there: cdam serve RUN --allow-host localhost:9000
+  ssh -L 9000:localhost:8050 gpu-box   # then, there: cdam serve RUN --token --allow-host localhost:9000
 """
 
 
@@ -46,7 +47,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_allowed_host,
                         help="also answer requests addressed to NAME (a host name or address; NAME:PORT for another "
                              "port, e.g. an ssh tunnel's); repeatable")
     auth = parser.add_mutually_exclusive_group()
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     listener = listen(args.host, args.port)
     port = listener.getsockname()[1]
-    address = f"http://{_shown_host(args)}:{port}/"
+    address = f"http://{_shown_host(args, port)}/"
     if token is None or args.token_file:
         opened = address + (f" (the token is in {args.token_file}: open {address}?token=TOKEN once)" if token else "")
     else:
@@ -110,12 +111,20 @@ def token_of(args: argparse.Namespace) -> str | None:
         raise RunError(str(error)) from None
 
 
-def _shown_host(args: argparse.Namespace) -> str:
-    """The host of the printed address: the bound one, or for a wildcard the first --allow-host name (else
-    127.0.0.1)."""
+def _allowed_host(text: str) -> str:
+    """An --allow-host value: a host name or address, with :PORT or not (no scheme, path or user)."""
+    if not text or any(character in text for character in "/@?# \t") or text.endswith(":"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a host name or address, optionally with :PORT (no scheme or path)")
+    return text
+
+
+def _shown_host(args: argparse.Namespace, port: int) -> str:
+    """The host and port of the printed address: the bound address, or for a wildcard the first --allow-host
+    name (with its own port if it names one), else 127.0.0.1."""
+    name = host_name(args.host)
     if args.host in WILDCARD_ADDRESSES:
-        return host_name(args.allow_host[0]) if args.allow_host else "127.0.0.1"
-    return host_name(args.host)
+        name = host_name(args.allow_host[0]) if args.allow_host else "127.0.0.1"
+    return name if ":" in name.rpartition("]")[2] else f"{name}:{port}"
 
 
 def listen(host: str, port: int) -> socket.socket:
