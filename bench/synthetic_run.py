@@ -37,9 +37,12 @@ TOPK = 5
 def write_synthetic_run(dest: str, n_images: int, *, n_classes: int = 1000, n_targets: int = TOPK, grid: tuple[int, int] = (14, 14),
                         n_heads: int = 6, embed_dim: int = 384, images_per_shard: int = 1000, maps_dtype: str = "float16",
                         marked_class: int = 0, marked_share: float = 0.3, with_images: bool = False, photo_size: tuple[int, int] | None = None,
-                        seed: int = 0) -> dict[str, np.ndarray]:
+                        seed: int = 0, class_names: list[str] | None = None, key_prefix: str = "",
+                        sample_json: str | None = None) -> dict[str, np.ndarray]:
     """Write a complete run of ``n_images`` images with ``--targets topk:{n_targets}`` into ``dest``; with
     ``with_images``, shards of small PNGs, or of JPEGs of ``photo_size`` (width, height) if given.
+    ``class_names`` (default ``class-0000`` ...), ``key_prefix`` (before each key's file name; no '/' or '.')
+    and ``sample_json`` (every sample's json member) are for tests of what the views make of hostile text.
 
     Returns the ground truth: ``keys``, ``pred``, ``marked`` (bool per image, in key order).
     """
@@ -50,7 +53,7 @@ def write_synthetic_run(dest: str, n_images: int, *, n_classes: int = 1000, n_ta
     urls = [_shard_url(dest, name) if with_images else f"{storage.url}/shards/{name}.tar" for name in names]
     rows_per_shard = rows_per_shard_for(max(sizes))
     layout = Layout(len(sizes), rows_per_shard, n_targets, n_heads, grid, embed_dim, n_classes, maps_dtype, store_basis=False)
-    class_names = [f"class-{c:04d}" for c in range(n_classes)]
+    class_names = class_names or [f"class-{c:04d}" for c in range(n_classes)]
     settings = {
         "model": {"name": "synthetic", "kwargs": {}, "pretrained": False, "checkpoint_sha256": None, "head_checkpoint_sha256": None},
         "targets": f"topk:{n_targets}", "concepts": [], "variant": {"variant": "vanilla"}, "maps_dtype": maps_dtype,
@@ -70,13 +73,13 @@ def write_synthetic_run(dest: str, n_images: int, *, n_classes: int = 1000, n_ta
     truth: dict[str, list] = {"keys": [], "pred": [], "marked": []}
     summaries = []
     for index, (name, url, size) in enumerate(zip(names, urls, sizes)):
-        keys = [f"{name}/{j:06d}" for j in range(size)]
+        keys = [f"{name}/{key_prefix}{j:06d}" for j in range(size)]
         pred, targets, maps, marked = _shard_maps(rng, size, n_classes, n_targets, grid, marked_class, marked_share)
         writer = ShardWriter(storage, group, layout, index, name, url, size, run_id)
         if with_images:
             _write_shard(url, keys, pred, marked, grid, photo_size)
             writer.add_members([(key, member, offset, length) for key, files in member_offsets(url).items() for member, offset, length in files])
-        _add_rows(writer, rng, keys, pred, targets, maps, layout, class_names)
+        _add_rows(writer, rng, keys, pred, targets, maps, layout, class_names, sample_json)
         summaries.append(writer.finish())
         truth["keys"] += keys
         truth["pred"] += pred.tolist()
@@ -112,7 +115,8 @@ def _shard_maps(rng: np.random.Generator, size: int, n_classes: int, n_targets: 
     return pred, targets, maps.astype(np.float32), marked
 
 
-def _add_rows(writer: ShardWriter, rng: np.random.Generator, keys: list[str], pred: np.ndarray, targets: np.ndarray, maps: np.ndarray, layout: Layout, class_names: list[str]) -> None:
+def _add_rows(writer: ShardWriter, rng: np.random.Generator, keys: list[str], pred: np.ndarray, targets: np.ndarray,
+              maps: np.ndarray, layout: Layout, class_names: list[str], sample_json: str | None) -> None:
     size, n_targets = targets.shape
     logits = rng.normal(0, 1, (size, layout.n_classes)).astype(np.float32)
     logits[np.arange(size)[:, None], targets] += np.linspace(6, 3, n_targets, dtype=np.float32)
@@ -126,7 +130,8 @@ def _add_rows(writer: ShardWriter, rng: np.random.Generator, keys: list[str], pr
     names = np.asarray(class_names, dtype=object)
     for j in range(size):
         writer.add(ExplainedRow(
-            local_row=j, key=keys[j], label=int(pred[j]) if j % 5 else int((pred[j] + 1) % layout.n_classes), width=64, height=64, sample_json=None,
+            local_row=j, key=keys[j], label=int(pred[j]) if j % 5 else int((pred[j] + 1) % layout.n_classes),
+            width=64, height=64, sample_json=sample_json,
             arrays={"cdam": maps[j], "target_class": targets[j].astype(np.int32), "attention": attention[j], "embedding": embedding[j], "logits": logits[j]},
             table={"pred": int(top[j, 0]), "pred_prob": float(probs[j, top[j, 0]]), "topk_classes": top[j].tolist(), "topk_probs": probs[j, top[j]].tolist(),
                    "targets": targets[j].tolist(), "target_names": names[targets[j]].tolist(),

@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
-from views_fixtures import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, NON_BLANK_IMAGES_JS, PageWatch, damage_run, png_stats, serving, write_audit
+from views_fixtures import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, HOSTILE_CLASS_NAMES, HOSTILE_ELEMENTS_JS, HOSTILE_JSON,
+                            NON_BLANK_IMAGES_JS, REBINDING_HOST, PageWatch, damage_run, png_stats, serving, write_audit,
+                            write_hostile_run)
 
 from cdam_worker.reading import open_run
 from cdam_worker.views.catalog import Catalog
@@ -269,6 +271,55 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         assert get(url + "/tile?key=" + quote(catalog.keys[0]) + "&view=input&map=c77&size=160")[0] == 400
         status, _ = raw_get(url, "/")
         assert status == 200
+
+
+def test_dashboard_with_a_token_in_a_browser(browser, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: ANN001
+    """The dashboard behind a token (issue 21), in Chromium, over a run whose class names, keys and sample json
+    are HTML and script payloads: the printed address sets the cookie and loses its token, every page and
+    picture then loads on the cookie alone, and no payload becomes an element; without the cookie, or under
+    another host name that resolves to 127.0.0.1 (DNS rebinding), a one-line 403."""
+    import secrets
+
+    dest = tmp_path_factory.mktemp("hostile") / "run"
+    keys = write_hostile_run(dest)["keys"]
+    token = secrets.token_urlsafe(32)
+    with serving(str(dest), token=token) as url:
+        port = urlparse(url).port
+        context = browser.new_context(viewport={"width": 1300, "height": 1000})
+        page = context.new_page()
+        watch = PageWatch(page)
+        refused = []
+        page.on("response", lambda answer: answer.status >= 400 and refused.append((answer.status, answer.url)))
+        page.goto(f"{url}/?token={token}")
+        assert page.url == url + "/"  # the token left the address (and the history)
+        cookies = [(c["name"], c["value"], c["httpOnly"], c["sameSite"]) for c in context.cookies()]
+        assert cookies == [(f"cdam-token-{port}", token, True, "Strict")]
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: no script of the page can read it
+        assert HOSTILE_CLASS_NAMES[0] in page.inner_text("body") and page.evaluate(HOSTILE_ELEMENTS_JS) == 0
+        for c in (0, 1):
+            page.goto(f"{url}/class/{c}")
+            assert page.inner_text("h1").startswith(f"Class {HOSTILE_CLASS_NAMES[c]}")
+            assert min(wait_images(page, "#gallery img")) > 1
+            assert page.evaluate(HOSTILE_ELEMENTS_JS) == 0 and page.evaluate("window.pwned === undefined")
+        page.click("#gallery figure a >> nth=0")
+        page.wait_for_url(f"{url}/image?key=*")
+        contrast = wait_images(page, ".gallery.large img")  # the input (a flat grey square here), the attention, 3 maps
+        assert page.inner_text("h1") in keys and len(contrast) == 5 and min(contrast[1:]) > 1
+        assert HOSTILE_JSON in page.inner_text("table.record")
+        assert page.evaluate(HOSTILE_ELEMENTS_JS) == 0 and page.evaluate("window.pwned === undefined")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-hostile-image.png"), full_page=True)
+        assert watch.errors == [] and refused == [] and watch.foreign_requests(url + "/") == []
+        context.close()
+
+        stranger = browser.new_page()  # no cookie
+        rebinding = f"http://{REBINDING_HOST}:{port}/?token={token}"  # the right token under a foreign name
+        for address in (f"{url}/", f"{url}/class/0", f"{url}/?token=not-{token}", rebinding):
+            response = stranger.goto(address)
+            text = stranger.inner_text("body")
+            assert response.status == 403 and len(text.strip().splitlines()) == 1, (address, text)
+            assert HOSTILE_CLASS_NAMES[0] not in text and "synthetic-" not in text
+        assert stranger.context.cookies() == []
+        stranger.close()
 
 
 def test_report_in_a_browser(audited_run: tuple[str, dict], browser, tmp_path: Path, capsys) -> None:  # noqa: ANN001

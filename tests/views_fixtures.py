@@ -20,8 +20,11 @@ from PIL import Image
 from schemas import ERRORS_SCHEMA
 
 CHROMIUM = "/usr/bin/chromium"
+REBINDING_HOST = "rebind.attacker.test"
+"""A host name the tests' Chromium resolves to 127.0.0.1, as a DNS-rebinding attacker's would."""
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
+                 "--no-first-run", "--disable-sync", "--disable-quic",
+                 f"--host-resolver-rules=MAP {REBINDING_HOST} 127.0.0.1"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -76,6 +79,29 @@ def write_audit(dest: str | Path) -> dict[str, object]:
     return {"members": members, "grid": (gh, gw), "ranked": [row["class"] for row in order]}
 
 
+HOSTILE_CLASS_NAMES = ['<img src=x onerror="window.pwned=1">', "</script><script>window.pwned=2</script>",
+                       'x" onmouseover="window.pwned=3', "c3", "c4", "c5"]
+HOSTILE_KEY_PREFIX = "<svg onload=alert(4)>'\"&amp;-"
+"""Before each key's file name (keys are ``synthetic-00000N/<prefix>00000M``)."""
+HOSTILE_JSON = ('{"caption": "</script><script>window.pwned=5</script><img src=x onerror=window.pwned=6>", '
+                '"cell": "</td></tr><b>bold</b>"}')
+HOSTILE_ELEMENTS_JS = ("document.querySelectorAll('[onerror], [onload], [onmouseover], svg, b, "
+                       "script:not([src]):not([type=\"application/json\"])').length")
+"""How many elements of the page a payload would have made (0 when every payload stayed text)."""
+
+
+def write_hostile_run(dest: Path, n_images: int = 240) -> dict[str, object]:
+    """A synthetic run (bench/synthetic_run.py: real shards of small PNGs, 6 classes) whose class names, keys
+    and sample json are HTML and script payloads, with audit tables (``write_audit``). Returns its keys."""
+    from bench.synthetic_run import write_synthetic_run
+
+    truth = write_synthetic_run(str(dest), n_images, n_classes=len(HOSTILE_CLASS_NAMES), n_targets=3,
+                                images_per_shard=n_images // 3, with_images=True, class_names=HOSTILE_CLASS_NAMES,
+                                key_prefix=HOSTILE_KEY_PREFIX, sample_json=HOSTILE_JSON)
+    write_audit(dest)
+    return {"keys": truth["keys"].tolist()}
+
+
 def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
     """A copy of a finished run with what issue 12 §3 lists: a failed shard (no marker), error rows, rows
     whose maps read as NaN (a Zarr chunk object deleted), a partly written output (manifest 'running') and
@@ -104,14 +130,22 @@ def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def serving(dest: str) -> Iterator[str]:
-    """``cdam serve``'s app over ``dest`` in a uvicorn thread on 127.0.0.1 and a free port; yields its URL."""
-    import uvicorn
-
+def serving(dest: str, token: str | None = None, allow_hosts: tuple[str, ...] = ()) -> Iterator[str]:
+    """``cdam serve``'s app over ``dest`` (requiring ``token`` if given) in a uvicorn thread on 127.0.0.1 and
+    a free port; yields its URL (without the token)."""
     from cdam_worker.reading import open_run
     from cdam_worker.views.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(open_run(dest)), host="127.0.0.1", port=0, log_level="warning"))
+    with serving_app(create_app(open_run(dest), "127.0.0.1", allow_hosts, token)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving_app(app: object) -> Iterator[str]:
+    """An ASGI app made by ``create_app`` in a uvicorn thread on 127.0.0.1 and a free port; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

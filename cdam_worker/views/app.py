@@ -3,10 +3,11 @@
 Pages: ``/`` (overview), ``/class/<index>`` (a class's gallery, filters, the audit's 2-D plot and
 prototypes), ``/image?key=KEY`` (every stored map of an image). A class page carries its first gallery
 page (whose tiles the server starts rendering as it answers); further pages, the plot and the tiles come
-from ``/api/...`` and ``/tile`` and are drawn by ``static/app.js``. Only GET exists; every key, class, map and
-file name is checked against the run (or a fixed list) before use, so nothing outside the run can be
-named; unknown things get a one-line 404. A Content-Security-Policy keeps pages from loading anything
-but this server's own files.
+from ``/api/...`` and ``/tile`` and are drawn by ``static/app.js``. A guard (``guard.py``) answers only
+requests to this server's own Host names, with its token where one is set. Only GET exists; every key,
+class, map and file name is checked against the run (or a fixed list) before use, so nothing outside the
+run can be named; unknown things get a one-line 404. A Content-Security-Policy keeps pages from loading
+anything but this server's own files.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.resources
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -33,12 +34,16 @@ from cdam_worker.storage import StorageError
 from cdam_worker.views import pages
 from cdam_worker.views.catalog import Catalog, GalleryQuery
 from cdam_worker.views.colormap import colorbar
-from cdam_worker.views.render import display_size, encode, tile as render_tile
+from cdam_worker.views.guard import Guard
+from cdam_worker.views.render import display_size, encode
+from cdam_worker.views.render import tile as render_tile
 from cdam_worker.views.tiles import SIZES, TileRenderer, check_view
 
 GALLERY_PAGE = 48
 GALLERY_TILE = 160
 IMAGE_TILE = 256
+CACHE_BYTES = 512 << 20
+"""The default bound of the tile renderer's caches (decoded images, maps, encoded tiles) together."""
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
@@ -58,10 +63,11 @@ def static_file(name: str) -> bytes:
 class Dashboard:
     """The dashboard's endpoints over one run."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, cache_bytes: int = CACHE_BYTES) -> None:
         self.run = run
         self.catalog = Catalog(run)
-        self.tiles = TileRenderer(run, image_format="JPEG")  # a fifth of a PNG's bytes, a tenth of its encoding time
+        # JPEG: a fifth of a PNG's bytes, a tenth of its encoding time
+        self.tiles = TileRenderer(run, image_format="JPEG", cache_bytes=cache_bytes)
         self.static = {name: static_file(name) for name in STATIC_FILES}
 
     @contextlib.asynccontextmanager
@@ -315,9 +321,13 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(run: Run) -> SecurityHeaders:
-    """The dashboard of ``run`` as an ASGI app (serve it with uvicorn)."""
-    dashboard = Dashboard(run)
+def create_app(run: Run, bound_host: str = "127.0.0.1", allow_hosts: Sequence[str] = (), token: str | None = None,
+               cache_bytes: int = CACHE_BYTES) -> SecurityHeaders:
+    """The dashboard of ``run`` as an ASGI app (serve it with uvicorn) behind its guard: it answers only
+    requests to the bound address, loopback names and ``allow_hosts`` (Host and Origin), and with a
+    ``token`` only requests that carry it (see ``guard.py``). Its pictures' caches hold ``cache_bytes`` at
+    most."""
+    dashboard = Dashboard(run, cache_bytes)
     routes = [
         Route("/", dashboard.overview),
         Route("/class/{index:int}", dashboard.class_page),
@@ -332,4 +342,4 @@ def create_app(run: Run) -> SecurityHeaders:
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=dashboard.lifespan)
     app.state.dashboard = dashboard
-    return SecurityHeaders(app)
+    return SecurityHeaders(Guard(app, bound_host, allow_hosts, token))

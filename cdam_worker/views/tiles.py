@@ -25,21 +25,32 @@ SIZES = (96, 160, 256, 512)
 """Allowed tile sizes (pixels of the longer side)."""
 MAP_NAME = re.compile(r"^(?:c(\d{1,6})|s(\d{1,4})|att)$")
 IMAGE_THREADS = 8
+MISSING = object()
+"""What ``ByteLRU.get`` returns for a key it does not hold, where None is a value (an unreadable image)."""
 
 
 class ByteLRU:
-    """A thread-safe least-recently-used cache bounded by the bytes of its values."""
+    """A thread-safe least-recently-used cache bounded by the bytes of its values (one value larger than the
+    bound is kept alone). ``nbytes`` is what it holds now, ``peak_bytes`` the most it has held after a put."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+        self.peak_bytes = 0
         self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Any) -> Any:
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any, default: Any = None) -> Any:
         with self._lock:
             if key not in self._items:
-                return None
+                return default
             self._items.move_to_end(key)
             return self._items[key][0]
 
@@ -55,6 +66,7 @@ class ByteLRU:
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 self._bytes -= self._items.popitem(last=False)[1][1]
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
 
 
 class TileRenderer:
@@ -75,6 +87,11 @@ class TileRenderer:
         self._pending: dict[tuple[str, str, str, int], Future[bytes]] = {}  # tiles being rendered ahead
         self._pending_lock = threading.Lock()
         self.unreadable: dict[str, str] = {}  # key -> why its image could not be read
+
+    @property
+    def caches(self) -> dict[str, ByteLRU]:
+        """The renderer's caches by what they hold (their bounds add up to ``cache_bytes`` or less)."""
+        return {"images": self._images, "maps": self._maps, "tiles": self._tiles}
 
     def check_map(self, name: str) -> None:
         """RunError unless ``name`` names a map this run has."""
@@ -128,9 +145,11 @@ class TileRenderer:
         return data if data is not None else self._render(tile_key)
 
     def _render(self, tile_key: tuple[str, str, str, int]) -> bytes:
+        """Render a tile from what is cached, reading what is not here, in this thread: a thread of the image
+        pool that waited on the pool for an image evicted since the page's prefetch could, with the others
+        doing the same, wait forever."""
         key, view, map_name, size = tile_key
-        self.prefetch([key], map_name, size)
-        picture = tile(view, self._images.get((key, size)), self._maps.get((key, map_name)), display_size(self.input_size, size))
+        picture = tile(view, self._image(key, size), self._map(key, map_name), display_size(self.input_size, size))
         data = encode(picture, self.image_format)
         self._tiles.put(tile_key, data, len(data))
         return data
@@ -161,13 +180,27 @@ class TileRenderer:
 
     def map_values(self, key: str, map_name: str) -> np.ndarray:
         """The (gh, gw) map ``map_name`` of ``key`` (NaN where not stored)."""
-        self.prefetch([key], map_name, SIZES[0])
-        return self._maps.get((key, map_name))
+        return self._map(key, map_name)
 
     def model_view_image(self, key: str, size: int) -> np.ndarray | None:
         """The image as the model saw it, at display size ``size`` (None if unreadable)."""
-        self._prefetch_images([key], size)
-        return self._images.get((key, size))
+        return self._image(key, size)
+
+    def _map(self, key: str, map_name: str) -> np.ndarray:
+        """A map from the cache, or read now (and cached); the array itself, so no eviction can take it away."""
+        values = self._maps.get((key, map_name), MISSING)
+        if values is MISSING:
+            values = self._read_maps([key], map_name)[0]
+            self._maps.put((key, map_name), values, values.nbytes)
+        return values
+
+    def _image(self, key: str, size: int) -> np.ndarray | None:
+        """An image at display size from the cache, or read now (and cached); None if unreadable."""
+        picture = self._images.get((key, size), MISSING)
+        if picture is MISSING:
+            picture = self._read_image(key, size)
+            self._images.put((key, size), picture, 64 if picture is None else picture.nbytes)
+        return picture
 
     def close(self) -> None:
         self._ahead.shutdown(wait=False, cancel_futures=True)
