@@ -55,6 +55,7 @@ class Plan:
     settings: dict[str, Any]
     loaded: LoadedModel
     zarr_attributes: dict[str, Any]
+    method_reason: str = ""  # why the maps take the closed form or autograd (printed by --dry-run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,8 +100,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.decode == "gpu" and not (args.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
         raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
     loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
-    if loaded.num_classes == 0:
-        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one")
+    if loaded.num_classes == 0 and args.targets.strip().lower() != "none":
+        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one, or --targets none with --concepts")
     try:
         targets = TargetSpec.parse(args.targets, loaded.class_names)
         variant = VariantConfig(args.variant, args.samples, args.noise_level, args.seed)
@@ -169,7 +170,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "rows_per_shard": config.rows_per_shard,
         "shards": [t.name for t in tasks],
     }
-    return Plan(config, layout, storage, tasks, settings, loaded, attributes)
+    return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason)
 
 
 def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
@@ -217,6 +218,7 @@ def print_plan(plan: Plan) -> None:
     n_images = sum(t.n_samples for t in plan.shards)
     lines = [
         f"model        {plan.loaded.name} ({plan.config.method}; {layout.n_heads} heads, grid {layout.grid[0]}x{layout.grid[1]}, {layout.n_classes} classes)",
+        f"maps         {plan.method_reason}",
         f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
         f"variant      {plan.config.variant}",
         f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",
