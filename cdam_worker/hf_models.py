@@ -83,7 +83,8 @@ class ClsMeanPooledViT(VisionTransformer):
 
 
 def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None, head_checkpoint: Any = None,
-                  class_names: list[str] | None = None, device: str | torch.device = "cpu", **model_kwargs: Any) -> LoadedModel:
+                  class_names: list[str] | None = None, device: str | torch.device = "cpu", zero_shot: dict | None = None,
+                  **model_kwargs: Any) -> LoadedModel:
     """The transformers checkpoint ``hf:FOLDER`` or ``hf:ORG/NAME`` as a timm ViT with its image processor's transform."""
     if checkpoint is not None or head_checkpoint is not None or pretrained:
         raise ModelLoadError(f"--model {name}: the weights come from the folder (or the hub); drop --checkpoint, --head-checkpoint and --pretrained")
@@ -97,7 +98,15 @@ def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None
     check_conversion(hf_model, converted.model, data_config["input_size"])
     model = converted.model.eval().to(device)
     names = class_names or _class_names(hf_model.config, model.num_classes)
-    return LoadedModel(
+    if type(hf_model).__name__ == "CLIPModel":
+        from cdam_worker.text_concepts import TextTower
+
+        try:
+            side = text_side_of(hf_model, str(folder))
+        except ModelLoadError:  # no tokenizer saved: the image side works, text says why when asked for
+            side = None
+        model.text_tower = TextTower(functools.partial(hf_text_side, str(folder)), name, loaded=side)
+    loaded = LoadedModel(
         model=model,
         transform=eval_transform(data_config),
         class_names=names,
@@ -106,6 +115,34 @@ def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None
         checkpoint_sha256=weights_sha256(folder),
         data_config=data_config,
     )
+    if zero_shot:
+        from cdam_worker.text_concepts import apply_zero_shot
+
+        return apply_zero_shot(loaded, zero_shot)
+    return loaded
+
+
+def hf_text_side(folder: str) -> tuple[Any, float]:
+    """(encode: prompts -> (P, E) text embeddings, logit scale) of the CLIPModel in ``folder``, with its tokenizer."""
+    return text_side_of(_read_hf_model(Path(folder)), folder)
+
+
+def text_side_of(model: nn.Module, folder: str) -> tuple[Any, float]:
+    """(encode, logit scale) of a transformers CLIPModel at hand, with the tokenizer saved in ``folder``."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - no or damaged tokenizer files
+        raise ModelLoadError(f"{folder}: no tokenizer for the text tower (save it too: CLIPProcessor.save_pretrained(folder)): {str(error).splitlines()[0]}") from None
+
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        features = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return getattr(features, "pooler_output", features).float()
+
+    return encode, float(model.logit_scale.detach().exp())
 
 
 # -- reading the checkpoint ------------------------------------------------------------------------

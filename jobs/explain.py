@@ -25,11 +25,12 @@ from cdam_worker import __version__
 from cdam_worker.concepts import ConceptError, load_concept
 from cdam_worker.data import Sample, expand_shard_specs, iter_samples, scan_shard, shard_name
 from cdam_worker.engine import CDAMExplainer, VariantConfig
-from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
+from cdam_worker.job import MANIFEST_FORMAT, MANIFEST_PATH, ConceptSpec, JobConfig, LockRenewal, ModelSpec, OutputLock, ShardTask, fingerprint, read_json, settings_difference, write_json
 from cdam_worker.model import LoadedModel, load_model
 from cdam_worker.sinks import ShardSummary, create_zarr, marker_path, shard_file_stem
 from cdam_worker.storage import Storage, StorageError, redact
 from cdam_worker.targets import Concept, TargetSpec
+from cdam_worker.text_concepts import TextError, parse_zero_shot_targets
 from jobs.model_flags import spec_from_flags
 from schemas import ERRORS_SCHEMA, Layout, rows_per_shard_for
 
@@ -99,11 +100,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {args.decode_workers}")
     if args.decode == "gpu" and not (args.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
         raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
+    spec, target_text = _zero_shot(spec, args.targets)
     loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
-    if loaded.num_classes == 0 and args.targets.strip().lower() != "none":
+    if loaded.num_classes == 0 and target_text.strip().lower() != "none":
         raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one, or --targets none with --concepts")
     try:
-        targets = TargetSpec.parse(args.targets, loaded.class_names)
+        targets = TargetSpec.parse(target_text, loaded.class_names)
         variant = VariantConfig(args.variant, args.samples, args.noise_level, args.seed)
         explainer = CDAMExplainer(loaded, method=args.method, precision=args.precision)
     except ValueError as error:
@@ -171,6 +173,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "shards": [t.name for t in tasks],
     }
     return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason)
+
+
+def _zero_shot(spec: ModelSpec, targets: str) -> tuple[ModelSpec, str]:
+    """``--targets text:FILE[:K]``: the model gets the file's zero-shot head (recorded in its kwargs) and the targets are its top K."""
+    try:
+        parsed = parse_zero_shot_targets(targets)
+    except TextError as error:
+        raise ConfigError(str(error)) from None
+    if parsed is None:
+        return spec, targets
+    if not (spec.name or "").startswith(("hf:", "open_clip:")):
+        raise ConfigError(f"--targets {targets}: zero-shot classes need a CLIP model with a text tower (--model hf:FOLDER of a CLIPModel, or open_clip:ARCH)")
+    zero_shot, class_targets = parsed
+    return dataclasses.replace(spec, model_kwargs={**spec.model_kwargs, "zero_shot": zero_shot}), class_targets
 
 
 def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
