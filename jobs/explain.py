@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from cdam_worker import __version__
@@ -110,6 +111,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         explainer = CDAMExplainer(loaded, method=args.method, precision=args.precision)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if args.store_basis and not (type(loaded.model) is VisionTransformer and isinstance(loaded.model.head, (torch.nn.Linear, torch.nn.Identity))):
+        raise ConfigError(f"--store-basis needs logits linear in the embedding; {loaded.name!r} has a {type(loaded.model.head).__name__} head on a {type(loaded.model).__name__}")
     concepts = tuple(_load_concept(text, explainer, loaded.transform) for text in args.concepts)
     if targets.kind == "none" and not concepts:
         raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
