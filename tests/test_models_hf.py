@@ -238,3 +238,18 @@ def test_cdam_explain_on_a_transformers_folder(ray_local, hf_folders, shards, fa
             reference = literal_cdam(hf_model, image, lambda out, c=target: out[c], prefix).reshape(stored.shape[-2:]).numpy()
             assert np.abs(stored[slot] - reference).max() <= 1e-4 * np.abs(reference).max(), (row["key"], slot)
     assert run.load_model().class_names == loaded.class_names  # the manifest's record loads the same folder back
+    if family == "vit":
+        check_notebook_view(run, output, rows[0], tmp_path)
+
+
+def check_notebook_view(run, output: Path, row: dict, tmp_path: Path) -> None:
+    """``Run.show`` draws exactly ``cdam show``'s picture; ``_repr_html_`` summarises the run."""
+    second = row["targets"][1]
+    for target in (str(second), run.class_names[second], "attention"):
+        picture = run.show(row["key"], second if target == str(second) else target, size=128)
+        assert main(["show", str(output), "--key", row["key"], "--target", target, "-o", str(tmp_path / "show.png"), "--size", "128"]) == 0
+        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(Image.open(tmp_path / "show.png").convert("RGB")))
+    summary = run._repr_html_()
+    for expected in (run.attrs["model"]["name"], "closed form", "3: LABEL_0, LABEL_1, LABEL_2", "topk:2, 2 map(s) per image",
+                     "6 explained, 0 in errors/", "2 of 2 complete"):
+        assert expected in summary, expected

@@ -14,16 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
+from test_models_hf import literal_cdam as hf_literal_cdam
+from test_models_open_clip import literal_cdam as open_clip_literal_cdam
+from test_models_open_clip import open_clip_model, tiny_config
 
 from cdam_worker import load_model
 from cdam_worker.data import Sample, iter_samples
 from cdam_worker.demo import write_demo_shards
 from cdam_worker.reading import open_run
-from cdam_worker.text_concepts import TextError, parse_zero_shot_targets, read_class_prompts
+from cdam_worker.text_concepts import (
+    TextError,
+    parse_zero_shot_targets,
+    read_class_prompts,
+)
 from jobs.cli import main
-from test_models_hf import literal_cdam as hf_literal_cdam
-from test_models_open_clip import literal_cdam as open_clip_literal_cdam
-from test_models_open_clip import open_clip_model, tiny_config
 
 
 def clip_recipe(embeddings: torch.Tensor) -> torch.Tensor:
@@ -88,7 +92,7 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
     clip_model = open_clip_model(clip_files)
     tokenizer = open_clip.get_tokenizer(clip_files["config"].stem)
     with torch.no_grad():
-        text = lambda prompts: clip_model.encode_text(tokenizer(prompts))  # noqa: E731
+        text = lambda prompts: clip_model.encode_text(tokenizer(prompts))
         class_vectors = torch.stack([clip_recipe(text(["a photo of a circle."])), clip_recipe(text(["a photo of a square", "a drawing of a square"])),
                                      clip_recipe(text(["a photo of a triangle."]))])
         mark = clip_recipe(text(["a photo of a watermark"]))
