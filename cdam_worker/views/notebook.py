@@ -19,14 +19,14 @@ def summary_html(run: Run) -> str:
     listed = ", ".join(names[:CLASSES_LISTED]) + (f" ... and {len(names) - CLASSES_LISTED} more" if len(names) > CLASSES_LISTED else "")
     concepts = ", ".join(f"{c['name']} ({c.get('similarity', 'dot')})" for c in attrs.get("concepts", [])) or "none"
     variant = attrs.get("variant", {})
+    _channels, height, width = attrs.get("input_size", ["?", "?", "?"])
     rows: list[tuple[str, Any]] = [
         ("model", f"{attrs.get('model', {}).get('name')} ({attrs.get('method', '?').replace('_', ' ')})"),
         ("classes", f"{len(names)}: {listed}" if names else "none (a feature extractor: concepts only)"),
         ("targets", f"{attrs.get('targets')}, {run.n_targets} map(s) per image"),
         ("concepts", concepts),
         ("variant", ", ".join(f"{k} {v}" for k, v in variant.items()) or "vanilla"),
-        ("maps", f"{run.grid[0]}x{run.grid[1]} tokens of {attrs.get('input_size', ['?', '?', '?'])[1]}x{attrs.get('input_size', ['?', '?', '?'])[2]} px, "
-                 f"{attrs.get('maps_dtype')}{', basis stored' if run.has_basis else ''}"),
+        ("maps", f"{run.grid[0]}x{run.grid[1]} tokens of {height}x{width} px, {attrs.get('maps_dtype')}{', basis stored' if run.has_basis else ''}"),
         ("images", f"{run.metadata.count_rows()} explained, {run.errors.num_rows} in errors/"),
         ("shards", f"{complete} of {len(run.shards)} complete" + ("" if run.complete else " (the job has not finished)")),
     ]
