@@ -98,6 +98,8 @@ def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None
     check_conversion(hf_model, converted.model, data_config["input_size"])
     model = converted.model.eval().to(device)
     names = class_names or _class_names(hf_model.config, model.num_classes)
+    if len(names) != model.num_classes:
+        raise ModelLoadError(f"{len(names)} class names given for a model with {model.num_classes} classes")
     if type(hf_model).__name__ == "CLIPModel":
         from cdam_worker.text_concepts import TextTower
 

@@ -151,8 +151,13 @@ def parse_zero_shot_targets(targets: str) -> tuple[dict[str, Any], str] | None:
 
 def apply_zero_shot(loaded: Any, zero_shot: dict[str, Any]) -> Any:
     """``loaded`` (a LoadedModel) with a :class:`ZeroShotHead` over the classes of ``zero_shot`` (read_class_prompts)."""
+    from cdam_worker.model import ModelLoadError
+
     model = loaded.model
-    tower = text_tower_of(model, "--targets text:")
+    try:
+        tower = text_tower_of(model, f"--targets text: ({loaded.name})")
+    except TextError as error:
+        raise ModelLoadError(str(error)) from None
     classes = torch.stack([tower.direction(prompts) for prompts in zero_shot["prompts"]])
     model.head = ZeroShotHead(classes, tower.logit_scale)
     model.num_classes = classes.shape[0]

@@ -76,6 +76,22 @@ def test_class_files_and_zero_shot_targets(tmp_path):
         read_class_prompts(tmp_path / "twice.txt")
 
 
+def test_text_needs_a_model_with_a_text_tower(tmp_path, shards, capsys):
+    vision_only = tmp_path / "clip_vision"
+    tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                         image_size=32, patch_size=8, projection_dim=8)).save_pretrained(vision_only)
+    tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_only)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    base = ["explain", "--shards", str(shards[0]), "--output", str(tmp_path / "out"), "--dry-run"]
+    assert main([*base, "--model", f"hf:{vision_only}", "--targets", f"text:{classes}"]) == 2
+    assert "the model has no text tower (text needs a CLIP model with both towers" in capsys.readouterr().err
+    assert main([*base, "--model", f"hf:{vision_only}", "--targets", "none", "--concepts", "cat=text:a cat"]) == 2
+    assert "--concepts cat: the model has no text tower" in capsys.readouterr().err
+    assert main([*base, "--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "depth": 1}', "--targets", f"text:{classes}"]) == 2
+    assert "zero-shot classes need a CLIP model with a text tower" in capsys.readouterr().err
+
+
 def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files, shards, tmp_path, capsys):
     classes = tmp_path / "classes.txt"
     classes.write_text("circle\nsquare: a photo of a square | a drawing of a square\ntriangle\n")
