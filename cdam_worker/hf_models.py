@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None
     folder = _local_folder(name[len(HF_PREFIX):])
     hf_model = _read_hf_model(folder)
     converted = convert_hf_model(hf_model)
-    data_config = data_config_from_processor(folder / "preprocessor_config.json", _image_size(hf_model))
+    data_config = data_config_from_processor(folder / "preprocessor_config.json")
     converted.model = _with_input_size(hf_model, converted, data_config["input_size"][1:])
     check_conversion(hf_model, converted.model, data_config["input_size"])
     model = converted.model.eval().to(device)
@@ -214,11 +215,11 @@ def _class_names(config: Any, num_classes: int) -> list[str]:
     return [str(labels.get(i, labels.get(str(i), f"class_{i}"))) for i in range(num_classes)]
 
 
-def data_config_from_processor(path: Path, model_size: tuple[int, int]) -> dict[str, Any]:
+def data_config_from_processor(path: Path) -> dict[str, Any]:
     """timm's eval data config equal to the image processor's preprocessing (its PIL path): resize, crop, normalise.
 
     ``size: {height, width}`` squashes the image to that size; ``size: {shortest_edge}`` with a centre crop
-    resizes the shorter side and crops the centre. Without the file, the model's own size and mean/std 0.5.
+    resizes the shorter side and crops the centre.
     """
     if not path.is_file():
         raise ModelLoadError(f"{path.parent}: no preprocessor_config.json (save the image processor too: processor.save_pretrained(folder))")
@@ -292,12 +293,12 @@ def _vision_config(config: Any) -> Any:
 # -- conversion ------------------------------------------------------------------------------------
 
 
+@dataclass
 class Converted:
-    """A timm model and how to rebuild its position embedding for another input size."""
+    """A converted timm model and its transformers family (vit, deit, dinov2, clip), which says how it takes other sizes."""
 
-    def __init__(self, model: VisionTransformer, family: str) -> None:
-        self.model = model
-        self.family = family
+    model: VisionTransformer
+    family: str
 
 
 def _trunk_of(hf_model: nn.Module) -> tuple[str, nn.Module]:
