@@ -29,7 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("derive", help="derive maps of other classes or concepts from the stored basis", description="Compute the CDAM of any classes or concepts for every image of a run made with --store-basis (one matrix product per image, no model for classes) and write them into the run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--targets", default="none", help="topk:K | label | classes:3,7,zebra | all | none (default: none, concepts only)")
-    parser.add_argument("--concepts", nargs="*", default=[], metavar="NAME=FILE", help="concept targets: a saved vector, or a folder of example images (embedded with the run's model); append :cosine for cosine similarity")
+    parser.add_argument("--concepts", nargs="*", default=[], metavar="NAME=FILE", help="concept targets: a saved vector, a folder of example images (embedded with the run's model), or for CLIP models text:\"a photo of ...\" or prompts:FILE; append :cosine for cosine similarity")
     parser.add_argument("--name", required=True, help="name of the derived maps (letters, digits, _ . -): written under derived/NAME")
     parser.add_argument("--overwrite", action="store_true", help="replace derived maps of this name made with other settings")
     add_model_flags(parser, "needed only to embed a folder of concept examples")

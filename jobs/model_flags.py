@@ -20,7 +20,13 @@ def add_model_flags(parser: argparse.ArgumentParser, needed_for: str | None = No
     (returned, for more flags); ``needed_for`` says, for a reading command, why it needs the run's model."""
     description = f"the model the run was made with, {needed_for}; by default as the run's manifest records it (if its checkpoint file is still there)" if needed_for else None
     group = parser.add_argument_group("model", description)
-    group.add_argument("--model", metavar="NAME", help="timm model name (optional with a checkpoint made by cdam)")
+    group.add_argument(
+        "--model",
+        metavar="NAME",
+        help="timm model name (optional with a checkpoint made by cdam); hf:FOLDER (a transformers save_pretrained folder: "
+        "config.json, safetensors, preprocessor_config.json) or hf:ORG/NAME (the Hugging Face Hub) for transformers ViT, DeiT, "
+        "DINOv2 and CLIP; open_clip:ARCH with --checkpoint FILE, or open_clip:ARCH@TAG for its pretrained weights",
+    )
     group.add_argument("--model-kwargs", metavar="JSON", help='keyword arguments for timm.create_model, e.g. \'{"img_size": 224}\'')
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights, downloaded from the Hugging Face Hub on first use (needs a network or a warm cache; HF_HUB_OFFLINE=1 fails at once instead of retrying)")
@@ -40,7 +46,10 @@ def spec_from_flags(args: argparse.Namespace) -> ModelSpec:
     if not isinstance(kwargs, dict):
         raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 224}'")
     absolute = (lambda path: str(Path(path).resolve()) if path else None)
-    return ModelSpec(args.model, kwargs, args.pretrained, absolute(args.checkpoint), absolute(args.head_checkpoint))
+    name = args.model
+    if name and name.startswith("hf:") and Path(name[3:]).expanduser().is_dir():  # a local folder, not a hub name
+        name = "hf:" + str(Path(name[3:]).expanduser().resolve())
+    return ModelSpec(name, kwargs, args.pretrained, absolute(args.checkpoint), absolute(args.head_checkpoint))
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec | None:

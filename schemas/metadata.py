@@ -16,7 +16,7 @@ METADATA_SCHEMA = pa.schema(
         pa.field("shard_index", pa.int32(), nullable=False, metadata={"doc": "position of the shard in the run's shard list"}),
         pa.field("row", pa.int64(), nullable=False, metadata={"doc": "index along the Zarr 'image' axis"}),
         pa.field("label", pa.int32(), metadata={"doc": "ground-truth class from the 'cls' member, null if absent"}),
-        pa.field("pred", pa.int32(), nullable=False, metadata={"doc": "predicted class (argmax of logits)"}),
+        pa.field("pred", pa.int32(), nullable=False, metadata={"doc": "predicted class (argmax of logits); -1 for a model without classes (a feature extractor explained for concepts)"}),
         pa.field("pred_prob", pa.float32(), nullable=False, metadata={"doc": "softmax probability of pred"}),
         pa.field("topk_classes", pa.list_(pa.int32()), nullable=False, metadata={"doc": "top-5 predicted classes"}),
         pa.field("topk_probs", pa.list_(pa.float32()), nullable=False, metadata={"doc": "their softmax probabilities"}),

@@ -95,7 +95,7 @@ def test_label_targets_on_shards_without_cls(inputs, tmp_path, capsys):
 
 def test_bad_concepts(inputs, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert "expected NAME=FILE or NAME=FOLDER" in refused(explain(inputs, out, "--concepts", "stripes"), capsys)
+    assert "expected NAME=FILE, NAME=FOLDER, NAME=text:PROMPT or NAME=prompts:FILE" in refused(explain(inputs, out, "--concepts", "stripes"), capsys)
     missing = tmp_path / "nowhere.pt"
     assert f"--concepts c: {missing} is neither a concept file nor a folder" in refused(explain(inputs, out, "--concepts", f"c={missing}"), capsys)
     empty = tmp_path / "empty"

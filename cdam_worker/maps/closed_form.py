@@ -33,6 +33,8 @@ from cdam_worker.maps.tangents import push
 
 def closed_form_unsupported_reason(model: nn.Module) -> str | None:
     """Why the closed form does not hold for ``model`` (None when it does)."""
+    if getattr(model, "closed_form_unsupported", None):  # a ViT subclass that says why (hf_models.ClsMeanPooledViT)
+        return model.closed_form_unsupported
     if type(model) is not VisionTransformer:
         return f"{type(model).__name__} has its own forward (e.g. a distillation head)"
     if model.cls_token is None or model.global_pool != "token" or model.attn_pool is not None:

@@ -14,6 +14,7 @@ import torch
 
 from cdam_worker.maps.targets import Concept
 from cdam_worker.shards.samples import IMAGE_EXTENSIONS, ImageError, decode_image
+from cdam_worker.maps.text_concepts import TextError, concept_prompts, is_text_source, text_tower_of
 
 if TYPE_CHECKING:
     from cdam_worker.maps.engine import CDAMExplainer
@@ -35,7 +36,13 @@ def load_concept(text: str, embed_dim: int, embedder: Embedder) -> Concept:
     if source.endswith(":cosine"):
         source, similarity = source[: -len(":cosine")], "cosine"
     if not sep or not name or not source:
-        raise ConceptError(f"--concepts {text!r}: expected NAME=FILE or NAME=FOLDER (optionally ending in :cosine)")
+        raise ConceptError(f"--concepts {text!r}: expected NAME=FILE, NAME=FOLDER, NAME=text:PROMPT or NAME=prompts:FILE (optionally ending in :cosine)")
+    if is_text_source(source):  # CLIP-style models: the text tower's embedding of the prompts
+        explainer, _transform = embedder()
+        try:
+            return Concept(name, text_tower_of(explainer.model, f"--concepts {name}").direction(concept_prompts(name, source)), similarity)
+        except TextError as error:
+            raise ConceptError(str(error)) from None
     path = Path(source)
     if path.is_dir():
         return _concept_from_folder(name, path, similarity, embedder)

@@ -186,7 +186,7 @@ class CDAMExplainer:
         for concept in concepts:
             if concept.vector.numel() != embed_dim:
                 raise ValueError(f"concept {concept.name!r} has {concept.vector.numel()} dims but the model's embedding has {embed_dim}")
-        if return_basis and type(self.model) is not VisionTransformer:
+        if return_basis and not _linear_logits(self.model):
             raise ValueError(f"a relevance basis needs logits linear in the embedding; {type(self.model).__name__} has its own head")
         resolve = self._target_resolver(targets, labels, batch)
 
@@ -306,7 +306,7 @@ class CDAMExplainer:
 
         num_targets = target_class.shape[1] + len(concepts)
         rows = self.rows_per_pass(block_input.shape[1])
-        if type(model) is VisionTransformer and (want_basis or num_targets > model.num_features):
+        if _linear_logits(model) and (want_basis or num_targets > model.num_features):
             # logits linear in the embedding: every map is g . basis, so D backward rows serve all K targets
             basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, rows)
             maps = maps_from_basis(self._directions(target_class, concepts, outputs.embedding), basis.transpose(1, 2))
@@ -352,6 +352,11 @@ def cls_attention(model: nn.Module, block_input: torch.Tensor) -> torch.Tensor:
         query = query[:, :, :1]
     weights = ((query * attn.scale) @ key.transpose(-2, -1)).softmax(-1)
     return weights.mean(2)
+
+
+def _linear_logits(model: nn.Module) -> bool:
+    """Whether the logits are the head's linear map of the embedding (not e.g. text_concepts.ZeroShotHead's cosine)."""
+    return type(model) is VisionTransformer and isinstance(model.head, (nn.Linear, nn.Identity))
 
 
 def class_directions(head_weight: torch.Tensor, target_class: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 from timm.models.vision_transformer import VisionTransformer
 
 CHECKPOINT_FORMAT = "cdam-checkpoint/1"
+EXTERNAL_PREFIXES = ("hf:", "open_clip:")  # --model hf:FOLDER|ORG/NAME (hf_models.py), open_clip:ARCH (open_clip_models.py)
 
 
 class ModelLoadError(ValueError):
@@ -219,6 +220,8 @@ def load_model(
     ``img_size`` sets the model's input size and the transform's (the transform's only for a
     ``dynamic_img_size`` model); ``mean``/``std`` override the transform only.
     """
+    if name is not None and name.startswith(EXTERNAL_PREFIXES):
+        return _load_external(name, pretrained, checkpoint, head_checkpoint, class_names, (img_size, mean, std), device, model_kwargs)
     checkpoint_sha = head_sha = None
     state_dict: dict[str, torch.Tensor] | None = None
     if checkpoint is not None:
@@ -279,3 +282,14 @@ def load_model(
         head_checkpoint_sha256=head_sha,
         data_config=config,
     )
+
+
+def _load_external(name: str, pretrained: bool, checkpoint, head_checkpoint, class_names, transform_overrides, device, model_kwargs) -> LoadedModel:
+    """A transformers or open_clip model converted into a timm ViT (their modules import those libraries)."""
+    if any(value is not None for value in transform_overrides):
+        raise ModelLoadError(f"--model {name}: the input size and normalisation come from the checkpoint; img_size, mean and std do not apply")
+    if name.startswith("hf:"):
+        from cdam_worker.maps.hf_models import load_hf_model as load
+    else:
+        from cdam_worker.maps.open_clip_models import load_open_clip_model as load
+    return load(name, pretrained=pretrained, checkpoint=checkpoint, head_checkpoint=head_checkpoint, class_names=class_names, device=device, **model_kwargs)

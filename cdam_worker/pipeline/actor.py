@@ -311,9 +311,10 @@ def _row_tables(result: CDAMResult, class_names: list[str]) -> dict[str, list]:
     flat = result.cdam.flatten(2).float()
     names = np.array(list(class_names) + list(result.concept_names), dtype=object)
     slot_names = names[np.where(result.target_class.cpu().numpy() >= 0, result.target_class.cpu().numpy(), len(class_names) + _concept_positions(result))]
+    headless = [-1] * probs.shape[0] if probs.shape[1] == 0 else None  # a feature extractor (concepts only) predicts no class
     return {
-        "pred": top.indices[:, 0].int().tolist(),
-        "pred_prob": top.values[:, 0].tolist(),
+        "pred": headless or top.indices[:, 0].int().tolist(),
+        "pred_prob": [0.0] * len(headless) if headless else top.values[:, 0].tolist(),
         "topk_classes": top.indices.int().tolist(),
         "topk_probs": top.values.tolist(),
         "targets": result.target_class.int().tolist(),

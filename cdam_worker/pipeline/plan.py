@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from cdam_worker import __version__
@@ -19,6 +20,7 @@ from cdam_worker.maps.concepts import ConceptError, load_concept
 from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
 from cdam_worker.maps.model import LoadedModel, load_model
 from cdam_worker.maps.targets import Concept, TargetSpec
+from cdam_worker.maps.text_concepts import TextError, parse_zero_shot_targets
 from cdam_worker.pipeline.faults import NO_FAULTS, Faults
 from cdam_worker.pipeline.settings import ConceptSpec, JobConfig, ShardTask
 from cdam_worker.shards.samples import Sample
@@ -74,6 +76,7 @@ class Plan:
     settings: dict[str, Any]
     loaded: LoadedModel
     zarr_attributes: dict[str, Any]
+    method_reason: str = ""  # why the maps take the closed form or autograd (printed by --dry-run)
 
 
 def make_plan(options: ExplainOptions) -> Plan:
@@ -85,15 +88,18 @@ def make_plan(options: ExplainOptions) -> Plan:
         raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {options.decode_workers}")
     if options.decode == "gpu" and not (options.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
         raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
+    spec, target_text = _zero_shot(spec, options.targets)
     loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
-    if loaded.num_classes == 0:
-        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one")
+    if loaded.num_classes == 0 and target_text.strip().lower() != "none":
+        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one, or --targets none with --concepts")
     try:
-        targets = TargetSpec.parse(options.targets, loaded.class_names)
+        targets = TargetSpec.parse(target_text, loaded.class_names)
         variant = VariantConfig(options.variant, options.samples, options.noise_level, options.seed)
         explainer = CDAMExplainer(loaded, method=options.method, precision=options.precision)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if options.store_basis and not (type(loaded.model) is VisionTransformer and isinstance(loaded.model.head, (torch.nn.Linear, torch.nn.Identity))):
+        raise ConfigError(f"--store-basis needs logits linear in the embedding; {loaded.name!r} has a {type(loaded.model.head).__name__} head on a {type(loaded.model).__name__}")
     concepts = tuple(_load_concept(text, explainer, loaded.transform) for text in options.concepts)
     if targets.kind == "none" and not concepts:
         raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
@@ -156,7 +162,21 @@ def make_plan(options: ExplainOptions) -> Plan:
         "rows_per_shard": config.rows_per_shard,
         "shards": [t.name for t in tasks],
     }
-    return Plan(config, layout, storage, tasks, settings, loaded, attributes)
+    return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason)
+
+
+def _zero_shot(spec: ModelSpec, targets: str) -> tuple[ModelSpec, str]:
+    """``--targets text:FILE[:K]``: the model gets the file's zero-shot head (recorded in its kwargs) and the targets are its top K."""
+    try:
+        parsed = parse_zero_shot_targets(targets)
+    except TextError as error:
+        raise ConfigError(str(error)) from None
+    if parsed is None:
+        return spec, targets
+    if not (spec.name or "").startswith(("hf:", "open_clip:")):
+        raise ConfigError(f"--targets {targets}: zero-shot classes need a CLIP model with a text tower (--model hf:FOLDER of a CLIPModel, or open_clip:ARCH)")
+    zero_shot, class_targets = parsed
+    return dataclasses.replace(spec, model_kwargs={**spec.model_kwargs, "zero_shot": zero_shot}), class_targets
 
 
 def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
@@ -204,6 +224,7 @@ def print_plan(plan: Plan) -> None:
     n_images = sum(t.n_samples for t in plan.shards)
     lines = [
         f"model        {plan.loaded.name} ({plan.config.method}; {layout.n_heads} heads, grid {layout.grid[0]}x{layout.grid[1]}, {layout.n_classes} classes)",
+        f"maps         {plan.method_reason}",
         f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
         f"variant      {plan.config.variant}",
         f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",

@@ -163,6 +163,23 @@ class Run:
             raise RunError(f"the model's {loaded.num_classes} classes differ from the run's {len(self.class_names)} ({self.url})")
         return loaded
 
+    # -- in a notebook -----------------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """The run's summary in Jupyter: model and CDAM path, targets, concepts, images, shards."""
+        from cdam_worker.views.notebook import summary_html
+
+        return summary_html(self)
+
+    def show(self, key: str, target: str | int | None = None, size: int = 512) -> Image.Image:
+        """``cdam show``'s picture: image ``key`` as the model saw it with its map of ``target`` overlaid (same colours).
+
+        ``target``: a class name or index, a concept name, ``"attention"``, or None for the predicted class.
+        """
+        from cdam_worker.views.show import show_figure
+
+        return show_figure(self, key, None if target is None else str(target), size)[0]
+
     def class_index(self, name_or_index: str | int) -> int:
         """A class's index from its name or index (RunError naming it if the run has no such class)."""
         try:
