@@ -340,13 +340,52 @@ def test_show_draws_the_map_with_a_colour_bar(audited_run: tuple[str, dict], tmp
 def test_show_refuses_what_it_cannot_draw_in_one_line(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
     dest, _ = audited_run
     key = open_run(dest).index.column("key")[0].as_py()
+    names = ", ".join(open_run(dest).metadata.to_table(columns=["key", "target_names"]).slice(0, 1).column("target_names")[0].as_py())
     for argv, text in ((["--key", "no-such-key"], "key 'no-such-key' is not an explained image"),
-                       (["--key", key, "--target", "unicorn"], "class 'unicorn'"),
+                       (["--key", key, "--target", "unicorn"],
+                        f"class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)"),
                        (["--key", key, "--size", "5"], "--size 5")):
         assert main(["show", dest, *argv, "-o", str(tmp_path / "x.png")]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("cdam show: error:") and text in error[0], error
+    assert error[0] == "cdam show: error: --size 5: expected 32 to 4096 pixels"
+    assert main(["show", dest, "--key", key, "--target", "unicorn", "-o", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == f"cdam show: error: class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)\n"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_show_draws_a_concept_that_derive_wrote(demo_run: str, tmp_path: Path, capsys) -> None:
+    import torch
+
+    from cdam_worker import Concept
+
+    dest = str(tmp_path / "run")
+    shutil.copytree(demo_run, dest)
+    run = open_run(dest)
+    keys = run.index.column("key").to_pylist()[:8]
+    vector = run.read_rows("embedding", run.rows_of(keys)).mean(axis=0)  # the README's recipe for a concept file
+    Concept("mark", torch.from_numpy(vector)).save(tmp_path / "mark.pt")
+    assert main(["derive", dest, "--targets", "classes:circle", "--concepts", f"mark={tmp_path / 'mark.pt'}", "--name", "marks"]) == 0
+    capsys.readouterr()
+    key = keys[3]
+    expected = open_run(dest).derive("none", keys=[key], concepts=[f"mark={tmp_path / 'mark.pt'}"]).values[0, 0]
+    scale = float(np.abs(expected).max())
+    pictures = []
+    for target in ("mark", "marks/mark"):
+        out = tmp_path / f"{target.replace('/', '-')}.png"
+        assert main(["show", dest, "--key", key, "--target", target, "-o", str(out), "--size", "128"]) == 0
+        assert capsys.readouterr().err == f"{out}: concept mark, derived marks, map scale ±{scale:.3g}\n"
+        pictures.append(np.asarray(Image.open(out).convert("RGB")))
+    assert np.array_equal(*pictures)
+    plain = tmp_path / "plain.png"  # the run's own map of circle, not the derived one: the run's slots come first
+    assert main(["show", dest, "--key", key, "--target", "circle", "-o", str(plain), "--size", "128"]) == 0
+    assert "derived" not in capsys.readouterr().err
+    assert main(["show", dest, "--key", key, "--target", "marks/circle", "-o", str(plain), "--size", "128"]) == 0
+    assert "class circle (0), derived marks" in capsys.readouterr().err
+    assert main(["show", dest, "--key", key, "--target", "other/mark", "-o", str(plain)]) == 2
+    assert capsys.readouterr().err == f"cdam show: error: --target 'other/mark': {dest} has no derived maps named 'other' (derived: marks)\n"
+    assert main(["show", dest, "--key", key, "--target", "shape", "-o", str(plain)]) == 2
+    assert capsys.readouterr().err.endswith("derived maps: marks)\n")
 
 
 def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
