@@ -197,6 +197,12 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         page.goto(url + "/")
         assert page.inner_text("table.leaderboard tbody tr >> nth=0").split("\t")[:2] == ["1", catalog.class_names[0]]
         assert "flagged" in page.inner_text("table.leaderboard tbody tr >> nth=0")
+        # the overview's strip: the medoid of each flagged cluster (here class 0's cluster 1), linking to its class
+        assert page.eval_on_selector_all(".strip a", "(all) => all.map((a) => a.getAttribute('href'))") == ["/class/0"]
+        assert min(wait_images(page, ".strip img")) > 5
+        strip_src = page.get_attribute(".strip img", "src")
+        assert f"key={quote(truth['members'][0][1][0])}" in strip_src and "map=c0" in strip_src and "view=overlay" in strip_src
+        assert page.inner_text(".strip figcaption").startswith(f"{catalog.class_names[0]} · cluster 1")
         page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
 
         page.click("table.leaderboard a >> nth=0")
@@ -205,10 +211,25 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         contrast = wait_images(page, "#gallery img")
         assert len(contrast) == 48 and min(contrast) > 5, f"blank or missing gallery pictures: {contrast}"
         assert min(wait_images(page, ".clusters img")) > 1
+        # the red border's legend, drawn with the wrong cards' own border
+        assert page.inner_text(".legend") == "red border = a wrong prediction (the image's label is another class)"
+        # the contact sheet: collapsed, its summary in page-sized text naming the flagged cluster; the plot is not pushed down
+        assert page.eval_on_selector("details.sheet", "(d) => d.open") is False
+        assert page.inner_text("details.sheet summary").startswith("Contact sheet: the spot of each image of the flagged cluster (1)")
+        assert float(page.eval_on_selector("details.sheet summary", "(n) => parseFloat(getComputedStyle(n).fontSize)")) >= 14
+        assert page.locator("#scatter").bounding_box()["y"] < 900
+        page.click("details.sheet summary")
+        wait_until(page, "document.querySelector('details.sheet').open && document.querySelector('img.sheet').complete")
+        assert page.eval_on_selector("img.sheet", "(i) => [i.naturalWidth, i.getBoundingClientRect().width]") == [64, 66]  # its own size (+ border)
+        page.click("details.sheet summary")
         page.screenshot(path=str(ARTIFACTS / "dashboard-class.png"), full_page=True)
 
         page.select_option("#filter-correct", "no")  # a filter changes the gallery
         wait_total(page, len(wrong))
+        border = "(n) => getComputedStyle(n).borderTopColor + ' ' + getComputedStyle(n).borderTopWidth"
+        wrong_border = page.eval_on_selector("#gallery figure.wrong", border)
+        assert wrong_border == page.eval_on_selector(".legend-wrong", border) and wrong_border.startswith("rgb(221, 51, 51)")
+        assert page.eval_on_selector(".clusters figure", border) != wrong_border
         assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) == {catalog.keys[p] for p in wrong[:48]}
         page.select_option("#filter-correct", "")
         wait_total(page, len(in_class))
@@ -228,12 +249,21 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
         keys = page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")
         assert keys[-1] == catalog.keys[in_class[-1]] and len(keys) == len(in_class) - 48 * ((len(in_class) - 1) // 48)
-        assert "page=" in page.url
+        n_pages = (len(in_class) - 1) // 48 + 1
+        assert page.url.endswith(f"?page={n_pages}")  # 1-based in the address, as on screen
         page.goto(page.url)  # the address restores the page: its gallery comes with the HTML
         wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
         assert page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)") == keys
         page.goto(f"{url}/class/0?page=999")  # past the end: the last page
         wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
+        page.goto(f"{url}/class/0?page=2")  # page 2 is the second page: images 49 to 96
+        wait_until(page, "document.getElementById('gallery').dataset.page === '1'")
+        assert f"page 2 of {n_pages}" in page.inner_text("#status") and page.url.endswith("?page=2")
+        assert page.eval_on_selector("#gallery figure", "(f) => f.dataset.key") == catalog.keys[in_class[48]]
+        for old_link in ("?page=0", "?page=1", "?page=-3"):  # a link made when the address was 0-based: the first page
+            page.goto(f"{url}/class/0{old_link}")
+            wait_until(page, "document.getElementById('gallery').dataset.page === '0'")
+            assert page.eval_on_selector("#gallery figure", "(f) => f.dataset.key") == catalog.keys[in_class[0]]
         page.goto(f"{url}/class/0")
         wait_total(page, len(in_class))
 
@@ -245,9 +275,17 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
 
         page.click("#gallery figure a >> nth=0")
         page.wait_for_url(f"{url}/image?key=*")
-        contrast = wait_images(page, ".gallery.large img")
+        contrast = wait_images(page, ".gallery.large .tile img")
         assert len(contrast) == 2 + catalog.run.n_targets and min(contrast) > 1
-        assert page.inner_text("h1") == truth["members"][0][1][0]
+        image_key = truth["members"][0][1][0]
+        assert page.inner_text("h1") == image_key
+        # each map shows its colour scale: a colour bar between -s and +s, s its largest |value|
+        row = catalog.run.rows_of([image_key])
+        attention = catalog.run.read_rows("attention", row)[0].astype(np.float32).mean(axis=0)
+        scales = [float(np.abs(attention - attention.min()).max())] + [float(np.abs(m).max()) for m in catalog.run.read_rows("cdam", row)[0]]
+        shown = page.eval_on_selector_all(".gallery.large .map .scale", "(all) => all.map((s) => s.innerText.replace(/\\s+/g, ' ').trim())")
+        assert shown == [f"−{s:.3g} +{s:.3g}" for s in scales]
+        assert min(wait_images(page, ".scale img")) > 5 and page.get_attribute(".scale img", "src") == "/colorbar.png"
         page.screenshot(path=str(ARTIFACTS / "dashboard-image.png"), full_page=True)
 
         assert watch.errors == [], watch.errors
@@ -286,12 +324,21 @@ def test_report_in_a_browser(audited_run: tuple[str, dict], browser, tmp_path: P
     cards = page.eval_on_selector_all("#class-0 .gallery figcaption", "(all) => all.map((c) => c.innerText)")
     assert len(cards) == 6 and "medoid of cluster 0" in cards[0] and "medoid of cluster 1" in cards[4]
     assert cards[0].startswith(truth["members"][0][0][0])
-    contrast = wait_images(page, "img:not(.sheet)")  # (the test's contact sheet is one flat colour)
+    contrast = wait_images(page, "img:not(.sheet):not(.scale img)")  # (the test's contact sheet is one flat colour)
     n_cards = page.eval_on_selector_all("section.class .gallery figure", "(all) => all.length")
     n_clusters = page.eval_on_selector_all("section.class figure.cluster", "(all) => all.length")
     assert n_cards <= 12 and n_clusters == sum(len(truth["members"][c]) - (not truth["members"][c][1]) for c in truth["ranked"][:2])
-    assert len(contrast) == 1 + 2 * n_clusters + 2 * n_cards and min(contrast) > 1  # colour bar, prototypes + medoids, overlay + input
-    assert page.eval_on_selector_all("img.sheet", "(all) => all.length") == 1
+    assert len(contrast) == 1 + 2 * n_clusters + 2 * n_cards and min(contrast) > 1  # strip medoid, prototypes + medoids, overlay + input
+    assert page.eval_on_selector_all("details.sheet img.sheet", "(all) => all.length") == 1
+    assert page.eval_on_selector_all(".strip figcaption", "(all) => all.map((c) => c.innerText.split('\\n')[0])") == [f"{open_run(dest).class_names[0]} · cluster 1"]
+    # the colour bar with numbers: the header's in units of each map's scale, each card's with its own
+    assert page.inner_text("header .scale").replace("\n", " ").split() == ["−1", "+1", "×", "each", "map's", "largest", "|value|"]
+    run = open_run(dest)
+    key = cards[0].split("\n")[0]
+    scale = float(np.abs(run.maps_for([key], [0])).max())
+    assert page.inner_text("#class-0 .gallery figure >> nth=0 >> .scale").split() == [f"−{scale:.3g}", f"+{scale:.3g}"]
+    assert page.eval_on_selector_all(".scale img", "(all) => all.length") == 1 + n_cards
+    assert "red border</span> = a wrong prediction" in html
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     assert watch.errors == [] and watch.foreign_requests(out.as_uri()) == []
     page.close()
