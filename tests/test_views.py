@@ -7,12 +7,17 @@ Screenshots go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.client
 import io
 import json
+import os
 import shutil
 import time
 import urllib.request
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
@@ -450,23 +455,122 @@ def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[
     cluster_of = {key: k for c in truth["members"].values() for k, keys in c.items() for key in keys}
     _, height, width = run.attrs["input_size"]
     for sample in samples[:40]:
-        assert Image.open(out / sample["filepath"]).size == (width, height)
+        assert not Path(sample["filepath"]).is_absolute() and Image.open(out / sample["filepath"]).size == (width, height)
         row = sample["row"]
-        maps = run.read_rows("cdam", np.asarray([row]))[0]
+        maps = run.read_rows("cdam", np.asarray([row]))[0].astype(np.float32)
         for slot in range(run.n_targets):
-            heatmap, scale = sample[f"cdam_{slot}"], sample[f"cdam_{slot}_scale"]
-            assert heatmap["_cls"] == "Heatmap" and heatmap["range"] == [0, 255] and heatmap["map_path"].endswith(".png")
-            assert np.array_equal(np.load(heatmap["map_path"][:-4] + ".npy"), maps[slot])  # the exact map beside it
-            pixels = np.asarray(Image.open(heatmap["map_path"]), dtype=np.float64)
-            assert pixels.shape == run.grid and scale == pytest.approx(np.abs(maps[slot]).max())
-            assert np.abs((pixels / 127.5 - 1) * scale - maps[slot]).max() <= scale / 127  # 8-bit, 0 = middle grey
+            heatmap = sample[f"cdam_{slot}"]
+            assert heatmap["_cls"] == "Heatmap" and set(heatmap) == {"_cls", "map", "range"}  # no file path to break
+            values = fiftyone_array(heatmap["map"])
+            assert values.dtype == np.float32 and np.array_equal(values, maps[slot])  # the exact signed map
+            scale = float(np.abs(maps[slot]).max())
+            assert heatmap["range"] == [-scale, scale]
             assert sample[f"cdam_{slot}_target"] == run.class_names[slot]  # --targets all: slot k is class k
-        assert sample["attention"]["_cls"] == "Heatmap" and Image.open(sample["attention"]["map_path"]).size == run.grid[::-1]
+        attention = run.read_rows("attention", np.asarray([row]))[0].astype(np.float32).mean(axis=0)
+        stored = fiftyone_array(sample["attention"]["map"])
+        assert np.allclose(stored, attention - attention.min()) and stored.min() == 0
+        assert sample["attention"]["range"] == [0.0, float(stored.max())]
         assert sample["prediction"]["label"] == run.class_names[pred_of[sample["key"]]]
         assert (f"cluster-{cluster_of[sample['key']]}" in sample["tags"]) == (sample["key"] in cluster_of)
         assert ("audit-flagged" in sample["tags"]) == (sample["key"] in flagged)
     assert main(["export-fiftyone", dest, str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def fiftyone_array(serialised: dict) -> np.ndarray:
+    """An array as FiftyOne's JSON format stores it: base64 of zlib-compressed .npy bytes."""
+    return np.load(io.BytesIO(zlib.decompress(base64.b64decode(serialised["$binary"]["base64"]))), allow_pickle=False)
+
+
+def fiftyone_alpha(values: np.ndarray, value_range: list[float]) -> np.ndarray:
+    """The opacity FiftyOne's App paints a Heatmap value with, colouring by field (its looker's heatmap painter:
+    a value of 0 is not painted; else opacity min(max, |v|) / max, max the larger |end| of the range)."""
+    top = max(abs(value_range[0]), abs(value_range[1]))
+    return np.where(values == 0, 0.0, np.minimum(top, np.abs(values)) / top)
+
+
+@contextlib.contextmanager
+def fiftyone_database(folder: Path) -> Iterator[str]:
+    """FiftyOne's own MongoDB (the mongod its fiftyone-db package ships) on a free loopback port, started here
+    with time to start on a loaded machine (FiftyOne waits 60 s for the one it starts itself)."""
+    import importlib.util
+    import socket
+    import subprocess
+
+    mongod = Path(importlib.util.find_spec("fiftyone").submodule_search_locations[0]) / "db" / "bin" / "mongod"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder.mkdir(parents=True)
+    server = subprocess.Popen([str(mongod), "--dbpath", str(folder), "--logpath", str(folder / "mongo.log"), "--port", str(port),
+                               "--bind_ip", "127.0.0.1", "--nounixsocket"])
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert server.poll() is None and time.monotonic() < deadline, f"mongod did not start: {(folder / 'mongo.log').read_text()[-2000:]}"
+            time.sleep(0.2)
+        yield f"mongodb://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+FIFTYONE_IMPORT = """
+import json, os, sys
+import fiftyone as fo
+dataset = fo.Dataset.from_dir(sys.argv[1], fo.types.FiftyOneDataset)
+fields = [name for name, field in dataset.get_field_schema().items() if getattr(field, "document_type", None) is fo.Heatmap]
+rows = [{"key": sample["key"], "filepath": sample.filepath, "exists": os.path.isfile(sample.filepath),
+         "maps": {name: {"map": sample[name].get_map().tolist(), "dtype": str(sample[name].get_map().dtype), "range": list(sample[name].range)}
+                  for name in fields if sample[name] is not None}} for sample in dataset.iter_samples()]
+dataset.delete()
+print(json.dumps(rows))
+"""
+
+
+def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relevance(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("fiftyone") is None:
+        pytest.skip("fiftyone is not installed: an optional extra (pip install -e '.[fiftyone]'), not in the test extra, "
+                    "because it pins starlette<1.4 and brings about 80 packages and a MongoDB server")
+    dest, _ = audited_run
+    run = open_run(dest)
+    assert main(["export-fiftyone", dest, str(tmp_path / "written")]) == 0
+    moved = tmp_path / "elsewhere" / "fo"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "written", moved)  # the folder moved (or copied to another machine) before the import
+    with fiftyone_database(tmp_path / "fiftyone-db") as uri:
+        env = {**os.environ, "FIFTYONE_DATABASE_URI": uri, "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"}
+        done = subprocess.run([sys.executable, "-c", FIFTYONE_IMPORT, str(moved)], capture_output=True, text=True, timeout=500, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(imported) == run.index.num_rows
+    rows = dict(zip(run.index.column("key").to_pylist(), run.index.column("row").to_pylist()))
+    lowest = []
+    for sample in imported:
+        assert sample["exists"] and Path(sample["filepath"]).is_relative_to(moved)
+        maps = run.read_rows("cdam", np.asarray([rows[sample["key"]]]))[0].astype(np.float32)
+        assert sorted(sample["maps"]) == ["attention", *(f"cdam_{k}" for k in range(run.n_targets))]
+        for slot in range(run.n_targets):
+            heatmap = sample["maps"][f"cdam_{slot}"]
+            values = np.asarray(heatmap["map"], dtype=np.float32)
+            scale = float(np.abs(maps[slot]).max())
+            assert heatmap["dtype"] == "float32" and np.array_equal(values, maps[slot]) and heatmap["range"] == [-scale, scale]
+            alpha = fiftyone_alpha(values, heatmap["range"])
+            assert np.allclose(alpha, np.abs(maps[slot]) / scale)  # opacity grows with |relevance|, whatever its sign
+            lowest.append(alpha.min())
+        attention = sample["maps"]["attention"]
+        assert fiftyone_alpha(np.asarray(attention["map"]), attention["range"]).min() == 0  # its minimum token: not painted
+    assert max(lowest) < 0.5 and np.median(lowest) < 0.02  # the least relevant token of each map shows the image through (0.5 before)
+    from cdam_worker.views.fiftyone import heatmap
+
+    nothing = heatmap(np.where(np.eye(*run.grid, dtype=bool), np.nan, 0.0))  # no relevance at all (NaN tokens too)
+    assert nothing["range"] == [-1.0, 1.0] and (fiftyone_alpha(fiftyone_array(nothing["map"]), nothing["range"]) == 0).all()
 
 
 def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: str, tmp_path: Path, capsys) -> None:
