@@ -6,12 +6,14 @@ import argparse
 import sys
 
 EPILOG = """\
-OUT gets FiftyOne's JSON dataset format: samples.json, metadata.json, data/ (each image as the model
-saw it, the frame the maps cover) and heatmaps/ (per image and stored map: a PNG for FiftyOne's Heatmap
-field cdam_<k> (slot k; its class in cdam_<k>_target), where pixel p stands for (p / 127.5 - 1) *
-cdam_<k>_scale, and the exact float32 map as .npy). Audit clusters become the fields audit_cluster,
-audit_x, audit_y, audit_score and the tags cluster-<k> and audit-flagged. FiftyOne is not needed to
-write it; to open it (with FiftyOne installed):
+OUT gets FiftyOne's JSON dataset format: samples.json, metadata.json and data/ (each image as the model
+saw it, the frame the maps cover); every path is relative to OUT, so the folder can be moved. Each stored
+map is a FiftyOne Heatmap field inside the samples: cdam_<k> (slot k; its class in cdam_<k>_target) holds
+the signed float32 map with range [-s, s] (s its largest |value|), which FiftyOne paints with opacity
+|value| / s (no relevance shows the image; choose a diverging colorscale and "color by value" for red
+and blue), and attention the attention less its minimum. Audit clusters become the fields audit_cluster,
+audit_x, audit_y, audit_score and the tags cluster-<k> and audit-flagged. FiftyOne is not needed to write
+it; to open it (pip install -e '.[fiftyone]'; checked with fiftyone 1.22.1):
 
   python -c 'import fiftyone as fo; fo.launch_app(fo.Dataset.from_dir("OUT", fo.types.FiftyOneDataset)).wait()'
 
@@ -21,7 +23,7 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("export-fiftyone", help="write a run as a FiftyOne dataset folder", description="Write a run as a FiftyOne dataset folder: images, one heatmap file per image and map with its range, predictions, labels and the audit's clusters as fields and tags.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser("export-fiftyone", help="write a run as a FiftyOne dataset folder", description="Write a run as a FiftyOne dataset folder: images, every stored map as a signed Heatmap with its range, predictions, labels and the audit's clusters as fields and tags.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("out", metavar="OUT", help="a new (or empty) local folder for the FiftyOne dataset")
     parser.set_defaults(handler=run)

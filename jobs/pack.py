@@ -23,7 +23,8 @@ output (OUTDIR, a folder or s3://bucket/prefix):
   index.json             every shard (samples, bytes) and every file not packed, with the reason
 
 Every image is decoded as the job decodes it; files that cannot be read or decoded are skipped, listed
-on stderr and in index.json. The same folder always gives byte-identical shards.
+on stderr (the first 20) and in index.json (all; written even when nothing could be packed, which exits 2).
+The same folder always gives byte-identical shards.
 
 examples:
   cdam pack /data/imagenet/val packed/val --layout imagenet
@@ -45,7 +46,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdam_worker.shards.packing import pack
+    from cdam_worker.shards.packing import PackError, pack
 
     layout = args.layout or ("csv" if args.labels else "flat")
     result = pack(args.src, args.outdir, layout=layout, labels=args.labels, maxcount=args.maxcount, workers=args.workers, overwrite=args.overwrite)
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if len(result.skipped) > MAX_LISTED:
         print(f"cdam pack: ... and {len(result.skipped) - MAX_LISTED} more skipped files", file=sys.stderr)
     outdir = args.outdir.rstrip("/")
+    if not result.shards:
+        raise PackError(f"no image to pack below {args.src} (layout {layout}): {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json")
     print(f"packed {result.n_samples} images into {len(result.shards)} shard(s), {result.n_bytes / 2**20:.1f} MiB, in {outdir}"
           + (f"; {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json" if result.skipped else ""))
     shards = "000000" if len(result.shards) == 1 else f"{{000000..{len(result.shards) - 1:06d}}}"

@@ -8,12 +8,15 @@ import sys
 EPILOG = """\
 The picture is the image as the model saw it (resized and cropped by the run's eval transform) with the
 map upsampled onto it for display; red = evidence for the class, blue = against, on the map's own
-symmetric scale (the colour bar's ends are ±its largest |value|).
+symmetric scale (the colour bar's ends are ±its largest |value|). A --target the run did not store for
+the image is looked up among the maps `cdam derive` wrote into the run (a concept or class of a
+derivation; NAME/TARGET picks the derivation NAME).
 
 examples:
   cdam show cdam-demo-output --key test-000042 -o circle.png
   cdam show s3://bucket/cdam/val --key n01440764/ILSVRC2012_val_00000293 --target tench -o fig.png
   cdam show out --key k1 --target attention -o attention.png
+  cdam show cdam-demo-output --key test-000003 --target mark -o mark.png     # after cdam derive ... --concepts mark=mark.pt
 """
 
 
@@ -21,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("show", help="one image with its map overlaid, as a PNG", description="Draw one image of a run with a stored map overlaid, the colour bar and the class name (for papers and bug reports).", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--key", required=True, help="the image's WebDataset key")
-    parser.add_argument("--target", metavar="CLASS", help="class name or index, a concept name, or 'attention' (default: the predicted class)")
+    parser.add_argument("--target", metavar="CLASS", help="class name or index, a concept name (also of a derived map: NAME or DERIVATION/NAME), or 'attention' (default: the predicted class)")
     parser.add_argument("-o", "--out", required=True, metavar="FILE", help="the PNG to write")
     parser.add_argument("--size", type=int, default=512, help="pixels of the picture's longer side (default: 512)")
     parser.set_defaults(handler=run)

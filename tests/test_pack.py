@@ -207,7 +207,30 @@ def test_an_earlier_pack_is_refused_unless_overwrite(sources, tmp_path, capsys):
     assert len(list(out.glob("shard-*.tar"))) == 5
     capsys.readouterr()
     assert pack_into(out, sources["flat"]) == 2
-    assert f"{out} already holds 6 shard(s) or index of an earlier pack; use --overwrite to replace them" in capsys.readouterr().err
+    assert f"{out} already holds 5 shard(s) and index.json of an earlier pack; use --overwrite to replace them" in capsys.readouterr().err
     (out / "notes.txt").write_text("kept")
     assert pack_into(out, sources["flat"], "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "notes.txt", "shard-000000.tar"]
+
+
+def test_an_earlier_index_alone_is_named_as_such(sources, tmp_path, capsys):
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "index.json").write_text("{}")
+    assert pack_into(out, sources["flat"]) == 2
+    assert f"{out} already holds index.json of an earlier pack; use --overwrite" in capsys.readouterr().err
+
+
+def test_nothing_packable_still_prints_and_lists_every_skipped_file(tmp_path, capsys):
+    source = write_files(tmp_path / "src", {"notes.txt": b"notes", "broken.jpg": b"not a JPEG", "sub/cut.png": png_bytes()[:30]})
+    out = tmp_path / "packed"
+    assert pack_into(out, source) == 2
+    err = capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    assert index["shards"] == [] and index["samples"] == 0
+    assert [s["file"] for s in index["skipped"]] == ["broken.jpg", "notes.txt", "sub/cut.png"]
+    assert index["skipped"][1]["reason"] == NOT_AN_IMAGE
+    for skipped in index["skipped"]:
+        assert f"cdam pack: skipped {skipped['file']}: {skipped['reason']}\n" in err
+    assert err.endswith(f"cdam pack: error: no image to pack below {source} (layout flat): 3 file(s) skipped, listed in {out}/index.json\n")
+    assert sorted(p.name for p in out.iterdir()) == ["index.json"]

@@ -7,12 +7,17 @@ Screenshots go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.client
 import io
 import json
+import os
 import shutil
 import time
 import urllib.request
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
@@ -199,6 +204,12 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         page.goto(url + "/")
         assert page.inner_text("table.leaderboard tbody tr >> nth=0").split("\t")[:2] == ["1", catalog.class_names[0]]
         assert "flagged" in page.inner_text("table.leaderboard tbody tr >> nth=0")
+        # the overview's strip: the medoid of each flagged cluster (here class 0's cluster 1), linking to its class
+        assert page.eval_on_selector_all(".strip a", "(all) => all.map((a) => a.getAttribute('href'))") == ["/class/0"]
+        assert min(wait_images(page, ".strip img")) > 5
+        strip_src = page.get_attribute(".strip img", "src")
+        assert f"key={quote(truth['members'][0][1][0])}" in strip_src and "map=c0" in strip_src and "view=overlay" in strip_src
+        assert page.inner_text(".strip figcaption").startswith(f"{catalog.class_names[0]} · cluster 1")
         page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
 
         page.click("table.leaderboard a >> nth=0")
@@ -207,10 +218,25 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         contrast = wait_images(page, "#gallery img")
         assert len(contrast) == 48 and min(contrast) > 5, f"blank or missing gallery pictures: {contrast}"
         assert min(wait_images(page, ".clusters img")) > 1
+        # the red border's legend, drawn with the wrong cards' own border
+        assert page.inner_text(".legend") == "red border = a wrong prediction (the image's label is another class)"
+        # the contact sheet: collapsed, its summary in page-sized text naming the flagged cluster; the plot is not pushed down
+        assert page.eval_on_selector("details.sheet", "(d) => d.open") is False
+        assert page.inner_text("details.sheet summary").startswith("Contact sheet: the spot of each image of the flagged cluster (1)")
+        assert float(page.eval_on_selector("details.sheet summary", "(n) => parseFloat(getComputedStyle(n).fontSize)")) >= 14
+        assert page.locator("#scatter").bounding_box()["y"] < 900
+        page.click("details.sheet summary")
+        wait_until(page, "document.querySelector('details.sheet').open && document.querySelector('img.sheet').complete")
+        assert page.eval_on_selector("img.sheet", "(i) => [i.naturalWidth, i.getBoundingClientRect().width]") == [64, 66]  # its own size (+ border)
+        page.click("details.sheet summary")
         page.screenshot(path=str(ARTIFACTS / "dashboard-class.png"), full_page=True)
 
         page.select_option("#filter-correct", "no")  # a filter changes the gallery
         wait_total(page, len(wrong))
+        border = "(n) => getComputedStyle(n).borderTopColor + ' ' + getComputedStyle(n).borderTopWidth"
+        wrong_border = page.eval_on_selector("#gallery figure.wrong", border)
+        assert wrong_border == page.eval_on_selector(".legend-wrong", border) and wrong_border.startswith("rgb(221, 51, 51)")
+        assert page.eval_on_selector(".clusters figure", border) != wrong_border
         assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) == {catalog.keys[p] for p in wrong[:48]}
         page.select_option("#filter-correct", "")
         wait_total(page, len(in_class))
@@ -230,12 +256,21 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
         keys = page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")
         assert keys[-1] == catalog.keys[in_class[-1]] and len(keys) == len(in_class) - 48 * ((len(in_class) - 1) // 48)
-        assert "page=" in page.url
+        n_pages = (len(in_class) - 1) // 48 + 1
+        assert page.url.endswith(f"?page={n_pages}")  # 1-based in the address, as on screen
         page.goto(page.url)  # the address restores the page: its gallery comes with the HTML
         wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
         assert page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)") == keys
         page.goto(f"{url}/class/0?page=999")  # past the end: the last page
         wait_until(page, f"document.getElementById('gallery').dataset.page === '{(len(in_class) - 1) // 48}'")
+        page.goto(f"{url}/class/0?page=2")  # page 2 is the second page: images 49 to 96
+        wait_until(page, "document.getElementById('gallery').dataset.page === '1'")
+        assert f"page 2 of {n_pages}" in page.inner_text("#status") and page.url.endswith("?page=2")
+        assert page.eval_on_selector("#gallery figure", "(f) => f.dataset.key") == catalog.keys[in_class[48]]
+        for old_link in ("?page=0", "?page=1", "?page=-3"):  # a link made when the address was 0-based: the first page
+            page.goto(f"{url}/class/0{old_link}")
+            wait_until(page, "document.getElementById('gallery').dataset.page === '0'")
+            assert page.eval_on_selector("#gallery figure", "(f) => f.dataset.key") == catalog.keys[in_class[0]]
         page.goto(f"{url}/class/0")
         wait_total(page, len(in_class))
 
@@ -247,9 +282,17 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
 
         page.click("#gallery figure a >> nth=0")
         page.wait_for_url(f"{url}/image?key=*")
-        contrast = wait_images(page, ".gallery.large img")
+        contrast = wait_images(page, ".gallery.large .tile img")
         assert len(contrast) == 2 + catalog.run.n_targets and min(contrast) > 1
-        assert page.inner_text("h1") == truth["members"][0][1][0]
+        image_key = truth["members"][0][1][0]
+        assert page.inner_text("h1") == image_key
+        # each map shows its colour scale: a colour bar between -s and +s, s its largest |value|
+        row = catalog.run.rows_of([image_key])
+        attention = catalog.run.read_rows("attention", row)[0].astype(np.float32).mean(axis=0)
+        scales = [float(np.abs(attention - attention.min()).max())] + [float(np.abs(m).max()) for m in catalog.run.read_rows("cdam", row)[0]]
+        shown = page.eval_on_selector_all(".gallery.large .map .scale", "(all) => all.map((s) => s.innerText.replace(/\\s+/g, ' ').trim())")
+        assert shown == [f"−{s:.3g} +{s:.3g}" for s in scales]
+        assert min(wait_images(page, ".scale img")) > 5 and page.get_attribute(".scale img", "src") == "/colorbar.png"
         page.screenshot(path=str(ARTIFACTS / "dashboard-image.png"), full_page=True)
 
         assert watch.errors == [], watch.errors
@@ -337,12 +380,21 @@ def test_report_in_a_browser(audited_run: tuple[str, dict], browser, tmp_path: P
     cards = page.eval_on_selector_all("#class-0 .gallery figcaption", "(all) => all.map((c) => c.innerText)")
     assert len(cards) == 6 and "medoid of cluster 0" in cards[0] and "medoid of cluster 1" in cards[4]
     assert cards[0].startswith(truth["members"][0][0][0])
-    contrast = wait_images(page, "img:not(.sheet)")  # (the test's contact sheet is one flat colour)
+    contrast = wait_images(page, "img:not(.sheet):not(.scale img)")  # (the test's contact sheet is one flat colour)
     n_cards = page.eval_on_selector_all("section.class .gallery figure", "(all) => all.length")
     n_clusters = page.eval_on_selector_all("section.class figure.cluster", "(all) => all.length")
     assert n_cards <= 12 and n_clusters == sum(len(truth["members"][c]) - (not truth["members"][c][1]) for c in truth["ranked"][:2])
-    assert len(contrast) == 1 + 2 * n_clusters + 2 * n_cards and min(contrast) > 1  # colour bar, prototypes + medoids, overlay + input
-    assert page.eval_on_selector_all("img.sheet", "(all) => all.length") == 1
+    assert len(contrast) == 1 + 2 * n_clusters + 2 * n_cards and min(contrast) > 1  # strip medoid, prototypes + medoids, overlay + input
+    assert page.eval_on_selector_all("details.sheet img.sheet", "(all) => all.length") == 1
+    assert page.eval_on_selector_all(".strip figcaption", "(all) => all.map((c) => c.innerText.split('\\n')[0])") == [f"{open_run(dest).class_names[0]} · cluster 1"]
+    # the colour bar with numbers: the header's in units of each map's scale, each card's with its own
+    assert page.inner_text("header .scale").replace("\n", " ").split() == ["−1", "+1", "×", "each", "map's", "largest", "|value|"]
+    run = open_run(dest)
+    key = cards[0].split("\n")[0]
+    scale = float(np.abs(run.maps_for([key], [0])).max())
+    assert page.inner_text("#class-0 .gallery figure >> nth=0 >> .scale").split() == [f"−{scale:.3g}", f"+{scale:.3g}"]
+    assert page.eval_on_selector_all(".scale img", "(all) => all.length") == 1 + n_cards
+    assert "red border</span> = a wrong prediction" in html
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     assert watch.errors == [] and watch.foreign_requests(out.as_uri()) == []
     page.close()
@@ -391,13 +443,52 @@ def test_show_draws_the_map_with_a_colour_bar(audited_run: tuple[str, dict], tmp
 def test_show_refuses_what_it_cannot_draw_in_one_line(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
     dest, _ = audited_run
     key = open_run(dest).index.column("key")[0].as_py()
+    names = ", ".join(open_run(dest).metadata.to_table(columns=["key", "target_names"]).slice(0, 1).column("target_names")[0].as_py())
     for argv, text in ((["--key", "no-such-key"], "key 'no-such-key' is not an explained image"),
-                       (["--key", key, "--target", "unicorn"], "class 'unicorn'"),
+                       (["--key", key, "--target", "unicorn"],
+                        f"class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)"),
                        (["--key", key, "--size", "5"], "--size 5")):
         assert main(["show", dest, *argv, "-o", str(tmp_path / "x.png")]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("cdam show: error:") and text in error[0], error
+    assert error[0] == "cdam show: error: --size 5: expected 32 to 4096 pixels"
+    assert main(["show", dest, "--key", key, "--target", "unicorn", "-o", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == f"cdam show: error: class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)\n"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_show_draws_a_concept_that_derive_wrote(demo_run: str, tmp_path: Path, capsys) -> None:
+    import torch
+
+    from cdam_worker import Concept
+
+    dest = str(tmp_path / "run")
+    shutil.copytree(demo_run, dest)
+    run = open_run(dest)
+    keys = run.index.column("key").to_pylist()[:8]
+    vector = run.read_rows("embedding", run.rows_of(keys)).mean(axis=0)  # the README's recipe for a concept file
+    Concept("mark", torch.from_numpy(vector)).save(tmp_path / "mark.pt")
+    assert main(["derive", dest, "--targets", "classes:circle", "--concepts", f"mark={tmp_path / 'mark.pt'}", "--name", "marks"]) == 0
+    capsys.readouterr()
+    key = keys[3]
+    expected = open_run(dest).derive("none", keys=[key], concepts=[f"mark={tmp_path / 'mark.pt'}"]).values[0, 0]
+    scale = float(np.abs(expected).max())
+    pictures = []
+    for target in ("mark", "marks/mark"):
+        out = tmp_path / f"{target.replace('/', '-')}.png"
+        assert main(["show", dest, "--key", key, "--target", target, "-o", str(out), "--size", "128"]) == 0
+        assert capsys.readouterr().err == f"{out}: concept mark, derived marks, map scale ±{scale:.3g}\n"
+        pictures.append(np.asarray(Image.open(out).convert("RGB")))
+    assert np.array_equal(*pictures)
+    plain = tmp_path / "plain.png"  # the run's own map of circle, not the derived one: the run's slots come first
+    assert main(["show", dest, "--key", key, "--target", "circle", "-o", str(plain), "--size", "128"]) == 0
+    assert "derived" not in capsys.readouterr().err
+    assert main(["show", dest, "--key", key, "--target", "marks/circle", "-o", str(plain), "--size", "128"]) == 0
+    assert "class circle (0), derived marks" in capsys.readouterr().err
+    assert main(["show", dest, "--key", key, "--target", "other/mark", "-o", str(plain)]) == 2
+    assert capsys.readouterr().err == f"cdam show: error: --target 'other/mark': {dest} has no derived maps named 'other' (derived: marks)\n"
+    assert main(["show", dest, "--key", key, "--target", "shape", "-o", str(plain)]) == 2
+    assert capsys.readouterr().err.endswith("derived maps: marks)\n")
 
 
 def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
@@ -415,23 +506,122 @@ def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[
     cluster_of = {key: k for c in truth["members"].values() for k, keys in c.items() for key in keys}
     _, height, width = run.attrs["input_size"]
     for sample in samples[:40]:
-        assert Image.open(out / sample["filepath"]).size == (width, height)
+        assert not Path(sample["filepath"]).is_absolute() and Image.open(out / sample["filepath"]).size == (width, height)
         row = sample["row"]
-        maps = run.read_rows("cdam", np.asarray([row]))[0]
+        maps = run.read_rows("cdam", np.asarray([row]))[0].astype(np.float32)
         for slot in range(run.n_targets):
-            heatmap, scale = sample[f"cdam_{slot}"], sample[f"cdam_{slot}_scale"]
-            assert heatmap["_cls"] == "Heatmap" and heatmap["range"] == [0, 255] and heatmap["map_path"].endswith(".png")
-            assert np.array_equal(np.load(heatmap["map_path"][:-4] + ".npy"), maps[slot])  # the exact map beside it
-            pixels = np.asarray(Image.open(heatmap["map_path"]), dtype=np.float64)
-            assert pixels.shape == run.grid and scale == pytest.approx(np.abs(maps[slot]).max())
-            assert np.abs((pixels / 127.5 - 1) * scale - maps[slot]).max() <= scale / 127  # 8-bit, 0 = middle grey
+            heatmap = sample[f"cdam_{slot}"]
+            assert heatmap["_cls"] == "Heatmap" and set(heatmap) == {"_cls", "map", "range"}  # no file path to break
+            values = fiftyone_array(heatmap["map"])
+            assert values.dtype == np.float32 and np.array_equal(values, maps[slot])  # the exact signed map
+            scale = float(np.abs(maps[slot]).max())
+            assert heatmap["range"] == [-scale, scale]
             assert sample[f"cdam_{slot}_target"] == run.class_names[slot]  # --targets all: slot k is class k
-        assert sample["attention"]["_cls"] == "Heatmap" and Image.open(sample["attention"]["map_path"]).size == run.grid[::-1]
+        attention = run.read_rows("attention", np.asarray([row]))[0].astype(np.float32).mean(axis=0)
+        stored = fiftyone_array(sample["attention"]["map"])
+        assert np.allclose(stored, attention - attention.min()) and stored.min() == 0
+        assert sample["attention"]["range"] == [0.0, float(stored.max())]
         assert sample["prediction"]["label"] == run.class_names[pred_of[sample["key"]]]
         assert (f"cluster-{cluster_of[sample['key']]}" in sample["tags"]) == (sample["key"] in cluster_of)
         assert ("audit-flagged" in sample["tags"]) == (sample["key"] in flagged)
     assert main(["export-fiftyone", dest, str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def fiftyone_array(serialised: dict) -> np.ndarray:
+    """An array as FiftyOne's JSON format stores it: base64 of zlib-compressed .npy bytes."""
+    return np.load(io.BytesIO(zlib.decompress(base64.b64decode(serialised["$binary"]["base64"]))), allow_pickle=False)
+
+
+def fiftyone_alpha(values: np.ndarray, value_range: list[float]) -> np.ndarray:
+    """The opacity FiftyOne's App paints a Heatmap value with, colouring by field (its looker's heatmap painter:
+    a value of 0 is not painted; else opacity min(max, |v|) / max, max the larger |end| of the range)."""
+    top = max(abs(value_range[0]), abs(value_range[1]))
+    return np.where(values == 0, 0.0, np.minimum(top, np.abs(values)) / top)
+
+
+@contextlib.contextmanager
+def fiftyone_database(folder: Path) -> Iterator[str]:
+    """FiftyOne's own MongoDB (the mongod its fiftyone-db package ships) on a free loopback port, started here
+    with time to start on a loaded machine (FiftyOne waits 60 s for the one it starts itself)."""
+    import importlib.util
+    import socket
+    import subprocess
+
+    mongod = Path(importlib.util.find_spec("fiftyone").submodule_search_locations[0]) / "db" / "bin" / "mongod"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder.mkdir(parents=True)
+    server = subprocess.Popen([str(mongod), "--dbpath", str(folder), "--logpath", str(folder / "mongo.log"), "--port", str(port),
+                               "--bind_ip", "127.0.0.1", "--nounixsocket"])
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert server.poll() is None and time.monotonic() < deadline, f"mongod did not start: {(folder / 'mongo.log').read_text()[-2000:]}"
+            time.sleep(0.2)
+        yield f"mongodb://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+FIFTYONE_IMPORT = """
+import json, os, sys
+import fiftyone as fo
+dataset = fo.Dataset.from_dir(sys.argv[1], fo.types.FiftyOneDataset)
+fields = [name for name, field in dataset.get_field_schema().items() if getattr(field, "document_type", None) is fo.Heatmap]
+rows = [{"key": sample["key"], "filepath": sample.filepath, "exists": os.path.isfile(sample.filepath),
+         "maps": {name: {"map": sample[name].get_map().tolist(), "dtype": str(sample[name].get_map().dtype), "range": list(sample[name].range)}
+                  for name in fields if sample[name] is not None}} for sample in dataset.iter_samples()]
+dataset.delete()
+print(json.dumps(rows))
+"""
+
+
+def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relevance(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("fiftyone") is None:
+        pytest.skip("fiftyone is not installed: an optional extra (pip install -e '.[fiftyone]'), not in the test extra, "
+                    "because it pins starlette<1.4 and brings about 80 packages and a MongoDB server")
+    dest, _ = audited_run
+    run = open_run(dest)
+    assert main(["export-fiftyone", dest, str(tmp_path / "written")]) == 0
+    moved = tmp_path / "elsewhere" / "fo"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "written", moved)  # the folder moved (or copied to another machine) before the import
+    with fiftyone_database(tmp_path / "fiftyone-db") as uri:
+        env = {**os.environ, "FIFTYONE_DATABASE_URI": uri, "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"}
+        done = subprocess.run([sys.executable, "-c", FIFTYONE_IMPORT, str(moved)], capture_output=True, text=True, timeout=500, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(imported) == run.index.num_rows
+    rows = dict(zip(run.index.column("key").to_pylist(), run.index.column("row").to_pylist()))
+    lowest = []
+    for sample in imported:
+        assert sample["exists"] and Path(sample["filepath"]).is_relative_to(moved)
+        maps = run.read_rows("cdam", np.asarray([rows[sample["key"]]]))[0].astype(np.float32)
+        assert sorted(sample["maps"]) == ["attention", *(f"cdam_{k}" for k in range(run.n_targets))]
+        for slot in range(run.n_targets):
+            heatmap = sample["maps"][f"cdam_{slot}"]
+            values = np.asarray(heatmap["map"], dtype=np.float32)
+            scale = float(np.abs(maps[slot]).max())
+            assert heatmap["dtype"] == "float32" and np.array_equal(values, maps[slot]) and heatmap["range"] == [-scale, scale]
+            alpha = fiftyone_alpha(values, heatmap["range"])
+            assert np.allclose(alpha, np.abs(maps[slot]) / scale)  # opacity grows with |relevance|, whatever its sign
+            lowest.append(alpha.min())
+        attention = sample["maps"]["attention"]
+        assert fiftyone_alpha(np.asarray(attention["map"]), attention["range"]).min() == 0  # its minimum token: not painted
+    assert max(lowest) < 0.5 and np.median(lowest) < 0.02  # the least relevant token of each map shows the image through (0.5 before)
+    from cdam_worker.views.fiftyone import heatmap
+
+    nothing = heatmap(np.where(np.eye(*run.grid, dtype=bool), np.nan, 0.0))  # no relevance at all (NaN tokens too)
+    assert nothing["range"] == [-1.0, 1.0] and (fiftyone_alpha(fiftyone_array(nothing["map"]), nothing["range"]) == 0).all()
 
 
 def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: str, tmp_path: Path, capsys) -> None:

@@ -32,7 +32,7 @@ from cdam_worker.run_files import open_zarr, read_json
 from cdam_worker.shards.member_index import member_offsets, read_sample
 from cdam_worker.shards.samples import Sample
 from cdam_worker.storage import Storage, StorageError
-from schemas import ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
+from schemas import DERIVED_GROUP, ERRORS_SCHEMA, HEAD_GROUP, INT_FILL, METADATA_SCHEMA
 from schemas.manifest import ModelSpec
 from schemas.paths import (
     ERRORS_DIR,
@@ -185,7 +185,8 @@ class Run:
         try:
             return resolve_class(name_or_index, self.class_names)
         except (KeyError, ValueError, IndexError) as error:
-            raise RunError(f"class {name_or_index!r}: {str(error).strip(chr(39))}") from None
+            message = error.args[0] if error.args else error  # a KeyError's str() would add quotes
+            raise RunError(f"class {name_or_index!r}: {message}") from None
 
     # -- tables ------------------------------------------------------------------------------------
 
@@ -219,6 +220,22 @@ class Run:
     def table(self, path: str) -> pa.Table:
         """A Parquet file below the run (e.g. ``audit/classes.parquet``); FileNotFoundError if absent."""
         return pq.read_table(storage_filesystem(self.storage).open_input_file(path))
+
+    # -- maps derived later (``cdam derive``) ---------------------------------------------------------
+
+    def derived_names(self) -> list[str]:
+        """Names of the finished derivations of the run (``cdam derive --name NAME``), sorted; one still
+        running (or cut off before it first finished) is not listed."""
+        names = sorted({path.split("/")[1] for path in self.storage.list(DERIVED_GROUP) if path.count("/") == 2 and path.endswith("/manifest.json")})
+        return [name for name in names if (read_json(self.storage, f"{DERIVED_GROUP}/{name}/manifest.json") or {}).get("status") in ("complete", "partial")]
+
+    def derived_metadata(self, name: str) -> pa.Table:
+        """Derivation ``name``'s table (schema ``cdam.derived-metadata/1``): per derived image ``key``, ``row``, and
+        per slot ``targets`` (class, -1 concept), ``target_names`` and the relevance sums; its maps are the array
+        ``derived/NAME/cdam`` (``read_rows``). RunError if the run has no such finished derivation."""
+        if name not in self.derived_names():
+            raise RunError(f"{self.url} has no derived maps named {name!r} (made by `cdam derive --name NAME`)")
+        return self.table(f"{DERIVED_GROUP}/{name}/metadata.parquet")
 
     @functools.cached_property
     def _key_positions(self) -> dict[str, int]:

@@ -93,7 +93,8 @@ def pack(src: str | Path, outdir: str, *, layout: str, labels: str | Path | None
     """Pack the images below ``src`` into shards in ``outdir`` (a folder or s3://bucket/prefix).
 
     PackError (one line) when the source, the labels file or the output cannot be used; files that cannot
-    be read or decoded are skipped and listed in the result and in ``index.json``.
+    be read or decoded are skipped and listed in the result and in ``index.json``. When no file can be packed
+    the result has no shards, and ``index.json`` still lists every file skipped.
     """
     if maxcount < 1:
         raise PackError(f"--maxcount must be >= 1, got {maxcount}")
@@ -101,8 +102,6 @@ def pack(src: str | Path, outdir: str, *, layout: str, labels: str | Path | None
         raise PackError(f"--workers must be >= 1, got {workers}")
     src = Path(src).resolve()
     images, skipped = list_source(src, layout, labels)
-    if not images:
-        raise PackError(f"no image to pack below {src} (layout {layout}; {len(skipped)} file(s) skipped)")
     storage = _prepare_output(outdir, overwrite)
     shards: list[dict[str, int | str]] = []
     samples: list[tuple[str, dict[str, bytes]]] = []
@@ -326,7 +325,9 @@ def _prepare_output(outdir: str, overwrite: bool) -> Storage:
     storage.check_writable()
     earlier = [path for path in storage.list() if path == INDEX_PATH or SHARD_PATTERN.fullmatch(path)]
     if earlier and not overwrite:
-        raise PackError(f"{storage.url} already holds {len(earlier)} shard(s) or index of an earlier pack; use --overwrite to replace them")
+        n_shards = sum(1 for path in earlier if path != INDEX_PATH)
+        held = " and ".join(([f"{n_shards} shard(s)"] if n_shards else []) + ([INDEX_PATH] if INDEX_PATH in earlier else []))
+        raise PackError(f"{storage.url} already holds {held} of an earlier pack; use --overwrite to replace them")
     for path in earlier:
         storage.delete(path)
     return storage

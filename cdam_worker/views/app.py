@@ -33,7 +33,7 @@ from cdam_worker.reading import Run, RunError
 from cdam_worker.storage import StorageError
 from cdam_worker.views import pages
 from cdam_worker.views.catalog import Catalog, GalleryQuery
-from cdam_worker.views.colormap import colorbar
+from cdam_worker.views.colormap import colorbar, symmetric_scale
 from cdam_worker.views.guard import Guard
 from cdam_worker.views.render import display_size, encode
 from cdam_worker.views.render import tile as render_tile
@@ -93,7 +93,9 @@ class Dashboard:
     def overview(self, request: Request) -> Response:
         facts = self.catalog.overview()
         errors, n_errors = self.catalog.errors()
-        body = pages.overview(facts, self.catalog.class_counts(), self.catalog.leaderboard(), errors, n_errors, self.catalog.no_audit, lambda c: f"/class/{c}")
+        medoids = self.catalog.flagged_medoids()
+        strip = pages.medoid_strip(medoids, lambda m: self._tile_src(m["medoid_key"], "overlay", f"c{m['class']}", GALLERY_TILE), lambda c: f"/class/{c}")
+        body = pages.overview(facts, self.catalog.class_counts(), self.catalog.leaderboard(), errors, n_errors, self.catalog.no_audit, lambda c: f"/class/{c}", strip)
         return self._page("cdam: overview", f"<header><h1>cdam run</h1><p class=\"muted\">{escape(pages.LEGEND)}</p></header>{body}")
 
     def class_page(self, request: Request) -> Response:
@@ -109,13 +111,13 @@ class Dashboard:
                              lambda key: self._tile_src(key, "overlay", f"c{c}", GALLERY_TILE), lambda k: f"?cluster={k}"),
         ]
         if self.catalog.audit is not None and c in self.catalog.audit.contact_sheets:
-            parts.append(f"<h3>Contact sheet of the flagged cluster</h3><img class=\"sheet\" alt=\"contact sheet\" src=\"/contact-sheet?class={c}\">")
+            parts.append(pages.contact_sheet(f"/contact-sheet?class={c}", [k["cluster"] for k in clusters if k["flagged"]]))
         scatter = ("<canvas id=\"scatter\" width=\"360\" height=\"360\" aria-label=\"2-D plot of the class's images\"></canvas>"
                    "<p class=\"muted\">Drag a box to select images; click once to clear.</p><p id=\"scatter-legend\"></p>"
                    if self.catalog.audit is not None else pages.notes([self.catalog.no_audit]))
         parts.append(
             "<section class=\"explore\"><div class=\"scatter-box\"><h3>Audit: 2-D plot</h3>" + scatter + "</div>"
-            "<div class=\"gallery-box\"><form id=\"filters\"></form><p id=\"status\" class=\"muted\"></p>"
+            "<div class=\"gallery-box\"><form id=\"filters\"></form><p class=\"muted legend\">" + pages.WRONG_PREDICTION + "</p><p id=\"status\" class=\"muted\"></p>"
             "<div id=\"gallery\" class=\"gallery\"></div><div class=\"pager\" id=\"pager\"></div></div></section>"
         )
         data = {
@@ -125,7 +127,7 @@ class Dashboard:
         params = request.query_params
         preloads = ""
         try:  # the gallery the page opens with comes with it, its tiles rendering already (no API round trip)
-            page = max(0, _integer(params.get("page", "0"), "page"))
+            page = max(1, _integer(params.get("page", "1"), "page")) - 1  # 1-based, as on screen (an old ?page=0 is the first)
             data["gallery"] = self._gallery_page(c, params, page * GALLERY_PAGE, GALLERY_PAGE)
             # the browser fetches them while it parses the page, not after the script has built the gallery
             preloads = "".join(f"<link rel=\"preload\" as=\"image\" href=\"{escape(item['tile'])}\">" for item in data["gallery"]["items"])
@@ -159,7 +161,9 @@ class Dashboard:
         return self._page(f"cdam: {key}", body)
 
     def _image_tile(self, key: str, map_name: str, caption: str) -> str:
-        return pages.card(self._tile_src(key, "overlay", map_name, IMAGE_TILE), None, caption, None, "map")
+        """A map of the image page with its colour scale (±its largest |value|) under it."""
+        scale = symmetric_scale(self.tiles.map_values(key, map_name))
+        return pages.card(self._tile_src(key, "overlay", map_name, IMAGE_TILE), None, caption + "<br>" + pages.colour_scale("/colorbar.png", scale), None, "map")
 
     # -- data and pictures ---------------------------------------------------------------------------
 

@@ -169,6 +169,20 @@ class Catalog:
             row["prototype"] = np.asarray(row["prototype"], dtype=np.float32).reshape(gh, gw)
         return rows
 
+    def flagged_medoids(self) -> list[dict[str, Any]]:
+        """The medoid of every flagged cluster of a flagged class, classes by rank, clusters by score:
+        class, class_name, cluster, medoid_key, size, score (None from an audit without cluster scores;
+        empty without an audit)."""
+        medoids = []
+        for row in self.leaderboard():
+            if not row["flagged"]:
+                continue
+            flagged = sorted((k for k in self.clusters(row["class"]) if k["flagged"] and k["medoid_key"] in self.position),
+                             key=lambda k: -(k.get("score") or 0.0))
+            medoids += [{"class": row["class"], "class_name": row["class_name"], "cluster": k["cluster"], "medoid_key": k["medoid_key"],
+                         "size": k["size"], "score": k.get("score")} for k in flagged]
+        return medoids
+
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one cache per catalog
     def class_audit(self, class_index: int) -> ClassAudit | None:
         """The audit's images of a class (those of them still in the run's index), or None without an audit."""

@@ -1,29 +1,36 @@
 """``cdam export-fiftyone``: a run as a FiftyOne dataset folder, for users who keep FiftyOne's viewer.
 
 The folder is FiftyOne's JSON dataset format (``samples.json`` + ``metadata.json`` + media), imported with
-``fo.Dataset.from_dir("OUT", fo.types.FiftyOneDataset)``. FiftyOne is not needed to write it.
+``fo.Dataset.from_dir("OUT", fo.types.FiftyOneDataset)``. FiftyOne is not needed to write it. Every path in
+it is relative to the folder (FiftyOne's importer resolves ``filepath`` against the folder it imports), so
+the folder can be moved or copied to another machine.
 
 - ``data/<n>.png``: each image as the model saw it (the run's resize and crop), the frame every map covers;
-- ``heatmaps/<n>-<field>.png``: each stored map (target slot, and the attention) at token resolution,
-  the file a FiftyOne ``Heatmap`` points to (FiftyOne stretches it over the image). Maps are signed, PNGs
-  are not: a pixel ``p`` (``range`` [0, 255]) stands for ``(p / 127.5 - 1) * s``, with ``s`` (the field
-  ``<field>_scale``) the map's largest |value|, so 0 is the middle grey and each map uses its whole range;
-- ``heatmaps/<n>-<field>.npy``: the same map, float32, exact (for analysis outside FiftyOne);
 - per sample: ``key``, ``row``, ``shard``, ``ground_truth`` and ``prediction`` (Classification),
   ``cdam_<k>`` (Heatmap of target slot k) with ``cdam_<k>_target`` (its class or concept name),
   ``attention`` (Heatmap), and, when ``cdam audit`` has run, ``audit_cluster``, ``audit_x``, ``audit_y``,
   ``audit_score`` and tags ``cluster-<k>`` and ``audit-flagged``.
+
+Heatmaps are stored in the samples (``Heatmap.map``, FiftyOne's serialised array: base64 of zlib-compressed
+``.npy`` bytes) as the run's signed float32 map at token resolution, with ``range`` [-s, s], s its largest
+|value| (FiftyOne stretches the map over the image). FiftyOne's App paints a map value of exactly 0 not at
+all and, colouring by field, a value v with opacity |v| / s: no relevance shows the image through, and
+red-against-blue needs a diverging colorscale with "color by value". The attention (mean over heads) is
+stored less its minimum, range [0, its largest value], as the dashboard shows it. NaN (maps not written)
+is left out of the sample; a NaN token of a written map is stored as 0.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from cdam_worker.reading import Run, RunError
@@ -44,7 +51,6 @@ def export_fiftyone(run: Run, out: Path) -> dict[str, int]:
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{out} is not empty: give a new folder for the FiftyOne export")
     (out / "data").mkdir(parents=True, exist_ok=True)
-    (out / "heatmaps").mkdir(exist_ok=True)
     catalog = Catalog(run)
     model_view = ModelView(run.attrs["data_config"])
     audit_by_key = _audit_by_key(catalog)
@@ -65,7 +71,7 @@ def export_fiftyone(run: Run, out: Path) -> dict[str, int]:
     counts["samples"] = len(samples)
     (out / "samples.json").write_text(json.dumps({"samples": samples}))
     info = {"cdam_run": run.url, "classes": catalog.class_names, "patch_grid": list(run.grid), "targets": run.attrs.get("targets"),
-            "maps": "heatmaps at token resolution over the model's input crop; pixel p stands for (p / 127.5 - 1) * <field>_scale; exact float32 maps in heatmaps/*.npy"}
+            "maps": "Heatmap.map: the signed float32 map at token resolution over the model's input crop, range [-s, s] (s its largest |value|); attention less its minimum"}
     (out / "metadata.json").write_text(json.dumps({"name": f"cdam-{Path(run.url).name}", "media_type": "image", "info": info}, indent=2))
     return counts
 
@@ -90,18 +96,13 @@ def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarr
     }
     if record["label"] is not None and 0 <= record["label"] < len(class_names):
         sample["ground_truth"] = {"_cls": "Classification", "label": class_names[record["label"]]}
-    fields = [(f"cdam_{k}", slots[k], name) for k, name in enumerate(record["target_names"])] + [("attention", heads, None)]
+    attention = heads - np.nanmin(heads) if np.isfinite(heads).any() else heads
+    fields = [(f"cdam_{k}", slots[k], name) for k, name in enumerate(record["target_names"])] + [("attention", attention, None)]
     for field, values, target in fields:
         if not np.isfinite(values).any():
             counts["missing_maps"] += 1
             continue
-        stem = out.resolve() / "heatmaps" / f"{n:07d}-{field}"
-        np.save(stem.with_suffix(".npy"), values.astype(np.float32))
-        scale = symmetric_scale(values) or 1.0
-        pixels = np.rint((np.clip(np.nan_to_num(values) / scale, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(stem.with_suffix(".png"))
-        sample[field] = {"_cls": "Heatmap", "map_path": str(stem.with_suffix(".png")), "range": [0, 255]}
-        sample[f"{field}_scale"] = scale
+        sample[field] = heatmap(values, signed=field != "attention")
         if target is not None:
             sample[f"{field}_target"] = target
     if audit is not None:
@@ -110,6 +111,17 @@ def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarr
         if audit["flagged"]:
             sample["tags"].append("audit-flagged")
     return sample
+
+
+def heatmap(values: np.ndarray, signed: bool = True) -> dict[str, Any]:
+    """FiftyOne's JSON of a ``Heatmap`` holding ``values`` (float32, NaN stored as 0) with the range that keeps
+    0 transparent: [-s, s] (``signed``) or [0, s], s the largest |value| (1 for an all-zero map)."""
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0)
+    scale = symmetric_scale(values) or 1.0
+    with io.BytesIO() as buffer:
+        np.save(buffer, values, allow_pickle=False)
+        encoded = base64.b64encode(zlib.compress(buffer.getvalue())).decode("ascii")
+    return {"_cls": "Heatmap", "map": {"$binary": {"base64": encoded, "subType": "00"}}, "range": [-scale if signed else 0.0, scale]}
 
 
 def _audit_by_key(catalog: Catalog) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ from html import escape
 from typing import Any
 
 LEGEND = "Colours: red = evidence for the class, blue = evidence against it, white/clear = none; each map has its own symmetric scale (±its largest |value|), upsampled from tokens to pixels for display only."
+WRONG_PREDICTION = "<span class=\"legend-wrong\">red border</span> = a wrong prediction (the image's label is another class)"
 
 
 def document(title: str, body: str, head: str) -> str:
@@ -51,8 +52,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], css: str = "") 
 
 
 def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderboard: list[dict[str, Any]], errors: list[dict[str, Any]],
-             n_errors: int, no_audit: str, class_link: Callable[[int], str]) -> str:
-    """The overview: run facts, what was skipped, the audit's leaderboard, classes, errors."""
+             n_errors: int, no_audit: str, class_link: Callable[[int], str], strip: str = "") -> str:
+    """The overview: run facts, what was skipped, the audit's leaderboard (after ``strip``, the flagged
+    classes' medoids), classes, errors."""
     variant = dict(facts["variant"]) if isinstance(facts["variant"], dict) else {"variant": str(facts["variant"])}
     variant_text = str(variant.pop("variant", "?")) + "".join(f", {name.replace('_', ' ')} {value}" for name, value in variant.items())
     run_rows = [
@@ -66,7 +68,7 @@ def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderbo
         ("classes", str(facts["n_classes"])),
     ]
     parts = [notes(facts["skipped"], "warn"), "<h2>Run</h2>", "<dl class=\"facts\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in run_rows) + "</dl>"]
-    parts.append("<h2>Audit: classes by suspicion</h2>")
+    parts.append("<h2>Audit: classes by suspicion</h2>" + strip)
     if leaderboard:
         rows = [
             [str(r["rank"]), f"<a href=\"{class_link(r['class'])}\">{escape(r['class_name'])}</a>", str(r["n_images"]), number(r["score"]),
@@ -126,6 +128,36 @@ def prototypes(clusters: list[dict[str, Any]], prototype_src: Callable[[int], st
             f"<span class=\"muted\">prototype | medoid {escape(c['medoid_key'])}</span></figcaption></figure>"
         )
     return "<h3>Clusters: prototype (mean map) and medoid</h3><div class=\"clusters\">" + "".join(cards) + "</div>"
+
+
+def medoid_strip(medoids: list[dict[str, Any]], src: Callable[[dict[str, Any]], str], class_link: Callable[[int], str]) -> str:
+    """A row of the flagged clusters' medoids (the image nearest each cluster's centre, its class map
+    overlaid), each linking to its class; empty when nothing is flagged."""
+    if not medoids:
+        return ""
+    figures = "".join(
+        f"<figure class=\"medoid\"><a href=\"{class_link(m['class'])}\"><img alt=\"medoid of {escape(m['class_name'])} cluster {m['cluster']}\" src=\"{src(m)}\">"
+        f"<figcaption>{escape(m['class_name'])} · cluster {m['cluster']}<br><span class=\"muted\">{m['size']} images{'' if m['score'] is None else ', score ' + number(m['score'], 2)}</span></figcaption></a></figure>"
+        for m in medoids
+    )
+    return f"<p class=\"muted\">What the audit flagged: each flagged cluster's medoid with its class map.</p><div class=\"strip\">{figures}</div>"
+
+
+def colour_scale(bar_src: str, scale: float | None) -> str:
+    """A small colour bar with the values of its ends, ±``scale`` (None: ±1 x each map's own scale; 0: no map)."""
+    if scale == 0:
+        return "<span class=\"scale muted\">no map, no scale</span>"
+    low, high = (f"−{scale:.3g}", f"+{scale:.3g}") if scale is not None else ("−1", "+1 × each map's largest |value|")
+    return (f"<span class=\"scale\"><span class=\"end\">{low}</span><img alt=\"colour bar from {low} (blue) through 0 (white) to {high} (red)\" "
+            f"src=\"{bar_src}\"><span class=\"end\">{high}</span></span>")
+
+
+def contact_sheet(src: str, flagged_clusters: Sequence[int]) -> str:
+    """The audit's contact sheet of a class, collapsed: the spots of its flagged clusters' images."""
+    clusters = ", ".join(str(k) for k in flagged_clusters) or "none"
+    noun = "cluster" if len(flagged_clusters) == 1 else "clusters"
+    return (f"<details class=\"sheet\"><summary>Contact sheet: the spot of each image of the flagged {noun} ({clusters}), "
+            f"most suspicious first, at most 64 (open it)</summary><div class=\"sheet-box\"><img class=\"sheet\" alt=\"contact sheet\" src=\"{src}\"></div></details>")
 
 
 def card(src: str, alt_src: str | None, caption: str, href: str | None, css: str = "") -> str:

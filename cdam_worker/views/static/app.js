@@ -36,7 +36,7 @@ function initClassPage(data) {
     correct: params.get("correct") || "",
     cluster: params.get("cluster") || "",
     box: params.get("box") || "",
-    page: Math.max(0, parseInt(params.get("page") || "0", 10) || 0),
+    page: Math.max(1, parseInt(params.get("page") || "1", 10) || 1) - 1,  // 1-based in the address, as on screen
   };
   const gallery = document.getElementById("gallery");
   const status = document.getElementById("status");
@@ -75,7 +75,7 @@ function initClassPage(data) {
   function remember() {
     const q = new URLSearchParams();
     for (const name of ["view", "pred", "label", "correct", "cluster", "box"]) if (state[name] !== "" && !(name === "view" && state.view === "overlay")) q.set(name, state[name]);
-    if (state.page) q.set("page", state.page);
+    if (state.page) q.set("page", state.page + 1);
     history.replaceState(null, "", q.toString() ? "?" + q : location.pathname);
   }
 
