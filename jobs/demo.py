@@ -65,11 +65,16 @@ def audit_finding(output: str) -> str:
 
 
 def query_hints(output: str) -> str:
+    """Where the demo's outputs are and how to read them; ``errors/`` only when a sample went there."""
+    from cdam_worker.reading import open_run
+
+    failed = open_run(output).errors.num_rows
+    errors = f"{output}/errors/        ({failed} sample(s) that could not be explained)" if failed else "none           (every sample was explained: no errors/ folder)"
     return f"""
 output: {output}
   maps    {output}/cdam.zarr      python: import xarray as xr; xr.open_zarr('{output}/cdam.zarr', consolidated=False)
   rows    {output}/metadata/      duckdb: SELECT pred, count(*) FROM '{output}/metadata/*.parquet' GROUP BY pred;
-  errors  {output}/errors/        (one row per sample that could not be explained)
+  errors  {errors}
   query   cdam query {output} "SELECT pred, count(*) FROM metadata GROUP BY pred"
   audit   {output}/audit/         classes.parquet, clusters.parquet, images.parquet, contact-sheets/
   check   cdam verify {output}"""

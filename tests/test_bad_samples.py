@@ -50,6 +50,7 @@ def test_label_one_past_int32_costs_one_sample_not_the_shard(ray_local, tmp_path
     captured = capsys.readouterr()
     assert "done: 7 images explained, 1 samples in errors/, 1/1 shards complete" in captured.out
     assert "retrying" not in captured.err
+    assert "explaining: 100%" in captured.err and "8/8" in captured.err  # the sample in errors/ counts as done
     metadata = read_table(output, "metadata/000000-photos-0000.parquet")
     assert sorted(row["key"] for row in metadata) == [f"photo{i}" for i in range(8) if i != 5]
     errors = read_table(output, "errors/000000-photos-0000.parquet")

@@ -19,10 +19,13 @@ def fresh_ray():
     ray.shutdown()
 
 
-def test_demo_runs_offline_and_its_audit_finds_the_watermark(demo_cache, tmp_path, fresh_ray, capsys):
+def test_demo_runs_offline_and_its_audit_finds_the_watermark(demo_cache, tmp_path, fresh_ray, capfd):
     output = tmp_path / "demo-output"
     assert main(["demo", "--output", str(output), "--cache-dir", str(demo_cache)]) == 0
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
+    assert "Token authentication" not in captured.err  # the local Ray keeps its token; its notice is not the user's business
+    assert "errors  none" in printed and f"{output}/errors/" not in printed  # no errors/ folder is named when there is none
     assert "256 images explained, 0 samples in errors/" in printed
     assert f"cdam verify {output}" in printed
     assert verify_output(str(output)) == []

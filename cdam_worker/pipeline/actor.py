@@ -112,7 +112,7 @@ class ShardProcessor:
         try:
             for item in self.decoder.samples(task, self.decode_settings, in_flight=2 * self.batch_size, members=members):
                 if isinstance(item, SampleError):
-                    output.submit(lambda writer, error=item: writer.add_error(error.key, error.reason))
+                    self._record_error(output, item)
                     continue
                 batch.append(item)
                 if len(batch) == self.batch_size:
@@ -175,10 +175,16 @@ class ShardProcessor:
         for prepared in batch:
             item = gpu_fallback(prepared, self.loaded.transform) if prepared.jpeg is not None else prepared
             if isinstance(item, SampleError):
-                output.submit(lambda writer, error=item: writer.add_error(error.key, error.reason))
+                self._record_error(output, item)
             else:
                 kept.append(item)
         return kept
+
+    def _record_error(self, output: _WriterThread, error: SampleError) -> None:
+        """A sample that cannot be explained: a row of the shard's errors table, and done as far as progress goes."""
+        output.submit(lambda writer: writer.add_error(error.key, error.reason))
+        if self.progress is not None:
+            self.progress.add.remote(0, 1)
 
     def _write(self, writer: ShardWriter, batch: list[PreparedSample], result: CDAMResult) -> None:
         """Writer thread: one explained batch into the shard's rows (then progress, and fault injection)."""

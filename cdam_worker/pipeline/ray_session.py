@@ -3,10 +3,13 @@ feed, and one-line reasons for failed Ray calls."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cdam_worker.storage import redact
@@ -34,13 +37,34 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        with _quiet_token_notice():
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
     if sigterm_handler is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm_handler)  # ray.init's own handler exits silently with status 15
 
 
+class _TokenNoticeFilter(logging.Filter):
+    """Drops Ray's notice that a new local cluster uses token authentication (it does, and nothing is to be done)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """While the local Ray starts: its token authentication stays on (other users of the machine cannot join it),
+    but its notice ("Set RAY_AUTH_MODE=disabled to opt out") is not the user's business here."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = _TokenNoticeFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def progress_counter() -> Any:
-    """A counter of explained images for the progress bar, on the driver's node: losing another node
+    """A counter of samples done (explained, or recorded in errors/) for the progress bar, on the driver's node: losing another node
     must not lose it (the driver would fail reading it)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -48,12 +72,18 @@ def progress_counter() -> Any:
     @ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
     class ProgressCounter:
         def __init__(self) -> None:
-            self.images = 0
+            self.images = 0  # explained
+            self.failed = 0  # recorded in errors/
 
-        def add(self, n: int) -> None:
-            self.images += n
+        def add(self, images: int, failed: int = 0) -> None:
+            self.images += images
+            self.failed += failed
 
         def value(self) -> int:
+            """Samples done: explained or recorded in errors/ (what the progress bar counts)."""
+            return self.images + self.failed
+
+        def explained(self) -> int:
             return self.images
 
     return ProgressCounter.remote()

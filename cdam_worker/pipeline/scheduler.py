@@ -206,7 +206,7 @@ class ShardScheduler:
         """Throughput since the first actor was ready, and one line per actor of the pool at the end."""
         import ray
 
-        explained = ray.get(self.progress.value.remote())
+        explained = ray.get(self.progress.explained.remote())
         seconds = time.time() - (self.first_ready or time.time())
         print(f"actors: {len(self.idle)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)
         for number, (actor, peak) in enumerate(zip(self.idle, ray.get([actor.peak_rss_mib.remote() for actor in self.idle])), 1):
