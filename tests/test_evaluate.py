@@ -360,8 +360,13 @@ def evaluated(demo_run, tmp_path_factory) -> tuple[str, str]:
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["evaluate", run_dir, "--sample", "24", "--steps", "4", "--seed", "3"]) == 0
+        assert main(["evaluate", run_dir, "--sample", "24", "--steps", "4", "--seed", "3", "--methods", "all", "--ig-steps", "4",
+                     "--smoothgrad-samples", "4", "--sanity", "6", "--robustness", "4", "--perturbations", "3"]) == 0
     return run_dir, printed.getvalue()
+
+
+ALL_METHODS = ["CDAM", "TAM", "AM", "Input x gradient", "Attention rollout", "Gradient-weighted attention", "Relevance propagation",
+               "Integrated Gradients", "SmoothGrad"]
 
 
 def test_evaluate_on_the_demo_run(evaluated):
@@ -369,9 +374,10 @@ def test_evaluate_on_the_demo_run(evaluated):
     run = open_run(run_dir)
     summary = run.table("evaluation/summary.parquet").to_pylist()
     images = run.table("evaluation/images.parquet")
-    assert [row["method"] for row in summary] == ["CDAM", "TAM", "AM", "Input x gradient"]
-    assert [row["n_images"] for row in summary] == [24] * 4
-    assert all(row["method"] in printed for row in summary) and "compactness" in printed
+    assert [row["method"] for row in summary] == ALL_METHODS
+    assert [row["n_images"] for row in summary] == [24] * len(ALL_METHODS)
+    assert all(row["method"] in printed for row in summary) and "compactness" in printed and "95% interval" in printed
+    assert "not implemented" not in printed
 
     # compactness against a direct computation on the stored arrays (the demo stored every class: slot = class)
     cdam = images.filter(images.column("method").to_numpy(zero_copy_only=False) == "CDAM")
@@ -393,6 +399,53 @@ def test_evaluate_on_the_demo_run(evaluated):
     gaps = [np.trapezoid(np.subtract(r["deletion_most_first"], r["deletion_least_first"]), np.linspace(0, 1, 5)) for r in curves]
     assert np.allclose(gaps, images.column("deletion_auc_gap").to_numpy(), atol=1e-5)
 
+    # insertion: the least-relevant-first deletion read backwards; its ends are the same for every method of an image
+    stored_logits = run.read_rows("logits", np.array([r["row"] for r in curves]))
+    for r, logits in zip(curves, stored_logits):
+        inserted = np.asarray(r["insertion_most_first"])
+        assert inserted[-1] == pytest.approx(logits[r["class"]], abs=1e-3)  # every token back: the full image
+        assert np.allclose(inserted, inserted[-1] - np.asarray(r["deletion_least_first"])[::-1], atol=1e-4)
+        assert r["insertion_auc"] == pytest.approx(np.trapezoid(inserted, np.linspace(0, 1, 5)), abs=1e-5)
+        deleted = inserted[-1] - np.asarray(r["deletion_most_first"])
+        assert r["deletion_auc"] == pytest.approx(np.trapezoid(deleted, np.linspace(0, 1, 5)), abs=1e-5)
+        assert r["insertion_auc_prob"] == pytest.approx(np.trapezoid(r["insertion_prob_most_first"], np.linspace(0, 1, 5)), abs=1e-6)
+        assert all(0 <= v <= 1 for v in r["deletion_prob_most_first"] + r["insertion_prob_most_first"])
+    starts = {}
+    for r in curves:
+        starts.setdefault(r["key"], set()).add(round(r["insertion_most_first"][0], 4))  # the prefix tokens alone
+    assert all(len(values) == 1 for values in starts.values())
+
+    for row in summary:  # every value with its interval and count
+        for measure in ("compactness", "deletion_auc", "insertion_auc_prob", "sanity_spearman_head", "max_sensitivity"):
+            assert row[f"{measure}_low"] <= row[measure] <= row[f"{measure}_high"], (row["method"], measure)
+        assert row["compactness_n"] == 24 and row["sanity_spearman_head_n"] == 6
+    assert by_method["TAM"]["deletion_auc_gap"] > by_method["AM"]["deletion_auc_gap"] - 5  # a sanity bound, not a ranking
+
+
+def test_sanity_checks_on_the_demo_run(evaluated):
+    """Randomising the head leaves the attention map as it is (it does not depend on the head), and changes the
+    maps of the gradient methods; the cascade to every block changes every map."""
+    run = open_run(evaluated[0])
+    sanity = run.table("evaluation/sanity.parquet")
+    rows = {(r["method"], r["randomized"]): r for r in sanity.to_pylist()}
+    randomisations = ["head", "last_block", "cascade_1", "cascade_2", "cascade_3", "labels"]  # the demo ViT has 3 blocks, and labels
+    assert sanity.column_names[:5] == ["method", "randomized", "spearman", "ssim", "n_images"]
+    assert sorted(rows) == sorted((m, r) for m in ALL_METHODS for r in randomisations)
+    assert all(r["n_images"] == 6 for r in rows.values())
+    for randomized in ("head", "labels"):
+        assert rows[("AM", randomized)]["spearman"] == pytest.approx(1.0) and rows[("AM", randomized)]["ssim"] == pytest.approx(1.0)
+        assert rows[("Attention rollout", randomized)]["spearman"] == pytest.approx(1.0)
+    assert rows[("AM", "last_block")]["spearman"] < 0.9
+    for method in ("CDAM", "Input x gradient", "Relevance propagation", "Gradient-weighted attention"):
+        assert rows[(method, "cascade_3")]["spearman"] < 0.9, method
+    summary = {r["method"]: r for r in run.table("evaluation/summary.parquet").to_pylist()}
+    assert summary["AM"]["sanity_spearman_head"] == pytest.approx(1.0)
+    assert summary["CDAM"]["sanity_spearman_cascade"] == pytest.approx(rows[("CDAM", "cascade_3")]["spearman"])
+    assert summary["CDAM"]["sanity_ssim_labels"] == pytest.approx(rows[("CDAM", "labels")]["ssim"])
+    for method in ALL_METHODS:  # robustness: measured on the 4 images, a relative change of the map
+        assert summary[method]["fgsm_change_n"] == 4 and summary[method]["fgsm_change"] >= 0
+        assert 0 <= summary[method]["max_sensitivity"] < 10
+
 
 def test_a_smooth_run_is_compared_with_vanilla_cdam_from_the_engine(demo_run, tmp_path):
     """A run whose attributes say Smooth CDAM (here the demo's vanilla maps, relabelled): its stored maps are
@@ -400,7 +453,7 @@ def test_a_smooth_run_is_compared_with_vanilla_cdam_from_the_engine(demo_run, tm
     run_dir = copy_run(demo_run, tmp_path)
     group = zarr.open_group(Path(run_dir, "cdam.zarr"), mode="r+", zarr_format=3)
     group.attrs["variant"] = {"variant": "smooth", "n_samples": 4, "noise_level": 0.05, "seed": 0}
-    assert main(["evaluate", run_dir, "--sample", "6", "--steps", "2"]) == 0
+    assert main(["evaluate", run_dir, "--sample", "6", "--steps", "2", "--methods", "cdam,tam,am,ixg", "--sanity", "0", "--robustness", "0"]) == 0
     images = open_run(run_dir).table("evaluation/images.parquet")
     by_method = {m: images.filter(images.column("method").to_numpy(zero_copy_only=False) == m) for m in ("CDAM", "Smooth CDAM")}
     assert [row["method"] for row in open_run(run_dir).table("evaluation/summary.parquet").to_pylist()] == ["CDAM", "Smooth CDAM", "TAM", "AM", "Input x gradient"]
@@ -411,7 +464,9 @@ def test_a_smooth_run_is_compared_with_vanilla_cdam_from_the_engine(demo_run, tm
 def test_evaluate_without_a_model_measures_the_stored_maps(evaluated, demo_run, tmp_path, capsys):
     run_dir = copy_run(demo_run, tmp_path)
     assert main(["evaluate", run_dir, "--sample", "24", "--steps", "4", "--seed", "3", "--no-model"]) == 0
-    assert "note: no model: TAM, input x gradient, correctness and deletion curves are not measured" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: " in err
+    assert "give the model flags" not in err and not Path(run_dir, "evaluation/sanity.parquet").exists()
     summary = {row["method"]: row for row in open_run(run_dir).table("evaluation/summary.parquet").to_pylist()}
     with_model = {row["method"]: row for row in open_run(evaluated[0]).table("evaluation/summary.parquet").to_pylist()}
     assert list(summary) == ["CDAM", "AM"]
@@ -443,7 +498,7 @@ def test_evaluate_skips_what_the_run_lacks_and_says_why(demo_run, tmp_path, caps
 
 def test_evaluate_on_s3_retries_transient_faults(demo_run, s3_client, s3_bucket, s3_server, tmp_path, monkeypatch):
     url = upload_folder(s3_client, demo_run, s3_bucket, "demo")
-    args = ["--sample", "8", "--steps", "2", "--seed", "5"]
+    args = ["--sample", "8", "--steps", "2", "--seed", "5", "--methods", "cdam,tam,am,ixg", "--sanity", "0", "--robustness", "0"]
     with S3Proxy(s3_server, fail_every=4, fault=("503", "drop")) as flaky:
         monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
         assert main(["evaluate", url, *args]) == 0
@@ -452,7 +507,7 @@ def test_evaluate_on_s3_retries_transient_faults(demo_run, s3_client, s3_bucket,
     local = copy_run(demo_run, tmp_path)
     assert main(["evaluate", local, *args]) == 0
     on_s3 = open_run(url).table("evaluation/summary.parquet")
-    assert on_s3.num_rows == 4 and on_s3.equals(open_run(local).table("evaluation/summary.parquet"))
+    assert on_s3.num_rows == 4 and on_s3.to_pandas().equals(open_run(local).table("evaluation/summary.parquet").to_pandas())  # NaN (no checks) == NaN
 
 
 def test_a_second_evaluate_is_refused(demo_run, tmp_path, capsys):
@@ -466,6 +521,9 @@ def test_a_second_evaluate_is_refused(demo_run, tmp_path, capsys):
 def test_bad_flags_are_one_line_errors(demo_run, capsys):
     assert main(["evaluate", demo_run, "--sample", "0"]) == 2
     assert capsys.readouterr().err.strip() == "cdam evaluate: error: --sample, --steps and --batch-size must be at least 1 (got 0, 10, 16)"
+    assert main(["evaluate", demo_run, "--methods", "cdam,lpr"]) == 2
+    assert capsys.readouterr().err.strip() == ("cdam evaluate: error: --methods: unknown method 'lpr' "
+                                               "(known: cdam, tam, am, ixg, rollout, gradattn, lrp, ig, smoothgrad, cheap, all)")
     assert main(["evaluate", demo_run, "--device", "tpu"]) == 2
     assert capsys.readouterr().err.strip().startswith("cdam evaluate: error: --device 'tpu': ")
     assert main(["evaluate", demo_run, "--checkpoint", "/nowhere/model.pt"]) == 2
