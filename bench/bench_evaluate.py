@@ -60,7 +60,7 @@ def main() -> None:
     per_image = {}
     for method in chosen:
         maps(method.name, images[:1], classes[:1])  # warm-up
-        per_image[method.name] = timed(lambda: maps(method.name, images, classes)) / args.images
+        per_image[method.name] = timed(lambda name=method.name: maps(name, images, classes)) / args.images
         print(f"{method.name}: {per_image[method.name]:.3f} s/image", flush=True)
     n_tokens = grid[0] * grid[1]
     orders = torch.from_numpy(metrics.deletion_orders(np.random.default_rng(0).normal(size=(args.images, n_tokens)))).to(device)

@@ -38,9 +38,11 @@ from cdam_worker.data import DataError
 from cdam_worker.derive import basis_class_maps
 from cdam_worker.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics
-from cdam_worker.evaluate.attention import UnsupportedModel
+from cdam_worker.evaluate.attention import UnsupportedModel, check_supported
 from cdam_worker.evaluate.methods import BY_NAME, MapOptions, ModelMaps, parse_methods
 from cdam_worker.evaluate.perturb import deletion_curves, rows_per_pass
+from cdam_worker.evaluate.robustness import robustness_checks
+from cdam_worker.evaluate.sanity import sanity_checks
 from cdam_worker.model import LoadedModel
 from cdam_worker.reading.run import Run, RunError
 from cdam_worker.storage import StorageError
@@ -148,9 +150,6 @@ def methods_of(run: Run, with_model: bool, selected: str = "cheap") -> list[str]
 
 def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings = EvaluateSettings()) -> Evaluation:
     """Measure every method on a seeded sample of the run's images (``model`` None: stored maps only)."""
-    from cdam_worker.evaluate.robustness import robustness_checks
-    from cdam_worker.evaluate.sanity import sanity_checks
-
     notes = list(run.skipped)
     if model is None:
         notes.append("measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: the model-side methods "
@@ -171,7 +170,9 @@ def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings
     checks: dict[str, dict[str, np.ndarray]] = {method: {} for method in methods}
     sanity = None
     if chunk_evaluator.maps is not None:
-        model_side = [m for m in methods if m in BY_NAME or m == CDAM_NAMES["vanilla"]]
+        model_side = [m for m in methods if m in BY_NAME]
+        if len(model_side) < len(methods) and (settings.sanity or settings.robustness):
+            notes.append(f"{', '.join(m for m in methods if m not in BY_NAME)}: not in the sanity and robustness checks (vanilla CDAM is)")
         if settings.sanity and model_side:
             head_rows = slice(0, settings.sanity)
             sanity, per_image = sanity_checks(run, model, chunk_evaluator, model_side, rows[head_rows], keys[head_rows], classes[head_rows, :1], settings, notes)
@@ -265,8 +266,6 @@ class _ChunkEvaluator:
         """``methods`` less those the model cannot be explained by (a note says why)."""
         if self.maps is None:
             return methods
-        from cdam_worker.evaluate.attention import check_supported
-
         try:
             check_supported(self.model.model)
         except UnsupportedModel as error:

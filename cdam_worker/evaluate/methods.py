@@ -13,8 +13,6 @@ from cdam_worker.evaluate.attention import (
     attention_rollout,
     chefer_relevance,
     gradient_weighted_attention,
-    output_rows,
-    traced_forward,
 )
 from cdam_worker.evaluate.perturb import (
     input_x_gradient,
@@ -92,10 +90,9 @@ class ModelMaps:
         if name == "TAM":
             _, ablation = token_ablation(model, images, self.rows)
             return ablation.gather(1, classes[:, :, None].expand(-1, -1, ablation.shape[2]))
-        if name == "AM":
-            with torch.no_grad():
-                _, traces, _ = traced_forward(model, images)
-            return output_rows(model, traces[-1].attention.mean(dim=1))[:, None].expand(-1, classes.shape[1], -1).contiguous()
+        if name == "AM":  # the engine's attention, as the run stores it: the last block's, mean over heads
+            attention = self.explainer.explain(images, classes[:, :1]).attention.mean(dim=1).reshape(n, 1, -1)
+            return attention.expand(-1, classes.shape[1], -1).contiguous()
         if name == "Input x gradient":
             return input_x_gradient(model, images, classes, o.patch, o.grid, self.rows_with_grad).reshape(n, classes.shape[1], -1)
         if name == "Attention rollout":

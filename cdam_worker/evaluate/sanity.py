@@ -128,14 +128,16 @@ def sanity_checks(run: Run, loaded: LoadedModel, evaluator, methods: list[str], 
     wanted = torch.from_numpy(classes[usable]).to(evaluator.device)
     grid = tuple(run.grid)
     before = {method: evaluator.maps(method, images, wanted, rows[usable].tolist())[:, 0].cpu().numpy() for method in methods}
-    variants = list(randomised_models(loaded.model, settings.seed))
-    relabelled = label_randomised(run, loaded, settings.seed, notes)
-    if relabelled is not None:
-        variants.append(("labels", relabelled))
+    def variants():  # one randomised copy at a time
+        yield from randomised_models(loaded.model, settings.seed)
+        relabelled = label_randomised(run, loaded, settings.seed, notes)
+        if relabelled is not None:
+            yield "labels", relabelled
+
     table: dict[str, list] = {f.name: [] for f in SANITY_SCHEMA}
     per_image: dict[str, dict[str, np.ndarray]] = {method: {} for method in methods}
     depth = len(loaded.model.blocks)
-    for label, model in variants:
+    for label, model in variants():
         print(f"sanity: {label}", file=sys.stderr)
         maps = ModelMaps(model.to(evaluator.device), evaluator.options, evaluator.device)
         for method in methods:
