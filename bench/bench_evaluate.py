@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--methods", default="all", help="keys, comma-separated, or all (default)")
-    parser.add_argument("--report", default="BENCHMARKS.md", help="the file whose '## Evaluate' section is written ('-': print only)")
+    parser.add_argument(
+        "--report", default="BENCHMARKS.md", help="the file whose '## Evaluate' section is written ('-': print only)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -63,7 +65,9 @@ def main() -> None:
         per_image[method.name] = timed(lambda name=method.name: maps(name, images, classes)) / args.images
         print(f"{method.name}: {per_image[method.name]:.3f} s/image", flush=True)
     n_tokens = grid[0] * grid[1]
-    orders = torch.from_numpy(metrics.deletion_orders(np.random.default_rng(0).normal(size=(args.images, n_tokens)))).to(device)
+    orders = torch.from_numpy(
+        metrics.deletion_orders(np.random.default_rng(0).normal(size=(args.images, n_tokens)))
+    ).to(device)
     removed = torch.from_numpy(metrics.deletion_steps(n_tokens, STEPS)).to(device)
     curves = timed(lambda: deletion_curves(model, images, classes[:, 0], orders, removed, maps.rows)) / args.images
     print(f"curves: {curves:.3f} s/image/method", flush=True)

@@ -50,14 +50,27 @@ class BlockTrace:
 def check_supported(model: VisionTransformer) -> None:
     """Raise ``UnsupportedModel`` naming what the traced forward pass does not reproduce."""
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
-        raise UnsupportedModel(f"global_pool {model.global_pool!r}: the attention estimators support 'token' and 'avg' pooling")
+        raise UnsupportedModel(
+            f"global_pool {model.global_pool!r}: the attention estimators support 'token' and 'avg' pooling"
+        )
     for index, block in enumerate(model.blocks):
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-        if attn is None or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None or mlp is None or not hasattr(mlp, "fc1") or not hasattr(mlp, "act"):
-            raise UnsupportedModel(f"block {index} ({type(block).__name__}) is not a timm Block with Attention(qkv) and Mlp(fc1, act, fc2)")
+        if (
+            attn is None
+            or not hasattr(attn, "qkv")
+            or getattr(attn, "gate", None) is not None
+            or mlp is None
+            or not hasattr(mlp, "fc1")
+            or not hasattr(mlp, "act")
+        ):
+            raise UnsupportedModel(
+                f"block {index} ({type(block).__name__}) is not a timm Block with Attention(qkv) and Mlp(fc1, act, fc2)"
+            )
 
 
-def traced_forward(model: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, list[BlockTrace], torch.Tensor]:
+def traced_forward(
+    model: VisionTransformer, images: torch.Tensor
+) -> tuple[torch.Tensor, list[BlockTrace], torch.Tensor]:
     """The model's forward pass computed step by step: (logits, one trace per block, the final tokens before
     the norm). Under ``torch.enable_grad()`` every activation is part of the graph (gradients of the attention)."""
     check_supported(model)
@@ -108,7 +121,9 @@ def _copies(images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def attention_rollout(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int) -> torch.Tensor:
+def attention_rollout(
+    model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int
+) -> torch.Tensor:
     """Attention rollout (B, K, N); the same map for every class."""
     maps = []
     for start in range(0, len(images), max_rows):
@@ -117,7 +132,9 @@ def attention_rollout(model: VisionTransformer, images: torch.Tensor, classes: t
     return torch.cat(maps)[:, None].expand(-1, classes.shape[1], -1).contiguous()
 
 
-def gradient_weighted_attention(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int) -> torch.Tensor:
+def gradient_weighted_attention(
+    model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int
+) -> torch.Tensor:
     """Chefer et al. (ICCV 2021): R = I; R += mean_h(relu(dA * A)) @ R per block: (B, K, N)."""
     copies, wanted = _copies(images, classes)
     maps = []
@@ -131,7 +148,9 @@ def gradient_weighted_attention(model: VisionTransformer, images: torch.Tensor, 
     return torch.cat(maps).view(*classes.shape, -1)
 
 
-def chefer_relevance(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int) -> torch.Tensor:
+def chefer_relevance(
+    model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int
+) -> torch.Tensor:
     """Chefer et al. (CVPR 2021), "transformer attribution": (B, K, N)."""
     copies, wanted = _copies(images, classes)
     maps = []
@@ -141,7 +160,9 @@ def chefer_relevance(model: VisionTransformer, images: torch.Tensor, classes: to
             logits, traces, final = traced_forward(model, copies[rows])
             grads = torch.autograd.grad(logits.gather(1, wanted[rows, None]).sum(), [t.attention for t in traces])
         with torch.no_grad():
-            relevances = _attention_relevances(model, traces, final, F.one_hot(wanted[rows], logits.shape[1]).to(logits.dtype))
+            relevances = _attention_relevances(
+                model, traces, final, F.one_hot(wanted[rows], logits.shape[1]).to(logits.dtype)
+            )
             weighted = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(grads, relevances)]
             maps.append(output_rows(model, _chain(weighted, normalise=False)))
     return torch.cat(maps).view(*classes.shape, -1)
@@ -179,7 +200,9 @@ def _sum_relevance(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) ->
     dims = tuple(range(1, relevance.ndim))
     sum_a, sum_b, total = to_a.sum(dims, keepdim=True), to_b.sum(dims, keepdim=True), relevance.sum(dims, keepdim=True)
     whole = sum_a.abs() + sum_b.abs()
-    return to_a * _safe_divide(_safe_divide(sum_a.abs(), whole) * total, sum_a), to_b * _safe_divide(_safe_divide(sum_b.abs(), whole) * total, sum_b)
+    return to_a * _safe_divide(_safe_divide(sum_a.abs(), whole) * total, sum_a), to_b * _safe_divide(
+        _safe_divide(sum_b.abs(), whole) * total, sum_b
+    )
 
 
 def _copy_relevance(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -187,7 +210,9 @@ def _copy_relevance(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) 
     return x * (_safe_divide(first, x) + _safe_divide(second, x))
 
 
-def _attention_relevances(model: VisionTransformer, traces: list[BlockTrace], final: torch.Tensor, one_hot: torch.Tensor) -> list[torch.Tensor]:
+def _attention_relevances(
+    model: VisionTransformer, traces: list[BlockTrace], final: torch.Tensor, one_hot: torch.Tensor
+) -> list[torch.Tensor]:
     """The relevance of ``one_hot`` (R, C) at every block's attention probabilities, first block first."""
     normed = model.norm(final)
     pooled = model.pool(normed)
@@ -204,7 +229,9 @@ def _attention_relevances(model: VisionTransformer, traces: list[BlockTrace], fi
     for block, trace in zip(reversed(model.blocks), reversed(traces)):
         attn = block.attn
         to_mid, to_mlp = _sum_relevance(trace.x_mid, trace.mlp_out, relevance)
-        to_normed2 = _linear_relevance(trace.normed2, block.mlp.fc1.weight, _linear_relevance(trace.hidden, block.mlp.fc2.weight, to_mlp))
+        to_normed2 = _linear_relevance(
+            trace.normed2, block.mlp.fc1.weight, _linear_relevance(trace.hidden, block.mlp.fc2.weight, to_mlp)
+        )
         relevance = _copy_relevance(trace.x_mid, to_mid, to_normed2)
         to_in, to_attended = _sum_relevance(trace.x_in, trace.attended, relevance)
         to_heads = _linear_relevance(trace.heads, attn.proj.weight, to_attended)
@@ -214,6 +241,8 @@ def _attention_relevances(model: VisionTransformer, traces: list[BlockTrace], fi
         to_attention, to_v = to_attention / 2, to_v / 2
         found.append(to_attention)
         to_q, to_kt = _product_relevance(trace.q, trace.k.transpose(-2, -1), to_attention)  # softmax: passed through
-        to_qkv = torch.stack([to_q / 2, to_kt.transpose(-2, -1) / 2, to_v]).permute(1, 3, 0, 2, 4).reshape(batch, length, -1)
+        to_qkv = (
+            torch.stack([to_q / 2, to_kt.transpose(-2, -1) / 2, to_v]).permute(1, 3, 0, 2, 4).reshape(batch, length, -1)
+        )
         relevance = _copy_relevance(trace.x_in, to_in, _linear_relevance(trace.normed1, attn.qkv.weight, to_qkv))
     return found[::-1]

@@ -81,7 +81,9 @@ class ModelMaps:
         self.rows = rows_per_pass(model, n_tokens, device)
         self.rows_with_grad = max(1, self.rows // (3 * len(model.blocks)))  # backward keeps every block's activations
 
-    def __call__(self, name: str, images: torch.Tensor, classes: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    def __call__(
+        self, name: str, images: torch.Tensor, classes: torch.Tensor, rows: list[int] | None = None
+    ) -> torch.Tensor:
         """The map of method ``name`` for ``classes`` (B, K) of ``images``: (B, K, N) on the device. ``rows``
         (the images' rows in the run) seed SmoothGrad's noise per image."""
         model, o, n = self.model, self.options, len(images)
@@ -94,7 +96,9 @@ class ModelMaps:
             attention = self.explainer.explain(images, classes[:, :1]).attention.mean(dim=1).reshape(n, 1, -1)
             return attention.expand(-1, classes.shape[1], -1).contiguous()
         if name == "Input x gradient":
-            return input_x_gradient(model, images, classes, o.patch, o.grid, self.rows_with_grad).reshape(n, classes.shape[1], -1)
+            return input_x_gradient(model, images, classes, o.patch, o.grid, self.rows_with_grad).reshape(
+                n, classes.shape[1], -1
+            )
         if name == "Attention rollout":
             return attention_rollout(model, images, classes, self.rows)
         if name == "Gradient-weighted attention":
@@ -102,16 +106,28 @@ class ModelMaps:
         if name == "Relevance propagation":
             return chefer_relevance(model, images, classes, self.rows_with_grad)
         if name == "Integrated Gradients":
-            return integrated_gradients(model, images, classes, o.patch, o.grid, o.ig_steps, self.rows_with_grad).reshape(n, classes.shape[1], -1)
+            return integrated_gradients(
+                model, images, classes, o.patch, o.grid, o.ig_steps, self.rows_with_grad
+            ).reshape(n, classes.shape[1], -1)
         if name == "SmoothGrad":
             noise = self._noise(images, rows if rows is not None else list(range(n)))
-            return smoothgrad(model, images, classes, o.patch, o.grid, noise, self.rows_with_grad).reshape(n, classes.shape[1], -1)
+            return smoothgrad(model, images, classes, o.patch, o.grid, noise, self.rows_with_grad).reshape(
+                n, classes.shape[1], -1
+            )
         raise ValueError(f"no model-side map for method {name!r}")
 
     def _noise(self, images: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """SmoothGrad's draws (B, n, 3, H, W), seeded per image (by its row), scaled to its value range."""
         o = self.options
-        draws = torch.stack([torch.randn(o.smoothgrad_samples, *images.shape[1:], generator=torch.Generator().manual_seed(o.seed * 1_000_003 + row))
-                             for row in rows]).to(images.device, images.dtype)
+        draws = torch.stack(
+            [
+                torch.randn(
+                    o.smoothgrad_samples,
+                    *images.shape[1:],
+                    generator=torch.Generator().manual_seed(o.seed * 1_000_003 + row),
+                )
+                for row in rows
+            ]
+        ).to(images.device, images.dtype)
         spread = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).view(-1, 1, 1, 1, 1)
         return draws * spread * o.smoothgrad_noise

@@ -35,14 +35,28 @@ from cdam_worker.reading.run import Run
 SANITY_SCHEMA = pa.schema(
     [
         pa.field("method", pa.string(), nullable=False),
-        pa.field("randomized", pa.string(), nullable=False, metadata={"doc": "head, last_block, cascade_K (the head and the last K blocks), labels"}),
-        pa.field("spearman", pa.float64(), metadata={"doc": "mean over the images of the Spearman correlation of the map before and after"}),
+        pa.field(
+            "randomized",
+            pa.string(),
+            nullable=False,
+            metadata={"doc": "head, last_block, cascade_K (the head and the last K blocks), labels"},
+        ),
+        pa.field(
+            "spearman",
+            pa.float64(),
+            metadata={"doc": "mean over the images of the Spearman correlation of the map before and after"},
+        ),
         pa.field("ssim", pa.float64(), metadata={"doc": "mean SSIM of the maps before and after, each scaled to 0..1"}),
         pa.field("n_images", pa.int64(), nullable=False),
-        pa.field("spearman_low", pa.float64()), pa.field("spearman_high", pa.float64()),
-        pa.field("ssim_low", pa.float64()), pa.field("ssim_high", pa.float64()),
+        pa.field("spearman_low", pa.float64()),
+        pa.field("spearman_high", pa.float64()),
+        pa.field("ssim_low", pa.float64()),
+        pa.field("ssim_high", pa.float64()),
     ],
-    metadata={"schema": "cdam.evaluation-sanity/1", "doc": "_low, _high: 95% percentile bootstrap interval of the mean over the images"},
+    metadata={
+        "schema": "cdam.evaluation-sanity/1",
+        "doc": "_low, _high: 95% percentile bootstrap interval of the mean over the images",
+    },
 )
 LABEL_FIT_ROWS = 20_000  # images whose features the shuffled-label head is fit on, at most
 SUMMARISED = {"head": "head", "last_block": "last_block", "labels": "labels"}  # and the full cascade as "cascade"
@@ -70,7 +84,12 @@ def randomised_models(model: VisionTransformer, seed: int):
     yield "head", randomised(lambda m: [(0, m.head), (0, m.fc_norm)])  # the classifier and the norm before it
     yield "last_block", randomised(lambda m: [(depth, m.blocks[depth - 1])])
     for k in range(1, depth + 1):
-        yield f"cascade_{k}", randomised(lambda m, k=k: [(0, m.head), (0, m.fc_norm)] + [(i + 1, m.blocks[i]) for i in range(depth - k, depth)])
+        yield (
+            f"cascade_{k}",
+            randomised(
+                lambda m, k=k: [(0, m.head), (0, m.fc_norm)] + [(i + 1, m.blocks[i]) for i in range(depth - k, depth)]
+            ),
+        )
 
 
 def label_randomised(run: Run, loaded: LoadedModel, seed: int, notes: list[str]) -> VisionTransformer | None:
@@ -85,8 +104,15 @@ def label_randomised(run: Run, loaded: LoadedModel, seed: int, notes: list[str])
     rows = table.column("row").to_numpy()
     known = ~np.isnan(labels.astype(np.float64))
     rows, labels = rows[known], labels[known].astype(np.int64)
-    if len(np.unique(labels)) < 2 or labels.min() < 0 or labels.max() >= loaded.num_classes or not isinstance(model.head, torch.nn.Linear):
-        notes.append("label randomisation: needs labels of two classes or more, all of the model's classes, and a linear head: skipped")
+    if (
+        len(np.unique(labels)) < 2
+        or labels.min() < 0
+        or labels.max() >= loaded.num_classes
+        or not isinstance(model.head, torch.nn.Linear)
+    ):
+        notes.append(
+            "label randomisation: needs labels of two classes or more, all of the model's classes, and a linear head: skipped"
+        )
         return None
     if len(rows) > LABEL_FIT_ROWS:
         chosen = np.sort(np.random.default_rng(seed).choice(len(rows), LABEL_FIT_ROWS, replace=False))
@@ -97,7 +123,9 @@ def label_randomised(run: Run, loaded: LoadedModel, seed: int, notes: list[str])
     written = ~np.isnan(features).any(axis=1)
     features, labels = features[written], labels[written]
     if features.shape[1] != model.head.in_features:
-        notes.append(f"label randomisation: the stored features have {features.shape[1]} dimensions, the head takes {model.head.in_features}: skipped")
+        notes.append(
+            f"label randomisation: the stored features have {features.shape[1]} dimensions, the head takes {model.head.in_features}: skipped"
+        )
         return None
     shuffled = torch.from_numpy(np.random.default_rng(seed).permutation(labels))
     head = copy.deepcopy(model.head).cpu().float()
@@ -113,21 +141,35 @@ def label_randomised(run: Run, loaded: LoadedModel, seed: int, notes: list[str])
     optimiser.step(loss)
     with torch.no_grad():
         fit = float((head(x).argmax(1) == shuffled).float().mean())
-    notes.append(f"label randomisation: the linear head refit on shuffled labels of {len(x)} images with the features frozen "
-                 f"(accuracy on those shuffled labels {fit:.2f}; the network itself is not retrained)")
+    notes.append(
+        f"label randomisation: the linear head refit on shuffled labels of {len(x)} images with the features frozen "
+        f"(accuracy on those shuffled labels {fit:.2f}; the network itself is not retrained)"
+    )
     copied = copy.deepcopy(model)
     copied.head = head.to(next(model.parameters()).device, next(model.parameters()).dtype)
     return copied.eval()
 
 
-def sanity_checks(run: Run, loaded: LoadedModel, evaluator, methods: list[str], rows: np.ndarray, keys: np.ndarray, classes: np.ndarray,
-                  settings, notes: list[str]) -> tuple[pa.Table, dict[str, dict[str, np.ndarray]]]:
+def sanity_checks(
+    run: Run,
+    loaded: LoadedModel,
+    evaluator,
+    methods: list[str],
+    rows: np.ndarray,
+    keys: np.ndarray,
+    classes: np.ndarray,
+    settings,
+    notes: list[str],
+) -> tuple[pa.Table, dict[str, dict[str, np.ndarray]]]:
     """The sanity table (SANITY_SCHEMA) of ``methods`` on these images (maps of ``classes`` (n, 1), their
     predicted class), and per method the summary's per-image similarities (``sanity_spearman_head`` ...)."""
     images, usable = evaluator.images(keys)
     wanted = torch.from_numpy(classes[usable]).to(evaluator.device)
     grid = tuple(run.grid)
-    before = {method: evaluator.maps(method, images, wanted, rows[usable].tolist())[:, 0].cpu().numpy() for method in methods}
+    before = {
+        method: evaluator.maps(method, images, wanted, rows[usable].tolist())[:, 0].cpu().numpy() for method in methods
+    }
+
     def variants():  # one randomised copy at a time
         yield from randomised_models(loaded.model, settings.seed)
         relabelled = label_randomised(run, loaded, settings.seed, notes)
