@@ -1,19 +1,24 @@
 """``cdam evaluate``: the paper's benchmarks (spec section 5) on a seeded sample of a run's images.
 
-Methods: the run's CDAM (with Smooth or Integrated CDAM next to vanilla CDAM when the run used them), the
-stored attention map (AM: the mean over heads), and, with the model, token ablation (TAM) and input x
-gradient. For each sampled image and method:
+Methods (``methods.METHODS``; ``--methods``): the run's CDAM (with Smooth or Integrated CDAM next to vanilla CDAM
+when the run used them), the stored attention map (AM: the mean over heads), and, with the model, token
+ablation (TAM), input x gradient, attention rollout, the gradient-weighted attention and the relevance
+propagation of Chefer et al., Integrated Gradients and SmoothGrad. For each sampled image and method:
 
 - compactness and Gini index of the map of the predicted class;
 - correctness: Spearman correlation of that map with TAM's, and the token-deletion curves of the predicted
   class's logit (the most relevant tokens removed first, and the least relevant first) with the area
-  between them;
+  between them, and the areas under the deletion and insertion (most relevant first) curves in logits and
+  in probability;
 - class sensitivity: cosine and Spearman similarity between the maps of the predicted class and of the
   runner-up class (the second of ``topk_classes``); the attention map is the same for every class, so its
   similarity is 1 by construction.
 
 Maps come from the run where it holds them (a stored target slot, else the basis), else from the engine.
-Without the model only stored maps are measured; what needs the model is NaN, and a note says so.
+Without the model only stored maps are measured; what needs the model is NaN, and a note says so. With the
+model, ``sanity`` (model and label randomisation) and ``robustness`` (max-sensitivity, FGSM) run on the first
+images of the sample. Every summary value comes with the number of images it is over and a 95% percentile
+bootstrap interval of the mean (``BOOTSTRAP_RESAMPLES`` resamples of the images, seeded).
 """
 
 from __future__ import annotations
@@ -33,14 +38,27 @@ from cdam_worker.shards.specs import DataError
 from cdam_worker.derive import basis_class_maps
 from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics
-from cdam_worker.evaluate.perturb import deletion_drops, input_x_gradient, rows_per_pass, token_ablation
+from cdam_worker.evaluate.attention import UnsupportedModel, check_supported
+from cdam_worker.evaluate.methods import BY_NAME, MapOptions, ModelMaps, parse_methods
+from cdam_worker.evaluate.perturb import deletion_curves, rows_per_pass
+from cdam_worker.evaluate.robustness import robustness_checks
+from cdam_worker.evaluate.sanity import sanity_checks
 from cdam_worker.maps.model import LoadedModel
 from cdam_worker.reading.run import Run, RunError
 from cdam_worker.storage import StorageError
 
 CDAM_NAMES = {"vanilla": "CDAM", "smooth": "Smooth CDAM", "integrated": "Integrated CDAM"}
-AM, TAM, INPUT_X_GRADIENT = "AM", "TAM", "Input x gradient"
-MEASURES = ("compactness", "gini", "correctness_spearman", "deletion_auc_gap", "class_similarity", "class_similarity_spearman")
+AM, TAM = "AM", "TAM"
+STORED = ("CDAM", "Smooth CDAM", "Integrated CDAM", AM)  # read from the run where it holds them
+MEASURES = ("compactness", "gini", "correctness_spearman", "deletion_auc_gap", "class_similarity", "class_similarity_spearman",
+            "deletion_auc", "insertion_auc", "deletion_auc_prob", "insertion_auc_prob")
+MEASURE_DOCS = {
+    "deletion_auc": "area under the class's logit as the most relevant tokens are removed first, over the share removed (lower: better)",
+    "insertion_auc": "area under the class's logit as the most relevant tokens are inserted first (into the prefix tokens alone; higher: better)",
+    "deletion_auc_prob": "deletion_auc in softmax probability",
+    "insertion_auc_prob": "insertion_auc in softmax probability",
+}
+BOOTSTRAP_RESAMPLES = 1000
 LOGIT_TOLERANCE = 1e-3  # relative; beyond it the model (or the image decoding) does not reproduce the run
 
 IMAGES_SCHEMA = pa.schema(
@@ -50,32 +68,57 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("method", pa.string(), nullable=False),
         pa.field("class", pa.int32(), nullable=False, metadata={"doc": "the predicted class, whose map is measured"}),
         pa.field("other_class", pa.int32(), nullable=False, metadata={"doc": "the runner-up class (class sensitivity), -1 if none"}),
-        *(pa.field(name, pa.float64()) for name in MEASURES),
+        *(pa.field(name, pa.float64(), metadata={"doc": MEASURE_DOCS[name]} if name in MEASURE_DOCS else None) for name in MEASURES),
         pa.field("deletion_most_first", pa.list_(pa.float32()), metadata={"doc": "logit drop with the most relevant tokens removed first, per step"}),
         pa.field("deletion_least_first", pa.list_(pa.float32()), metadata={"doc": "the same, least relevant first"}),
+        pa.field("insertion_most_first", pa.list_(pa.float32()), metadata={"doc": "the class's logit with the most relevant tokens inserted first, per step"}),
+        pa.field("deletion_prob_most_first", pa.list_(pa.float32()), metadata={"doc": "the class's probability with the most relevant tokens removed first"}),
+        pa.field("insertion_prob_most_first", pa.list_(pa.float32()), metadata={"doc": "the class's probability with the most relevant tokens inserted first"}),
     ],
     metadata={"schema": "cdam.evaluation-images/1"},
 )
+CHECKS = ("sanity_spearman_head", "sanity_ssim_head", "sanity_spearman_last_block", "sanity_ssim_last_block",
+          "sanity_spearman_cascade", "sanity_ssim_cascade", "sanity_spearman_labels", "sanity_ssim_labels",
+          "max_sensitivity", "fgsm_change", "fgsm_spearman")
+"""Summary measures of the sanity checks (``cascade``: the head and every block randomised) and robustness."""
 SUMMARY_SCHEMA = pa.schema(
-    [pa.field("method", pa.string(), nullable=False), *(pa.field(name, pa.float64()) for name in MEASURES), pa.field("n_images", pa.int64(), nullable=False)],
-    metadata={"schema": "cdam.evaluation-summary/1"},
+    [pa.field("method", pa.string(), nullable=False), *(pa.field(name, pa.float64()) for name in MEASURES), pa.field("n_images", pa.int64(), nullable=False),
+     *(pa.field(name, pa.float64()) for name in CHECKS),
+     *(pa.field(f"{name}_{part}", pa.int64() if part == "n" else pa.float64()) for name in MEASURES + CHECKS for part in ("low", "high", "n"))],
+    metadata={"schema": "cdam.evaluation-summary/2", "doc": "mean over the images of each measure; _low, _high: 95% percentile bootstrap interval of the mean; _n: images"},
 )
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """How many images (a seeded sample), how many deletion steps, how big the batches are, and where the
-    model runs."""
+    """How many images (a seeded sample), which methods, how many deletion steps, how big the batches are, where
+    the model runs, and the sanity and robustness checks' sizes."""
 
     sample: int = 1000
     seed: int = 0
     steps: int = 10
     batch: int = 16  # images per step
     device: str = "cpu"  # where the model runs: "cpu" or "cuda[:N]"
+    methods: str = "cheap"  # --methods
+    ig_steps: int = 16
+    smoothgrad_samples: int = 16
+    sanity: int = 16  # images of the sanity checks (the sample's first), 0: none
+    robustness: int = 16  # images of the robustness checks, 0: none
+    perturbations: int = 8  # max-sensitivity's random perturbations per image
+    radius: float = 0.02  # their size: uniform in +-radius x the image's value range
+    fgsm_eps: float = 0.01  # the FGSM step, x the image's value range
 
     def __post_init__(self) -> None:
         if min(self.sample, self.steps, self.batch) < 1:
             raise RunError(f"--sample, --steps and --batch-size must be at least 1 (got {self.sample}, {self.steps}, {self.batch})")
+        if min(self.ig_steps, self.smoothgrad_samples, self.perturbations) < 1 or min(self.sanity, self.robustness) < 0:
+            raise RunError("--ig-steps, --smoothgrad-samples and --perturbations must be at least 1, --sanity and --robustness at least 0")
+        if not (self.radius > 0 and self.fgsm_eps > 0):
+            raise RunError(f"--radius and --fgsm-eps must be positive (got {self.radius}, {self.fgsm_eps})")
+        try:
+            parse_methods(self.methods)
+        except ValueError as error:
+            raise RunError(str(error)) from None
         try:
             device = torch.device(self.device)
         except RuntimeError as error:
@@ -89,25 +132,33 @@ class Evaluation:
     images: pa.Table  # one row per (image, method), IMAGES_SCHEMA
     summary: pa.Table  # one row per method, SUMMARY_SCHEMA
     notes: list[str] = field(default_factory=list)  # what was skipped or not measured, and why
+    sanity: pa.Table | None = None  # one row per method and randomisation, sanity.SANITY_SCHEMA (None: not run)
 
 
-def methods_of(run: Run, with_model: bool) -> list[str]:
-    """The methods evaluated, in the paper's order (CDAM first)."""
+def methods_of(run: Run, with_model: bool, selected: str = "cheap") -> list[str]:
+    """The methods evaluated, in the paper's order (CDAM first): those of ``selected`` (``--methods``) that can be
+    measured (without the model, only the stored maps)."""
+    names = parse_methods(selected)
     variant = run.attrs.get("variant", {}).get("variant", "vanilla")
-    cdam = [CDAM_NAMES["vanilla"]] if variant == "vanilla" or with_model else []  # vanilla CDAM of a Smooth run: the engine
-    if variant != "vanilla":
-        cdam.append(CDAM_NAMES[variant])
-    return cdam + ([TAM] if with_model else []) + [AM] + ([INPUT_X_GRADIENT] if with_model else [])
+    cdam = []
+    if "CDAM" in names:
+        cdam = [CDAM_NAMES["vanilla"]] if variant == "vanilla" or with_model else []  # vanilla CDAM of a Smooth run: the engine
+        if variant != "vanilla":
+            cdam.append(CDAM_NAMES[variant])
+    return cdam + [name for name in names if name != "CDAM" and (with_model or name == AM)]
 
 
 def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings = EvaluateSettings()) -> Evaluation:
     """Measure every method on a seeded sample of the run's images (``model`` None: stored maps only)."""
     notes = list(run.skipped)
     if model is None:
-        notes.append("no model: TAM, input x gradient, correctness and deletion curves are not measured (give the model flags, or keep the run's checkpoint where its manifest says)")
+        notes.append("measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: the model-side methods "
+                     "(TAM, input x gradient, rollout, the attention-gradient methods, IG, SmoothGrad), correctness, the deletion and insertion curves, "
+                     "the sanity and robustness checks")
     rows, keys, classes = _sample(run, settings)
-    methods = methods_of(run, model is not None)
+    methods = methods_of(run, model is not None, settings.methods)
     chunk_evaluator = _ChunkEvaluator(run, model, settings, methods, notes)
+    methods = chunk_evaluator.methods  # less any the model does not support
     columns: dict[str, list] = {f.name: [] for f in IMAGES_SCHEMA}
     with tqdm(total=len(rows), desc="evaluating", unit="img", file=sys.stderr, disable=len(rows) == 0) as bar:
         for start in range(0, len(rows), settings.batch):
@@ -116,27 +167,63 @@ def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings
                 columns[name] += values
             bar.update(len(rows[part]))
     images = pa.table(columns, schema=IMAGES_SCHEMA)
-    return Evaluation(images, _summary(images, methods), notes)
+    checks: dict[str, dict[str, np.ndarray]] = {method: {} for method in methods}
+    sanity = None
+    if chunk_evaluator.maps is not None:
+        model_side = [m for m in methods if m in BY_NAME]
+        if len(model_side) < len(methods) and (settings.sanity or settings.robustness):
+            notes.append(f"{', '.join(m for m in methods if m not in BY_NAME)}: not in the sanity and robustness checks (vanilla CDAM is)")
+        if settings.sanity and model_side:
+            head_rows = slice(0, settings.sanity)
+            sanity, per_image = sanity_checks(run, model, chunk_evaluator, model_side, rows[head_rows], keys[head_rows], classes[head_rows, :1], settings, notes)
+            for method, values in per_image.items():
+                checks[method].update(values)
+        if settings.robustness and model_side:
+            head_rows = slice(0, settings.robustness)
+            for method, values in robustness_checks(chunk_evaluator, model_side, rows[head_rows], keys[head_rows], classes[head_rows, :1], settings, notes).items():
+                checks[method].update(values)
+    return Evaluation(images, _summary(images, methods, checks, settings.seed), notes, sanity)
 
 
 def write_evaluation(run: Run, evaluation: Evaluation, settings: EvaluateSettings) -> None:
-    """Write ``evaluation/images.parquet`` and ``evaluation/summary.parquet`` into the run, the settings in their
-    schema metadata (``cdam.evaluation``). Call it holding ``run.exclusive("evaluate")``: one writer per file."""
+    """Write ``evaluation/images.parquet``, ``summary.parquet`` (and ``sanity.parquet`` when the sanity checks ran)
+    into the run, the settings in their schema metadata (``cdam.evaluation``). Call it holding
+    ``run.exclusive("evaluate")``: one writer per file."""
     described = {b"cdam.evaluation": json.dumps({**asdict(settings), "run_fingerprint": run.attrs.get("run_fingerprint")}).encode()}
-    for name, table in (("images", evaluation.images), ("summary", evaluation.summary)):
+    tables = [("images", evaluation.images), ("summary", evaluation.summary)] + ([("sanity", evaluation.sanity)] if evaluation.sanity is not None else [])
+    for name, table in tables:
         sink = io.BytesIO()
         pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **described}), sink, compression="zstd")
         run.storage.put(f"evaluation/{name}.parquet", sink.getvalue())
 
 
+SHOWN = (
+    ("compactness", "compactness"), ("gini", "Gini"), ("correctness_spearman", "Spearman with TAM"), ("deletion_auc_gap", "deletion gap (logit)"),
+    ("deletion_auc", "deletion area (logit)"), ("insertion_auc", "insertion area (logit)"), ("deletion_auc_prob", "deletion area (prob.)"),
+    ("insertion_auc_prob", "insertion area (prob.)"), ("class_similarity", "class sim. cos"), ("class_similarity_spearman", "class sim. Spearman"),
+    ("sanity_spearman_head", "random head: Spearman"), ("sanity_ssim_head", "random head: SSIM"),
+    ("sanity_spearman_last_block", "random last block: Spearman"), ("sanity_ssim_last_block", "random last block: SSIM"),
+    ("sanity_spearman_cascade", "random all (cascade): Spearman"), ("sanity_ssim_cascade", "random all (cascade): SSIM"),
+    ("sanity_spearman_labels", "random labels: Spearman"), ("sanity_ssim_labels", "random labels: SSIM"),
+    ("max_sensitivity", "max-sensitivity"), ("fgsm_change", "FGSM: map change"), ("fgsm_spearman", "FGSM: Spearman"),
+)
+"""The measures as printed, in order: (column, label)."""
+
+
 def format_summary(summary: pa.Table) -> str:
-    """The summary as a text table, one line per method (like the paper's)."""
-    header = f"{'method':<18} {'compactness':>11} {'gini':>6} {'Spearman/TAM':>12} {'deletion gap':>12} {'class sim. cos':>14} {'class sim. rho':>14} {'images':>7}"
+    """The summary as a text table: per measure, one line per method with its mean, 95% interval and number of
+    images (a method a measure does not apply to, or that was not measured, is left out of that measure)."""
+    width = max([len(label) for _, label in SHOWN] + [7])
+    names = max([len(m) for m in summary.column("method").to_pylist()] + [6])
+    header = f"{'measure':<{width}}  {'method':<{names}}  {'mean':>8}  {'95% interval':>18}  {'images':>6}"
     lines = [header, "-" * len(header)]
-    for row in summary.to_pylist():
-        values = [row[m] for m in MEASURES]
-        shown = ["-" if v is None or np.isnan(v) else f"{v:.3f}" for v in values]
-        lines.append(f"{row['method']:<18} {shown[0]:>11} {shown[1]:>6} {shown[2]:>12} {shown[3]:>12} {shown[4]:>14} {shown[5]:>14} {row['n_images']:>7}")
+    rows = summary.to_pylist()
+    for column, label in SHOWN:
+        shown = [row for row in rows if row[column] is not None and not np.isnan(row[column])]
+        for position, row in enumerate(shown):
+            low, high = row[f"{column}_low"], row[f"{column}_high"]
+            interval = "" if low is None or np.isnan(low) else f"[{low:.3f}, {high:.3f}]"
+            lines.append(f"{label if position == 0 else '':<{width}}  {row['method']:<{names}}  {row[column]:>8.3f}  {interval:>18}  {row[f'{column}_n']:>6}")
     return "\n".join(lines)
 
 
@@ -162,15 +249,31 @@ class _ChunkEvaluator:
     """Maps of every method for a chunk of images, and their measures as columns of the images table."""
 
     def __init__(self, run: Run, model: LoadedModel | None, settings: EvaluateSettings, methods: list[str], notes: list[str]) -> None:
-        self.run, self.model, self.settings, self.methods, self.notes = run, model, settings, methods, notes
+        self.run, self.model, self.settings, self.notes = run, model, settings, notes
         self.variant = run.attrs.get("variant", {}).get("variant", "vanilla")
         self.own = CDAM_NAMES[self.variant]
         self.device = torch.device(settings.device)
         self.explainer = CDAMExplainer(model.model.to(self.device), class_names=model.class_names) if model is not None else None
+        self.options = MapOptions(tuple(run.attrs["patch_size"]), tuple(run.grid), settings.ig_steps, settings.smoothgrad_samples, seed=settings.seed)
+        self.maps = ModelMaps(model.model, self.options, self.device) if model is not None else None
+        self.methods = self._supported(methods)
         n_patches = run.grid[0] * run.grid[1]
         prefix = int(run.attrs.get("num_prefix_tokens", 1))
         self.removed = metrics.deletion_steps(n_patches if prefix else n_patches - 1, settings.steps)  # a model without prefix tokens keeps one
         self.logits_checked = False
+
+    def _supported(self, methods: list[str]) -> list[str]:
+        """``methods`` less those the model cannot be explained by (a note says why)."""
+        if self.maps is None:
+            return methods
+        try:
+            check_supported(self.model.model)
+        except UnsupportedModel as error:
+            dropped = [m for m in methods if m in ("Attention rollout", "Gradient-weighted attention", "Relevance propagation")]
+            if dropped:
+                self.notes.append(f"{', '.join(dropped)}: not measured ({error})")
+            return [m for m in methods if m not in dropped]
+        return methods
 
     def __call__(self, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray) -> dict[str, list]:
         written = ~np.isnan(self.run.read_rows("embedding", rows)).any(axis=1)
@@ -178,28 +281,31 @@ class _ChunkEvaluator:
             self.notes.append(f"image {key} (row {row}): its arrays read NaN (not written): not evaluated")
         rows, keys, classes = rows[written], keys[written], classes[written]
         maps = self._stored_maps(rows, classes)
-        drops = {method: np.full((len(rows), 2, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods}
+        curves = {method: np.full((len(rows), 3, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods}
+        probabilities = {method: np.full((len(rows), 2, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods}
         if self.model is not None:
-            images, usable = self._images(keys)
+            images, usable = self.images(keys)
             if usable.any():
                 self._model_maps(images, rows[usable], keys[usable], classes[usable], usable, maps)
-                self._deletion(images, classes[usable], usable, maps, drops)
-        return self._columns(rows, keys, classes, maps, drops)
+                self._curves(images, classes[usable], usable, maps, curves, probabilities)
+        return self._columns(rows, keys, classes, maps, curves, probabilities)
 
     def _stored_maps(self, rows: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
         """The run's CDAM of both classes (stored slot, else the basis) and its attention map, flattened (n, 2, N)."""
         run = self.run
         n = len(rows)
-        cdam = run.class_maps(rows, classes)
-        if np.isnan(cdam[classes >= 0]).any() and run.has_basis and run.head is not None:
-            cdam = np.where(np.isnan(cdam), basis_class_maps(run, rows, classes), cdam)
-        attention = run.read_rows("attention", rows).astype(np.float32).mean(axis=1)  # AM: the mean over heads
         maps = {method: np.full((n, 2, run.grid[0] * run.grid[1]), np.nan, dtype=np.float32) for method in self.methods}
-        maps[self.own] = cdam.reshape(n, 2, -1)
-        maps[AM] = np.repeat(attention.reshape(n, 1, -1), 2, axis=1)
+        if self.own in maps:
+            cdam = run.class_maps(rows, classes)
+            if np.isnan(cdam[classes >= 0]).any() and run.has_basis and run.head is not None:
+                cdam = np.where(np.isnan(cdam), basis_class_maps(run, rows, classes), cdam)
+            maps[self.own] = cdam.reshape(n, 2, -1)
+        if AM in maps:
+            attention = run.read_rows("attention", rows).astype(np.float32).mean(axis=1)  # AM: the mean over heads
+            maps[AM] = np.repeat(attention.reshape(n, 1, -1), 2, axis=1)
         return maps
 
-    def _images(self, keys: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray]:
+    def images(self, keys: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray]:
         """The model's inputs of the images that can be read, and which those are."""
         usable = np.zeros(len(keys), dtype=bool)
         tensors = []
@@ -212,38 +318,47 @@ class _ChunkEvaluator:
         return (torch.stack(tensors).to(self.device) if tensors else None), usable
 
     def _model_maps(self, images: torch.Tensor, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, usable: np.ndarray, maps: dict[str, np.ndarray]) -> None:
-        """TAM, input x gradient, and the CDAM the run does not hold (by the engine), into ``maps`` at ``usable``."""
-        model, n = self.model.model, len(rows)
+        """The model-side methods' maps, and the CDAM the run does not hold (by the engine), into ``maps`` at ``usable``."""
+        n = len(rows)
         both = torch.from_numpy(np.where(classes < 0, classes[:, :1], classes)).to(self.device)  # a missing runner-up: any valid class, NaN below
-        logits, ablation = token_ablation(model, images, self._rows(images))
-        self._check_logits(rows, logits.cpu())
-        rows_with_grad = max(1, self._rows(images) // (3 * len(model.blocks)))  # backward keeps every block's activations
-        computed = {
-            TAM: ablation.gather(1, both[:, :, None].expand(-1, -1, ablation.shape[2])).cpu().numpy(),
-            INPUT_X_GRADIENT: input_x_gradient(model, images, both, tuple(self.run.attrs["patch_size"]), self.run.grid, rows_with_grad).reshape(n, 2, -1).cpu().numpy(),
-        }
-        if self.variant != "vanilla":
+        with torch.no_grad():
+            self._check_logits(rows, self.model.model(images).cpu())
+        computed = {}
+        for method in self.methods:
+            if method in BY_NAME and method not in STORED:
+                computed[method] = self.maps(method, images, both, rows.tolist()).cpu().numpy()
+        if CDAM_NAMES["vanilla"] in self.methods and self.variant != "vanilla":
             computed[CDAM_NAMES["vanilla"]] = self.explainer.explain(images, both).cdam.reshape(n, 2, -1).cpu().numpy()
-        own = maps[self.own][usable]
-        if np.isnan(own[classes >= 0]).any():  # neither stored nor derivable from a basis: the engine, with the run's variant
-            variant = VariantConfig(self.variant, **{k: v for k, v in self.run.attrs.get("variant", {}).items() if k != "variant"})
-            engine = self.explainer.explain(images, both, keys=list(keys), variant=variant).cdam.reshape(n, 2, -1).cpu().numpy()
-            computed[self.own] = np.where(np.isnan(own), engine, own)
+        if self.own in self.methods:
+            own = maps[self.own][usable]
+            if np.isnan(own[classes >= 0]).any():  # neither stored nor derivable from a basis: the engine, with the run's variant
+                variant = VariantConfig(self.variant, **{k: v for k, v in self.run.attrs.get("variant", {}).items() if k != "variant"})
+                engine = self.explainer.explain(images, both, keys=list(keys), variant=variant).cdam.reshape(n, 2, -1).cpu().numpy()
+                computed[self.own] = np.where(np.isnan(own), engine, own)
         for method, values in computed.items():
             values[classes < 0] = np.nan
             maps[method][usable] = values
 
-    def _deletion(self, images: torch.Tensor, classes: np.ndarray, usable: np.ndarray, maps: dict[str, np.ndarray], drops: dict[str, np.ndarray]) -> None:
-        """Every method's deletion curves of the predicted class, in one batch per step, into ``drops`` at ``usable``."""
+    def _curves(self, images: torch.Tensor, classes: np.ndarray, usable: np.ndarray, maps: dict[str, np.ndarray],
+                curves: dict[str, np.ndarray], probabilities: dict[str, np.ndarray]) -> None:
+        """Every method's deletion and insertion curves of the predicted class, in one batch per step, into
+        ``curves`` ((drops most first, drops least first, insertion logits), per step) and ``probabilities``
+        (deletion, insertion) at ``usable``. Inserting the k most relevant tokens keeps what removing all but
+        them keeps: the insertion curve is the least-relevant-first deletion read backwards."""
         pred_maps = np.stack([maps[method][usable, 0] for method in self.methods], axis=1)  # (u, M, N)
         orders = metrics.deletion_orders(np.nan_to_num(pred_maps.reshape(-1, pred_maps.shape[2]), nan=0.0))  # (u * M, 2, N)
         as_tensor = (lambda values: torch.from_numpy(values).to(self.device))
-        curves = deletion_drops(self.model.model, images, as_tensor(classes[:, 0]), as_tensor(orders).view(len(pred_maps), -1, orders.shape[2]),
-                                as_tensor(self.removed), self._rows(images))
-        curves = curves.view(len(pred_maps), len(self.methods), 2, -1).cpu().numpy()
+        logits, probs = deletion_curves(self.model.model, images, as_tensor(classes[:, 0]), as_tensor(orders).view(len(pred_maps), -1, orders.shape[2]),
+                                        as_tensor(self.removed), self._rows(images))
+        logits = logits.view(len(pred_maps), len(self.methods), 2, -1).cpu().numpy()
+        probs = probs.view(len(pred_maps), len(self.methods), 2, -1).cpu().numpy()
         for position, method in enumerate(self.methods):
             has_map = ~np.isnan(pred_maps[:, position]).any(axis=1)
-            drops[method][np.flatnonzero(usable)[has_map]] = curves[has_map, position]
+            mine = logits[has_map, position]
+            drops = mine[:, :, :1] - mine
+            at = np.flatnonzero(usable)[has_map]
+            curves[method][at] = np.concatenate([drops, mine[:, 1:, ::-1]], axis=1)
+            probabilities[method][at] = np.stack([probs[has_map, position, 0], probs[has_map, position, 1, ::-1]], axis=1)
 
     def _rows(self, images: torch.Tensor) -> int:
         """Sequences per forward pass for these images' token count."""
@@ -260,19 +375,26 @@ class _ChunkEvaluator:
         if error > LOGIT_TOLERANCE:
             self.notes.append(f"the model's logits on the images differ from the run's by {error:.1e} (relative): TAM, deletion and input x gradient describe a slightly different computation")
 
-    def _columns(self, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, maps: dict[str, np.ndarray], drops: dict[str, np.ndarray]) -> dict[str, list]:
+    def _columns(self, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, maps: dict[str, np.ndarray], curves: dict[str, np.ndarray],
+                 probabilities: dict[str, np.ndarray]) -> dict[str, list]:
         """The images table's columns: one row per image and method."""
         columns: dict[str, list] = {f.name: [] for f in IMAGES_SCHEMA}
         tam = maps.get(TAM)
+        area = (lambda values: metrics.curve_area(values, self.removed))  # over the share removed (or inserted): the same grid read backwards
+        as_lists = (lambda values: [None if np.isnan(c).any() else c.tolist() for c in values])
         for method in self.methods:
             pred, other = maps[method][:, 0], maps[method][:, 1]
             measured = {
                 "compactness": metrics.compactness(pred),
                 "gini": metrics.gini(pred),
                 "correctness_spearman": metrics.spearman(pred, tam[:, 0]) if tam is not None else np.full(len(rows), np.nan),
-                "deletion_auc_gap": metrics.deletion_gap(drops[method], self.removed),
+                "deletion_auc_gap": metrics.deletion_gap(curves[method][:, :2], self.removed),
                 "class_similarity": metrics.cosine(pred, other),
                 "class_similarity_spearman": metrics.spearman(pred, other),
+                "deletion_auc": area(curves[method][:, 2, -1:] - curves[method][:, 0]),  # the full image's logit (all inserted) less the drops
+                "insertion_auc": area(curves[method][:, 2]),
+                "deletion_auc_prob": area(probabilities[method][:, 0]),
+                "insertion_auc_prob": area(probabilities[method][:, 1]),
             }
             columns["key"] += keys.tolist()
             columns["row"] += rows.tolist()
@@ -281,19 +403,28 @@ class _ChunkEvaluator:
             columns["other_class"] += classes[:, 1].tolist()
             for name, values in measured.items():
                 columns[name] += values.tolist()
-            columns["deletion_most_first"] += [None if np.isnan(c).any() else c.tolist() for c in drops[method][:, 0]]
-            columns["deletion_least_first"] += [None if np.isnan(c).any() else c.tolist() for c in drops[method][:, 1]]
+            columns["deletion_most_first"] += as_lists(curves[method][:, 0])
+            columns["deletion_least_first"] += as_lists(curves[method][:, 1])
+            columns["insertion_most_first"] += as_lists(curves[method][:, 2])
+            columns["deletion_prob_most_first"] += as_lists(probabilities[method][:, 0])
+            columns["insertion_prob_most_first"] += as_lists(probabilities[method][:, 1])
         return columns
 
 
-def _summary(images: pa.Table, methods: list[str]) -> pa.Table:
-    """Per method: every measure averaged over the images that have it, and how many images have a map."""
+def _summary(images: pa.Table, methods: list[str], checks: dict[str, dict[str, np.ndarray]], seed: int) -> pa.Table:
+    """Per method: every measure's mean over the images that have it, its bootstrap interval and image count
+    (``checks``: per method, the sanity and robustness measures' per-image values), and how many images have a map."""
     method_of = np.asarray(images.column("method").to_pylist(), dtype=object)
     rows = []
     for method in methods:
         mine = method_of == method
         values = {name: images.column(name).to_numpy(zero_copy_only=False)[mine].astype(np.float64) for name in MEASURES}
-        with np.errstate(invalid="ignore"):
-            means = {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in values.items()}
-        rows.append({"method": method, **means, "n_images": int(np.isfinite(values["compactness"]).sum())})
+        values.update({name: np.asarray(checks.get(method, {}).get(name, []), dtype=np.float64) for name in CHECKS})
+        row = {"method": method, "n_images": int(np.isfinite(values["compactness"]).sum())}
+        for name, v in values.items():
+            finite = v[np.isfinite(v)]
+            row[name] = float(finite.mean()) if len(finite) else float("nan")
+            row[f"{name}_low"], row[f"{name}_high"] = metrics.bootstrap_interval(finite, BOOTSTRAP_RESAMPLES, seed)
+            row[f"{name}_n"] = len(finite)
+        rows.append(row)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)

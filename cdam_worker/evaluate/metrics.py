@@ -65,6 +65,45 @@ def deletion_gap(drops: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return np.trapezoid(drops[:, 0] - drops[:, 1], fraction, axis=1)
 
 
+def curve_area(values: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Area under curves (n, S+1) over the share of tokens removed (or inserted), ``removed`` tokens per point."""
+    return np.trapezoid(values, removed / removed[-1], axis=1)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
+    """Structural similarity of each map of ``a`` (n, gh, gw) with the same map of ``b``, each first scaled to
+    0..1 (min-max): the mean over every ``window`` x ``window`` patch inside the grid (at most the grid's size,
+    odd) of the SSIM formula with the windows' sample variances, K1 = 0.01, K2 = 0.03, data range 1 (as
+    scikit-image's ``structural_similarity``). A constant map gives NaN."""
+    size = min(window, a.shape[1], a.shape[2])
+    size -= 1 - size % 2
+    scaled = [_unit_range(m) for m in (a, b)]
+    patches = [np.lib.stride_tricks.sliding_window_view(m, (size, size), axis=(1, 2)).reshape(*m.shape[:1], -1, size * size) for m in scaled]
+    mean_a, mean_b = patches[0].mean(-1), patches[1].mean(-1)
+    correction = size * size / (size * size - 1) if size > 1 else 1.0
+    var_a, var_b = patches[0].var(-1) * correction, patches[1].var(-1) * correction
+    covariance = ((patches[0] - mean_a[..., None]) * (patches[1] - mean_b[..., None])).mean(-1) * correction
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))
+    return index.mean(axis=1)
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (1-d, finite): (NaN, NaN) for fewer than 2 values."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    means = values[np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _unit_range(maps: np.ndarray) -> np.ndarray:
+    low = maps.min(axis=(1, 2), keepdims=True)
+    spread = maps.max(axis=(1, 2), keepdims=True) - low
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(spread > 0, (maps - low) / spread, np.nan)
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a - a.mean(axis=1, keepdims=True)
     b = b - b.mean(axis=1, keepdims=True)

@@ -1,4 +1,5 @@
-"""The model-side baselines and tests of the evaluation: token ablation (TAM), token deletion, input x gradient.
+"""The model-side baselines and tests of the evaluation: token ablation (TAM), token deletion and insertion, and
+the gradient estimators on the input pixels (input x gradient, Integrated Gradients, SmoothGrad).
 
 Removing a token means what the spec says (section 5): the patch token is dropped from the sequence right
 after the positional embedding, and the rest of the network runs on the shorter sequence (the model's own
@@ -7,6 +8,8 @@ run as one batch: every row is an image's embedded tokens gathered at the indice
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,38 +65,76 @@ def token_ablation(model: VisionTransformer, images: torch.Tensor, max_rows: int
 
 
 @torch.no_grad()
-def deletion_drops(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, orders: torch.Tensor, removed: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
-    """Deletion curves: the drop of the logit of ``classes[b]`` (B,) when the first ``removed[s]`` patch tokens of
-    ``orders[b, r]`` (B, R, N) are removed: (B, R, S+1). One batch per step, over every image and order."""
+def deletion_curves(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, orders: torch.Tensor, removed: torch.Tensor,
+                    max_rows: int = DEFAULT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deletion curves: (logits, probabilities), each (B, R, S+1): the logit of ``classes[b]`` (B,), and its
+    softmax probability, when the first ``removed[s]`` patch tokens of ``orders[b, r]`` (B, R, N) are removed.
+    One batch per step, over every image and order. (Inserting the k most relevant tokens is removing all but
+    them: the least-relevant-first order's point at N - k.)"""
     tokens = embedded_tokens(model, images)
     batch = tokens.shape[0]
     prefix = model.num_prefix_tokens
     n_orders = orders.shape[1]
     image = torch.arange(batch, device=tokens.device).repeat_interleave(n_orders)
     prefix_index = torch.arange(prefix, device=tokens.device).expand(batch * n_orders, -1)
-    score = model(images).gather(1, classes[:, None])[:, 0]  # (B,)
-    drops = []
+    wanted = classes.repeat_interleave(n_orders)[:, None]
+    scores, probabilities = [], []
     for k in removed.tolist():
         kept = orders.reshape(batch * n_orders, -1)[:, k:].sort(dim=1).values + prefix  # patches left, in their order
         logits = logits_keeping(model, tokens, image, torch.cat([prefix_index, kept], dim=1), max_rows)
-        drops.append(score.repeat_interleave(n_orders) - logits.gather(1, classes.repeat_interleave(n_orders)[:, None])[:, 0])
-    return torch.stack(drops, dim=1).view(batch, n_orders, -1)
+        scores.append(logits.gather(1, wanted)[:, 0])
+        probabilities.append(logits.softmax(dim=1).gather(1, wanted)[:, 0])
+    return torch.stack(scores, dim=1).view(batch, n_orders, -1), torch.stack(probabilities, dim=1).view(batch, n_orders, -1)
 
 
 def input_x_gradient(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
     """Input x gradient of the logit of each ``classes[b, k]`` (B, K), summed over channels and over each token's
     pixels (``patch`` pixels per token, a ``grid`` of tokens): (B, K, gh, gw)."""
-    batch, n_classes = classes.shape
-    copies = images.repeat_interleave(n_classes, dim=0)  # row b * K + k explains classes[b, k]
-    wanted = classes.reshape(-1, 1)
-    pixels = []
-    for start in range(0, len(copies), max_rows):
-        x = copies[start : start + max_rows].detach().requires_grad_(True)
+    copies, wanted = images.repeat_interleave(classes.shape[1], dim=0), classes.reshape(-1)  # row b * K + k: classes[b, k]
+    gradients = mean_gradient(model, copies, wanted, 1, lambda x, step, rows: x, max_rows)
+    return per_token(copies * gradients, patch, grid).view(*classes.shape, *grid)
+
+
+def integrated_gradients(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], steps: int, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+    """Integrated Gradients (Sundararajan et al., 2017) from the all-zero input (the mean image after the
+    model's normalisation) in ``steps`` midpoint steps: x * mean_s grad f_c((s + 1/2) / steps * x), summed per
+    token: (B, K, gh, gw)."""
+    copies, wanted = images.repeat_interleave(classes.shape[1], dim=0), classes.reshape(-1)
+    alphas = (torch.arange(steps, device=images.device, dtype=images.dtype) + 0.5) / steps
+    gradients = mean_gradient(model, copies, wanted, steps, lambda x, step, rows: x * alphas[step].view(-1, 1, 1, 1), max_rows)
+    return per_token(copies * gradients, patch, grid).view(*classes.shape, *grid)
+
+
+def smoothgrad(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], noise: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al., 2017) times the input: x * mean_j grad f_c(x + noise[b, j]), with ``noise``
+    (B, n, 3, H, W) (the same draws for every class of an image), summed per token: (B, K, gh, gw)."""
+    n_classes, n_draws = classes.shape[1], noise.shape[1]
+    copies, wanted = images.repeat_interleave(n_classes, dim=0), classes.reshape(-1)
+    draws = noise.repeat_interleave(n_classes, dim=0).flatten(0, 1)  # row (b * K + k) * n + j
+    gradients = mean_gradient(model, copies, wanted, n_draws, lambda x, step, rows: x + draws[rows], max_rows)
+    return per_token(copies * gradients, patch, grid).view(*classes.shape, *grid)
+
+
+def mean_gradient(model: VisionTransformer, inputs: torch.Tensor, wanted: torch.Tensor, n_points: int,
+                  point: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], max_rows: int) -> torch.Tensor:
+    """Per input row r, the gradient of the logit of class ``wanted[r]`` averaged over ``n_points`` points
+    ``point(inputs[r], j, r * n_points + j)`` (j = 0..n_points-1), in passes of ``max_rows``: (R, 3, H, W)."""
+    total = torch.zeros_like(inputs)
+    rows = torch.arange(len(inputs) * n_points, device=inputs.device)
+    for start in range(0, len(rows), max_rows):
+        chunk = rows[start : start + max_rows]
+        source, step = chunk // n_points, chunk % n_points
+        x = point(inputs[source], step, chunk).detach().requires_grad_(True)
         with torch.enable_grad():
-            score = model(x).gather(1, wanted[start : start + max_rows]).sum()
-            (grad,) = torch.autograd.grad(score, x)
-        pixels.append((x.detach() * grad).sum(1))  # (r, H, W)
+            (grad,) = torch.autograd.grad(model(x).gather(1, wanted[source, None]).sum(), x)
+        total.index_add_(0, source, grad)
+    return total / n_points
+
+
+def per_token(pixels: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel scores (R, 3, H, W) summed over channels and over each token's ``patch`` pixels: (R, gh * gw)
+    (an image larger than the grid's pixels is cut, a smaller one padded, as the patch embedding does)."""
     (ph, pw), (gh, gw) = patch, grid
-    per_pixel = torch.cat(pixels)[:, : gh * ph, : gw * pw]
+    per_pixel = pixels.sum(1)[:, : gh * ph, : gw * pw]
     per_pixel = F.pad(per_pixel, (0, gw * pw - per_pixel.shape[2], 0, gh * ph - per_pixel.shape[1]))  # a padded border
-    return per_pixel.view(-1, gh, ph, gw, pw).sum((2, 4)).view(batch, n_classes, gh, gw)
+    return per_pixel.reshape(-1, gh, ph, gw, pw).sum((2, 4)).reshape(len(pixels), gh * gw)
