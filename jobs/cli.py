@@ -41,19 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cdam_worker.maps.model import ModelLoadError
-    from cdam_worker.output_lock import OutputInUseError, OutputLockLost
-    from cdam_worker.pipeline.plan import ConfigError
-    from cdam_worker.pipeline.scheduler import JobError
-    from cdam_worker.reading import RunError
-    from cdam_worker.shards.specs import DataError
-    from cdam_worker.storage import StorageError, redact
-
     got_sigterm = threading.Event()
     try:
         with _sigterm_as_interrupt(got_sigterm):
             return args.handler(args)
-    except (ConfigError, DataError, ModelLoadError, StorageError, OutputInUseError, OutputLockLost, JobError, RunError) as error:
+    except Exception as error:
+        if not isinstance(error, _one_line_errors()):
+            raise
+        from cdam_worker.storage import redact
+
         print(f"cdam {args.command}: error: {redact(str(error)).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the lock is released, finished shards kept
@@ -61,6 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; shards finished so far are kept: rerun the same command to resume" if args.command == "explain" else ""
         print(f"cdam {args.command}: stopped by {'SIGTERM' if terminated else 'SIGINT'}{resume}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+ONE_LINE_ERRORS = (
+    ("cdam_worker.pipeline.plan", "ConfigError"),
+    ("cdam_worker.shards.specs", "DataError"),
+    ("cdam_worker.maps.model", "ModelLoadError"),
+    ("cdam_worker.storage", "StorageError"),
+    ("cdam_worker.output_lock", "OutputInUseError"),
+    ("cdam_worker.output_lock", "OutputLockLost"),
+    ("cdam_worker.pipeline.scheduler", "JobError"),
+    ("cdam_worker.reading.run", "RunError"),
+)
+"""The errors a command reports as one line (bad input, a refused output, a job that cannot go on), by module."""
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    """Those of ``ONE_LINE_ERRORS`` whose module was imported: an error of a module never imported cannot have
+    been raised, and importing them all would cost every command torch and Ray (``cdam query`` needs neither)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in ONE_LINE_ERRORS if module in sys.modules)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import io
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,6 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
-from cdam_worker.derive.compute import DerivedRows, DerivePlan, derive_rows
 from cdam_worker.reading.run import READ_ROWS, Run, RunError, ShardInfo
 from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table, read_json, write_json
 from cdam_worker.storage import Storage
@@ -38,6 +37,9 @@ from schemas import CHUNK_ROWS, DERIVED_GROUP, DERIVED_METADATA_SCHEMA
 from schemas.manifest import fingerprint, settings_difference
 from schemas.paths import ZARR_PATH, derived_manifest_path, derived_marker_path, derived_root, derived_table_path
 from schemas.zarr_layout import FLOAT_FILL, INT_FILL
+
+if TYPE_CHECKING:  # the maths imports torch: cdam verify, which checks what was written, does not need it
+    from cdam_worker.derive.compute import DerivedRows, DerivePlan
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ARRAYS = ("cdam", "target_class")
@@ -138,6 +140,8 @@ def _create_arrays(run: Run, name: str, n_slots: int) -> None:
 def _derive_shard(run: Run, plan: DerivePlan, name: str, shard: ShardInfo, arrays: dict[str, zarr.Array],
                   rows: np.ndarray, labels: np.ndarray, keys: np.ndarray, bar: tqdm, check_lock) -> dict[str, Any]:
     """Derive one shard's block in steps of whole chunks, then write its statistics and, last, its marker."""
+    from cdam_worker.derive.compute import derive_rows
+
     rows_per_shard = int(run.attrs["rows_per_shard"])
     first = shard.index * rows_per_shard
     n_slots = plan.n_slots

@@ -19,6 +19,8 @@ import torch
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_model_data_config
 from timm.models.vision_transformer import VisionTransformer
 
+from cdam_worker.class_names import resolve_class
+
 CHECKPOINT_FORMAT = "cdam-checkpoint/1"
 EXTERNAL_PREFIXES = ("hf:", "open_clip:")  # --model hf:FOLDER|ORG/NAME (hf_models.py), open_clip:ARCH (open_clip_models.py)
 
@@ -47,22 +49,6 @@ class LoadedModel:
     def class_index(self, name_or_index: str | int) -> int:
         """Resolve a class index or a class name ("zebra", "analog clock") to an index."""
         return resolve_class(name_or_index, self.class_names)
-
-
-def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
-    """Class index of an index (int or digit string) or an exact (case-insensitive) class name."""
-    if isinstance(name_or_index, int) or str(name_or_index).strip().lstrip("-").isdigit():
-        index = int(name_or_index)
-        if not 0 <= index < len(class_names):
-            raise ValueError(f"class index {index} is out of range: the model has {len(class_names)} classes (0..{len(class_names) - 1})")
-        return index
-    wanted = str(name_or_index).strip().lower()
-    for index, name in enumerate(class_names):
-        if name.lower() == wanted or wanted in (part.strip().lower() for part in name.split(",")):
-            return index
-    close = difflib.get_close_matches(wanted, [n.lower() for n in class_names], n=3)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown class name {name_or_index!r}{hint}")
 
 
 def file_sha256(path: str | Path) -> str:

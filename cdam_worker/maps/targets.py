@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from cdam_worker.maps.model import resolve_class
+from cdam_worker.class_names import resolve_class
 
 Similarity = Literal["dot", "cosine"]
 

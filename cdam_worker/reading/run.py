@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import zarr
 
-from cdam_worker.maps.model import LoadedModel, ModelLoadError, load_model, resolve_class
+from cdam_worker.class_names import resolve_class
 from cdam_worker.messages import one_line
 from cdam_worker.output_lock import LockRenewal, OutputLock
 from cdam_worker.reading.arrow_fs import storage_filesystem
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     import duckdb
     import xarray as xr
     from PIL import Image
+
+    from cdam_worker.maps.model import LoadedModel
 
 READ_ROWS = 256
 """Rows of maps read per step by the chunk-wise readers (a multiple of the 16-row chunks)."""
@@ -150,6 +152,8 @@ class Run:
             if source is None:
                 raise RunError(f"{self.url}: the manifest does not say how to load the model (a run made by an older cdam); give the model flags (--model, --checkpoint, ...)")
             spec = ModelSpec(**source)
+        from cdam_worker.maps.model import ModelLoadError, load_model  # torch and timm: only for the commands that run the model
+
         try:
             loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
         except ModelLoadError as error:
