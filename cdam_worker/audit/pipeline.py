@@ -11,9 +11,16 @@ import pyarrow as pa
 
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
+from cdam_worker.audit.confirm import CONFIRMATION_FIELDS, Confirmation, unconfirmed_row
 from cdam_worker.audit.features import place_rarity
 from cdam_worker.audit.gather import Gathered, gather
-from cdam_worker.audit.scoring import THRESHOLD, ClusterReport, class_score, describe_cluster, reasons_in_words
+from cdam_worker.audit.scoring import (
+    THRESHOLD,
+    ClusterReport,
+    class_score,
+    describe_cluster,
+    reasons_in_words,
+)
 from cdam_worker.reading import Run, RunError
 
 CLASSES_SCHEMA = pa.schema([
@@ -34,6 +41,7 @@ CLUSTERS_SCHEMA = pa.schema([
     pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
     pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
     pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
+    *CONFIRMATION_FIELDS,
 ], metadata={"schema": "cdam.audit.clusters/1"})
 IMAGES_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False), pa.field("row", pa.int64(), nullable=False),
@@ -93,14 +101,18 @@ class AuditResult:
     blind_spot: BlindSpot
     not_audited: dict[str, str] = field(default_factory=dict)  # class name -> why
     skipped: list[str] = field(default_factory=list)  # one-line notes: shards not read, images left out
+    confirmations: dict[tuple[int, int], Confirmation] = field(default_factory=dict)  # (class, cluster) -> the model's test
+    confirmation_note: str = "findings unconfirmed: the model was not run"  # one line: what the model's tests did
 
     def summary(self, run: Run, options: AuditOptions) -> dict[str, Any]:
         """What ``audit/summary.json`` records."""
         return {
             "run": run.url, "by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images},
-            "threshold": THRESHOLD, "images_audited": int(len(self.gathered.keys)), "classes_audited": len(self.audited),
+            "threshold": THRESHOLD, "images_audited": len(self.gathered.keys), "classes_audited": len(self.audited),
             "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
             "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
+            "confirmation": {"note": self.confirmation_note, "clusters_tested": len(self.confirmations),
+                             "seconds": round(sum(c.seconds for c in self.confirmations.values()), 3)},
         }
 
 
@@ -128,6 +140,32 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     return AuditResult(classes=_classes_table(audited), clusters=_clusters_table(audited), images=_images_table(audited, gathered),
                        audited=audited, gathered=gathered, blind_spot=check_blind_spot(run, gathered.rows),
                        not_audited=not_audited, skipped=skipped)
+
+
+def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int], Confirmation], notes: list[str]) -> AuditResult:
+    """Record the model's tests (``confirm.confirm_clusters``) in ``result``: a flagged cluster the model does not rely
+    on is unflagged (its score kept), each tested class's reasons say what the tests found, classes are re-ranked
+    (flagged first, then by score) and the tables rebuilt."""
+    for audit in result.audited:
+        tested = [(c, confirmations[(audit.index, c.cluster)]) for c in audit.clusters if (audit.index, c.cluster) in confirmations]
+        for cluster, confirmation in tested:
+            if not confirmation.relied_on:
+                cluster.flagged = False
+                audit.image_flagged[audit.labels == cluster.cluster] = False
+        if tested:
+            words = "; ".join(f"cluster {c.cluster}: {confirmation.in_words()}" for c, confirmation in tested)
+            lead = "model check" if audit.flagged else "not flagged, the model does not rely on what the maps point at"
+            audit.reasons = f"{audit.reasons}; {lead}: {words}"
+    for rank, audit in enumerate(sorted(result.audited, key=lambda a: (not a.flagged, -a.score, a.index)), start=1):
+        audit.rank = rank
+    result.audited.sort(key=lambda a: a.rank)
+    relied = sum(c.relied_on for c in confirmations.values())
+    result.confirmations = confirmations
+    result.confirmation_note = f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested"
+    result.skipped += notes
+    result.classes, result.clusters = _classes_table(result.audited), _clusters_table(result.audited, confirmations)
+    result.images = _images_table(result.audited, result.gathered)
+    return result
 
 
 def _usual_other_labels(gathered: Gathered, kept: np.ndarray) -> float:
@@ -166,13 +204,17 @@ def _classes_table(audited: list[ClassAudit]) -> pa.Table:
          "eigenvalues": a.eigenvalues.astype(np.float32).tolist()} for a in audited], schema=CLASSES_SCHEMA)
 
 
-def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
+def _clusters_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
+    confirmations = confirmations or {}
+    tests = {(a.index, c.cluster): confirmations[(a.index, c.cluster)].as_row() if (a.index, c.cluster) in confirmations else unconfirmed_row()
+             for a in audited for c in a.clusters}
     return pa.Table.from_pylist([
         {"class": a.index, "cluster": c.cluster, "size": c.size, "share": c.share, "purity": c.purity,
          "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
          "score": c.score, "focus": c.focus, "concentration": c.concentration, "rarity": c.rarity,
          "other_labels": c.other_labels, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
-         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
+         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} | tests[(a.index, c.cluster)]
+        for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
 
 
 def _images_table(audited: list[ClassAudit], gathered: Gathered) -> pa.Table:
