@@ -54,9 +54,9 @@ if TYPE_CHECKING:
 
 RESAMPLES = 2000
 Z95 = 1.959964
-RELIED_DROP_SHARE = 0.1
+RELIED_DROP_SHARE = 0.5
 """Removing the region must lower the class's logit, beyond the control, by at least this share of the class's
-mean lead over the runner-up on the cluster's images."""
+mean lead over the runner-up on the cluster's images (a decisive part of the decision, not a detail of it)."""
 MIN_FLIP_RATE = 0.1
 """Pasting the region must flip at least this share of other classes' images to the class."""
 GROW_SHARE = 0.5
@@ -71,6 +71,7 @@ CONFIRMATION_FIELDS = [
     pa.field("removal_logit_drop", pa.float64(), metadata={"doc": "mean drop of the class's logit, region removed, beyond the control"}),
     pa.field("removal_logit_drop_low", pa.float64()), pa.field("removal_logit_drop_high", pa.float64()),
     pa.field("removal_control_drop", pa.float64(), metadata={"doc": "mean drop of the class's logit with the control edit"}),
+    pa.field("removal_logit_lead", pa.float64(), metadata={"doc": "the class's mean logit lead over the runner-up, unedited"}),
     pa.field("removal_top1_loss", pa.float64(), metadata={"doc": "share of the cluster images whose top-1 leaves the class"}),
     pa.field("removal_top1_loss_low", pa.float64()), pa.field("removal_top1_loss_high", pa.float64()),
     pa.field("paste_images", pa.int32(), metadata={"doc": "images of other classes the region was pasted into"}),
@@ -128,7 +129,8 @@ class Confirmation:
         """The verdict and its evidence, one clause."""
         what = "removing the spot" if self.test == "mark" else "swapping the background"
         removal = (f"{what} lowers the logit by {self.drop[0]:.2f} [{self.drop[1]:.2f}, {self.drop[2]:.2f}] beyond a control "
-                   f"and changes the top-1 of {_rate(self.top1_loss)} of {self.n_removal} images" if self.n_removal
+                   f"(its lead over the runner-up: {self.lead:.2f}) and changes the top-1 of {_rate(self.top1_loss)} of "
+                   f"{self.n_removal} images" if self.n_removal
                    else f"{what}: no image of the cluster could be read")
         pasted = "pasting it" if self.test == "mark" else "giving its background to"
         paste = (f"{pasted} flips {_rate(self.flips)} of {self.n_paste} other classes' images (control {self.control_flips:.0%})"
@@ -143,6 +145,7 @@ class Confirmation:
             "relied_on": self.relied_on, "confirm_test": self.test, "confirm_images": self.n_removal,
             "removal_logit_drop": nan_none(self.drop[0]), "removal_logit_drop_low": nan_none(self.drop[1]),
             "removal_logit_drop_high": nan_none(self.drop[2]), "removal_control_drop": nan_none(self.control_drop),
+            "removal_logit_lead": nan_none(self.lead),
             "removal_top1_loss": nan_none(self.top1_loss[0]), "removal_top1_loss_low": nan_none(self.top1_loss[1]),
             "removal_top1_loss_high": nan_none(self.top1_loss[2]), "paste_images": self.n_paste,
             "paste_flip_rate": nan_none(self.flips[0]), "paste_flip_rate_low": nan_none(self.flips[1]),

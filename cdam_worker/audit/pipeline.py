@@ -29,6 +29,7 @@ CLASSES_SCHEMA = pa.schema([
     pa.field("rank", pa.int32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("reasons", pa.string(), nullable=False), pa.field("n_clusters", pa.int32(), nullable=False),
     pa.field("eigenvalues", pa.list_(pa.float32()), nullable=False),
+    pa.field("relied_on", pa.bool_(), metadata={"doc": "the model relies on a tested cluster's cue (null: none tested)"}),
 ], metadata={"schema": "cdam.audit.classes/1"})
 CLUSTERS_SCHEMA = pa.schema([
     pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
@@ -153,9 +154,7 @@ def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int]
                 cluster.flagged = False
                 audit.image_flagged[audit.labels == cluster.cluster] = False
         if tested:
-            words = "; ".join(f"cluster {c.cluster}: {confirmation.in_words()}" for c, confirmation in tested)
-            lead = "model check" if audit.flagged else "not flagged, the model does not rely on what the maps point at"
-            audit.reasons = f"{audit.reasons}; {lead}: {words}"
+            audit.reasons = f"{audit.reasons}; {_confirmation_in_words(tested)}"
     for rank, audit in enumerate(sorted(result.audited, key=lambda a: (not a.flagged, -a.score, a.index)), start=1):
         audit.rank = rank
     result.audited.sort(key=lambda a: a.rank)
@@ -163,9 +162,25 @@ def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int]
     result.confirmations = confirmations
     result.confirmation_note = f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested"
     result.skipped += notes
-    result.classes, result.clusters = _classes_table(result.audited), _clusters_table(result.audited, confirmations)
+    result.classes, result.clusters = _classes_table(result.audited, confirmations), _clusters_table(result.audited, confirmations)
     result.images = _images_table(result.audited, result.gathered)
     return result
+
+
+def _confirmation_in_words(tested: list[tuple[ClusterReport, Confirmation]]) -> str:
+    """What the model's tests of a class's clusters found: the clearest relied-on cluster (largest logit drop), or the
+    most suspicious one when none is relied on, and which were unflagged."""
+    relied = [(c, t) for c, t in tested if t.relied_on]
+    ignored = [c.cluster for c, t in tested if not t.relied_on]
+    if not relied:
+        top, test = max(tested, key=lambda pair: pair[0].score)
+        more = f" ({len(tested) - 1} more cluster(s) tested, none relied on)" if len(tested) > 1 else ""
+        return f"not flagged, the model does not rely on what the maps point at: cluster {top.cluster}: {test.in_words()}{more}"
+    top, test = max(relied, key=lambda pair: pair[1].drop[0] if np.isfinite(pair[1].drop[0]) else -np.inf)
+    text = f"model check: it relies on {len(relied)} of {len(tested)} tested cluster(s); cluster {top.cluster}: {test.in_words()}"
+    if ignored:
+        text += f"; cluster(s) {', '.join(map(str, ignored))} not relied on, unflagged"
+    return text
 
 
 def _usual_other_labels(gathered: Gathered, kept: np.ndarray) -> float:
@@ -197,11 +212,14 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
                       score=class_score(clusters), reasons=reasons_in_words(clusters, len(positions), by))
 
 
-def _classes_table(audited: list[ClassAudit]) -> pa.Table:
+def _classes_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
+    confirmations = confirmations or {}
+    tests = {a.index: [confirmations[(a.index, c.cluster)].relied_on for c in a.clusters if (a.index, c.cluster) in confirmations] for a in audited}
     return pa.Table.from_pylist([
         {"class": a.index, "class_name": a.name, "n_images": len(a.positions), "score": a.score, "rank": a.rank,
          "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters),
-         "eigenvalues": a.eigenvalues.astype(np.float32).tolist()} for a in audited], schema=CLASSES_SCHEMA)
+         "eigenvalues": a.eigenvalues.astype(np.float32).tolist(), "relied_on": any(tests[a.index]) if tests[a.index] else None}
+        for a in audited], schema=CLASSES_SCHEMA)
 
 
 def _clusters_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
