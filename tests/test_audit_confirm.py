@@ -182,7 +182,7 @@ def test_the_demo_watermark_cluster_is_confirmed_by_its_model(demo_run: str) -> 
     summary = json.loads(open_run(demo_run).storage.get("audit/summary.json"))
     assert summary["confirmation"]["clusters_tested"] == len(tested) and "relies on" in summary["confirmation"]["note"]
     circle = next(r for r in open_run(demo_run).table("audit/classes.parquet").to_pylist() if r["class"] == 0)
-    assert circle["flagged"] and "model check: cluster" in circle["reasons"]
+    assert circle["flagged"] and "model check: it relies on" in circle["reasons"]
 
 
 def test_a_cluster_whose_region_the_model_does_not_use_is_reported_and_not_flagged(demo_run: str) -> None:
@@ -213,7 +213,7 @@ def test_a_cluster_whose_region_the_model_does_not_use_is_reported_and_not_flagg
     assert all(r["score"] == scores[r["cluster"]] for r in rows)  # the detection score is kept
     row = next(r for r in result.classes.to_pylist() if r["class"] == 0)
     assert not row["flagged"] and "the model does not rely on" in row["reasons"]
-    assert not result.images.filter(result.images["class"] == 0).column("flagged").to_pylist().count(True)
+    assert not any(r["flagged"] for r in result.images.to_pylist() if r["class"] == 0)
 
 
 def test_no_model_writes_null_confirmation_and_says_so(demo_run: str, tmp_path: Path, capsys) -> None:
@@ -232,3 +232,21 @@ def test_the_confirmation_columns_are_documented() -> None:
     readme, schemas = (ROOT / "README.md").read_text(), (ROOT / "schemas" / "README.md").read_text()
     for field in CONFIRMATION_FIELDS:
         assert f"`{field.name}`" in readme and f"`{field.name}`" in schemas, field.name
+
+
+def test_the_report_and_the_class_page_show_the_models_verdict(demo_run: str) -> None:
+    """The report (and the dashboard's class page, made of the same parts) say whether the model relies on each
+    tested cluster, with the logit drop and flip rate and their intervals."""
+    from cdam_worker.views import pages
+    from cdam_worker.views.catalog import Catalog
+    from cdam_worker.views.report import build_report
+
+    html, _ = build_report(open_run(demo_run), n_classes=1, per_class=2)
+    assert "The model relies on it." in html and "model relies on it</span>: logit drop" in html
+    assert "<th>model</th>" in html and "relies on it" in html
+    catalog = Catalog(open_run(demo_run))
+    page = pages.class_audit(catalog.class_audit_row(0), catalog.no_audit)
+    assert "The model relies on it." in page
+    cards = pages.prototypes(catalog.clusters(0), lambda k: "", lambda key: "", None)
+    tested = [c for c in catalog.clusters(0) if c["relied_on"] is not None]
+    assert cards.count("logit drop") == len(tested) > 0

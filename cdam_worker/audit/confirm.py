@@ -283,8 +283,10 @@ class ClusterImages:
 
 
 def counterfactual_tests(model: torch.nn.Module, class_index: int, kind: str, data: ClusterImages, patch: tuple[int, int],
-                 rng: np.random.Generator, batch: int) -> Confirmation:
-    """Remove the region in the cluster's images and paste it into the recipients; measure as the module says."""
+                         rng: np.random.Generator, batch: int) -> Confirmation:
+    """Remove the region in the cluster's images (at least one) and paste it into the recipients; measure as the
+    module says. ``kind`` "background" swaps backgrounds; any other kind (a mark, a label-disagreement cluster) is
+    tested as a mark."""
     n, m = len(data.images), len(data.recipients)
     background = kind == "background"
     pick = (lambda count, size: torch.from_numpy(rng.integers(0, count, size=size)).to(data.images.device))
@@ -334,7 +336,8 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.T
 def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings: ConfirmSettings,
                      progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> tuple[dict[tuple[int, int], Confirmation], list[str]]:
     """Test every flagged cluster of ``result`` with ``model``: {(class, cluster): Confirmation}, and notes
-    (images that could not be read). ``progress`` gets one line per cluster, with its time."""
+    (images that could not be read). A cluster's ``kind`` (detection's: "mark", "background", "tipping"; "mark"
+    when it has none) chooses the test. ``progress`` gets one line per cluster, with its time."""
     device = torch.device(settings.device)
     network = model.model.to(device).eval()
     patch = tuple(int(p) for p in run.attrs["patch_size"])
@@ -352,6 +355,9 @@ def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings
         others = np.flatnonzero((gathered.classes != audit.index) & (gathered.labels != audit.index))
         others = np.sort(rng.choice(others, size=min(settings.recipients, len(others)), replace=False))
         images, members = _read(run, model, gathered.keys, members, device, notes)
+        if not len(members):
+            notes.append(f"class {audit.name}, cluster {cluster.cluster}: none of its images could be read: not confirmed")
+            continue
         recipients, others = _read(run, model, gathered.keys, others, device, notes)
         recipients = recipients if len(others) else images[:0]
         maps = gathered.class_maps[members]
@@ -362,10 +368,7 @@ def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings
             regions = spot_regions(maps, gathered.features.spot_y[members], gathered.features.spot_x[members])
             controls = moved_regions(regions, rng)
         data = ClusterImages(images, regions, controls, recipients, evidence_regions(gathered.class_maps[others]))
-        confirmation = counterfactual_tests(network, audit.index, kind, data, patch, rng, batch) if len(members) else None
-        if confirmation is None:
-            notes.append(f"class {audit.name}, cluster {cluster.cluster}: none of its images could be read: not confirmed")
-            continue
+        confirmation = counterfactual_tests(network, audit.index, kind, data, patch, rng, batch)
         confirmation.seconds = time.perf_counter() - started
         confirmations[(audit.index, cluster.cluster)] = confirmation
         progress(f"confirming {number}/{len(flagged)}: class {audit.name}, cluster {cluster.cluster} "
