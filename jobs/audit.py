@@ -97,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"not audited: {name}: {reason}", file=sys.stderr)
     if result.blind_spot.found:
         print(f"warning: {result.blind_spot.message()}", file=sys.stderr)
-
     if args.json:
         print(json.dumps({**summary, "classes": result.classes.to_pylist()}, indent=2))
         return 0

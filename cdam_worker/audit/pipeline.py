@@ -160,7 +160,8 @@ def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int]
     result.audited.sort(key=lambda a: a.rank)
     relied = sum(c.relied_on for c in confirmations.values())
     result.confirmations = confirmations
-    result.confirmation_note = f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested"
+    result.confirmation_note = (f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested" if confirmations
+                                else "no flagged cluster to confirm with the model")
     result.skipped += notes
     result.classes, result.clusters = _classes_table(result.audited, confirmations), _clusters_table(result.audited, confirmations)
     result.images = _images_table(result.audited, result.gathered)
