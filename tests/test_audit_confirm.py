@@ -36,6 +36,9 @@ from cdam_worker.audit.confirm import (
     wilson,
 )
 from cdam_worker.reading import open_run
+from cdam_worker.views import pages
+from cdam_worker.views.catalog import Catalog
+from cdam_worker.views.report import build_report
 from jobs.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +229,8 @@ def test_no_model_writes_null_confirmation_and_says_so(demo_run: str, tmp_path: 
     for field in CONFIRMATION_FIELDS:
         assert clusters.column(field.name).null_count == clusters.num_rows, field.name
     assert json.loads((dest / "audit" / "summary.json").read_text())["confirmation"]["note"] == "findings unconfirmed: --no-model"
+    catalog = Catalog(open_run(str(dest)))
+    assert "Unconfirmed: not tested with the model." in pages.class_audit(catalog.class_audit_row(0), catalog.no_audit)
 
 
 def test_the_confirmation_columns_are_documented() -> None:
@@ -237,16 +242,12 @@ def test_the_confirmation_columns_are_documented() -> None:
 def test_the_report_and_the_class_page_show_the_models_verdict(demo_run: str) -> None:
     """The report (and the dashboard's class page, made of the same parts) say whether the model relies on each
     tested cluster, with the logit drop and flip rate and their intervals."""
-    from cdam_worker.views import pages
-    from cdam_worker.views.catalog import Catalog
-    from cdam_worker.views.report import build_report
-
     html, _ = build_report(open_run(demo_run), n_classes=1, per_class=2)
-    assert "The model relies on it." in html and "model relies on it</span>: logit drop" in html
+    assert "The model relies on the cue the maps point at" in html and "model relies on it</span>: logit drop" in html
     assert "<th>model</th>" in html and "relies on it" in html
     catalog = Catalog(open_run(demo_run))
     page = pages.class_audit(catalog.class_audit_row(0), catalog.no_audit)
-    assert "The model relies on it." in page
+    assert "The model relies on the cue the maps point at" in page
     cards = pages.prototypes(catalog.clusters(0), lambda k: "", lambda key: "", None)
     tested = [c for c in catalog.clusters(0) if c["relied_on"] is not None]
     assert cards.count("logit drop") == len(tested) > 0

@@ -109,8 +109,10 @@ def class_audit(audit_row: dict[str, Any] | None, no_audit: str) -> str:
         return notes([no_audit])
     flag = "<span class=\"flag\">flagged</span> " if audit_row["flagged"] else ""
     relied = audit_row.get("relied_on")
-    model = ("" if relied is None and not audit_row["flagged"]
-             else f"<strong>The model {MODEL_VERDICTS[relied]}{'' if relied is not None else ' (not tested with the model)'}.</strong> ")
+    model = {True: "The model relies on the cue the maps point at (counterfactual test).",
+             False: "The model does not rely on what the maps point at (counterfactual test): not a shortcut it uses.",
+             None: "Unconfirmed: not tested with the model." if audit_row["flagged"] else ""}[relied]
+    model = f"<strong>{model}</strong> " if model else ""
     return (f"<p class=\"verdict\">{flag}rank {audit_row['rank']}, suspicion score {number(audit_row['score'])} "
             f"over {audit_row['n_images']} image(s). {model}{escape(_reasons(audit_row['reasons']))}</p>")
 
