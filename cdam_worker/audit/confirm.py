@@ -121,7 +121,7 @@ class Confirmation:
 
     @property
     def relied_on(self) -> bool:
-        removal = self.n_removal > 0 and self.drop[1] > 0 and self.drop[0] >= RELIED_DROP_SHARE * max(self.lead, 0.0)
+        removal = self.drop[1] > 0 and self.drop[0] >= RELIED_DROP_SHARE * max(self.lead, 0.0)
         paste = self.n_paste > 0 and self.flips[0] >= MIN_FLIP_RATE and self.flips[1] > self.control_flips
         return bool(removal or paste)
 
@@ -130,11 +130,10 @@ class Confirmation:
         what = "removing the spot" if self.test == "mark" else "swapping the background"
         removal = (f"{what} lowers the logit by {self.drop[0]:.2f} [{self.drop[1]:.2f}, {self.drop[2]:.2f}] beyond a control "
                    f"(its lead over the runner-up: {self.lead:.2f}) and changes the top-1 of {_rate(self.top1_loss)} of "
-                   f"{self.n_removal} images" if self.n_removal
-                   else f"{what}: no image of the cluster could be read")
+                   f"{self.n_removal} images")
         pasted = "pasting it" if self.test == "mark" else "giving its background to"
         paste = (f"{pasted} flips {_rate(self.flips)} of {self.n_paste} other classes' images (control {self.control_flips:.0%})"
-                 if self.n_paste else "no image of another class to paste into")
+                 if self.n_paste else "every image of another class tried was already called the class")
         verdict = "the model relies on it" if self.relied_on else "the model does not rely on it"
         return f"{verdict}: {removal}; {paste} (95% intervals)"
 
@@ -284,16 +283,14 @@ class ClusterImages:
 
 def counterfactual_tests(model: torch.nn.Module, class_index: int, kind: str, data: ClusterImages, patch: tuple[int, int],
                          rng: np.random.Generator, batch: int) -> Confirmation:
-    """Remove the region in the cluster's images (at least one) and paste it into the recipients; measure as the
-    module says. ``kind`` "background" swaps backgrounds; any other kind (a mark, a label-disagreement cluster) is
+    """Remove the region in the cluster's images and paste it into the recipients (at least one of each); measure as
+    the module says. ``kind`` "background" swaps backgrounds; any other kind (a mark, a label-disagreement cluster) is
     tested as a mark."""
     n, m = len(data.images), len(data.recipients)
     background = kind == "background"
     pick = (lambda count, size: torch.from_numpy(rng.integers(0, count, size=size)).to(data.images.device))
-    partners = data.recipients[pick(m, n)] if background and m else None
-    if background and partners is None:
-        removed = controlled = data.images[:0]
-    elif background:
+    if background:  # each image's background swapped for a recipient's (a partner): an image of another class
+        partners = data.recipients[pick(m, n)]
         removed, controlled = paste(data.images, partners, data.regions, patch), paste(data.images, partners, data.controls, patch)
     else:
         removed, controlled = fill_with_surroundings(data.images, data.regions, patch), fill_with_surroundings(data.images, data.controls, patch)
@@ -303,31 +300,27 @@ def counterfactual_tests(model: torch.nn.Module, class_index: int, kind: str, da
     if background:
         given, given_control = given & ~data.recipient_objects, given_control & ~data.recipient_objects
     pasted, pasted_control = paste(data.recipients, donors, given, patch), paste(data.recipients, donors, given_control, patch)
-    logits = _logits(model, torch.cat([data.images, removed, controlled, data.recipients, pasted, pasted_control]), batch)
-    original, edited, control = logits[:n], logits[n : n + len(removed)], logits[n + len(removed) : n + 2 * len(removed)]
-    recipient_logits = logits[n + 2 * len(removed) :].view(3, m, -1) if m else logits[:0].view(3, 0, logits.shape[1])
-    tested = len(removed)
+    original, edited, control = (_logits(model, x, batch) for x in (data.images, removed, controlled))
     lead = original[:, class_index] - original.scatter(1, torch.full((n, 1), class_index), -torch.inf).max(1).values
     drop = (control[:, class_index] - edited[:, class_index]).numpy().astype(np.float64)  # excess over the control edit
-    eligible = recipient_logits[0].argmax(1) != class_index
-    flips = int((recipient_logits[1].argmax(1) == class_index)[eligible].sum())
-    control_flips = int((recipient_logits[2].argmax(1) == class_index)[eligible].sum())
+    top1 = [_logits(model, x, batch).argmax(1) for x in (data.recipients, pasted, pasted_control)]
+    eligible = top1[0] != class_index
+    flips = int((top1[1] == class_index)[eligible].sum())
+    control_flips = int((top1[2] == class_index)[eligible].sum())
     n_paste = int(eligible.sum())
     return Confirmation(
-        test="background" if background else "mark", n_removal=tested,
-        drop=bootstrap_mean(drop, rng) if tested else (float("nan"),) * 3,
-        control_drop=float((original[:tested, class_index] - control[:, class_index]).mean()) if tested else float("nan"),
-        top1_loss=wilson(int((edited.argmax(1) != class_index).sum()), tested),
+        test="background" if background else "mark", n_removal=n, drop=bootstrap_mean(drop, rng),
+        control_drop=float((original[:, class_index] - control[:, class_index]).mean()),
+        top1_loss=wilson(int((edited.argmax(1) != class_index).sum()), n),
         n_paste=n_paste, flips=wilson(flips, n_paste), control_flips=control_flips / n_paste if n_paste else float("nan"),
-        lead=float(lead.mean()) if n else float("nan"),
+        lead=float(lead.mean()),
     )
 
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
-    """The model's logits of ``images``, ``batch`` at a time, on the CPU."""
-    return torch.cat([model(images[start : start + batch]).float().cpu() for start in range(0, len(images), batch)]) if len(images) \
-        else torch.zeros(0, 0)
+    """The model's logits of ``images`` (at least one), ``batch`` at a time, on the CPU."""
+    return torch.cat([model(images[start : start + batch]).float().cpu() for start in range(0, len(images), batch)])
 
 
 # -- the audit's flagged clusters -------------------------------------------------------------------------
@@ -359,7 +352,9 @@ def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings
             notes.append(f"class {audit.name}, cluster {cluster.cluster}: none of its images could be read: not confirmed")
             continue
         recipients, others = _read(run, model, gathered.keys, others, device, notes)
-        recipients = recipients if len(others) else images[:0]
+        if not len(others):
+            notes.append(f"class {audit.name}, cluster {cluster.cluster}: no image of another class could be read: not confirmed")
+            continue
         maps = gathered.class_maps[members]
         if kind == "background":
             regions = evidence_regions(maps)
