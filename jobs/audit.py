@@ -55,15 +55,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cdam_worker.audit import (
-        AuditOptions,
-        ConfirmSettings,
-        apply_confirmations,
-        audit_run,
-        confirm_clusters,
-        ranked_table,
-        write_audit,
-    )
+    from cdam_worker.audit import (AuditOptions, ConfirmSettings, apply_confirmations, audit_run, confirm_clusters, ranked_table,
+                                   write_audit)
     from cdam_worker.reading import RunError, open_run
     from cdam_worker.storage import Storage
 

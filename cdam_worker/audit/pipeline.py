@@ -14,13 +14,7 @@ from cdam_worker.audit.clustering import spectral_clusters
 from cdam_worker.audit.confirm import CONFIRMATION_FIELDS, Confirmation, unconfirmed_row
 from cdam_worker.audit.features import place_rarity
 from cdam_worker.audit.gather import Gathered, gather
-from cdam_worker.audit.scoring import (
-    THRESHOLD,
-    ClusterReport,
-    class_score,
-    describe_cluster,
-    reasons_in_words,
-)
+from cdam_worker.audit.scoring import THRESHOLD, ClusterReport, class_score, describe_cluster, reasons_in_words
 from cdam_worker.reading import Run, RunError
 
 CLASSES_SCHEMA = pa.schema([
@@ -109,7 +103,7 @@ class AuditResult:
         """What ``audit/summary.json`` records."""
         return {
             "run": run.url, "by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images},
-            "threshold": THRESHOLD, "images_audited": len(self.gathered.keys), "classes_audited": len(self.audited),
+            "threshold": THRESHOLD, "images_audited": int(len(self.gathered.keys)), "classes_audited": len(self.audited),
             "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
             "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
             "confirmation": {"note": self.confirmation_note, "clusters_tested": len(self.confirmations),
