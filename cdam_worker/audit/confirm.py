@@ -13,12 +13,12 @@ transform; token ``(i, j)`` of the maps is the pixel box ``[i*ph, (i+1)*ph) x [j
   image's own surroundings: no new content, no sharp new edge inside the region); a background is
   swapped for the pixels of an image of another class at the same tokens. Measured on the cluster's
   images: the drop of the class's logit, beyond the drop of a **control** edit of the same size made
-  elsewhere (for a mark, the same region moved to a place that does not overlap it; for a background,
-  the object swapped instead), so that "any occlusion lowers the logit a little" is not taken for
+  elsewhere (for a mark, the same region moved to a place that does not overlap it where the maps see the
+  least evidence for the class; for a background, the object swapped instead), so that "any occlusion lowers the logit a little" is not taken for
   reliance; and the share of images whose top-1 leaves the class.
 - **paste**: the region's pixels of a cluster image are put at the same place into random images of
-  other classes (model top-1 not the class; for a background, everywhere but the recipient's own object,
-  which is where its own class's evidence lies), and the flips to the class are counted, beside the
+  other classes (model top-1 not the class), except on the recipient's own object (where its own class's
+  evidence lies: the cue is added, the recipient's evidence kept), and the flips to the class are counted, beside the
   flips when the control region is pasted instead.
 
 Intervals are 95%: a percentile bootstrap (``RESAMPLES`` resamples of the images, seeded) for the mean
@@ -217,9 +217,10 @@ def evidence_regions(class_maps: np.ndarray) -> np.ndarray:
     return (positive > positive.mean(axis=(1, 2), keepdims=True)) & (positive > 0)
 
 
-def moved_regions(regions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def moved_regions(regions: np.ndarray, rng: np.random.Generator, evidence: np.ndarray | None = None) -> np.ndarray:
     """The control of each region: the same shape moved (inside the grid) to the random place, of
-    ``CONTROL_CANDIDATES`` tried, that overlaps it least."""
+    ``CONTROL_CANDIDATES`` tried, that overlaps it least and, among those, covers the least of ``evidence``
+    ((n, gh, gw) shares of the class's evidence, e.g. ``positive_share``): a place where the maps see nothing."""
     n, gh, gw = regions.shape
     rows_any, cols_any = regions.any(axis=2), regions.any(axis=1)
     top, bottom = rows_any.argmax(axis=1), gh - 1 - rows_any[:, ::-1].argmax(axis=1)
@@ -232,7 +233,10 @@ def moved_regions(regions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     inside = (yy >= 0) & (yy < gh) & (xx >= 0) & (xx < gw)
     image = np.arange(n)[:, None, None, None]
     moved = inside & regions[image, np.clip(yy, 0, gh - 1), np.clip(xx, 0, gw - 1)]  # (n, K, gh, gw)
-    best = (moved & regions[:, None]).sum(axis=(2, 3)).argmin(axis=1)
+    cost = (moved & regions[:, None]).sum(axis=(2, 3)).astype(np.float64)  # tokens overlapped, then the evidence covered (< 1)
+    if evidence is not None:
+        cost += (moved * evidence[:, None]).sum(axis=(2, 3)) / (1.0 + evidence.sum(axis=(1, 2)))[:, None]
+    best = cost.argmin(axis=1)
     return moved[np.arange(n), best]
 
 
@@ -297,8 +301,7 @@ def counterfactual_tests(model: torch.nn.Module, class_index: int, kind: str, da
     donor = pick(n, m)
     donors = data.images[donor]
     given, given_control = data.regions[donor.cpu().numpy()], data.controls[donor.cpu().numpy()]
-    if background:
-        given, given_control = given & ~data.recipient_objects, given_control & ~data.recipient_objects
+    given, given_control = given & ~data.recipient_objects, given_control & ~data.recipient_objects  # add the cue, keep their objects
     pasted, pasted_control = paste(data.recipients, donors, given, patch), paste(data.recipients, donors, given_control, patch)
     original, edited, control = (_logits(model, x, batch) for x in (data.images, removed, controlled))
     lead = original[:, class_index] - original.scatter(1, torch.full((n, 1), class_index), -torch.inf).max(1).values
@@ -361,7 +364,7 @@ def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings
             controls = ~regions
         else:
             regions = spot_regions(maps, gathered.features.spot_y[members], gathered.features.spot_x[members])
-            controls = moved_regions(regions, rng)
+            controls = moved_regions(regions, rng, positive_share(maps))
         data = ClusterImages(images, regions, controls, recipients, evidence_regions(gathered.class_maps[others]))
         confirmation = counterfactual_tests(network, audit.index, kind, data, patch, rng, batch)
         confirmation.seconds = time.perf_counter() - started
