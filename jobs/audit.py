@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+from jobs.model_flags import add_model_flags, model_spec
+
+if TYPE_CHECKING:
+    from schemas.manifest import ModelSpec
 
 EPILOG = """\
 per class (the images predicted as it, or labelled with it with --by label), using the stored map of
@@ -15,6 +21,12 @@ that class against the image's other stored class targets:
   3. per cluster: size, share, label purity, prototype (mean map), medoid image, where the evidence lies
   4. a suspicion score per image, cluster and class (concentration x specificity, raised when the
      images are labelled as other classes); a cluster is flagged when its score is at least 0.5
+  5. with the run's model (as its manifest records it, or the model flags; --no-model skips it), each
+     flagged cluster is tested: its region (the spot, or for a background cue the surroundings) is removed
+     from up to --confirm-images of its images (a mark filled with the mean colour around it, a background
+     swapped for another class's) and pasted into as many images of other classes; the class's logit drop
+     beyond a control edit (bootstrap 95% interval), the top-1 changes and the flips to the class (Wilson
+     95% intervals) go into clusters.parquet. A cluster the model does not rely on is not flagged
 
 writes into DEST/audit/ (or --output): classes.parquet, clusters.parquet, images.parquet,
 contact-sheets/<class>-<name>.png (flagged classes), summary.json (what was not audited, and why)
@@ -23,6 +35,8 @@ examples:
   cdam audit out
   cdam audit s3://bucket/cdam/val --classes zebra,7 --min-images 50
   cdam audit out --by label --json > audit.json
+  cdam audit out --no-model                       # the maps only: findings unconfirmed
+  cdam audit out --checkpoint model.pt --device cuda --confirm-images 200
 """
 
 
@@ -34,19 +48,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-images", type=int, default=20, metavar="N", help="classes with fewer images (with a stored map of the class) are not audited (default: 20)")
     parser.add_argument("--output", dest="audit_output", metavar="DIR", help="where the audit's files go: a folder or s3:// prefix (default: DEST/audit/)")
     parser.add_argument("--json", action="store_true", help="print the summary and the ranked classes as JSON instead of a table")
+    parser.add_argument("--no-model", action="store_true", help="do not confirm the flagged clusters with the model (the findings stay unconfirmed)")
+    parser.add_argument("--confirm-images", type=int, default=64, metavar="N", help="images of each flagged cluster, and of other classes, edited to confirm it (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the confirmation's samples, control places and bootstrap (default: 0)")
+    parser.add_argument("--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)")
+    add_model_flags(parser, "to confirm the flagged clusters")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return audit(args.output, args.classes, args.by, args.min_images, args.audit_output, args.json)
+    return audit(args.output, args.classes, args.by, args.min_images, args.audit_output, args.json,
+                 confirm=not args.no_model, model=model_spec(args), confirm_images=args.confirm_images, seed=args.seed,
+                 device=args.device)
 
 
-def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images: int = 20, audit_output: str | None = None, as_json: bool = False) -> int:
-    """Audit the run at ``dest`` and print the ranked classes (the flags of the same names); returns the exit status."""
+def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images: int = 20, audit_output: str | None = None,
+          as_json: bool = False, confirm: bool = True, model: ModelSpec | None = None, confirm_images: int = 64, seed: int = 0,
+          device: str | None = None) -> int:
+    """Audit the run at ``dest``, confirm its flagged clusters with the model (``model``, else the manifest's;
+    ``confirm=False``: unconfirmed) and print the ranked classes (the flags of the same names); the exit status."""
     from tqdm import tqdm
 
-    from cdam_worker.audit import AuditOptions, audit_run, ranked_table, write_audit
-    from cdam_worker.reading import open_run
+    from cdam_worker.audit import (AuditOptions, ConfirmSettings, apply_confirmations, audit_run, confirm_clusters, ranked_table,
+                                   write_audit)
+    from cdam_worker.reading import RunError, open_run
     from cdam_worker.storage import Storage
 
     run_ = open_run(dest)
@@ -54,10 +79,23 @@ def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images
         print(f"note: {note}", file=sys.stderr)
     classes = tuple(run_.class_index(c.strip()) for c in class_list.split(",") if c.strip()) if class_list else ()
     options = AuditOptions(by=by, classes=classes, min_images=min_images)
+    settings = ConfirmSettings(images=confirm_images, recipients=confirm_images, seed=seed, device=device or _default_device())
+    loaded, unconfirmed = None, "findings unconfirmed: --no-model"
+    if confirm:
+        try:
+            loaded = run_.load_model(model)
+        except RunError as error:
+            if model is not None:  # the model asked for by flags must load
+                raise
+            unconfirmed = f"findings unconfirmed: {error}"
     storage = Storage.from_url(audit_output) if audit_output else run_.storage.child("audit")
     with run_.exclusive("audit") as check_lock:
         with tqdm(total=None if classes else run_.index.num_rows, unit="img", desc="reading maps", file=sys.stderr, disable=None) as bar:
             result = audit_run(run_, options, progress=bar.update)
+        if loaded is not None:
+            result = apply_confirmations(result, *confirm_clusters(run_, result, loaded, settings))
+        else:
+            result.confirmation_note = unconfirmed
         summary = write_audit(run_, result, options, storage, check_lock)
     for note in result.skipped[len(run_.skipped):]:
         print(f"note: {note}", file=sys.stderr)
@@ -69,9 +107,16 @@ def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images
         print(json.dumps({**summary, "classes": result.classes.to_pylist()}, indent=2))
         return 0
     print(ranked_table(result))
+    print(f"\n{'note' if loaded is None else 'confirmation'}: {result.confirmation_note}")
     flagged = summary["classes_flagged"]
     print(f"\n{len(flagged)} of {len(result.audited)} audited classes flagged" + (f": {', '.join(flagged)}" if flagged else "")
           + ("; these maps are in CDAM's blind spot (see the warning): for the classes not flagged that means 'cannot tell'" if result.blind_spot.found else ""))
     print(f"files: {storage.url}/ (classes.parquet, clusters.parquet, images.parquet, summary.json"
           + (f", {len(summary['contact_sheets'])} contact sheet(s) in contact-sheets/)" if summary["contact_sheets"] else ")"))
     return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

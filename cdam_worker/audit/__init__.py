@@ -11,10 +11,14 @@ against the image's competing classes (its other stored class targets):
 4. ``scoring``: per cluster its size, share, label purity, prototype, medoid, where its evidence lies and
    a suspicion score; per class a score, a rank and reasons in words; flags above a threshold;
 5. ``blind_spot``: whether the maps can see anything at all (a flat last attention);
-6. ``outputs``, ``contact_sheet``: Parquet tables, contact sheets and a summary in ``DEST/audit/``.
+6. ``confirm``: with the run's model, a counterfactual test of each flagged cluster (remove the region its
+   maps point at, paste it into other classes' images); a cluster the model does not rely on is unflagged;
+7. ``outputs``, ``contact_sheet``: Parquet tables, contact sheets and a summary in ``DEST/audit/``.
 """
 
+from cdam_worker.audit.confirm import ConfirmSettings, confirm_clusters
 from cdam_worker.audit.outputs import ranked_table, write_audit
-from cdam_worker.audit.pipeline import AuditOptions, AuditResult, audit_run
+from cdam_worker.audit.pipeline import AuditOptions, AuditResult, apply_confirmations, audit_run
 
-__all__ = ["AuditOptions", "AuditResult", "audit_run", "ranked_table", "write_audit"]
+__all__ = ["AuditOptions", "AuditResult", "ConfirmSettings", "apply_confirmations", "audit_run", "confirm_clusters", "ranked_table",
+           "write_audit"]

@@ -53,11 +53,14 @@ def write_audit(run: Run, result: AuditResult, options: AuditOptions, storage: S
 
 
 def ranked_table(result: AuditResult) -> str:
-    """The classes, most suspicious first (flagged ones lead), at most ``TABLE_ROWS`` lines."""
-    lines = [f"{'rank':>4}  {'class':<20} {'images':>6} {'score':>5}  {'':7}  reasons"]
+    """The classes, most suspicious first (flagged ones lead), at most ``TABLE_ROWS`` lines; ``model`` says whether
+    the model relies on the class's tested clusters ("-": none tested)."""
+    lines = [f"{'rank':>4}  {'class':<20} {'images':>6} {'score':>5}  {'':7}  {'model':<10}  reasons"]
     for audit in result.audited[:TABLE_ROWS]:
         flag = "FLAGGED" if audit.flagged else ""
-        lines.append(f"{audit.rank:>4}  {audit.name[:20]:<20} {len(audit.positions):>6} {audit.score:>5.2f}  {flag:7}  {audit.reasons}")
+        tests = [result.confirmations[(audit.index, c.cluster)] for c in audit.clusters if (audit.index, c.cluster) in result.confirmations]
+        model = "-" if not tests else "relies" if any(t.relied_on for t in tests) else "not used"
+        lines.append(f"{audit.rank:>4}  {audit.name[:20]:<20} {len(audit.positions):>6} {audit.score:>5.2f}  {flag:7}  {model:<10}  {audit.reasons}")
     if len(result.audited) > TABLE_ROWS:
         lines.append(f"      ... {len(result.audited) - TABLE_ROWS} more classes in classes.parquet")
     return "\n".join(lines)

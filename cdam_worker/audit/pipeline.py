@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
+from cdam_worker.audit.confirm import CONFIRMATION_FIELDS, Confirmation, unconfirmed_row
 from cdam_worker.audit.features import place_rarity
 from cdam_worker.audit.gather import Gathered, gather
 from cdam_worker.audit.scoring import THRESHOLD, ClusterReport, class_score, describe_cluster, reasons_in_words
@@ -22,6 +23,7 @@ CLASSES_SCHEMA = pa.schema([
     pa.field("rank", pa.int32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("reasons", pa.string(), nullable=False), pa.field("n_clusters", pa.int32(), nullable=False),
     pa.field("eigenvalues", pa.list_(pa.float32()), nullable=False),
+    pa.field("relied_on", pa.bool_(), metadata={"doc": "the model relies on a tested cluster's cue (null: none tested)"}),
 ], metadata={"schema": "cdam.audit.classes/1"})
 CLUSTERS_SCHEMA = pa.schema([
     pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
@@ -34,6 +36,7 @@ CLUSTERS_SCHEMA = pa.schema([
     pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
     pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
     pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
+    *CONFIRMATION_FIELDS,
 ], metadata={"schema": "cdam.audit.clusters/1"})
 IMAGES_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False), pa.field("row", pa.int64(), nullable=False),
@@ -93,6 +96,8 @@ class AuditResult:
     blind_spot: BlindSpot
     not_audited: dict[str, str] = field(default_factory=dict)  # class name -> why
     skipped: list[str] = field(default_factory=list)  # one-line notes: shards not read, images left out
+    confirmations: dict[tuple[int, int], Confirmation] = field(default_factory=dict)  # (class, cluster) -> the model's test
+    confirmation_note: str = "findings unconfirmed: the model was not run"  # one line: what the model's tests did
 
     def summary(self, run: Run, options: AuditOptions) -> dict[str, Any]:
         """What ``audit/summary.json`` records."""
@@ -101,6 +106,8 @@ class AuditResult:
             "threshold": THRESHOLD, "images_audited": int(len(self.gathered.keys)), "classes_audited": len(self.audited),
             "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
             "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
+            "confirmation": {"note": self.confirmation_note, "clusters_tested": len(self.confirmations),
+                             "seconds": round(sum(c.seconds for c in self.confirmations.values()), 3)},
         }
 
 
@@ -128,6 +135,47 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     return AuditResult(classes=_classes_table(audited), clusters=_clusters_table(audited), images=_images_table(audited, gathered),
                        audited=audited, gathered=gathered, blind_spot=check_blind_spot(run, gathered.rows),
                        not_audited=not_audited, skipped=skipped)
+
+
+def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int], Confirmation], notes: list[str]) -> AuditResult:
+    """Record the model's tests (``confirm.confirm_clusters``) in ``result``: a flagged cluster the model does not rely
+    on is unflagged (its score kept), each tested class's reasons say what the tests found, classes are re-ranked
+    (flagged first, then by score) and the tables rebuilt."""
+    for audit in result.audited:
+        tested = [(c, confirmations[(audit.index, c.cluster)]) for c in audit.clusters if (audit.index, c.cluster) in confirmations]
+        for cluster, confirmation in tested:
+            if not confirmation.relied_on:
+                cluster.flagged = False
+                audit.image_flagged[audit.labels == cluster.cluster] = False
+        if tested:
+            audit.reasons = f"{audit.reasons}; {_confirmation_in_words(tested)}"
+    for rank, audit in enumerate(sorted(result.audited, key=lambda a: (not a.flagged, -a.score, a.index)), start=1):
+        audit.rank = rank
+    result.audited.sort(key=lambda a: a.rank)
+    relied = sum(c.relied_on for c in confirmations.values())
+    result.confirmations = confirmations
+    result.confirmation_note = (f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested" if confirmations
+                                else "no flagged cluster to confirm with the model")
+    result.skipped += notes
+    result.classes, result.clusters = _classes_table(result.audited, confirmations), _clusters_table(result.audited, confirmations)
+    result.images = _images_table(result.audited, result.gathered)
+    return result
+
+
+def _confirmation_in_words(tested: list[tuple[ClusterReport, Confirmation]]) -> str:
+    """What the model's tests of a class's clusters found: the clearest relied-on cluster (largest logit drop), or the
+    most suspicious one when none is relied on, and which were unflagged."""
+    relied = [(c, t) for c, t in tested if t.relied_on]
+    ignored = [c.cluster for c, t in tested if not t.relied_on]
+    if not relied:
+        top, test = max(tested, key=lambda pair: pair[0].score)
+        more = f" ({len(tested) - 1} more cluster(s) tested, none relied on)" if len(tested) > 1 else ""
+        return f"not flagged, the model does not rely on what the maps point at: cluster {top.cluster}: {test.in_words()}{more}"
+    top, test = max(relied, key=lambda pair: pair[1].drop[0] if np.isfinite(pair[1].drop[0]) else -np.inf)
+    text = f"model check: it relies on {len(relied)} of {len(tested)} tested cluster(s); cluster {top.cluster}: {test.in_words()}"
+    if ignored:
+        text += f"; cluster(s) {', '.join(map(str, ignored))} not relied on, unflagged"
+    return text
 
 
 def _usual_other_labels(gathered: Gathered, kept: np.ndarray) -> float:
@@ -159,20 +207,27 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
                       score=class_score(clusters), reasons=reasons_in_words(clusters, len(positions), by))
 
 
-def _classes_table(audited: list[ClassAudit]) -> pa.Table:
+def _classes_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
+    confirmations = confirmations or {}
+    tests = {a.index: [confirmations[(a.index, c.cluster)].relied_on for c in a.clusters if (a.index, c.cluster) in confirmations] for a in audited}
     return pa.Table.from_pylist([
         {"class": a.index, "class_name": a.name, "n_images": len(a.positions), "score": a.score, "rank": a.rank,
          "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters),
-         "eigenvalues": a.eigenvalues.astype(np.float32).tolist()} for a in audited], schema=CLASSES_SCHEMA)
+         "eigenvalues": a.eigenvalues.astype(np.float32).tolist(), "relied_on": any(tests[a.index]) if tests[a.index] else None}
+        for a in audited], schema=CLASSES_SCHEMA)
 
 
-def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
+def _clusters_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
+    confirmations = confirmations or {}
+    tests = {(a.index, c.cluster): confirmations[(a.index, c.cluster)].as_row() if (a.index, c.cluster) in confirmations else unconfirmed_row()
+             for a in audited for c in a.clusters}
     return pa.Table.from_pylist([
         {"class": a.index, "cluster": c.cluster, "size": c.size, "share": c.share, "purity": c.purity,
          "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
          "score": c.score, "focus": c.focus, "concentration": c.concentration, "rarity": c.rarity,
          "other_labels": c.other_labels, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
-         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
+         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} | tests[(a.index, c.cluster)]
+        for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
 
 
 def _images_table(audited: list[ClassAudit], gathered: Gathered) -> pa.Table:

@@ -72,10 +72,10 @@ def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderbo
     if leaderboard:
         rows = [
             [str(r["rank"]), f"<a href=\"{class_link(r['class'])}\">{escape(r['class_name'])}</a>", str(r["n_images"]), number(r["score"]),
-             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", escape(_reasons(r["reasons"]))]
+             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", MODEL_VERDICTS[r.get("relied_on")], escape(_reasons(r["reasons"]))]
             for r in leaderboard
         ]
-        parts.append(table(["rank", "class", "images", "score", "", "reasons"], rows, "leaderboard"))
+        parts.append(table(["rank", "class", "images", "score", "", "model", "reasons"], rows, "leaderboard"))
     else:
         parts.append(notes([no_audit]))
     parts.append("<h2>Classes</h2>")
@@ -101,17 +101,36 @@ def _reasons(reasons: Any) -> str:
     return str(reasons or "")
 
 
+MODEL_VERDICTS = {True: "relies on it", False: "does not rely on it", None: "unconfirmed"}
+"""The model's verdict on a class's or cluster's cue (``relied_on``; null: not tested, or an audit without the model)."""
+
+
 def class_audit(audit_row: dict[str, Any] | None, no_audit: str) -> str:
-    """The audit's verdict on a class, or the note that there is no audit."""
+    """The audit's verdict on a class (with the model's, when it tested the class), or the note that there is no audit."""
     if audit_row is None:
         return notes([no_audit])
     flag = "<span class=\"flag\">flagged</span> " if audit_row["flagged"] else ""
+    relied = audit_row.get("relied_on")
+    model = {True: "The model relies on the cue the maps point at (counterfactual test).",
+             False: "The model does not rely on what the maps point at (counterfactual test): not a shortcut it uses.",
+             None: "Unconfirmed: not tested with the model." if audit_row["flagged"] else ""}[relied]
+    model = f"<strong>{model}</strong> " if model else ""
     return (f"<p class=\"verdict\">{flag}rank {audit_row['rank']}, suspicion score {number(audit_row['score'])} "
-            f"over {audit_row['n_images']} image(s). {escape(_reasons(audit_row['reasons']))}</p>")
+            f"over {audit_row['n_images']} image(s). {model}{escape(_reasons(audit_row['reasons']))}</p>")
+
+
+def cluster_confirmation(c: dict[str, Any]) -> str:
+    """A cluster's model test in one line (empty when it was not tested)."""
+    if c.get("relied_on") is None:
+        return ""
+    drop = f"{number(c['removal_logit_drop'])} [{number(c['removal_logit_drop_low'])}, {number(c['removal_logit_drop_high'])}]"
+    flips = f"{percent(c['paste_flip_rate'])} [{percent(c['paste_flip_rate_low'])}, {percent(c['paste_flip_rate_high'])}]"
+    return (f"<br><span class=\"{'flag' if c['relied_on'] else 'muted'}\">model {MODEL_VERDICTS[c['relied_on']]}</span>: "
+            f"logit drop {drop} ({c['confirm_images']} img), flips {flips} ({c['paste_images']} img)")
 
 
 def prototypes(clusters: list[dict[str, Any]], prototype_src: Callable[[int], str], medoid_src: Callable[[str], str], cluster_link: Callable[[int], str] | None) -> str:
-    """The audit's clusters of a class: prototype (mean map), medoid image, size, share, purity."""
+    """The audit's clusters of a class: prototype (mean map), medoid image, size, share, purity, the model's test."""
     if not clusters:
         return ""
     cards = []
@@ -124,7 +143,7 @@ def prototypes(clusters: list[dict[str, Any]], prototype_src: Callable[[int], st
             f"<div class=\"pair\"><img alt=\"prototype of {title}\" src=\"{prototype_src(c['cluster'])}\">"
             f"<img alt=\"medoid of {title}\" src=\"{medoid_src(c['medoid_key'])}\"></div>"
             f"<figcaption>{heading}{flag}<br>"
-            f"{c['size']} images ({percent(c['share'])}), purity {percent(c['purity'])}<br>"
+            f"{c['size']} images ({percent(c['share'])}), purity {percent(c['purity'])}{cluster_confirmation(c)}<br>"
             f"<span class=\"muted\">prototype | medoid {escape(c['medoid_key'])}</span></figcaption></figure>"
         )
     return "<h3>Clusters: prototype (mean map) and medoid</h3><div class=\"clusters\">" + "".join(cards) + "</div>"
