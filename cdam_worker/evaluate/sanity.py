@@ -31,33 +31,8 @@ from cdam_worker.evaluate import metrics
 from cdam_worker.evaluate.methods import ModelMaps
 from cdam_worker.maps.model import LoadedModel
 from cdam_worker.reading.run import Run
+from schemas.evaluation import SANITY_SCHEMA
 
-SANITY_SCHEMA = pa.schema(
-    [
-        pa.field("method", pa.string(), nullable=False),
-        pa.field(
-            "randomized",
-            pa.string(),
-            nullable=False,
-            metadata={"doc": "head, last_block, cascade_K (the head and the last K blocks), labels"},
-        ),
-        pa.field(
-            "spearman",
-            pa.float64(),
-            metadata={"doc": "mean over the images of the Spearman correlation of the map before and after"},
-        ),
-        pa.field("ssim", pa.float64(), metadata={"doc": "mean SSIM of the maps before and after, each scaled to 0..1"}),
-        pa.field("n_images", pa.int64(), nullable=False),
-        pa.field("spearman_low", pa.float64()),
-        pa.field("spearman_high", pa.float64()),
-        pa.field("ssim_low", pa.float64()),
-        pa.field("ssim_high", pa.float64()),
-    ],
-    metadata={
-        "schema": "cdam.evaluation-sanity/1",
-        "doc": "_low, _high: 95% percentile bootstrap interval of the mean over the images",
-    },
-)
 LABEL_FIT_ROWS = 20_000  # images whose features the shuffled-label head is fit on, at most
 SUMMARISED = {"head": "head", "last_block": "last_block", "labels": "labels"}  # and the full cascade as "cascade"
 
