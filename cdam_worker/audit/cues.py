@@ -14,12 +14,14 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
 3. **Class test**: the share ``f`` of the class's images whose off-place share exceeds the
    ``REFERENCE_QUANTILE`` (90th percentile) of the other classes' images' off-place shares, against the
    ``1 - REFERENCE_QUANTILE`` expected: a one-sided binomial test, Bonferroni-corrected over the audited
-   classes at ``ALPHA``. Its effect size, ``excess = (f - 0.1) / 0.9`` clipped to [0, 1], is the class's
-   place score.
-4. **Which images**: in a class whose test holds, the images whose off-place share is above the cut that
-   best separates the class's images from the other classes' (the Kolmogorov-Smirnov point: where the
-   share of the class above the cut exceeds the share of the others above it the most). Images of the
-   class like the other classes' stay unflagged.
+   classes at ``ALPHA``; ``excess = (f - 0.1) / 0.9`` (clipped to [0, 1]) is its effect size.
+4. **Which images**: in a class whose test holds, the share ``pi`` of its images that carry the cue is
+   estimated from how few of them lie low where the other classes' images lie: for each quantile ``q`` of
+   ``SHARE_QUANTILES`` of the others' off-place share, at most ``F_class(x_q) / F_others(x_q)`` of the
+   class can be like the others (the images that carry the cue lie above), so
+   ``pi = max_q 1 - F_class(x_q) / F_others(x_q)`` (Storey's estimate of the null share, the other classes
+   standing for the null). The ``round(pi * n)`` images with the largest off-place share are flagged;
+   images of the class like the other classes' stay unflagged.
 5. **Kind**: a *mark* when most of the flagged images' off-place evidence sits on one small spot (the
    median of "largest ``w x w`` window share / off-place share" is at least ``COMPACT``, 0.8), otherwise a
    *background/context* cue (evidence spread over the surroundings; a scene class looks like this too).
@@ -41,6 +43,7 @@ from cdam_worker.audit.features import spot_width, window_sums
 
 USUAL_HOLD = 0.9
 REFERENCE_QUANTILE = 0.9
+SHARE_QUANTILES = (0.25, 0.5, 0.75, 0.9)
 ALPHA = 0.01
 TIPPING_RATIO = 3.0
 COMPACT = 0.8
@@ -67,12 +70,12 @@ class Finding:
 
     score: float  # the larger of the place and tipping effect sizes, 0 to 1
     place_excess: float
+    cue_share: float  # pi: the estimated share of the class's images that carry the cue (0 when the test fails)
     place_p: float
     tipping_excess: float
     tipping_p: float
     flagged: np.ndarray  # (n_class,) bool: images carrying the cue (place) or tipped over (tipping)
     kinds: np.ndarray  # (n_class,) str: the kind of each flagged image, "" for the others
-    cut: float  # the off-place share above which images are flagged (nan: none)
 
 
 def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
@@ -116,15 +119,15 @@ def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_t
     reference = stats.off_place[(classes >= 0) & (classes != classes[positions[0]])]
     flagged = np.zeros(n, dtype=bool)
     kinds = np.full(n, "", dtype=object)
-    place_p, place_excess, cut = 1.0, 0.0, float("nan")
+    place_p, place_excess, cue_share = 1.0, 0.0, 0.0
     if len(reference):
         above = int((mine > np.quantile(reference, REFERENCE_QUANTILE)).sum())
         expected = 1.0 - REFERENCE_QUANTILE
         place_p = float(binom.sf(above - 1, n, expected)) if above else 1.0
         place_excess = float(np.clip((above / n - expected) / (1 - expected), 0.0, 1.0))
     if place_p * n_tests < ALPHA:
-        cut = ks_cut(mine, reference)
-        flagged = mine > cut
+        cue_share = carrying_share(mine, reference)
+        flagged[np.argsort(-mine, kind="stable")[: round(cue_share * n)]] = True
         compact = bool(np.median(stats.compactness[positions][flagged]) >= COMPACT) if flagged.any() else False
         kinds[flagged] = "mark" if compact else "background"
 
@@ -139,14 +142,14 @@ def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_t
             flagged = flagged | other_labelled
         else:
             tipping_excess = 0.0  # ordinary confusions are no finding
-    return Finding(score=max(place_excess, tipping_excess), place_excess=place_excess, place_p=place_p, tipping_excess=tipping_excess,
-                   tipping_p=tipping_p, flagged=flagged, kinds=kinds, cut=cut)
+    return Finding(score=max(cue_share, tipping_excess), place_excess=place_excess, cue_share=cue_share, place_p=place_p,
+                   tipping_excess=tipping_excess, tipping_p=tipping_p, flagged=flagged, kinds=kinds)
 
 
-def ks_cut(values: np.ndarray, reference: np.ndarray) -> float:
-    """The cut ``x`` (one of ``values``) maximising ``share(values > x) - share(reference > x)``: the
-    Kolmogorov-Smirnov point, where the class's images part from the other classes' the most."""
-    cuts = np.sort(values)
-    mine_above = 1.0 - np.searchsorted(cuts, cuts, side="right") / len(values)
-    others_above = 1.0 - np.searchsorted(np.sort(reference), cuts, side="right") / len(reference)
-    return float(cuts[int(np.argmax(mine_above - others_above))])
+def carrying_share(values: np.ndarray, reference: np.ndarray) -> float:
+    """``pi = max_q 1 - F_values(x_q) / F_reference(x_q)`` over the ``SHARE_QUANTILES`` ``x_q`` of ``reference``,
+    clipped to [0, 1]: the share of ``values`` that cannot be like the reference (module docstring, step 4)."""
+    cuts = np.quantile(reference, SHARE_QUANTILES)
+    mine_below = np.searchsorted(np.sort(values), cuts, side="right") / len(values)
+    others_below = np.searchsorted(np.sort(reference), cuts, side="right") / len(reference)
+    return float(np.clip(np.max(1.0 - mine_below / np.maximum(others_below, 1e-12)), 0.0, 1.0))

@@ -169,7 +169,7 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
     groups = [(np.flatnonzero(finding.kinds == kind), kind) for kind in KINDS]
     groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
     groups = [(members, kind) for members, kind in groups if len(members)]
-    effect = {"mark": finding.place_excess, "background": finding.place_excess, "tipping": finding.tipping_excess, "": 0.0}
+    effect = {"mark": finding.cue_share, "background": finding.cue_share, "tipping": finding.tipping_excess, "": 0.0}
     clusters = [describe_cluster(k, members, features, rarity[positions], off_place, descriptors, maps, keys, labels, index, by, kind, effect[kind])
                 for k, (members, kind) in enumerate(groups)]
     cluster_of = np.zeros(len(positions), dtype=np.int64)

@@ -103,7 +103,8 @@ def reasons_in_words(finding: Finding, clusters: list[ClusterReport], n_images: 
         else:
             text += " are labelled as other classes, far more often than the run's other classes are confused"
         if c.kind != "tipping" and c.other_labels:
-            text += f"; {c.other_labels:.0%} of them are labelled as other classes: the cue tips them over"
+            tips = ": the cue tips them over" if finding.tipping_excess > 0 else ""
+            text += f"; {c.other_labels:.0%} of them are labelled as other classes{tips}"
         parts.append(text)
     if parts:
         return "; ".join(parts)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from html import escape
 from typing import Any
 
+from cdam_worker.audit.cues import KIND_WORDS
+
 LEGEND = "Colours: red = evidence for the class, blue = evidence against it, white/clear = none; each map has its own symmetric scale (±its largest |value|), upsampled from tokens to pixels for display only."
 
 
@@ -70,10 +72,10 @@ def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderbo
     if leaderboard:
         rows = [
             [str(r["rank"]), f"<a href=\"{class_link(r['class'])}\">{escape(r['class_name'])}</a>", str(r["n_images"]), number(r["score"]),
-             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", escape(_reasons(r["reasons"]))]
+             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", escape(kinds_in_words(r.get("kinds"))), escape(_reasons(r["reasons"]))]
             for r in leaderboard
         ]
-        parts.append(table(["rank", "class", "images", "score", "", "reasons"], rows, "leaderboard"))
+        parts.append(table(["rank", "class", "images", "score", "", "finding", "reasons"], rows, "leaderboard"))
     else:
         parts.append(notes([no_audit]))
     parts.append("<h2>Classes</h2>")
@@ -93,6 +95,11 @@ def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderbo
     return "".join(parts)
 
 
+def kinds_in_words(kinds: list[str] | None) -> str:
+    """The kinds of a class's flagged findings (``classes.parquet``'s ``kinds``), in words."""
+    return "; ".join(KIND_WORDS.get(kind, kind) for kind in dict.fromkeys(kinds or []))
+
+
 def _reasons(reasons: Any) -> str:
     if isinstance(reasons, list):
         return "; ".join(str(r) for r in reasons)
@@ -104,6 +111,8 @@ def class_audit(audit_row: dict[str, Any] | None, no_audit: str) -> str:
     if audit_row is None:
         return notes([no_audit])
     flag = "<span class=\"flag\">flagged</span> " if audit_row["flagged"] else ""
+    if audit_row.get("kinds"):
+        flag += f"<strong>{escape(kinds_in_words(audit_row['kinds']))}</strong>: "
     return (f"<p class=\"verdict\">{flag}rank {audit_row['rank']}, suspicion score {number(audit_row['score'])} "
             f"over {audit_row['n_images']} image(s). {escape(_reasons(audit_row['reasons']))}</p>")
 
@@ -115,7 +124,7 @@ def prototypes(clusters: list[dict[str, Any]], prototype_src: Callable[[int], st
     cards = []
     for c in clusters:
         title = f"cluster {c['cluster']}"
-        flag = " <span class=\"flag\">flagged</span>" if c["flagged"] else ""
+        flag = f" <span class=\"flag\">flagged: {escape(KIND_WORDS.get(c.get('kind') or '', 'a likely shortcut'))}</span>" if c["flagged"] else ""
         heading = f"<a href=\"{cluster_link(c['cluster'])}\" data-cluster=\"{c['cluster']}\">{title}</a>" if cluster_link else title
         cards.append(
             f"<figure class=\"cluster{' flagged' if c['flagged'] else ''}\">"
