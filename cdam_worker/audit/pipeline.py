@@ -11,10 +11,23 @@ import pyarrow as pa
 
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
-from cdam_worker.audit.cues import ALPHA, KINDS, Finding, PlaceStatistics, find, place_statistics
+from cdam_worker.audit.cues import (
+    ALPHA,
+    KINDS,
+    Finding,
+    PlaceStatistics,
+    find,
+    place_statistics,
+)
 from cdam_worker.audit.features import place_rarity
 from cdam_worker.audit.gather import Gathered, gather
-from cdam_worker.audit.scoring import MIN_CLUSTER_IMAGES, MIN_CLUSTER_SHARE, ClusterReport, describe_cluster, reasons_in_words
+from cdam_worker.audit.scoring import (
+    MIN_CLUSTER_IMAGES,
+    MIN_CLUSTER_SHARE,
+    ClusterReport,
+    describe_cluster,
+    reasons_in_words,
+)
 from cdam_worker.reading import Run, RunError
 
 CLASSES_SCHEMA = pa.schema([
@@ -105,7 +118,7 @@ class AuditResult:
         """What ``audit/summary.json`` records."""
         return {
             "run": run.url, "by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images},
-            "alpha": ALPHA, "images_audited": int(len(self.gathered.keys)), "classes_audited": len(self.audited),
+            "alpha": ALPHA, "images_audited": len(self.gathered.keys), "classes_audited": len(self.audited),
             "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
             "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
         }
