@@ -61,6 +61,7 @@ class PlaceStatistics:
 
     off_place: np.ndarray  # (n,) share of the image's evidence outside its class's usual region
     compactness: np.ndarray  # (n,) largest spot window of the off-place evidence / off-place share
+    off_spot: np.ndarray  # (n, 2) centre (y, x, grid fractions) of that window: where a mark lies
     usual: np.ndarray  # (C, gh, gw) bool: each class's usual region (all True for classes not audited)
 
 
@@ -101,9 +102,13 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     off = np.where(outside, flat, 0.0)
     off_place = off.sum(axis=1)
     width = spot_width((gh, gw))
-    spot = window_sums(off.reshape(n, gh, gw), width).reshape(n, -1).max(axis=1)
-    compactness = np.where(off_place > 0, spot / np.maximum(off_place, 1e-30), 0.0)
-    return PlaceStatistics(off_place=np.where(kept, off_place, 0.0), compactness=compactness, usual=usual.reshape(n_classes, gh, gw))
+    windows = window_sums(off.reshape(n, gh, gw), width).reshape(n, -1)
+    best = windows.argmax(axis=1)
+    wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
+    compactness = np.where(off_place > 0, windows[np.arange(n), best] / np.maximum(off_place, 1e-30), 0.0)
+    off_spot = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
+    return PlaceStatistics(off_place=np.where(kept, off_place, 0.0), compactness=compactness, off_spot=off_spot,
+                           usual=usual.reshape(n_classes, gh, gw))
 
 
 def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_tests: int, other_labelled: np.ndarray | None,

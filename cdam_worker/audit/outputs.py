@@ -38,8 +38,7 @@ def write_audit(run: Run, result: AuditResult, options: AuditOptions, storage: S
         chosen = np.flatnonzero(audit.image_flagged)
         order = chosen[np.argsort(-audit.image_scores[chosen], kind="stable")]
         positions = audit.positions[order]
-        features = result.gathered.features
-        spots = np.column_stack([features.spot_y[positions], features.spot_x[positions]])
+        spots = audit.spots[order]
         title = f"{audit.index} {audit.name}: {audit.reasons}"
         whole = audit.image_kinds[order] == "background"  # a background cue shows as whole images
         png, sheet_notes = contact_sheet(run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title, whole)

@@ -90,6 +90,7 @@ class ClassAudit:
     image_scores: np.ndarray  # per image: the share of the other classes' images with less evidence off place (cues.py)
     image_flagged: np.ndarray  # per image: flagged by a finding (in a flagged cluster)
     image_kinds: np.ndarray  # per image: the kind of its finding, "" if not flagged
+    spots: np.ndarray  # per image: (y, x) centre of its spot (grid fractions); for a mark, the mark's spot off place
     finding: Finding
     eigenvalues: np.ndarray  # the smallest Laplacian eigenvalues (their largest gap chose the clusters)
     score: float
@@ -179,6 +180,8 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
         finding.flagged[:] = False
         finding.kinds[:] = ""
     off_place = place.off_place[positions]
+    is_mark = finding.kinds == "mark"  # a mark's spot is where its off-place evidence lies, not the object's
+    features.spot_y[is_mark], features.spot_x[is_mark] = place.off_spot[positions[is_mark]].T
     groups = [(np.flatnonzero(finding.kinds == kind), kind) for kind in KINDS]
     groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
     groups = [(members, kind) for members, kind in groups if len(members)]
@@ -193,7 +196,7 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
     image_scores[finding.kinds == "tipping"] = 1.0
     return ClassAudit(index=index, name=name, positions=positions, clusters=clusters, labels=cluster_of,
                       coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=finding.flagged.copy(),
-                      image_kinds=finding.kinds.astype(str), finding=finding, eigenvalues=clustering.eigenvalues,
+                      image_kinds=finding.kinds.astype(str), spots=np.column_stack([features.spot_y, features.spot_x]), finding=finding, eigenvalues=clustering.eigenvalues,
                       score=finding.score if finding.flagged.any() else min(finding.score, 0.49), reasons=reasons_in_words(finding, clusters, len(positions)))
 
 
@@ -217,14 +220,14 @@ def _clusters_table(audited: list[ClassAudit]) -> pa.Table:
 
 def _images_table(audited: list[ClassAudit], gathered: Gathered, place: PlaceStatistics) -> pa.Table:
     """One row per audited image, in row order."""
-    parts = [(a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged, a.image_kinds) for a in audited]
+    parts = [(a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged, a.image_kinds, a.spots) for a in audited]
     if not parts:
         return IMAGES_SCHEMA.empty_table()
     positions = np.concatenate([p[0] for p in parts])
     order = np.argsort(gathered.rows[positions], kind="stable")
     positions = positions[order]
     coordinates = np.concatenate([p[3] for p in parts])[order]
-    features = gathered.features
+    spots = np.concatenate([p[7] for p in parts])[order]
     return pa.table({
         "key": pa.array(gathered.keys[positions].tolist(), pa.string()),
         "row": pa.array(gathered.rows[positions], pa.int64()),
@@ -233,7 +236,7 @@ def _images_table(audited: list[ClassAudit], gathered: Gathered, place: PlaceSta
         "x": pa.array(coordinates[:, 0], pa.float32()), "y": pa.array(coordinates[:, 1], pa.float32()),
         "score": pa.array(np.concatenate([p[4] for p in parts])[order], pa.float32()),
         "flagged": pa.array(np.concatenate([p[5] for p in parts])[order], pa.bool_()),
-        "spot_y": pa.array(features.spot_y[positions], pa.float32()), "spot_x": pa.array(features.spot_x[positions], pa.float32()),
+        "spot_y": pa.array(spots[:, 0], pa.float32()), "spot_x": pa.array(spots[:, 1], pa.float32()),
         "kind": pa.array(np.concatenate([p[6] for p in parts])[order].tolist(), pa.string()),
         "off_place": pa.array(place.off_place[positions], pa.float32()),
     }, schema=IMAGES_SCHEMA)
