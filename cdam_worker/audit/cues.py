@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.stats import binom
 
 from cdam_worker.audit.features import spot_width, window_sums
@@ -87,9 +88,9 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     n, gh, gw = share.shape
     flat = share.reshape(n, -1).astype(np.float64)
     kept = classes >= 0
-    sums = np.zeros((n_classes + 1, gh * gw))
-    np.add.at(sums, np.where(kept, classes, n_classes), flat)
-    counts = np.bincount(np.where(kept, classes, n_classes), minlength=n_classes + 1)[:n_classes]
+    group = np.where(kept, classes, n_classes)
+    sums = sp.csr_matrix((np.ones(n), (group, np.arange(n))), shape=(n_classes + 1, n)) @ flat  # (C + 1, N) per-class sums
+    counts = np.bincount(group, minlength=n_classes + 1)[:n_classes]
     total, total_count = sums[:n_classes].sum(axis=0), counts.sum()
     others = (total[None, :] - sums[:n_classes]) / np.maximum(total_count - counts, 1)[:, None]  # (C, N)
     order = np.argsort(-others, axis=1, kind="stable")
