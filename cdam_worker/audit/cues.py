@@ -5,13 +5,13 @@ lie: a watermark in a corner, a logo along an edge, a badge beside the object, t
 The statistics are contrastive (this class against the other classes of the run) and scale-free (shares
 of each image's evidence distribution ``P``, features.py), so they need no knowledge of the data:
 
-1. **Usual region** of class c: the smallest set of tokens that holds ``USUAL_HOLD`` (90%) of the
-   *other* classes' mean evidence distribution (their images' ``P`` averaged, leave-class-out). On
-   objects photographed or drawn near the centre it is the middle of the frame; on data whose objects
-   lie everywhere it covers most of the grid (and then little can lie off it).
+1. **Usual region** of class c: the tokens where the *other* classes' mean evidence distribution (their
+   images' ``P`` averaged, leave-class-out) is denser than evidence spread evenly (``1/N``). On objects
+   photographed or drawn near the centre it is the middle of the frame; on data whose objects lie
+   everywhere it covers much of the grid (and then little can lie off it).
 2. **Off-place share** of an image: the share of its evidence on tokens outside its class's usual
    region (0: where everyone's evidence lies; 1: all of it elsewhere).
-3. **Class test**: the share ``f`` of the class's images whose off-place share exceeds the
+3. **Class test** (at least ``MIN_CUE_SHARE`` of the class estimated to carry the cue, step 4): the share ``f`` of the class's images whose off-place share exceeds the
    ``REFERENCE_QUANTILE`` (90th percentile) of the other classes' images' off-place shares, against the
    ``1 - REFERENCE_QUANTILE`` expected: a one-sided binomial test, Bonferroni-corrected over the audited
    classes at ``ALPHA``; ``excess = (f - 0.1) / 0.9`` (clipped to [0, 1]) is its effect size.
@@ -42,9 +42,11 @@ from scipy.stats import binom
 
 from cdam_worker.audit.features import spot_width, window_sums
 
-USUAL_HOLD = 0.9
 REFERENCE_QUANTILE = 0.9
 SHARE_QUANTILES = (0.25, 0.5, 0.75, 0.9)
+MIN_CUE_SHARE = 0.2
+"""A place finding needs at least this estimated share of the class carrying the cue: an object part that
+lies off the other classes' usual region (a triangle's tip) moves a few images, not a fifth of the class."""
 ALPHA = 0.01
 TIPPING_RATIO = 3.0
 COMPACT = 0.8
@@ -93,11 +95,7 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     counts = np.bincount(group, minlength=n_classes + 1)[:n_classes]
     total, total_count = sums[:n_classes].sum(axis=0), counts.sum()
     others = (total[None, :] - sums[:n_classes]) / np.maximum(total_count - counts, 1)[:, None]  # (C, N)
-    order = np.argsort(-others, axis=1, kind="stable")
-    held = np.cumsum(np.take_along_axis(others, order, axis=1), axis=1)
-    needed = (held < USUAL_HOLD * held[:, -1:]).sum(axis=1) + 1  # tokens to hold 90%
-    usual = np.zeros((n_classes, gh * gw), dtype=bool)
-    np.put_along_axis(usual, order, np.arange(gh * gw)[None, :] < needed[:, None], axis=1)
+    usual = others * (gh * gw) >= 1.0  # denser than evidence spread evenly
     usual[(total_count - counts) == 0] = True
     outside = ~usual[np.clip(classes, 0, n_classes - 1)]  # (n, N)
     off = np.where(outside, flat, 0.0)
@@ -133,6 +131,7 @@ def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_t
         place_excess = float(np.clip((above / n - expected) / (1 - expected), 0.0, 1.0))
     if place_p * n_tests < ALPHA:
         cue_share = carrying_share(mine, reference)
+        cue_share = cue_share if cue_share >= MIN_CUE_SHARE else 0.0
         flagged[np.argsort(-mine, kind="stable")[: round(cue_share * n)]] = True
         compact = bool(np.median(stats.compactness[positions][flagged]) >= COMPACT) if flagged.any() else False
         kinds[flagged] = "mark" if compact else "background"

@@ -31,6 +31,8 @@ FIXED_PLACE_SPREAD = 0.12
 deviation, the interquartile range / 1.35) are at one place."""
 EDGE_ZONE = 0.25
 """Spot centres within this fraction of the grid from an edge lie along that edge."""
+MOST_SPOTS = 0.5
+"""A cluster whose spots vary but at least this share of them lie at one position is "mostly at one place"."""
 
 
 @dataclass
@@ -116,18 +118,19 @@ def reasons_in_words(finding: Finding, clusters: list[ClusterReport], n_images: 
 
 
 def place_in_words(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]) -> str:
-    """Where a cluster's spots lie: one place ("at the bottom-right corner"), along an edge, or at varying places."""
+    """Where a cluster's spots lie: one place ("at the bottom-right corner"), mostly at one place, along an
+    edge, or at varying places."""
     fixed_y = _robust_spread(spot_y) < FIXED_PLACE_SPREAD
     fixed_x = _robust_spread(spot_x) < FIXED_PLACE_SPREAD
     y, x = float(np.median(spot_y)), float(np.median(spot_x))
+    if fixed_y and fixed_x:
+        return f"at one place, {_where(y, x)}"
+    places, counts = np.unique(np.round(np.column_stack([spot_y, spot_x]) * np.array(grid)), axis=0, return_counts=True)
+    if counts.max() >= MOST_SPOTS * len(spot_y):
+        top = places[np.argmax(counts)] / np.array(grid)
+        return f"mostly at one place, {_where(float(top[0]), float(top[1]))} ({counts.max() / len(spot_y):.0%} of the spots)"
     vertical = "top" if y < EDGE_ZONE else "bottom" if y > 1 - EDGE_ZONE else ""
     horizontal = "left" if x < EDGE_ZONE else "right" if x > 1 - EDGE_ZONE else ""
-    if fixed_y and fixed_x:
-        if vertical and horizontal:
-            return f"at one place, the {vertical}-{horizontal} corner"
-        if vertical or horizontal:
-            return f"at one place on the {vertical or horizontal} edge"
-        return "at one place inside the image"
     if fixed_y and vertical:
         return f"along the {vertical} edge"
     if fixed_x and horizontal:
@@ -136,6 +139,17 @@ def place_in_words(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]
     if on_border >= 0.7:
         return f"at varying places along the border ({on_border:.0%} of the spots touch it)"
     return "at varying places"
+
+
+def _where(y: float, x: float) -> str:
+    """A place on the grid in words: a corner, an edge, or inside the image."""
+    vertical = "top" if y < EDGE_ZONE else "bottom" if y > 1 - EDGE_ZONE else ""
+    horizontal = "left" if x < EDGE_ZONE else "right" if x > 1 - EDGE_ZONE else ""
+    if vertical and horizontal:
+        return f"the {vertical}-{horizontal} corner"
+    if vertical or horizontal:
+        return f"on the {vertical or horizontal} edge"
+    return "inside the image"
 
 
 def _robust_spread(values: np.ndarray) -> float:
