@@ -120,7 +120,8 @@ def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_t
     share of such images; ``n_tests``: the number of audited classes (the Bonferroni factor)."""
     n = len(positions)
     mine = stats.off_place[positions]
-    reference = stats.off_place[(classes >= 0) & (classes != classes[positions[0]])]
+    own = classes[positions].max()  # -1: none of the class's images has a competitor map
+    reference = stats.off_place[(classes >= 0) & (classes != own)] if own >= 0 else np.zeros(0)
     flagged = np.zeros(n, dtype=bool)
     kinds = np.full(n, "", dtype=object)
     place_p, place_excess, cue_share = 1.0, 0.0, 0.0

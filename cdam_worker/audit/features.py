@@ -26,6 +26,8 @@ Features (all per image, vectorised over images):
   the grid), for "where the evidence lies";
 - ``pooled``: ``P`` average-pooled onto a 4 x 4 grid (fixed places: a corner watermark);
 - ``share``: ``P`` itself (float32), which ``cues.py`` compares with the other classes' images;
+- ``competitors``: how many competitor maps the image has stored (0: ``E`` is the map itself, not what
+  is specific to the class, and ``cues.py`` does not test where it lies);
 - ``rival_share``: the strongest competitor's positive evidence against the class's own,
   ``R / (R + M)`` with ``M = sum(max(m, 0))`` and ``R`` the largest ``sum(max(r, 0))`` over the
   competitors (0 without any). A prediction a mark tipped over wins with little evidence of its own
@@ -80,6 +82,7 @@ class ImageFeatures:
     rival_share: np.ndarray
     pooled: np.ndarray  # (n, POOLED_SIDE**2)
     share: np.ndarray  # (n, gh, gw) float32: ``P`` itself, for the run-relative statistics (cues.py)
+    competitors: np.ndarray  # (n,) int: the image's stored competitor maps (0: ``E`` is not class-specific)
 
     def take(self, index: np.ndarray) -> ImageFeatures:
         """The features of a subset of the images."""
@@ -152,6 +155,7 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         rival_share=rival / np.maximum(rival + own, 1e-30),
         pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
         share=share.astype(np.float32),
+        competitors=(~np.isnan(rival_maps[:, :, 0, 0])).sum(axis=1) if rival_maps.shape[1] else np.zeros(n, dtype=np.int64),
     )
 
 

@@ -141,10 +141,13 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     kept = np.isin(gathered.classes, np.flatnonzero(counts >= options.min_images))
     audited_classes = np.where(kept, gathered.classes, -1)
     rarity = place_rarity(gathered.features.spot_y, gathered.features.spot_x, audited_classes, run.grid)
-    place = place_statistics(gathered.features.share, audited_classes, len(names))
+    # Without a competitor map the evidence is not class-specific (an object's shared parts count): such
+    # images take no part in the place findings.
+    place = place_statistics(gathered.features.share, np.where(gathered.features.competitors > 0, audited_classes, -1), len(names))
     other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
     to_audit = np.flatnonzero(counts >= options.min_images)
-    audited = [_audit_class(gathered, int(c), names[int(c)], np.flatnonzero(gathered.classes == c), audited_classes, rarity, place,
+    audited = [_audit_class(gathered, int(c), names[int(c)], np.flatnonzero(gathered.classes == c),
+                            np.where(gathered.features.competitors > 0, audited_classes, -1), rarity, place,
                             other_labels, len(to_audit), options.by) for c in to_audit]
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
