@@ -14,13 +14,17 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 per class (the images predicted as it, or labelled with it with --by label), using the stored map of
-that class against the image's other stored class targets:
-  1. per image: how much of the class's positive evidence sits on one small spot (wherever it is),
-     how much of the spot's evidence no competing class shares, where the evidence lies
-  2. a sparse k-nearest-neighbour graph, spectral embedding, clusters (their number from the eigengap)
-  3. per cluster: size, share, label purity, prototype (mean map), medoid image, where the evidence lies
-  4. a suspicion score per image, cluster and class (concentration x specificity, raised when the
-     images are labelled as other classes); a cluster is flagged when its score is at least 0.5
+that class against the image's other stored class targets, and the other classes' images of the run:
+  1. per image: where its class-specific evidence lies, how much of it sits on one small spot, and its
+     share off the class's usual region (where the other classes' evidence lies)
+  2. findings from the maps alone (no mistakes or labels needed): a class with far more images off
+     place than the other classes (binomial test, Bonferroni, at 0.01); its images past the cut that
+     best separates it from the other classes are flagged, as a mark at a place (evidence on one spot)
+     or a background/context cue (spread over the surroundings; a scene class looks like this too)
+  3. label disagreement, one more finding: images labelled as other classes far more often than the
+     run's usual confusions (a cue that tips other classes' images over)
+  4. clusters (a k-nearest-neighbour graph, spectral embedding, the eigengap), per cluster its size,
+     share, label purity, prototype (mean map), medoid image, where the evidence lies, its kind
   5. with the run's model (as its manifest records it, or the model flags; --no-model skips it), each
      flagged cluster is tested: its region (the spot, or for a background cue the surroundings) is removed
      from up to --confirm-images of its images (a mark filled with the mean colour around it, a background
@@ -41,7 +45,7 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("audit", help="rank classes by how much their maps point at a shortcut", description="Audit a run's maps for shortcuts: cluster each class's images by where their class-specific evidence lies, score and rank the classes, and write the findings (Parquet, contact sheets) into the run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser("audit", help="rank classes by how much their maps point at a shortcut", description="Audit a run's maps for shortcuts (a mark, a background, a cue that tips images over): compare where each class's evidence lies with the other classes', flag the images that carry the cue, cluster, rank the classes, and write the findings (Parquet, contact sheets) into the run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--classes", metavar="LIST", help="audit only these classes: comma-separated names or indices (default: every class with images)")
     parser.add_argument("--by", choices=["pred", "label"], default="pred", help="group images by predicted class (default) or by label")

@@ -52,7 +52,8 @@ def test_demo_audit_ranks_the_watermarked_class_first(demo_run: str) -> None:
     assert ranked[0]["class_name"] == "circle" and ranked[0]["flagged"], ranked
     assert flagged_classes(files) == ["circle"]
     corner = [row for row in files["clusters"] if row["class"] == 0 and row["flagged"] and "bottom-right corner" in row["place"]]
-    assert corner and max(row["rarity"] for row in corner) > 0.9, files["clusters"]
+    assert corner and corner[0]["kind"] == "mark" and corner[0]["off_place"] > 0.25, files["clusters"]
+    assert "a mark at a place" in ranked[0]["reasons"], ranked[0]["reasons"]
     assert not files["summary"]["blind_spot"]["found"]
     sheet = open_run(demo_run).storage.get("audit/contact-sheets/0-circle.png")
     assert Image.open(io.BytesIO(sheet)).size[0] > 0

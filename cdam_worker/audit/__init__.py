@@ -6,14 +6,17 @@ against the image's competing classes (its other stored class targets):
 1. ``gather``: read the maps, one pass over the run in row order;
 2. ``features``: per image, where the class-specific evidence lies and how much of it sits on one
    small spot, wherever it is (translation-invariant, so moving marks count as well as fixed ones);
-3. ``clustering``: a sparse k-nearest-neighbour graph, spectral embedding, the number of clusters from
+3. ``cues``: the findings from the maps alone, against the other classes' images (evidence off the
+   class's usual region: a mark at a place, or a background/context cue), per image and per class,
+   and label disagreement far beyond the run's usual confusions (a cue that tips images over);
+4. ``clustering``: a sparse k-nearest-neighbour graph, spectral embedding, the number of clusters from
    the eigengap, k-means, 2-D coordinates;
-4. ``scoring``: per cluster its size, share, label purity, prototype, medoid, where its evidence lies and
-   a suspicion score; per class a score, a rank and reasons in words; flags above a threshold;
-5. ``blind_spot``: whether the maps can see anything at all (a flat last attention);
-6. ``confirm``: with the run's model, a counterfactual test of each flagged cluster (remove the region its
+5. ``scoring``: per cluster (one per finding, then the spectral clusters of the other images) its size,
+   share, label purity, prototype, medoid, where its evidence lies, its kind; per class reasons in words;
+6. ``blind_spot``: whether the maps can see anything at all (a flat last attention);
+7. ``confirm``: with the run's model, a counterfactual test of each flagged cluster (remove the region its
    maps point at, paste it into other classes' images); a cluster the model does not rely on is unflagged;
-7. ``outputs``, ``contact_sheet``: Parquet tables, contact sheets and a summary in ``DEST/audit/``.
+8. ``outputs``, ``contact_sheet``: Parquet tables, contact sheets and a summary in ``DEST/audit/``.
 """
 
 from cdam_worker.audit.confirm import ConfirmSettings, confirm_clusters

@@ -1,6 +1,8 @@
 """A contact sheet per flagged class: the most relevant spot of each flagged image, cropped from the original.
 
-Each tile is the image's spot (``features.spot``: the ``w x w`` tokens holding most of its class-specific
+An image flagged for a mark (or tipped over) gets a spot tile; one flagged for a background/context cue gets
+its whole model input (the original under the eval transform's crop) with the whole map overlaid, since its
+evidence lies on the surroundings rather than on one spot. A spot tile is the image's spot (``features.spot``: the ``w x w`` tokens holding most of its class-specific
 evidence) widened by one token on every side, mapped back through the model's eval transform (resize and
 centre crop, from the run's ``data_config``) onto the original image, cropped there, and shown with the
 class map overlaid (red = evidence for the class, blue = against, opacity by magnitude) and the spot
@@ -36,9 +38,10 @@ def sheet_path(class_index: int, class_name: str) -> str:
     return f"contact-sheets/{class_index}-{safe}.png"
 
 
-def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray, title: str, whole: np.ndarray | None = None) -> tuple[bytes, list[str]]:
     """PNG bytes of the sheet for ``keys`` (their class maps (n, gh, gw) and spot centres (n, 2) as grid
-    fractions), and one note per image that could not be shown (its tile stays grey)."""
+    fractions; ``whole`` (n,) bool: show the whole image instead of the spot), and one note per image that
+    could not be shown (its tile stays grey)."""
     keys = keys[:MAX_TILES]
     rows = max(1, math.ceil(len(keys) / COLUMNS))
     header = TITLE_LINES * CAPTION
@@ -50,7 +53,7 @@ def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray
     for n, key in enumerate(keys):
         left, top = (n % COLUMNS) * TILE, header + (n // COLUMNS) * (TILE + CAPTION)
         try:
-            tile = _tile(run, key, maps[n], spots[n])
+            tile = _tile(run, key, maps[n], spots[n], bool(whole[n]) if whole is not None else False)
         except (RunError, StorageError, OSError) as error:  # a shard gone or unreadable: the tile stays grey
             notes.append(f"contact sheet: image {key!r}: {error}")
             continue
@@ -61,20 +64,25 @@ def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray
     return buffer.getvalue(), notes
 
 
-def _tile(run: Run, key: str, class_map: np.ndarray, spot: np.ndarray) -> Image.Image:
-    """The image's spot, widened by a token, cropped from the original with the map overlaid."""
+def _tile(run: Run, key: str, class_map: np.ndarray, spot: np.ndarray, whole: bool) -> Image.Image:
+    """The image's spot, widened by a token (or its whole input), cropped from the original with the map overlaid."""
     image = run.image(key)
     gh, gw = class_map.shape
     width = spot_width((gh, gw))
-    top = int(np.clip(round(spot[0] * gh - width / 2) - 1, 0, gh - 1))
-    left = int(np.clip(round(spot[1] * gw - width / 2) - 1, 0, gw - 1))
-    bottom, right = min(gh, top + width + 2), min(gw, left + width + 2)
+    if whole:
+        top, left, bottom, right = 0, 0, gh, gw
+    else:
+        top = int(np.clip(round(spot[0] * gh - width / 2) - 1, 0, gh - 1))
+        left = int(np.clip(round(spot[1] * gw - width / 2) - 1, 0, gw - 1))
+        bottom, right = min(gh, top + width + 2), min(gw, left + width + 2)
     box = _input_box_in_image((top, left, bottom, right), (gh, gw), image.size, run.attrs)
     crop = image.crop(box).resize((TILE, TILE), Image.Resampling.BILINEAR)
     region = class_map[top:bottom, left:right]
     overlay = _overlay(region, np.abs(class_map).max())
     overlay = overlay.resize((TILE, TILE), Image.Resampling.NEAREST)
     tile = Image.composite(overlay.convert("RGB"), crop, overlay.getchannel("A"))
+    if whole:
+        return tile
     draw = ImageDraw.Draw(tile)
     sy, sx = TILE / (bottom - top), TILE / (right - left)
     y0, x0 = spot[0] * gh - width / 2 - top, spot[1] * gw - width / 2 - left

@@ -25,6 +25,9 @@ Features (all per image, vectorised over images):
 - ``centroid_y``, ``centroid_x``, ``spread``: the centre of mass of ``P`` and its radius (fractions of
   the grid), for "where the evidence lies";
 - ``pooled``: ``P`` average-pooled onto a 4 x 4 grid (fixed places: a corner watermark);
+- ``share``: ``P`` itself (float32), which ``cues.py`` compares with the other classes' images;
+- ``competitors``: how many competitor maps the image has stored (0: ``E`` is the map itself, not what
+  is specific to the class, and ``cues.py`` does not test where it lies);
 - ``rival_share``: the strongest competitor's positive evidence against the class's own,
   ``R / (R + M)`` with ``M = sum(max(m, 0))`` and ``R`` the largest ``sum(max(r, 0))`` over the
   competitors (0 without any). A prediction a mark tipped over wins with little evidence of its own
@@ -78,6 +81,8 @@ class ImageFeatures:
     spread: np.ndarray
     rival_share: np.ndarray
     pooled: np.ndarray  # (n, POOLED_SIDE**2)
+    share: np.ndarray  # (n, gh, gw) float32: ``P`` itself, for the run-relative statistics (cues.py)
+    competitors: np.ndarray  # (n,) int: the image's stored competitor maps (0: ``E`` is not class-specific)
 
     def take(self, index: np.ndarray) -> ImageFeatures:
         """The features of a subset of the images."""
@@ -123,7 +128,7 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
     share = np.where(evidence[:, None, None] > 0, contrast / np.maximum(evidence, 1e-30)[:, None, None], 1.0 / (gh * gw))
 
     width = spot_width((gh, gw))
-    windows = _window_sums(share, width).reshape(n, -1)  # (n, (gh - w + 1) * (gw - w + 1))
+    windows = window_sums(share, width).reshape(n, -1)  # (n, (gh - w + 1) * (gw - w + 1))
     best = windows.argmax(axis=1)
     wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
     spot = windows[np.arange(n), best]
@@ -149,6 +154,8 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         spread=np.sqrt((share * distance2).sum(axis=(1, 2))),
         rival_share=rival / np.maximum(rival + own, 1e-30),
         pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
+        share=share.astype(np.float32),
+        competitors=(~np.isnan(rival_maps[:, :, 0, 0])).sum(axis=1) if rival_maps.shape[1] else np.zeros(n, dtype=np.int64),
     )
 
 
@@ -179,7 +186,7 @@ def _near_counts(wy: np.ndarray, wx: np.ndarray, shape: tuple[int, int], width: 
     np.add.at(counts, (wy, wx), 1.0)
     padded = np.pad(counts, width)
     side = 2 * width + 1
-    return _window_sums(padded[None], side)[0]
+    return window_sums(padded[None], side)[0]
 
 
 def uniform_spot(grid: tuple[int, int]) -> float:
@@ -188,7 +195,7 @@ def uniform_spot(grid: tuple[int, int]) -> float:
     return width * width / (grid[0] * grid[1])
 
 
-def _window_sums(values: np.ndarray, width: int) -> np.ndarray:
+def window_sums(values: np.ndarray, width: int) -> np.ndarray:
     """Sums of every ``width x width`` window of each (gh, gw) map, by a summed-area table."""
     table = np.pad(values.cumsum(axis=1).cumsum(axis=2), ((0, 0), (1, 0), (1, 0)))
     return table[:, width:, width:] - table[:, :-width, width:] - table[:, width:, :-width] + table[:, :-width, :-width]

@@ -1,7 +1,8 @@
 """Write an audit's files (one writer per file) and render its ranked table.
 
 Below the audit folder (``DEST/audit/`` by default): ``classes.parquet``, ``clusters.parquet``,
-``images.parquet``, ``contact-sheets/<class index>-<safe class name>.png`` (one per flagged class), and
+``images.parquet``, ``contact-sheets/<class index>-<safe class name>.png`` (one per flagged class: spot tiles for marks,
+whole images for a background/context cue), and
 ``summary.json``, written last. Sheets of an earlier audit that no longer apply are deleted.
 """
 
@@ -35,11 +36,12 @@ def write_audit(run: Run, result: AuditResult, options: AuditOptions, storage: S
             continue
         check_lock()
         chosen = np.flatnonzero(audit.image_flagged)
-        positions = audit.positions[chosen[np.argsort(-audit.image_scores[chosen], kind="stable")]]
-        features = result.gathered.features
-        spots = np.column_stack([features.spot_y[positions], features.spot_x[positions]])
+        order = chosen[np.argsort(-audit.image_scores[chosen], kind="stable")]
+        positions = audit.positions[order]
+        spots = audit.spots[order]
         title = f"{audit.index} {audit.name}: {audit.reasons}"
-        png, sheet_notes = contact_sheet(run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title)
+        whole = audit.image_kinds[order] == "background"  # a background cue shows as whole images
+        png, sheet_notes = contact_sheet(run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title, whole)
         path = sheet_path(audit.index, audit.name)
         storage.put(path, png)
         sheets[audit.name] = path

@@ -12,9 +12,23 @@ import pyarrow as pa
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
 from cdam_worker.audit.confirm import CONFIRMATION_FIELDS, Confirmation, unconfirmed_row
+from cdam_worker.audit.cues import (
+    ALPHA,
+    KINDS,
+    Finding,
+    PlaceStatistics,
+    find,
+    place_statistics,
+)
 from cdam_worker.audit.features import place_rarity
 from cdam_worker.audit.gather import Gathered, gather
-from cdam_worker.audit.scoring import THRESHOLD, ClusterReport, class_score, describe_cluster, reasons_in_words
+from cdam_worker.audit.scoring import (
+    MIN_CLUSTER_IMAGES,
+    MIN_CLUSTER_SHARE,
+    ClusterReport,
+    describe_cluster,
+    reasons_in_words,
+)
 from cdam_worker.reading import Run, RunError
 
 CLASSES_SCHEMA = pa.schema([
@@ -23,8 +37,10 @@ CLASSES_SCHEMA = pa.schema([
     pa.field("rank", pa.int32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("reasons", pa.string(), nullable=False), pa.field("n_clusters", pa.int32(), nullable=False),
     pa.field("eigenvalues", pa.list_(pa.float32()), nullable=False),
+    pa.field("kinds", pa.list_(pa.string()), nullable=False), pa.field("place_p", pa.float64(), nullable=False),
+    pa.field("tipping_p", pa.float64(), nullable=False),
     pa.field("relied_on", pa.bool_(), metadata={"doc": "the model relies on a tested cluster's cue (null: none tested)"}),
-], metadata={"schema": "cdam.audit.classes/1"})
+], metadata={"schema": "cdam.audit.classes/2"})
 CLUSTERS_SCHEMA = pa.schema([
     pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
     pa.field("size", pa.int32(), nullable=False), pa.field("share", pa.float64(), nullable=False),
@@ -36,15 +52,17 @@ CLUSTERS_SCHEMA = pa.schema([
     pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
     pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
     pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False), pa.field("off_place", pa.float64(), nullable=False),
     *CONFIRMATION_FIELDS,
-], metadata={"schema": "cdam.audit.clusters/1"})
+], metadata={"schema": "cdam.audit.clusters/2"})
 IMAGES_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False), pa.field("row", pa.int64(), nullable=False),
     pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
     pa.field("x", pa.float32(), nullable=False), pa.field("y", pa.float32(), nullable=False),
     pa.field("score", pa.float32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
     pa.field("spot_y", pa.float32(), nullable=False), pa.field("spot_x", pa.float32(), nullable=False),
-], metadata={"schema": "cdam.audit.images/1"})
+    pa.field("kind", pa.string(), nullable=False), pa.field("off_place", pa.float32(), nullable=False),
+], metadata={"schema": "cdam.audit.images/2"})
 
 
 @dataclass(frozen=True)
@@ -64,7 +82,7 @@ class AuditOptions:
 
 @dataclass
 class ClassAudit:
-    """One audited class: its clusters and, per image, cluster, 2-D coordinates and score."""
+    """One audited class: its finding, its clusters and, per image, cluster, 2-D coordinates, score and kind."""
 
     index: int
     name: str
@@ -72,8 +90,11 @@ class ClassAudit:
     clusters: list[ClusterReport]
     labels: np.ndarray  # per image: its cluster
     coordinates: np.ndarray  # per image: (x, y)
-    image_scores: np.ndarray  # per image: its own score (scoring.py)
-    image_flagged: np.ndarray  # per image: in a flagged cluster
+    image_scores: np.ndarray  # per image: the share of the other classes' images with less evidence off place (cues.py)
+    image_flagged: np.ndarray  # per image: flagged by a finding (in a flagged cluster)
+    image_kinds: np.ndarray  # per image: the kind of its finding, "" if not flagged
+    spots: np.ndarray  # per image: (y, x) centre of its spot (grid fractions); for a mark, the mark's spot off place
+    finding: Finding
     eigenvalues: np.ndarray  # the smallest Laplacian eigenvalues (their largest gap chose the clusters)
     score: float
     reasons: str
@@ -94,6 +115,7 @@ class AuditResult:
     audited: list[ClassAudit]
     gathered: Gathered
     blind_spot: BlindSpot
+    place: PlaceStatistics  # the run's place statistics, which the images table is built from
     not_audited: dict[str, str] = field(default_factory=dict)  # class name -> why
     skipped: list[str] = field(default_factory=list)  # one-line notes: shards not read, images left out
     confirmations: dict[tuple[int, int], Confirmation] = field(default_factory=dict)  # (class, cluster) -> the model's test
@@ -103,7 +125,7 @@ class AuditResult:
         """What ``audit/summary.json`` records."""
         return {
             "run": run.url, "by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images},
-            "threshold": THRESHOLD, "images_audited": int(len(self.gathered.keys)), "classes_audited": len(self.audited),
+            "alpha": ALPHA, "images_audited": len(self.gathered.keys), "classes_audited": len(self.audited),
             "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
             "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
             "confirmation": {"note": self.confirmation_note, "clusters_tested": len(self.confirmations),
@@ -125,15 +147,21 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     for c in np.flatnonzero((counts > 0) & (counts < options.min_images)):
         not_audited[names[c]] = f"{counts[c]} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
     kept = np.isin(gathered.classes, np.flatnonzero(counts >= options.min_images))
-    rarity = place_rarity(gathered.features.spot_y, gathered.features.spot_x, np.where(kept, gathered.classes, -1), run.grid)
-    usual_other = _usual_other_labels(gathered, kept) if options.by == "pred" else 0.0
-    audited = [_audit_class(gathered, int(c), names[int(c)], np.flatnonzero(gathered.classes == c), rarity, usual_other, options.by)
-               for c in np.flatnonzero(counts >= options.min_images)]
+    audited_classes = np.where(kept, gathered.classes, -1)
+    rarity = place_rarity(gathered.features.spot_y, gathered.features.spot_x, audited_classes, run.grid)
+    # Without a competitor map the evidence is not class-specific (an object's shared parts count): such
+    # images take no part in the place findings.
+    place = place_statistics(gathered.features.share, np.where(gathered.features.competitors > 0, audited_classes, -1), len(names))
+    other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
+    to_audit = np.flatnonzero(counts >= options.min_images)
+    audited = [_audit_class(gathered, int(c), names[int(c)], np.flatnonzero(gathered.classes == c),
+                            np.where(gathered.features.competitors > 0, audited_classes, -1), rarity, place,
+                            other_labels, len(to_audit), options.by) for c in to_audit]
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
     audited.sort(key=lambda a: a.rank)
-    return AuditResult(classes=_classes_table(audited), clusters=_clusters_table(audited), images=_images_table(audited, gathered),
-                       audited=audited, gathered=gathered, blind_spot=check_blind_spot(run, gathered.rows),
+    return AuditResult(classes=_classes_table(audited), clusters=_clusters_table(audited), images=_images_table(audited, gathered, place),
+                       audited=audited, gathered=gathered, blind_spot=check_blind_spot(run, gathered.rows), place=place,
                        not_audited=not_audited, skipped=skipped)
 
 
@@ -147,6 +175,7 @@ def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int]
             if not confirmation.relied_on:
                 cluster.flagged = False
                 audit.image_flagged[audit.labels == cluster.cluster] = False
+                audit.image_kinds[audit.labels == cluster.cluster] = ""
         if tested:
             audit.reasons = f"{audit.reasons}; {_confirmation_in_words(tested)}"
     for rank, audit in enumerate(sorted(result.audited, key=lambda a: (not a.flagged, -a.score, a.index)), start=1):
@@ -158,7 +187,7 @@ def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int]
                                 else "no flagged cluster to confirm with the model")
     result.skipped += notes
     result.classes, result.clusters = _classes_table(result.audited, confirmations), _clusters_table(result.audited, confirmations)
-    result.images = _images_table(result.audited, result.gathered)
+    result.images = _images_table(result.audited, result.gathered, result.place)
     return result
 
 
@@ -178,33 +207,50 @@ def _confirmation_in_words(tested: list[tuple[ClusterReport, Confirmation]]) -> 
     return text
 
 
-def _usual_other_labels(gathered: Gathered, kept: np.ndarray) -> float:
-    """The median, over the audited classes, of the share of their labelled images labelled as another class."""
+def _other_label_counts(gathered: Gathered, kept: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: its labelled audited images labelled as another class, and its labelled audited images."""
     labelled = kept & (gathered.labels >= 0)
-    if not labelled.any():
-        return 0.0
     classes = gathered.classes[labelled]
-    wrong = np.bincount(classes, weights=(gathered.labels[labelled] != classes).astype(float))
-    total = np.bincount(classes)
-    return float(np.median(wrong[total > 0] / total[total > 0]))
+    wrong = np.bincount(classes, weights=(gathered.labels[labelled] != classes).astype(float), minlength=n_classes)
+    return wrong, np.bincount(classes, minlength=n_classes).astype(float)
 
 
-def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, rarity: np.ndarray, usual_other: float, by: str) -> ClassAudit:
+def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, audited_classes: np.ndarray, rarity: np.ndarray,
+                 place: PlaceStatistics, other_labels: tuple[np.ndarray, np.ndarray] | None, n_tests: int, by: str) -> ClassAudit:
     features = gathered.features.take(positions)
     descriptors = features.descriptor(rarity[positions])
     clustering = spectral_clusters(descriptors)
     keys, labels, maps = gathered.keys[positions], gathered.labels[positions], gathered.class_maps[positions]
-    clusters = [describe_cluster(k, np.flatnonzero(clustering.labels == k), features, rarity[positions], descriptors, maps, keys, labels, index, usual_other, by)
-                for k in range(clustering.n_clusters)]
-    image_scores = np.zeros(len(positions), dtype=np.float32)
-    image_flagged = np.zeros(len(positions), dtype=bool)
-    for cluster in clusters:
-        members = clustering.labels == cluster.cluster
-        image_scores[members] = cluster.member_scores
-        image_flagged[members] = cluster.flagged
-    return ClassAudit(index=index, name=name, positions=positions, clusters=clusters, labels=clustering.labels,
-                      coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=image_flagged, eigenvalues=clustering.eigenvalues,
-                      score=class_score(clusters), reasons=reasons_in_words(clusters, len(positions), by))
+    labelled = labels >= 0
+    if other_labels is None or not labelled.any():
+        finding = find(positions, audited_classes, place, n_tests, None, 0.0, 0)
+    else:
+        wrong, total = other_labels
+        usual = (wrong.sum() - wrong[index]) / max(total.sum() - total[index], 1.0)
+        is_other = (labels != index) & labelled
+        finding = find(positions, audited_classes, place, n_tests, is_other, float(usual), int(labelled.sum()))
+    if finding.flagged.sum() < max(MIN_CLUSTER_IMAGES, MIN_CLUSTER_SHARE * len(positions)):
+        finding.flagged[:] = False
+        finding.kinds[:] = ""
+    off_place = place.off_place[positions]
+    is_mark = finding.kinds == "mark"  # a mark's spot is where its off-place evidence lies, not the object's
+    features.spot_y[is_mark], features.spot_x[is_mark] = place.off_spot[positions[is_mark]].T
+    groups = [(np.flatnonzero(finding.kinds == kind), kind) for kind in KINDS]
+    groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
+    groups = [(members, kind) for members, kind in groups if len(members)]
+    effect = {"mark": finding.cue_share, "background": finding.cue_share, "tipping": finding.tipping_excess, "": 0.0}
+    clusters = [describe_cluster(k, members, features, rarity[positions], off_place, descriptors, maps, keys, labels, index, by, kind, effect[kind])
+                for k, (members, kind) in enumerate(groups)]
+    cluster_of = np.zeros(len(positions), dtype=np.int64)
+    for k, (members, _) in enumerate(groups):
+        cluster_of[members] = k
+    reference = np.sort(place.off_place[(audited_classes >= 0) & (audited_classes != index)])
+    image_scores = (np.searchsorted(reference, off_place, side="left") / max(len(reference), 1)).astype(np.float32)
+    image_scores[finding.kinds == "tipping"] = 1.0
+    return ClassAudit(index=index, name=name, positions=positions, clusters=clusters, labels=cluster_of,
+                      coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=finding.flagged.copy(),
+                      image_kinds=finding.kinds.astype(str), spots=np.column_stack([features.spot_y, features.spot_x]), finding=finding, eigenvalues=clustering.eigenvalues,
+                      score=finding.score if finding.flagged.any() else min(finding.score, 0.49), reasons=reasons_in_words(finding, clusters, len(positions)))
 
 
 def _classes_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
@@ -213,8 +259,9 @@ def _classes_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int
     return pa.Table.from_pylist([
         {"class": a.index, "class_name": a.name, "n_images": len(a.positions), "score": a.score, "rank": a.rank,
          "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters),
-         "eigenvalues": a.eigenvalues.astype(np.float32).tolist(), "relied_on": any(tests[a.index]) if tests[a.index] else None}
-        for a in audited], schema=CLASSES_SCHEMA)
+         "eigenvalues": a.eigenvalues.astype(np.float32).tolist(), "kinds": [c.kind for c in a.clusters if c.flagged],
+         "place_p": a.finding.place_p, "tipping_p": a.finding.tipping_p,
+         "relied_on": any(tests[a.index]) if tests[a.index] else None} for a in audited], schema=CLASSES_SCHEMA)
 
 
 def _clusters_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
@@ -226,20 +273,20 @@ def _clusters_table(audited: list[ClassAudit], confirmations: dict[tuple[int, in
          "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
          "score": c.score, "focus": c.focus, "concentration": c.concentration, "rarity": c.rarity,
          "other_labels": c.other_labels, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
-         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border} | tests[(a.index, c.cluster)]
+         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border, "kind": c.kind, "off_place": c.off_place} | tests[(a.index, c.cluster)]
         for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
 
 
-def _images_table(audited: list[ClassAudit], gathered: Gathered) -> pa.Table:
+def _images_table(audited: list[ClassAudit], gathered: Gathered, place: PlaceStatistics) -> pa.Table:
     """One row per audited image, in row order."""
-    parts = [(a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged) for a in audited]
+    parts = [(a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged, a.image_kinds, a.spots) for a in audited]
     if not parts:
         return IMAGES_SCHEMA.empty_table()
     positions = np.concatenate([p[0] for p in parts])
     order = np.argsort(gathered.rows[positions], kind="stable")
     positions = positions[order]
     coordinates = np.concatenate([p[3] for p in parts])[order]
-    features = gathered.features
+    spots = np.concatenate([p[7] for p in parts])[order]
     return pa.table({
         "key": pa.array(gathered.keys[positions].tolist(), pa.string()),
         "row": pa.array(gathered.rows[positions], pa.int64()),
@@ -248,7 +295,9 @@ def _images_table(audited: list[ClassAudit], gathered: Gathered) -> pa.Table:
         "x": pa.array(coordinates[:, 0], pa.float32()), "y": pa.array(coordinates[:, 1], pa.float32()),
         "score": pa.array(np.concatenate([p[4] for p in parts])[order], pa.float32()),
         "flagged": pa.array(np.concatenate([p[5] for p in parts])[order], pa.bool_()),
-        "spot_y": pa.array(features.spot_y[positions], pa.float32()), "spot_x": pa.array(features.spot_x[positions], pa.float32()),
+        "spot_y": pa.array(spots[:, 0], pa.float32()), "spot_x": pa.array(spots[:, 1], pa.float32()),
+        "kind": pa.array(np.concatenate([p[6] for p in parts])[order].tolist(), pa.string()),
+        "off_place": pa.array(place.off_place[positions], pa.float32()),
     }, schema=IMAGES_SCHEMA)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from html import escape
 from typing import Any
 
+from cdam_worker.audit.cues import KIND_WORDS
+
 LEGEND = "Colours: red = evidence for the class, blue = evidence against it, white/clear = none; each map has its own symmetric scale (±its largest |value|), upsampled from tokens to pixels for display only."
 WRONG_PREDICTION = "<span class=\"legend-wrong\">red border</span> = a wrong prediction (the image's label is another class)"
 
@@ -72,10 +74,10 @@ def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderbo
     if leaderboard:
         rows = [
             [str(r["rank"]), f"<a href=\"{class_link(r['class'])}\">{escape(r['class_name'])}</a>", str(r["n_images"]), number(r["score"]),
-             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", MODEL_VERDICTS[r.get("relied_on")], escape(_reasons(r["reasons"]))]
+             "<span class=\"flag\">flagged</span>" if r["flagged"] else "", escape(kinds_in_words(r.get("kinds"))), MODEL_VERDICTS[r.get("relied_on")], escape(_reasons(r["reasons"]))]
             for r in leaderboard
         ]
-        parts.append(table(["rank", "class", "images", "score", "", "model", "reasons"], rows, "leaderboard"))
+        parts.append(table(["rank", "class", "images", "score", "", "finding", "model", "reasons"], rows, "leaderboard"))
     else:
         parts.append(notes([no_audit]))
     parts.append("<h2>Classes</h2>")
@@ -93,6 +95,11 @@ def overview(facts: dict[str, Any], class_counts: list[dict[str, Any]], leaderbo
     else:
         parts.append("<p class=\"muted\">No sample failed.</p>")
     return "".join(parts)
+
+
+def kinds_in_words(kinds: list[str] | None) -> str:
+    """The kinds of a class's flagged findings (``classes.parquet``'s ``kinds``), in words."""
+    return "; ".join(KIND_WORDS.get(kind, kind) for kind in dict.fromkeys(kinds or []))
 
 
 def _reasons(reasons: Any) -> str:
@@ -115,6 +122,8 @@ def class_audit(audit_row: dict[str, Any] | None, no_audit: str) -> str:
              False: "The model does not rely on what the maps point at (counterfactual test): not a shortcut it uses.",
              None: "Unconfirmed: not tested with the model." if audit_row["flagged"] else ""}[relied]
     model = f"<strong>{model}</strong> " if model else ""
+    if audit_row.get("kinds"):
+        flag += f"<strong>{escape(kinds_in_words(audit_row['kinds']))}</strong>: "
     return (f"<p class=\"verdict\">{flag}rank {audit_row['rank']}, suspicion score {number(audit_row['score'])} "
             f"over {audit_row['n_images']} image(s). {model}{escape(_reasons(audit_row['reasons']))}</p>")
 
@@ -136,7 +145,7 @@ def prototypes(clusters: list[dict[str, Any]], prototype_src: Callable[[int], st
     cards = []
     for c in clusters:
         title = f"cluster {c['cluster']}"
-        flag = " <span class=\"flag\">flagged</span>" if c["flagged"] else ""
+        flag = f" <span class=\"flag\">flagged: {escape(KIND_WORDS.get(c.get('kind') or '', 'a likely shortcut'))}</span>" if c["flagged"] else ""
         heading = f"<a href=\"{cluster_link(c['cluster'])}\" data-cluster=\"{c['cluster']}\">{title}</a>" if cluster_link else title
         cards.append(
             f"<figure class=\"cluster{' flagged' if c['flagged'] else ''}\">"

@@ -1,0 +1,161 @@
+"""Findings from the maps alone: which images of a class carry a cue at an unusual place, and of what kind.
+
+A shortcut shows in CDAM as class evidence where the evidence of the *other* classes' images does not
+lie: a watermark in a corner, a logo along an edge, a badge beside the object, the background around it.
+The statistics are contrastive (this class against the other classes of the run) and scale-free (shares
+of each image's evidence distribution ``P``, features.py), so they need no knowledge of the data:
+
+1. **Usual region** of class c: the tokens where the *other* classes' mean evidence distribution (their
+   images' ``P`` averaged, leave-class-out) is denser than evidence spread evenly (``1/N``). On objects
+   photographed or drawn near the centre it is the middle of the frame; on data whose objects lie
+   everywhere it covers much of the grid (and then little can lie off it).
+2. **Off-place share** of an image: the share of its evidence on tokens outside its class's usual
+   region (0: where everyone's evidence lies; 1: all of it elsewhere).
+3. **Class test** (at least ``MIN_CUE_SHARE`` of the class estimated to carry the cue, step 4): the share ``f`` of the class's images whose off-place share exceeds the
+   ``REFERENCE_QUANTILE`` (90th percentile) of the other classes' images' off-place shares, against the
+   ``1 - REFERENCE_QUANTILE`` expected: a one-sided binomial test, Bonferroni-corrected over the audited
+   classes at ``ALPHA``; ``excess = (f - 0.1) / 0.9`` (clipped to [0, 1]) is its effect size.
+4. **Which images**: in a class whose test holds, the share ``pi`` of its images that carry the cue is
+   estimated from how few of them lie low where the other classes' images lie: for each quantile ``q`` of
+   ``SHARE_QUANTILES`` of the others' off-place share, at most ``F_class(x_q) / F_others(x_q)`` of the
+   class can be like the others (the images that carry the cue lie above), so
+   ``pi = max_q 1 - F_class(x_q) / F_others(x_q)`` (Storey's estimate of the null share, the other classes
+   standing for the null). The ``round(pi * n)`` images with the largest off-place share are flagged;
+   images of the class like the other classes' stay unflagged.
+5. **Kind**: a *mark* when most of the flagged images' off-place evidence sits on one small spot (the
+   median of "largest ``w x w`` window share / off-place share" is at least ``COMPACT``, 0.8), otherwise a
+   *background/context* cue (evidence spread over the surroundings; a scene class looks like this too).
+
+Label disagreement is one more finding (``tipping``): the share of the class's labelled images labelled
+as another class, tested the same way against the run's pooled share of such images in the other
+classes (binomial, Bonferroni, at least ``TIPPING_RATIO`` times the usual). A clean model's ordinary
+confusions are near the usual share and are not flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.stats import binom
+
+from cdam_worker.audit.features import spot_width, window_sums
+
+REFERENCE_QUANTILE = 0.9
+SHARE_QUANTILES = (0.25, 0.5, 0.75, 0.9)
+MIN_CUE_SHARE = 0.2
+"""A place finding needs at least this estimated share of the class carrying the cue: an object part that
+lies off the other classes' usual region (a triangle's tip) moves a few images, not a fifth of the class."""
+ALPHA = 0.01
+TIPPING_RATIO = 3.0
+COMPACT = 0.8
+KINDS = ("mark", "background", "tipping")
+KIND_WORDS = {
+    "mark": "a mark at a place",
+    "background": "a background/context cue (or a scene class)",
+    "tipping": "a cue that tips other classes' images over",
+}
+
+
+@dataclass
+class PlaceStatistics:
+    """Per image (aligned with the gathered images): its off-place share and how compact that evidence is."""
+
+    off_place: np.ndarray  # (n,) share of the image's evidence outside its class's usual region
+    compactness: np.ndarray  # (n,) largest spot window of the off-place evidence / off-place share
+    off_spot: np.ndarray  # (n, 2) centre (y, x, grid fractions) of that window: where a mark lies
+    usual: np.ndarray  # (C, gh, gw) bool: each class's usual region (all True for classes not audited)
+
+
+@dataclass
+class Finding:
+    """What the maps say about one class: its place score, test, flagged images and their kind."""
+
+    score: float  # the larger of the place and tipping effect sizes, 0 to 1
+    place_excess: float
+    cue_share: float  # pi: the estimated share of the class's images that carry the cue (0 when the test fails)
+    place_p: float
+    tipping_excess: float
+    tipping_p: float
+    flagged: np.ndarray  # (n_class,) bool: images carrying the cue (place) or tipped over (tipping)
+    kinds: np.ndarray  # (n_class,) str: the kind of each flagged image, "" for the others
+
+
+def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
+    """Off-place share and compactness of every image, against its class's usual region (leave-class-out).
+
+    ``share`` is (n, gh, gw), each image's evidence distribution; ``classes`` (n,) its audited class (-1:
+    counts for the others' usual regions of nobody; left out)."""
+    n, gh, gw = share.shape
+    flat = share.reshape(n, -1).astype(np.float64)
+    kept = classes >= 0
+    group = np.where(kept, classes, n_classes)
+    sums = sp.csr_matrix((np.ones(n), (group, np.arange(n))), shape=(n_classes + 1, n)) @ flat  # (C + 1, N) per-class sums
+    counts = np.bincount(group, minlength=n_classes + 1)[:n_classes]
+    total, total_count = sums[:n_classes].sum(axis=0), counts.sum()
+    others = (total[None, :] - sums[:n_classes]) / np.maximum(total_count - counts, 1)[:, None]  # (C, N)
+    usual = others * (gh * gw) >= 1.0  # denser than evidence spread evenly
+    usual[(total_count - counts) == 0] = True
+    outside = ~usual[np.clip(classes, 0, n_classes - 1)]  # (n, N)
+    off = np.where(outside, flat, 0.0)
+    off_place = off.sum(axis=1)
+    width = spot_width((gh, gw))
+    windows = window_sums(off.reshape(n, gh, gw), width).reshape(n, -1)
+    best = windows.argmax(axis=1)
+    wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
+    compactness = np.where(off_place > 0, windows[np.arange(n), best] / np.maximum(off_place, 1e-30), 0.0)
+    off_spot = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
+    return PlaceStatistics(off_place=np.where(kept, off_place, 0.0), compactness=compactness, off_spot=off_spot,
+                           usual=usual.reshape(n_classes, gh, gw))
+
+
+def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_tests: int, other_labelled: np.ndarray | None,
+         usual_other: float, labelled: int) -> Finding:
+    """The finding of the class made of ``positions`` (indices into the gathered images; ``classes`` their
+    audited class, -1 for images not audited), tested against the other classes' images.
+
+    ``other_labelled``: per image of the class, whether it is labelled as another class (None: no labels, or
+    ``--by label``), of its ``labelled`` images with a label; ``usual_other``: the other classes' pooled
+    share of such images; ``n_tests``: the number of audited classes (the Bonferroni factor)."""
+    n = len(positions)
+    mine = stats.off_place[positions]
+    own = classes[positions].max()  # -1: none of the class's images has a competitor map
+    reference = stats.off_place[(classes >= 0) & (classes != own)] if own >= 0 else np.zeros(0)
+    flagged = np.zeros(n, dtype=bool)
+    kinds = np.full(n, "", dtype=object)
+    place_p, place_excess, cue_share = 1.0, 0.0, 0.0
+    if len(reference):
+        above = int((mine > np.quantile(reference, REFERENCE_QUANTILE)).sum())
+        expected = 1.0 - REFERENCE_QUANTILE
+        place_p = float(binom.sf(above - 1, n, expected)) if above else 1.0
+        place_excess = float(np.clip((above / n - expected) / (1 - expected), 0.0, 1.0))
+    if place_p * n_tests < ALPHA:
+        cue_share = carrying_share(mine, reference)
+        cue_share = cue_share if cue_share >= MIN_CUE_SHARE else 0.0
+        flagged[np.argsort(-mine, kind="stable")[: round(cue_share * n)]] = True
+        compact = bool(np.median(stats.compactness[positions][flagged]) >= COMPACT) if flagged.any() else False
+        kinds[flagged] = "mark" if compact else "background"
+
+    tipping_p, tipping_excess = 1.0, 0.0
+    if other_labelled is not None and labelled:
+        wrong = int(other_labelled.sum())
+        usual = max(usual_other, 1.0 / max(labelled, 1))  # no confusions elsewhere: one in the class is the usual
+        tipping_p = float(binom.sf(wrong - 1, labelled, usual)) if wrong else 1.0
+        tipping_excess = float(np.clip((wrong / labelled - usual) / max(1 - usual, 1e-12), 0.0, 1.0))
+        if tipping_p * n_tests < ALPHA and wrong / labelled >= TIPPING_RATIO * usual:
+            kinds[other_labelled & ~flagged] = "tipping"
+            flagged = flagged | other_labelled
+        else:
+            tipping_excess = 0.0  # ordinary confusions are no finding
+    return Finding(score=max(cue_share, tipping_excess), place_excess=place_excess, cue_share=cue_share, place_p=place_p,
+                   tipping_excess=tipping_excess, tipping_p=tipping_p, flagged=flagged, kinds=kinds)
+
+
+def carrying_share(values: np.ndarray, reference: np.ndarray) -> float:
+    """``pi = max_q 1 - F_values(x_q) / F_reference(x_q)`` over the ``SHARE_QUANTILES`` ``x_q`` of ``reference``,
+    clipped to [0, 1]: the share of ``values`` that cannot be like the reference (module docstring, step 4)."""
+    cuts = np.quantile(reference, SHARE_QUANTILES)
+    mine_below = np.searchsorted(np.sort(values), cuts, side="right") / len(values)
+    others_below = np.searchsorted(np.sort(reference), cuts, side="right") / len(reference)
+    return float(np.clip(np.max(1.0 - mine_below / np.maximum(others_below, 1e-12)), 0.0, 1.0))

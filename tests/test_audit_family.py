@@ -1,0 +1,75 @@
+"""`cdam audit` on small instances of the benchmark family (bench/audit_family.py): a learnt background is
+found on a balanced split and on one with the training correlation, image by image; a clean control flags
+nothing; label disagreement flags only far beyond the run's usual confusions.
+
+Two one-block ViTs (about a minute each on one free core; built once per machine under the demo's cache
+folder, keyed by the generator's and the demo's source): one trained with the water background on 95% of
+the cross class's images and 3% of the others', one with it on 30% of every class (nothing to learn).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.audit_family import CONFIG, CaseResult, score_case
+from bench.planted import Cue, train_model, write_shards
+from cdam_worker.audit.cues import PlaceStatistics, find
+from cdam_worker.reading import open_run
+from jobs.cli import main
+
+BACKGROUND = Cue("background", 3)
+SAMPLES = 512  # with 256 the correlated split's 54 water images of cross did not stand out (p = 0.17)
+
+
+@pytest.fixture(scope="module")
+def background_cases(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, CaseResult]:
+    """The audited background cases: shortcut model on the balanced and correlated splits, control on balanced."""
+    from jobs.demo import default_cache_dir
+
+    root = tmp_path_factory.mktemp("family")
+    cache = default_cache_dir() / "planted"
+    results = {}
+    for model, split in (("shortcut", "balanced"), ("shortcut", "correlated"), ("control", "balanced")):
+        checkpoint = train_model(cache, BACKGROUND, control=model == "control", config=CONFIG)
+        shards = write_shards(root / "shards", BACKGROUND, split, 4, SAMPLES // 4, seed=0)
+        dest = str(root / f"{model}-{split}")
+        assert main(["explain", "--shards", *map(str, shards), "--output", dest, "--checkpoint", str(checkpoint), "--targets", "all", "--actors", "2"]) == 0
+        assert main(["audit", dest]) == 0
+        results[f"{model}-{split}"] = score_case(dest, BACKGROUND, model, split)
+    return results
+
+
+@pytest.mark.parametrize("split", ["balanced", "correlated"])
+def test_a_learnt_background_is_found_image_by_image(background_cases: dict[str, CaseResult], split: str) -> None:
+    result = background_cases[f"shortcut-{split}"]
+    assert result.rank == 1 and result.flagged == ["cross"] and result.kinds == ["background"], result.row()
+    assert result.precision >= 0.8 and result.recall >= 0.8, result.row()
+    run = open_run(result.dest)
+    classes = {row["class_name"]: row for row in run.table("audit/classes.parquet").to_pylist()}
+    assert "a background/context cue (or a scene class)" in classes["cross"]["reasons"], classes["cross"]["reasons"]
+    assert run.storage.exists("audit/contact-sheets/3-cross.png")
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: in the control the cross class's own evidence (its arms) lies off the other "
+                   "classes' usual region, and cross is flagged as a background (precision 0.5); see BENCHMARKS.md")
+def test_the_clean_control_flags_nothing(background_cases: dict[str, CaseResult]) -> None:
+    result = background_cases["control-balanced"]
+    assert result.flagged == [] and result.precision is None, result.row()
+
+
+def test_label_disagreement_flags_only_far_beyond_the_usual_confusions() -> None:
+    """``find`` on made-up statistics: every image on the usual region, so only the labels can speak."""
+    n_classes, per_class = 4, 200
+    classes = np.repeat(np.arange(n_classes), per_class)
+    stats = PlaceStatistics(off_place=np.zeros(len(classes)), compactness=np.zeros(len(classes)), off_spot=np.zeros((len(classes), 2)),
+                            usual=np.ones((n_classes, 2, 2), bool))
+    rng = np.random.default_rng(0)
+    positions = np.flatnonzero(classes == 0)
+    for wrong_share, flagged in ((0.12, False), (0.6, True)):  # the others are confused 10% of the time
+        other = rng.random(per_class) < wrong_share
+        finding = find(positions, classes, stats, n_classes, other, 0.1, per_class)
+        assert bool(finding.flagged.any()) is flagged, (wrong_share, finding)
+        assert set(finding.kinds[finding.flagged]) <= {"tipping"}
+        if flagged:
+            assert np.array_equal(finding.flagged, other)
