@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bench.planted import Cue, train_model, write_shards
-from cdam_worker.demo import CLASS_NAMES, DemoConfig
+from cdam_worker.demo_assets import CLASS_NAMES, DemoConfig
 from cdam_worker.reading import open_run
 from jobs.cli import main as cdam
 

@@ -1,6 +1,6 @@
 """Planted-cue datasets for the audit's benchmark family: the demo's shapes with a mark or a background cue.
 
-The images are the demo's (``cdam_worker.demo``: four shape classes, random colour, size and position on
+The images are the demo's (``cdam_worker.demo_assets``: four shape classes, random colour, size and position on
 dark textured backgrounds); a ``Cue`` adds one shortcut to some of them:
 
 - a **mark**: a small badge (a bright square with a dark disc in it, in one of several colours) of
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdam_worker import demo
-from cdam_worker.model import save_checkpoint
+from cdam_worker import demo_assets as demo
+from cdam_worker.maps.model import save_checkpoint
 
 SIZE = demo.IMAGE_SIZE
 BADGE_COLOURS = np.array([[255, 220, 40], [40, 230, 255], [255, 80, 200], [120, 255, 90]], dtype=np.float32)

@@ -38,16 +38,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from cdam_worker.audit.features import spot_width
-from cdam_worker.data import DataError
+from cdam_worker.shards.specs import DataError
 from cdam_worker.evaluate.perturb import rows_per_pass
-from cdam_worker.model import LoadedModel
+from cdam_worker.maps.model import LoadedModel
 from cdam_worker.reading import Run, RunError
 from cdam_worker.storage import StorageError
+from schemas.audit import CONFIRMATION_FIELDS
 
 if TYPE_CHECKING:
     from cdam_worker.audit.pipeline import AuditResult
@@ -63,24 +63,6 @@ GROW_SHARE = 0.5
 """A token next to a mark's spot joins the region when its evidence is at least this share of the spot's mean."""
 CONTROL_CANDIDATES = 16
 """Random places tried per image for the moved control region (the one overlapping the region least is kept)."""
-
-CONFIRMATION_FIELDS = [
-    pa.field("relied_on", pa.bool_(), metadata={"doc": "the model relies on the cluster's cue (null: not tested)"}),
-    pa.field("confirm_test", pa.string(), metadata={"doc": "mark (remove/paste the spot) or background (swap backgrounds)"}),
-    pa.field("confirm_images", pa.int32(), metadata={"doc": "cluster images edited (the removal test)"}),
-    pa.field("removal_logit_drop", pa.float64(), metadata={"doc": "mean drop of the class's logit, region removed, beyond the control"}),
-    pa.field("removal_logit_drop_low", pa.float64()), pa.field("removal_logit_drop_high", pa.float64()),
-    pa.field("removal_control_drop", pa.float64(), metadata={"doc": "mean drop of the class's logit with the control edit"}),
-    pa.field("removal_logit_lead", pa.float64(), metadata={"doc": "the class's mean logit lead over the runner-up, unedited"}),
-    pa.field("removal_top1_loss", pa.float64(), metadata={"doc": "share of the cluster images whose top-1 leaves the class"}),
-    pa.field("removal_top1_loss_low", pa.float64()), pa.field("removal_top1_loss_high", pa.float64()),
-    pa.field("paste_images", pa.int32(), metadata={"doc": "images of other classes the region was pasted into"}),
-    pa.field("paste_flip_rate", pa.float64(), metadata={"doc": "share of them whose top-1 becomes the class"}),
-    pa.field("paste_flip_rate_low", pa.float64()), pa.field("paste_flip_rate_high", pa.float64()),
-    pa.field("paste_control_flip_rate", pa.float64(), metadata={"doc": "the same with the control region pasted"}),
-    pa.field("confirm_seconds", pa.float64(), metadata={"doc": "wall time of this cluster's confirmation"}),
-    pa.field("confirmation", pa.string(), metadata={"doc": "the verdict in words"}),
-]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
-from cdam_worker.audit.confirm import CONFIRMATION_FIELDS, Confirmation, unconfirmed_row
+from cdam_worker.audit.confirm import Confirmation, unconfirmed_row
 from cdam_worker.audit.cues import (
     ALPHA,
     KINDS,
@@ -30,40 +30,7 @@ from cdam_worker.audit.scoring import (
     reasons_in_words,
 )
 from cdam_worker.reading import Run, RunError
-
-CLASSES_SCHEMA = pa.schema([
-    pa.field("class", pa.int32(), nullable=False), pa.field("class_name", pa.string(), nullable=False),
-    pa.field("n_images", pa.int32(), nullable=False), pa.field("score", pa.float64(), nullable=False),
-    pa.field("rank", pa.int32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
-    pa.field("reasons", pa.string(), nullable=False), pa.field("n_clusters", pa.int32(), nullable=False),
-    pa.field("eigenvalues", pa.list_(pa.float32()), nullable=False),
-    pa.field("kinds", pa.list_(pa.string()), nullable=False), pa.field("place_p", pa.float64(), nullable=False),
-    pa.field("tipping_p", pa.float64(), nullable=False),
-    pa.field("relied_on", pa.bool_(), metadata={"doc": "the model relies on a tested cluster's cue (null: none tested)"}),
-], metadata={"schema": "cdam.audit.classes/2"})
-CLUSTERS_SCHEMA = pa.schema([
-    pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
-    pa.field("size", pa.int32(), nullable=False), pa.field("share", pa.float64(), nullable=False),
-    pa.field("purity", pa.float64()), pa.field("prototype", pa.list_(pa.float32()), nullable=False),
-    pa.field("medoid_key", pa.string(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
-    pa.field("score", pa.float64(), nullable=False), pa.field("focus", pa.float64(), nullable=False),
-    pa.field("concentration", pa.float64(), nullable=False), pa.field("rarity", pa.float64(), nullable=False),
-    pa.field("other_labels", pa.float64()),
-    pa.field("spot_area", pa.float64(), nullable=False), pa.field("place", pa.string(), nullable=False),
-    pa.field("centroid_y", pa.float64(), nullable=False), pa.field("centroid_x", pa.float64(), nullable=False),
-    pa.field("spread", pa.float64(), nullable=False), pa.field("border", pa.float64(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False), pa.field("off_place", pa.float64(), nullable=False),
-    *CONFIRMATION_FIELDS,
-], metadata={"schema": "cdam.audit.clusters/2"})
-IMAGES_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False), pa.field("row", pa.int64(), nullable=False),
-    pa.field("class", pa.int32(), nullable=False), pa.field("cluster", pa.int32(), nullable=False),
-    pa.field("x", pa.float32(), nullable=False), pa.field("y", pa.float32(), nullable=False),
-    pa.field("score", pa.float32(), nullable=False), pa.field("flagged", pa.bool_(), nullable=False),
-    pa.field("spot_y", pa.float32(), nullable=False), pa.field("spot_x", pa.float32(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False), pa.field("off_place", pa.float32(), nullable=False),
-], metadata={"schema": "cdam.audit.images/2"})
-
+from schemas.audit import CLASSES_SCHEMA, CLUSTERS_SCHEMA, IMAGES_SCHEMA
 
 @dataclass(frozen=True)
 class AuditOptions:
