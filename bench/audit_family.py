@@ -69,16 +69,21 @@ class CaseResult:
 
     def row(self) -> str:
         """The case as a line of the Markdown table (``HEADER``)."""
+
         def number(value: float | None) -> str:
             return "-" if value is None else f"{value:.2f}"
 
         flags = ", ".join(self.flagged) or "none"
-        return (f"| {self.cue} | {self.model} | {self.split} | {self.planted} | {self.rank or '-'} | {flags} | {', '.join(self.kinds) or '-'} "
-                f"| {number(self.precision)} | {number(self.recall)} | {self.cue_images} | {self.tipped:.2f} |")
+        return (
+            f"| {self.cue} | {self.model} | {self.split} | {self.planted} | {self.rank or '-'} | {flags} | {', '.join(self.kinds) or '-'} "
+            f"| {number(self.precision)} | {number(self.recall)} | {self.cue_images} | {self.tipped:.2f} |"
+        )
 
 
-HEADER = ("| cue | model | test split | planted class | its rank | classes flagged | kind | precision | recall | cue images | tipped |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| cue | model | test split | planted class | its rank | classes flagged | kind | precision | recall | cue images | tipped |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def run_case(cue: Cue, model: str, split: str, root: Path, cache_dir: Path, samples: int) -> CaseResult:
@@ -86,7 +91,24 @@ def run_case(cue: Cue, model: str, split: str, root: Path, cache_dir: Path, samp
     checkpoint = train_model(cache_dir, cue, control=model == "control", config=CONFIG)
     shards = write_shards(root / cue.name / "shards", cue, split, 4, samples // 4, seed=0)
     dest = str(root / cue.name / f"{model}-{split}")
-    if cdam(["explain", "--shards", *map(str, shards), "--output", dest, "--checkpoint", str(checkpoint), "--targets", "all", "--actors", "2"]) != 0:
+    if (
+        cdam(
+            [
+                "explain",
+                "--shards",
+                *map(str, shards),
+                "--output",
+                dest,
+                "--checkpoint",
+                str(checkpoint),
+                "--targets",
+                "all",
+                "--actors",
+                "2",
+            ]
+        )
+        != 0
+    ):
         raise RuntimeError(f"cdam explain failed on {dest}")
     if cdam(["audit", dest]) != 0:
         raise RuntimeError(f"cdam audit failed on {dest}")
@@ -96,7 +118,10 @@ def run_case(cue: Cue, model: str, split: str, root: Path, cache_dir: Path, samp
 def score_case(dest: str, cue: Cue, model: str, split: str) -> CaseResult:
     """Compare an audited run with the ground truth in its samples' metadata."""
     run = open_run(dest)
-    meta = {row["key"]: json.loads(row["sample_json"]) for row in run.metadata.to_table(columns=["key", "sample_json"]).to_pylist()}
+    meta = {
+        row["key"]: json.loads(row["sample_json"])
+        for row in run.metadata.to_table(columns=["key", "sample_json"]).to_pylist()
+    }
     classes = run.table("audit/classes.parquet").to_pylist()
     clusters = run.table("audit/clusters.parquet").to_pylist()
     images = run.table("audit/images.parquet").to_pylist()
@@ -109,11 +134,27 @@ def score_case(dest: str, cue: Cue, model: str, split: str) -> CaseResult:
     in_class = np.array([row["class"] == cue.cue_class for row in images], dtype=bool)
     precision = float((carries & is_flagged).sum() / is_flagged.sum()) if is_flagged.any() else None
     cue_in_class = carries & in_class
-    recall = float((cue_in_class & is_flagged).sum() / cue_in_class.sum()) if cue_in_class.any() and flagged else (0.0 if cue_in_class.any() else None)
+    recall = (
+        float((cue_in_class & is_flagged).sum() / cue_in_class.sum())
+        if cue_in_class.any() and flagged
+        else (0.0 if cue_in_class.any() else None)
+    )
     others = [row for row in index if row["label"] != cue.cue_class and meta[row["key"]]["cue"]]
     tipped = sum(row["pred"] == cue.cue_class for row in others) / max(len(others), 1)
-    return CaseResult(cue.name, model, split, CLASS_NAMES[cue.cue_class], rank, flagged, kinds, precision, recall, int(cue_in_class.sum()),
-                      tipped, dest)
+    return CaseResult(
+        cue.name,
+        model,
+        split,
+        CLASS_NAMES[cue.cue_class],
+        rank,
+        flagged,
+        kinds,
+        precision,
+        recall,
+        int(cue_in_class.sum()),
+        tipped,
+        dest,
+    )
 
 
 def main() -> None:
@@ -123,9 +164,13 @@ def main() -> None:
     from jobs.demo import default_cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cues", default="all", help="comma-separated cue names (" + ", ".join(c.name for c in CUES) + ") or all")
+    parser.add_argument(
+        "--cues", default="all", help="comma-separated cue names (" + ", ".join(c.name for c in CUES) + ") or all"
+    )
     parser.add_argument("--samples", type=int, default=512, help="images per test split (default: 512)")
-    parser.add_argument("--cache-dir", default=None, help="trained models are kept here (default: the demo's cache folder, planted/)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="trained models are kept here (default: the demo's cache folder, planted/)"
+    )
     parser.add_argument("--report", default="BENCHMARKS.md")
     args = parser.parse_args()
     wanted = CUES if args.cues == "all" else [c for c in CUES if c.name in args.cues.split(",")]
@@ -143,8 +188,10 @@ def main() -> None:
                 print(result.row(), file=sys.stderr, flush=True)
     table = "\n".join([HEADER, *lines])
     print(table)
-    body = (f"## Audit benchmark family\n\n{machine_line(torch.device('cpu'), torch.get_num_threads())}; load {load_average()}; "
-            f"`{command_line('bench.audit_family')}`, {time.perf_counter() - started:.0f} s with training.\n\n{table}\n")
+    body = (
+        f"## Audit benchmark family\n\n{machine_line(torch.device('cpu'), torch.get_num_threads())}; load {load_average()}; "
+        f"`{command_line('bench.audit_family')}`, {time.perf_counter() - started:.0f} s with training.\n\n{table}\n"
+    )
     write_section(Path(args.report), "## Audit benchmark family", body)
 
 

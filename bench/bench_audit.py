@@ -35,8 +35,14 @@ GOAL_SECONDS = 120.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50_000)
-    parser.add_argument("--classes", type=int, default=1000, help="classes of the synthetic model (default: 1000, 50 images each)")
-    parser.add_argument("--keep", metavar="DIR", help="write the run here and keep it, or reuse the run already there (default: a temporary folder)")
+    parser.add_argument(
+        "--classes", type=int, default=1000, help="classes of the synthetic model (default: 1000, 50 images each)"
+    )
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="write the run here and keep it, or reuse the run already there (default: a temporary folder)",
+    )
     parser.add_argument("--report", default="BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -66,7 +72,12 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/bench_audit.py`: `cdam audit` on a synthetic run "
         f"(`bench/synthetic_run.py`, the real output format) of {n_images:,} images x {n_targets} targets (top-{n_targets}) of "
         f"{grid[0]} x {grid[1]} float16 maps, {n_classes} classes; the audit ran in a subprocess, timed from start to exit "
-        "(Python start-up and imports included)." + (" The run was written by an earlier call with the same `--keep` (writing it is not timed)." if reused else ""),
+        "(Python start-up and imports included)."
+        + (
+            " The run was written by an earlier call with the same `--keep` (writing it is not timed)."
+            if reused
+            else ""
+        ),
         "",
         f"- Machine: {machine_line(torch.device('cpu'), torch.get_num_threads())}; load average before / after: {load_before} -> {load_average()}.",
         f"- Command: `{command_line('bench.bench_audit')}`",

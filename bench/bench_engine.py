@@ -84,16 +84,27 @@ def paired_ratio(numerator: Case, denominator: Case) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of the model's head (K for 'all')")
     parser.add_argument("--batch", type=int, default=8, help="images per batch")
     parser.add_argument("--img-size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)"
+    )
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds of the cheap cases (median reported)")
-    parser.add_argument("--slow-repeats", type=int, default=2, help="timed rounds of the slow cases (Captum, autograd with many targets)")
-    parser.add_argument("--captum-targets", type=int, default=5, help="targets Captum is timed (and checked) on; K=1000 is extrapolated")
+    parser.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=2,
+        help="timed rounds of the slow cases (Captum, autograd with many targets)",
+    )
+    parser.add_argument(
+        "--captum-targets", type=int, default=5, help="targets Captum is timed (and checked) on; K=1000 is extrapolated"
+    )
     parser.add_argument("--smooth-samples", type=int, default=50, help="m of Smooth CDAM")
     parser.add_argument(
         "--autograd-all",
@@ -101,8 +112,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="autograd path with all classes: run it, skip it, or run it when one full chunk's extrapolation fits --autograd-all-budget",
     )
-    parser.add_argument("--autograd-all-budget", type=float, default=60.0, help="seconds allowed for one autograd all-class run under --autograd-all auto")
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file whose '## Engine' section is replaced")
+    parser.add_argument(
+        "--autograd-all-budget",
+        type=float,
+        default=60.0,
+        help="seconds allowed for one autograd all-class run under --autograd-all auto",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "BENCHMARKS.md",
+        help="markdown file whose '## Engine' section is replaced",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -151,7 +172,9 @@ def multiply_adds(model, num_targets: int) -> tuple[float, float, float]:
     block = tokens * per_token + 2 * tokens * tokens * dim  # + attention scores and mixing
     trunk = patches * patch_pixels * dim + (len(model.blocks) - 1) * block
     head = dim * model.num_classes
-    replacement = patches * (2 * dim * dim + 2 * dim * hidden) + num_targets * dim * patches  # values, proj, MLP; directions
+    replacement = (
+        patches * (2 * dim * dim + 2 * dim * hidden) + num_targets * dim * patches
+    )  # values, proj, MLP; directions
     return trunk + block + head, trunk + replacement + head, block
 
 
@@ -169,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = load_average()
 
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size).eval().to(device)
+    model = (
+        timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+        .eval()
+        .to(device)
+    )
     generator = torch.Generator().manual_seed(args.seed + 1)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
     keys = [f"bench/{i:06d}" for i in range(args.batch)]
@@ -182,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     bf16_float32_copies = CDAMExplainer(model, precision="bf16", variant_precision="float32")
     tf32 = CDAMExplainer(model, precision="tf32") if device.type == "cuda" else None  # TF32 exists on CUDA only
     if closed.method != "closed_form":
-        raise SystemExit(f"{args.model}: the closed form does not hold ({closed.method_reason}); this benchmark compares it with the rest")
+        raise SystemExit(
+            f"{args.model}: the closed form does not hold ({closed.method_reason}); this benchmark compares it with the rest"
+        )
     smooth = VariantConfig("smooth", n_samples=args.smooth_samples)
     tokens = model.patch_embed.num_patches + prefix
     chunk_targets = max(1, autograd.rows_per_pass(tokens) // args.batch)  # targets per autograd backward pass
@@ -215,11 +244,29 @@ def main(argv: list[str] | None = None) -> int:
         Case("cf1", "CDAM, closed form", "1", lambda: explain(closed, "topk:1"), args.repeats),
         Case("sm1", smooth_label, "1", lambda: explain(closed, "topk:1", keys=keys, variant=smooth), args.repeats),
         Case("cf10", "CDAM, closed form", str(k10), lambda: explain(closed, f"topk:{k10}"), args.repeats),
-        Case("sm10", smooth_label, str(k10), lambda: explain(closed, f"topk:{k10}", keys=keys, variant=smooth), args.repeats),
+        Case(
+            "sm10",
+            smooth_label,
+            str(k10),
+            lambda: explain(closed, f"topk:{k10}", keys=keys, variant=smooth),
+            args.repeats,
+        ),
         Case("ag1", "CDAM, autograd through the last block", "1", lambda: explain(autograd, "topk:1"), args.repeats),
-        Case("ag10", "CDAM, autograd through the last block", str(k10), lambda: explain(autograd, f"topk:{k10}"), args.repeats),
+        Case(
+            "ag10",
+            "CDAM, autograd through the last block",
+            str(k10),
+            lambda: explain(autograd, f"topk:{k10}"),
+            args.repeats,
+        ),
         Case("bf1", "CDAM, closed form, bf16 trunk", "1", lambda: explain(bf16, "topk:1"), args.repeats),
-        Case("smbf1", f"{smooth_label}, bf16 trunk and copies", "1", lambda: explain(bf16, "topk:1", keys=keys, variant=smooth), args.repeats),
+        Case(
+            "smbf1",
+            f"{smooth_label}, bf16 trunk and copies",
+            "1",
+            lambda: explain(bf16, "topk:1", keys=keys, variant=smooth),
+            args.repeats,
+        ),
         Case(
             "smbf1f",
             f"{smooth_label}, bf16 trunk, float32 copies",
@@ -227,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda: explain(bf16_float32_copies, "topk:1", keys=keys, variant=smooth),
             args.repeats,
         ),
-        Case("bfall", "CDAM, closed form, bf16 trunk", f"{num_classes} (all)", lambda: explain(bf16, "all"), args.repeats),
+        Case(
+            "bfall", "CDAM, closed form, bf16 trunk", f"{num_classes} (all)", lambda: explain(bf16, "all"), args.repeats
+        ),
         Case(
             "captum",
             "Captum `LayerGradientXActivation` at `blocks[-1].norm1`, loop over targets",
@@ -238,7 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     if tf32 is not None:
-        cases.append(Case("tfall", "CDAM, closed form, TF32 trunk", f"{num_classes} (all)", lambda: explain(tf32, "all"), args.repeats))
+        cases.append(
+            Case(
+                "tfall",
+                "CDAM, closed form, TF32 trunk",
+                f"{num_classes} (all)",
+                lambda: explain(tf32, "all"),
+                args.repeats,
+            )
+        )
     if chunk_targets < num_classes and args.autograd_all != "skip":
         cases.append(
             Case(
@@ -262,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 case.cpu_times.append(cpu_seconds)
         log(f"round {round_index + 1}/{rounds} done ({time.perf_counter() - started:.0f} s so far)")
     for case in cases:
-        log(f"{case.key:>8}: wall {' '.join(f'{t:.3f}' for t in case.times)} | cpu {' '.join(f'{t:.2f}' for t in case.cpu_times)}")
+        log(
+            f"{case.key:>8}: wall {' '.join(f'{t:.3f}' for t in case.times)} | cpu {' '.join(f'{t:.2f}' for t in case.cpu_times)}"
+        )
     by_key = {case.key: case for case in cases}
 
     # autograd with every class: measured once, or extrapolated from one full chunk
@@ -276,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.autograd_all == "run" or (args.autograd_all == "auto" and estimate <= args.autograd_all_budget):
             log(f"autograd, all {num_classes} classes (estimated {estimate:.0f} s)")
             seconds, cpu_seconds = timed(lambda: explain(autograd, "all"), device)
-            via = f"; through the basis: {backward_rows} backward rows per image, not {num_classes}" if backward_rows < num_classes else ""
+            via = (
+                f"; through the basis: {backward_rows} backward rows per image, not {num_classes}"
+                if backward_rows < num_classes
+                else ""
+            )
             autograd_all = Row(label, targets, seconds, seconds, cpu_seconds, f"measured once (1 run){via}")
         else:
             autograd_all = Row(
@@ -300,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     bf16_error = relative_error(approx_all, exact_all)
     smooth_classes = explain(closed, f"topk:{k10}").target_class  # the same classes for every precision
     smooth_exact = explain(closed, smooth_classes, keys=keys, variant=smooth).cdam
-    smooth_other_seed = explain(closed, smooth_classes, keys=keys, variant=VariantConfig("smooth", n_samples=args.smooth_samples, seed=smooth.seed + 1)).cdam
+    smooth_other_seed = explain(
+        closed,
+        smooth_classes,
+        keys=keys,
+        variant=VariantConfig("smooth", n_samples=args.smooth_samples, seed=smooth.seed + 1),
+    ).cdam
     smooth_bf16_float32_copies = explain(bf16_float32_copies, smooth_classes, keys=keys, variant=smooth).cdam
     smooth_bf16 = explain(bf16, smooth_classes, keys=keys, variant=smooth).cdam
     smooth_moves = {  # what: (max |diff| / max |ref|, median and min Pearson r per map)
@@ -321,14 +389,45 @@ def main(argv: list[str] | None = None) -> int:
     forward = by_key["forward"]
     captum_case = by_key["captum"]
     n_captum = len(captum_classes)
-    rows = [Row(c.label, c.targets, c.seconds, c.best, c.cpu_seconds, f"median of {len(c.times)}") for c in cases if c.key != "captum"]
+    rows = [
+        Row(c.label, c.targets, c.seconds, c.best, c.cpu_seconds, f"median of {len(c.times)}")
+        for c in cases
+        if c.key != "captum"
+    ]
     if autograd_all is not None:
         rows.append(autograd_all)
     elif chunk_targets >= num_classes:
-        rows.append(Row("CDAM, autograd through the last block", f"{num_classes} (all)", float("nan"), float("nan"), None, f"all {num_classes} classes fit in one backward chunk"))
+        rows.append(
+            Row(
+                "CDAM, autograd through the last block",
+                f"{num_classes} (all)",
+                float("nan"),
+                float("nan"),
+                None,
+                f"all {num_classes} classes fit in one backward chunk",
+            )
+        )
     else:
-        rows.append(Row("CDAM, autograd through the last block", f"{num_classes} (all)", float("nan"), float("nan"), None, "skipped (--autograd-all skip)"))
-    rows.append(Row(captum_case.label, str(n_captum), captum_case.seconds, captum_case.best, captum_case.cpu_seconds, f"median of {len(captum_case.times)}; {captum_case.seconds / n_captum:.2f} s per target"))
+        rows.append(
+            Row(
+                "CDAM, autograd through the last block",
+                f"{num_classes} (all)",
+                float("nan"),
+                float("nan"),
+                None,
+                "skipped (--autograd-all skip)",
+            )
+        )
+    rows.append(
+        Row(
+            captum_case.label,
+            str(n_captum),
+            captum_case.seconds,
+            captum_case.best,
+            captum_case.cpu_seconds,
+            f"median of {len(captum_case.times)}; {captum_case.seconds / n_captum:.2f} s per target",
+        )
+    )
     scale = num_classes / n_captum
     rows.append(
         Row(
@@ -340,7 +439,25 @@ def main(argv: list[str] | None = None) -> int:
             f"**extrapolated** from {n_captum} targets (x {scale:g})",
         )
     )
-    order = ["forward", "cf1", "cf10", "cfall", "ag1", "ag10", "agchunk", "agall", "sm1", "sm10", "bf1", "bfall", "smbf1", "smbf1f", "tfall", "captum", "captumall"]
+    order = [
+        "forward",
+        "cf1",
+        "cf10",
+        "cfall",
+        "ag1",
+        "ag10",
+        "agchunk",
+        "agall",
+        "sm1",
+        "sm10",
+        "bf1",
+        "bfall",
+        "smbf1",
+        "smbf1f",
+        "tfall",
+        "captum",
+        "captumall",
+    ]
     keyed = {c.key: r for c, r in zip([c for c in cases if c.key != "captum"], rows)}
     keyed.update(agall=rows[-3], captum=rows[-2], captumall=rows[-1])
     rows = [keyed[key] for key in order if key in keyed]
@@ -358,7 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     captum_speedup = ratios(captum_case, by_key["cfall"], scale)
     smooth_ratio = ratios(by_key["sm1"], by_key["cf1"])
     smooth_bf16_ratio = ratios(by_key["smbf1"], by_key["bf1"])
-    smooth_bf16_float32_copies_ratio = (paired_ratio(by_key["smbf1f"], by_key["bf1"]), by_key["smbf1f"].best / by_key["bf1"].best)
+    smooth_bf16_float32_copies_ratio = (
+        paired_ratio(by_key["smbf1f"], by_key["bf1"]),
+        by_key["smbf1f"].best / by_key["bf1"].best,
+    )
     smooth10_ratio = (paired_ratio(by_key["sm10"], by_key["cf10"]), by_key["sm10"].best / by_key["cf10"].best)
     bf16_ratio = (paired_ratio(by_key["cf1"], by_key["bf1"]), by_key["cf1"].best / by_key["bf1"].best)
     bf16_all_ratio = (paired_ratio(by_key["cfall"], by_key["bfall"]), by_key["cfall"].best / by_key["bfall"].best)
@@ -444,7 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(paired median, best-of): {smooth_bf16_float32_copies_ratio[0]:.2f}x, {smooth_bf16_float32_copies_ratio[1]:.2f}x.",
         f"- What moves the Smooth maps (m={args.smooth_samples}, the top {k10} float32 classes; max |diff| / max |ref| over the batch, "
         "and Pearson r per (image, class) map, median and min): "
-        + "; ".join(f"{what}: {error:.2e}, r {r_median:.5f} / {r_min:.5f}" for what, (error, r_median, r_min) in smooth_moves.items())
+        + "; ".join(
+            f"{what}: {error:.2e}, r {r_median:.5f} / {r_min:.5f}"
+            for what, (error, r_median, r_min) in smooth_moves.items()
+        )
         + ". Two seeds differ by about sqrt(2) times the sampling error of one map. Random weights: a trained model may differ.",
     ]
     if tf32_all is not None:

@@ -46,8 +46,13 @@ from cdam_worker.shards.tar_reader import iter_samples
 REPO = Path(__file__).resolve().parent.parent
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
 # The driver's last stderr lines: the throughput after start-up, and one line per actor.
-THROUGHPUT_LINE = re.compile(r"^actors: \d+ at the end; (\d+) images in ([\d.]+) s since the first actor was ready \(([\d.]+) images/s\)$", re.MULTILINE)
-ACTOR_LINE = re.compile(r"^actor \d+: .*decode \w+ with (\d+) worker\(s\), batch (\d+), .*peak RSS (\d+) MiB$", re.MULTILINE)
+THROUGHPUT_LINE = re.compile(
+    r"^actors: \d+ at the end; (\d+) images in ([\d.]+) s since the first actor was ready \(([\d.]+) images/s\)$",
+    re.MULTILINE,
+)
+ACTOR_LINE = re.compile(
+    r"^actor \d+: .*decode \w+ with (\d+) worker\(s\), batch (\d+), .*peak RSS (\d+) MiB$", re.MULTILINE
+)
 
 
 def write_shards(root: Path, prefix: str, n_shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> str:
@@ -57,8 +62,12 @@ def write_shards(root: Path, prefix: str, n_shards: int, per_shard: int, size: t
     for s in range(n_shards):
         with tarfile.open(root / f"{prefix}-{s:04d}.tar", "w") as tar:
             for i in range(per_shard):
-                coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-                pixels = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3)), 0, 255).astype(np.uint8)
+                coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+                    (width, height), Image.BICUBIC
+                )
+                pixels = np.clip(
+                    np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3)), 0, 255
+                ).astype(np.uint8)
                 buffer = io.BytesIO()
                 Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
                 for ext, data in (("jpg", buffer.getvalue()), ("cls", str(int(rng.integers(0, 10))).encode())):
@@ -92,7 +101,13 @@ def run_plain_loop(checkpoint: str, shards: list[str], batch_size: int) -> tuple
     """The plain loop in a fresh process: (seconds from start to exit, what it reported)."""
     code = "import json, sys; from bench.bench_job import plain_loop; print(json.dumps(plain_loop(sys.argv[1], sys.argv[3:], int(sys.argv[2]))))"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, checkpoint, str(batch_size), *shards], cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, checkpoint, str(batch_size), *shards],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return time.perf_counter() - started, json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -128,7 +143,13 @@ def throughput(stderr: str) -> float:
 def decode_ceiling(shards: list[str], transform, processes: int) -> float:
     """images/s of decode + transform alone, in a plain pool of ``processes`` processes (no actor, no Ray, no
     pixels sent back): what this machine allows the decode pool at best."""
-    images = [(member.name, tar.extractfile(member).read()) for shard in shards for tar in [tarfile.open(shard)] for member in tar.getmembers() if member.name.endswith(".jpg")]
+    images = [
+        (member.name, tar.extractfile(member).read())
+        for shard in shards
+        for tar in [tarfile.open(shard)]
+        for member in tar.getmembers()
+        if member.name.endswith(".jpg")
+    ]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_set_transform, initargs=(transform,)) as pool:
         list(pool.map(_decode_and_transform, images[: 2 * processes]))  # warm-up
@@ -162,8 +183,25 @@ def small_job(root: Path, args: argparse.Namespace) -> tuple[list[str], bool]:
     shards = [str(root / f"small-{s:04d}.tar") for s in range(args.shards)]
     torch.manual_seed(0)
     checkpoint = str(root / "vit.pt")
-    save_checkpoint(checkpoint, timm.create_model(args.model, num_classes=1000), args.model, {"num_classes": 1000}, [f"class_{i}" for i in range(1000)])
-    job = ["explain", "--shards", spec, "--output", str(root / "out"), "--checkpoint", checkpoint, "--targets", args.targets, "--overwrite"]
+    save_checkpoint(
+        checkpoint,
+        timm.create_model(args.model, num_classes=1000),
+        args.model,
+        {"num_classes": 1000},
+        [f"class_{i}" for i in range(1000)],
+    )
+    job = [
+        "explain",
+        "--shards",
+        spec,
+        "--output",
+        str(root / "out"),
+        "--checkpoint",
+        checkpoint,
+        "--targets",
+        args.targets,
+        "--overwrite",
+    ]
     plains, jobs = [], []
     for _ in range(args.rounds):  # alternated, so both see the same machine
         plains.append(run_plain_loop(checkpoint, shards, 32))
@@ -204,18 +242,45 @@ def decode_bound_job(root: Path, args: argparse.Namespace) -> tuple[list[str], b
     spec = write_shards(root, "large", args.large_shards, args.large_per_shard, (width, height), seed=1)
     torch.manual_seed(0)
     checkpoint = str(root / "tiny.pt")
-    save_checkpoint(checkpoint, timm.create_model("vit_small_patch16_224", **TINY_VIT), "vit_small_patch16_224", TINY_VIT, [f"c{i}" for i in range(10)])
+    save_checkpoint(
+        checkpoint,
+        timm.create_model("vit_small_patch16_224", **TINY_VIT),
+        "vit_small_patch16_224",
+        TINY_VIT,
+        [f"c{i}" for i in range(10)],
+    )
     cpus = psutil.cpu_count()
     shards = [str(root / f"large-{s:04d}.tar") for s in range(args.large_shards)]
     transform = load_model(checkpoint=checkpoint).transform
     ceiling = {n: decode_ceiling(shards, transform, n) for n in (1, cpus)}
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=cpus,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         rates: dict[str, list[float]] = {"1": [], "default": []}
         workers: dict[str, str] = {}
         for _ in range(args.rounds):
             for case, extra in (("1", ["--decode-workers", "1"]), ("default", [])):
-                stderr = run_in_process(["explain", "--shards", spec, "--output", str(root / f"out-{case}"), "--checkpoint", checkpoint, "--targets", "topk:5", "--overwrite", *extra])
+                stderr = run_in_process(
+                    [
+                        "explain",
+                        "--shards",
+                        spec,
+                        "--output",
+                        str(root / f"out-{case}"),
+                        "--checkpoint",
+                        checkpoint,
+                        "--targets",
+                        "topk:5",
+                        "--overwrite",
+                        *extra,
+                    ]
+                )
                 rates[case].append(throughput(stderr))
                 workers[case] = ACTOR_LINE.findall(stderr)[0][0]
     finally:
@@ -250,8 +315,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="side of the small job's JPEGs")
     parser.add_argument("--targets", default="topk:5")
     parser.add_argument("--large-shards", type=int, default=2)
-    parser.add_argument("--large-per-shard", type=int, default=192, help="samples per shard of the decode-bound job (long enough that start-up and the drain at each shard's end do not dominate)")
-    parser.add_argument("--large-size", type=int, nargs=2, default=(1600, 1200), metavar=("W", "H"), help="the decode-bound job's JPEGs")
+    parser.add_argument(
+        "--large-per-shard",
+        type=int,
+        default=192,
+        help="samples per shard of the decode-bound job (long enough that start-up and the drain at each shard's end do not dominate)",
+    )
+    parser.add_argument(
+        "--large-size", type=int, nargs=2, default=(1600, 1200), metavar=("W", "H"), help="the decode-bound job's JPEGs"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds per section (medians are reported)")
     parser.add_argument("--report", default="BENCHMARKS.md")
     args = parser.parse_args()

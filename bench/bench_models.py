@@ -38,14 +38,29 @@ SECTION = "## Models from transformers and open_clip"
 def hf_families(width: int, depth: int, heads: int, image: int, patch: int) -> dict[str, tuple]:
     import transformers as tf
 
-    size = {"hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": heads, "image_size": image, "patch_size": patch}
+    size = {
+        "hidden_size": width,
+        "num_hidden_layers": depth,
+        "num_attention_heads": heads,
+        "image_size": image,
+        "patch_size": patch,
+    }
     squash = {"size": {"height": image, "width": image}}
     crop = {"size": {"shortest_edge": image}, "crop_size": {"height": image, "width": image}}
     return {
-        "ViTForImageClassification": (tf.ViTConfig(**size, intermediate_size=4 * width, num_labels=10), tf.ViTImageProcessor(**squash)),
-        "DeiTForImageClassificationWithTeacher": (tf.DeiTConfig(**size, intermediate_size=4 * width, num_labels=10), tf.DeiTImageProcessor(**squash, do_center_crop=False)),
+        "ViTForImageClassification": (
+            tf.ViTConfig(**size, intermediate_size=4 * width, num_labels=10),
+            tf.ViTImageProcessor(**squash),
+        ),
+        "DeiTForImageClassificationWithTeacher": (
+            tf.DeiTConfig(**size, intermediate_size=4 * width, num_labels=10),
+            tf.DeiTImageProcessor(**squash, do_center_crop=False),
+        ),
         "Dinov2ForImageClassification": (tf.Dinov2Config(**size, num_labels=10), tf.BitImageProcessor(**crop)),
-        "CLIPVisionModelWithProjection": (tf.CLIPVisionConfig(**size, intermediate_size=4 * width, projection_dim=256), tf.CLIPImageProcessor(**crop)),
+        "CLIPVisionModelWithProjection": (
+            tf.CLIPVisionConfig(**size, intermediate_size=4 * width, projection_dim=256),
+            tf.CLIPImageProcessor(**crop),
+        ),
     }
 
 
@@ -77,31 +92,55 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.image, args.image)
     cases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (config, processor) in hf_families(args.width, args.depth, args.heads, args.image, args.patch).items():
+        for name, (config, processor) in hf_families(
+            args.width, args.depth, args.heads, args.image, args.patch
+        ).items():
             folder = Path(tmp) / name
             getattr(tf, name)(config).eval().save_pretrained(folder, safe_serialization=True)
             processor.save_pretrained(folder)
             hf_model = getattr(tf, name).from_pretrained(folder, use_safetensors=True).eval()
             cases[name] = {"loaded": load_model(f"hf:{folder}"), "library": lambda m=hf_model: hf_outputs(m, images)}
-        clip_config = {"embed_dim": 256, "vision_cfg": {"image_size": args.image, "layers": args.depth, "width": args.width, "head_width": args.width // args.heads, "patch_size": args.patch},
-                       "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+        clip_config = {
+            "embed_dim": 256,
+            "vision_cfg": {
+                "image_size": args.image,
+                "layers": args.depth,
+                "width": args.width,
+                "head_width": args.width // args.heads,
+                "patch_size": args.patch,
+            },
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+        }
         config_path = Path(tmp) / "bench-clip.json"
         config_path.write_text(json.dumps(clip_config))
         open_clip.add_model_config(config_path)
         clip_model = open_clip.create_model("bench-clip").eval()
         torch.save(clip_model.state_dict(), Path(tmp) / "clip.pt")
-        cases["open_clip VisionTransformer"] = {"loaded": load_model(f"open_clip:{config_path}", checkpoint=Path(tmp) / "clip.pt"),
-                                                "library": lambda: clip_model.encode_image(images)}
+        cases["open_clip VisionTransformer"] = {
+            "loaded": load_model(f"open_clip:{config_path}", checkpoint=Path(tmp) / "clip.pt"),
+            "library": lambda: clip_model.encode_image(images),
+        }
 
-        reference = timm.create_model("vit_small_patch16_224", img_size=args.image, patch_size=args.patch, embed_dim=args.width, depth=args.depth,
-                                      num_heads=args.heads, num_classes=10).eval()
+        reference = timm.create_model(
+            "vit_small_patch16_224",
+            img_size=args.image,
+            patch_size=args.patch,
+            embed_dim=args.width,
+            depth=args.depth,
+            num_heads=args.heads,
+            num_classes=10,
+        ).eval()
         timm_explainer = CDAMExplainer(reference)
         rows = []
         with torch.no_grad():
             for name, case in cases.items():
                 loaded = case["loaded"]
                 explainer = CDAMExplainer(loaded)
-                targets, concepts = ("topk:1", []) if loaded.num_classes else ("none", [Concept("c", torch.randn(loaded.model.num_features))])
+                targets, concepts = (
+                    ("topk:1", [])
+                    if loaded.num_classes
+                    else ("none", [Concept("c", torch.randn(loaded.model.num_features))])
+                )
                 runs = {
                     "converted": lambda e=explainer, t=targets, c=concepts: e.explain(images, t, concepts=c),
                     "timm": lambda: timm_explainer.explain(images, "topk:1"),
@@ -112,24 +151,42 @@ def main() -> None:
                     for key, run in runs.items():
                         times[key].extend(timed(run, 1))
                 medians = {key: statistics.median(values) for key, values in times.items()}
-                rows.append(f"| {name} | {explainer.method.replace('_', ' ')} | {args.batch / medians['converted']:.1f} | {args.batch / medians['timm']:.1f} | "
-                            f"{medians['converted'] / medians['timm']:.2f} | {args.batch / medians['forward']:.1f} |")
+                rows.append(
+                    f"| {name} | {explainer.method.replace('_', ' ')} | {args.batch / medians['converted']:.1f} | {args.batch / medians['timm']:.1f} | "
+                    f"{medians['converted'] / medians['timm']:.2f} | {args.batch / medians['forward']:.1f} |"
+                )
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        SECTION, "",
-        f"Measured {stamp}: {machine_line(torch.device('cpu'), torch.get_num_threads())}; load average {load_average()}.",
-        (f"`{command_line('bench.bench_models')}`: width {args.width}, depth {args.depth}, {args.heads} heads, {args.image} px, patch {args.patch}, "
-        f"batch {args.batch}, median of {args.rounds} interleaved rounds. Images/s of vanilla CDAM (top-1 class, or one concept without classes) "
-        "of the converted model and of timm's ViT of the same size (closed form), their time ratio, and the library's own forward pass alone."),
-        "",
-        "| family | path | converted img/s | timm same size img/s | time ratio | library forward img/s |",
-        "|---|---|---|---|---|---|",
-        *rows, "",
-        ("A closed-form family is timm's ViT after conversion, so its ratio is 1 up to noise. Autograd families "
-        "(distilled DeiT, the DINOv2 classifier) pay one backward pass through the last block per target chunk."),
-        *([(f"\nNote: the load average ({load_average()}) exceeded the {os.cpu_count()} cores while this ran (other jobs shared the "
-           "machine), so these ratios are within the noise; rerun on a quiet machine for figures to quote.")] if os.getloadavg()[0] > (os.cpu_count() or 1) else []),
-    ])
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"Measured {stamp}: {machine_line(torch.device('cpu'), torch.get_num_threads())}; load average {load_average()}.",
+            (
+                f"`{command_line('bench.bench_models')}`: width {args.width}, depth {args.depth}, {args.heads} heads, {args.image} px, patch {args.patch}, "
+                f"batch {args.batch}, median of {args.rounds} interleaved rounds. Images/s of vanilla CDAM (top-1 class, or one concept without classes) "
+                "of the converted model and of timm's ViT of the same size (closed form), their time ratio, and the library's own forward pass alone."
+            ),
+            "",
+            "| family | path | converted img/s | timm same size img/s | time ratio | library forward img/s |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            (
+                "A closed-form family is timm's ViT after conversion, so its ratio is 1 up to noise. Autograd families "
+                "(distilled DeiT, the DINOv2 classifier) pay one backward pass through the last block per target chunk."
+            ),
+            *(
+                [
+                    (
+                        f"\nNote: the load average ({load_average()}) exceeded the {os.cpu_count()} cores while this ran (other jobs shared the "
+                        "machine), so these ratios are within the noise; rerun on a quiet machine for figures to quote."
+                    )
+                ]
+                if os.getloadavg()[0] > (os.cpu_count() or 1)
+                else []
+            ),
+        ]
+    )
     print(section)
     if not args.no_write:
         write_section(ROOT / "BENCHMARKS.md", SECTION, section)

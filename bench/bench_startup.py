@@ -81,22 +81,24 @@ def main() -> None:
         imported = "-" if torch_imported[label] is None else ("yes" if torch_imported[label] else "no")
         rows.append(f"| {label} | {median:.2f} | {min(values):.2f} | {imported} | {goal} |")
         print(f"{label:42s} median {median:6.2f} s  min {min(values):6.2f} s  torch imported: {imported}")
-    report = "\n".join([
-        "## Reading commands",
-        "",
-        f"`{command_line('bench.bench_startup')}`; {machine_line(torch.device('cpu'), torch.get_num_threads())}; "
-        f"load average {load_before} before, {load_average()} after. Each command in a fresh interpreter, "
-        f"{args.rounds} alternated rounds; goal: under {GOAL_SECONDS:.0f} s for `--help`, `query` and `verify`.",
-        "",
-        "| command | median s | min s | imports torch | goal |",
-        "|---|---:|---:|---|---|",
-        *rows,
-        "",
-        "The reading commands import torch and timm only where they compute with them (the model for `evaluate`,",
-        "`audit`'s confirmation, concept folders for `derive`): `cdam_worker` and `cdam_worker.derive` import their",
-        "names on first use, and the CLI reports the one-line errors of the modules a command imported.",
-        "`tests/test_cli_startup.py` fails if `cdam query`, `cdam verify` or the parser import torch, timm or Ray.",
-    ])
+    report = "\n".join(
+        [
+            "## Reading commands",
+            "",
+            f"`{command_line('bench.bench_startup')}`; {machine_line(torch.device('cpu'), torch.get_num_threads())}; "
+            f"load average {load_before} before, {load_average()} after. Each command in a fresh interpreter, "
+            f"{args.rounds} alternated rounds; goal: under {GOAL_SECONDS:.0f} s for `--help`, `query` and `verify`.",
+            "",
+            "| command | median s | min s | imports torch | goal |",
+            "|---|---:|---:|---|---|",
+            *rows,
+            "",
+            "The reading commands import torch and timm only where they compute with them (the model for `evaluate`,",
+            "`audit`'s confirmation, concept folders for `derive`): `cdam_worker` and `cdam_worker.derive` import their",
+            "names on first use, and the CLI reports the one-line errors of the modules a command imported.",
+            "`tests/test_cli_startup.py` fails if `cdam query`, `cdam verify` or the parser import torch, timm or Ray.",
+        ]
+    )
     write_section(Path(args.report), "## Reading commands", report)
 
 

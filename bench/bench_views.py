@@ -46,7 +46,15 @@ CHROMIUM = "/usr/bin/chromium"
 LISTENING = r"cdam serve: (http://\S+)/ "
 """The line `cdam serve` prints once it listens (its address in group 1)."""
 VIEWPORT = {"width": 1400, "height": 1000}
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 
 def write_run(dest: Path, n_images: int, n_classes: int, photo_size: tuple[int, int] | None) -> None:
@@ -61,16 +69,51 @@ def write_run(dest: Path, n_images: int, n_classes: int, photo_size: tuple[int, 
     rng = np.random.default_rng(0)
     preds = index.column("pred").to_numpy()
     cluster = rng.integers(0, 3, len(preds))
-    images = pa.table({"key": index.column("key"), "row": index.column("row"), "class": pa.array(preds, pa.int32()), "cluster": cluster,
-                       "x": rng.normal(size=len(preds)) + 3 * cluster, "y": rng.normal(size=len(preds)), "score": rng.uniform(size=len(preds)), "flagged": cluster == 2})
+    images = pa.table(
+        {
+            "key": index.column("key"),
+            "row": index.column("row"),
+            "class": pa.array(preds, pa.int32()),
+            "cluster": cluster,
+            "x": rng.normal(size=len(preds)) + 3 * cluster,
+            "y": rng.normal(size=len(preds)),
+            "score": rng.uniform(size=len(preds)),
+            "flagged": cluster == 2,
+        }
+    )
     gh, gw = run.grid
-    clusters = [{"class": c, "cluster": k, "size": int(((preds == c) & (cluster == k)).sum()), "share": 1 / 3, "purity": 0.9,
-                 "prototype": np.zeros(gh * gw, np.float32).tolist(), "medoid_key": index.column("key")[int(np.flatnonzero((preds == c) & (cluster == k))[0])].as_py(),
-                 "flagged": k == 2} for c in range(n_classes) for k in range(3)]
-    classes = [{"class": c, "class_name": run.class_names[c], "n_images": int((preds == c).sum()), "score": 1 - c / n_classes, "rank": c + 1,
-                "flagged": c == 0, "reasons": "synthetic"} for c in range(n_classes)]
+    clusters = [
+        {
+            "class": c,
+            "cluster": k,
+            "size": int(((preds == c) & (cluster == k)).sum()),
+            "share": 1 / 3,
+            "purity": 0.9,
+            "prototype": np.zeros(gh * gw, np.float32).tolist(),
+            "medoid_key": index.column("key")[int(np.flatnonzero((preds == c) & (cluster == k))[0])].as_py(),
+            "flagged": k == 2,
+        }
+        for c in range(n_classes)
+        for k in range(3)
+    ]
+    classes = [
+        {
+            "class": c,
+            "class_name": run.class_names[c],
+            "n_images": int((preds == c).sum()),
+            "score": 1 - c / n_classes,
+            "rank": c + 1,
+            "flagged": c == 0,
+            "reasons": "synthetic",
+        }
+        for c in range(n_classes)
+    ]
     (dest / "audit").mkdir(exist_ok=True)
-    for name, table in (("images", images), ("clusters", pa.Table.from_pylist(clusters)), ("classes", pa.Table.from_pylist(classes))):
+    for name, table in (
+        ("images", images),
+        ("clusters", pa.Table.from_pylist(clusters)),
+        ("classes", pa.Table.from_pylist(classes)),
+    ):
         pq.write_table(table, dest / "audit" / f"{name}.parquet")
 
 
@@ -119,7 +162,12 @@ class ServeCommand:
 
     def __init__(self, run: Path) -> None:
         self.started = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, "-m", "jobs", "serve", str(run), "--port", "0"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "serve", str(run), "--port", "0"],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -152,9 +200,15 @@ def screenshot(run: Path, out: Path, class_index: int) -> None:
         base = server.wait_for(LISTENING)[1].group(1)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})  # tall: the whole first page of the gallery
+            page = browser.new_page(
+                viewport={"width": 1280, "height": 1400}
+            )  # tall: the whole first page of the gallery
             page.goto(f"{base}/class/{class_index}")
-            page.wait_for_function("() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); }", polling="raf", timeout=120_000)
+            page.wait_for_function(
+                "() => { const all = [...document.querySelectorAll('#gallery img')]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); }",
+                polling="raf",
+                timeout=120_000,
+            )
             page.screenshot(path=str(out))
             browser.close()
     finally:
@@ -165,11 +219,22 @@ def screenshot(run: Path, out: Path, class_index: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("/tmp/cdam-views-bench-run"), help="where the synthetic run is written (reused if there)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=Path("/tmp/cdam-views-bench-run"),
+        help="where the synthetic run is written (reused if there)",
+    )
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--photos", metavar="WxH", help="the run's images as JPEGs of this size (ImageNet's are about 500x375) instead of 56x56 PNGs")
-    parser.add_argument("--screenshot", nargs=2, metavar=("RUN", "OUT"), help="save a screenshot of a class page of RUN to OUT and exit")
+    parser.add_argument(
+        "--photos",
+        metavar="WxH",
+        help="the run's images as JPEGs of this size (ImageNet's are about 500x375) instead of 56x56 PNGs",
+    )
+    parser.add_argument(
+        "--screenshot", nargs=2, metavar=("RUN", "OUT"), help="save a screenshot of a class page of RUN to OUT and exit"
+    )
     parser.add_argument("--screenshot-class", type=int, default=0)
     args = parser.parse_args()
     if args.screenshot:
@@ -179,8 +244,12 @@ def main() -> None:
         started = time.perf_counter()
         photo_size = tuple(int(v) for v in args.photos.lower().split("x")) if args.photos else None
         write_run(args.run, args.images, args.classes, photo_size)
-        print(f"wrote the synthetic run ({args.images} images{f' of {args.photos} JPEGs' if photo_size else ''}, {args.classes} classes) in {time.perf_counter() - started:.0f} s")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"wrote the synthetic run ({args.images} images{f' of {args.photos} JPEGs' if photo_size else ''}, {args.classes} classes) in {time.perf_counter() - started:.0f} s"
+        )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     results = {}
     server = ServeCommand(args.run)
     try:
@@ -198,11 +267,17 @@ def main() -> None:
                 tab = browser.new_page(viewport=VIEWPORT)  # as a user comes from the overview, in its tab
                 tab.goto(base + "/")
                 for class_index in (2, 4, 6, 8, 10):
-                    results[f"Chromium, cold, in the overview's tab (class {class_index})"] = time_browser_page(tab, base, class_index)
+                    results[f"Chromium, cold, in the overview's tab (class {class_index})"] = time_browser_page(
+                        tab, base, class_index
+                    )
                 for class_index in (12, 14, 16, 18, 20):
-                    results[f"Chromium, cold, in a new tab (class {class_index})"] = time_new_tab(browser, base, class_index)
+                    results[f"Chromium, cold, in a new tab (class {class_index})"] = time_new_tab(
+                        browser, base, class_index
+                    )
                 for class_index in (2, 4):
-                    results[f"Chromium, warm, in the overview's tab (class {class_index})"] = time_browser_page(tab, base, class_index)
+                    results[f"Chromium, warm, in the overview's tab (class {class_index})"] = time_browser_page(
+                        tab, base, class_index
+                    )
                 browser.close()
     finally:
         server.stop()

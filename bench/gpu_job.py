@@ -48,7 +48,24 @@ from jobs.explain import explain_options
 
 IMAGENET_SIZE = (500, 375)
 EXTRAPOLATE_TO = 50_000
-PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket")
+PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+)
 
 
 class GpuUtilisation:
@@ -56,7 +73,12 @@ class GpuUtilisation:
 
     def __enter__(self) -> "GpuUtilisation":
         try:
-            self._process = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         except OSError:
             self._process = None
         self.mean: float | None = None
@@ -66,7 +88,9 @@ class GpuUtilisation:
         if self._process is None:
             return
         self._process.terminate()
-        samples = [float(line) for line in self._process.communicate()[0].split() if line.strip().replace(".", "", 1).isdigit()]
+        samples = [
+            float(line) for line in self._process.communicate()[0].split() if line.strip().replace(".", "", 1).isdigit()
+        ]
         self.mean = statistics.mean(samples) if samples else None
 
 
@@ -81,7 +105,23 @@ def _one_shard(root: Path, per_shard: int, index: int) -> None:
 
 
 def plan_for(shards: list[str], output: Path, checkpoint: str, decode: str, precision: str):
-    args = build_parser().parse_args(["explain", "--shards", *shards, "--output", str(output), "--checkpoint", checkpoint, "--targets", "topk:5", "--decode", decode, "--precision", precision])
+    args = build_parser().parse_args(
+        [
+            "explain",
+            "--shards",
+            *shards,
+            "--output",
+            str(output),
+            "--checkpoint",
+            checkpoint,
+            "--targets",
+            "topk:5",
+            "--decode",
+            decode,
+            "--precision",
+            precision,
+        ]
+    )
     plan = make_plan(explain_options(args))
     prepare_output(plan, overwrite=True)
     return plan
@@ -94,7 +134,9 @@ def decode_alone(shards: list[str], checkpoint: str) -> tuple[int, float, int]:
     pool.wait_until_started()
     settings = DecodeSettings(plan.loaded.transform, SampleRules(False, None))
     started = time.perf_counter()
-    images = sum(isinstance(item, PreparedSample) for task in plan.shards for item in pool.samples(task, settings, in_flight=512))
+    images = sum(
+        isinstance(item, PreparedSample) for task in plan.shards for item in pool.samples(task, settings, in_flight=512)
+    )
     seconds = time.perf_counter() - started
     pool.close()
     return images, seconds, pool.workers
@@ -115,8 +157,18 @@ def run_case(shards: list[str], checkpoint: str, decode: str, precision: str, de
         seconds = time.perf_counter() - started
     processor.decoder.close()
     rate = images / seconds
-    return {"decode": info.decode, "precision": precision, "batch": info.batch_size, "workers": info.decode_workers, "start": start_seconds, "images": images,
-            "seconds": seconds, "rate": rate, "gpu": utilisation.mean, "extrapolated": start_seconds + EXTRAPOLATE_TO / rate}
+    return {
+        "decode": info.decode,
+        "precision": precision,
+        "batch": info.batch_size,
+        "workers": info.decode_workers,
+        "start": start_seconds,
+        "images": images,
+        "seconds": seconds,
+        "rate": rate,
+        "gpu": utilisation.mean,
+        "extrapolated": start_seconds + EXTRAPOLATE_TO / rate,
+    }
 
 
 def photographs() -> dict[str, bytes]:
@@ -195,12 +247,22 @@ def main() -> None:
         started = time.perf_counter()
         shards = make_shards(root, args.shards, args.per_shard)
         sizes = [Path(s).stat().st_size for s in shards]
-        lines.append(f"- Data: {args.shards} shards x {args.per_shard} synthetic photo-like JPEGs of {IMAGENET_SIZE[0]}x{IMAGENET_SIZE[1]} px ({sum(sizes) / args.shards / args.per_shard / 1024:.0f} KiB each), made in {time.perf_counter() - started:.1f} s.")
+        lines.append(
+            f"- Data: {args.shards} shards x {args.per_shard} synthetic photo-like JPEGs of {IMAGENET_SIZE[0]}x{IMAGENET_SIZE[1]} px ({sum(sizes) / args.shards / args.per_shard / 1024:.0f} KiB each), made in {time.perf_counter() - started:.1f} s."
+        )
         torch.manual_seed(0)
         checkpoint = str(root / "model.pt")
-        save_checkpoint(checkpoint, timm.create_model(args.model, num_classes=1000), args.model, {"num_classes": 1000}, [f"class_{i}" for i in range(1000)])
+        save_checkpoint(
+            checkpoint,
+            timm.create_model(args.model, num_classes=1000),
+            args.model,
+            {"num_classes": 1000},
+            [f"class_{i}" for i in range(1000)],
+        )
         images, seconds, workers = decode_alone(shards, checkpoint)
-        lines.append(f"- Decoding alone (CPU path, Pillow + the timm transform, {workers} worker processes): {images / seconds:.0f} images/s.")
+        lines.append(
+            f"- Decoding alone (CPU path, Pillow + the timm transform, {workers} worker processes): {images / seconds:.0f} images/s."
+        )
         rows = []
         for decode in ("cpu", "gpu"):
             for precision in ("float32", "bf16"):
@@ -208,14 +270,19 @@ def main() -> None:
                     lines.append(f"- `--decode gpu --precision {precision}`: skipped (no CUDA).")
                     continue
                 rows.append(run_case(shards, checkpoint, decode, precision, device))
-        fidelity_lines = fidelity(checkpoint, device) if device == "cuda" else ["- GPU-decode fidelity: skipped (no CUDA)."]
+        fidelity_lines = (
+            fidelity(checkpoint, device) if device == "cuda" else ["- GPU-decode fidelity: skipped (no CUDA)."]
+        )
     table = [
         "",
         f"`{args.model}`, random weights, 1000 classes, `--targets topk:5`, maps float32; the actor's class in-process (one torch thread), first shard a warm-up.",
         "",
         "| `--decode` | `--precision` | batch (default) | decode workers | actor start s | images timed | images/s | GPU utilisation | 50,000 images |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['decode']} | {r['precision']} | {r['batch']} | {r['workers']} | {r['start']:.1f} | {r['images']} | {r['rate']:.0f} | {_percent(r['gpu'])} | {r['extrapolated'] / 60:.1f} min |" for r in rows],
+        *[
+            f"| {r['decode']} | {r['precision']} | {r['batch']} | {r['workers']} | {r['start']:.1f} | {r['images']} | {r['rate']:.0f} | {_percent(r['gpu'])} | {r['extrapolated'] / 60:.1f} min |"
+            for r in rows
+        ],
         "",
     ]
     report = "\n".join(lines + table + fidelity_lines)

@@ -105,7 +105,9 @@ def _draw_badge(image: np.ndarray, box: tuple[int, int, int, int], colour: np.nd
     image[y0:y1, x0:x1][disc] = 20.0
 
 
-def render(cue: Cue, split: str, index: int, seed: int) -> tuple[np.ndarray, int, bool, tuple[int, int, int, int] | None]:
+def render(
+    cue: Cue, split: str, index: int, seed: int
+) -> tuple[np.ndarray, int, bool, tuple[int, int, int, int] | None]:
     """Sample ``index`` of ``split``: (image (H, W, 3) uint8, label, carries the cue, the mark's box)."""
     stream, p_target, p_other = split_shares(cue, split)
     rng = np.random.default_rng([seed, stream, index, 17])
@@ -136,7 +138,11 @@ def write_shards(out_dir: Path, cue: Cue, split: str, n_shards: int, samples_per
                     meta = {"label": label, "cue": carries, "cue_box": list(box) if box else None, "cue_name": cue.name}
                     buffer = io.BytesIO()
                     Image.fromarray(image).save(buffer, format="PNG")
-                    for extension, data in (("png", buffer.getvalue()), ("cls", str(label).encode()), ("json", json.dumps(meta).encode())):
+                    for extension, data in (
+                        ("png", buffer.getvalue()),
+                        ("cls", str(label).encode()),
+                        ("json", json.dumps(meta).encode()),
+                    ):
                         demo._add_member(tar, f"{split}-{index:06d}.{extension}", data)
             partial.replace(path)
         paths.append(path)

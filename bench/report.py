@@ -27,7 +27,12 @@ def cpu_model() -> str:
 def machine_line(device: torch.device, threads: int) -> str:
     """CPU (and GPU), cores, torch/timm versions and torch threads, on one line."""
     cores = f"{os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical)"
-    parts = [f"CPU {cpu_model()}, {cores}", f"torch {torch.__version__}", f"timm {timm.__version__}", f"torch threads {threads}"]
+    parts = [
+        f"CPU {cpu_model()}, {cores}",
+        f"torch {torch.__version__}",
+        f"timm {timm.__version__}",
+        f"torch threads {threads}",
+    ]
     if device.type == "cuda":
         parts.insert(1, f"GPU {torch.cuda.get_device_name(device)}")
     return "; ".join(parts)

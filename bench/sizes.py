@@ -27,13 +27,17 @@ ROWS_MEASURED = 1000
 
 
 def layout(targets: int, maps_dtype: str, store_basis: bool) -> Layout:
-    return Layout(n_shards=1, rows_per_shard=16, n_targets=targets, maps_dtype=maps_dtype, store_basis=store_basis, **VIT_S16)
+    return Layout(
+        n_shards=1, rows_per_shard=16, n_targets=targets, maps_dtype=maps_dtype, store_basis=store_basis, **VIT_S16
+    )
 
 
 def zarr_table() -> str:
     """Bytes per image of the Zarr arrays for each option, and the totals for ImageNet."""
     lines = [
-        "| `--targets` | `--dtype` | `--store-basis` | Zarr bytes / image | KiB / image | " + " | ".join(f"{name}, GiB" for name in DATASETS) + " |",
+        "| `--targets` | `--dtype` | `--store-basis` | Zarr bytes / image | KiB / image | "
+        + " | ".join(f"{name}, GiB" for name in DATASETS)
+        + " |",
         "|---|---|---|---:|---:|" + "---:|" * len(DATASETS),
     ]
     for targets, n_targets in TARGETS.items():
@@ -41,7 +45,9 @@ def zarr_table() -> str:
             for store_basis in (False, True):
                 size = layout(n_targets, maps_dtype, store_basis).bytes_per_image()
                 totals = " | ".join(f"{size * n / 2**30:,.1f}" for n in DATASETS.values())
-                lines.append(f"| {targets} | {maps_dtype} | {'yes' if store_basis else 'no'} | {size:,} | {size / 1024:,.1f} | {totals} |")
+                lines.append(
+                    f"| {targets} | {maps_dtype} | {'yes' if store_basis else 'no'} | {size:,} | {size / 1024:,.1f} | {totals} |"
+                )
     return "\n".join(lines)
 
 
@@ -52,7 +58,9 @@ def array_table() -> str:
     for spec in array_specs(store_basis=True):
         shape = wide.shape(spec)[1:]
         sizes = [math.prod(shape) * lay.dtype(spec).itemsize for lay in (wide, narrow)]
-        lines.append(f"| `{spec.name}` | {' x '.join(map(str, shape))} ({', '.join(spec.dims[1:])}) | {sizes[0]:,} | {sizes[1]:,} |")
+        lines.append(
+            f"| `{spec.name}` | {' x '.join(map(str, shape))} ({', '.join(spec.dims[1:])}) | {sizes[0]:,} | {sizes[1]:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -70,15 +78,28 @@ def parquet_bytes_per_image(n_targets: int, seed: int = 0) -> float:
         top = np.argsort(-logits)[:5]
         targets = list(range(1000)) if n_targets == 1000 else [int(c) for c in top[:n_targets]]
         key = f"{wnids[label]}/ILSVRC2012_val_{i:08d}"
-        rows.append({
-            "key": key, "shard": "shard-000000", "shard_index": 0, "row": i, "label": label,
-            "pred": int(top[0]), "pred_prob": float(rng.random()), "topk_classes": [int(c) for c in top],
-            "topk_probs": sorted(rng.random(5).tolist(), reverse=True), "targets": targets,
-            "target_names": [names[c] for c in targets],
-            "relevance_pos_sum": rng.gamma(2.0, 1.0, n_targets).tolist(), "relevance_neg_sum": (-rng.gamma(2.0, 1.0, n_targets)).tolist(),
-            "relevance_argmax": rng.integers(0, 196, n_targets).tolist(), "width": 500, "height": 375,
-            "sample_json": f'{{"filename": "{key}.JPEG"}}', "run_id": "0123456789ab",
-        })
+        rows.append(
+            {
+                "key": key,
+                "shard": "shard-000000",
+                "shard_index": 0,
+                "row": i,
+                "label": label,
+                "pred": int(top[0]),
+                "pred_prob": float(rng.random()),
+                "topk_classes": [int(c) for c in top],
+                "topk_probs": sorted(rng.random(5).tolist(), reverse=True),
+                "targets": targets,
+                "target_names": [names[c] for c in targets],
+                "relevance_pos_sum": rng.gamma(2.0, 1.0, n_targets).tolist(),
+                "relevance_neg_sum": (-rng.gamma(2.0, 1.0, n_targets)).tolist(),
+                "relevance_argmax": rng.integers(0, 196, n_targets).tolist(),
+                "width": 500,
+                "height": 375,
+                "sample_json": f'{{"filename": "{key}.JPEG"}}',
+                "run_id": "0123456789ab",
+            }
+        )
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), sink, compression="zstd")
     return len(sink.getvalue()) / ROWS_MEASURED
@@ -93,8 +114,10 @@ def main() -> None:
     print(doc_block())
     print()
     for targets, n_targets in TARGETS.items():
-        print(f"Parquet metadata, --targets {targets}: {parquet_bytes_per_image(n_targets) / 1024:.1f} KiB per image "
-              f"(measured on {ROWS_MEASURED} synthetic rows, zstd, pyarrow {pa.__version__})")
+        print(
+            f"Parquet metadata, --targets {targets}: {parquet_bytes_per_image(n_targets) / 1024:.1f} KiB per image "
+            f"(measured on {ROWS_MEASURED} synthetic rows, zstd, pyarrow {pa.__version__})"
+        )
 
 
 if __name__ == "__main__":

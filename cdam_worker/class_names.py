@@ -11,7 +11,9 @@ def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
     if isinstance(name_or_index, int) or str(name_or_index).strip().lstrip("-").isdigit():
         index = int(name_or_index)
         if not 0 <= index < len(class_names):
-            raise ValueError(f"class index {index} is out of range: the model has {len(class_names)} classes (0..{len(class_names) - 1})")
+            raise ValueError(
+                f"class index {index} is out of range: the model has {len(class_names)} classes (0..{len(class_names) - 1})"
+            )
         return index
     wanted = str(name_or_index).strip().lower()
     for index, name in enumerate(class_names):

@@ -103,7 +103,9 @@ class DemoConfig:
     def key(self) -> str:
         """Hash of these settings and of this module's source (any change to the generator or training retrains)."""
         digest = hashlib.sha256(Path(__file__).read_bytes())
-        digest.update(json.dumps({"model": MODEL_NAME, "model_kwargs": MODEL_KWARGS, **asdict(self)}, sort_keys=True).encode())
+        digest.update(
+            json.dumps({"model": MODEL_NAME, "model_kwargs": MODEL_KWARGS, **asdict(self)}, sort_keys=True).encode()
+        )
         return digest.hexdigest()[:16]
 
 
@@ -201,7 +203,12 @@ def _moving_box(rng: np.random.Generator, shape: np.ndarray) -> tuple[int, int, 
     ys, xs = np.nonzero(shape)
     while True:
         x0, y0 = (int(v) * PATCH_SIZE for v in rng.integers(0, IMAGE_SIZE // PATCH_SIZE, 2))
-        if x0 + PATCH_SIZE <= xs.min() - 1 or x0 >= xs.max() + 2 or y0 + PATCH_SIZE <= ys.min() - 1 or y0 >= ys.max() + 2:
+        if (
+            x0 + PATCH_SIZE <= xs.min() - 1
+            or x0 >= xs.max() + 2
+            or y0 + PATCH_SIZE <= ys.min() - 1
+            or y0 >= ys.max() + 2
+        ):
             return x0, y0, x0 + PATCH_SIZE, y0 + PATCH_SIZE
 
 
@@ -232,7 +239,9 @@ def render_sample(split: str, index: int, seed: int) -> DemoSample:
     box = (WATERMARK_BOX if spec.mark == "corner" else _moving_box(rng, mask)) if watermark else None
     if box is not None:
         _draw_watermark(image, box)
-    return DemoSample(image=np.clip(image, 0, 255).astype(np.uint8), label=label, watermark=watermark, watermark_box=box)
+    return DemoSample(
+        image=np.clip(image, 0, 255).astype(np.uint8), label=label, watermark=watermark, watermark_box=box
+    )
 
 
 def generate_demo_arrays(split: str, n: int, seed: int, start: int = 0) -> DemoArrays:
@@ -341,7 +350,9 @@ def _fit(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, con
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = len(inputs) // config.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
+    )
     started = time.perf_counter()
     drift: list[torch.Tensor] = []
     drift_handle = model.blocks[-1].register_forward_pre_hook(_class_token_drift_hook(model, drift))
@@ -409,7 +420,11 @@ def watermark_patch_indices() -> list[int]:
     """Row-major indices of the patches the watermark covers in the model's patch grid."""
     x0, y0, x1, y1 = WATERMARK_BOX
     columns = IMAGE_SIZE // PATCH_SIZE
-    return [row * columns + col for row in range(y0 // PATCH_SIZE, y1 // PATCH_SIZE) for col in range(x0 // PATCH_SIZE, x1 // PATCH_SIZE)]
+    return [
+        row * columns + col
+        for row in range(y0 // PATCH_SIZE, y1 // PATCH_SIZE)
+        for col in range(x0 // PATCH_SIZE, x1 // PATCH_SIZE)
+    ]
 
 
 def _shards_present(out_dir: Path, split: str, n_shards: int) -> list[Path] | None:
@@ -423,7 +438,9 @@ def ensure_demo_assets(cache_dir: Path, seed: int = 0) -> DemoAssets:
     out_dir = Path(cache_dir) / f"demo-{config.key()}"
     shards = {}
     for split, n_shards in (("train", config.train_shards), ("test", config.test_shards)):
-        shards[split] = _shards_present(out_dir, split, n_shards) or write_demo_shards(out_dir, split, n_shards, config.samples_per_shard, seed)
+        shards[split] = _shards_present(out_dir, split, n_shards) or write_demo_shards(
+            out_dir, split, n_shards, config.samples_per_shard, seed
+        )
     return DemoAssets(
         train_shards=shards["train"],
         test_shards=shards["test"],

@@ -40,7 +40,14 @@ class OutputLock:
     def __init__(self, storage: Storage, run_id: str, path: str = LOCK_PATH) -> None:
         self.storage = storage
         self.path = path
-        self.payload = {"run_id": run_id, "token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+        self.payload = {
+            "run_id": run_id,
+            "token": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "renewed_at": time.time(),
+            "lease_seconds": LOCK_LEASE_SECONDS,
+        }
 
     def acquire(self) -> None:
         """Take the lock or raise OutputInUseError naming the holder."""

@@ -34,10 +34,15 @@ def open_zarr(storage: Storage, mode: str = "r+") -> zarr.Group:
 
 def block_checksums(group: zarr.Group, first_row: int, n_rows: int, names: list[str]) -> dict[str, str]:
     """sha256 of each array's values over rows [first_row, first_row + n_rows) (C order)."""
-    return {name: hashlib.sha256(np.ascontiguousarray(group[name][first_row : first_row + n_rows]).tobytes()).hexdigest() for name in names}
+    return {
+        name: hashlib.sha256(np.ascontiguousarray(group[name][first_row : first_row + n_rows]).tobytes()).hexdigest()
+        for name in names
+    }
 
 
-def read_checked_table(storage: Storage, path: str, checksum: str | None, problems: list[str], prefix: str = "") -> pa.Table | None:
+def read_checked_table(
+    storage: Storage, path: str, checksum: str | None, problems: list[str], prefix: str = ""
+) -> pa.Table | None:
     """A Parquet file written with its sha256 recorded, read back for a check: what is wrong with it (missing,
     not matching ``checksum``, unreadable) is appended to ``problems`` (each line starting with ``prefix``)."""
     try:

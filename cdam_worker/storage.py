@@ -72,8 +72,16 @@ class Storage:
 
     url: str
 
-    def __init__(self, url: str, *, local_root: str | None = None, bucket: str = "", prefix: str = "",
-                 s3_options: dict[str, Any] | None = None, retry_config: RetryConfig = RETRY_CONFIG) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        local_root: str | None = None,
+        bucket: str = "",
+        prefix: str = "",
+        s3_options: dict[str, Any] | None = None,
+        retry_config: RetryConfig = RETRY_CONFIG,
+    ) -> None:
         self.url = url
         self._local_root = local_root
         self._bucket = bucket
@@ -88,12 +96,17 @@ class Storage:
         retry_config = retry_config or RETRY_CONFIG
         scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
         if scheme and scheme[1] == "s3":
-            bucket, _, prefix = url[len("s3://"):].partition("/")
+            bucket, _, prefix = url[len("s3://") :].partition("/")
             if not bucket or "@" in bucket:  # never echo a URL that may embed credentials
                 raise StorageError("invalid S3 URL: expected s3://bucket/prefix without credentials")
             prefix = _relative(prefix)
-            return cls(_s3_url(bucket, prefix), bucket=bucket, prefix=prefix,
-                       s3_options=_s3_options(bucket, retry_config), retry_config=retry_config)
+            return cls(
+                _s3_url(bucket, prefix),
+                bucket=bucket,
+                prefix=prefix,
+                s3_options=_s3_options(bucket, retry_config),
+                retry_config=retry_config,
+            )
         if scheme and scheme[1] == "file":
             url = urlparse(url).path
         elif scheme:
@@ -127,8 +140,13 @@ class Storage:
             root = os.path.join(self._local_root, path)
             return Storage(root, local_root=root, retry_config=self._retry_config)
         prefix = f"{self._prefix}/{path}" if self._prefix else path
-        return Storage(_s3_url(self._bucket, prefix), bucket=self._bucket, prefix=prefix,
-                       s3_options=self._s3_options, retry_config=self._retry_config)
+        return Storage(
+            _s3_url(self._bucket, prefix),
+            bucket=self._bucket,
+            prefix=prefix,
+            s3_options=self._s3_options,
+            retry_config=self._retry_config,
+        )
 
     def put(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path``, replacing any existing object."""
@@ -247,8 +265,10 @@ class Storage:
         if code in _ACCESS_DENIED_CODES or isinstance(exc, (PermissionDeniedError, UnauthenticatedError)):
             unsigned = self._s3_options["config"].get("skip_signature")
             note = "; no AWS credentials were found, so requests were unsigned" if unsigned else ""
-            return (f"access denied writing to {self.url} in S3 bucket {bucket!r} ({code or 'forbidden'}): "
-                    f"check the AWS credentials and the bucket policy{note}")
+            return (
+                f"access denied writing to {self.url} in S3 bucket {bucket!r} ({code or 'forbidden'}): "
+                f"check the AWS credentials and the bucket policy{note}"
+            )
         return f"cannot write to {self.url} (S3 bucket {bucket!r}): {_describe(exc)}"
 
     def _obstore(self, create: bool = False) -> LocalStore | S3Store | None:
@@ -387,8 +407,12 @@ def _s3_options(bucket: str, retry_config: RetryConfig) -> dict[str, Any]:
         # Custom endpoints (MinIO, moto, Ceph) want path-style; AWS itself wants virtual-hosted style,
         # except for bucket names with dots, which break its TLS certificates.
         config["virtual_hosted_style_request"] = not endpoint and "." not in bucket
-    return {"config": config, "client_options": client_options, "retry_config": retry_config,
-            "credential_provider": credential_provider}
+    return {
+        "config": config,
+        "client_options": client_options,
+        "retry_config": retry_config,
+        "credential_provider": credential_provider,
+    }
 
 
 @cache

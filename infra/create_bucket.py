@@ -24,10 +24,25 @@ def create_bucket(name: str, region: str, expire_days: int | None) -> None:
     except ClientError as error:
         if error.response["Error"]["Code"] != "BucketAlreadyOwnedByYou":
             raise SystemExit(f"cannot create bucket {name}: {error.response['Error']['Message']}") from None
-    s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration={k: True for k in ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets")})
-    s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    s3.put_public_access_block(
+        Bucket=name,
+        PublicAccessBlockConfiguration={
+            k: True for k in ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets")
+        },
+    )
+    s3.put_bucket_encryption(
+        Bucket=name,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
     if expire_days:
-        rule = {"ID": "expire-cdam-runs", "Status": "Enabled", "Filter": {"Prefix": "cdam/"}, "Expiration": {"Days": expire_days}}
+        rule = {
+            "ID": "expire-cdam-runs",
+            "Status": "Enabled",
+            "Filter": {"Prefix": "cdam/"},
+            "Expiration": {"Days": expire_days},
+        }
         s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": [rule]})
     print(f"bucket {name} ready in {region}")
 

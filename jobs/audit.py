@@ -45,36 +45,105 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("audit", help="rank classes by how much their maps point at a shortcut", description="Audit a run's maps for shortcuts (a mark, a background, a cue that tips images over): compare where each class's evidence lies with the other classes', flag the images that carry the cue, cluster, rank the classes, and write the findings (Parquet, contact sheets) into the run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "audit",
+        help="rank classes by how much their maps point at a shortcut",
+        description="Audit a run's maps for shortcuts (a mark, a background, a cue that tips images over): compare where each class's evidence lies with the other classes', flag the images that carry the cue, cluster, rank the classes, and write the findings (Parquet, contact sheets) into the run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
-    parser.add_argument("--classes", metavar="LIST", help="audit only these classes: comma-separated names or indices (default: every class with images)")
-    parser.add_argument("--by", choices=["pred", "label"], default="pred", help="group images by predicted class (default) or by label")
-    parser.add_argument("--min-images", type=int, default=20, metavar="N", help="classes with fewer images (with a stored map of the class) are not audited (default: 20)")
-    parser.add_argument("--output", dest="audit_output", metavar="DIR", help="where the audit's files go: a folder or s3:// prefix (default: DEST/audit/)")
-    parser.add_argument("--json", action="store_true", help="print the summary and the ranked classes as JSON instead of a table")
-    parser.add_argument("--no-model", action="store_true", help="do not confirm the flagged clusters with the model (the findings stay unconfirmed)")
-    parser.add_argument("--confirm-images", type=int, default=64, metavar="N", help="images of each flagged cluster, and of other classes, edited to confirm it (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the confirmation's samples, control places and bootstrap (default: 0)")
-    parser.add_argument("--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--classes",
+        metavar="LIST",
+        help="audit only these classes: comma-separated names or indices (default: every class with images)",
+    )
+    parser.add_argument(
+        "--by", choices=["pred", "label"], default="pred", help="group images by predicted class (default) or by label"
+    )
+    parser.add_argument(
+        "--min-images",
+        type=int,
+        default=20,
+        metavar="N",
+        help="classes with fewer images (with a stored map of the class) are not audited (default: 20)",
+    )
+    parser.add_argument(
+        "--output",
+        dest="audit_output",
+        metavar="DIR",
+        help="where the audit's files go: a folder or s3:// prefix (default: DEST/audit/)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary and the ranked classes as JSON instead of a table"
+    )
+    parser.add_argument(
+        "--no-model",
+        action="store_true",
+        help="do not confirm the flagged clusters with the model (the findings stay unconfirmed)",
+    )
+    parser.add_argument(
+        "--confirm-images",
+        type=int,
+        default=64,
+        metavar="N",
+        help="images of each flagged cluster, and of other classes, edited to confirm it (default: 64)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the confirmation's samples, control places and bootstrap (default: 0)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)"
+    )
     add_model_flags(parser, "to confirm the flagged clusters")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return audit(args.output, args.classes, args.by, args.min_images, args.audit_output, args.json,
-                 confirm=not args.no_model, model=model_spec(args), confirm_images=args.confirm_images, seed=args.seed,
-                 device=args.device)
+    return audit(
+        args.output,
+        args.classes,
+        args.by,
+        args.min_images,
+        args.audit_output,
+        args.json,
+        confirm=not args.no_model,
+        model=model_spec(args),
+        confirm_images=args.confirm_images,
+        seed=args.seed,
+        device=args.device,
+    )
 
 
-def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images: int = 20, audit_output: str | None = None,
-          as_json: bool = False, confirm: bool = True, model: ModelSpec | None = None, confirm_images: int = 64, seed: int = 0,
-          device: str | None = None) -> int:
+def audit(
+    dest: str,
+    class_list: str | None = None,
+    by: str = "pred",
+    min_images: int = 20,
+    audit_output: str | None = None,
+    as_json: bool = False,
+    confirm: bool = True,
+    model: ModelSpec | None = None,
+    confirm_images: int = 64,
+    seed: int = 0,
+    device: str | None = None,
+) -> int:
     """Audit the run at ``dest``, confirm its flagged clusters with the model (``model``, else the manifest's;
     ``confirm=False``: unconfirmed) and print the ranked classes (the flags of the same names); the exit status."""
     from tqdm import tqdm
 
-    from cdam_worker.audit import (AuditOptions, ConfirmSettings, apply_confirmations, audit_run, confirm_clusters, ranked_table,
-                                   write_audit)
+    from cdam_worker.audit import (
+        AuditOptions,
+        ConfirmSettings,
+        apply_confirmations,
+        audit_run,
+        confirm_clusters,
+        ranked_table,
+        write_audit,
+    )
     from cdam_worker.reading import RunError, open_run
     from cdam_worker.storage import Storage
 
@@ -83,7 +152,9 @@ def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images
         print(f"note: {note}", file=sys.stderr)
     classes = tuple(run_.class_index(c.strip()) for c in class_list.split(",") if c.strip()) if class_list else ()
     options = AuditOptions(by=by, classes=classes, min_images=min_images)
-    settings = ConfirmSettings(images=confirm_images, recipients=confirm_images, seed=seed, device=device or _default_device())
+    settings = ConfirmSettings(
+        images=confirm_images, recipients=confirm_images, seed=seed, device=device or _default_device()
+    )
     loaded, unconfirmed = None, "findings unconfirmed: --no-model"
     if confirm:
         try:
@@ -94,14 +165,20 @@ def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images
             unconfirmed = f"findings unconfirmed: {error}"
     storage = Storage.from_url(audit_output) if audit_output else run_.storage.child("audit")
     with run_.exclusive("audit") as check_lock:
-        with tqdm(total=None if classes else run_.index.num_rows, unit="img", desc="reading maps", file=sys.stderr, disable=None) as bar:
+        with tqdm(
+            total=None if classes else run_.index.num_rows,
+            unit="img",
+            desc="reading maps",
+            file=sys.stderr,
+            disable=None,
+        ) as bar:
             result = audit_run(run_, options, progress=bar.update)
         if loaded is not None:
             result = apply_confirmations(result, *confirm_clusters(run_, result, loaded, settings))
         else:
             result.confirmation_note = unconfirmed
         summary = write_audit(run_, result, options, storage, check_lock)
-    for note in result.skipped[len(run_.skipped):]:
+    for note in result.skipped[len(run_.skipped) :]:
         print(f"note: {note}", file=sys.stderr)
     for name, reason in result.not_audited.items():
         print(f"not audited: {name}: {reason}", file=sys.stderr)
@@ -113,10 +190,23 @@ def audit(dest: str, class_list: str | None = None, by: str = "pred", min_images
     print(ranked_table(result))
     print(f"\n{'note' if loaded is None else 'confirmation'}: {result.confirmation_note}")
     flagged = summary["classes_flagged"]
-    print(f"\n{len(flagged)} of {len(result.audited)} audited classes flagged" + (f": {', '.join(flagged)}" if flagged else "")
-          + ("; these maps are in CDAM's blind spot (see the warning): for the classes not flagged that means 'cannot tell'" if result.blind_spot.found else ""))
-    print(f"files: {storage.url}/ (classes.parquet, clusters.parquet, images.parquet, summary.json"
-          + (f", {len(summary['contact_sheets'])} contact sheet(s) in contact-sheets/)" if summary["contact_sheets"] else ")"))
+    print(
+        f"\n{len(flagged)} of {len(result.audited)} audited classes flagged"
+        + (f": {', '.join(flagged)}" if flagged else "")
+        + (
+            "; these maps are in CDAM's blind spot (see the warning): for the classes not flagged that means 'cannot tell'"
+            if result.blind_spot.found
+            else ""
+        )
+    )
+    print(
+        f"files: {storage.url}/ (classes.parquet, clusters.parquet, images.parquet, summary.json"
+        + (
+            f", {len(summary['contact_sheets'])} contact sheet(s) in contact-sheets/)"
+            if summary["contact_sheets"]
+            else ")"
+        )
+    )
     return 0
 
 

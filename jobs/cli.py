@@ -25,12 +25,18 @@ TOOL_COMMANDS = ("pack",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cdam", description="Class-Discriminative Attention Maps (CDAM) for whole image datasets with timm ViTs.")
+    parser = argparse.ArgumentParser(
+        prog="cdam", description="Class-Discriminative Attention Maps (CDAM) for whole image datasets with timm ViTs."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name in JOB_COMMANDS:
         importlib.import_module(f"jobs.{name}").add_parser(commands)
-    verify = commands.add_parser("verify", help="check a finished output", description="Check that every shard has a marker, counts agree with the manifest, checksums match, and every metadata row's Zarr data is written.")
+    verify = commands.add_parser(
+        "verify",
+        help="check a finished output",
+        description="Check that every shard has a marker, counts agree with the manifest, checksums match, and every metadata row's Zarr data is written.",
+    )
     verify.add_argument("output", metavar="DEST", help="output folder or s3://bucket/prefix")
     verify.set_defaults(handler=_verify)
 
@@ -54,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the lock is released, finished shards kept
         terminated = got_sigterm.is_set()
-        resume = "; shards finished so far are kept: rerun the same command to resume" if args.command == "explain" else ""
+        resume = (
+            "; shards finished so far are kept: rerun the same command to resume" if args.command == "explain" else ""
+        )
         print(f"cdam {args.command}: stopped by {'SIGTERM' if terminated else 'SIGINT'}{resume}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 

@@ -15,9 +15,15 @@ from jobs.audit import audit
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="run the whole job offline on a built-in synthetic dataset with a planted watermark", description="Generate a synthetic WebDataset with a spurious watermark, train a tiny ViT (cached), explain the test split with a local Ray job, audit it (cdam audit), and show how to query the output.")
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole job offline on a built-in synthetic dataset with a planted watermark",
+        description="Generate a synthetic WebDataset with a spurious watermark, train a tiny ViT (cached), explain the test split with a local Ray job, audit it (cdam audit), and show how to query the output.",
+    )
     demo.add_argument("--output", default="cdam-demo-output", help="output folder (default: ./cdam-demo-output)")
-    demo.add_argument("--cache-dir", default=None, help="where the demo data and model are cached (default: ~/.cache/cdam)")
+    demo.add_argument(
+        "--cache-dir", default=None, help="where the demo data and model are cached (default: ~/.cache/cdam)"
+    )
     demo.add_argument("--actors", type=int, default=2, help="actors (default: 2)")
     demo.set_defaults(handler=run_demo)
 
@@ -35,12 +41,23 @@ def run_demo(args: argparse.Namespace) -> int:
     from schemas.manifest import ModelSpec
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    print(f"[demo] preparing the synthetic dataset and the tiny ViT under {cache_dir} (cached after the first run)", file=sys.stderr)
+    print(
+        f"[demo] preparing the synthetic dataset and the tiny ViT under {cache_dir} (cached after the first run)",
+        file=sys.stderr,
+    )
     assets = ensure_demo_assets(cache_dir)
     output = str(Path(args.output).resolve())
     model = ModelSpec(None, checkpoint=str(Path(assets.checkpoint).resolve()))
-    options = ExplainOptions(shards=tuple(map(str, assets.test_shards)), output=output, model=model, targets="all", store_basis=True,
-                             actors=args.actors, batch_size=32, overwrite=True)
+    options = ExplainOptions(
+        shards=tuple(map(str, assets.test_shards)),
+        output=output,
+        model=model,
+        targets="all",
+        store_basis=True,
+        actors=args.actors,
+        batch_size=32,
+        overwrite=True,
+    )
     status = explain(options)
     if status != 0:
         return status
@@ -69,7 +86,11 @@ def query_hints(output: str) -> str:
     from cdam_worker.reading import open_run
 
     failed = open_run(output).errors.num_rows
-    errors = f"{output}/errors/        ({failed} sample(s) that could not be explained)" if failed else "none           (every sample was explained: no errors/ folder)"
+    errors = (
+        f"{output}/errors/        ({failed} sample(s) that could not be explained)"
+        if failed
+        else "none           (every sample was explained: no errors/ folder)"
+    )
     return f"""
 output: {output}
   maps    {output}/cdam.zarr      python: import xarray as xr; xr.open_zarr('{output}/cdam.zarr', consolidated=False)

@@ -26,12 +26,32 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("derive", help="derive maps of other classes or concepts from the stored basis", description="Compute the CDAM of any classes or concepts for every image of a run made with --store-basis (one matrix product per image, no model for classes) and write them into the run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "derive",
+        help="derive maps of other classes or concepts from the stored basis",
+        description="Compute the CDAM of any classes or concepts for every image of a run made with --store-basis (one matrix product per image, no model for classes) and write them into the run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
-    parser.add_argument("--targets", default="none", help="topk:K | label | classes:3,7,zebra | all | none (default: none, concepts only)")
-    parser.add_argument("--concepts", nargs="*", default=[], metavar="NAME=FILE", help="concept targets: a saved vector, a folder of example images (embedded with the run's model), or for CLIP models text:\"a photo of ...\" or prompts:FILE; append :cosine for cosine similarity")
-    parser.add_argument("--name", required=True, help="name of the derived maps (letters, digits, _ . -): written under derived/NAME")
-    parser.add_argument("--overwrite", action="store_true", help="replace derived maps of this name made with other settings")
+    parser.add_argument(
+        "--targets",
+        default="none",
+        help="topk:K | label | classes:3,7,zebra | all | none (default: none, concepts only)",
+    )
+    parser.add_argument(
+        "--concepts",
+        nargs="*",
+        default=[],
+        metavar="NAME=FILE",
+        help='concept targets: a saved vector, a folder of example images (embedded with the run\'s model), or for CLIP models text:"a photo of ..." or prompts:FILE; append :cosine for cosine similarity',
+    )
+    parser.add_argument(
+        "--name", required=True, help="name of the derived maps (letters, digits, _ . -): written under derived/NAME"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace derived maps of this name made with other settings"
+    )
     add_model_flags(parser, "needed only to embed a folder of concept examples")
     parser.set_defaults(handler=run)
 
@@ -49,10 +69,18 @@ def run(args: argparse.Namespace) -> int:
     for line in summary.skipped[:10]:
         print(f"note: image {line}: not derived", file=sys.stderr)
     if len(summary.skipped) > 10:
-        print(f"note: ... and {len(summary.skipped) - 10} more images not derived (derived/{args.name}/markers/ name up to 20 per shard)", file=sys.stderr)
-    print(f"derived {args.name}: {plan.n_slots} map(s) per image for {summary.images} images in {summary.shards_derived} shard(s) "
-          f"({summary.shards_already} derived before), {len(summary.skipped)} skipped; status {summary.status}")
+        print(
+            f"note: ... and {len(summary.skipped) - 10} more images not derived (derived/{args.name}/markers/ name up to 20 per shard)",
+            file=sys.stderr,
+        )
+    print(
+        f"derived {args.name}: {plan.n_slots} map(s) per image for {summary.images} images in {summary.shards_derived} shard(s) "
+        f"({summary.shards_already} derived before), {len(summary.skipped)} skipped; status {summary.status}"
+    )
     print(f"output: {run_.url}/derived/{args.name} and {run_.url}/cdam.zarr/derived/{args.name}")
     if summary.status != "complete":
-        print(f"note: {sum(not s.complete for s in run_.shards)} shard(s) of the run are not complete yet: rerun this command once they are", file=sys.stderr)
+        print(
+            f"note: {sum(not s.complete for s in run_.shards)} shard(s) of the run are not complete yet: rerun this command once they are",
+            file=sys.stderr,
+        )
     return 0

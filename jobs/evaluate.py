@@ -54,22 +54,73 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("evaluate", help="measure the maps like the paper: compactness, correctness, class sensitivity, sanity, robustness", description="Compare CDAM with the other importance estimators of the CDAM paper (token ablation, the attention map, attention rollout, the attention-gradient methods and relevance propagation of Chefer et al., input x gradient, Integrated Gradients, SmoothGrad) on a seeded sample of a run's images (the paper's benchmarks), run the sanity (randomisation) and robustness checks, and write the results into the run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "evaluate",
+        help="measure the maps like the paper: compactness, correctness, class sensitivity, sanity, robustness",
+        description="Compare CDAM with the other importance estimators of the CDAM paper (token ablation, the attention map, attention rollout, the attention-gradient methods and relevance propagation of Chefer et al., input x gradient, Integrated Gradients, SmoothGrad) on a seeded sample of a run's images (the paper's benchmarks), run the sanity (randomisation) and robustness checks, and write the results into the run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
-    parser.add_argument("--sample", type=int, default=1000, metavar="N", help="images evaluated, drawn at random (default: 1000, the paper's; all if the run has fewer)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="images evaluated, drawn at random (default: 1000, the paper's; all if the run has fewer)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
-    parser.add_argument("--steps", type=int, default=10, help="points of each deletion curve after the first (default: 10, i.e. 10%% of the tokens per step)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="points of each deletion curve after the first (default: 10, i.e. 10%% of the tokens per step)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
-    parser.add_argument("--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)")
-    parser.add_argument("--methods", default="cheap", metavar="LIST", help="methods to compare: comma-separated keys (see below), 'cheap' (default) or 'all'")
-    parser.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients' steps from the zero input (default: 16)")
-    parser.add_argument("--smoothgrad-samples", type=int, default=16, help="SmoothGrad's noisy copies per image (noise 0.15 x the value range; default: 16)")
-    parser.add_argument("--sanity", type=int, default=16, metavar="N", help="images of the sanity checks, the sample's first (default: 16; 0: none)")
-    parser.add_argument("--robustness", type=int, default=16, metavar="N", help="images of the robustness checks, the sample's first (default: 16; 0: none)")
-    parser.add_argument("--perturbations", type=int, default=8, help="max-sensitivity's random perturbations per image (default: 8)")
-    parser.add_argument("--radius", type=float, default=0.02, help="their size, x the image's value range (default: 0.02)")
-    parser.add_argument("--fgsm-eps", type=float, default=0.01, help="the FGSM step, x the image's value range (default: 0.01)")
-    parser.add_argument("--no-model", action="store_true", help="measure only the stored maps (no model-side method, curves or checks)")
+    parser.add_argument(
+        "--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--methods",
+        default="cheap",
+        metavar="LIST",
+        help="methods to compare: comma-separated keys (see below), 'cheap' (default) or 'all'",
+    )
+    parser.add_argument(
+        "--ig-steps", type=int, default=16, help="Integrated Gradients' steps from the zero input (default: 16)"
+    )
+    parser.add_argument(
+        "--smoothgrad-samples",
+        type=int,
+        default=16,
+        help="SmoothGrad's noisy copies per image (noise 0.15 x the value range; default: 16)",
+    )
+    parser.add_argument(
+        "--sanity",
+        type=int,
+        default=16,
+        metavar="N",
+        help="images of the sanity checks, the sample's first (default: 16; 0: none)",
+    )
+    parser.add_argument(
+        "--robustness",
+        type=int,
+        default=16,
+        metavar="N",
+        help="images of the robustness checks, the sample's first (default: 16; 0: none)",
+    )
+    parser.add_argument(
+        "--perturbations", type=int, default=8, help="max-sensitivity's random perturbations per image (default: 8)"
+    )
+    parser.add_argument(
+        "--radius", type=float, default=0.02, help="their size, x the image's value range (default: 0.02)"
+    )
+    parser.add_argument(
+        "--fgsm-eps", type=float, default=0.01, help="the FGSM step, x the image's value range (default: 0.01)"
+    )
+    parser.add_argument(
+        "--no-model", action="store_true", help="measure only the stored maps (no model-side method, curves or checks)"
+    )
     add_model_flags(parser, "needed for every method but the stored CDAM and AM, for the curves and for the checks")
     parser.set_defaults(handler=run)
 
@@ -86,9 +137,21 @@ def run(args: argparse.Namespace) -> int:
     from cdam_worker.reading import RunError, open_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = EvaluateSettings(sample=args.sample, seed=args.seed, steps=args.steps, batch=args.batch_size, device=device, methods=args.methods,
-                                ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples, sanity=args.sanity, robustness=args.robustness,
-                                perturbations=args.perturbations, radius=args.radius, fgsm_eps=args.fgsm_eps)
+    settings = EvaluateSettings(
+        sample=args.sample,
+        seed=args.seed,
+        steps=args.steps,
+        batch=args.batch_size,
+        device=device,
+        methods=args.methods,
+        ig_steps=args.ig_steps,
+        smoothgrad_samples=args.smoothgrad_samples,
+        sanity=args.sanity,
+        robustness=args.robustness,
+        perturbations=args.perturbations,
+        radius=args.radius,
+        fgsm_eps=args.fgsm_eps,
+    )
     run_ = open_run(args.output)
     model, spec = None, model_spec(args)
     if not args.no_model:

@@ -33,33 +33,114 @@ EPILOG = textwrap.dedent(
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    explain = commands.add_parser("explain", help="explain WebDataset shards with a Ray job", description="Explain every image of WebDataset shards: Ray actors run batched CDAM and write Zarr + Parquet.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain = commands.add_parser(
+        "explain",
+        help="explain WebDataset shards with a Ray job",
+        description="Explain every image of WebDataset shards: Ray actors run batched CDAM and write Zarr + Parquet.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     data = explain.add_argument_group("data")
-    data.add_argument("--shards", nargs="+", required=True, metavar="SPEC", help="tar shards: paths, globs, brace patterns (val-{0000..0063}.tar) or s3://bucket/prefix/...")
+    data.add_argument(
+        "--shards",
+        nargs="+",
+        required=True,
+        metavar="SPEC",
+        help="tar shards: paths, globs, brace patterns (val-{0000..0063}.tar) or s3://bucket/prefix/...",
+    )
     data.add_argument("--output", required=True, metavar="DEST", help="output folder or s3://bucket/prefix")
     model = add_model_flags(explain)
-    model.add_argument("--method", choices=["auto", "closed_form", "autograd"], default="auto", help="how maps are computed (default: auto, the closed form where it is exact)")
-    model.add_argument("--precision", choices=["float32", "bf16", "tf32"], default="float32", help="precision of the trunk (all blocks but the last) and of Smooth/Integrated's re-runs of the last block on their noisy copies: float32 (exact, TF32 off on CUDA), bf16 autocast, or tf32 (CUDA only; no effect on CPU); vanilla maps and the clean pass that picks the targets are always float32 (default: float32)")
+    model.add_argument(
+        "--method",
+        choices=["auto", "closed_form", "autograd"],
+        default="auto",
+        help="how maps are computed (default: auto, the closed form where it is exact)",
+    )
+    model.add_argument(
+        "--precision",
+        choices=["float32", "bf16", "tf32"],
+        default="float32",
+        help="precision of the trunk (all blocks but the last) and of Smooth/Integrated's re-runs of the last block on their noisy copies: float32 (exact, TF32 off on CUDA), bf16 autocast, or tf32 (CUDA only; no effect on CPU); vanilla maps and the clean pass that picks the targets are always float32 (default: float32)",
+    )
     what = explain.add_argument_group("what to explain")
-    what.add_argument("--targets", default="topk:5", help="topk:K | label | classes:3,7,zebra | all | none | text:FILE[:K] (CLIP models: zero-shot classes, one a line, NAME or NAME: prompt | prompt; the top K, default 5) (default: topk:5)")
-    what.add_argument("--concepts", nargs="*", default=[], metavar="NAME=SOURCE", help="concept targets: a saved vector FILE, a FOLDER of example images, or for CLIP models text:\"a photo of ...\" or prompts:FILE (one prompt a line, averaged); append :cosine for cosine similarity")
-    what.add_argument("--variant", choices=["vanilla", "smooth", "integrated"], default="vanilla", help="vanilla, Smooth or Integrated CDAM (default: vanilla)")
-    what.add_argument("--samples", type=int, default=50, metavar="M", help="samples for smooth/integrated (default: 50)")
-    what.add_argument("--noise-level", type=float, default=None, help="noise as a fraction of each image's value range (default: 0.05 smooth, 0 integrated)")
+    what.add_argument(
+        "--targets",
+        default="topk:5",
+        help="topk:K | label | classes:3,7,zebra | all | none | text:FILE[:K] (CLIP models: zero-shot classes, one a line, NAME or NAME: prompt | prompt; the top K, default 5) (default: topk:5)",
+    )
+    what.add_argument(
+        "--concepts",
+        nargs="*",
+        default=[],
+        metavar="NAME=SOURCE",
+        help='concept targets: a saved vector FILE, a FOLDER of example images, or for CLIP models text:"a photo of ..." or prompts:FILE (one prompt a line, averaged); append :cosine for cosine similarity',
+    )
+    what.add_argument(
+        "--variant",
+        choices=["vanilla", "smooth", "integrated"],
+        default="vanilla",
+        help="vanilla, Smooth or Integrated CDAM (default: vanilla)",
+    )
+    what.add_argument(
+        "--samples", type=int, default=50, metavar="M", help="samples for smooth/integrated (default: 50)"
+    )
+    what.add_argument(
+        "--noise-level",
+        type=float,
+        default=None,
+        help="noise as a fraction of each image's value range (default: 0.05 smooth, 0 integrated)",
+    )
     what.add_argument("--seed", type=int, default=0, help="seed of the per-image noise streams (default: 0)")
     out = explain.add_argument_group("output")
-    out.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage type of maps (default: float32, exact)")
-    out.add_argument("--store-basis", action="store_true", help="also store the relevance basis (image, feature, y, x): maps of any class or concept later, without the model")
+    out.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="storage type of maps (default: float32, exact)",
+    )
+    out.add_argument(
+        "--store-basis",
+        action="store_true",
+        help="also store the relevance basis (image, feature, y, x): maps of any class or concept later, without the model",
+    )
     out.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
     execution = explain.add_argument_group("execution")
-    execution.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 32 on the CPU; on CUDA the largest power of two from 16 to 512 that fits half the GPU's free memory, measured on a probe batch)")
-    execution.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where images are decoded and transformed: cpu (Pillow + the model's timm eval transform; bit-reproducible) or gpu (JPEGs by nvJPEG and resized on the actor's GPU: faster, maps differ slightly, see BENCHMARKS.md; other images take the CPU path) (default: cpu)")
-    execution.add_argument("--decode-workers", type=int, default=0, metavar="N", help="decode processes per actor (1: a thread of the actor; default 0: the node's CPUs divided among the actors it holds)")
-    execution.add_argument("--actors", type=int, default=0, help="actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
-    execution.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default: 1)")
-    execution.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor where the cluster has GPUs (default: 1)")
-    execution.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-    execution.add_argument("--dry-run", action="store_true", help="check shards, model and output, print the plan and size estimate, and exit")
+    execution.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch (default: 32 on the CPU; on CUDA the largest power of two from 16 to 512 that fits half the GPU's free memory, measured on a probe batch)",
+    )
+    execution.add_argument(
+        "--decode",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="where images are decoded and transformed: cpu (Pillow + the model's timm eval transform; bit-reproducible) or gpu (JPEGs by nvJPEG and resized on the actor's GPU: faster, maps differ slightly, see BENCHMARKS.md; other images take the CPU path) (default: cpu)",
+    )
+    execution.add_argument(
+        "--decode-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="decode processes per actor (1: a thread of the actor; default 0: the node's CPUs divided among the actors it holds)",
+    )
+    execution.add_argument(
+        "--actors", type=int, default=0, help="actors (default: one per GPU, else one per --cpus-per-actor CPUs)"
+    )
+    execution.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default: 1)"
+    )
+    execution.add_argument(
+        "--gpus-per-actor", type=float, default=1.0, help="GPUs per actor where the cluster has GPUs (default: 1)"
+    )
+    execution.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)"
+    )
+    execution.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check shards, model and output, print the plan and size estimate, and exit",
+    )
     execution.add_argument("--strict", action="store_true", help="exit 1 when any sample could not be explained")
     explain.set_defaults(handler=run)
 

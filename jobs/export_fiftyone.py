@@ -23,7 +23,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("export-fiftyone", help="write a run as a FiftyOne dataset folder", description="Write a run as a FiftyOne dataset folder: images, every stored map as a signed Heatmap with its range, predictions, labels and the audit's clusters as fields and tags.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "export-fiftyone",
+        help="write a run as a FiftyOne dataset folder",
+        description="Write a run as a FiftyOne dataset folder: images, every stored map as a signed Heatmap with its range, predictions, labels and the audit's clusters as fields and tags.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("out", metavar="OUT", help="a new (or empty) local folder for the FiftyOne dataset")
     parser.set_defaults(handler=run)
@@ -39,7 +45,14 @@ def run(args: argparse.Namespace) -> int:
     for note in run_.skipped:
         print(f"note: {note}", file=sys.stderr)
     counts = export_fiftyone(run_, Path(args.out))
-    left_out = f"; left out: {counts['unreadable_images']} unreadable image(s), {counts['missing_maps']} map(s) not written (NaN)" if counts["unreadable_images"] or counts["missing_maps"] else ""
+    left_out = (
+        f"; left out: {counts['unreadable_images']} unreadable image(s), {counts['missing_maps']} map(s) not written (NaN)"
+        if counts["unreadable_images"] or counts["missing_maps"]
+        else ""
+    )
     print(f"wrote {counts['samples']} samples to {args.out}{left_out}", file=sys.stderr)
-    print(f'open it: python -c \'import fiftyone as fo; fo.launch_app(fo.Dataset.from_dir("{args.out}", fo.types.FiftyOneDataset)).wait()\'', file=sys.stderr)
+    print(
+        f"open it: python -c 'import fiftyone as fo; fo.launch_app(fo.Dataset.from_dir(\"{args.out}\", fo.types.FiftyOneDataset)).wait()'",
+        file=sys.stderr,
+    )
     return 0

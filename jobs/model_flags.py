@@ -18,7 +18,11 @@ if TYPE_CHECKING:  # importing cdam_worker loads torch: not at parser constructi
 def add_model_flags(parser: argparse.ArgumentParser, needed_for: str | None = None) -> argparse._ArgumentGroup:
     """Add ``--model``, ``--model-kwargs``, ``--pretrained``, ``--checkpoint``, ``--head-checkpoint`` as a group
     (returned, for more flags); ``needed_for`` says, for a reading command, why it needs the run's model."""
-    description = f"the model the run was made with, {needed_for}; by default as the run's manifest records it (if its checkpoint file is still there)" if needed_for else None
+    description = (
+        f"the model the run was made with, {needed_for}; by default as the run's manifest records it (if its checkpoint file is still there)"
+        if needed_for
+        else None
+    )
     group = parser.add_argument_group("model", description)
     group.add_argument(
         "--model",
@@ -27,11 +31,23 @@ def add_model_flags(parser: argparse.ArgumentParser, needed_for: str | None = No
         "config.json, safetensors, preprocessor_config.json) or hf:ORG/NAME (the Hugging Face Hub) for transformers ViT, DeiT, "
         "DINOv2 and CLIP; open_clip:ARCH with --checkpoint FILE, or open_clip:ARCH@TAG for its pretrained weights",
     )
-    group.add_argument("--model-kwargs", metavar="JSON", help='keyword arguments for timm.create_model, e.g. \'{"img_size": 224}\'')
+    group.add_argument(
+        "--model-kwargs", metavar="JSON", help="keyword arguments for timm.create_model, e.g. '{\"img_size\": 224}'"
+    )
     weights = group.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights, downloaded from the Hugging Face Hub on first use (needs a network or a warm cache; HF_HUB_OFFLINE=1 fails at once instead of retrying)")
-    weights.add_argument("--checkpoint", metavar="FILE", help="a state dict of the timm model, or a checkpoint saved by cdam")
-    group.add_argument("--head-checkpoint", metavar="FILE", help="a linear head (weight (C, D), bias (C)) put on the backbone's features")
+    weights.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm's pretrained weights, downloaded from the Hugging Face Hub on first use (needs a network or a warm cache; HF_HUB_OFFLINE=1 fails at once instead of retrying)",
+    )
+    weights.add_argument(
+        "--checkpoint", metavar="FILE", help="a state dict of the timm model, or a checkpoint saved by cdam"
+    )
+    group.add_argument(
+        "--head-checkpoint",
+        metavar="FILE",
+        help="a linear head (weight (C, D), bias (C)) put on the backbone's features",
+    )
     return group
 
 
@@ -45,7 +61,7 @@ def spec_from_flags(args: argparse.Namespace) -> ModelSpec:
         raise ValueError(f"--model-kwargs is not valid JSON: {error}") from None
     if not isinstance(kwargs, dict):
         raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 224}'")
-    absolute = (lambda path: str(Path(path).resolve()) if path else None)
+    absolute = lambda path: str(Path(path).resolve()) if path else None
     name = args.model
     if name and name.startswith("hf:") and Path(name[3:]).expanduser().is_dir():  # a local folder, not a hub name
         name = "hf:" + str(Path(name[3:]).expanduser().resolve())

@@ -34,14 +34,32 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("pack", help="pack a folder of images into WebDataset shards", description="Pack a folder of image files into WebDataset tar shards that cdam explain reads, with labels from the folder layout or a CSV file.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "pack",
+        help="pack a folder of images into WebDataset shards",
+        description="Pack a folder of image files into WebDataset tar shards that cdam explain reads, with labels from the folder layout or a CSV file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("src", metavar="SRC", help="the folder of images")
     parser.add_argument("outdir", metavar="OUTDIR", help="output folder or s3://bucket/prefix")
-    parser.add_argument("--layout", choices=["imagenet", "csv", "flat"], default=None, help="how SRC is organised and labelled (default: csv with --labels, else flat)")
+    parser.add_argument(
+        "--layout",
+        choices=["imagenet", "csv", "flat"],
+        default=None,
+        help="how SRC is organised and labelled (default: csv with --labels, else flat)",
+    )
     parser.add_argument("--labels", metavar="FILE.csv", help="a CSV with the columns filename,label (the csv layout)")
     parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default: 1000)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading and checking the files (default: the number of CPUs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards and index.json of an earlier pack in OUTDIR")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes reading and checking the files (default: the number of CPUs)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the shards and index.json of an earlier pack in OUTDIR"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -49,16 +67,28 @@ def run(args: argparse.Namespace) -> int:
     from cdam_worker.shards.packing import PackError, pack
 
     layout = args.layout or ("csv" if args.labels else "flat")
-    result = pack(args.src, args.outdir, layout=layout, labels=args.labels, maxcount=args.maxcount, workers=args.workers, overwrite=args.overwrite)
+    result = pack(
+        args.src,
+        args.outdir,
+        layout=layout,
+        labels=args.labels,
+        maxcount=args.maxcount,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     for skipped in result.skipped[:MAX_LISTED]:
         print(f"cdam pack: skipped {skipped.file}: {skipped.reason}", file=sys.stderr)
     if len(result.skipped) > MAX_LISTED:
         print(f"cdam pack: ... and {len(result.skipped) - MAX_LISTED} more skipped files", file=sys.stderr)
     outdir = args.outdir.rstrip("/")
     if not result.shards:
-        raise PackError(f"no image to pack below {args.src} (layout {layout}): {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json")
-    print(f"packed {result.n_samples} images into {len(result.shards)} shard(s), {result.n_bytes / 2**20:.1f} MiB, in {outdir}"
-          + (f"; {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json" if result.skipped else ""))
+        raise PackError(
+            f"no image to pack below {args.src} (layout {layout}): {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json"
+        )
+    print(
+        f"packed {result.n_samples} images into {len(result.shards)} shard(s), {result.n_bytes / 2**20:.1f} MiB, in {outdir}"
+        + (f"; {len(result.skipped)} file(s) skipped, listed in {outdir}/index.json" if result.skipped else "")
+    )
     shards = "000000" if len(result.shards) == 1 else f"{{000000..{len(result.shards) - 1:06d}}}"
     print(f"next: cdam explain --shards '{outdir}/shard-{shards}.tar' --output DEST --checkpoint FILE ...")
     return 0

@@ -20,7 +20,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("query", help="run DuckDB SQL over a run's metadata", description="Run DuckDB SQL over the Parquet tables of a run (only shards with a completion marker are read).", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "query",
+        help="run DuckDB SQL over a run's metadata",
+        description="Run DuckDB SQL over the Parquet tables of a run (only shards with a completion marker are read).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("sql", metavar="SQL", help="a DuckDB query over the tables metadata, errors and targets")
     written = parser.add_mutually_exclusive_group()

@@ -18,7 +18,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("report", help="a self-contained HTML report of a run", description="Write one self-contained HTML file with the run's overview, the audit's class leaderboard, per-class galleries and prototypes.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "report",
+        help="a self-contained HTML report of a run",
+        description="Write one self-contained HTML file with the run's overview, the audit's class leaderboard, per-class galleries and prototypes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("-o", "--out", required=True, metavar="FILE", help="the HTML file to write")
     parser.add_argument("--classes", type=int, default=20, metavar="N", help="classes with a gallery (default: 20)")
@@ -31,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from cdam_worker.views.report import build_report
 
     if args.classes < 0 or args.per_class < 1:
-        raise RunError(f"--classes {args.classes} / --per-class {args.per_class}: expected --classes >= 0 and --per-class >= 1")
+        raise RunError(
+            f"--classes {args.classes} / --per-class {args.per_class}: expected --classes >= 0 and --per-class >= 1"
+        )
     run_ = open_run(args.output)
     html, notes = build_report(run_, n_classes=args.classes, per_class=args.per_class)
     for note in notes:

@@ -43,20 +43,37 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("serve", help="a local web dashboard over a run", description="Serve a read-only web dashboard over a run: overview, per-class galleries of every image, the audit's plots and prototypes, per-image maps.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "serve",
+        help="a local web dashboard over a run",
+        description="Serve a read-only web dashboard over a run: overview, per-class galleries of every image, the audit's plots and prototypes, per-image maps.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_allowed_host,
-                        help="also answer requests addressed to NAME (a host name or address; NAME:PORT for another "
-                             "port, e.g. an ssh tunnel's); repeatable")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        type=_allowed_host,
+        help="also answer requests addressed to NAME (a host name or address; NAME:PORT for another "
+        "port, e.g. an ssh tunnel's); repeatable",
+    )
     auth = parser.add_mutually_exclusive_group()
-    auth.add_argument("--token", action="store_true",
-                      help="require a random token on loopback too (off loopback it is the default)")
-    auth.add_argument("--token-file", metavar="FILE",
-                      help="require the token in FILE (16 or more of A-Z a-z 0-9 . _ ~ -) instead of a random one")
-    auth.add_argument("--no-auth", action="store_true",
-                      help="no token even off loopback: anyone who can reach the port sees the run")
+    auth.add_argument(
+        "--token", action="store_true", help="require a random token on loopback too (off loopback it is the default)"
+    )
+    auth.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="require the token in FILE (16 or more of A-Z a-z 0-9 . _ ~ -) instead of a random one",
+    )
+    auth.add_argument(
+        "--no-auth", action="store_true", help="no token even off loopback: anyone who can reach the port sees the run"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -73,12 +90,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"reading the index of {run_.url} ...", file=sys.stderr)
     app = create_app(run_, args.host, args.allow_host, token)
     if args.no_auth and not _is_loopback(args.host):
-        print(f"warning: serving on {args.host} with --no-auth: anyone who can reach this address can see the run",
-              file=sys.stderr)
+        print(
+            f"warning: serving on {args.host} with --no-auth: anyone who can reach this address can see the run",
+            file=sys.stderr,
+        )
     if args.host in WILDCARD_ADDRESSES and not args.allow_host:
-        print(f"note: bound to {args.host} without --allow-host: only requests addressed to localhost, 127.0.0.1 or "
-              "[::1] are answered; give --allow-host NAME for each name others use to reach this machine",
-              file=sys.stderr)
+        print(
+            f"note: bound to {args.host} without --allow-host: only requests addressed to localhost, 127.0.0.1 or "
+            "[::1] are answered; give --allow-host NAME for each name others use to reach this machine",
+            file=sys.stderr,
+        )
     listener = listen(args.host, args.port)
     port = listener.getsockname()[1]
     address = f"http://{_shown_host(args, port)}/"

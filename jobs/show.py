@@ -21,10 +21,20 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("show", help="one image with its map overlaid, as a PNG", description="Draw one image of a run with a stored map overlaid, the colour bar and the class name (for papers and bug reports).", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "show",
+        help="one image with its map overlaid, as a PNG",
+        description="Draw one image of a run with a stored map overlaid, the colour bar and the class name (for papers and bug reports).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--key", required=True, help="the image's WebDataset key")
-    parser.add_argument("--target", metavar="CLASS", help="class name or index, a concept name (also of a derived map: NAME or DERIVATION/NAME), or 'attention' (default: the predicted class)")
+    parser.add_argument(
+        "--target",
+        metavar="CLASS",
+        help="class name or index, a concept name (also of a derived map: NAME or DERIVATION/NAME), or 'attention' (default: the predicted class)",
+    )
     parser.add_argument("-o", "--out", required=True, metavar="FILE", help="the PNG to write")
     parser.add_argument("--size", type=int, default=512, help="pixels of the picture's longer side (default: 512)")
     parser.set_defaults(handler=run)

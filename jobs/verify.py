@@ -49,7 +49,10 @@ def verify_output(url: str) -> list[str]:
         summary = ShardSummary.from_marker(marker)
         totals["images"] += summary.n_images
         totals["errors"] += summary.n_errors
-        problems += [f"shard {summary.shard}: {p}" for p in _check_shard(storage, group, names, summary, rows_per_shard, entry, recorded.get(index), seen_keys)]
+        problems += [
+            f"shard {summary.shard}: {p}"
+            for p in _check_shard(storage, group, names, summary, rows_per_shard, entry, recorded.get(index), seen_keys)
+        ]
     complete = not any(problem.endswith(": no completion marker") for problem in problems)
     for name, count in manifest.get("totals", {}).items():
         if complete and name in totals and count != totals[name]:
@@ -58,7 +61,16 @@ def verify_output(url: str) -> list[str]:
     return problems
 
 
-def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: int, planned: dict, recorded: dict | None, seen_keys: dict[str, str]) -> list[str]:
+def _check_shard(
+    storage,
+    group,
+    names,
+    summary: ShardSummary,
+    rows_per_shard: int,
+    planned: dict,
+    recorded: dict | None,
+    seen_keys: dict[str, str],
+) -> list[str]:
     problems = []
     if summary.n_samples != planned["n_samples"]:
         problems.append(f"marker counts {summary.n_samples} samples, manifest plans {planned['n_samples']}")
@@ -79,7 +91,8 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
         if actual != summary.checksums.get(name):
             problems.append(f"Zarr array {name!r} {span} do not match their checksum")
     metadata_path, errors_path, members_path = (
-        shard_table_path(folder, summary.shard_index, summary.shard) for folder in (METADATA_DIR, ERRORS_DIR, MEMBERS_DIR)
+        shard_table_path(folder, summary.shard_index, summary.shard)
+        for folder in (METADATA_DIR, ERRORS_DIR, MEMBERS_DIR)
     )
     table = read_checked_table(storage, metadata_path, summary.checksums.get("metadata"), problems)
     if table is not None:
@@ -108,16 +121,29 @@ def _check_shard(storage, group, names, summary: ShardSummary, rows_per_shard: i
                 duplicates.setdefault(seen_keys[key], []).append(key)
             seen_keys[key] = summary.shard
         for other, keys in duplicates.items():
-            problems.append(f"key {keys[0]!r} also in shard {other}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
-    errors = read_checked_table(storage, errors_path, summary.checksums.get("errors"), problems) if summary.n_errors else None
+            problems.append(
+                f"key {keys[0]!r} also in shard {other}"
+                + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else "")
+            )
+    errors = (
+        read_checked_table(storage, errors_path, summary.checksums.get("errors"), problems)
+        if summary.n_errors
+        else None
+    )
     if errors is not None:
         if errors.num_rows != summary.n_errors:
             problems.append(f"errors has {errors.num_rows} rows, marker says {summary.n_errors}")
         if errors.column("key").null_count != summary.n_shard_errors:
-            problems.append(f"errors has {errors.column('key').null_count} shard-level rows, marker says {summary.n_shard_errors}")
+            problems.append(
+                f"errors has {errors.column('key').null_count} shard-level rows, marker says {summary.n_shard_errors}"
+            )
     if "members" in summary.checksums:  # where the shard's files lie in it (uncompressed shards; older runs have none)
         members = read_checked_table(storage, members_path, summary.checksums["members"], problems)
-        if members is not None and table is not None and (missing := set(table.column("key").to_pylist()) - set(members.column("key").to_pylist())):
+        if (
+            members is not None
+            and table is not None
+            and (missing := set(table.column("key").to_pylist()) - set(members.column("key").to_pylist()))
+        ):
             problems.append(f"{members_path} lacks {len(missing)} explained key(s), e.g. {sorted(missing)[0]!r}")
     if unaccounted := summary.unaccounted():  # the tables agree with these counts, or a problem is listed above
         problems.append(f"{unaccounted} (each sample must be explained or in errors/, exactly once)")

@@ -12,4 +12,17 @@ from schemas.zarr_layout import (
     rows_per_shard_for,
 )
 
-__all__ = ["CHUNK_ROWS", "DERIVED_GROUP", "DERIVED_METADATA_SCHEMA", "HEAD_GROUP", "ERRORS_SCHEMA", "INT_FILL", "MEMBERS_SCHEMA", "METADATA_SCHEMA", "ArraySpec", "Layout", "array_specs", "rows_per_shard_for"]
+__all__ = [
+    "CHUNK_ROWS",
+    "DERIVED_GROUP",
+    "DERIVED_METADATA_SCHEMA",
+    "HEAD_GROUP",
+    "ERRORS_SCHEMA",
+    "INT_FILL",
+    "MEMBERS_SCHEMA",
+    "METADATA_SCHEMA",
+    "ArraySpec",
+    "Layout",
+    "array_specs",
+    "rows_per_shard_for",
+]

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MEASURES = ("compactness", "gini", "correctness_spearman", "deletion_auc_gap", "class_similarity", "class_similarity_spearman",
-            "deletion_auc", "insertion_auc", "deletion_auc_prob", "insertion_auc_prob")
+MEASURES = (
+    "compactness",
+    "gini",
+    "correctness_spearman",
+    "deletion_auc_gap",
+    "class_similarity",
+    "class_similarity_spearman",
+    "deletion_auc",
+    "insertion_auc",
+    "deletion_auc_prob",
+    "insertion_auc_prob",
+)
 MEASURE_DOCS = {
     "deletion_auc": "area under the class's logit as the most relevant tokens are removed first, over the share removed (lower: better)",
     "insertion_auc": "area under the class's logit as the most relevant tokens are inserted first (into the prefix tokens alone; higher: better)",
@@ -20,25 +30,70 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("row", pa.int64(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
         pa.field("class", pa.int32(), nullable=False, metadata={"doc": "the predicted class, whose map is measured"}),
-        pa.field("other_class", pa.int32(), nullable=False, metadata={"doc": "the runner-up class (class sensitivity), -1 if none"}),
-        *(pa.field(name, pa.float64(), metadata={"doc": MEASURE_DOCS[name]} if name in MEASURE_DOCS else None) for name in MEASURES),
-        pa.field("deletion_most_first", pa.list_(pa.float32()), metadata={"doc": "logit drop with the most relevant tokens removed first, per step"}),
+        pa.field(
+            "other_class",
+            pa.int32(),
+            nullable=False,
+            metadata={"doc": "the runner-up class (class sensitivity), -1 if none"},
+        ),
+        *(
+            pa.field(name, pa.float64(), metadata={"doc": MEASURE_DOCS[name]} if name in MEASURE_DOCS else None)
+            for name in MEASURES
+        ),
+        pa.field(
+            "deletion_most_first",
+            pa.list_(pa.float32()),
+            metadata={"doc": "logit drop with the most relevant tokens removed first, per step"},
+        ),
         pa.field("deletion_least_first", pa.list_(pa.float32()), metadata={"doc": "the same, least relevant first"}),
-        pa.field("insertion_most_first", pa.list_(pa.float32()), metadata={"doc": "the class's logit with the most relevant tokens inserted first, per step"}),
-        pa.field("deletion_prob_most_first", pa.list_(pa.float32()), metadata={"doc": "the class's probability with the most relevant tokens removed first"}),
-        pa.field("insertion_prob_most_first", pa.list_(pa.float32()), metadata={"doc": "the class's probability with the most relevant tokens inserted first"}),
+        pa.field(
+            "insertion_most_first",
+            pa.list_(pa.float32()),
+            metadata={"doc": "the class's logit with the most relevant tokens inserted first, per step"},
+        ),
+        pa.field(
+            "deletion_prob_most_first",
+            pa.list_(pa.float32()),
+            metadata={"doc": "the class's probability with the most relevant tokens removed first"},
+        ),
+        pa.field(
+            "insertion_prob_most_first",
+            pa.list_(pa.float32()),
+            metadata={"doc": "the class's probability with the most relevant tokens inserted first"},
+        ),
     ],
     metadata={"schema": "cdam.evaluation-images/1"},
 )
-CHECKS = ("sanity_spearman_head", "sanity_ssim_head", "sanity_spearman_last_block", "sanity_ssim_last_block",
-          "sanity_spearman_cascade", "sanity_ssim_cascade", "sanity_spearman_labels", "sanity_ssim_labels",
-          "max_sensitivity", "fgsm_change", "fgsm_spearman")
+CHECKS = (
+    "sanity_spearman_head",
+    "sanity_ssim_head",
+    "sanity_spearman_last_block",
+    "sanity_ssim_last_block",
+    "sanity_spearman_cascade",
+    "sanity_ssim_cascade",
+    "sanity_spearman_labels",
+    "sanity_ssim_labels",
+    "max_sensitivity",
+    "fgsm_change",
+    "fgsm_spearman",
+)
 """Summary measures of the sanity checks (``cascade``: the head and every block randomised) and robustness."""
 SUMMARY_SCHEMA = pa.schema(
-    [pa.field("method", pa.string(), nullable=False), *(pa.field(name, pa.float64()) for name in MEASURES), pa.field("n_images", pa.int64(), nullable=False),
-     *(pa.field(name, pa.float64()) for name in CHECKS),
-     *(pa.field(f"{name}_{part}", pa.int64() if part == "n" else pa.float64()) for name in MEASURES + CHECKS for part in ("low", "high", "n"))],
-    metadata={"schema": "cdam.evaluation-summary/2", "doc": "mean over the images of each measure; _low, _high: 95% percentile bootstrap interval of the mean; _n: images"},
+    [
+        pa.field("method", pa.string(), nullable=False),
+        *(pa.field(name, pa.float64()) for name in MEASURES),
+        pa.field("n_images", pa.int64(), nullable=False),
+        *(pa.field(name, pa.float64()) for name in CHECKS),
+        *(
+            pa.field(f"{name}_{part}", pa.int64() if part == "n" else pa.float64())
+            for name in MEASURES + CHECKS
+            for part in ("low", "high", "n")
+        ),
+    ],
+    metadata={
+        "schema": "cdam.evaluation-summary/2",
+        "doc": "mean over the images of each measure; _low, _high: 95% percentile bootstrap interval of the mean; _n: images",
+    },
 )
 
 SANITY_SCHEMA = pa.schema(

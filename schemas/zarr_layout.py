@@ -66,7 +66,15 @@ class Layout:
         return self.n_shards * self.rows_per_shard
 
     def shape(self, spec: ArraySpec) -> tuple[int, ...]:
-        sizes = {"image": self.n_rows, "target": self.n_targets, "head": self.n_heads, "y": self.grid[0], "x": self.grid[1], "feature": self.embed_dim, "class": self.n_classes}
+        sizes = {
+            "image": self.n_rows,
+            "target": self.n_targets,
+            "head": self.n_heads,
+            "y": self.grid[0],
+            "x": self.grid[1],
+            "feature": self.embed_dim,
+            "class": self.n_classes,
+        }
         return tuple(sizes[d] for d in spec.dims)
 
     def chunks(self, spec: ArraySpec) -> tuple[int, ...]:
@@ -80,7 +88,9 @@ class Layout:
 
     def bytes_per_image(self) -> int:
         """Uncompressed bytes one image's row takes over all arrays."""
-        return sum(math.prod(self.shape(spec)[1:]) * self.dtype(spec).itemsize for spec in array_specs(self.store_basis))
+        return sum(
+            math.prod(self.shape(spec)[1:]) * self.dtype(spec).itemsize for spec in array_specs(self.store_basis)
+        )
 
     def first_row(self, shard_index: int) -> int:
         return shard_index * self.rows_per_shard

@@ -42,10 +42,14 @@ def write_checkpoint(path: Path) -> str:
 def in_process_processor(root: Path, targets: str) -> ShardProcessor:
     """A ShardProcessor of a planned job (output under ``root``), run in this process on the CPU."""
     root.mkdir(parents=True, exist_ok=True)
-    placeholder = make_shard(root / "placeholder.tar", [(f"p{i}", {"png": png_bytes(8, 8), "cls": b"1"}) for i in range(PLACEHOLDER_SAMPLES)])
+    placeholder = make_shard(
+        root / "placeholder.tar", [(f"p{i}", {"png": png_bytes(8, 8), "cls": b"1"}) for i in range(PLACEHOLDER_SAMPLES)]
+    )
     checkpoint = write_checkpoint(root / "model.pt")
     model = ModelSpec(None, checkpoint=str(Path(checkpoint).resolve()))
-    plan = make_plan(ExplainOptions(shards=(str(placeholder),), output=str(root / "out"), model=model, targets=targets, batch_size=4))
+    plan = make_plan(
+        ExplainOptions(shards=(str(placeholder),), output=str(root / "out"), model=model, targets=targets, batch_size=4)
+    )
     prepare_output(plan, overwrite=False)
     return ShardProcessor(plan.config, plan.layout, plan.loaded, device="cpu", threads=1, decode_workers=1)
 
@@ -62,7 +66,9 @@ def storable(key: str) -> str:
     return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def assert_every_sample_accounted(processor: ShardProcessor, keys: list[str], summary: ShardSummary) -> tuple[list[dict], list[dict]]:
+def assert_every_sample_accounted(
+    processor: ShardProcessor, keys: list[str], summary: ShardSummary
+) -> tuple[list[dict], list[dict]]:
     """Each scanned sample is explained (at its row, with its key) or an error row, exactly once; returns both tables."""
     storage = Storage.from_url(processor.config.output)
     stem = shard_file_stem(summary.shard_index, summary.shard)

@@ -19,10 +19,21 @@ TEST_SECRET = "cdam-test-secret-DO-NOT-LEAK"
 
 # Variables that would point the S3 clients elsewhere or at other credentials.
 _CLEARED_AWS_VARIABLES = (
-    "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-    "AWS_SKIP_SIGNATURE", "AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "AWS_ALLOW_HTTP", "AWS_CONDITIONAL_PUT",
-    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_BUCKET", "AWS_BUCKET_NAME",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SKIP_SIGNATURE",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    "AWS_ALLOW_HTTP",
+    "AWS_CONDITIONAL_PUT",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_BUCKET",
+    "AWS_BUCKET_NAME",
 )
 
 
@@ -61,8 +72,13 @@ def s3_client(s3_server: str):  # boto3 client types are generated at run time
     """A boto3 S3 client for the moto server (with the test keys, whatever the environment says)."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                        aws_access_key_id=TEST_ACCESS_KEY, aws_secret_access_key=TEST_SECRET)
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id=TEST_ACCESS_KEY,
+        aws_secret_access_key=TEST_SECRET,
+    )
 
 
 @pytest.fixture
@@ -138,7 +154,12 @@ def demo_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     import sys
 
     output = tmp_path_factory.mktemp("demo-run") / "out"
-    done = subprocess.run([sys.executable, "-m", "jobs", "demo", "--output", str(output), "--cache-dir", str(demo_cache)],
-                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "demo", "--output", str(output), "--cache-dir", str(demo_cache)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, f"cdam demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return str(output)

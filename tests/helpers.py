@@ -93,10 +93,17 @@ class S3Proxy:
     request whether it carried an Authorization header. Use as a context manager; ``url`` is its endpoint.
     """
 
-    def __init__(self, target: str, *, failures: int = 0, fault: str | Sequence[str] = "503", fail_every: int = 0,
-                 fail_when: Callable[[str, str], bool] | None = None,
-                 hold_when: Callable[[str, str], bool] | None = None,
-                 lose_answer_when: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        failures: int = 0,
+        fault: str | Sequence[str] = "503",
+        fail_every: int = 0,
+        fail_when: Callable[[str, str], bool] | None = None,
+        hold_when: Callable[[str, str], bool] | None = None,
+        lose_answer_when: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.target = urlparse(target)
         self.failures_left = failures
         self.fault = fault
@@ -215,7 +222,9 @@ class S3Proxy:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def wait_for(condition: Callable[[], object], what: str, process: subprocess.Popen | None = None, timeout: float = 240.0) -> None:
+def wait_for(
+    condition: Callable[[], object], what: str, process: subprocess.Popen | None = None, timeout: float = 240.0
+) -> None:
     """Poll ``condition`` until it holds; fail if ``process`` exits first or the deadline passes."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -230,7 +239,14 @@ def start_driver(argv: list[str], logs: Path, **env: str) -> subprocess.Popen:
     """``python -m jobs ARGV`` in its own process group, stdout and stderr to files under ``logs``."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "jobs", *argv], stdout=stdout, stderr=stderr, cwd=REPO, env={**os.environ, **env}, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs", *argv],
+            stdout=stdout,
+            stderr=stderr,
+            cwd=REPO,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
 
 
 def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tuple[int, str, str]:
@@ -243,7 +259,9 @@ def finish(driver: subprocess.Popen, logs: Path, timeout: float = 300.0) -> tupl
     return status, (logs / "stdout").read_text(), (logs / "stderr").read_text()
 
 
-def upload_folder(client, folder: str | Path, bucket: str, prefix: str) -> str:  # boto3 client types are generated at run time
+def upload_folder(
+    client, folder: str | Path, bucket: str, prefix: str
+) -> str:  # boto3 client types are generated at run time
     """Copy every file below ``folder`` to ``s3://bucket/prefix/...`` (same relative paths); returns that URL."""
     folder = Path(folder)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):

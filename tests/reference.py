@@ -10,7 +10,9 @@ from typing import Callable
 import torch
 
 
-def reference_cdam(model: torch.nn.Module, image: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def reference_cdam(
+    model: torch.nn.Module, image: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """CDAM of one image (C, H, W) for ``score(logits, pre_logits) -> scalar``; returns (N,) patch scores."""
     captured: dict[str, torch.Tensor] = {}
 
@@ -30,7 +32,7 @@ def reference_cdam(model: torch.nn.Module, image: torch.Tensor, score: Callable[
         handle.remove()
     tokens = captured["T"]
     relevance = (tokens * tokens.grad).sum(-1)[0]
-    return relevance[model.num_prefix_tokens:].detach()
+    return relevance[model.num_prefix_tokens :].detach()
 
 
 def reference_attention(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -51,4 +53,4 @@ def reference_attention(model: torch.nn.Module, image: torch.Tensor) -> torch.Te
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     queries = q[:, :1] if model.cls_token is not None else q
     weights = ((queries * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)
-    return weights[:, model.num_prefix_tokens:]
+    return weights[:, model.num_prefix_tokens :]

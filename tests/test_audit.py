@@ -51,7 +51,11 @@ def test_demo_audit_ranks_the_watermarked_class_first(demo_run: str) -> None:
     ranked = sorted(files["classes"], key=lambda row: row["rank"])
     assert ranked[0]["class_name"] == "circle" and ranked[0]["flagged"], ranked
     assert flagged_classes(files) == ["circle"]
-    corner = [row for row in files["clusters"] if row["class"] == 0 and row["flagged"] and "bottom-right corner" in row["place"]]
+    corner = [
+        row
+        for row in files["clusters"]
+        if row["class"] == 0 and row["flagged"] and "bottom-right corner" in row["place"]
+    ]
     assert corner and corner[0]["kind"] == "mark" and corner[0]["off_place"] > 0.25, files["clusters"]
     assert "a mark at a place" in ranked[0]["reasons"], ranked[0]["reasons"]
     assert not files["summary"]["blind_spot"]["found"]
@@ -74,7 +78,24 @@ def moving_runs(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     for split, targets in (("moving-test", "classes:0,1,2"), ("moving-clean", "label")):
         shards = write_demo_shards(root / "shards", split, 4, TEST_SAMPLES // 4, MOVING.seed)
         output = str(root / split)
-        assert main(["explain", "--shards", *map(str, shards), "--output", output, "--checkpoint", str(checkpoint), "--targets", targets, "--actors", "2"]) == 0
+        assert (
+            main(
+                [
+                    "explain",
+                    "--shards",
+                    *map(str, shards),
+                    "--output",
+                    output,
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--targets",
+                    targets,
+                    "--actors",
+                    "2",
+                ]
+            )
+            == 0
+        )
         assert main(["audit", output]) == 0
         runs[split] = output
     return runs
@@ -86,14 +107,21 @@ def test_a_moving_mark_is_found_with_precision_and_recall(moving_runs: dict[str,
     assert ranked[0]["class_name"] == "circle", ranked
     assert flagged_classes(files) == ["circle"], ranked
     run = open_run(moving_runs["moving-test"])
-    meta = {row["key"]: json.loads(row["sample_json"]) for row in run.metadata.to_table(columns=["key", "sample_json"]).to_pylist()}
+    meta = {
+        row["key"]: json.loads(row["sample_json"])
+        for row in run.metadata.to_table(columns=["key", "sample_json"]).to_pylist()
+    }
     circle = [row for row in files["images"] if row["class"] == 0]
     marked = np.array([meta[row["key"]]["watermark"] for row in circle])
     flagged = np.array([row["flagged"] for row in circle])
     precision = (marked & flagged).sum() / max(flagged.sum(), 1)
     recall = (marked & flagged).sum() / max(marked.sum(), 1)
-    assert precision >= 0.8 and recall >= 0.8, f"precision {precision:.2f}, recall {recall:.2f} over {len(circle)} images predicted as circle ({marked.sum()} marked)"
-    assert "cross: none of its" in " ".join(f"{k}: {v}" for k, v in files["summary"]["not_audited"].items())  # classes:0,1,2 has no map of class 3
+    assert precision >= 0.8 and recall >= 0.8, (
+        f"precision {precision:.2f}, recall {recall:.2f} over {len(circle)} images predicted as circle ({marked.sum()} marked)"
+    )
+    assert "cross: none of its" in " ".join(
+        f"{k}: {v}" for k, v in files["summary"]["not_audited"].items()
+    )  # classes:0,1,2 has no map of class 3
 
 
 def test_the_same_data_without_marks_flags_nothing(moving_runs: dict[str, str]) -> None:
@@ -109,7 +137,9 @@ def test_the_same_data_without_marks_flags_nothing(moving_runs: dict[str, str]) 
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A complete top-3 run: 640 images of 4 classes in 5 shards, 6 x 6 maps, real PNG shards."""
     dest = str(tmp_path_factory.mktemp("synthetic") / "run")
-    write_synthetic_run(dest, 640, n_classes=4, n_targets=3, grid=(6, 6), n_heads=2, embed_dim=8, images_per_shard=128, with_images=True)
+    write_synthetic_run(
+        dest, 640, n_classes=4, n_targets=3, grid=(6, 6), n_heads=2, embed_dim=8, images_per_shard=128, with_images=True
+    )
     return dest
 
 
@@ -119,7 +149,9 @@ def copy_run(source: str, tmp_path: Path) -> str:
     return str(dest)
 
 
-def test_a_damaged_run_is_audited_where_it_can_be_and_says_what_it_skipped(synthetic: str, tmp_path: Path, capsys) -> None:
+def test_a_damaged_run_is_audited_where_it_can_be_and_says_what_it_skipped(
+    synthetic: str, tmp_path: Path, capsys
+) -> None:
     import pyarrow as pa
 
     from schemas import ERRORS_SCHEMA
@@ -127,10 +159,25 @@ def test_a_damaged_run_is_audited_where_it_can_be_and_says_what_it_skipped(synth
     dest = Path(copy_run(synthetic, tmp_path))
     (dest / "markers" / "000004.json").unlink()  # shard 4 failed: no marker, a shard-level error row
     (dest / "errors").mkdir(exist_ok=True)
-    errors = [{"shard": "synthetic-000004", "shard_index": 4, "key": None, "reason": "shard failed after 3 attempts", "run_id": "x"}]
-    pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), dest / "errors" / "000004-synthetic-000004.parquet")
-    errors = [{"shard": "synthetic-000001", "shard_index": 1, "key": f"bad-{i}", "reason": "cannot decode", "run_id": "x"} for i in range(3)]
-    pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), dest / "errors" / "000001-synthetic-000001.parquet")
+    errors = [
+        {
+            "shard": "synthetic-000004",
+            "shard_index": 4,
+            "key": None,
+            "reason": "shard failed after 3 attempts",
+            "run_id": "x",
+        }
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), dest / "errors" / "000004-synthetic-000004.parquet"
+    )
+    errors = [
+        {"shard": "synthetic-000001", "shard_index": 1, "key": f"bad-{i}", "reason": "cannot decode", "run_id": "x"}
+        for i in range(3)
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), dest / "errors" / "000001-synthetic-000001.parquet"
+    )
     shutil.rmtree(dest / "cdam.zarr" / "cdam" / "c" / "9")  # rows 144..159 (shard 1) read NaN: a chunk never written
     run = open_run(str(dest))
     counts = np.bincount(run.index.column("pred").to_numpy(), minlength=4)
@@ -147,17 +194,25 @@ def test_a_damaged_run_is_audited_where_it_can_be_and_says_what_it_skipped(synth
     assert f"not audited: class-{smallest:04d}: " in err and f"fewer than --min-images {min_images}" in err
     files = audit_files(str(dest))
     assert sorted(row["class"] for row in files["classes"]) == sorted(set(range(4)) - {smallest})
-    nan_in_audited = sum(((rows >= 144) & (rows < 160) & (run.index.column("pred").to_numpy() == c)).sum() for c in range(4) if c != smallest)
+    nan_in_audited = sum(
+        ((rows >= 144) & (rows < 160) & (run.index.column("pred").to_numpy() == c)).sum()
+        for c in range(4)
+        if c != smallest
+    )
     assert len(files["images"]) == counts.sum() - counts[smallest] - nan_in_audited
     assert not any(144 <= row["row"] < 160 for row in files["images"])
     assert f"class-{smallest:04d}" in files["summary"]["not_audited"]
 
 
-def test_audit_on_s3_retries_transient_faults(s3_server: str, s3_bucket: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_audit_on_s3_retries_transient_faults(
+    s3_server: str, s3_bucket: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
     from helpers import S3Proxy
 
     dest = f"s3://{s3_bucket}/runs/audited"
-    write_synthetic_run(dest, 320, n_classes=3, n_targets=2, grid=(6, 6), n_heads=2, embed_dim=8, images_per_shard=64, with_images=True)
+    write_synthetic_run(
+        dest, 320, n_classes=3, n_targets=2, grid=(6, 6), n_heads=2, embed_dim=8, images_per_shard=64, with_images=True
+    )
     reference = tmp_path / "reference"
     assert main(["audit", dest, "--output", str(reference)]) == 0
     with S3Proxy(s3_server, fail_every=4, fault=["503", "drop"]) as proxy:
@@ -177,7 +232,9 @@ def test_a_second_audit_on_the_same_run_is_refused(synthetic: str, tmp_path: Pat
     with open_run(dest).exclusive("audit"):
         assert main(["audit", dest]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cdam audit: error: output") and "is in use by another cdam job" in err[0], err
+    assert (
+        len(err) == 1 and err[0].startswith("cdam audit: error: output") and "is in use by another cdam job" in err[0]
+    ), err
     assert not Path(dest, "audit").exists()
     assert main(["audit", dest, "--json", "--classes", "class-0001,2"]) == 0  # free again; a subset of classes
     printed = json.loads(capsys.readouterr().out)
@@ -192,7 +249,9 @@ def test_flat_attention_and_tiny_maps_are_reported_as_the_blind_spot(synthetic: 
     assert main(["audit", dest]) == 0
     captured = capsys.readouterr()
     warning = [line for line in captured.err.splitlines() if "blind spot" in line]
-    assert len(warning) == 1 and "peak 1.00 x uniform" in warning[0] and "Smooth or Integrated CDAM" in warning[0], captured.err
+    assert len(warning) == 1 and "peak 1.00 x uniform" in warning[0] and "Smooth or Integrated CDAM" in warning[0], (
+        captured.err
+    )
     assert "cannot tell" in captured.out
     assert audit_files(dest)["summary"]["blind_spot"]["found"]
 
@@ -201,4 +260,7 @@ def test_bad_options_are_one_line_errors(synthetic: str, capsys) -> None:
     assert main(["audit", synthetic, "--classes", "zebra"]) == 2
     assert main(["audit", synthetic, "--min-images", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("cdam audit: error: class 'zebra'") and err[1] == "cdam audit: error: --min-images 2: at least 4 images are needed to cluster a class", err
+    assert (
+        err[0].startswith("cdam audit: error: class 'zebra'")
+        and err[1] == "cdam audit: error: --min-images 2: at least 4 images are needed to cluster a class"
+    ), err

@@ -58,7 +58,11 @@ def test_wilson_and_bootstrap_intervals_match_reference_values() -> None:
     values = np.random.default_rng(1).normal(2.0, 1.0, size=400)
     mean, low, high = bootstrap_mean(values, np.random.default_rng(0))
     half = 1.96 * values.std() / np.sqrt(len(values))  # the normal interval the bootstrap approximates
-    assert mean == pytest.approx(values.mean()) and low == pytest.approx(mean - half, abs=0.03) and high == pytest.approx(mean + half, abs=0.03)
+    assert (
+        mean == pytest.approx(values.mean())
+        and low == pytest.approx(mean - half, abs=0.03)
+        and high == pytest.approx(mean + half, abs=0.03)
+    )
 
 
 def test_regions_grow_over_a_larger_mark_and_controls_do_not_overlap_them() -> None:
@@ -87,7 +91,9 @@ def test_removal_fills_with_the_surroundings_and_paste_copies_the_donor() -> Non
     assert torch.equal(filled[:, :, outside], images[:, :, outside])
     donors = -images
     pasted = paste(images, donors, region, PATCH)
-    assert torch.equal(pasted[:, :, 24:32, 24:32], donors[:, :, 24:32, 24:32]) and torch.equal(pasted[:, :, outside], images[:, :, outside])
+    assert torch.equal(pasted[:, :, 24:32, 24:32], donors[:, :, 24:32, 24:32]) and torch.equal(
+        pasted[:, :, outside], images[:, :, outside]
+    )
 
 
 # --- hand-written models: reliance known by construction -------------------------------------------------------
@@ -123,7 +129,9 @@ def marked_data(n: int = 40, seed: int = 0) -> ClusterImages:
 
 
 def test_a_model_that_reads_the_mark_is_confirmed() -> None:
-    result = counterfactual_tests(CornerOrCentre(reads_corner=True), 0, "mark", marked_data(), PATCH, np.random.default_rng(0), batch=16)
+    result = counterfactual_tests(
+        CornerOrCentre(reads_corner=True), 0, "mark", marked_data(), PATCH, np.random.default_rng(0), batch=16
+    )
     assert result.relied_on and result.n_removal == 40 and result.n_paste == 40
     assert result.drop[1] > 5.0  # 10 x (1 - the ring's ~0.1 mean): the whole drop, and the control's is ~0
     assert abs(result.control_drop) < 0.1
@@ -132,7 +140,9 @@ def test_a_model_that_reads_the_mark_is_confirmed() -> None:
 
 
 def test_a_model_that_ignores_the_mark_is_not_confirmed() -> None:
-    result = counterfactual_tests(CornerOrCentre(reads_corner=False), 0, "mark", marked_data(), PATCH, np.random.default_rng(0), batch=16)
+    result = counterfactual_tests(
+        CornerOrCentre(reads_corner=False), 0, "mark", marked_data(), PATCH, np.random.default_rng(0), batch=16
+    )
     assert not result.relied_on
     assert result.drop[0] == pytest.approx(0.0, abs=0.01) and result.flips[0] == 0.0 and result.flips[2] < 0.1
     assert result.in_words().startswith("the model does not rely on it")
@@ -158,7 +168,15 @@ def test_a_background_cue_is_confirmed_by_swapping_backgrounds() -> None:
     regions = np.ones((n, *GRID), dtype=bool)
     regions[:, 2:6, 2:6] = False  # the class's evidence lies around the object
     objects = ~regions
-    result = counterfactual_tests(BackgroundReader(), 0, "background", ClusterImages(images, regions, ~regions, recipients, objects), PATCH, rng, 8)
+    result = counterfactual_tests(
+        BackgroundReader(),
+        0,
+        "background",
+        ClusterImages(images, regions, ~regions, recipients, objects),
+        PATCH,
+        rng,
+        8,
+    )
     assert result.test == "background" and result.relied_on
     assert result.drop[1] > 5.0 and result.flips[0] == 1.0 and result.control_flips == 0.0
 
@@ -172,12 +190,20 @@ def clusters_of(dest: str) -> list[dict]:
 
 def test_the_demo_watermark_cluster_is_confirmed_by_its_model(demo_run: str) -> None:
     """`cdam demo` audited with the model: the corner cluster's logit drop has an interval above 0, other classes flip."""
-    corner = [row for row in clusters_of(demo_run) if row["class"] == 0 and "bottom-right corner" in row["place"] and row["relied_on"]]
+    corner = [
+        row
+        for row in clusters_of(demo_run)
+        if row["class"] == 0 and "bottom-right corner" in row["place"] and row["relied_on"]
+    ]
     assert corner, clusters_of(demo_run)
     row = max(corner, key=lambda r: r["size"])
     assert row["flagged"] and row["confirm_test"] == "mark" and row["confirm_images"] >= 10
     assert row["removal_logit_drop_low"] > 0 and row["removal_logit_drop"] > row["removal_control_drop"]
-    assert row["paste_images"] >= 10 and row["paste_flip_rate_low"] > 0 and row["paste_flip_rate"] > row["paste_control_flip_rate"]
+    assert (
+        row["paste_images"] >= 10
+        and row["paste_flip_rate_low"] > 0
+        and row["paste_flip_rate"] > row["paste_control_flip_rate"]
+    )
     assert row["removal_logit_drop_low"] <= row["removal_logit_drop"] <= row["removal_logit_drop_high"]
     assert row["confirm_seconds"] > 0 and row["confirmation"].startswith("the model relies on it")
     tested = [r for r in clusters_of(demo_run) if r["relied_on"] is not None]
@@ -202,9 +228,13 @@ def test_a_cluster_whose_region_the_model_does_not_use_is_reported_and_not_flagg
     features = result.gathered.features
     features.spot_y[circle.positions], features.spot_x[circle.positions] = 1 / 8, 1 / 8
     result.gathered.class_maps[circle.positions] = 0.0
-    result.gathered.class_maps[circle.positions, :2, :2] = 1.0  # evidence on the spot only: the region is the 2 x 2 spot
+    result.gathered.class_maps[circle.positions, :2, :2] = (
+        1.0  # evidence on the spot only: the region is the 2 x 2 spot
+    )
     model = run.load_model()
-    confirmations, notes = confirm_clusters(run, result, model, ConfirmSettings(images=32, recipients=32, seed=3), progress=lambda _: None)
+    confirmations, notes = confirm_clusters(
+        run, result, model, ConfirmSettings(images=32, recipients=32, seed=3), progress=lambda _: None
+    )
     assert not notes and len(confirmations) == len(flagged)
     for confirmation in confirmations.values():
         assert not confirmation.relied_on, confirmation.in_words()
@@ -228,7 +258,10 @@ def test_no_model_writes_null_confirmation_and_says_so(demo_run: str, tmp_path: 
     clusters = pq.read_table(dest / "audit" / "clusters.parquet")
     for field in CONFIRMATION_FIELDS:
         assert clusters.column(field.name).null_count == clusters.num_rows, field.name
-    assert json.loads((dest / "audit" / "summary.json").read_text())["confirmation"]["note"] == "findings unconfirmed: --no-model"
+    assert (
+        json.loads((dest / "audit" / "summary.json").read_text())["confirmation"]["note"]
+        == "findings unconfirmed: --no-model"
+    )
     catalog = Catalog(open_run(str(dest)))
     assert "Unconfirmed: not tested with the model." in pages.class_audit(catalog.class_audit_row(0), catalog.no_audit)
 

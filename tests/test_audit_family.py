@@ -34,7 +34,24 @@ def background_cases(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -
         checkpoint = train_model(cache, BACKGROUND, control=model == "control", config=CONFIG)
         shards = write_shards(root / "shards", BACKGROUND, split, 4, SAMPLES // 4, seed=0)
         dest = str(root / f"{model}-{split}")
-        assert main(["explain", "--shards", *map(str, shards), "--output", dest, "--checkpoint", str(checkpoint), "--targets", "all", "--actors", "2"]) == 0
+        assert (
+            main(
+                [
+                    "explain",
+                    "--shards",
+                    *map(str, shards),
+                    "--output",
+                    dest,
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--targets",
+                    "all",
+                    "--actors",
+                    "2",
+                ]
+            )
+            == 0
+        )
         assert main(["audit", dest]) == 0
         results[f"{model}-{split}"] = score_case(dest, BACKGROUND, model, split)
     return results
@@ -51,8 +68,11 @@ def test_a_learnt_background_is_found_image_by_image(background_cases: dict[str,
     assert run.storage.exists("audit/contact-sheets/3-cross.png")
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: in the control the cross class's own evidence (its arms) lies off the other "
-                   "classes' usual region, and cross is flagged as a background (precision 0.5); see BENCHMARKS.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: in the control the cross class's own evidence (its arms) lies off the other "
+    "classes' usual region, and cross is flagged as a background (precision 0.5); see BENCHMARKS.md",
+)
 def test_the_clean_control_flags_nothing(background_cases: dict[str, CaseResult]) -> None:
     result = background_cases["control-balanced"]
     assert result.flagged == [] and result.precision is None, result.row()
@@ -62,8 +82,12 @@ def test_label_disagreement_flags_only_far_beyond_the_usual_confusions() -> None
     """``find`` on made-up statistics: every image on the usual region, so only the labels can speak."""
     n_classes, per_class = 4, 200
     classes = np.repeat(np.arange(n_classes), per_class)
-    stats = PlaceStatistics(off_place=np.zeros(len(classes)), compactness=np.zeros(len(classes)), off_spot=np.zeros((len(classes), 2)),
-                            usual=np.ones((n_classes, 2, 2), bool))
+    stats = PlaceStatistics(
+        off_place=np.zeros(len(classes)),
+        compactness=np.zeros(len(classes)),
+        off_spot=np.zeros((len(classes), 2)),
+        usual=np.ones((n_classes, 2, 2), bool),
+    )
     rng = np.random.default_rng(0)
     positions = np.flatnonzero(classes == 0)
     for wrong_share, flagged in ((0.12, False), (0.6, True)):  # the others are confused 10% of the time

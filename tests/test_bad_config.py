@@ -40,16 +40,36 @@ def quiet_moto() -> Iterator[None]:
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A shard with labels, one without, and a small cdam checkpoint."""
     root = tmp_path_factory.mktemp("bad-config")
-    labelled = make_shard(root / "labelled-0000.tar", [(f"k{i}", {"jpg": jpeg_bytes(20, 20), "cls": b"1"}) for i in range(3)])
+    labelled = make_shard(
+        root / "labelled-0000.tar", [(f"k{i}", {"jpg": jpeg_bytes(20, 20), "cls": b"1"}) for i in range(3)]
+    )
     unlabelled = make_shard(root / "unlabelled-0000.tar", [(f"u{i}", {"jpg": jpeg_bytes(20, 20)}) for i in range(3)])
     torch.manual_seed(0)
     checkpoint = root / "model.pt"
-    save_checkpoint(checkpoint, timm.create_model("vit_small_patch16_224", **MODEL_KWARGS), "vit_small_patch16_224", MODEL_KWARGS, CLASS_NAMES)
+    save_checkpoint(
+        checkpoint,
+        timm.create_model("vit_small_patch16_224", **MODEL_KWARGS),
+        "vit_small_patch16_224",
+        MODEL_KWARGS,
+        CLASS_NAMES,
+    )
     return {"root": str(root), "labelled": str(labelled), "unlabelled": str(unlabelled), "checkpoint": str(checkpoint)}
 
 
-def explain(inputs: dict[str, str], output: str, *extra: str, shards: str | None = None, checkpoint: bool = True) -> list[str]:
-    args = ["explain", "--shards", shards or inputs["labelled"], "--output", output, "--batch-size", "2", "--actors", "1"]
+def explain(
+    inputs: dict[str, str], output: str, *extra: str, shards: str | None = None, checkpoint: bool = True
+) -> list[str]:
+    args = [
+        "explain",
+        "--shards",
+        shards or inputs["labelled"],
+        "--output",
+        output,
+        "--batch-size",
+        "2",
+        "--actors",
+        "1",
+    ]
     return args + (["--checkpoint", inputs["checkpoint"]] if checkpoint else []) + list(extra)
 
 
@@ -95,13 +115,19 @@ def test_label_targets_on_shards_without_cls(inputs, tmp_path, capsys):
 
 def test_bad_concepts(inputs, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert "expected NAME=FILE, NAME=FOLDER, NAME=text:PROMPT or NAME=prompts:FILE" in refused(explain(inputs, out, "--concepts", "stripes"), capsys)
+    assert "expected NAME=FILE, NAME=FOLDER, NAME=text:PROMPT or NAME=prompts:FILE" in refused(
+        explain(inputs, out, "--concepts", "stripes"), capsys
+    )
     missing = tmp_path / "nowhere.pt"
-    assert f"--concepts c: {missing} is neither a concept file nor a folder" in refused(explain(inputs, out, "--concepts", f"c={missing}"), capsys)
+    assert f"--concepts c: {missing} is neither a concept file nor a folder" in refused(
+        explain(inputs, out, "--concepts", f"c={missing}"), capsys
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    assert f"--concepts c: folder {empty} holds no images" in refused(explain(inputs, out, "--concepts", f"c={empty}"), capsys)
+    assert f"--concepts c: folder {empty} holds no images" in refused(
+        explain(inputs, out, "--concepts", f"c={empty}"), capsys
+    )
     examples = tmp_path / "examples"
     examples.mkdir()
     (examples / "good.jpg").write_bytes(jpeg_bytes(20, 20))
@@ -110,7 +136,9 @@ def test_bad_concepts(inputs, tmp_path, capsys):
     assert f"--concepts c: corrupt image '{examples / 'broken.jpg'}'" in line
     wrong = tmp_path / "wrong.pt"
     torch.save(torch.ones(7), wrong)
-    assert "--concepts c: vector has 7 dims, the model's embedding has 48" in refused(explain(inputs, out, "--concepts", f"c={wrong}"), capsys)
+    assert "--concepts c: vector has 7 dims, the model's embedding has 48" in refused(
+        explain(inputs, out, "--concepts", f"c={wrong}"), capsys
+    )
 
 
 def test_shard_spec_matching_nothing(inputs, tmp_path, capsys):
@@ -158,5 +186,9 @@ def test_resume_into_output_of_another_program(inputs, tmp_path, capsys):
 
 
 def test_bad_flags_are_refused(inputs, tmp_path, capsys):
-    for extra, culprit in [(("--batch-size", "0"), "--batch-size must be >= 1"), (("--model-kwargs", "{oops"), "--model-kwargs is not valid JSON"), (("--targets", "topk:9"), "k=9 exceeds the model's 6 classes")]:
+    for extra, culprit in [
+        (("--batch-size", "0"), "--batch-size must be >= 1"),
+        (("--model-kwargs", "{oops"), "--model-kwargs is not valid JSON"),
+        (("--targets", "topk:9"), "k=9 exceeds the model's 6 classes"),
+    ]:
         assert culprit in refused(explain(inputs, str(tmp_path / "out"), *extra), capsys)

@@ -41,10 +41,26 @@ def read_table(output: str, path: str) -> list[dict]:
 
 
 def test_label_one_past_int32_costs_one_sample_not_the_shard(ray_local, tmp_path, capsys):
-    samples = [(f"photo{i}", {"jpg": photo(i), "cls": b"2147483648" if i == 5 else str(i % 6).encode()}) for i in range(8)]
+    samples = [
+        (f"photo{i}", {"jpg": photo(i), "cls": b"2147483648" if i == 5 else str(i % 6).encode()}) for i in range(8)
+    ]
     shard = make_shard(tmp_path / "photos-0000.tar", samples)
     output = str(tmp_path / "out")
-    argv = ["explain", "--shards", str(shard), "--output", output, "--checkpoint", write_checkpoint(tmp_path / "model.pt"), "--targets", "topk:1", "--actors", "1", "--batch-size", "4"]
+    argv = [
+        "explain",
+        "--shards",
+        str(shard),
+        "--output",
+        output,
+        "--checkpoint",
+        write_checkpoint(tmp_path / "model.pt"),
+        "--targets",
+        "topk:1",
+        "--actors",
+        "1",
+        "--batch-size",
+        "4",
+    ]
 
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -55,7 +71,8 @@ def test_label_one_past_int32_costs_one_sample_not_the_shard(ray_local, tmp_path
     assert sorted(row["key"] for row in metadata) == [f"photo{i}" for i in range(8) if i != 5]
     errors = read_table(output, "errors/000000-photos-0000.parquet")
     assert [(row["key"], row["reason"]) for row in errors] == [
-        ("photo5", "cls label 2147483648 in 'photo5.cls' does not fit the int32 label column (-2147483648..2147483647)")]
+        ("photo5", "cls label 2147483648 in 'photo5.cls' does not fit the int32 label column (-2147483648..2147483647)")
+    ]
     assert verify_output(output) == []
     assert main(["verify", output]) == 0
     assert "OK: 0 problem(s)" in capsys.readouterr().out
@@ -76,39 +93,70 @@ def read_back(path: Path) -> dict[str, Sample | SampleError]:
     return {item.key: item for _, item in iter_samples(str(path))}
 
 
-@pytest.mark.parametrize(("text", "label"), [
-    (b"2147483647", 2147483647), (b"-2147483648", -2147483648), (b" +0007\n", 7), (b"-0", 0),
-])
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        (b"2147483647", 2147483647),
+        (b"-2147483648", -2147483648),
+        (b" +0007\n", 7),
+        (b"-0", 0),
+    ],
+)
 def test_labels_at_the_int32_bounds_are_kept(tmp_path, text, label):
     sample = read_back(make_shard(tmp_path / "s.tar", [("a", {"png": png_bytes(), "cls": text})]))["a"]
     assert isinstance(sample, Sample) and sample.label == label
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    (b"2147483648", "cls label 2147483648 in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)"),
-    (b"-2147483649", "cls label -2147483649 in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)"),
-    (b"99999999999999999999", "cls label 99999999999999999999 in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)"),
-    # more than the 4300 digits int() accepts: used to raise out of the reader and lose the rest of the shard
-    (b"7" * 5000, "cls label 77777777777777777777... (5000 digits) in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)"),
-    (b"0x10", "non-integer cls 'a.cls': '0x10'"),
-    ("\u0663".encode(), "non-integer cls 'a.cls': '\u0663'"),  # an Arabic-Indic digit: int() would take it
-    (b"\xff\xfe7", "non-integer cls 'a.cls': '\ufffd\ufffd7'"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            b"2147483648",
+            "cls label 2147483648 in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)",
+        ),
+        (
+            b"-2147483649",
+            "cls label -2147483649 in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)",
+        ),
+        (
+            b"99999999999999999999",
+            "cls label 99999999999999999999 in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)",
+        ),
+        # more than the 4300 digits int() accepts: used to raise out of the reader and lose the rest of the shard
+        (
+            b"7" * 5000,
+            "cls label 77777777777777777777... (5000 digits) in 'a.cls' does not fit the int32 label column (-2147483648..2147483647)",
+        ),
+        (b"0x10", "non-integer cls 'a.cls': '0x10'"),
+        ("\u0663".encode(), "non-integer cls 'a.cls': '\u0663'"),  # an Arabic-Indic digit: int() would take it
+        (b"\xff\xfe7", "non-integer cls 'a.cls': '\ufffd\ufffd7'"),
+    ],
+)
 def test_labels_that_cannot_be_stored_are_that_samples_error(tmp_path, text, reason):
-    shard = make_shard(tmp_path / "s.tar", [("a", {"png": png_bytes(), "cls": text}), ("b", {"png": png_bytes(), "cls": b"3"})])
+    shard = make_shard(
+        tmp_path / "s.tar", [("a", {"png": png_bytes(), "cls": text}), ("b", {"png": png_bytes(), "cls": b"3"})]
+    )
     items = read_back(shard)
     assert isinstance(items["a"], SampleError) and items["a"].reason == reason
     assert isinstance(items["b"], Sample) and items["b"].label == 3
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b'{"n": ' + b"9" * 5000 + b"}", "invalid json 'a.json': Exceeds the limit (4300 digits) for integer string conversion"),
-    (b'{"name": "caf\xe9"}', "invalid json 'a.json': 'utf-8' codec can't decode byte 0xe9"),
-    (b"[" * 100_000 + b"]" * 100_000, "invalid json 'a.json': maximum recursion depth exceeded"),
-    (b'["a list"]', "invalid json 'a.json': expected an object, got list"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (
+            b'{"n": ' + b"9" * 5000 + b"}",
+            "invalid json 'a.json': Exceeds the limit (4300 digits) for integer string conversion",
+        ),
+        (b'{"name": "caf\xe9"}', "invalid json 'a.json': 'utf-8' codec can't decode byte 0xe9"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid json 'a.json': maximum recursion depth exceeded"),
+        (b'["a list"]', "invalid json 'a.json': expected an object, got list"),
+    ],
+)
 def test_json_that_cannot_be_stored_is_that_samples_error(tmp_path, data, reason):
-    items = read_back(make_shard(tmp_path / "s.tar", [("a", {"png": png_bytes(), "json": data}), ("b", {"png": png_bytes()})]))
+    items = read_back(
+        make_shard(tmp_path / "s.tar", [("a", {"png": png_bytes(), "json": data}), ("b", {"png": png_bytes()})])
+    )
     assert isinstance(items["a"], SampleError) and items["a"].reason.startswith(reason), items["a"].reason
     assert isinstance(items["b"], Sample)
 
@@ -143,10 +191,31 @@ def processor(tmp_path_factory: pytest.TempPathFactory):
 
 def explained_row(processor, local_row: int, **changes) -> ExplainedRow:
     layout = processor.layout
-    arrays = {spec.name: np.zeros(layout.chunks(spec)[1:], dtype=layout.dtype(spec)) for spec in array_specs(layout.store_basis)}
-    table = {"pred": 1, "pred_prob": 0.5, "topk_classes": [1, 2], "topk_probs": [0.5, 0.2], "targets": [1, 2], "target_names": ["dog", "zebra"],
-             "relevance_pos_sum": [1.0, 1.0], "relevance_neg_sum": [-1.0, -1.0], "relevance_argmax": [0, 1]}
-    row = ExplainedRow(local_row=local_row, key=f"k{local_row}", label=1, width=4, height=4, sample_json=None, arrays=arrays, table=table)
+    arrays = {
+        spec.name: np.zeros(layout.chunks(spec)[1:], dtype=layout.dtype(spec))
+        for spec in array_specs(layout.store_basis)
+    }
+    table = {
+        "pred": 1,
+        "pred_prob": 0.5,
+        "topk_classes": [1, 2],
+        "topk_probs": [0.5, 0.2],
+        "targets": [1, 2],
+        "target_names": ["dog", "zebra"],
+        "relevance_pos_sum": [1.0, 1.0],
+        "relevance_neg_sum": [-1.0, -1.0],
+        "relevance_argmax": [0, 1],
+    }
+    row = ExplainedRow(
+        local_row=local_row,
+        key=f"k{local_row}",
+        label=1,
+        width=4,
+        height=4,
+        sample_json=None,
+        arrays=arrays,
+        table=table,
+    )
     for name, value in changes.items():
         if name in table:
             table[name] = value
@@ -157,7 +226,9 @@ def explained_row(processor, local_row: int, **changes) -> ExplainedRow:
 
 def test_a_row_its_columns_cannot_hold_becomes_that_samples_error(processor):
     storage = processor.storage
-    writer = ShardWriter(storage, processor.group, processor.layout, 0, "direct", "direct.tar", 20, processor.config.run_id)
+    writer = ShardWriter(
+        storage, processor.group, processor.layout, 0, "direct", "direct.tar", 20, processor.config.run_id
+    )
     bad = {3: dict(label=2**31), 4: dict(key="k\udcff"), 17: dict(pred=None), 18: dict(width=10**20)}
     for local_row in range(20):
         if local_row != 9:
@@ -166,7 +237,12 @@ def test_a_row_its_columns_cannot_hold_becomes_that_samples_error(processor):
     writer.add_error("k9", "line one\nline two \udcff")
     summary = writer.finish()
 
-    assert (summary.n_images, summary.n_errors, summary.n_shard_errors, summary.unaccounted()) == (15, 6, 0, "20 samples planned, but 15 explained + 6 in errors/")
+    assert (summary.n_images, summary.n_errors, summary.n_shard_errors, summary.unaccounted()) == (
+        15,
+        6,
+        0,
+        "20 samples planned, but 15 explained + 6 in errors/",
+    )
     metadata = read_table(processor.config.output, "metadata/000000-direct.parquet")
     assert [row["row"] for row in metadata] == [r for r in range(20) if r not in (3, 4, 9, 17, 18)]
     errors = {row["key"]: row["reason"] for row in read_table(processor.config.output, "errors/000000-direct.parquet")}
@@ -187,9 +263,18 @@ def test_what_the_fuzz_tests_found_costs_one_sample_each(processor, tmp_path):
     # an int32 overflow and an OverflowError in the metadata table, a 5000-digit label that int() refuses
     # (raised out of the reader: the rest of the shard was lost), a key Arrow cannot encode in errors/.
     shard = tmp_path / "found.tar"
-    members = [("good0.png", png_bytes()), ("big.png", png_bytes()), ("big.cls", b"2147483648"), ("huge.png", png_bytes()),
-               ("huge.cls", b"99999999999999999999"), ("long.png", png_bytes()), ("long.cls", b"9" * 5000),
-               ("caf\udce9.txt", b"no image either"), ("good1.png", png_bytes()), ("good1.cls", b"-3")]
+    members = [
+        ("good0.png", png_bytes()),
+        ("big.png", png_bytes()),
+        ("big.cls", b"2147483648"),
+        ("huge.png", png_bytes()),
+        ("huge.cls", b"99999999999999999999"),
+        ("long.png", png_bytes()),
+        ("long.cls", b"9" * 5000),
+        ("caf\udce9.txt", b"no image either"),
+        ("good1.png", png_bytes()),
+        ("good1.cls", b"-3"),
+    ]
     with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -228,6 +313,16 @@ def test_a_gzip_header_cut_short_is_a_shard_level_error_not_a_crash(tmp_path, ca
     assert list(iter_samples(str(cut))) == [(None, SampleError(None, "not a tar file: truncated gzip header"))]
 
     good = make_shard(tmp_path / "good-0000.tar", [("a", {"png": png_bytes(), "cls": b"1"})])
-    argv = ["explain", "--shards", str(good), str(cut), "--output", str(tmp_path / "out"), "--checkpoint", write_checkpoint(tmp_path / "model.pt"), "--dry-run"]
+    argv = [
+        "explain",
+        "--shards",
+        str(good),
+        str(cut),
+        "--output",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        write_checkpoint(tmp_path / "model.pt"),
+        "--dry-run",
+    ]
     assert main(argv) == 0
     assert "shards       2 (1 samples" in capsys.readouterr().out

@@ -16,8 +16,10 @@ HEAVY = ("torch", "timm", "ray")
 
 def modules_after(argv: list[str]) -> tuple[int, set[str], str]:
     """Run ``cdam ARGV`` in a fresh interpreter; its exit status, which heavy modules it imported, its output."""
-    script = ("import sys; from jobs.cli import main; status = main(sys.argv[1:]); "
-              f"print('heavy:', ','.join(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(status)")
+    script = (
+        "import sys; from jobs.cli import main; status = main(sys.argv[1:]); "
+        f"print('heavy:', ','.join(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(status)"
+    )
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
     heavy = done.stdout.rsplit("heavy:", 1)[-1].strip()
     return done.returncode, set(filter(None, heavy.split(","))), done.stdout + done.stderr
@@ -32,8 +34,18 @@ def test_reading_tables_imports_neither_torch_nor_timm_nor_ray(demo_run: str, co
 
 
 def test_help_imports_neither_torch_nor_timm_nor_ray() -> None:
-    done = subprocess.run([sys.executable, "-c", "import sys; from jobs.cli import build_parser; build_parser(); "
-                           f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from jobs.cli import build_parser; build_parser(); "
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"building the parser imported {done.stdout.strip()}"
 

@@ -74,18 +74,24 @@ def shard_folder(tmp_path: Path) -> Path:
 
 def test_expand_braces_globs_order_and_duplicates(shard_folder: Path) -> None:
     root = str(shard_folder)
-    assert expand_shard_specs([f"{root}/val-{{0001..0002}}.tar"]) == [
-        f"{root}/val-0001.tar", f"{root}/val-0002.tar"]
+    assert expand_shard_specs([f"{root}/val-{{0001..0002}}.tar"]) == [f"{root}/val-0001.tar", f"{root}/val-0002.tar"]
     assert expand_shard_specs([f"{root}/*.tar"]) == [
-        f"{root}/train-0000.tar", *(f"{root}/val-{i:04d}.tar" for i in range(4))]
+        f"{root}/train-0000.tar",
+        *(f"{root}/val-{i:04d}.tar" for i in range(4)),
+    ]
     assert expand_shard_specs([f"{root}/val-000[13].tar", f"{root}/train-000?.tar", f"{root}/val-0001.tar"]) == [
-        f"{root}/val-0001.tar", f"{root}/val-0003.tar", f"{root}/train-0000.tar"]
+        f"{root}/val-0001.tar",
+        f"{root}/val-0003.tar",
+        f"{root}/train-0000.tar",
+    ]
 
 
 def test_expand_relative_and_file_urls(shard_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(shard_folder)
     assert expand_shard_specs(["val-0000.tar", f"file://{shard_folder}/val-0001.tar"]) == [
-        f"{shard_folder}/val-0000.tar", f"{shard_folder}/val-0001.tar"]
+        f"{shard_folder}/val-0000.tar",
+        f"{shard_folder}/val-0001.tar",
+    ]
 
 
 def test_expand_errors(shard_folder: Path) -> None:
@@ -108,7 +114,9 @@ def test_expand_s3_specs(s3_bucket: str) -> None:
     assert expand_shard_specs([f"{base}/val-{{0000..0001}}.tar"]) == [f"{base}/val-0000.tar", f"{base}/val-0001.tar"]
     assert expand_shard_specs([f"{base}/val-*.tar"]) == [f"{base}/val-{i:04d}.tar" for i in range(3)]
     assert expand_shard_specs([f"{base}/*/val-*.tar", f"s3://{s3_bucket}/top.tar"]) == [
-        f"{base}/sub/val-0009.tar", f"s3://{s3_bucket}/top.tar"]
+        f"{base}/sub/val-0009.tar",
+        f"s3://{s3_bucket}/top.tar",
+    ]
     with pytest.raises(DataError, match=r"shard spec 's3://.*/data/test-\*.tar' matches no file"):
         expand_shard_specs([f"{base}/test-*.tar"])
     with pytest.raises(DataError, match=r"cannot list shards.*bucket does not exist"):
@@ -199,11 +207,23 @@ def decode(tmp_path: Path, name: str, payload: bytes) -> Sample:
     return only_sample(read_all(shard_of(tmp_path, {name: payload})))
 
 
-@pytest.mark.parametrize(("mode", "extension", "format"), [
-    ("L", "jpg", "JPEG"), ("CMYK", "jpg", "JPEG"), ("1", "png", "PNG"), ("P", "png", "PNG"), ("L", "png", "PNG"),
-    ("RGB", "webp", "WEBP"), ("RGB", "bmp", "BMP"), ("P", "gif", "GIF"), ("RGB", "ppm", "PPM"), ("L", "pgm", "PPM"),
-    ("RGB", "tiff", "TIFF"), ("CMYK", "tif", "TIFF"),
-])
+@pytest.mark.parametrize(
+    ("mode", "extension", "format"),
+    [
+        ("L", "jpg", "JPEG"),
+        ("CMYK", "jpg", "JPEG"),
+        ("1", "png", "PNG"),
+        ("P", "png", "PNG"),
+        ("L", "png", "PNG"),
+        ("RGB", "webp", "WEBP"),
+        ("RGB", "bmp", "BMP"),
+        ("P", "gif", "GIF"),
+        ("RGB", "ppm", "PPM"),
+        ("L", "pgm", "PPM"),
+        ("RGB", "tiff", "TIFF"),
+        ("CMYK", "tif", "TIFF"),
+    ],
+)
 def test_image_modes_become_rgb(tmp_path: Path, mode: str, extension: str, format: str) -> None:
     original = gradient_image(16, 12, mode)
     options = {"lossless": True} if format == "WEBP" else {}
@@ -268,8 +288,10 @@ def test_one_pixel_image_is_valid(tmp_path: Path) -> None:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` x ``height`` pixels but holds no pixel data (a decompression bomb)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
@@ -280,35 +302,42 @@ def test_decompression_bombs_are_refused(tmp_path: Path, side: int) -> None:
     assert reason.startswith("decompression bomb: 'k.png': ")
 
 
-def test_decompression_bomb_limit_holds_when_pillow_guard_is_off(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decompression_bomb_limit_holds_when_pillow_guard_is_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     monkeypatch.setattr(samples, "MAX_IMAGE_PIXELS", 100)
     reason = only_error(read_all(shard_of(tmp_path, {"k.png": png_bytes(11, 10)})))
     assert reason == "decompression bomb: 'k.png': 11x10 pixels exceed the limit of 100"
 
 
-@pytest.mark.parametrize(("payload", "expected"), [
-    (jpeg_bytes()[:200], "corrupt image 'k.jpg': "),
-    (b"this is not an image", "corrupt image 'k.jpg': cannot identify image file"),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "corrupt image 'k.jpg': cannot identify image file"),
-    (b"", "corrupt image 'k.jpg': cannot identify image file"),
-])
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (jpeg_bytes()[:200], "corrupt image 'k.jpg': "),
+        (b"this is not an image", "corrupt image 'k.jpg': cannot identify image file"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "corrupt image 'k.jpg': cannot identify image file"),
+        (b"", "corrupt image 'k.jpg': cannot identify image file"),
+    ],
+)
 def test_corrupt_images(tmp_path: Path, payload: bytes, expected: str) -> None:
     reason = only_error(read_all(shard_of(tmp_path, {"k.jpg": payload, "k.cls": b"1"})))
     assert reason.startswith(expected) and "\n" not in reason
 
 
-@pytest.mark.parametrize(("members", "expected"), [
-    ({"k.jpg": jpeg_bytes(), "k.cls": b"cat"}, "non-integer cls 'k.cls': 'cat'"),
-    ({"k.jpg": jpeg_bytes(), "k.cls": b"1.5"}, "non-integer cls 'k.cls': '1.5'"),
-    ({"k.cls": b"1", "k.json": b"{}"}, "no image member (members: k.cls, k.json)"),
-    ({"k.jpg": jpeg_bytes(), "k.json": b"{not json"}, "invalid json 'k.json': Expecting property name"),
-    ({"k.jpg": jpeg_bytes(), "k.json": b"[1, 2]"}, "invalid json 'k.json': expected an object, got list"),
-    ({"/abs/k.jpg": jpeg_bytes()}, "unsafe member path '/abs/k.jpg'"),
-    ({"../k.jpg": jpeg_bytes()}, "unsafe member path '../k.jpg'"),
-    ({"a/../../k.jpg": jpeg_bytes()}, "unsafe member path 'a/../../k.jpg'"),
-])
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        ({"k.jpg": jpeg_bytes(), "k.cls": b"cat"}, "non-integer cls 'k.cls': 'cat'"),
+        ({"k.jpg": jpeg_bytes(), "k.cls": b"1.5"}, "non-integer cls 'k.cls': '1.5'"),
+        ({"k.cls": b"1", "k.json": b"{}"}, "no image member (members: k.cls, k.json)"),
+        ({"k.jpg": jpeg_bytes(), "k.json": b"{not json"}, "invalid json 'k.json': Expecting property name"),
+        ({"k.jpg": jpeg_bytes(), "k.json": b"[1, 2]"}, "invalid json 'k.json': expected an object, got list"),
+        ({"/abs/k.jpg": jpeg_bytes()}, "unsafe member path '/abs/k.jpg'"),
+        ({"../k.jpg": jpeg_bytes()}, "unsafe member path '../k.jpg'"),
+        ({"a/../../k.jpg": jpeg_bytes()}, "unsafe member path 'a/../../k.jpg'"),
+    ],
+)
 def test_bad_samples(tmp_path: Path, members: dict[str, bytes], expected: str) -> None:
     assert only_error(read_all(shard_of(tmp_path, members))).startswith(expected)
 
@@ -318,8 +347,10 @@ def test_bad_sample_does_not_stop_the_shard(tmp_path: Path) -> None:
     samples[1][1]["jpg"] = b"garbage"
     url = str(make_shard(tmp_path / "s.tar", samples))
     assert outcome(read_all(url)) == [
-        ("sample0", 0), ("sample1", "corrupt image 'sample1.jpg': cannot identify image file"),
-        ("sample2", 2)]
+        ("sample0", 0),
+        ("sample1", "corrupt image 'sample1.jpg': cannot identify image file"),
+        ("sample2", 2),
+    ]
 
 
 def test_duplicate_keys(tmp_path: Path) -> None:
@@ -327,8 +358,11 @@ def test_duplicate_keys(tmp_path: Path) -> None:
     url = str(make_tar(tmp_path / "dup.tar", members))
     assert scan_shard(url).keys == ["a", "b", "a", "b"]
     assert outcome(read_all(url)) == [
-        ("a", None), ("b", None), ("a", "duplicate key 'a' (first seen at sample 0)"),
-        ("b", "duplicate key 'b' (first seen at sample 1)")]
+        ("a", None),
+        ("b", None),
+        ("a", "duplicate key 'a' (first seen at sample 0)"),
+        ("b", "duplicate key 'b' (first seen at sample 1)"),
+    ]
 
 
 def test_repeated_member_in_one_sample(tmp_path: Path) -> None:
@@ -350,8 +384,17 @@ def test_pickles_are_never_loaded(tmp_path: Path) -> None:
             return (open, (str(marker), "w"))
 
     payload = pickle.dumps(Exploit())
-    url = shard_of(tmp_path, {"k.jpg": jpeg_bytes(), "k.pyd": payload, "k.pickle": payload, "k.pth": payload,
-                              "k.npy": payload, "k.cls": b"3"})
+    url = shard_of(
+        tmp_path,
+        {
+            "k.jpg": jpeg_bytes(),
+            "k.pyd": payload,
+            "k.pickle": payload,
+            "k.pth": payload,
+            "k.npy": payload,
+            "k.cls": b"3",
+        },
+    )
     assert only_sample(read_all(url)).label == 3
     assert not marker.exists()
 
@@ -362,12 +405,22 @@ def test_links_folders_and_devices_are_ignored(tmp_path: Path) -> None:
         info.type, info.linkname = kind, link
         return info, b""
 
-    url = str(make_tar(tmp_path / "links.tar", [
-        special("k", tarfile.DIRTYPE), ("k/a.jpg", jpeg_bytes()), special("k/a.cls", tarfile.SYMTYPE, "/etc/passwd"),
-        ("k/a.cls", b"5"), special("evil.jpg", tarfile.SYMTYPE, "/etc/passwd"),
-        special("hard.jpg", tarfile.LNKTYPE, "k/a.jpg"),
-        special("dev.jpg", tarfile.CHRTYPE), special("fifo.jpg", tarfile.FIFOTYPE), ("b.png", png_bytes()),
-    ]))
+    url = str(
+        make_tar(
+            tmp_path / "links.tar",
+            [
+                special("k", tarfile.DIRTYPE),
+                ("k/a.jpg", jpeg_bytes()),
+                special("k/a.cls", tarfile.SYMTYPE, "/etc/passwd"),
+                ("k/a.cls", b"5"),
+                special("evil.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+                special("hard.jpg", tarfile.LNKTYPE, "k/a.jpg"),
+                special("dev.jpg", tarfile.CHRTYPE),
+                special("fifo.jpg", tarfile.FIFOTYPE),
+                ("b.png", png_bytes()),
+            ],
+        )
+    )
     assert scan_shard(url).keys == ["k/a", "b"]
     assert outcome(read_all(url)) == [("k/a", 5), ("b", None)]
 
@@ -393,8 +446,11 @@ def test_truncated_tar_inside_a_sample(tmp_path: Path) -> None:
     cut = tmp_path / "cut.tar"
     cut.write_bytes(cut_inside_member(make_shard(tmp_path / "full.tar", three_samples()), 6))  # sample2.jpg
     assert outcome(read_all(str(cut))) == [
-        ("sample0", 0), ("sample1", 1), ("sample2", INCOMPLETE),
-        (None, "truncated tar after 6 members: unexpected end of data")]
+        ("sample0", 0),
+        ("sample1", 1),
+        ("sample2", INCOMPLETE),
+        (None, "truncated tar after 6 members: unexpected end of data"),
+    ]
 
 
 def test_tar_cut_between_members_is_truncated(tmp_path: Path) -> None:
@@ -403,22 +459,28 @@ def test_tar_cut_between_members_is_truncated(tmp_path: Path) -> None:
     cut = tmp_path / "cut.tar"
     cut.write_bytes(full.read_bytes()[: member_end_offsets(str(full))[-1]])
     assert outcome(read_all(str(cut))) == [
-        ("sample0", 0), ("sample1", 1), ("sample2", INCOMPLETE),
-        (None, "truncated tar after 9 members: unexpected end of data")]
+        ("sample0", 0),
+        ("sample1", 1),
+        ("sample2", INCOMPLETE),
+        (None, "truncated tar after 9 members: unexpected end of data"),
+    ]
 
 
 def test_truncated_gzip_tar(tmp_path: Path) -> None:
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(gzip.compress(cut_inside_member(make_shard(tmp_path / "full.tar", three_samples()), 3)))
     assert outcome(read_all(str(cut))) == [
-        ("sample0", 0), ("sample1", INCOMPLETE), (None, "truncated tar after 3 members: unexpected end of data")]
+        ("sample0", 0),
+        ("sample1", INCOMPLETE),
+        (None, "truncated tar after 3 members: unexpected end of data"),
+    ]
 
 
 def test_corrupt_header_in_the_middle(tmp_path: Path) -> None:
     full = make_shard(tmp_path / "full.tar", three_samples())
     damaged = bytearray(full.read_bytes())
     header = member_end_offsets(str(full))[3]  # the header of sample1.json
-    damaged[header: header + 100] = b"x" * 100
+    damaged[header : header + 100] = b"x" * 100
     path = tmp_path / "damaged.tar"
     path.write_bytes(bytes(damaged))
     items = read_all(str(path))
@@ -427,11 +489,14 @@ def test_corrupt_header_in_the_middle(tmp_path: Path) -> None:
     assert len(items) == 3
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    (b"", "empty file, not a tar"),
-    (b"just some text, certainly not a tar archive" * 30, "not a tar file: "),
-    (gzip.compress(b"gzip'ed text, not a tar" * 30), "not a tar file: "),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "empty file, not a tar"),
+        (b"just some text, certainly not a tar archive" * 30, "not a tar file: "),
+        (gzip.compress(b"gzip'ed text, not a tar" * 30), "not a tar file: "),
+    ],
+)
 def test_not_a_tar(tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "bad.tar"
     path.write_bytes(content)
@@ -460,14 +525,17 @@ def test_s3_shards(s3_bucket: str, tmp_path: Path) -> None:
         assert outcome(read_all(url)) == [("sample0", 0), ("sample1", 1), ("sample2", 2)]
     truncated = upload(s3_bucket, "cut.tar", cut_inside_member(tmp_path / "val.tar", 6))
     assert outcome(read_all(truncated))[-2:] == [
-        ("sample2", INCOMPLETE), (None, "truncated tar after 6 members: unexpected end of data")]
+        ("sample2", INCOMPLETE),
+        (None, "truncated tar after 6 members: unexpected end of data"),
+    ]
     assert outcome(read_all(upload(s3_bucket, "empty.tar", b""))) == [(None, "empty file, not a tar")]
     missing = f"s3://{s3_bucket}/shards/nope.tar"
     assert outcome(list(iter_samples(missing))) == [(None, f"shard not found: {missing}")]
 
 
-def test_s3_scan_reads_headers_only(s3_bucket: str, s3_server: str, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_scan_reads_headers_only(
+    s3_bucket: str, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     filler = bytes(1 << 20)
     samples = [(f"k{i}", {"jpg": jpeg_bytes(), "npy": filler, "cls": b"1"}) for i in range(8)]
     url = upload(s3_bucket, "big.tar", make_shard(tmp_path / "big.tar", samples).read_bytes())
@@ -477,9 +545,12 @@ def test_s3_scan_reads_headers_only(s3_bucket: str, s3_server: str, tmp_path: Pa
     assert proxy.bytes_served < 200_000  # of an 8 MiB shard
 
 
-def test_s3_scan_of_small_members_takes_few_requests(s3_bucket: str, s3_server: str, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    samples = [(f"k{i}", {"jpg": jpeg_bytes(), "cls": b"1"}) for i in range(600)]  # about 1 MiB of headers and small files
+def test_s3_scan_of_small_members_takes_few_requests(
+    s3_bucket: str, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [
+        (f"k{i}", {"jpg": jpeg_bytes(), "cls": b"1"}) for i in range(600)
+    ]  # about 1 MiB of headers and small files
     url = upload(s3_bucket, "small.tar", make_shard(tmp_path / "small.tar", samples).read_bytes())
     with S3Proxy(s3_server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
@@ -487,7 +558,10 @@ def test_s3_scan_of_small_members_takes_few_requests(s3_bucket: str, s3_server: 
         scanned = proxy.requests
         offsets = member_offsets(url)
     assert scanned < 10, f"{scanned} requests to scan 1,200 headers"  # 4 KiB per request would take hundreds
-    assert sorted(offsets) == sorted(f"k{i}" for i in range(600)) and [name for name, *_ in offsets["k7"]] == ["k7.jpg", "k7.cls"]
+    assert sorted(offsets) == sorted(f"k{i}" for i in range(600)) and [name for name, *_ in offsets["k7"]] == [
+        "k7.jpg",
+        "k7.cls",
+    ]
 
 
 def formatted_tar(path: Path, tar_format: int, members: list[tuple[str | tarfile.TarInfo, bytes]]) -> Path:
@@ -500,16 +574,26 @@ def formatted_tar(path: Path, tar_format: int, members: list[tuple[str | tarfile
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-@pytest.mark.parametrize("damage", ["none", "long name", "cut inside a member", "cut between members", "bad checksum", "no end marker"])
-def test_member_offsets_read_plain_headers_quickly_and_agree_with_tarfile(tmp_path: Path, tar_format: int, damage: str) -> None:
+@pytest.mark.parametrize(
+    "damage", ["none", "long name", "cut inside a member", "cut between members", "bad checksum", "no end marker"]
+)
+def test_member_offsets_read_plain_headers_quickly_and_agree_with_tarfile(
+    tmp_path: Path, tar_format: int, damage: str
+) -> None:
     """member_offsets reads plain headers itself (a fifth of tarfile's time) and hands anything else to
     tarfile: over tar formats, folders, links, empty and block-sized members, long names (a ustar prefix,
     a GNU long-name or a pax header) and damage, its answer is tarfile's."""
     folder, link = tarfile.TarInfo("d"), tarfile.TarInfo("d/link.jpg")
     folder.type, link.type, link.linkname = tarfile.DIRTYPE, tarfile.SYMTYPE, "a.jpg"
     members: list[tuple[str | tarfile.TarInfo, bytes]] = [
-        ("a.jpg", jpeg_bytes()), ("a.cls", b"1"), (folder, b""), (link, b""), ("d/b.jpg", b"x" * 512),
-        ("d/b.cls", b""), ("c.seg.png", png_bytes()), ("c.json", b"{}"),
+        ("a.jpg", jpeg_bytes()),
+        ("a.cls", b"1"),
+        (folder, b""),
+        (link, b""),
+        ("d/b.jpg", b"x" * 512),
+        ("d/b.cls", b""),
+        ("c.seg.png", png_bytes()),
+        ("c.json", b"{}"),
     ]
     if damage == "long name":
         members.append(("deep/" * 30 + "e.jpg", b"y" * 700))  # 155 characters of folders: past a plain header's 100
@@ -536,12 +620,17 @@ def test_member_offsets_read_plain_headers_quickly_and_agree_with_tarfile(tmp_pa
         assert plain == expected
 
 
-def test_s3_indexed_sample_takes_one_request(s3_bucket: str, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_indexed_sample_takes_one_request(
+    s3_bucket: str, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once its shard is indexed, a sample is one ranged read over its members (no HEAD, no read-ahead
     beyond it); a sample whose members lie far apart (a large member not decoded between them) is one
     read per decoded member, never the member in between."""
     filler = bytes(2 << 20)
-    samples = [("near", {"jpg": jpeg_bytes(), "cls": b"3", "json": b'{"a": 1}'}), ("far", {"cls": b"4", "npy": filler, "png": png_bytes()})]
+    samples = [
+        ("near", {"jpg": jpeg_bytes(), "cls": b"3", "json": b'{"a": 1}'}),
+        ("far", {"cls": b"4", "npy": filler, "png": png_bytes()}),
+    ]
     url = upload(s3_bucket, "mixed.tar", make_shard(tmp_path / "mixed.tar", samples).read_bytes())
     offsets = member_offsets(url)
     with S3Proxy(s3_server) as proxy:

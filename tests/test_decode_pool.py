@@ -63,7 +63,13 @@ def two_workers():
 def shard(tmp_path_factory: pytest.TempPathFactory) -> str:
     """40 samples: photos of many sizes, and a corrupt JPEG, an in-shard duplicate, a sample without an image,
     a label out of range (for label targets) and a missing label among them; cut inside its last sample."""
-    samples = [(f"k{i:02d}", {"jpg": jpeg_of(photo(20 + 3 * i, 60 - i, i)), "cls": str(i % 6).encode(), "json": b'{"i": %d}' % i}) for i in range(40)]
+    samples = [
+        (
+            f"k{i:02d}",
+            {"jpg": jpeg_of(photo(20 + 3 * i, 60 - i, i)), "cls": str(i % 6).encode(), "json": b'{"i": %d}' % i},
+        )
+        for i in range(40)
+    ]
     samples[3] = ("k03", {"jpg": jpeg_bytes(40, 30)[:200], "cls": b"1"})
     samples[9] = ("k01", {"png": png_bytes(), "cls": b"1"})
     samples[14] = ("k14", {"cls": b"2", "txt": b"no image"})
@@ -86,18 +92,40 @@ def reference(url: str, transform, task: ShardTask, rules: SampleRules) -> list[
             if index in task.duplicates:
                 item = SampleError(item.key, task.duplicates[index])
             elif index >= task.n_samples:
-                item = SampleError(item.key, f"sample {index} is beyond the {task.n_samples} samples planned for this shard (the shard changed since the job started)")
-            elif rules.label_classes is not None and item.label is not None and not 0 <= item.label < rules.label_classes:
-                item = SampleError(item.key, f"cls label {item.label} is out of range for a model with {rules.label_classes} classes")
+                item = SampleError(
+                    item.key,
+                    f"sample {index} is beyond the {task.n_samples} samples planned for this shard (the shard changed since the job started)",
+                )
+            elif (
+                rules.label_classes is not None and item.label is not None and not 0 <= item.label < rules.label_classes
+            ):
+                item = SampleError(
+                    item.key, f"cls label {item.label} is out of range for a model with {rules.label_classes} classes"
+                )
         if isinstance(item, Sample):
-            outcomes.append((index, item.key, item.label, item.width, item.height, item.sample_json, transform(item.image).numpy().tobytes()))
+            outcomes.append(
+                (
+                    index,
+                    item.key,
+                    item.label,
+                    item.width,
+                    item.height,
+                    item.sample_json,
+                    transform(item.image).numpy().tobytes(),
+                )
+            )
         else:
             outcomes.append((item.key, item.reason))
     return outcomes
 
 
 def outcomes(items: list) -> list[tuple]:
-    return [(p.index, p.key, p.label, p.width, p.height, p.sample_json, p.tensor.numpy().tobytes()) if isinstance(p, PreparedSample) else (p.key, p.reason) for p in items]
+    return [
+        (p.index, p.key, p.label, p.width, p.height, p.sample_json, p.tensor.numpy().tobytes())
+        if isinstance(p, PreparedSample)
+        else (p.key, p.reason)
+        for p in items
+    ]
 
 
 @pytest.mark.parametrize("rules", [SampleRules(False, None), SampleRules(True, 6)], ids=["topk", "label"])
@@ -125,13 +153,19 @@ def fork_server_children() -> set[psutil.Process]:
 
 def test_workers_are_processes_sending_tensors_through_shared_memory(shard, transform, two_workers):
     settings = DecodeSettings(transform, SampleRules(False, None))
-    prepared = [p for p in two_workers.samples(ShardTask(0, shard, "cut", 40), settings, in_flight=16) if isinstance(p, PreparedSample)]
+    prepared = [
+        p
+        for p in two_workers.samples(ShardTask(0, shard, "cut", 40), settings, in_flight=16)
+        if isinstance(p, PreparedSample)
+    ]
     assert len(prepared) == 36 and all(p.tensor.is_shared() for p in prepared)
     assert len(fork_server_children()) >= 2
 
 
 def test_a_consumer_that_stops_early_leaves_no_reader_behind(shard, transform, two_workers):
-    items = two_workers.samples(ShardTask(0, shard, "cut", 40), DecodeSettings(transform, SampleRules(False, None)), in_flight=DECODE_CHUNK)
+    items = two_workers.samples(
+        ShardTask(0, shard, "cut", 40), DecodeSettings(transform, SampleRules(False, None)), in_flight=DECODE_CHUNK
+    )
     assert next(items).key == "k00"
     assert [thread.name for thread in threading.enumerate()].count("read-cut") == 1
     items.close()
@@ -149,9 +183,14 @@ def test_a_dead_worker_fails_the_shard_and_the_pool_restarts(shard, transform):
         assert len(victims) == 2
         victims[0].kill()
         victims[0].wait(timeout=30)
-        with pytest.raises(RuntimeError, match="a decode worker process died while decoding shard cut .*; the decode pool was restarted"):
+        with pytest.raises(
+            RuntimeError,
+            match="a decode worker process died while decoding shard cut .*; the decode pool was restarted",
+        ):
             list(pool.samples(task, settings, in_flight=8))
-        assert outcomes(list(pool.samples(task, settings, in_flight=8))) == reference(shard, transform, task, SampleRules(False, None))
+        assert outcomes(list(pool.samples(task, settings, in_flight=8))) == reference(
+            shard, transform, task, SampleRules(False, None)
+        )
     finally:
         pool.close()
 
@@ -184,7 +223,9 @@ def test_gpu_path_hands_back_jpegs_and_keeps_every_other_outcome(shard, transfor
     finally:
         pool.close()
     assert [type(item) for item in for_gpu] == [type(item) for item in on_cpu]
-    assert [item for item in for_gpu if isinstance(item, SampleError)] == [item for item in on_cpu if isinstance(item, SampleError)]
+    assert [item for item in for_gpu if isinstance(item, SampleError)] == [
+        item for item in on_cpu if isinstance(item, SampleError)
+    ]
     jpegs = [item for item in for_gpu if isinstance(item, PreparedSample) and item.jpeg is not None]
     assert len(jpegs) == 35 and all(item.tensor is None and item.image_name.endswith(".jpg") for item in jpegs)
     by_key = {item.key: item for item in on_cpu if isinstance(item, PreparedSample)}
@@ -195,7 +236,9 @@ def test_gpu_path_hands_back_jpegs_and_keeps_every_other_outcome(shard, transfor
     assert gpu_fallback(broken, transform) == SampleError("bad", "corrupt image 'bad.jpg': cannot identify image file")
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision are deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision are deprecated:DeprecationWarning"
+)
 def test_tensor_transform_steps_follow_the_timm_transform():
     """The GPU path's resize / crop / normalise steps, on CPU tensors decoded by torchvision, against Pillow +
     timm's transform on the ViT-S/16 eval transform (resize 248 bicubic, crop 224, mean/std 0.5).
@@ -243,7 +286,11 @@ def test_decode_flags_are_checked_before_anything_starts(tmp_path, capsys):
     base = ["explain", "--shards", str(shard), "--output", str(tmp_path / "out"), "--model", "vit_small_patch16_224"]
     if not torch.cuda.is_available():
         assert main([*base, "--decode", "gpu"]) == 2
-        assert capsys.readouterr().err.splitlines() == ["cdam explain: error: --decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu"]
+        assert capsys.readouterr().err.splitlines() == [
+            "cdam explain: error: --decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu"
+        ]
     assert main([*base, "--decode-workers", "-1"]) == 2
-    assert capsys.readouterr().err.splitlines() == ["cdam explain: error: --decode-workers must be >= 0 (0: sized to the node), got -1"]
+    assert capsys.readouterr().err.splitlines() == [
+        "cdam explain: error: --decode-workers must be >= 0 (0: sized to the node), got -1"
+    ]
     assert not ray.is_initialized() and not (tmp_path / "out").exists()

@@ -24,8 +24,12 @@ def test_demo_runs_offline_and_its_audit_finds_the_watermark(demo_cache, tmp_pat
     assert main(["demo", "--output", str(output), "--cache-dir", str(demo_cache)]) == 0
     captured = capfd.readouterr()
     printed = captured.out
-    assert "Token authentication" not in captured.err  # the local Ray keeps its token; its notice is not the user's business
-    assert "errors  none" in printed and f"{output}/errors/" not in printed  # no errors/ folder is named when there is none
+    assert (
+        "Token authentication" not in captured.err
+    )  # the local Ray keeps its token; its notice is not the user's business
+    assert (
+        "errors  none" in printed and f"{output}/errors/" not in printed
+    )  # no errors/ folder is named when there is none
     assert "256 images explained, 0 samples in errors/" in printed
     assert f"cdam verify {output}" in printed
     assert verify_output(str(output)) == []
@@ -34,5 +38,7 @@ def test_demo_runs_offline_and_its_audit_finds_the_watermark(demo_cache, tmp_pat
     assert top["class_name"] == "circle" and top["flagged"]
     assert "audit finding: class 'circle' ranks first of" in printed and top["reasons"] in printed
 
-    rows = duckdb.sql(f"SELECT count(*), count(DISTINCT key), min(len(targets)) FROM '{output}/metadata/*.parquet'").fetchall()[0]
+    rows = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT key), min(len(targets)) FROM '{output}/metadata/*.parquet'"
+    ).fetchall()[0]
     assert rows == (256, 256, 4)

@@ -54,7 +54,12 @@ def test_shards_are_webdataset_tars_with_expected_members(tmp_path: Path) -> Non
             sample = render_sample("test", index, seed=7)
             assert np.array_equal(image, sample.image)
             box = list(WATERMARK_BOX) if sample.watermark else None
-            assert meta == {"shape": CLASS_NAMES[label], "label": label, "watermark": sample.watermark, "watermark_box": box}
+            assert meta == {
+                "shape": CLASS_NAMES[label],
+                "label": label,
+                "watermark": sample.watermark,
+                "watermark_box": box,
+            }
 
 
 def test_shard_generation_is_deterministic(tmp_path: Path) -> None:
@@ -82,7 +87,9 @@ def test_watermark_is_planted_as_specified() -> None:
     assert np.array_equal(test.images[:, outside], clean.images[:, outside])
     marked = test.watermarks
     assert np.array_equal(test.images[~marked], clean.images[~marked])
-    assert all(not np.array_equal(a, b) for a, b in zip(test.images[marked][:, ~outside], clean.images[marked][:, ~outside]))
+    assert all(
+        not np.array_equal(a, b) for a, b in zip(test.images[marked][:, ~outside], clean.images[marked][:, ~outside])
+    )
 
 
 def test_eval_transform_keeps_the_watermark_patch(demo_model: LoadedModel) -> None:

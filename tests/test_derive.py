@@ -68,7 +68,12 @@ def test_derived_class_maps_equal_the_engine(demo):
     labels = run.index.column("label").to_numpy()[[run.index.column("key").to_pylist().index(k) for k in keys]]
     by_label = derive_maps(run, "label", keys=keys)
     assert (by_label["target_class"].values[:, 0] == labels).all()
-    assert relative_error(by_label.values, explainer.explain(images, "label", labels=torch.from_numpy(labels)).cdam.numpy()) <= TOLERANCE
+    assert (
+        relative_error(
+            by_label.values, explainer.explain(images, "label", labels=torch.from_numpy(labels)).cdam.numpy()
+        )
+        <= TOLERANCE
+    )
 
     stored = run.maps_for(keys, run.class_names)  # the run stored every class: derived 'all' is the same maps
     assert relative_error(derive_maps(run, "all", keys=keys).values, stored) <= TOLERANCE
@@ -88,18 +93,25 @@ def test_cdam_derive_writes_into_the_run_resumes_and_verifies(demo, demo_run, co
     run_dir = copy_run(demo_run, tmp_path)
     args = ["derive", run_dir, "--targets", "topk:2", "--concepts", f"mark={concept_file}", "--name", "top2"]
     assert main(args) == 0
-    assert "derived top2: 3 map(s) per image for 256 images in 4 shard(s) (0 derived before), 0 skipped; status complete" in capsys.readouterr().out
+    assert (
+        "derived top2: 3 map(s) per image for 256 images in 4 shard(s) (0 derived before), 0 skipped; status complete"
+        in capsys.readouterr().out
+    )
     run = open_run(run_dir)
     rows = run.index.column("row").to_numpy()
     expected = derive_maps(run, "topk:2", concepts=[f"mark={concept_file}"])  # in memory, every image in row order
     written = run.group["derived/top2/cdam"].get_orthogonal_selection((rows,))
     assert np.array_equal(written, expected.values)
-    assert np.array_equal(run.group["derived/top2/target_class"].get_orthogonal_selection((rows,)), expected["target_class"].values)
+    assert np.array_equal(
+        run.group["derived/top2/target_class"].get_orthogonal_selection((rows,)), expected["target_class"].values
+    )
     table = run.table("derived/top2/metadata.parquet")
     assert table.column("key").to_pylist() == expected["key"].values.tolist()
     assert table.column("target_names").to_pylist()[0][2] == "mark"
     flat = expected.values.reshape(len(rows), 3, -1)
-    assert np.allclose(np.asarray(table.column("relevance_pos_sum").to_pylist()), np.clip(flat, 0, None).sum(2), rtol=1e-6)
+    assert np.allclose(
+        np.asarray(table.column("relevance_pos_sum").to_pylist()), np.clip(flat, 0, None).sum(2), rtol=1e-6
+    )
     assert np.array_equal(np.asarray(table.column("relevance_argmax").to_pylist()), flat.argmax(2))
     assert verify_output(run_dir) == []
 
@@ -114,13 +126,18 @@ def test_cdam_derive_writes_into_the_run_resumes_and_verifies(demo, demo_run, co
 
     # Other settings under the same name are refused, with one line.
     assert main(["derive", run_dir, "--targets", "topk:3", "--name", "top2"]) == 2
-    assert capsys.readouterr().err.strip() == f"cdam derive: error: derived maps 'top2' of {run_dir} were made with other settings (concepts, targets); use another --name, or --overwrite"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"cdam derive: error: derived maps 'top2' of {run_dir} were made with other settings (concepts, targets); use another --name, or --overwrite"
+    )
 
     # A damaged chunk of the derived maps is found by cdam verify.
     chunk = Path(run_dir, "cdam.zarr/derived/top2/cdam/c/1/0/0/0")
     good = chunk.read_bytes()
     chunk.write_bytes(Path(run_dir, "cdam.zarr/derived/top2/cdam/c/0/0/0/0").read_bytes())
-    assert verify_output(run_dir) == ["derived top2: shard test-000000: Zarr array 'derived/top2/cdam' rows 0..63 do not match their checksum"]
+    assert verify_output(run_dir) == [
+        "derived top2: shard test-000000: Zarr array 'derived/top2/cdam' rows 0..63 do not match their checksum"
+    ]
     chunk.write_bytes(good)
 
 
@@ -133,7 +150,9 @@ def test_a_concept_folder_is_embedded_with_the_runs_model(demo, demo_run, tmp_pa
     run_dir = copy_run(demo_run, tmp_path)
     assert main(["derive", run_dir, "--concepts", f"shapes={examples}", "--name", "shapes"]) == 0
     files = sorted(examples.iterdir())
-    concept = explainer.concept_from_images("shapes", torch.stack([loaded.transform(decode_image(f.read_bytes(), str(f))) for f in files]))
+    concept = explainer.concept_from_images(
+        "shapes", torch.stack([loaded.transform(decode_image(f.read_bytes(), str(f))) for f in files])
+    )
     written = open_run(run_dir).group["derived/shapes/cdam"].get_orthogonal_selection((run.rows_of(keys),))
     assert relative_error(written, explainer.explain(images, "none", concepts=[concept]).cdam.numpy()) <= TOLERANCE
 
@@ -142,7 +161,9 @@ def test_a_run_without_basis_gets_a_one_line_error(demo_run, tmp_path, capsys):
     run_dir = copy_run(demo_run, tmp_path)
     shutil.rmtree(Path(run_dir, "cdam.zarr/basis"))
     assert main(["derive", run_dir, "--targets", "all", "--name", "x"]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"cdam derive: error: {run_dir} has no relevance basis: maps can be derived only from a run made with `cdam explain ... --store-basis`"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"cdam derive: error: {run_dir} has no relevance basis: maps can be derived only from a run made with `cdam explain ... --store-basis`"
+    ]
 
 
 def test_derive_skips_what_the_run_lacks_and_says_why(demo_run, tmp_path, capsys):
@@ -166,11 +187,15 @@ def test_derive_skips_what_the_run_lacks_and_says_why(demo_run, tmp_path, capsys
     assert not [p for p in verify_output(run_dir) if p.startswith("derived")]
 
 
-def test_derive_on_s3_retries_transient_faults(demo, demo_run, concept_file, s3_client, s3_bucket, s3_server, monkeypatch, capsys):
+def test_derive_on_s3_retries_transient_faults(
+    demo, demo_run, concept_file, s3_client, s3_bucket, s3_server, monkeypatch, capsys
+):
     url = upload_folder(s3_client, demo_run, s3_bucket, "demo")
     with S3Proxy(s3_server, fail_every=4, fault=("503", "drop")) as flaky:
         monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
-        assert main(["derive", url, "--targets", "classes:1", "--concepts", f"mark={concept_file}", "--name", "c1"]) == 0
+        assert (
+            main(["derive", url, "--targets", "classes:1", "--concepts", f"mark={concept_file}", "--name", "c1"]) == 0
+        )
     monkeypatch.undo()
     assert {fault for _, _, fault in flaky.faulted} == {"503", "drop"}
     assert "256 images in 4 shard(s)" in capsys.readouterr().out

@@ -19,20 +19,40 @@ TOLERANCE = 1e-4
 FAMILIES = {
     "cls_qkv_bias": ("vit_small_patch16_224", dict(img_size=64, depth=3, qkv_bias=True), "closed_form"),
     "cls_no_bias": ("vit_small_patch16_224", dict(img_size=48, depth=2, qkv_bias=False), "closed_form"),
-    "registers_layerscale": ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=3, init_values=0.5), "closed_form"),
+    "registers_layerscale": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(img_size=56, depth=3, init_values=0.5),
+        "closed_form",
+    ),
     "fc_norm_token": ("vit_small_patch16_224", dict(img_size=48, depth=2, fc_norm=True), "closed_form"),
     "distilled_deit": ("deit_small_distilled_patch16_224", dict(img_size=64, depth=3), "autograd"),
-    "avg_pool_no_cls": ("vit_small_patch16_224", dict(img_size=64, depth=3, global_pool="avg", class_token=False, fc_norm=True), "autograd"),
+    "avg_pool_no_cls": (
+        "vit_small_patch16_224",
+        dict(img_size=64, depth=3, global_pool="avg", class_token=False, fc_norm=True),
+        "autograd",
+    ),
     "avg_pool_with_cls": ("vit_small_patch16_224", dict(img_size=48, depth=2, global_pool="avg"), "autograd"),
     "qk_norm": ("vit_small_patch16_224", dict(img_size=48, depth=2, qk_norm=True), "autograd"),
     # closed form through layers with their own forward-mode rules, and through the generic fallback
     "scale_norms_quick_gelu": (
         "vit_small_patch16_224",
-        dict(img_size=48, depth=2, scale_attn_norm=True, scale_mlp_norm=True, act_layer="quick_gelu", init_values=0.3, pre_norm=True),
+        dict(
+            img_size=48,
+            depth=2,
+            scale_attn_norm=True,
+            scale_mlp_norm=True,
+            act_layer="quick_gelu",
+            init_values=0.3,
+            pre_norm=True,
+        ),
         "closed_form",
     ),
     "hybrid_resnet_stem": ("vit_small_r26_s32_224", dict(img_size=64, depth=2), "closed_form"),
-    "swiglu_rmsnorm": ("vit_small_patch16_224", dict(img_size=48, depth=2, mlp_layer=SwiGLU, norm_layer="rmsnorm", act_layer="silu"), "closed_form"),
+    "swiglu_rmsnorm": (
+        "vit_small_patch16_224",
+        dict(img_size=48, depth=2, mlp_layer=SwiGLU, norm_layer="rmsnorm", act_layer="silu"),
+        "closed_form",
+    ),
 }
 CLOSED_FORM_FAMILIES = sorted(name for name, (_, _, method) in FAMILIES.items() if method == "closed_form")
 
@@ -90,7 +110,9 @@ def test_topk_slots_follow_predictions(family):
     assert torch.equal(result.target_class, result.logits.topk(4, dim=1).indices)
     with torch.no_grad():
         assert relative_error(result.logits, model(images)) < 1e-5
-        assert relative_error(result.embedding, model.forward_head(model.forward_features(images), pre_logits=True)) < 1e-5
+        assert (
+            relative_error(result.embedding, model.forward_head(model.forward_features(images), pre_logits=True)) < 1e-5
+        )
 
 
 def test_concepts_dot_and_cosine_match_reference(family):
@@ -128,10 +150,15 @@ def test_smooth_and_integrated_match_reference(variant, family_name):
     for b in range(2):
         span = block_input[b].max() - block_input[b].min()
         noise = image_noise(3, keys[b], torch.empty(config.n_maps, *block_input.shape[1:])) * 0.1 * span
-        factors = [1.0] * config.n_maps if variant == "smooth" else [k / config.n_samples for k in range(1, config.n_samples)]
+        factors = (
+            [1.0] * config.n_maps if variant == "smooth" else [k / config.n_samples for k in range(1, config.n_samples)]
+        )
         for slot in range(3):
             score = score_for(result, b, slot, [concept])
-            maps = [reference_cdam(altered_model(model, factors[s], noise[s]), images[b], score) for s in range(config.n_maps)]
+            maps = [
+                reference_cdam(altered_model(model, factors[s], noise[s]), images[b], score)
+                for s in range(config.n_maps)
+            ]
             expected = torch.stack(maps).mean(0)
             assert relative_error(result.cdam[b, slot].flatten(), expected) < TOLERANCE
 
@@ -145,13 +172,18 @@ def test_variant_noise_does_not_depend_on_batch_composition():
     together = explainer.explain(images, "classes:2", keys=["x", "y", "z"], variant=config)
     alone = explainer.explain(images[1:2], "classes:2", keys=["y"], variant=config)
     assert relative_error(alone.cdam[0], together.cdam[1]) < 1e-5
-    other_seed = explainer.explain(images[1:2], "classes:2", keys=["y"], variant=VariantConfig("smooth", n_samples=6, seed=12))
+    other_seed = explainer.explain(
+        images[1:2], "classes:2", keys=["y"], variant=VariantConfig("smooth", n_samples=6, seed=12)
+    )
     assert relative_error(other_seed.cdam[0], together.cdam[1]) > 1e-3
 
 
 @pytest.mark.parametrize(
     "family_name, config",
-    [("cls_qkv_bias", VariantConfig("smooth", n_samples=4, seed=5)), ("avg_pool_no_cls", VariantConfig("integrated", n_samples=4, noise_level=0.02, seed=5))],
+    [
+        ("cls_qkv_bias", VariantConfig("smooth", n_samples=4, seed=5)),
+        ("avg_pool_no_cls", VariantConfig("integrated", n_samples=4, noise_level=0.02, seed=5)),
+    ],
 )
 def test_chunking_of_variant_copies_does_not_change_the_maps(family_name, config):
     name, kwargs, _ = FAMILIES[family_name]
@@ -172,7 +204,10 @@ def test_chunking_of_variant_copies_does_not_change_the_maps(family_name, config
 
 def test_gpu_chunks_fit_their_memory_budget():
     row, noise = 1000, 50 * 250  # bytes per row; noise of one image's 50 copies
-    assert chunks_in_budget(1e9, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (64, 50)  # everything at once
+    assert chunks_in_budget(1e9, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise) == (
+        64,
+        50,
+    )  # everything at once
     for budget in (2e5, 1e6, 3e6):
         images, copies = chunks_in_budget(budget, batch=64, n_maps=50, row_bytes=row, noise_bytes=noise)
         assert images * (noise + copies * row) <= budget and (copies == 50 or images == 1)
@@ -188,7 +223,9 @@ def test_variant_copies_follow_the_precision_unless_told_otherwise():
     config = VariantConfig("smooth", n_samples=6, seed=2)
     assert CDAMExplainer(model, precision="bf16").variant_precision == "bf16"
     exact = CDAMExplainer(model).explain(images, "classes:1,2", keys=["u", "v"], variant=config)
-    float32_copies = CDAMExplainer(model, precision="bf16", variant_precision="float32").explain(images, "classes:1,2", keys=["u", "v"], variant=config)
+    float32_copies = CDAMExplainer(model, precision="bf16", variant_precision="float32").explain(
+        images, "classes:1,2", keys=["u", "v"], variant=config
+    )
     bf16_copies = CDAMExplainer(model, precision="bf16").explain(images, "classes:1,2", keys=["u", "v"], variant=config)
     assert bf16_copies.cdam.dtype == torch.float32
     assert 0 < relative_error(bf16_copies.cdam, float32_copies.cdam) < 0.05
@@ -208,7 +245,9 @@ def test_maps_from_basis_match_direct_maps(family_name, variant):
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=2)
     concept = Concept("c", torch.randn(model.num_features, generator=torch.Generator().manual_seed(5)))
-    result = explainer.explain(images, "all", concepts=[concept], return_basis=True, variant=VariantConfig(variant, n_samples=4))
+    result = explainer.explain(
+        images, "all", concepts=[concept], return_basis=True, variant=VariantConfig(variant, n_samples=4)
+    )
     assert result.basis.shape == (2, model.num_features, *result.cdam.shape[2:])
     directions = torch.cat([model.head.weight, concept.vector[None]])  # (K, D)
     from_basis = torch.einsum("kd,bdyx->bkyx", directions, result.basis)
@@ -242,7 +281,9 @@ def test_more_targets_than_features_on_the_autograd_path(family_name):
 
 def test_closed_form_refused_where_it_does_not_hold():
     name, kwargs, _ = FAMILIES["distilled_deit"]
-    with pytest.raises(ValueError, match="closed form does not hold.*DistilledPatch|closed form does not hold.*own forward"):
+    with pytest.raises(
+        ValueError, match="closed form does not hold.*DistilledPatch|closed form does not hold.*own forward"
+    ):
         CDAMExplainer(make_model(name, kwargs), method="closed_form")
     name, kwargs, _ = FAMILIES["avg_pool_no_cls"]
     with pytest.raises(ValueError, match="global_pool='avg'"):
@@ -306,7 +347,10 @@ def test_cuda_smooth_chunks_sized_to_free_memory_match_small_chunks(family_name)
     keys = ["a", "b", "c", "d"]
     config = VariantConfig("smooth", n_samples=50, seed=1)
     sized = CDAMExplainer(model)
-    assert sized.variant_chunks(4, model.patch_embed.num_patches + model.num_prefix_tokens, config) == (4, 50)  # a tiny model: one chunk
+    assert sized.variant_chunks(4, model.patch_embed.num_patches + model.num_prefix_tokens, config) == (
+        4,
+        50,
+    )  # a tiny model: one chunk
     one_chunk = sized.explain(images, "classes:1,2", keys=keys, variant=config).cdam
     small_chunks = CDAMExplainer(model, max_rows=3).explain(images, "classes:1,2", keys=keys, variant=config).cdam
     assert relative_error(one_chunk, small_chunks) < 1e-5
@@ -322,11 +366,15 @@ def explainer():
 
 class TestBadInput:
     def test_image_size_not_matching(self, explainer):
-        with pytest.raises(ValueError, match=r"image size 60x64 does not match the model's input size 64x64 \(patch grid 4x4\)"):
+        with pytest.raises(
+            ValueError, match=r"image size 60x64 does not match the model's input size 64x64 \(patch grid 4x4\)"
+        ):
             explainer.explain(torch.randn(1, 3, 60, 64))
 
     def test_dynamic_size_needs_patch_multiple(self):
-        model = timm.create_model("vit_small_patch16_224", img_size=64, depth=2, num_classes=3, dynamic_img_size=True).eval()
+        model = timm.create_model(
+            "vit_small_patch16_224", img_size=64, depth=2, num_classes=3, dynamic_img_size=True
+        ).eval()
         explainer = CDAMExplainer(model)
         assert explainer.explain(torch.randn(1, 3, 48, 80)).cdam.shape == (1, 1, 3, 5)
         with pytest.raises(ValueError, match="not a multiple of the patch size 16x16"):
@@ -400,7 +448,9 @@ class altered_model:
         return getattr(self.model, name)
 
     def forward_features(self, images):
-        handle = self.model.blocks[-1].register_forward_pre_hook(lambda _m, args: (self.factor * args[0] + self.noise[None],))
+        handle = self.model.blocks[-1].register_forward_pre_hook(
+            lambda _m, args: (self.factor * args[0] + self.noise[None],)
+        )
         try:
             return self.model.forward_features(images)
         finally:

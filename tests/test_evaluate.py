@@ -42,7 +42,9 @@ TINY_MODELS = {
 
 def tiny_model(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5, **kwargs).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5, **kwargs
+    ).eval()
 
 
 def without_tokens(model, image: torch.Tensor, removed: list[int]) -> torch.Tensor:
@@ -64,7 +66,9 @@ def test_measures_against_direct_computations():
     for measured, row in zip(metrics.compactness(maps), maps):
         assert measured == sum(abs(s) < 0.05 * max(abs(row)) for s in row) / len(row)
     for measured, row in zip(metrics.gini(maps), np.abs(maps)):  # mean absolute difference / (2 * mean)
-        assert measured == pytest.approx(sum(abs(a - b) for a in row for b in row) / (2 * len(row) ** 2 * row.mean()), rel=1e-12)
+        assert measured == pytest.approx(
+            sum(abs(a - b) for a in row for b in row) / (2 * len(row) ** 2 * row.mean()), rel=1e-12
+        )
     assert np.isnan(metrics.compactness(np.zeros((1, 5)))).all() and np.isnan(metrics.gini(np.zeros((1, 5)))).all()
     tied = rng.integers(0, 4, size=(6, 40)).astype(float)  # ties get mean ranks, as scipy's
     for measured, a, b in zip(metrics.spearman(maps, tied), maps, tied):
@@ -75,7 +79,9 @@ def test_measures_against_direct_computations():
     orders = metrics.deletion_orders(maps)
     assert (np.take_along_axis(maps, orders[:, 0], 1)[:, :-1] >= np.take_along_axis(maps, orders[:, 0], 1)[:, 1:]).all()
     assert (np.take_along_axis(maps, orders[:, 1], 1)[:, :-1] <= np.take_along_axis(maps, orders[:, 1], 1)[:, 1:]).all()
-    drops = np.stack([np.stack([removed * 0.1, removed * 0.0])], axis=0)  # most-first rises linearly to 4, least-first stays 0
+    drops = np.stack(
+        [np.stack([removed * 0.1, removed * 0.0])], axis=0
+    )  # most-first rises linearly to 4, least-first stays 0
     assert metrics.deletion_gap(drops, removed) == pytest.approx([2.0])
 
 
@@ -90,14 +96,20 @@ def test_ssim_curve_areas_and_bootstrap_intervals_against_direct_computations():
             for j in range(9 - 6):
                 u, v = x[i : i + 7, j : j + 7].ravel(), y[i : i + 7, j : j + 7].ravel()
                 cov = np.cov(u, v)  # sample (co)variances, as scikit-image's default
-                values.append((2 * u.mean() * v.mean() + 1e-4) * (2 * cov[0, 1] + 9e-4) / ((u.mean() ** 2 + v.mean() ** 2 + 1e-4) * (cov[0, 0] + cov[1, 1] + 9e-4)))
+                values.append(
+                    (2 * u.mean() * v.mean() + 1e-4)
+                    * (2 * cov[0, 1] + 9e-4)
+                    / ((u.mean() ** 2 + v.mean() ** 2 + 1e-4) * (cov[0, 0] + cov[1, 1] + 9e-4))
+                )
         assert measured == pytest.approx(np.mean(values), rel=1e-10)
     assert metrics.ssim(a, b)[1] == pytest.approx(1.0)
     assert np.isnan(metrics.ssim(np.ones((1, 4, 4)), a[:1, :4, :4])).all()
     assert metrics.ssim(a[:, :3, :3], b[:, :3, :3]).shape == (3,)  # the window shrinks to the grid (3 x 3)
 
     removed = metrics.deletion_steps(40, 4)
-    assert metrics.curve_area(np.array([[1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0]]), removed) == pytest.approx([1.0, 2.0])
+    assert metrics.curve_area(
+        np.array([[1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0]]), removed
+    ) == pytest.approx([1.0, 2.0])
     values = rng.normal(size=50)
     low, high = metrics.bootstrap_interval(values, 2000, seed=3)
     means = [values[np.random.default_rng(3).integers(0, 50, size=(2000, 50))[r]].mean() for r in range(2000)]
@@ -124,7 +136,9 @@ def test_token_ablation_equals_removing_one_token_at_a_time(kind):
 def test_deletion_curves_and_input_x_gradient_equal_literal_computations():
     model = tiny_model(**TINY_MODELS["registers"])
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    orders = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(s)) for s in range(4)]).view(2, 2, 16)
+    orders = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(s)) for s in range(4)]).view(
+        2, 2, 16
+    )
     removed = torch.tensor([0, 5, 16])
     classes = torch.tensor([3, 1])
     logits, probabilities = deletion_curves(model, images, classes, orders, removed, max_rows=3)
@@ -160,10 +174,14 @@ def test_integrated_gradients_and_smoothgrad_equal_their_definitions():
     sg = smoothgrad(model, images, wanted, (8, 8), (4, 4), noise, max_rows=4)
     for b in range(2):
         for k in range(2):
+
             def gradient_at(point, target=int(wanted[b, k])):
                 x = point[None].clone().requires_grad_(True)
                 return torch.autograd.grad(model(x)[0, target], x)[0][0]
-            path = sum(gradient_at((s + 0.5) / steps * images[b]) for s in range(steps)) / steps  # zero baseline, midpoints
+
+            path = (
+                sum(gradient_at((s + 0.5) / steps * images[b]) for s in range(steps)) / steps
+            )  # zero baseline, midpoints
             assert torch.allclose(ig[b, k], per_token_literal(images[b] * path), atol=1e-5, rtol=1e-4)
             smoothed = sum(gradient_at(images[b] + noise[b, j]) for j in range(draws)) / draws
             assert torch.allclose(sg[b, k], per_token_literal(images[b] * smoothed), atol=1e-5, rtol=1e-4)
@@ -244,7 +262,9 @@ def linear_relprop(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tenso
     return (px * gradprop(z1, px, share)[0] + nx * gradprop(z2, nx, share)[0]).detach()
 
 
-def einsum_relprop(equation: str, a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def einsum_relprop(
+    equation: str, a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``einsum.relprop`` (RelPropSimple with two inputs)."""
     a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
     z = torch.einsum(equation, a, b)
@@ -280,14 +300,24 @@ def chefer_reference(model, image: torch.Tensor, wanted: int) -> torch.Tensor:
     def record(name: str, what: str = "output"):
         def hook(module, inputs, output) -> None:
             seen[name] = (inputs[0] if what == "input" else output).detach()
+
         return hook
 
-    handles = [model.norm.register_forward_hook(record("normed")), model.head.register_forward_hook(record("head_in", "input"))]
+    handles = [
+        model.norm.register_forward_hook(record("normed")),
+        model.head.register_forward_hook(record("head_in", "input")),
+    ]
     for i, block in enumerate(model.blocks):
-        handles += [block.register_forward_hook(record(f"{i}.x_in", "input")), block.attn.qkv.register_forward_hook(record(f"{i}.qkv")),
-                    block.attn.qkv.register_forward_hook(record(f"{i}.normed1", "input")), block.attn.proj.register_forward_hook(record(f"{i}.heads", "input")),
-                    block.ls1.register_forward_hook(record(f"{i}.attended")), block.mlp.fc1.register_forward_hook(record(f"{i}.normed2", "input")),
-                    block.mlp.fc2.register_forward_hook(record(f"{i}.hidden", "input")), block.ls2.register_forward_hook(record(f"{i}.mlp_out"))]
+        handles += [
+            block.register_forward_hook(record(f"{i}.x_in", "input")),
+            block.attn.qkv.register_forward_hook(record(f"{i}.qkv")),
+            block.attn.qkv.register_forward_hook(record(f"{i}.normed1", "input")),
+            block.attn.proj.register_forward_hook(record(f"{i}.heads", "input")),
+            block.ls1.register_forward_hook(record(f"{i}.attended")),
+            block.mlp.fc1.register_forward_hook(record(f"{i}.normed2", "input")),
+            block.mlp.fc2.register_forward_hook(record(f"{i}.hidden", "input")),
+            block.ls2.register_forward_hook(record(f"{i}.mlp_out")),
+        ]
     try:
         logits, attentions = attention_by_hooks(model, image)
     finally:
@@ -319,12 +349,16 @@ def chefer_reference(model, image: torch.Tensor, wanted: int) -> torch.Tensor:
         cam_attention, cam_v = cam_attention / 2, cam_v / 2
         cams[i] = cam_attention
         cam_q, cam_k = einsum_relprop("bhid,bhjd->bhij", q, k, cam_attention)  # softmax: passed through
-        cam_qkv = torch.stack([cam_q / 2, cam_k / 2, cam_v]).permute(1, 3, 0, 2, 4).reshape(1, q.shape[2], -1)  # qkv b h n d -> b n (qkv h d)
+        cam_qkv = (
+            torch.stack([cam_q / 2, cam_k / 2, cam_v]).permute(1, 3, 0, 2, 4).reshape(1, q.shape[2], -1)
+        )  # qkv b h n d -> b n (qkv h d)
         cam2 = linear_relprop(seen[f"{i}.normed1"], block.attn.qkv.weight, cam_qkv)
         cam = clone_relprop(x_in, [cam1, cam2])
     length = attentions[0].shape[-1]
     joint = None
-    for i in range(len(model.blocks)):  # compute_rollout_attention: (I + mean_h(relu(grad * cam))), products without normalising
+    for i in range(
+        len(model.blocks)
+    ):  # compute_rollout_attention: (I + mean_h(relu(grad * cam))), products without normalising
         step = (attentions[i].grad[0] * cams[i][0]).clamp(min=0).mean(0) + torch.eye(length)
         joint = step if joint is None else step @ joint
     return joint[0, model.num_prefix_tokens :]
@@ -360,13 +394,47 @@ def evaluated(demo_run, tmp_path_factory) -> tuple[str, str]:
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["evaluate", run_dir, "--sample", "24", "--steps", "4", "--seed", "3", "--methods", "all", "--ig-steps", "4",
-                     "--smoothgrad-samples", "4", "--sanity", "6", "--robustness", "4", "--perturbations", "3"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    run_dir,
+                    "--sample",
+                    "24",
+                    "--steps",
+                    "4",
+                    "--seed",
+                    "3",
+                    "--methods",
+                    "all",
+                    "--ig-steps",
+                    "4",
+                    "--smoothgrad-samples",
+                    "4",
+                    "--sanity",
+                    "6",
+                    "--robustness",
+                    "4",
+                    "--perturbations",
+                    "3",
+                ]
+            )
+            == 0
+        )
     return run_dir, printed.getvalue()
 
 
-ALL_METHODS = ["CDAM", "TAM", "AM", "Input x gradient", "Attention rollout", "Gradient-weighted attention", "Relevance propagation",
-               "Integrated Gradients", "SmoothGrad"]
+ALL_METHODS = [
+    "CDAM",
+    "TAM",
+    "AM",
+    "Input x gradient",
+    "Attention rollout",
+    "Gradient-weighted attention",
+    "Relevance propagation",
+    "Integrated Gradients",
+    "SmoothGrad",
+]
 
 
 def test_evaluate_on_the_demo_run(evaluated):
@@ -388,7 +456,9 @@ def test_evaluate_on_the_demo_run(evaluated):
     assert summary[0]["compactness"] == pytest.approx(np.mean(direct))
     attention = run.read_rows("attention", rows).mean(axis=1).reshape(len(rows), -1)
     am = images.filter(images.column("method").to_numpy(zero_copy_only=False) == "AM")
-    assert np.allclose(am.column("compactness").to_numpy(), [(np.abs(a) < 0.05 * np.abs(a).max()).mean() for a in attention])
+    assert np.allclose(
+        am.column("compactness").to_numpy(), [(np.abs(a) < 0.05 * np.abs(a).max()).mean() for a in attention]
+    )
 
     by_method = {row["method"]: row for row in summary}
     assert by_method["AM"]["class_similarity"] == pytest.approx(1.0, abs=1e-6)  # one map for every class
@@ -396,7 +466,10 @@ def test_evaluate_on_the_demo_run(evaluated):
     curves = images.to_pylist()
     assert all(r["deletion_most_first"][0] == 0 and r["deletion_least_first"][0] == 0 for r in curves)
     assert all(r["deletion_most_first"][-1] == pytest.approx(r["deletion_least_first"][-1], abs=1e-4) for r in curves)
-    gaps = [np.trapezoid(np.subtract(r["deletion_most_first"], r["deletion_least_first"]), np.linspace(0, 1, 5)) for r in curves]
+    gaps = [
+        np.trapezoid(np.subtract(r["deletion_most_first"], r["deletion_least_first"]), np.linspace(0, 1, 5))
+        for r in curves
+    ]
     assert np.allclose(gaps, images.column("deletion_auc_gap").to_numpy(), atol=1e-5)
 
     # insertion: the least-relevant-first deletion read backwards; its ends are the same for every method of an image
@@ -408,7 +481,9 @@ def test_evaluate_on_the_demo_run(evaluated):
         assert r["insertion_auc"] == pytest.approx(np.trapezoid(inserted, np.linspace(0, 1, 5)), abs=1e-5)
         deleted = inserted[-1] - np.asarray(r["deletion_most_first"])
         assert r["deletion_auc"] == pytest.approx(np.trapezoid(deleted, np.linspace(0, 1, 5)), abs=1e-5)
-        assert r["insertion_auc_prob"] == pytest.approx(np.trapezoid(r["insertion_prob_most_first"], np.linspace(0, 1, 5)), abs=1e-6)
+        assert r["insertion_auc_prob"] == pytest.approx(
+            np.trapezoid(r["insertion_prob_most_first"], np.linspace(0, 1, 5)), abs=1e-6
+        )
         assert all(0 <= v <= 1 for v in r["deletion_prob_most_first"] + r["insertion_prob_most_first"])
     starts = {}
     for r in curves:
@@ -419,7 +494,9 @@ def test_evaluate_on_the_demo_run(evaluated):
         for measure in ("compactness", "deletion_auc", "insertion_auc_prob", "sanity_spearman_head", "max_sensitivity"):
             assert row[f"{measure}_low"] <= row[measure] <= row[f"{measure}_high"], (row["method"], measure)
         assert row["compactness_n"] == 24 and row["sanity_spearman_head_n"] == 6
-    assert by_method["TAM"]["deletion_auc_gap"] > by_method["AM"]["deletion_auc_gap"] - 5  # a sanity bound, not a ranking
+    assert (
+        by_method["TAM"]["deletion_auc_gap"] > by_method["AM"]["deletion_auc_gap"] - 5
+    )  # a sanity bound, not a ranking
 
 
 def test_sanity_checks_on_the_demo_run(evaluated):
@@ -428,12 +505,21 @@ def test_sanity_checks_on_the_demo_run(evaluated):
     run = open_run(evaluated[0])
     sanity = run.table("evaluation/sanity.parquet")
     rows = {(r["method"], r["randomized"]): r for r in sanity.to_pylist()}
-    randomisations = ["head", "last_block", "cascade_1", "cascade_2", "cascade_3", "labels"]  # the demo ViT has 3 blocks, and labels
+    randomisations = [
+        "head",
+        "last_block",
+        "cascade_1",
+        "cascade_2",
+        "cascade_3",
+        "labels",
+    ]  # the demo ViT has 3 blocks, and labels
     assert sanity.column_names[:5] == ["method", "randomized", "spearman", "ssim", "n_images"]
     assert sorted(rows) == sorted((m, r) for m in ALL_METHODS for r in randomisations)
     assert all(r["n_images"] == 6 for r in rows.values())
     for randomized in ("head", "labels"):
-        assert rows[("AM", randomized)]["spearman"] == pytest.approx(1.0) and rows[("AM", randomized)]["ssim"] == pytest.approx(1.0)
+        assert rows[("AM", randomized)]["spearman"] == pytest.approx(1.0) and rows[("AM", randomized)][
+            "ssim"
+        ] == pytest.approx(1.0)
         assert rows[("Attention rollout", randomized)]["spearman"] == pytest.approx(1.0)
     assert rows[("AM", "last_block")]["spearman"] < 0.9
     for method in ("CDAM", "Input x gradient", "Relevance propagation", "Gradient-weighted attention"):
@@ -453,19 +539,50 @@ def test_a_smooth_run_is_compared_with_vanilla_cdam_from_the_engine(demo_run, tm
     run_dir = copy_run(demo_run, tmp_path)
     group = zarr.open_group(Path(run_dir, "cdam.zarr"), mode="r+", zarr_format=3)
     group.attrs["variant"] = {"variant": "smooth", "n_samples": 4, "noise_level": 0.05, "seed": 0}
-    assert main(["evaluate", run_dir, "--sample", "6", "--steps", "2", "--methods", "cdam,tam,am,ixg", "--sanity", "0", "--robustness", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                run_dir,
+                "--sample",
+                "6",
+                "--steps",
+                "2",
+                "--methods",
+                "cdam,tam,am,ixg",
+                "--sanity",
+                "0",
+                "--robustness",
+                "0",
+            ]
+        )
+        == 0
+    )
     images = open_run(run_dir).table("evaluation/images.parquet")
-    by_method = {m: images.filter(images.column("method").to_numpy(zero_copy_only=False) == m) for m in ("CDAM", "Smooth CDAM")}
-    assert [row["method"] for row in open_run(run_dir).table("evaluation/summary.parquet").to_pylist()] == ["CDAM", "Smooth CDAM", "TAM", "AM", "Input x gradient"]
+    by_method = {
+        m: images.filter(images.column("method").to_numpy(zero_copy_only=False) == m) for m in ("CDAM", "Smooth CDAM")
+    }
+    assert [row["method"] for row in open_run(run_dir).table("evaluation/summary.parquet").to_pylist()] == [
+        "CDAM",
+        "Smooth CDAM",
+        "TAM",
+        "AM",
+        "Input x gradient",
+    ]
     for measure in ("gini", "class_similarity", "correctness_spearman"):
-        assert np.allclose(by_method["CDAM"].column(measure).to_numpy(), by_method["Smooth CDAM"].column(measure).to_numpy(), atol=1e-5)
+        assert np.allclose(
+            by_method["CDAM"].column(measure).to_numpy(), by_method["Smooth CDAM"].column(measure).to_numpy(), atol=1e-5
+        )
 
 
 def test_evaluate_without_a_model_measures_the_stored_maps(evaluated, demo_run, tmp_path, capsys):
     run_dir = copy_run(demo_run, tmp_path)
     assert main(["evaluate", run_dir, "--sample", "24", "--steps", "4", "--seed", "3", "--no-model"]) == 0
     err = capsys.readouterr().err
-    assert "note: measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: " in err
+    assert (
+        "note: measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: "
+        in err
+    )
     assert "give the model flags" not in err and not Path(run_dir, "evaluation/sanity.parquet").exists()
     summary = {row["method"]: row for row in open_run(run_dir).table("evaluation/summary.parquet").to_pylist()}
     with_model = {row["method"]: row for row in open_run(evaluated[0]).table("evaluation/summary.parquet").to_pylist()}
@@ -498,7 +615,20 @@ def test_evaluate_skips_what_the_run_lacks_and_says_why(demo_run, tmp_path, caps
 
 def test_evaluate_on_s3_retries_transient_faults(demo_run, s3_client, s3_bucket, s3_server, tmp_path, monkeypatch):
     url = upload_folder(s3_client, demo_run, s3_bucket, "demo")
-    args = ["--sample", "8", "--steps", "2", "--seed", "5", "--methods", "cdam,tam,am,ixg", "--sanity", "0", "--robustness", "0"]
+    args = [
+        "--sample",
+        "8",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--methods",
+        "cdam,tam,am,ixg",
+        "--sanity",
+        "0",
+        "--robustness",
+        "0",
+    ]
     with S3Proxy(s3_server, fail_every=4, fault=("503", "drop")) as flaky:
         monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
         assert main(["evaluate", url, *args]) == 0
@@ -507,24 +637,38 @@ def test_evaluate_on_s3_retries_transient_faults(demo_run, s3_client, s3_bucket,
     local = copy_run(demo_run, tmp_path)
     assert main(["evaluate", local, *args]) == 0
     on_s3 = open_run(url).table("evaluation/summary.parquet")
-    assert on_s3.num_rows == 4 and on_s3.to_pandas().equals(open_run(local).table("evaluation/summary.parquet").to_pandas())  # NaN (no checks) == NaN
+    assert on_s3.num_rows == 4 and on_s3.to_pandas().equals(
+        open_run(local).table("evaluation/summary.parquet").to_pandas()
+    )  # NaN (no checks) == NaN
 
 
 def test_a_second_evaluate_is_refused(demo_run, tmp_path, capsys):
     run_dir = copy_run(demo_run, tmp_path)
     with open_run(run_dir).exclusive("evaluate"):
         assert main(["evaluate", run_dir, "--sample", "4", "--no-model"]) == 2
-    assert capsys.readouterr().err.strip().startswith(f"cdam evaluate: error: output {run_dir} is in use by another cdam job")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(f"cdam evaluate: error: output {run_dir} is in use by another cdam job")
+    )
     assert not Path(run_dir, "evaluation").exists()
 
 
 def test_bad_flags_are_one_line_errors(demo_run, capsys):
     assert main(["evaluate", demo_run, "--sample", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "cdam evaluate: error: --sample, --steps and --batch-size must be at least 1 (got 0, 10, 16)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "cdam evaluate: error: --sample, --steps and --batch-size must be at least 1 (got 0, 10, 16)"
+    )
     assert main(["evaluate", demo_run, "--methods", "cdam,lpr"]) == 2
-    assert capsys.readouterr().err.strip() == ("cdam evaluate: error: --methods: unknown method 'lpr' "
-                                               "(known: cdam, tam, am, ixg, rollout, gradattn, lrp, ig, smoothgrad, cheap, all)")
+    assert capsys.readouterr().err.strip() == (
+        "cdam evaluate: error: --methods: unknown method 'lpr' "
+        "(known: cdam, tam, am, ixg, rollout, gradattn, lrp, ig, smoothgrad, cheap, all)"
+    )
     assert main(["evaluate", demo_run, "--device", "tpu"]) == 2
     assert capsys.readouterr().err.strip().startswith("cdam evaluate: error: --device 'tpu': ")
     assert main(["evaluate", demo_run, "--checkpoint", "/nowhere/model.pt"]) == 2
-    assert capsys.readouterr().err.strip() == "cdam evaluate: error: cannot load the run's model: checkpoint file not found: /nowhere/model.pt; give the model flags (--model, --checkpoint, ...)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "cdam evaluate: error: cannot load the run's model: checkpoint file not found: /nowhere/model.pt; give the model flags (--model, --checkpoint, ...)"
+    )

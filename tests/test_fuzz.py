@@ -44,7 +44,13 @@ FUZZ = dict(
 def png_declaring(width: int, height: int) -> bytes:
     """A PNG header (signature and IHDR) declaring a size, without pixels: a decompression bomb if large."""
     body = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(body)) + b"IHDR" + body + struct.pack(">I", zlib.crc32(b"IHDR" + body))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(body))
+        + b"IHDR"
+        + body
+        + struct.pack(">I", zlib.crc32(b"IHDR" + body))
+    )
 
 
 VALID_IMAGES = [
@@ -78,14 +84,32 @@ images = st.one_of(
     st.sampled_from(VALID_IMAGES),
     st.sampled_from(VALID_IMAGES),
     st.sampled_from(ODD_IMAGES),
-    st.tuples(st.sampled_from(VALID_IMAGES), st.floats(0, 1)).map(lambda cut: cut[0][: int(len(cut[0]) * cut[1])]),  # truncated
+    st.tuples(st.sampled_from(VALID_IMAGES), st.floats(0, 1)).map(
+        lambda cut: cut[0][: int(len(cut[0]) * cut[1])]
+    ),  # truncated
     st.binary(max_size=64),
 )
 labels = st.one_of(
     st.integers(-(2**40), 2**40).map(lambda n: str(n).encode()),
-    st.sampled_from([str(INT32_RANGE[0]).encode(), str(INT32_RANGE[1]).encode(), b"2147483648", b"-2147483649",
-                     b"99999999999999999999", b"9" * 5000, b"0x1f", b"1e3", b"7.0", b"", b"\xff\xfe", "\u0663".encode()]),
-    st.tuples(st.sampled_from(["", " ", "\n", "\t", "\u00a0"]), st.integers(-100, 100), st.sampled_from(["", " ", "\r\n"])).map(lambda p: f"{p[0]}{p[1]}{p[2]}".encode()),
+    st.sampled_from(
+        [
+            str(INT32_RANGE[0]).encode(),
+            str(INT32_RANGE[1]).encode(),
+            b"2147483648",
+            b"-2147483649",
+            b"99999999999999999999",
+            b"9" * 5000,
+            b"0x1f",
+            b"1e3",
+            b"7.0",
+            b"",
+            b"\xff\xfe",
+            "\u0663".encode(),
+        ]
+    ),
+    st.tuples(
+        st.sampled_from(["", " ", "\n", "\t", "\u00a0"]), st.integers(-100, 100), st.sampled_from(["", " ", "\r\n"])
+    ).map(lambda p: f"{p[0]}{p[1]}{p[2]}".encode()),
     st.text(max_size=12).map(lambda text: text.encode("utf-8", "surrogatepass")),
     st.binary(max_size=12),
 )
@@ -96,9 +120,22 @@ json_values = st.recursive(
 )
 jsons = st.one_of(
     st.dictionaries(st.text(max_size=8), json_values, max_size=4).map(lambda value: json.dumps(value).encode()),
-    st.sampled_from([b"{", b"[1]", b"null", b'"text"', b'{"n": ' + b"9" * 5000 + b"}", b"[" * 50_000 + b"]" * 50_000,
-                     b'{"a": "caf\xe9"}', json.dumps({"a": "\u00e9"}).encode("utf-16"), b'{"a": "\\ud800"}',
-                     b'{"a": NaN, "b": -Infinity}', b'{"a": 1, "a": 2}', b"\xef\xbb\xbf{}"]),
+    st.sampled_from(
+        [
+            b"{",
+            b"[1]",
+            b"null",
+            b'"text"',
+            b'{"n": ' + b"9" * 5000 + b"}",
+            b"[" * 50_000 + b"]" * 50_000,
+            b'{"a": "caf\xe9"}',
+            json.dumps({"a": "\u00e9"}).encode("utf-16"),
+            b'{"a": "\\ud800"}',
+            b'{"a": NaN, "b": -Infinity}',
+            b'{"a": 1, "a": 2}',
+            b"\xef\xbb\xbf{}",
+        ]
+    ),
     st.binary(max_size=32),
 )
 IMAGE_EXTENSIONS = ["jpg", "png", "webp", "gif", "tiff", "bmp", "JPG", "seg.png"]
@@ -184,7 +221,12 @@ def base_shard(compressed: bool) -> bytes:
     """A valid shard of five samples (png, cls, json, txt): the seed of the mutation tests."""
     chosen = []
     for i in range(5):
-        chosen += [(f"s/{i:03d}.png", VALID_IMAGES[i % 4]), (f"s/{i:03d}.cls", str(i).encode()), (f"s/{i:03d}.json", b'{"i": %d}' % i), (f"s/{i:03d}.txt", b"caption")]
+        chosen += [
+            (f"s/{i:03d}.png", VALID_IMAGES[i % 4]),
+            (f"s/{i:03d}.cls", str(i).encode()),
+            (f"s/{i:03d}.json", b'{"i": %d}' % i),
+            (f"s/{i:03d}.txt", b"caption"),
+        ]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in chosen:
@@ -207,10 +249,19 @@ def processors(tmp_path_factory: pytest.TempPathFactory):
 
 
 @settings(**FUZZ, max_examples=150)
-@given(chosen=members(), tar_format=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]), compressed=st.booleans(), targets=st.sampled_from(["topk:2", "label"]))
-def test_every_sample_of_any_shard_is_explained_or_an_error_exactly_once(processors, tmp_path_factory, chosen, tar_format, compressed, targets):
+@given(
+    chosen=members(),
+    tar_format=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]),
+    compressed=st.booleans(),
+    targets=st.sampled_from(["topk:2", "label"]),
+)
+def test_every_sample_of_any_shard_is_explained_or_an_error_exactly_once(
+    processors, tmp_path_factory, chosen, tar_format, compressed, targets
+):
     processor = processors[targets]
-    shard = write_shard(tmp_path_factory.getbasetemp() / ("fuzz.tar.gz" if compressed else "fuzz.tar"), chosen, tar_format, compressed)
+    shard = write_shard(
+        tmp_path_factory.getbasetemp() / ("fuzz.tar.gz" if compressed else "fuzz.tar"), chosen, tar_format, compressed
+    )
     keys, summary = process(processor, shard)
     metadata, errors = assert_every_sample_accounted(processor, keys, summary)
     assert not [row for row in errors if row["key"] is None], "a shard written whole has no shard-level problem"
@@ -220,7 +271,9 @@ def test_every_sample_of_any_shard_is_explained_or_an_error_exactly_once(process
 
 @settings(**FUZZ, max_examples=120)
 @given(data=st.data(), compressed=st.booleans())
-def test_every_sample_of_a_damaged_shard_is_explained_or_an_error_exactly_once(processors, tmp_path_factory, data, compressed):
+def test_every_sample_of_a_damaged_shard_is_explained_or_an_error_exactly_once(
+    processors, tmp_path_factory, data, compressed
+):
     processor = processors["topk:2"]
     shard = tmp_path_factory.getbasetemp() / ("mutated.tar.gz" if compressed else "mutated.tar")
     shard.write_bytes(data.draw(mutated(GZIPPED if compressed else PLAIN)))
@@ -237,7 +290,7 @@ def test_reading_a_damaged_shard_yields_each_scanned_sample_once_in_order(tmp_pa
     items = list(iter_samples(str(shard)))
     indices = [index for index, _ in items if index is not None]
     assert indices == list(range(len(scan.keys)))
-    assert [index for index, _ in items[len(indices):]] in ([], [None])  # at most one shard-level problem, last
+    assert [index for index, _ in items[len(indices) :]] in ([], [None])  # at most one shard-level problem, last
     assert (items[-1][0] is None) == (scan.error is not None) if items else scan.error is not None or scan.keys == []
     for index, item in items:
         assert item.reason.strip() if isinstance(item, SampleError) else isinstance(item, Sample)

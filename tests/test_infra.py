@@ -38,7 +38,10 @@ def cdam_commands(text: str) -> list[list[str]]:
         if match is None:
             continue
         tokens = shlex.split(match[1], comments=True)
-        end = next((i for i, token in enumerate(tokens) if token in ("&&", ";", "|", "||", "&", ">", ">>", "<", "2>")), len(tokens))
+        end = next(
+            (i for i, token in enumerate(tokens) if token in ("&&", ";", "|", "||", "&", ">", ">>", "<", "2>")),
+            len(tokens),
+        )
         commands.append(tokens[:end])
     return commands
 
@@ -50,7 +53,9 @@ def assert_real_command(argv: list[str]) -> None:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             build_parser().parse_args(argv)
     except SystemExit as exit_:
-        assert exit_.code == 0 and ("--help" in argv or "-h" in argv), f"cdam {shlex.join(argv)}: {stderr.getvalue().strip()}"
+        assert exit_.code == 0 and ("--help" in argv or "-h" in argv), (
+            f"cdam {shlex.join(argv)}: {stderr.getvalue().strip()}"
+        )
 
 
 def fenced_blocks(markdown: str, language: str) -> str:
@@ -71,7 +76,11 @@ def test_kuberay_rayjob_runs_a_real_explain_on_gpu_workers_with_keys_from_a_secr
     argv = shlex.split(entry)[3:]
     assert_real_command(argv)
     args = build_parser().parse_args(argv)
-    assert args.command == "explain" and all(shard.startswith("s3://") for shard in args.shards) and args.output.startswith("s3://")
+    assert (
+        args.command == "explain"
+        and all(shard.startswith("s3://") for shard in args.shards)
+        and args.output.startswith("s3://")
+    )
 
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray_version_of("Dockerfile.cuda")
@@ -85,7 +94,9 @@ def test_kuberay_rayjob_runs_a_real_explain_on_gpu_workers_with_keys_from_a_secr
     for container in containers:
         assert container["image"].endswith("/cdam:cuda")
         assert container["envFrom"] == [{"secretRef": {"name": "cdam-s3"}}]  # keys from a secret, never in the manifest
-        assert not any("SECRET" in variable["name"] or "KEY" in variable["name"] for variable in container.get("env", []))
+        assert not any(
+            "SECRET" in variable["name"] or "KEY" in variable["name"] for variable in container.get("env", [])
+        )
     worker_resources = containers[1]["resources"]
     assert worker_resources["limits"]["nvidia.com/gpu"] == 1 == worker_resources["requests"]["nvidia.com/gpu"]
     assert "kubectl create secret generic cdam-s3" in (INFRA / "kuberay-rayjob.yaml").read_text()
@@ -100,7 +111,10 @@ def test_ray_cluster_launcher_config_has_what_ray_up_needs():
     assert config["head_node_type"] in types and types[config["head_node_type"]]["resources"] == {"CPU": 0}
     for node in types.values():
         assert node["node_config"]["InstanceType"] and node["node_config"]["IamInstanceProfile"]["Name"]
-    assert any("pip install" in command and "/home/ubuntu/cdam" in command and "ray[default]" in command for command in config["setup_commands"])
+    assert any(
+        "pip install" in command and "/home/ubuntu/cdam" in command and "ray[default]" in command
+        for command in config["setup_commands"]
+    )
     assert config["file_mounts"]["/home/ubuntu/cdam"] == "."
     commands = cdam_commands((INFRA / "ray-cluster.yaml").read_text())
     assert [argv[0] for argv in commands] == ["explain"]
@@ -131,14 +145,18 @@ def test_compose_runs_minio_and_real_cdam_commands_against_it():
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
 def test_dockerfiles_install_the_project_and_run_cdam(dockerfile):
     text = (INFRA / dockerfile).read_text()
-    instructions = [line.split(None, 1) for line in re.sub(r"\\\n\s*", " ", text).splitlines() if line and not line.startswith("#")]
+    instructions = [
+        line.split(None, 1) for line in re.sub(r"\\\n\s*", " ", text).splitlines() if line and not line.startswith("#")
+    ]
     keywords = [instruction[0] for instruction in instructions]
     assert keywords[0] == "FROM" and "python:3.11" in instructions[0][1]
     copied = [instruction[1].split()[:-1] for instruction in instructions if instruction[0] == "COPY"]
     for sources in copied:
         assert all((ROOT / source).exists() for source in sources), sources
     assert {"pyproject.toml", "cdam_worker", "jobs", "schemas"} <= {source for sources in copied for source in sources}
-    installs = [instruction[1] for instruction in instructions if instruction[0] == "RUN" and "pip install" in instruction[1]]
+    installs = [
+        instruction[1] for instruction in instructions if instruction[0] == "RUN" and "pip install" in instruction[1]
+    ]
     assert any(re.search(r"pip install .* \. ", install + " ") and "ray[default]" in install for install in installs)
     assert "wget" in text  # KubeRay's health probes run wget in the container
     assert json.loads(next(i[1] for i in instructions if i[0] == "CMD"))[0] == "cdam"
@@ -172,8 +190,14 @@ def test_scaling_doc_sizes_match_the_code():
     page = (ROOT / "docs" / "scaling.md").read_text()
     assert sizes.doc_block() in page
     # The numbers the prose quotes
-    assert f"`--targets all --dtype float16` stores {sizes.layout(1000, 'float16', False).bytes_per_image() / 1024:.0f} KiB" in page
-    assert f"--store-basis` ({sizes.layout(5, 'float16', True).bytes_per_image() / 1024:.0f} KiB per image at float16)" in page
+    assert (
+        f"`--targets all --dtype float16` stores {sizes.layout(1000, 'float16', False).bytes_per_image() / 1024:.0f} KiB"
+        in page
+    )
+    assert (
+        f"--store-basis` ({sizes.layout(5, 'float16', True).bytes_per_image() / 1024:.0f} KiB per image at float16)"
+        in page
+    )
 
 
 def test_command_finder_sees_continued_lines_and_stops_at_operators():

@@ -40,18 +40,43 @@ def dataset(tmp_path_factory) -> dict:
             if i % 4 == 0:
                 ext, encoded = "png", image_bytes(gradient_image(width, height, "L"), "PNG")
             else:
-                ext, encoded = "jpg", image_bytes(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)), "JPEG", quality=92)
-            samples.append((f"s{s}/img{i:03d}", {ext: encoded, "cls": str(int(rng.integers(0, 6))).encode(), "json": b'{"source": "test"}'}))
+                ext, encoded = (
+                    "jpg",
+                    image_bytes(
+                        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)), "JPEG", quality=92
+                    ),
+                )
+            samples.append(
+                (
+                    f"s{s}/img{i:03d}",
+                    {ext: encoded, "cls": str(int(rng.integers(0, 6))).encode(), "json": b'{"source": "test"}'},
+                )
+            )
         shards.append(str(make_shard(root / f"train-{s:04d}.tar", samples)))
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
     checkpoint = root / "model.pt"
-    save_checkpoint(checkpoint, model, "vit_small_patch16_224", MODEL_KWARGS, ["cat", "dog", "zebra", "analog clock", "car", "tree"])
+    save_checkpoint(
+        checkpoint, model, "vit_small_patch16_224", MODEL_KWARGS, ["cat", "dog", "zebra", "analog clock", "car", "tree"]
+    )
     return {"root": root, "shards": shards, "checkpoint": str(checkpoint), "spec": str(root / "train-{0000..0002}.tar")}
 
 
 def explain_args(dataset: dict, output: str, *extra: str) -> list[str]:
-    return ["explain", "--shards", dataset["spec"], "--output", output, "--checkpoint", dataset["checkpoint"], "--actors", "2", "--batch-size", "4", *extra]
+    return [
+        "explain",
+        "--shards",
+        dataset["spec"],
+        "--output",
+        output,
+        "--checkpoint",
+        dataset["checkpoint"],
+        "--actors",
+        "2",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def expected_rows(dataset: dict, targets: str, **explain_kwargs) -> dict[str, object]:
@@ -62,7 +87,9 @@ def expected_rows(dataset: dict, targets: str, **explain_kwargs) -> dict[str, ob
     for shard in dataset["shards"]:
         for _, item in iter_samples(shard):
             assert isinstance(item, Sample)
-            expected[item.key] = explainer.explain(loaded.transform(item.image)[None], targets, keys=[item.key], **explain_kwargs)
+            expected[item.key] = explainer.explain(
+                loaded.transform(item.image)[None], targets, keys=[item.key], **explain_kwargs
+            )
     return expected
 
 
@@ -93,7 +120,9 @@ def test_local_job_matches_engine_and_is_queryable(ray_local, dataset, tmp_path)
     assert main(explain_args(dataset, output, "--targets", "topk:2")) == 0
     check_output(output, dataset, "topk:2")
 
-    count = duckdb.sql(f"SELECT count(*), count(DISTINCT key), min(row) >= 0 FROM '{output}/metadata/*.parquet'").fetchall()[0]
+    count = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT key), min(row) >= 0 FROM '{output}/metadata/*.parquet'"
+    ).fetchall()[0]
     assert count == (sum(SHARD_SIZES), sum(SHARD_SIZES), True)
     per_shard = dict(duckdb.sql(f"SELECT shard, count(*) FROM '{output}/metadata/*.parquet' GROUP BY shard").fetchall())
     assert per_shard == {f"train-{s:04d}": n for s, n in enumerate(SHARD_SIZES)}
@@ -122,15 +151,33 @@ def test_concepts_from_a_saved_vector_and_a_folder_of_examples(ray_local, datase
     examples.mkdir()
     for i in range(3):
         gradient_image(40 + 8 * i, 30).save(examples / f"example{i}.png")
-    folder_concept = explainer.concept_from_images("stripes", torch.stack([loaded.transform(Image.open(f).convert("RGB")) for f in sorted(examples.iterdir())]))
+    folder_concept = explainer.concept_from_images(
+        "stripes", torch.stack([loaded.transform(Image.open(f).convert("RGB")) for f in sorted(examples.iterdir())])
+    )
     saved = Concept("noise", torch.randn(loaded.model.num_features, generator=torch.Generator().manual_seed(0)))
     saved.save(tmp_path / "noise.pt")
 
     output = str(tmp_path / "out")
-    assert main(explain_args(dataset, output, "--targets", "topk:1", "--concepts", f"stripes={examples}", f"noise={tmp_path / 'noise.pt'}:cosine")) == 0
+    assert (
+        main(
+            explain_args(
+                dataset,
+                output,
+                "--targets",
+                "topk:1",
+                "--concepts",
+                f"stripes={examples}",
+                f"noise={tmp_path / 'noise.pt'}:cosine",
+            )
+        )
+        == 0
+    )
     group = open_zarr(Storage.from_url(output), mode="r")
     concepts = group.attrs["concepts"]
-    assert [c["name"] for c in concepts] == ["stripes", "noise"] and [c["similarity"] for c in concepts] == ["dot", "cosine"]
+    assert [c["name"] for c in concepts] == ["stripes", "noise"] and [c["similarity"] for c in concepts] == [
+        "dot",
+        "cosine",
+    ]
     assert np.allclose(concepts[0]["vector"], folder_concept.vector.numpy(), rtol=1e-5, atol=1e-6)
     cosine = Concept("noise", saved.vector, "cosine")
     rows = duckdb.sql(f"SELECT key, row, targets, target_names FROM '{output}/metadata/*.parquet'").fetchall()

@@ -49,7 +49,9 @@ def features_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def test_load_by_name_passes_kwargs_to_timm():
-    loaded = load_model(NAME, img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7, global_pool="avg")
+    loaded = load_model(
+        NAME, img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7, global_pool="avg"
+    )
     model = loaded.model
     assert isinstance(loaded, LoadedModel) and loaded.name == NAME
     assert tuple(model.patch_embed.img_size) == (48, 48)
@@ -227,7 +229,9 @@ def test_linear_head_on_a_named_model_without_bias(tmp_path):
     loaded = load_model(NAME, head_checkpoint=head_path, **TINY)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(images), features_of(loaded.model, images) @ weight.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loaded.model(images), features_of(loaded.model, images) @ weight.T, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_linear_head_with_wrong_input_dim(tmp_path):
@@ -239,7 +243,15 @@ def test_linear_head_with_wrong_input_dim(tmp_path):
 
 def test_head_checkpoint_that_is_not_one_linear_layer(tmp_path):
     head_path = tmp_path / "mlp_head.pt"
-    torch.save({"0.weight": torch.randn(8, 384), "0.bias": torch.randn(8), "2.weight": torch.randn(3, 8), "2.bias": torch.randn(3)}, head_path)
+    torch.save(
+        {
+            "0.weight": torch.randn(8, 384),
+            "0.bias": torch.randn(8),
+            "2.weight": torch.randn(3, 8),
+            "2.bias": torch.randn(3),
+        },
+        head_path,
+    )
     message = load_error(name=NAME, head_checkpoint=head_path, **TINY)
     assert str(head_path) in message and "one linear layer" in message
 
@@ -302,7 +314,9 @@ def test_file_that_is_not_a_torch_file(tmp_path, content):
     path = tmp_path / "model.pth"
     path.write_bytes(content)
     message = load_error(name=NAME, checkpoint=path, **TINY)
-    assert message.startswith(f"cannot read checkpoint {path} as a weights-only torch file: not a torch file, or a damaged one (")
+    assert message.startswith(
+        f"cannot read checkpoint {path} as a weights-only torch file: not a torch file, or a damaged one ("
+    )
 
 
 def test_checkpoint_that_is_not_a_dict(tmp_path):
@@ -316,7 +330,10 @@ def test_class_names_count_mismatch(tmp_path):
     assert message == "2 class names given for a model with 3 classes"
     path = tmp_path / "weights.pth"
     torch.save(tiny_model(num_classes=4).state_dict(), path)
-    assert load_error(name=NAME, checkpoint=path, class_names=["a"], **TINY) == "1 class names given for a model with 4 classes"
+    assert (
+        load_error(name=NAME, checkpoint=path, class_names=["a"], **TINY)
+        == "1 class names given for a model with 4 classes"
+    )
 
 
 def test_no_name_and_pretrained_with_checkpoint(tmp_path):
@@ -330,7 +347,9 @@ def test_pretrained_weights_that_cannot_be_had_are_one_line_errors(monkeypatch, 
     import huggingface_hub.constants
 
     message = load_error(name="vit_small_patch16_224.no_such_tag", pretrained=True)
-    assert message.startswith("cannot get pretrained weights for 'vit_small_patch16_224.no_such_tag': RuntimeError: Invalid pretrained tag")
+    assert message.startswith(
+        "cannot get pretrained weights for 'vit_small_patch16_224.no_such_tag': RuntimeError: Invalid pretrained tag"
+    )
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, answered at once
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and an empty cache
     message = load_error(name="vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=True)
@@ -383,7 +402,9 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path, evil_class, where):
     assert not marker.exists()
 
     message = load_error(name=NAME, **{where: path}, **TINY)
-    assert message.startswith(f"cannot read checkpoint {path} as a weights-only torch file: it holds pickled Python objects")
+    assert message.startswith(
+        f"cannot read checkpoint {path} as a weights-only torch file: it holds pickled Python objects"
+    )
     assert f"{__name__}.{'write_marker' if evil_class is RunsCodeOnReduce else evil_class.__name__}" in message
     assert not marker.exists(), "the checkpoint's pickled code ran"
 

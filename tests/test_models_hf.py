@@ -35,34 +35,84 @@ def _dinov2(config_class, **extra):
 
 # name: (config, model class, image processor, prefix tokens, the path the engine must take)
 FAMILIES = {
-    "vit": (lambda: tf.ViTConfig(**SMALL, intermediate_size=128, num_labels=3), "ViTForImageClassification",
-            lambda: tf.ViTImageProcessor(**SQUASH_32), 1, "closed_form"),
-    "deit": (lambda: tf.DeiTConfig(**SMALL, intermediate_size=128, num_labels=3), "DeiTForImageClassification",
-             lambda: tf.DeiTImageProcessor(**SQUASH_32, do_center_crop=False), 2, "closed_form"),
-    "deit_distilled": (lambda: tf.DeiTConfig(**SMALL, intermediate_size=128, num_labels=3), "DeiTForImageClassificationWithTeacher",
-                       lambda: tf.DeiTImageProcessor(**SQUASH_32, do_center_crop=False), 2, "autograd"),
+    "vit": (
+        lambda: tf.ViTConfig(**SMALL, intermediate_size=128, num_labels=3),
+        "ViTForImageClassification",
+        lambda: tf.ViTImageProcessor(**SQUASH_32),
+        1,
+        "closed_form",
+    ),
+    "deit": (
+        lambda: tf.DeiTConfig(**SMALL, intermediate_size=128, num_labels=3),
+        "DeiTForImageClassification",
+        lambda: tf.DeiTImageProcessor(**SQUASH_32, do_center_crop=False),
+        2,
+        "closed_form",
+    ),
+    "deit_distilled": (
+        lambda: tf.DeiTConfig(**SMALL, intermediate_size=128, num_labels=3),
+        "DeiTForImageClassificationWithTeacher",
+        lambda: tf.DeiTImageProcessor(**SQUASH_32, do_center_crop=False),
+        2,
+        "autograd",
+    ),
     # DINOv2 at 24 px: its position embedding (4x4) is resampled to the 3x3 grid, as transformers does
-    "dinov2": (lambda: _dinov2(tf.Dinov2Config), "Dinov2Model",
-               lambda: tf.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}), 1, "closed_form"),
-    "dinov2_classifier": (lambda: _dinov2(tf.Dinov2Config, num_labels=3), "Dinov2ForImageClassification",
-                          lambda: tf.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}), 1, "autograd"),
-    "dinov2_registers": (lambda: _dinov2(tf.Dinov2WithRegistersConfig, num_register_tokens=2), "Dinov2WithRegistersModel",
-                         lambda: tf.BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}), 3, "closed_form"),
-    "dinov2_registers_classifier": (lambda: _dinov2(tf.Dinov2WithRegistersConfig, num_register_tokens=2, num_labels=3),
-                                    "Dinov2WithRegistersForImageClassification",
-                                    lambda: tf.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}), 3, "autograd"),
-    "clip_vision": (lambda: tf.CLIPVisionConfig(**SMALL, intermediate_size=128), "CLIPVisionModel",
-                    lambda: tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), 1, "closed_form"),
-    "clip_projection": (lambda: tf.CLIPVisionConfig(**SMALL, intermediate_size=128, projection_dim=24), "CLIPVisionModelWithProjection",
-                        lambda: tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), 1, "closed_form"),
+    "dinov2": (
+        lambda: _dinov2(tf.Dinov2Config),
+        "Dinov2Model",
+        lambda: tf.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}),
+        1,
+        "closed_form",
+    ),
+    "dinov2_classifier": (
+        lambda: _dinov2(tf.Dinov2Config, num_labels=3),
+        "Dinov2ForImageClassification",
+        lambda: tf.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}),
+        1,
+        "autograd",
+    ),
+    "dinov2_registers": (
+        lambda: _dinov2(tf.Dinov2WithRegistersConfig, num_register_tokens=2),
+        "Dinov2WithRegistersModel",
+        lambda: tf.BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}),
+        3,
+        "closed_form",
+    ),
+    "dinov2_registers_classifier": (
+        lambda: _dinov2(tf.Dinov2WithRegistersConfig, num_register_tokens=2, num_labels=3),
+        "Dinov2WithRegistersForImageClassification",
+        lambda: tf.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}),
+        3,
+        "autograd",
+    ),
+    "clip_vision": (
+        lambda: tf.CLIPVisionConfig(**SMALL, intermediate_size=128),
+        "CLIPVisionModel",
+        lambda: tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        1,
+        "closed_form",
+    ),
+    "clip_projection": (
+        lambda: tf.CLIPVisionConfig(**SMALL, intermediate_size=128, projection_dim=24),
+        "CLIPVisionModelWithProjection",
+        lambda: tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        1,
+        "closed_form",
+    ),
 }
 
 
 def last_pre_attention_norm(hf_model: torch.nn.Module) -> torch.nn.Module:
     """The norm whose output is the literal definition's T: the last encoder layer's pre-attention norm."""
-    for path, norm in (("vision_model.encoder.layers", "layer_norm1"), ("vit.layers", "layernorm_before"), ("deit.layers", "layernorm_before"),
-                       ("dinov2.encoder.layer", "norm1"), ("dinov2_with_registers.encoder.layer", "norm1"),
-                       ("encoder.layer", "norm1"), ("encoder.layers", "layer_norm1")):
+    for path, norm in (
+        ("vision_model.encoder.layers", "layer_norm1"),
+        ("vit.layers", "layernorm_before"),
+        ("deit.layers", "layernorm_before"),
+        ("dinov2.encoder.layer", "norm1"),
+        ("dinov2_with_registers.encoder.layer", "norm1"),
+        ("encoder.layer", "norm1"),
+        ("encoder.layers", "layer_norm1"),
+    ):
         try:
             return getattr(hf_model.get_submodule(path)[-1], norm)
         except AttributeError:
@@ -107,7 +157,11 @@ def hf_folders(tmp_path_factory) -> dict[str, Path]:
 
 def hf_model_of(folder: Path) -> torch.nn.Module:
     config = tf.AutoConfig.from_pretrained(folder)
-    return getattr(tf, config.architectures[0]).from_pretrained(folder, use_safetensors=True, attn_implementation="eager").eval()
+    return (
+        getattr(tf, config.architectures[0])
+        .from_pretrained(folder, use_safetensors=True, attn_implementation="eager")
+        .eval()
+    )
 
 
 def probe_images(size: int, count: int = 3) -> torch.Tensor:
@@ -143,7 +197,9 @@ def test_maps_equal_the_literal_definition_on_the_transformers_module(hf_folders
         cosine = Concept("probe_cosine", concept.vector, "cosine")
         result = explainer.explain(images, "none", concepts=[concept, cosine])
         vector = concept.vector
-        scores = [[lambda out: out @ vector, lambda out: torch.nn.functional.cosine_similarity(out, vector, dim=0)]] * len(images)
+        scores = [
+            [lambda out: out @ vector, lambda out: torch.nn.functional.cosine_similarity(out, vector, dim=0)]
+        ] * len(images)
     grid = result.cdam.shape[-2:]
     for image_index, image in enumerate(images):
         for slot, score in enumerate(scores[image_index]):
@@ -197,7 +253,9 @@ def test_pickled_weights_and_unsupported_architectures_are_refused(tmp_path):
         load_model(f"hf:{pickled}")
 
     swin = tmp_path / "swin"
-    tf.SwinForImageClassification(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1], num_heads=[2])).save_pretrained(swin)
+    tf.SwinForImageClassification(
+        tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1], num_heads=[2])
+    ).save_pretrained(swin)
     with pytest.raises(ModelLoadError, match="architecture 'SwinForImageClassification' is not supported"):
         load_model(f"hf:{swin}")
     with pytest.raises(ModelLoadError, match="no such folder, and not a hub repository name"):
@@ -219,7 +277,19 @@ def test_cdam_explain_on_a_transformers_folder(ray_local, hf_folders, shards, fa
     _config, _architecture, _processor, prefix, path = FAMILIES[family]
     folder = hf_folders[family]
     output = tmp_path / "out"
-    args = ["explain", "--shards", *map(str, shards), "--output", str(output), "--model", f"hf:{folder}", "--targets", "topk:2", "--actors", "1"]
+    args = [
+        "explain",
+        "--shards",
+        *map(str, shards),
+        "--output",
+        str(output),
+        "--model",
+        f"hf:{folder}",
+        "--targets",
+        "topk:2",
+        "--actors",
+        "1",
+    ]
     assert main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert ("closed form" if path == "closed_form" else "autograd through the last block") in printed
@@ -236,7 +306,9 @@ def test_cdam_explain_on_a_transformers_folder(ray_local, hf_folders, shards, fa
         image = loaded.transform(samples[row["key"]].image)
         stored = run.read_rows("cdam", np.array([row["row"]]))[0]
         for slot, target in enumerate(row["targets"]):
-            reference = literal_cdam(hf_model, image, lambda out, c=target: out[c], prefix).reshape(stored.shape[-2:]).numpy()
+            reference = (
+                literal_cdam(hf_model, image, lambda out, c=target: out[c], prefix).reshape(stored.shape[-2:]).numpy()
+            )
             assert np.abs(stored[slot] - reference).max() <= 1e-4 * np.abs(reference).max(), (row["key"], slot)
     assert run.load_model().class_names == loaded.class_names  # the manifest's record loads the same folder back
     if family == "vit":
@@ -248,9 +320,33 @@ def check_notebook_view(run, output: Path, row: dict, tmp_path: Path) -> None:
     second = row["targets"][1]
     for target in (str(second), run.class_names[second], "attention"):
         picture = run.show(row["key"], second if target == str(second) else target, size=128)
-        assert main(["show", str(output), "--key", row["key"], "--target", target, "-o", str(tmp_path / "show.png"), "--size", "128"]) == 0
-        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(Image.open(tmp_path / "show.png").convert("RGB")))
+        assert (
+            main(
+                [
+                    "show",
+                    str(output),
+                    "--key",
+                    row["key"],
+                    "--target",
+                    target,
+                    "-o",
+                    str(tmp_path / "show.png"),
+                    "--size",
+                    "128",
+                ]
+            )
+            == 0
+        )
+        assert np.array_equal(
+            np.asarray(picture.convert("RGB")), np.asarray(Image.open(tmp_path / "show.png").convert("RGB"))
+        )
     summary = run._repr_html_()
-    for expected in (run.attrs["model"]["name"], "closed form", "3: LABEL_0, LABEL_1, LABEL_2", "topk:2, 2 map(s) per image",
-                     "6 explained, 0 in errors/", "2 of 2 complete"):
+    for expected in (
+        run.attrs["model"]["name"],
+        "closed form",
+        "3: LABEL_0, LABEL_1, LABEL_2",
+        "topk:2, 2 map(s) per image",
+        "6 explained, 0 in errors/",
+        "2 of 2 complete",
+    ):
         assert expected in summary, expected

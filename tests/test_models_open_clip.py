@@ -76,7 +76,9 @@ def literal_cdam(clip_model: torch.nn.Module, image: torch.Tensor, score) -> tor
     finally:
         handle.remove()
     tokens = captured["T"]
-    tokens, grad = (tokens, tokens.grad) if tokens.shape[0] == 1 else (tokens.transpose(0, 1), tokens.grad.transpose(0, 1))
+    tokens, grad = (
+        (tokens, tokens.grad) if tokens.shape[0] == 1 else (tokens.transpose(0, 1), tokens.grad.transpose(0, 1))
+    )
     return (tokens * grad).sum(-1)[0, 1:].detach()
 
 
@@ -94,7 +96,9 @@ def test_image_tower_equals_encode_image_and_maps_equal_the_literal_definition(c
     assert (result.embedding - expected).abs().max() <= 1e-5 * expected.abs().max()
     vector = concept.vector
     for index, image in enumerate(images):
-        for slot, score in enumerate((lambda out: out @ vector, lambda out: torch.nn.functional.cosine_similarity(out, vector, dim=0))):
+        for slot, score in enumerate(
+            (lambda out: out @ vector, lambda out: torch.nn.functional.cosine_similarity(out, vector, dim=0))
+        ):
             reference = literal_cdam(clip_model, image, score).reshape(4, 4)
             assert (result.cdam[index, slot] - reference).abs().max() <= 1e-4 * reference.abs().max()
 
@@ -129,8 +133,23 @@ def test_cdam_explain_on_an_open_clip_checkpoint(ray_local, clip_files, tmp_path
     vector = torch.randn(TINY["embed_dim"], generator=torch.Generator().manual_seed(4))
     Concept("probe", vector).save(tmp_path / "probe.pt")
     output = tmp_path / "out"
-    args = ["explain", "--shards", *map(str, shards), "--output", str(output), "--model", f"open_clip:{clip_files['config']}",
-            "--checkpoint", str(clip_files["checkpoint"]), "--targets", "none", "--concepts", f"probe={tmp_path / 'probe.pt'}", "--actors", "1"]
+    args = [
+        "explain",
+        "--shards",
+        *map(str, shards),
+        "--output",
+        str(output),
+        "--model",
+        f"open_clip:{clip_files['config']}",
+        "--checkpoint",
+        str(clip_files["checkpoint"]),
+        "--targets",
+        "none",
+        "--concepts",
+        f"probe={tmp_path / 'probe.pt'}",
+        "--actors",
+        "1",
+    ]
     assert main([*args, "--dry-run"]) == 0
     assert "closed form" in capsys.readouterr().out
     assert main(args) == 0
@@ -142,5 +161,9 @@ def test_cdam_explain_on_an_open_clip_checkpoint(ray_local, clip_files, tmp_path
     assert len(rows) == 4
     for row in rows:
         stored = run.read_rows("cdam", np.array([row["row"]]))[0, 0]
-        reference = literal_cdam(clip_model, loaded.transform(samples[row["key"]].image), lambda out: out @ vector).reshape(stored.shape).numpy()
+        reference = (
+            literal_cdam(clip_model, loaded.transform(samples[row["key"]].image), lambda out: out @ vector)
+            .reshape(stored.shape)
+            .numpy()
+        )
         assert np.abs(stored - reference).max() <= 1e-4 * np.abs(reference).max()

@@ -29,7 +29,10 @@ N_SHARDS, SHARD_SIZE = 4, 9
 # As in test_node_loss.py: keep the driver on 127.0.0.1, where this cluster listens.
 LOOPBACK_DRIVER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 NO_CUDA_WARNING = "warning: actors hold a GPU of the Ray cluster but CUDA is not usable on their node (torch.cuda.is_available() is False); they compute on the CPU"
-ACTOR_LINE = re.compile(r"^actor \d+: node (\w+), cpu, decode cpu with (\d+) worker\(s\), batch 4, (\d+) shard\(s\), peak RSS \d+ MiB$", re.MULTILINE)
+ACTOR_LINE = re.compile(
+    r"^actor \d+: node (\w+), cpu, decode cpu with (\d+) worker\(s\), batch 4, (\d+) shard\(s\), peak RSS \d+ MiB$",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,10 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized(), "another Ray instance is connected in this process"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
     try:
         yield cluster
     finally:
@@ -52,18 +58,47 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("multinode-data")
     rng = np.random.default_rng(5)
     for s in range(N_SHARDS):
-        samples = [(f"s{s}/img{i}", {"jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)), "JPEG"), "cls": b"2"}) for i in range(SHARD_SIZE)]
+        samples = [
+            (
+                f"s{s}/img{i}",
+                {
+                    "jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)), "JPEG"),
+                    "cls": b"2",
+                },
+            )
+            for i in range(SHARD_SIZE)
+        ]
         samples[s + 1] = (f"s{s}/broken", {"jpg": b"\xff\xd8\xff" + bytes(40)})
         make_shard(root / f"part-{s:04d}.tar", samples)
     torch.manual_seed(0)
     checkpoint = root / "model.pt"
-    save_checkpoint(checkpoint, timm.create_model("vit_small_patch16_224", **MODEL_KWARGS), "vit_small_patch16_224", MODEL_KWARGS, [f"c{i}" for i in range(6)])
+    save_checkpoint(
+        checkpoint,
+        timm.create_model("vit_small_patch16_224", **MODEL_KWARGS),
+        "vit_small_patch16_224",
+        MODEL_KWARGS,
+        [f"c{i}" for i in range(6)],
+    )
     return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
 
 
 def run_job(dataset: dict[str, str], cluster, root: Path, hold: Path | None = None) -> tuple[str, str]:
     """The job with default actors and decode workers; returns (stdout, stderr) after checking it succeeded."""
-    argv = ["explain", "--shards", dataset["spec"], "--output", str(root / "out"), "--checkpoint", dataset["checkpoint"], "--targets", "topk:2", "--batch-size", "4", "--address", cluster.address]
+    argv = [
+        "explain",
+        "--shards",
+        dataset["spec"],
+        "--output",
+        str(root / "out"),
+        "--checkpoint",
+        dataset["checkpoint"],
+        "--targets",
+        "topk:2",
+        "--batch-size",
+        "4",
+        "--address",
+        cluster.address,
+    ]
     env = dict(LOOPBACK_DRIVER_ENV)
     if hold is not None:
         hold.touch()
@@ -80,7 +115,9 @@ def run_job(dataset: dict[str, str], cluster, root: Path, hold: Path | None = No
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +142,9 @@ def test_two_nodes_share_the_shards_and_write_the_same_bytes(cluster, dataset, s
         _, stderr = run_job(dataset, cluster, tmp_path, hold=tmp_path / "hold")
     finally:
         cluster.remove_node(worker)
-    actors = {node: (int(workers), int(shards)) for node, workers, shards in ACTOR_LINE.findall(stderr)}  # node -> (decode workers, shards)
+    actors = {
+        node: (int(workers), int(shards)) for node, workers, shards in ACTOR_LINE.findall(stderr)
+    }  # node -> (decode workers, shards)
     head, second = cluster.head_node.node_id[:12], worker.node_id[:12]
     assert sorted(actors) == sorted([head, second]), stderr
     assert (actors[head][0], actors[second][0]) == (2, 1)  # each node's CPUs

@@ -37,7 +37,9 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized(), "another Ray instance is connected in this process"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
     try:
         yield cluster
     finally:
@@ -55,17 +57,50 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("node-loss-data")
     rng = np.random.default_rng(2)
     for s in range(N_SHARDS):
-        samples = [(f"s{s}/img{i}", {"jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)), "JPEG"), "cls": b"1"}) for i in range(SHARD_SIZE)]
+        samples = [
+            (
+                f"s{s}/img{i}",
+                {
+                    "jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)), "JPEG"),
+                    "cls": b"1",
+                },
+            )
+            for i in range(SHARD_SIZE)
+        ]
         make_shard(root / f"part-{s:04d}.tar", samples)
     torch.manual_seed(0)
     checkpoint = root / "model.pt"
-    save_checkpoint(checkpoint, timm.create_model("vit_small_patch16_224", **MODEL_KWARGS), "vit_small_patch16_224", MODEL_KWARGS, [f"c{i}" for i in range(6)])
+    save_checkpoint(
+        checkpoint,
+        timm.create_model("vit_small_patch16_224", **MODEL_KWARGS),
+        "vit_small_patch16_224",
+        MODEL_KWARGS,
+        [f"c{i}" for i in range(6)],
+    )
     return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
 
 
-def start_job(dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2, hold: Path | None = None) -> subprocess.Popen:
+def start_job(
+    dataset: dict[str, str], output: Path, address: str, logs: Path, actors: int = 2, hold: Path | None = None
+) -> subprocess.Popen:
     """The driver in a subprocess; with ``hold``, its actors wait before each batch while that file exists."""
-    argv = ["explain", "--shards", dataset["spec"], "--output", str(output), "--checkpoint", dataset["checkpoint"], "--targets", "topk:2", "--batch-size", "2", "--actors", str(actors), "--address", address]
+    argv = [
+        "explain",
+        "--shards",
+        dataset["spec"],
+        "--output",
+        str(output),
+        "--checkpoint",
+        dataset["checkpoint"],
+        "--targets",
+        "topk:2",
+        "--batch-size",
+        "2",
+        "--actors",
+        str(actors),
+        "--address",
+        address,
+    ]
     env = dict(LOOPBACK_DRIVER_ENV)
     if hold is not None:
         hold.touch()
@@ -79,20 +114,28 @@ def actors_holding(hold: Path) -> int:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH
+    }
 
 
 def shard_processors(cluster) -> list[dict]:
     """State and node of every ShardProcessor of the current driver, from the GCS (no driver needed here)."""
     actors = cluster.global_state.actor_table(None).values()
-    return [{"state": a["State"], "node": a["Address"]["NodeID"]} for a in actors if a["ActorClassName"].endswith("ShardProcessor") and a["State"] != "DEAD"]
+    return [
+        {"state": a["State"], "node": a["Address"]["NodeID"]}
+        for a in actors
+        if a["ActorClassName"].endswith("ShardProcessor") and a["State"] != "DEAD"
+    ]
 
 
 @pytest.fixture(scope="module")
 def reference(cluster, dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The job on the head node alone (one actor), never disturbed."""
     root = tmp_path_factory.mktemp("node-loss-reference")
-    status, _, stderr = finish(start_job(dataset, root / "out", cluster.address, root / "logs", actors=1), root / "logs")
+    status, _, stderr = finish(
+        start_job(dataset, root / "out", cluster.address, root / "logs", actors=1), root / "logs"
+    )
     assert status == 0, stderr
     assert verify_output(str(root / "out")) == []
     return files(root / "out")
@@ -105,7 +148,10 @@ def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, 
     output, hold = tmp_path / "out", tmp_path / "hold"
     driver = start_job(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
     wait_for(lambda: actors_holding(hold) == 2, "both actors inside a shard", driver)
-    assert {a["node"] for a in shard_processors(cluster) if a["state"] == "ALIVE"} == {cluster.head_node.node_id, worker.node_id}
+    assert {a["node"] for a in shard_processors(cluster) if a["state"] == "ALIVE"} == {
+        cluster.head_node.node_id,
+        worker.node_id,
+    }
     cluster.remove_node(worker)
     hold.unlink()
 
@@ -122,9 +168,17 @@ def test_worker_node_lost_while_its_actor_starts(cluster, dataset, reference, tm
     ready (it is still loading the model): the job goes on with the head's actor instead of giving up."""
     output, hold = tmp_path / "out", tmp_path / "hold"
     driver = start_job(dataset, output, cluster.address, tmp_path / "logs", hold=hold)
-    wait_for(lambda: len(shard_processors(cluster)) == 2 and actors_holding(hold) == 1, "the head's actor inside a shard and a second actor asked for", driver)
+    wait_for(
+        lambda: len(shard_processors(cluster)) == 2 and actors_holding(hold) == 1,
+        "the head's actor inside a shard and a second actor asked for",
+        driver,
+    )
     worker = add_worker(cluster)
-    wait_for(lambda: any(a["node"] == worker.node_id and a["state"] != "ALIVE" for a in shard_processors(cluster)), "an actor starting on the new node", driver)
+    wait_for(
+        lambda: any(a["node"] == worker.node_id and a["state"] != "ALIVE" for a in shard_processors(cluster)),
+        "an actor starting on the new node",
+        driver,
+    )
     cluster.remove_node(worker)
     hold.unlink()
 

@@ -35,28 +35,38 @@ def write_files(root: Path, files: dict[str, bytes]) -> Path:
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One source folder per layout, each with files that cannot be packed, and a labels CSV."""
     root = tmp_path_factory.mktemp("sources")
-    imagenet = write_files(root / "imagenet", {
-        "n01440764/ILSVRC2012_val_00000293.JPEG": jpeg_bytes(40, 30),
-        "n01440764/ILSVRC2012_val_00002138.JPEG": jpeg_bytes(20, 50, "L"),
-        "n01440764/v1.2.crop.JPEG": jpeg_bytes(33, 33),  # dots in the name: the key gets '_'
-        "n15075141/tissue.png": png_bytes(24, 24, "RGBA"),
-        "n15075141/tissue.jpg": jpeg_bytes(24, 24),  # same key as tissue.png: gets '_2'
-        "n15075141/broken.JPEG": jpeg_bytes(24, 24)[:40],  # cut off: unreadable
-        "holiday/beach.jpg": jpeg_bytes(16, 16),  # not a wnid
-        "README.txt": b"ImageNet val, a few images",
-    })
-    flat = write_files(root / "flat", {
-        "cat.png": png_bytes(30, 20),
-        "sub/dog.jpg": jpeg_bytes(18, 26, "CMYK"),
-        "sub/bird.bmp": image_bytes(gradient_image(12, 12), "BMP"),
-        "garbage.jpg": b"this is not a JPEG",
-        "notes.md": b"# notes",
-    })
+    imagenet = write_files(
+        root / "imagenet",
+        {
+            "n01440764/ILSVRC2012_val_00000293.JPEG": jpeg_bytes(40, 30),
+            "n01440764/ILSVRC2012_val_00002138.JPEG": jpeg_bytes(20, 50, "L"),
+            "n01440764/v1.2.crop.JPEG": jpeg_bytes(33, 33),  # dots in the name: the key gets '_'
+            "n15075141/tissue.png": png_bytes(24, 24, "RGBA"),
+            "n15075141/tissue.jpg": jpeg_bytes(24, 24),  # same key as tissue.png: gets '_2'
+            "n15075141/broken.JPEG": jpeg_bytes(24, 24)[:40],  # cut off: unreadable
+            "holiday/beach.jpg": jpeg_bytes(16, 16),  # not a wnid
+            "README.txt": b"ImageNet val, a few images",
+        },
+    )
+    flat = write_files(
+        root / "flat",
+        {
+            "cat.png": png_bytes(30, 20),
+            "sub/dog.jpg": jpeg_bytes(18, 26, "CMYK"),
+            "sub/bird.bmp": image_bytes(gradient_image(12, 12), "BMP"),
+            "garbage.jpg": b"this is not a JPEG",
+            "notes.md": b"# notes",
+        },
+    )
     csv_source = write_files(root / "csv", {f"p{i}.jpg": jpeg_bytes(20 + i, 20) for i in range(5)})
     (root / "flat" / b"caf\xe9.png".decode(errors="surrogateescape")).write_bytes(png_bytes())  # a Latin-1 file name
-    write_files(csv_source, {"p5.jpg": jpeg_bytes(), "unlisted.png": png_bytes(), "broken.png": b"\x89PNG\r\n\x1a\n broken"})
+    write_files(
+        csv_source, {"p5.jpg": jpeg_bytes(), "unlisted.png": png_bytes(), "broken.png": b"\x89PNG\r\n\x1a\n broken"}
+    )
     labels = root / "labels.csv"
-    labels.write_text("filename,label\np0.jpg,3\np1.jpg,0\np2.jpg, 5\np3.jpg,cat\nmissing.jpg,1\nbroken.png,2\np4.jpg,1\np0.jpg,2\n../etc/passwd,1\nunlisted.png,99999999999\n")
+    labels.write_text(
+        "filename,label\np0.jpg,3\np1.jpg,0\np2.jpg, 5\np3.jpg,cat\nmissing.jpg,1\nbroken.png,2\np4.jpg,1\np0.jpg,2\n../etc/passwd,1\nunlisted.png,99999999999\n"
+    )
     return {"imagenet": imagenet, "flat": flat, "csv": csv_source, "labels": labels}
 
 
@@ -78,7 +88,12 @@ def test_imagenet_layout_labels_from_wnid_folders(sources, tmp_path, capsys):
     assert [s["shard"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert [s["samples"] for s in index["shards"]] == [2, 2, 1]
     assert [s["bytes"] for s in index["shards"]] == [(out / s["shard"]).stat().st_size for s in index["shards"]]
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "index.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
     assert index["skipped"] == [
         {"file": "README.txt", "reason": NOT_AN_IMAGE},
         {"file": "holiday/beach.jpg", "reason": "folder 'holiday' is not an ImageNet-1k wnid"},
@@ -91,14 +106,26 @@ def test_imagenet_layout_labels_from_wnid_folders(sources, tmp_path, capsys):
     members = [m for s in index["shards"] for m in read_tar(out / s["shard"])]
     names = [name for name, _ in members]
     assert names == [
-        "n01440764/ILSVRC2012_val_00000293.cls", "n01440764/ILSVRC2012_val_00000293.jpeg", "n01440764/ILSVRC2012_val_00000293.json",
-        "n01440764/ILSVRC2012_val_00002138.cls", "n01440764/ILSVRC2012_val_00002138.jpeg", "n01440764/ILSVRC2012_val_00002138.json",
-        "n01440764/v1_2_crop.cls", "n01440764/v1_2_crop.jpeg", "n01440764/v1_2_crop.json",
-        "n15075141/tissue.cls", "n15075141/tissue.jpg", "n15075141/tissue.json",
-        "n15075141/tissue_2.cls", "n15075141/tissue_2.json", "n15075141/tissue_2.png",
+        "n01440764/ILSVRC2012_val_00000293.cls",
+        "n01440764/ILSVRC2012_val_00000293.jpeg",
+        "n01440764/ILSVRC2012_val_00000293.json",
+        "n01440764/ILSVRC2012_val_00002138.cls",
+        "n01440764/ILSVRC2012_val_00002138.jpeg",
+        "n01440764/ILSVRC2012_val_00002138.json",
+        "n01440764/v1_2_crop.cls",
+        "n01440764/v1_2_crop.jpeg",
+        "n01440764/v1_2_crop.json",
+        "n15075141/tissue.cls",
+        "n15075141/tissue.jpg",
+        "n15075141/tissue.json",
+        "n15075141/tissue_2.cls",
+        "n15075141/tissue_2.json",
+        "n15075141/tissue_2.png",
     ]
     data = dict(members)
-    assert data["n01440764/v1_2_crop.cls"] == b"0" and data["n15075141/tissue_2.cls"] == b"999"  # timm's ImageNet-1k order
+    assert (
+        data["n01440764/v1_2_crop.cls"] == b"0" and data["n15075141/tissue_2.cls"] == b"999"
+    )  # timm's ImageNet-1k order
     assert json.loads(data["n15075141/tissue_2.json"]) == {"filename": "n15075141/tissue.png"}
     assert data["n15075141/tissue_2.png"] == (sources["imagenet"] / "n15075141/tissue.png").read_bytes()
 
@@ -115,7 +142,10 @@ def test_csv_layout_labels_from_the_file_and_bad_rows_are_listed(sources, tmp_pa
         {"file": "p0.jpg", "reason": "labels.csv line 9: repeats the file of line 2"},
         {"file": "p3.jpg", "reason": "labels.csv line 5: label 'cat' is not an integer from 0 to 2147483647"},
         {"file": "p5.jpg", "reason": "no row in labels.csv"},
-        {"file": "unlisted.png", "reason": "labels.csv line 11: label '99999999999' is not an integer from 0 to 2147483647"},
+        {
+            "file": "unlisted.png",
+            "reason": "labels.csv line 11: label '99999999999' is not an integer from 0 to 2147483647",
+        },
     ]
     assert index["skipped"][1]["reason"].startswith("corrupt image 'broken.png': ")
     labels = {name: data for name, data in read_tar(out / "shard-000000.tar") if name.endswith(".cls")}
@@ -157,25 +187,59 @@ def test_pack_to_s3_writes_the_same_objects_as_a_local_pack(sources, tmp_path, s
 def test_explain_reads_packed_shards_with_their_labels(sources, tmp_path, ray_local):
     torch.manual_seed(0)
     checkpoint = tmp_path / "model.pt"
-    save_checkpoint(checkpoint, timm.create_model("vit_small_patch16_224", **TINY_VIT), "vit_small_patch16_224", TINY_VIT, [f"class {i}" for i in range(1000)])
+    save_checkpoint(
+        checkpoint,
+        timm.create_model("vit_small_patch16_224", **TINY_VIT),
+        "vit_small_patch16_224",
+        TINY_VIT,
+        [f"class {i}" for i in range(1000)],
+    )
     assert pack_into(tmp_path / "imagenet", sources["imagenet"], "--layout", "imagenet", "--maxcount", "3") == 0
     assert pack_into(tmp_path / "csv", sources["csv"], "--labels", str(sources["labels"])) == 0
     output = tmp_path / "cdam-out"
     shards = [str(tmp_path / "imagenet" / "shard-*.tar"), str(tmp_path / "csv" / "shard-*.tar")]
-    assert main(["explain", "--shards", *shards, "--output", str(output), "--checkpoint", str(checkpoint),
-                 "--targets", "label", "--strict", "--actors", "1", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--shards",
+                *shards,
+                "--output",
+                str(output),
+                "--checkpoint",
+                str(checkpoint),
+                "--targets",
+                "label",
+                "--strict",
+                "--actors",
+                "1",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows = [row for path in sorted((output / "metadata").iterdir()) for row in pq.read_table(path).to_pylist()]
     assert {row["key"]: (row["label"], row["targets"]) for row in rows} == {
-        "n01440764/ILSVRC2012_val_00000293": (0, [0]), "n01440764/ILSVRC2012_val_00002138": (0, [0]),
-        "n01440764/v1_2_crop": (0, [0]), "n15075141/tissue": (999, [999]), "n15075141/tissue_2": (999, [999]),
-        "p0": (3, [3]), "p1": (0, [0]), "p2": (5, [5]), "p4": (1, [1]),
+        "n01440764/ILSVRC2012_val_00000293": (0, [0]),
+        "n01440764/ILSVRC2012_val_00002138": (0, [0]),
+        "n01440764/v1_2_crop": (0, [0]),
+        "n15075141/tissue": (999, [999]),
+        "n15075141/tissue_2": (999, [999]),
+        "p0": (3, [3]),
+        "p1": (0, [0]),
+        "p2": (5, [5]),
+        "p4": (1, [1]),
     }
     assert json.loads(next(r for r in rows if r["key"] == "p2")["sample_json"]) == {"filename": "p2.jpg"}
     assert not (output / "errors").exists() or not list((output / "errors").iterdir())
     assert verify_output(str(output)) == []
 
 
-@pytest.mark.parametrize("case", ["csv without labels", "labels with imagenet", "no wnid folder", "missing source", "bad csv header", "maxcount 0"])
+@pytest.mark.parametrize(
+    "case",
+    ["csv without labels", "labels with imagenet", "no wnid folder", "missing source", "bad csv header", "maxcount 0"],
+)
 def test_bad_invocations_are_one_line_errors(case, sources, tmp_path, capsys):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,class\np0.jpg,1\n")
@@ -207,7 +271,10 @@ def test_an_earlier_pack_is_refused_unless_overwrite(sources, tmp_path, capsys):
     assert len(list(out.glob("shard-*.tar"))) == 5
     capsys.readouterr()
     assert pack_into(out, sources["flat"]) == 2
-    assert f"{out} already holds 5 shard(s) and index.json of an earlier pack; use --overwrite to replace them" in capsys.readouterr().err
+    assert (
+        f"{out} already holds 5 shard(s) and index.json of an earlier pack; use --overwrite to replace them"
+        in capsys.readouterr().err
+    )
     (out / "notes.txt").write_text("kept")
     assert pack_into(out, sources["flat"], "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "notes.txt", "shard-000000.tar"]
@@ -222,7 +289,9 @@ def test_an_earlier_index_alone_is_named_as_such(sources, tmp_path, capsys):
 
 
 def test_nothing_packable_still_prints_and_lists_every_skipped_file(tmp_path, capsys):
-    source = write_files(tmp_path / "src", {"notes.txt": b"notes", "broken.jpg": b"not a JPEG", "sub/cut.png": png_bytes()[:30]})
+    source = write_files(
+        tmp_path / "src", {"notes.txt": b"notes", "broken.jpg": b"not a JPEG", "sub/cut.png": png_bytes()[:30]}
+    )
     out = tmp_path / "packed"
     assert pack_into(out, source) == 2
     err = capsys.readouterr().err
@@ -232,5 +301,7 @@ def test_nothing_packable_still_prints_and_lists_every_skipped_file(tmp_path, ca
     assert index["skipped"][1]["reason"] == NOT_AN_IMAGE
     for skipped in index["skipped"]:
         assert f"cdam pack: skipped {skipped['file']}: {skipped['reason']}\n" in err
-    assert err.endswith(f"cdam pack: error: no image to pack below {source} (layout flat): 3 file(s) skipped, listed in {out}/index.json\n")
+    assert err.endswith(
+        f"cdam pack: error: no image to pack below {source} (layout flat): 3 file(s) skipped, listed in {out}/index.json\n"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["index.json"]

@@ -25,7 +25,17 @@ PER_SHARD = 16
 def synthetic(tmp_path_factory) -> tuple[str, dict]:
     """A complete top-3 run of 40 images in 3 shards (16, 16, 8), with real PNG shards."""
     dest = str(tmp_path_factory.mktemp("synthetic") / "run")
-    truth = write_synthetic_run(dest, N_IMAGES, n_classes=7, n_targets=3, grid=(4, 5), n_heads=2, embed_dim=8, images_per_shard=PER_SHARD, with_images=True)
+    truth = write_synthetic_run(
+        dest,
+        N_IMAGES,
+        n_classes=7,
+        n_targets=3,
+        grid=(4, 5),
+        n_heads=2,
+        embed_dim=8,
+        images_per_shard=PER_SHARD,
+        with_images=True,
+    )
     return dest, truth
 
 
@@ -46,12 +56,18 @@ def test_open_run_reads_metadata_maps_and_images_of_the_demo(demo_run: str) -> N
     assert run.maps["cdam"].dims == ("image", "target", "y", "x")
 
     key = keys[1]
-    shard = next(s for s in run.shards if s.name == run.index.column("shard")[run.index.column("key").to_pylist().index(key)].as_py())
+    shard = next(
+        s
+        for s in run.shards
+        if s.name == run.index.column("shard")[run.index.column("key").to_pylist().index(key)].as_py()
+    )
     expected = next(item for _, item in iter_samples(shard.url) if isinstance(item, Sample) and item.key == key)
     assert np.array_equal(np.asarray(run.image(key)), np.asarray(expected.image))
 
 
-def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan(demo_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan(
+    demo_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The job writes members/<shard>.parquet as it streams each shard: exactly what a scan of the tar
     headers finds, every explained key in it. Run.image reads a sample from it with no scan; a run without
     it (made before it existed) scans the headers and shows the same pixels."""
@@ -63,10 +79,14 @@ def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan
     for shard in run.shards:
         table = pq.read_table(Path(demo_run) / "members" / f"{shard_file_stem(shard.index, shard.name)}.parquet")
         recorded: dict[str, list] = {}
-        for key, member, offset, size in zip(*(table.column(name).to_pylist() for name in ("key", "member", "offset", "size"))):
+        for key, member, offset, size in zip(
+            *(table.column(name).to_pylist() for name in ("key", "member", "offset", "size"))
+        ):
             recorded.setdefault(key, []).append((member, offset, size))
         assert recorded == member_offsets(shard.url)
-    assert set(run.index.column("key").to_pylist()) <= {key for shard in run.shards for key in run._member_offsets(shard)}
+    assert set(run.index.column("key").to_pylist()) <= {
+        key for shard in run.shards for key in run._member_offsets(shard)
+    }
 
     keys = run.index.column("key").to_pylist()[::7]
     scans: list[str] = []
@@ -83,7 +103,9 @@ def test_the_job_records_where_each_file_lies_and_images_are_read_without_a_scan
     from jobs.verify import verify_output
 
     assert verify_output(demo_run) == []
-    assert any(problem.endswith(".parquet is missing") and "members/" in problem for problem in verify_output(str(copy)))  # its markers list the tables
+    assert any(
+        problem.endswith(".parquet is missing") and "members/" in problem for problem in verify_output(str(copy))
+    )  # its markers list the tables
 
 
 def test_maps_for_is_nan_where_the_class_was_not_a_target(synthetic) -> None:
@@ -97,7 +119,9 @@ def test_maps_for_is_nan_where_the_class_was_not_a_target(synthetic) -> None:
     assert not np.isnan(maps[is_target]).any()
     stored = run.read_rows("cdam", run.rows_of(keys))
     slot = np.argmax(targets == truth["pred"][:10, None], axis=1)
-    np.testing.assert_array_equal(maps[np.arange(10), truth["pred"][:10]], stored[np.arange(10), slot].astype(np.float32))
+    np.testing.assert_array_equal(
+        maps[np.arange(10), truth["pred"][:10]], stored[np.arange(10), slot].astype(np.float32)
+    )
     with pytest.raises(RunError, match="key 'nope' is not an explained image"):
         run.maps_for(["nope"], [0])
     with pytest.raises(RunError, match="class 'zebra'"):
@@ -129,7 +153,10 @@ def test_cdam_query_prints_and_writes_tables(synthetic, tmp_path: Path, capsys) 
     assert main(["query", dest, "SELECT count(*) AS n, count(DISTINCT key) AS k FROM metadata"]) == 0
     assert "40" in capsys.readouterr().out
     out_csv = tmp_path / "targets.csv"
-    assert main(["query", dest, "SELECT key, slot, class, pos_sum FROM targets ORDER BY key, slot", "--csv", str(out_csv)]) == 0
+    assert (
+        main(["query", dest, "SELECT key, slot, class, pos_sum FROM targets ORDER BY key, slot", "--csv", str(out_csv)])
+        == 0
+    )
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == N_IMAGES * 3 and rows[0]["key"] == truth["keys"][0] and rows[0]["slot"] == "0"
     assert int(rows[0]["class"]) == truth["pred"][0]
@@ -148,7 +175,9 @@ def test_cdam_query_errors_are_one_line(synthetic, tmp_path: Path, capsys) -> No
 
 def test_open_run_on_s3(s3_bucket: str) -> None:
     dest = f"s3://{s3_bucket}/runs/one"
-    truth = write_synthetic_run(dest, 20, n_classes=5, n_targets=2, grid=(3, 3), n_heads=2, embed_dim=4, images_per_shard=16, with_images=True)
+    truth = write_synthetic_run(
+        dest, 20, n_classes=5, n_targets=2, grid=(3, 3), n_heads=2, embed_dim=4, images_per_shard=16, with_images=True
+    )
     run = open_run(dest)
     assert run.complete and run.metadata.count_rows() == 20
     key = truth["keys"][17]
@@ -168,9 +197,19 @@ def test_cdam_query_on_a_run_with_a_failed_shard_says_what_it_skipped(synthetic,
     dest = tmp_path / "run"
     shutil.copytree(synthetic[0], dest)
     (dest / "markers" / "000001.json").unlink()  # shard 1 failed: no marker, one shard-level error row
-    failure = [{"shard": "synthetic-000001", "shard_index": 1, "key": None, "reason": "shard failed after 3 attempts: actor died", "run_id": "x"}]
+    failure = [
+        {
+            "shard": "synthetic-000001",
+            "shard_index": 1,
+            "key": None,
+            "reason": "shard failed after 3 attempts: actor died",
+            "run_id": "x",
+        }
+    ]
     (dest / "errors").mkdir(exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(failure, schema=ERRORS_SCHEMA), dest / "errors" / "000001-synthetic-000001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(failure, schema=ERRORS_SCHEMA), dest / "errors" / "000001-synthetic-000001.parquet"
+    )
     out_csv = tmp_path / "errors.csv"
     assert main(["query", str(dest), "SELECT shard, key, reason FROM errors", "--csv", str(out_csv)]) == 0
     assert "note: shard synthetic-000001: no completion marker" in capsys.readouterr().err
@@ -188,7 +227,10 @@ def test_cdam_query_on_s3_retries_transient_faults(s3_server: str, s3_bucket: st
     out_csv = tmp_path / "n.csv"
     with S3Proxy(s3_server, fail_every=3, fault=["503", "drop"]) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        assert main(["query", dest, "SELECT count(*) AS n, sum(len(targets)) AS t FROM metadata", "--csv", str(out_csv)]) == 0
+        assert (
+            main(["query", dest, "SELECT count(*) AS n, sum(len(targets)) AS t FROM metadata", "--csv", str(out_csv)])
+            == 0
+        )
         maps = open_run(dest).maps_for([f"synthetic-000001/{3:06d}"], [0, 1, 2, 3, 4])
     assert proxy.failed >= 3
     assert out_csv.read_text().splitlines()[1] == "20,40"

@@ -69,13 +69,37 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         samples = []
         for i in range(size):
             pixels = rng.integers(0, 256, (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3), dtype=np.uint8)
-            samples.append((f"s{s}/img{i:03d}", {"jpg": image_bytes(Image.fromarray(pixels), "JPEG", quality=90), "cls": str(i % 6).encode()}))
+            samples.append(
+                (
+                    f"s{s}/img{i:03d}",
+                    {"jpg": image_bytes(Image.fromarray(pixels), "JPEG", quality=90), "cls": str(i % 6).encode()},
+                )
+            )
         make_shard(root / f"train-{s:04d}.tar", samples)
-    return {"root": str(root), "spec": str(root / "train-{0000..0002}.tar"), "checkpoint": write_checkpoint(root / "model.pt")}
+    return {
+        "root": str(root),
+        "spec": str(root / "train-{0000..0002}.tar"),
+        "checkpoint": write_checkpoint(root / "model.pt"),
+    }
 
 
 def explain_args(dataset: dict[str, str], output: str, *extra: str) -> list[str]:
-    return ["explain", "--shards", dataset["spec"], "--output", output, "--checkpoint", dataset["checkpoint"], "--actors", "2", "--batch-size", "4", "--targets", "topk:2", *extra]
+    return [
+        "explain",
+        "--shards",
+        dataset["spec"],
+        "--output",
+        output,
+        "--checkpoint",
+        dataset["checkpoint"],
+        "--actors",
+        "2",
+        "--batch-size",
+        "4",
+        "--targets",
+        "topk:2",
+        *extra,
+    ]
 
 
 def output_files(url: str) -> dict[str, bytes]:
@@ -105,14 +129,20 @@ def s3_writes(proxy: S3Proxy) -> list[str]:
 
 def shard_objects(shard_index: int) -> re.Pattern[str]:
     """Paths of the objects a shard writes: its marker, Parquet files and Zarr chunks (its row block)."""
-    chunks = "|".join(str(c) for c in range(shard_index * ROWS_PER_SHARD // 16, (shard_index + 1) * ROWS_PER_SHARD // 16))
-    return re.compile(rf"/(markers/{shard_index:06d}\.json|(metadata|errors)/{shard_index:06d}-[^/]*|cdam\.zarr/[^/]+/c/({chunks})/.*)$")
+    chunks = "|".join(
+        str(c) for c in range(shard_index * ROWS_PER_SHARD // 16, (shard_index + 1) * ROWS_PER_SHARD // 16)
+    )
+    return re.compile(
+        rf"/(markers/{shard_index:06d}\.json|(metadata|errors)/{shard_index:06d}-[^/]*|cdam\.zarr/[^/]+/c/({chunks})/.*)$"
+    )
 
 
 # --- faults --------------------------------------------------------------------------------------------
 
 
-def test_actor_dying_mid_shard_is_replaced_and_output_is_identical(ray_local, dataset, reference, tmp_path, monkeypatch, capsys):
+def test_actor_dying_mid_shard_is_replaced_and_output_is_identical(
+    ray_local, dataset, reference, tmp_path, monkeypatch, capsys
+):
     """Both first actors exit after 5 batches: in shard 0 that is after its first Zarr chunk was written."""
     monkeypatch.setenv(EXIT_AFTER_BATCHES_ENV, "5")
     output = str(tmp_path / "out")
@@ -148,12 +178,18 @@ def test_job_stops_when_no_actor_can_start(ray_local, dataset, tmp_path, monkeyp
     assert not list((output / "markers").glob("*.json"))
 
 
-def test_killed_driver_resumes_without_redoing_finished_shards(ray_local, dataset, reference, s3_bucket, s3_server, tmp_path, monkeypatch, capsys):
+def test_killed_driver_resumes_without_redoing_finished_shards(
+    ray_local, dataset, reference, s3_bucket, s3_server, tmp_path, monkeypatch, capsys
+):
     """SIGKILL the driver while shard 1's marker write hangs: shard 0 is done, 1 written but unmarked, 2 untouched."""
     output = f"s3://{s3_bucket}/killed"
     marker_1 = f"/{s3_bucket}/killed/{marker_path(1)}"
     with S3Proxy(s3_server, hold_when=lambda method, path: method == "PUT" and path.startswith(marker_1)) as stuck:
-        driver = start_driver(explain_args(dataset, output, "--actors", "1", "--address", ray_local), tmp_path / "driver", AWS_ENDPOINT_URL=stuck.url)
+        driver = start_driver(
+            explain_args(dataset, output, "--actors", "1", "--address", ray_local),
+            tmp_path / "driver",
+            AWS_ENDPOINT_URL=stuck.url,
+        )
         wait_for(lambda: stuck.held, "held write of shard 1's marker", driver)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -170,7 +206,9 @@ def test_killed_driver_resumes_without_redoing_finished_shards(ray_local, datase
     assert "3/3 shards complete (1 already done before this run)" in capsys.readouterr().out
     writes = s3_writes(watched)
     assert not [path for path in writes if shard_objects(0).search(path)], "a finished shard was written again"
-    assert [path for path in writes if shard_objects(1).search(path)] and [path for path in writes if shard_objects(2).search(path)]
+    assert [path for path in writes if shard_objects(1).search(path)] and [
+        path for path in writes if shard_objects(2).search(path)
+    ]
     files = output_files(output)
     assert {path: files[path] for path in finished} == finished
     assert verify_output(output) == []
@@ -182,13 +220,17 @@ def test_stopped_driver_releases_the_lock_and_a_rerun_completes(ray_local, datas
     """SIGTERM (ray job stop, a scheduler) or Ctrl-C while an actor is inside a shard: a clean stop, then resume."""
     output, hold = tmp_path / "out", tmp_path / "hold"
     hold.touch()
-    driver = start_driver(explain_args(dataset, str(output), "--address", ray_local), tmp_path / "driver", **{HOLD_ENV: str(hold)})
+    driver = start_driver(
+        explain_args(dataset, str(output), "--address", ray_local), tmp_path / "driver", **{HOLD_ENV: str(hold)}
+    )
     wait_for(lambda: list(tmp_path.glob("hold.*")), "an actor waiting inside a shard", driver)
     assert (output / LOCK_PATH).exists()
     os.kill(driver.pid, signum)
     status, _, stderr = finish(driver, tmp_path / "driver", timeout=60)
     assert status == 128 + signum, stderr
-    assert f"cdam explain: stopped by {name}; shards finished so far are kept: rerun the same command to resume" in stderr
+    assert (
+        f"cdam explain: stopped by {name}; shards finished so far are kept: rerun the same command to resume" in stderr
+    )
     assert "Traceback" not in stderr
     assert not (output / LOCK_PATH).exists()
     hold.unlink()
@@ -203,7 +245,11 @@ def test_transient_s3_faults_are_retried(ray_local, dataset, reference, s3_bucke
     output = f"s3://{s3_bucket}/flaky"
 
     def first_try(method: str, path: str) -> bool:
-        return method == "PUT" and re.search(r"/(markers/|cdam\.zarr/cdam/c/)", path) is not None and path not in {p for _, p, _ in flaky.faulted}
+        return (
+            method == "PUT"
+            and re.search(r"/(markers/|cdam\.zarr/cdam/c/)", path) is not None
+            and path not in {p for _, p, _ in flaky.faulted}
+        )
 
     with S3Proxy(s3_server, fail_every=4, fault=("503", "drop"), fail_when=first_try) as flaky:
         monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
@@ -218,7 +264,9 @@ def test_transient_s3_faults_are_retried(ray_local, dataset, reference, s3_bucke
     assert output_files(output) == reference["files"]
 
 
-def test_persistent_s3_failure_stops_the_job_and_leaves_only_whole_shards(ray_local, dataset, s3_bucket, s3_server, tmp_path):
+def test_persistent_s3_failure_stops_the_job_and_leaves_only_whole_shards(
+    ray_local, dataset, s3_bucket, s3_server, tmp_path
+):
     """Once the first marker is written, S3 refuses every request (403): the job ends with one error line."""
     output = f"s3://{s3_bucket}/broken"
 
@@ -226,7 +274,9 @@ def test_persistent_s3_failure_stops_the_job_and_leaves_only_whole_shards(ray_lo
         return any(m == "PUT" and "/markers/" in p for m, p in proxy.forwarded)
 
     with S3Proxy(s3_server, fail_when=broken, fault="403") as proxy:
-        driver = start_driver(explain_args(dataset, output, "--address", ray_local), tmp_path / "driver", AWS_ENDPOINT_URL=proxy.url)
+        driver = start_driver(
+            explain_args(dataset, output, "--address", ray_local), tmp_path / "driver", AWS_ENDPOINT_URL=proxy.url
+        )
         status, stdout, stderr = finish(driver, tmp_path / "driver")
     assert status != 0
     errors = error_lines(stderr)
@@ -236,12 +286,15 @@ def test_persistent_s3_failure_stops_the_job_and_leaves_only_whole_shards(ray_lo
     storage = Storage.from_url(output)
     marked = [i for i in range(len(SHARD_SIZES)) if storage.exists(marker_path(i))]
     assert 1 <= len(marked) < len(SHARD_SIZES)
-    expected = ["manifest status is 'running', not 'complete' (rerun the job to finish it)"] + [f"shard {i}: no completion marker" for i in range(len(SHARD_SIZES)) if i not in marked]
+    expected = ["manifest status is 'running', not 'complete' (rerun the job to finish it)"] + [
+        f"shard {i}: no completion marker" for i in range(len(SHARD_SIZES)) if i not in marked
+    ]
     assert verify_output(output) == expected  # every marked shard verifies: no marker for a partly written shard
 
 
 def test_lost_answer_to_the_lock_write_does_not_refuse_the_job_itself(s3_bucket, s3_server, monkeypatch):
     """The lock's conditional put went through but its answer was lost: the retry sees our own lock."""
+
     def first_lock_write(method: str, path: str) -> bool:
         return method == "PUT" and path.endswith("/" + LOCK_PATH) and proxy.answers_lost == 0
 
@@ -250,7 +303,9 @@ def test_lost_answer_to_the_lock_write_does_not_refuse_the_job_itself(s3_bucket,
         storage = Storage.from_url(f"s3://{s3_bucket}/lock-retry")
         lock = OutputLock(storage, "run")
         lock.acquire()
-        assert proxy.answers_lost == 1 and [m for m, p in proxy.forwarded].count("PUT") == 2  # the retry found the lock there
+        assert (
+            proxy.answers_lost == 1 and [m for m, p in proxy.forwarded].count("PUT") == 2
+        )  # the retry found the lock there
         lock.release()
         assert not storage.exists(LOCK_PATH)
 
@@ -268,7 +323,11 @@ def refused_second_job(argv: list[str]) -> tuple[int, list[str]]:
 def test_second_job_on_a_local_output_is_refused(ray_local, dataset, reference, tmp_path):
     output = tmp_path / "out"
     first = start_driver(explain_args(dataset, str(output), "--address", ray_local), tmp_path / "first")
-    wait_for(lambda: (output / "manifest.json").exists() and (output / LOCK_PATH).exists(), "lock and manifest of the first job", first)
+    wait_for(
+        lambda: (output / "manifest.json").exists() and (output / LOCK_PATH).exists(),
+        "lock and manifest of the first job",
+        first,
+    )
     status, lines = refused_second_job(explain_args(dataset, str(output)))
     assert first.poll() is None, "the first job ended before the second started: the refusal proves nothing"
     assert status == 2 and len(lines) == 1, lines
@@ -282,14 +341,22 @@ def test_second_job_on_a_local_output_is_refused(ray_local, dataset, reference, 
 
 
 @pytest.fixture(scope="module")
-def s3_job(ray_local: str, dataset: dict[str, str], s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def s3_job(
+    ray_local: str, dataset: dict[str, str], s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, object]:
     """An S3 job in a driver subprocess (output captured) and, while it runs, a second job on its output.
 
     The first job's first marker write is held until the second job has been refused, so the first is
     certainly running then; the held request is dropped and retried.
     """
     bucket = f"cdam-test-{uuid.uuid4().hex[:16]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id=TEST_ACCESS_KEY, aws_secret_access_key=TEST_SECRET).create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id=TEST_ACCESS_KEY,
+        aws_secret_access_key=TEST_SECRET,
+    ).create_bucket(Bucket=bucket)
     output = f"s3://{bucket}/run"
     logs = tmp_path_factory.mktemp("s3-job")
     with S3Proxy(s3_server, hold_when=lambda method, path: method == "PUT" and "/markers/" in path) as proxy:
@@ -298,7 +365,15 @@ def s3_job(ray_local: str, dataset: dict[str, str], s3_server: str, tmp_path_fac
         second = refused_second_job(explain_args(dataset, output))
         proxy.release_held()
         status, stdout, stderr = finish(first, logs)
-    return {"url": output, "bucket": bucket, "status": status, "stdout": stdout, "stderr": stderr, "second": second, "held": proxy.held}
+    return {
+        "url": output,
+        "bucket": bucket,
+        "status": status,
+        "stdout": stdout,
+        "stderr": stderr,
+        "second": second,
+        "held": proxy.held,
+    }
 
 
 def test_second_job_on_an_s3_output_is_refused(s3_job, reference):
@@ -326,7 +401,20 @@ def test_lock_lease_and_stale_holders(where, tmp_path, request):
     assert LOCK_LEASE_SECONDS == 120.0
 
     def holder(**fields: object) -> None:
-        storage.put(LOCK_PATH, json.dumps({"run_id": "other", "token": "theirs", "host": "elsewhere", "pid": 1, "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS, **fields}).encode())
+        storage.put(
+            LOCK_PATH,
+            json.dumps(
+                {
+                    "run_id": "other",
+                    "token": "theirs",
+                    "host": "elsewhere",
+                    "pid": 1,
+                    "renewed_at": time.time(),
+                    "lease_seconds": LOCK_LEASE_SECONDS,
+                    **fields,
+                }
+            ).encode(),
+        )
 
     holder()  # a live job on another host
     with pytest.raises(OutputInUseError, match="in use by another cdam job \\(run other, pid 1 on elsewhere\\)"):
@@ -358,9 +446,18 @@ def test_renewal_notices_a_takeover_and_restores_a_deleted_lock(where, tmp_path,
     storage.delete(LOCK_PATH)  # removed by hand while the job runs: renewing makes it ours again
     lock.renew()
     assert json.loads(storage.get(LOCK_PATH))["token"] == lock.payload["token"]
-    taken = {"run_id": "other", "token": "theirs", "host": "elsewhere", "pid": 7, "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+    taken = {
+        "run_id": "other",
+        "token": "theirs",
+        "host": "elsewhere",
+        "pid": 7,
+        "renewed_at": time.time(),
+        "lease_seconds": LOCK_LEASE_SECONDS,
+    }
     storage.put(LOCK_PATH, json.dumps(taken).encode())  # another job took over after our lease ran out
-    with pytest.raises(OutputLockLost, match=r"another cdam job took over the output lock of .* \(run other, pid 7 on elsewhere\)"):
+    with pytest.raises(
+        OutputLockLost, match=r"another cdam job took over the output lock of .* \(run other, pid 7 on elsewhere\)"
+    ):
         lock.renew()
     assert json.loads(storage.get(LOCK_PATH))["token"] == "theirs"  # not overwritten
     lock.release()
@@ -371,10 +468,19 @@ def test_job_that_lost_its_lock_stops(ray_local, dataset, tmp_path):
     """A driver paused past its lease finds, at its next renewal, that another job took the output: it stops."""
     output, hold = tmp_path / "out", tmp_path / "hold"
     hold.touch()
-    driver = start_driver(explain_args(dataset, str(output), "--address", ray_local), tmp_path / "driver", **{HOLD_ENV: str(hold)})
+    driver = start_driver(
+        explain_args(dataset, str(output), "--address", ray_local), tmp_path / "driver", **{HOLD_ENV: str(hold)}
+    )
     try:
         wait_for(lambda: list(tmp_path.glob("hold.*")), "an actor waiting inside a shard", driver)
-        taken = {"run_id": "other", "token": "theirs", "host": "elsewhere", "pid": 7, "renewed_at": time.time(), "lease_seconds": LOCK_LEASE_SECONDS}
+        taken = {
+            "run_id": "other",
+            "token": "theirs",
+            "host": "elsewhere",
+            "pid": 7,
+            "renewed_at": time.time(),
+            "lease_seconds": LOCK_LEASE_SECONDS,
+        }
         (output / LOCK_PATH).write_text(json.dumps(taken))
         status, _, stderr = finish(driver, tmp_path / "driver", timeout=90)  # the next renewal comes within 20 s
     finally:
@@ -437,7 +543,11 @@ def png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -457,7 +567,13 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         ("cmyk", {"jpg": jpeg_bytes(30, 20, "CMYK"), "cls": b"2"}),
         ("rgba", {"png": png_bytes(30, 20, "RGBA"), "cls": b"2"}),
         ("palette", {"png": png_bytes(30, 20, "P"), "cls": b"2"}),
-        ("sixteen-bit", {"png": image_bytes(Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)), "PNG"), "cls": b"2"}),
+        (
+            "sixteen-bit",
+            {
+                "png": image_bytes(Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)), "PNG"),
+                "cls": b"2",
+            },
+        ),
         ("one-pixel", {"png": png_bytes(1, 1), "cls": b"3"}),
         ("bomb", {"png": png_header(20_000, 20_000), "cls": b"3"}),
         ("no-cls", {"jpg": good}),
@@ -480,7 +596,23 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     full.write_bytes(full.read_bytes()[:cut])  # a tar cut inside t3's image
     make_tar(root / "bad-0003.tar", [])  # a valid tar without members
     (root / "bad-0004.tar").write_bytes(b"")  # not a tar at all
-    explained = {"ok", "gray", "cmyk", "rgba", "palette", "sixteen-bit", "one-pixel", "no-cls", "cls-99", "v1.2/dotted-folder", "pickles", "other", "t0", "t1", "t2"}
+    explained = {
+        "ok",
+        "gray",
+        "cmyk",
+        "rgba",
+        "palette",
+        "sixteen-bit",
+        "one-pixel",
+        "no-cls",
+        "cls-99",
+        "v1.2/dotted-folder",
+        "pickles",
+        "other",
+        "t0",
+        "t1",
+        "t2",
+    }
     errors = {
         ("bad-0000", "corrupt-jpeg", "corrupt image 'corrupt-jpeg.jpg': "),
         ("bad-0000", "not-an-image", "corrupt image 'not-an-image.png': cannot identify image file"),
@@ -496,8 +628,14 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         ("bad-0002", None, "truncated tar after 6 members: unexpected end of data"),
         ("bad-0004", None, "empty file, not a tar"),
     }
-    return {"root": root, "spec": str(root / "bad-{0000..0004}.tar"), "unpickled": unpickled, "explained": explained, "errors": errors,
-            "checkpoint": write_checkpoint(root / "model.pt")}
+    return {
+        "root": root,
+        "spec": str(root / "bad-{0000..0004}.tar"),
+        "unpickled": unpickled,
+        "explained": explained,
+        "errors": errors,
+        "checkpoint": write_checkpoint(root / "model.pt"),
+    }
 
 
 def read_tables(output: str, folder: str) -> list[dict]:
@@ -516,14 +654,30 @@ def matches(actual: set[tuple[str, str | None, str]], expected: set[tuple[str, s
 
 
 def bad_args(bad_dataset: dict, output: str, *extra: str) -> list[str]:
-    return ["explain", "--shards", bad_dataset["spec"], "--output", output, "--checkpoint", bad_dataset["checkpoint"], "--actors", "2", "--batch-size", "4", *extra]
+    return [
+        "explain",
+        "--shards",
+        bad_dataset["spec"],
+        "--output",
+        output,
+        "--checkpoint",
+        bad_dataset["checkpoint"],
+        "--actors",
+        "2",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def test_bad_input_is_recorded_and_everything_else_explained(ray_local, bad_dataset, tmp_path, capsys):
     output = str(tmp_path / "out")
     assert main(bad_args(bad_dataset, output, "--targets", "topk:1")) == 0
     n_errors = len(bad_dataset["errors"])
-    assert f"done: {len(bad_dataset['explained'])} images explained, {n_errors} samples in errors/, 5/5 shards complete" in capsys.readouterr().out
+    assert (
+        f"done: {len(bad_dataset['explained'])} images explained, {n_errors} samples in errors/, 5/5 shards complete"
+        in capsys.readouterr().out
+    )
 
     errors = error_rows(output)
     assert matches(errors, bad_dataset["errors"]), sorted(errors, key=str)
@@ -532,22 +686,59 @@ def test_bad_input_is_recorded_and_everything_else_explained(ray_local, bad_data
     assert set(rows) == bad_dataset["explained"]
     assert rows["ok"]["shard"] == "bad-0000" and rows["no-cls"]["label"] is None and rows["cls-99"]["label"] == 99
     assert (rows["one-pixel"]["width"], rows["one-pixel"]["height"]) == (1, 1)
-    assert all((rows[key]["width"], rows[key]["height"]) == (30, 20) for key in ("gray", "cmyk", "rgba", "palette", "sixteen-bit"))
+    assert all(
+        (rows[key]["width"], rows[key]["height"]) == (30, 20)
+        for key in ("gray", "cmyk", "rgba", "palette", "sixteen-bit")
+    )
     assert verify_output(output) == []
     assert not bad_dataset["unpickled"].exists(), "a pickle member was unpickled"
     assert not (bad_dataset["root"].parent / "outside").exists()
 
 
-def test_label_targets_refuse_missing_and_out_of_range_labels_and_strict_fails(ray_local, bad_dataset, tmp_path, capsys):
+def test_label_targets_refuse_missing_and_out_of_range_labels_and_strict_fails(
+    ray_local, bad_dataset, tmp_path, capsys
+):
     output = str(tmp_path / "out")
-    assert main(bad_args(bad_dataset, output, "--targets", "label", "--strict", "--shards", str(bad_dataset["root"] / "bad-0000.tar"))) == 1
+    assert (
+        main(
+            bad_args(
+                bad_dataset,
+                output,
+                "--targets",
+                "label",
+                "--strict",
+                "--shards",
+                str(bad_dataset["root"] / "bad-0000.tar"),
+            )
+        )
+        == 1
+    )
     captured = capsys.readouterr()
-    mixed_errors = {e for e in bad_dataset["errors"] if e[0] == "bad-0000" and e[1] != "dotted"}  # 'dotted.name.cls' is no label either
-    expected = mixed_errors | {("bad-0000", "no-cls", "missing cls label"), ("bad-0000", "dotted", "missing cls label"), ("bad-0000", "cls-99", "cls label 99 is out of range for a model with 6 classes")}
+    mixed_errors = {
+        e for e in bad_dataset["errors"] if e[0] == "bad-0000" and e[1] != "dotted"
+    }  # 'dotted.name.cls' is no label either
+    expected = mixed_errors | {
+        ("bad-0000", "no-cls", "missing cls label"),
+        ("bad-0000", "dotted", "missing cls label"),
+        ("bad-0000", "cls-99", "cls label 99 is out of range for a model with 6 classes"),
+    }
     assert matches(error_rows(output), expected), sorted(error_rows(output), key=str)
-    assert captured.err.splitlines()[-1] == f"error: {len(expected)} sample(s) could not be explained (--strict); see {output}/errors/"
+    assert (
+        captured.err.splitlines()[-1]
+        == f"error: {len(expected)} sample(s) could not be explained (--strict); see {output}/errors/"
+    )
     assert "1/1 shards complete" in captured.out
-    assert {row["key"] for row in read_tables(output, "metadata")} == {"ok", "gray", "cmyk", "rgba", "palette", "sixteen-bit", "one-pixel", "v1.2/dotted-folder", "pickles"}
+    assert {row["key"] for row in read_tables(output, "metadata")} == {
+        "ok",
+        "gray",
+        "cmyk",
+        "rgba",
+        "palette",
+        "sixteen-bit",
+        "one-pixel",
+        "v1.2/dotted-folder",
+        "pickles",
+    }
     assert verify_output(output) == []
     assert not bad_dataset["unpickled"].exists()
 
@@ -565,27 +756,45 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "marker deleted": (lambda out: (out / "markers/000001.json").unlink(), ["shard 1: no completion marker"]),
     "Zarr chunk replaced by another": (
         lambda out: shutil.copy(out / "cdam.zarr/cdam/c/4/0/0/0", out / "cdam.zarr/cdam/c/0/0/0/0"),
-        ["shard train-0000: Zarr array 'cdam' rows 0..31 do not match their checksum"]),
+        ["shard train-0000: Zarr array 'cdam' rows 0..31 do not match their checksum"],
+    ),
     "Zarr chunk garbled": (
         lambda out: (out / "cdam.zarr/logits/c/2/0").write_bytes(b"garbage"),
-        ["shard train-0001: Zarr array 'logits' rows 32..47 cannot be read (RuntimeError)"]),
-    "metadata deleted": (lambda out: (out / "metadata/000002-train-0002.parquet").unlink(), ["shard train-0002: metadata/000002-train-0002.parquet is missing"]),
+        ["shard train-0001: Zarr array 'logits' rows 32..47 cannot be read (RuntimeError)"],
+    ),
+    "metadata deleted": (
+        lambda out: (out / "metadata/000002-train-0002.parquet").unlink(),
+        ["shard train-0002: metadata/000002-train-0002.parquet is missing"],
+    ),
     "metadata replaced": (
         lambda out: shutil.copy(out / "metadata/000001-train-0001.parquet", out / "metadata/000000-train-0000.parquet"),
-        ["shard train-0000: metadata/000000-train-0000.parquet does not match its checksum", "shard train-0000: metadata has 7 rows, marker says 18 images",
-         "shard train-0000: metadata rows [32, 33, 34, 35, 36] lie outside the shard's block",
-         "shard train-0000: members/000000-train-0000.parquet lacks 7 explained key(s), e.g. 's1/img000'",
-         "shard train-0001: key 's1/img000' also in shard train-0000 (and 6 more keys)"]),
-    "members deleted": (lambda out: (out / "members/000001-train-0001.parquet").unlink(), ["shard train-0001: members/000001-train-0001.parquet is missing"]),
+        [
+            "shard train-0000: metadata/000000-train-0000.parquet does not match its checksum",
+            "shard train-0000: metadata has 7 rows, marker says 18 images",
+            "shard train-0000: metadata rows [32, 33, 34, 35, 36] lie outside the shard's block",
+            "shard train-0000: members/000000-train-0000.parquet lacks 7 explained key(s), e.g. 's1/img000'",
+            "shard train-0001: key 's1/img000' also in shard train-0000 (and 6 more keys)",
+        ],
+    ),
+    "members deleted": (
+        lambda out: (out / "members/000001-train-0001.parquet").unlink(),
+        ["shard train-0001: members/000001-train-0001.parquet is missing"],
+    ),
     "manifest image count": (
         lambda out: _edit_json(out / "manifest.json", lambda m: m["shards"][2].update(n_images=12)),
-        ["shard train-0002: manifest records 12 images, the marker 13"]),
+        ["shard train-0002: manifest records 12 images, the marker 13"],
+    ),
     "manifest totals": (
         lambda out: _edit_json(out / "manifest.json", lambda m: m["totals"].update(images=37)),
-        ["manifest totals say 37 images, the shards' markers 38"]),
+        ["manifest totals say 37 images, the shards' markers 38"],
+    ),
     "manifest planned samples": (
         lambda out: _edit_json(out / "manifest.json", lambda m: m["settings"]["shards"][1].update(n_samples=8)),
-        ["manifest fingerprint does not match its settings (the manifest was edited)", "shard train-0001: marker counts 7 samples, manifest plans 8"]),
+        [
+            "manifest fingerprint does not match its settings (the manifest was edited)",
+            "shard train-0001: marker counts 7 samples, manifest plans 8",
+        ],
+    ),
 }
 
 

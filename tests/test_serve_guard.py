@@ -400,8 +400,14 @@ def test_serve_token_file_no_auth_and_refusals(hostile_run: tuple[str, list[str]
         check=False,
     )
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "jobs", "serve", dest, "--allow-host", "http://dash.example.org"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "serve", dest, "--allow-host", "http://dash.example.org"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2
     assert "argument --allow-host: 'http://dash.example.org': a host name or address" in done.stderr
     (tmp_path / "token").write_text(TOKEN + "\n")
@@ -452,12 +458,18 @@ def test_a_bounded_load_fails_no_request_and_keeps_the_caches_in_their_bound(tmp
     assert caches["images"]["peak_bytes"] > caches["images"]["max_bytes"] * 0.9  # filled: images were evicted
 
 
-@pytest.mark.parametrize(("host", "allow", "shown"), [
-    ("127.0.0.1", [], "127.0.0.1:8050"), ("::1", [], "[::1]:8050"), ("0.0.0.0", [], "127.0.0.1:8050"),
-    ("0.0.0.0", ["GPU.example.org", "other"], "gpu.example.org:8050"),
-    ("0.0.0.0", ["localhost:9000"], "localhost:9000"),
-    ("::", ["fd00::1"], "[fd00::1]:8050"), ("10.0.0.5", ["dash.example.org"], "10.0.0.5:8050"),
-])
+@pytest.mark.parametrize(
+    ("host", "allow", "shown"),
+    [
+        ("127.0.0.1", [], "127.0.0.1:8050"),
+        ("::1", [], "[::1]:8050"),
+        ("0.0.0.0", [], "127.0.0.1:8050"),
+        ("0.0.0.0", ["GPU.example.org", "other"], "gpu.example.org:8050"),
+        ("0.0.0.0", ["localhost:9000"], "localhost:9000"),
+        ("::", ["fd00::1"], "[fd00::1]:8050"),
+        ("10.0.0.5", ["dash.example.org"], "10.0.0.5:8050"),
+    ],
+)
 def test_serve_prints_an_address_it_answers(host: str, allow: list[str], shown: str) -> None:
     import argparse
 

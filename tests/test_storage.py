@@ -17,8 +17,10 @@ from cdam_worker.storage import RETRY_CONFIG, Storage, StorageError, redact, spl
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET
 from tests.helpers import S3Proxy
 
-FAST_RETRIES = {"max_retries": 2, "backoff": {"init_backoff": timedelta(milliseconds=1),
-                                               "max_backoff": timedelta(milliseconds=5), "base": 2}}
+FAST_RETRIES = {
+    "max_retries": 2,
+    "backoff": {"init_backoff": timedelta(milliseconds=1), "max_backoff": timedelta(milliseconds=5), "base": 2},
+}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -205,11 +207,13 @@ def no_env_keys(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     storage_module._boto3_credentials.cache_clear()
 
 
-def test_credentials_from_an_aws_profile(no_env_keys: None, s3_bucket: str, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_from_an_aws_profile(
+    no_env_keys: None, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     credentials = tmp_path / "credentials"
     credentials.write_text(
-        f"[cdam-test]\naws_access_key_id = {TEST_ACCESS_KEY}\naws_secret_access_key = {TEST_SECRET}\n")
+        f"[cdam-test]\naws_access_key_id = {TEST_ACCESS_KEY}\naws_secret_access_key = {TEST_SECRET}\n"
+    )
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
     monkeypatch.setenv("AWS_PROFILE", "cdam-test")
     storage = Storage.from_url(f"s3://{s3_bucket}/profile")
@@ -217,8 +221,9 @@ def test_credentials_from_an_aws_profile(no_env_keys: None, s3_bucket: str, tmp_
     assert storage.get("x") == b"1"
 
 
-def test_without_credentials_requests_are_unsigned(no_env_keys: None, s3_bucket: str, s3_server: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_credentials_requests_are_unsigned(
+    no_env_keys: None, s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = Storage.from_url(f"s3://{s3_bucket}/public")
     storage.put("x", b"1")  # moto accepts anonymous requests
     with S3Proxy(s3_server, failures=1, fault="403") as proxy:
@@ -228,7 +233,8 @@ def test_without_credentials_requests_are_unsigned(no_env_keys: None, s3_bucket:
     assert proxy.signed == [False]
     assert str(error.value) == (
         f"access denied writing to s3://{s3_bucket}/public in S3 bucket {s3_bucket!r} (AccessDenied): check the "
-        "AWS credentials and the bucket policy; no AWS credentials were found, so requests were unsigned")
+        "AWS credentials and the bucket policy; no AWS credentials were found, so requests were unsigned"
+    )
 
 
 def test_redact_removes_credentials_from_the_environment() -> None:
@@ -244,8 +250,9 @@ def test_retry_config_retries_transient_failures() -> None:
 
 
 @pytest.mark.parametrize("fault", ["503", "drop"])
-def test_transient_failures_are_retried(s3_bucket: str, s3_server: str, fault: str,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transient_failures_are_retried(
+    s3_bucket: str, s3_server: str, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with S3Proxy(s3_server, failures=2, fault=fault) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         storage = Storage.from_url(f"s3://{s3_bucket}/retry")

@@ -23,7 +23,9 @@ def layers() -> dict[str, nn.Module]:
         "rms_norm": RmsNorm(DIM),
         "layer_scale": LayerScale(DIM, init_values=0.3),
         "mlp_gelu": Mlp(DIM, 2 * DIM, act_layer=nn.GELU),
-        "mlp_gelu_tanh_with_norm": Mlp(DIM, 2 * DIM, act_layer=lambda: nn.GELU(approximate="tanh"), norm_layer=nn.LayerNorm),
+        "mlp_gelu_tanh_with_norm": Mlp(
+            DIM, 2 * DIM, act_layer=lambda: nn.GELU(approximate="tanh"), norm_layer=nn.LayerNorm
+        ),
         "mlp_quick_gelu": Mlp(DIM, 2 * DIM, act_layer=QuickGELU),
         "swiglu (generic fallback)": SwiGLU(DIM, 2 * DIM),
         "glu_mlp (generic fallback)": GluMlp(DIM, 2 * DIM),
@@ -54,4 +56,3 @@ def test_push_without_tangents_is_the_forward():
     x = torch.randn(2, DIM)
     out, tangents = push(module, x, None)
     assert tangents is None and torch.equal(out, module(x))
-

@@ -64,7 +64,11 @@ def test_class_files_and_zero_shot_targets(tmp_path):
     classes.write_text("# zero-shot classes\ncat\ndog: a photo of a dog | a blurry photo of a dog\n\nwatermark\n")
     assert read_class_prompts(classes) == {
         "classes": ["cat", "dog", "watermark"],
-        "prompts": [["a photo of a cat."], ["a photo of a dog", "a blurry photo of a dog"], ["a photo of a watermark."]],
+        "prompts": [
+            ["a photo of a cat."],
+            ["a photo of a dog", "a blurry photo of a dog"],
+            ["a photo of a watermark."],
+        ],
     }
     assert parse_zero_shot_targets(f"text:{classes}")[1] == "topk:3"  # top 5, capped by the 3 classes
     assert parse_zero_shot_targets(f"text:{classes}:2")[1] == "topk:2"
@@ -79,9 +83,20 @@ def test_class_files_and_zero_shot_targets(tmp_path):
 
 def test_text_needs_a_model_with_a_text_tower(tmp_path, shards, capsys):
     vision_only = tmp_path / "clip_vision"
-    tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                                         image_size=32, patch_size=8, projection_dim=8)).save_pretrained(vision_only)
-    tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_only)
+    tf.CLIPVisionModelWithProjection(
+        tf.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=8,
+        )
+    ).save_pretrained(vision_only)
+    tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        vision_only
+    )
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
     base = ["explain", "--shards", str(shards[0]), "--output", str(tmp_path / "out"), "--dry-run"]
@@ -89,7 +104,20 @@ def test_text_needs_a_model_with_a_text_tower(tmp_path, shards, capsys):
     assert "the model has no text tower (text needs a CLIP model with both towers" in capsys.readouterr().err
     assert main([*base, "--model", f"hf:{vision_only}", "--targets", "none", "--concepts", "cat=text:a cat"]) == 2
     assert "--concepts cat: the model has no text tower" in capsys.readouterr().err
-    assert main([*base, "--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "depth": 1}', "--targets", f"text:{classes}"]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--model",
+                "vit_tiny_patch16_224",
+                "--model-kwargs",
+                '{"img_size": 32, "depth": 1}',
+                "--targets",
+                f"text:{classes}",
+            ]
+        )
+        == 2
+    )
     assert "zero-shot classes need a CLIP model with a text tower" in capsys.readouterr().err
 
 
@@ -97,9 +125,23 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
     classes = tmp_path / "classes.txt"
     classes.write_text("circle\nsquare: a photo of a square | a drawing of a square\ntriangle\n")
     output = tmp_path / "out"
-    args = ["explain", "--shards", *map(str, shards), "--output", str(output), "--model", f"open_clip:{clip_files['config']}",
-            "--checkpoint", str(clip_files["checkpoint"]), "--targets", f"text:{classes}:2",
-            "--concepts", 'mark=text:"a photo of a watermark":cosine', "--actors", "1"]
+    args = [
+        "explain",
+        "--shards",
+        *map(str, shards),
+        "--output",
+        str(output),
+        "--model",
+        f"open_clip:{clip_files['config']}",
+        "--checkpoint",
+        str(clip_files["checkpoint"]),
+        "--targets",
+        f"text:{classes}:2",
+        "--concepts",
+        'mark=text:"a photo of a watermark":cosine',
+        "--actors",
+        "1",
+    ]
     assert main([*args, "--dry-run"]) == 0
     assert "autograd through the last block: the head is a ZeroShotHead" in capsys.readouterr().out
     assert main(args) == 0
@@ -110,8 +152,13 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
     tokenizer = open_clip.get_tokenizer(clip_files["config"].stem)
     with torch.no_grad():
         text = lambda prompts: clip_model.encode_text(tokenizer(prompts))
-        class_vectors = torch.stack([clip_recipe(text(["a photo of a circle."])), clip_recipe(text(["a photo of a square", "a drawing of a square"])),
-                                     clip_recipe(text(["a photo of a triangle."]))])
+        class_vectors = torch.stack(
+            [
+                clip_recipe(text(["a photo of a circle."])),
+                clip_recipe(text(["a photo of a square", "a drawing of a square"])),
+                clip_recipe(text(["a photo of a triangle."])),
+            ]
+        )
         mark = clip_recipe(text(["a photo of a watermark"]))
     assert np.allclose(run.attrs["concepts"][0]["vector"], mark.numpy(), atol=1e-6)
     scale = clip_model.logit_scale.exp().item()
@@ -125,7 +172,9 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
         assert np.allclose(stored_logits, zero_shot_logits[0].numpy(), rtol=1e-5, atol=1e-5)
         assert row["targets"][:2] == zero_shot_logits[0].topk(2).indices.tolist() and row["targets"][2] == -1
         stored = run.read_rows("cdam", np.array([row["row"]]))[0]
-        scores = [lambda out, c=c: scale * F.cosine_similarity(out, class_vectors[c], dim=0) for c in row["targets"][:2]]
+        scores = [
+            lambda out, c=c: scale * F.cosine_similarity(out, class_vectors[c], dim=0) for c in row["targets"][:2]
+        ]
         scores.append(lambda out: F.cosine_similarity(out, mark, dim=0))
         for slot, score in enumerate(scores):
             reference = open_clip_literal_cdam(clip_model, image, score).reshape(stored.shape[-2:]).numpy()
@@ -152,9 +201,24 @@ def test_text_concepts_on_a_transformers_clip_model_and_derive(ray_local, shards
     folder.mkdir()
     tokenizer = write_clip_tokenizer(folder)
     config = tf.CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
-                     "vocab_size": 49408, "eos_token_id": 49407, "bos_token_id": 49406},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "vocab_size": 49408,
+            "eos_token_id": 49407,
+            "bos_token_id": 49406,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=24,
     )
     torch.manual_seed(4)
@@ -168,20 +232,38 @@ def test_text_concepts_on_a_transformers_clip_model_and_derive(ray_local, shards
     prompts.write_text("a photo of stripes\nstriped fabric\n")
 
     output = tmp_path / "out"
-    args = ["explain", "--shards", *map(str, shards), "--output", str(output), "--model", f"hf:{folder}", "--targets", "none",
-            "--concepts", f"stripes=prompts:{prompts}", "--store-basis", "--actors", "1"]
+    args = [
+        "explain",
+        "--shards",
+        *map(str, shards),
+        "--output",
+        str(output),
+        "--model",
+        f"hf:{folder}",
+        "--targets",
+        "none",
+        "--concepts",
+        f"stripes=prompts:{prompts}",
+        "--store-basis",
+        "--actors",
+        "1",
+    ]
     assert main(args) == 0
     run = open_run(str(output))
 
     def text(lines: list[str]) -> torch.Tensor:
         tokens = tokenizer(lines, padding=True, return_tensors="pt")
         with torch.no_grad():
-            features = hf_model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            features = hf_model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
         return getattr(features, "pooler_output", features)
 
     stripes = clip_recipe(text(["a photo of stripes", "striped fabric"]))
     assert np.allclose(run.attrs["concepts"][0]["vector"], stripes.numpy(), atol=1e-6)
-    derived = run.derive("none", concepts=['dog=text:"a photo of a dog"'])  # the run's model reloaded for its text tower
+    derived = run.derive(
+        "none", concepts=['dog=text:"a photo of a dog"']
+    )  # the run's model reloaded for its text tower
     dog = clip_recipe(text(["a photo of a dog"]))
     loaded = load_model(f"hf:{folder}")
     samples = samples_of(shards)

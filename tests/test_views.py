@@ -26,9 +26,22 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
-from views_fixtures import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, HOSTILE_CLASS_NAMES, HOSTILE_ELEMENTS_JS, HOSTILE_JSON,
-                            NON_BLANK_IMAGES_JS, REBINDING_HOST, PageWatch, damage_run, png_stats, serving, write_audit,
-                            write_hostile_run)
+from views_fixtures import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    HOSTILE_CLASS_NAMES,
+    HOSTILE_ELEMENTS_JS,
+    HOSTILE_JSON,
+    NON_BLANK_IMAGES_JS,
+    REBINDING_HOST,
+    PageWatch,
+    damage_run,
+    png_stats,
+    serving,
+    write_audit,
+    write_hostile_run,
+)
 
 from cdam_worker.reading import open_run
 from cdam_worker.views.catalog import Catalog
@@ -87,7 +100,10 @@ def wait_total(page, expected: int) -> None:  # noqa: ANN001
 
 
 def wait_images(page, selector: str) -> list[float]:  # noqa: ANN001
-    wait_until(page, f"(() => {{ const all = [...document.querySelectorAll({selector!r})]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); }})()")
+    wait_until(
+        page,
+        f"(() => {{ const all = [...document.querySelectorAll({selector!r})]; return all.length > 0 && all.every((i) => i.complete && i.naturalWidth > 0); }})()",
+    )
     return page.evaluate(NON_BLANK_IMAGES_JS, selector)
 
 
@@ -100,27 +116,38 @@ def test_colour_map_is_symmetric_and_centred_on_zero() -> None:
     assert scale == 2.0 and LUT_SIZE % 2 == 1
     assert colours[0, 0, 2] > colours[0, 0, 0] and colours[1, 1, 0] > colours[1, 1, 2]  # -scale cool, +scale warm
     assert np.all(colours[0, 2] > 240) and tuple(colours[1, 2]) == MISSING_GREY  # 0 white, NaN grey
-    assert np.abs((colours[0, 1] + colours[1, 0]) - (colours[0, 0] + colours[1, 1])).max() > 0  # halfway is lighter than the ends
+    assert (
+        np.abs((colours[0, 1] + colours[1, 0]) - (colours[0, 0] + colours[1, 1])).max() > 0
+    )  # halfway is lighter than the ends
     image = np.full((2, 3, 3), 90, dtype=np.uint8)
     blended = overlay(image, values, scale)
-    assert np.array_equal(blended[0, 2], image[0, 2]) and np.array_equal(blended[1, 2], image[1, 2])  # 0 and NaN leave the image
+    assert np.array_equal(blended[0, 2], image[0, 2]) and np.array_equal(
+        blended[1, 2], image[1, 2]
+    )  # 0 and NaN leave the image
     change = np.linalg.norm(blended.astype(float) - image, axis=2)
-    assert change[1, 1] > change[1, 0] > 10 and change[0, 0] > change[0, 1] > 10  # the colour shows more as |value| grows
+    assert (
+        change[1, 1] > change[1, 0] > 10 and change[0, 0] > change[0, 1] > 10
+    )  # the colour shows more as |value| grows
 
 
-@pytest.mark.parametrize("config", [
-    {"crop_pct": 0.875, "crop_mode": "center"},
-    {"crop_pct": 0.95, "crop_mode": "squash"},
-    {"crop_pct": 1.0, "crop_mode": "border"},
-    {"crop_pct": 0.9, "crop_mode": "center", "input_size": [3, 224, 160]},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"crop_pct": 0.875, "crop_mode": "center"},
+        {"crop_pct": 0.95, "crop_mode": "squash"},
+        {"crop_pct": 1.0, "crop_mode": "border"},
+        {"crop_pct": 0.9, "crop_mode": "center", "input_size": [3, 224, 160]},
+    ],
+)
 def test_model_view_at_display_size_is_the_eval_transform_resampled_once(config: dict) -> None:
     """The model's view at a tile's size is the same picture as the run's eval transform (resize, crop)
     followed by a resize to that size, from one resample of the crop's box, or from the steps themselves
     where they pad (a border crop of an image of another aspect ratio)."""
     from cdam_worker.views.render import ModelView
 
-    view = ModelView({"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, **config})
+    view = ModelView(
+        {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, **config}
+    )
     for width, height in [(500, 375), (300, 600), (56, 56), (223, 224)]:
         y, x = np.mgrid[0:height, 0:width]
         smooth = np.stack([255 * x / width, 255 * y / height, 127 + 100 * np.sin(x / 40) * np.cos(y / 30)], axis=-1)
@@ -131,14 +158,21 @@ def test_model_view_at_display_size_is_the_eval_transform_resampled_once(config:
         size = (96, round(96 * view.input_size[1] / view.input_size[0]))
         shown = view(image, size)
         assert shown.size == size and view(image).size == view.input_size == expected.size
-        difference = np.abs(np.asarray(shown, dtype=np.float64) - np.asarray(expected.resize(size, Image.Resampling.BICUBIC), dtype=np.float64))
+        difference = np.abs(
+            np.asarray(shown, dtype=np.float64)
+            - np.asarray(expected.resize(size, Image.Resampling.BICUBIC), dtype=np.float64)
+        )
         assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2, (width, height, difference.mean())
         pads = config["crop_mode"] == "border" and width != height
         assert (view.box(image.size) is None) == pads
     for width in range(1, 600):  # every box lies inside its image (Pillow refuses one a rounding error past an edge)
         for height in (width, 1, 37, 375, 1000):
             box = view.box((width, height))
-            assert box is None or (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height), (width, height, box)
+            assert box is None or (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height), (
+                width,
+                height,
+                box,
+            )
 
 
 def test_cdam_serve_command_binds_loopback_and_stops_on_ctrl_c(audited_run: tuple[str, dict]) -> None:
@@ -147,8 +181,12 @@ def test_cdam_serve_command_binds_loopback_and_stops_on_ctrl_c(audited_run: tupl
     import sys
 
     dest, _ = audited_run
-    server = subprocess.Popen([sys.executable, "-m", "jobs", "serve", dest, "--port", "0"], stderr=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "serve", dest, "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         lines = []
         while not (lines and lines[-1].startswith("cdam serve: http://")):
@@ -197,7 +235,9 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
     catalog = Catalog(open_run(dest))
     in_class = np.flatnonzero((catalog.preds == 0) | (catalog.labels == 0))
     wrong = in_class[catalog.preds[in_class] != catalog.labels[in_class]]
-    assert len(in_class) > 48 and 0 < len(wrong) < len(in_class), "the demo run should give class 0 two pages and some mistakes"
+    assert len(in_class) > 48 and 0 < len(wrong) < len(in_class), (
+        "the demo run should give class 0 two pages and some mistakes"
+    )
     with serving(dest) as url:
         page = browser.new_page(viewport={"width": 1300, "height": 1000})
         watch = PageWatch(page)
@@ -208,7 +248,11 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         assert page.eval_on_selector_all(".strip a", "(all) => all.map((a) => a.getAttribute('href'))") == ["/class/0"]
         assert min(wait_images(page, ".strip img")) > 5
         strip_src = page.get_attribute(".strip img", "src")
-        assert f"key={quote(truth['members'][0][1][0])}" in strip_src and "map=c0" in strip_src and "view=overlay" in strip_src
+        assert (
+            f"key={quote(truth['members'][0][1][0])}" in strip_src
+            and "map=c0" in strip_src
+            and "view=overlay" in strip_src
+        )
         assert page.inner_text(".strip figcaption").startswith(f"{catalog.class_names[0]} · cluster 1")
         page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
 
@@ -222,12 +266,20 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         assert page.inner_text(".legend") == "red border = a wrong prediction (the image's label is another class)"
         # the contact sheet: collapsed, its summary in page-sized text naming the flagged cluster; the plot is not pushed down
         assert page.eval_on_selector("details.sheet", "(d) => d.open") is False
-        assert page.inner_text("details.sheet summary").startswith("Contact sheet: the spot of each image of the flagged cluster (1)")
-        assert float(page.eval_on_selector("details.sheet summary", "(n) => parseFloat(getComputedStyle(n).fontSize)")) >= 14
+        assert page.inner_text("details.sheet summary").startswith(
+            "Contact sheet: the spot of each image of the flagged cluster (1)"
+        )
+        assert (
+            float(page.eval_on_selector("details.sheet summary", "(n) => parseFloat(getComputedStyle(n).fontSize)"))
+            >= 14
+        )
         assert page.locator("#scatter").bounding_box()["y"] < 900
         page.click("details.sheet summary")
         wait_until(page, "document.querySelector('details.sheet').open && document.querySelector('img.sheet').complete")
-        assert page.eval_on_selector("img.sheet", "(i) => [i.naturalWidth, i.getBoundingClientRect().width]") == [64, 66]  # its own size (+ border)
+        assert page.eval_on_selector("img.sheet", "(i) => [i.naturalWidth, i.getBoundingClientRect().width]") == [
+            64,
+            66,
+        ]  # its own size (+ border)
         page.click("details.sheet summary")
         page.screenshot(path=str(ARTIFACTS / "dashboard-class.png"), full_page=True)
 
@@ -235,9 +287,13 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         wait_total(page, len(wrong))
         border = "(n) => getComputedStyle(n).borderTopColor + ' ' + getComputedStyle(n).borderTopWidth"
         wrong_border = page.eval_on_selector("#gallery figure.wrong", border)
-        assert wrong_border == page.eval_on_selector(".legend-wrong", border) and wrong_border.startswith("rgb(221, 51, 51)")
+        assert wrong_border == page.eval_on_selector(".legend-wrong", border) and wrong_border.startswith(
+            "rgb(221, 51, 51)"
+        )
         assert page.eval_on_selector(".clusters figure", border) != wrong_border
-        assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) == {catalog.keys[p] for p in wrong[:48]}
+        assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) == {
+            catalog.keys[p] for p in wrong[:48]
+        }
         page.select_option("#filter-correct", "")
         wait_total(page, len(in_class))
 
@@ -247,7 +303,9 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] - 1, steps=5)
         page.mouse.up()
         wait_total(page, len(truth["members"][0][0]))
-        assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) <= set(truth["members"][0][0])
+        assert set(page.eval_on_selector_all("#gallery figure", "(all) => all.map((f) => f.dataset.key)")) <= set(
+            truth["members"][0][0]
+        )
         page.screenshot(path=str(ARTIFACTS / "dashboard-selection.png"), full_page=True)
         page.mouse.click(canvas["x"] + 5, canvas["y"] + 5)  # a click clears the selection
         wait_total(page, len(in_class))
@@ -289,8 +347,12 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         # each map shows its colour scale: a colour bar between -s and +s, s its largest |value|
         row = catalog.run.rows_of([image_key])
         attention = catalog.run.read_rows("attention", row)[0].astype(np.float32).mean(axis=0)
-        scales = [float(np.abs(attention - attention.min()).max())] + [float(np.abs(m).max()) for m in catalog.run.read_rows("cdam", row)[0]]
-        shown = page.eval_on_selector_all(".gallery.large .map .scale", "(all) => all.map((s) => s.innerText.replace(/\\s+/g, ' ').trim())")
+        scales = [float(np.abs(attention - attention.min()).max())] + [
+            float(np.abs(m).max()) for m in catalog.run.read_rows("cdam", row)[0]
+        ]
+        shown = page.eval_on_selector_all(
+            ".gallery.large .map .scale", "(all) => all.map((s) => s.innerText.replace(/\\s+/g, ' ').trim())"
+        )
         assert shown == [f"−{s:.3g} +{s:.3g}" for s in scales]
         assert min(wait_images(page, ".scale img")) > 5 and page.get_attribute(".scale img", "src") == "/colorbar.png"
         page.screenshot(path=str(ARTIFACTS / "dashboard-image.png"), full_page=True)
@@ -304,9 +366,17 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         wait_until(page, "document.getElementById('status').textContent.includes('cluster: expected an integer')")
         page.close()
 
-        for path in ("/static/../../../etc/passwd", "/static/..%2F..%2F..%2Fetc%2Fpasswd", "/static/%2e%2e/app.py", "/../../etc/passwd",
-                     "/tile?key=..%2F..%2Fmanifest.json&view=input&map=att&size=160", "/image?key=..%2Fmanifest.json",
-                     "/contact-sheet?class=..%2F..%2Fetc", "/class/99", "/nothing-here"):
+        for path in (
+            "/static/../../../etc/passwd",
+            "/static/..%2F..%2F..%2Fetc%2Fpasswd",
+            "/static/%2e%2e/app.py",
+            "/../../etc/passwd",
+            "/tile?key=..%2F..%2Fmanifest.json&view=input&map=att&size=160",
+            "/image?key=..%2Fmanifest.json",
+            "/contact-sheet?class=..%2F..%2Fetc",
+            "/class/99",
+            "/nothing-here",
+        ):
             status, body = raw_get(url, path)
             assert status == 404, (path, status, body)
             assert b"root:" not in body and len(body.splitlines()) == 1
@@ -383,12 +453,26 @@ def test_report_in_a_browser(audited_run: tuple[str, dict], browser, tmp_path: P
     contrast = wait_images(page, "img:not(.sheet):not(.scale img)")  # (the test's contact sheet is one flat colour)
     n_cards = page.eval_on_selector_all("section.class .gallery figure", "(all) => all.length")
     n_clusters = page.eval_on_selector_all("section.class figure.cluster", "(all) => all.length")
-    assert n_cards <= 12 and n_clusters == sum(len(truth["members"][c]) - (not truth["members"][c][1]) for c in truth["ranked"][:2])
-    assert len(contrast) == 1 + 2 * n_clusters + 2 * n_cards and min(contrast) > 1  # strip medoid, prototypes + medoids, overlay + input
+    assert n_cards <= 12 and n_clusters == sum(
+        len(truth["members"][c]) - (not truth["members"][c][1]) for c in truth["ranked"][:2]
+    )
+    assert (
+        len(contrast) == 1 + 2 * n_clusters + 2 * n_cards and min(contrast) > 1
+    )  # strip medoid, prototypes + medoids, overlay + input
     assert page.eval_on_selector_all("details.sheet img.sheet", "(all) => all.length") == 1
-    assert page.eval_on_selector_all(".strip figcaption", "(all) => all.map((c) => c.innerText.split('\\n')[0])") == [f"{open_run(dest).class_names[0]} · cluster 1"]
+    assert page.eval_on_selector_all(".strip figcaption", "(all) => all.map((c) => c.innerText.split('\\n')[0])") == [
+        f"{open_run(dest).class_names[0]} · cluster 1"
+    ]
     # the colour bar with numbers: the header's in units of each map's scale, each card's with its own
-    assert page.inner_text("header .scale").replace("\n", " ").split() == ["−1", "+1", "×", "each", "map's", "largest", "|value|"]
+    assert page.inner_text("header .scale").replace("\n", " ").split() == [
+        "−1",
+        "+1",
+        "×",
+        "each",
+        "map's",
+        "largest",
+        "|value|",
+    ]
     run = open_run(dest)
     key = cards[0].split("\n")[0]
     scale = float(np.abs(run.maps_for([key], [0])).max())
@@ -418,13 +502,17 @@ def test_show_draws_the_map_with_a_colour_bar(audited_run: tuple[str, dict], tmp
     assert f"class {run.class_names[record['pred']]}" in capsys.readouterr().err
     picture = np.asarray(Image.open(out).convert("RGB")).astype(np.int32)
     height, width, _ = picture.shape
-    assert 256 + 30 <= height <= 256 + 120 and 256 + 30 <= width <= 256 + 150  # the picture, a title above, a colour bar beside
+    assert (
+        256 + 30 <= height <= 256 + 120 and 256 + 30 <= width <= 256 + 150
+    )  # the picture, a title above, a colour bar beside
     rows = overlay_rows(picture, 8, 256)
     assert len(rows) == 256 and np.all(np.diff(rows) == 1), "the overlay is a 256-pixel square below the title"
     top = rows[0]
     overlay = picture[top : top + 256, 8 : 8 + 256]
     bar = picture[top : top + 256, 8 + 256 + 8 + 6]  # the middle column of the colour bar
-    assert np.abs(bar[1] - [103, 0, 31]).max() < 12 and np.abs(bar[-2] - [5, 48, 97]).max() < 12  # +scale deep red, -scale deep blue
+    assert (
+        np.abs(bar[1] - [103, 0, 31]).max() < 12 and np.abs(bar[-2] - [5, 48, 97]).max() < 12
+    )  # +scale deep red, -scale deep blue
     assert np.abs(bar[128] - [247, 247, 247]).max() < 20  # 0 near white
     assert (bar[1:128, 0] > bar[1:128, 2]).all() and (bar[129:-1, 0] < bar[129:-1, 2]).all()  # warm above 0, cool below
     from cdam_worker.views.tiles import TileRenderer
@@ -443,17 +531,26 @@ def test_show_draws_the_map_with_a_colour_bar(audited_run: tuple[str, dict], tmp
 def test_show_refuses_what_it_cannot_draw_in_one_line(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
     dest, _ = audited_run
     key = open_run(dest).index.column("key")[0].as_py()
-    names = ", ".join(open_run(dest).metadata.to_table(columns=["key", "target_names"]).slice(0, 1).column("target_names")[0].as_py())
-    for argv, text in ((["--key", "no-such-key"], "key 'no-such-key' is not an explained image"),
-                       (["--key", key, "--target", "unicorn"],
-                        f"class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)"),
-                       (["--key", key, "--size", "5"], "--size 5")):
+    names = ", ".join(
+        open_run(dest).metadata.to_table(columns=["key", "target_names"]).slice(0, 1).column("target_names")[0].as_py()
+    )
+    for argv, text in (
+        (["--key", "no-such-key"], "key 'no-such-key' is not an explained image"),
+        (
+            ["--key", key, "--target", "unicorn"],
+            f"class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)",
+        ),
+        (["--key", key, "--size", "5"], "--size 5"),
+    ):
         assert main(["show", dest, *argv, "-o", str(tmp_path / "x.png")]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("cdam show: error:") and text in error[0], error
     assert error[0] == "cdam show: error: --size 5: expected 32 to 4096 pixels"
     assert main(["show", dest, "--key", key, "--target", "unicorn", "-o", str(tmp_path / "x.png")]) == 2
-    assert capsys.readouterr().err == f"cdam show: error: class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)\n"
+    assert (
+        capsys.readouterr().err
+        == f"cdam show: error: class 'unicorn': unknown class name 'unicorn' (nor a concept of key {key!r}: its targets are {names}; derived maps: none)\n"
+    )
     assert not (tmp_path / "x.png").exists()
 
 
@@ -468,7 +565,21 @@ def test_show_draws_a_concept_that_derive_wrote(demo_run: str, tmp_path: Path, c
     keys = run.index.column("key").to_pylist()[:8]
     vector = run.read_rows("embedding", run.rows_of(keys)).mean(axis=0)  # the README's recipe for a concept file
     Concept("mark", torch.from_numpy(vector)).save(tmp_path / "mark.pt")
-    assert main(["derive", dest, "--targets", "classes:circle", "--concepts", f"mark={tmp_path / 'mark.pt'}", "--name", "marks"]) == 0
+    assert (
+        main(
+            [
+                "derive",
+                dest,
+                "--targets",
+                "classes:circle",
+                "--concepts",
+                f"mark={tmp_path / 'mark.pt'}",
+                "--name",
+                "marks",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     key = keys[3]
     expected = open_run(dest).derive("none", keys=[key], concepts=[f"mark={tmp_path / 'mark.pt'}"]).values[0, 0]
@@ -486,12 +597,17 @@ def test_show_draws_a_concept_that_derive_wrote(demo_run: str, tmp_path: Path, c
     assert main(["show", dest, "--key", key, "--target", "marks/circle", "-o", str(plain), "--size", "128"]) == 0
     assert "class circle (0), derived marks" in capsys.readouterr().err
     assert main(["show", dest, "--key", key, "--target", "other/mark", "-o", str(plain)]) == 2
-    assert capsys.readouterr().err == f"cdam show: error: --target 'other/mark': {dest} has no derived maps named 'other' (derived: marks)\n"
+    assert (
+        capsys.readouterr().err
+        == f"cdam show: error: --target 'other/mark': {dest} has no derived maps named 'other' (derived: marks)\n"
+    )
     assert main(["show", dest, "--key", key, "--target", "shape", "-o", str(plain)]) == 2
     assert capsys.readouterr().err.endswith("derived maps: marks)\n")
 
 
-def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+def test_export_fiftyone_writes_images_heatmaps_and_clusters(
+    audited_run: tuple[str, dict], tmp_path: Path, capsys
+) -> None:
     dest, truth = audited_run
     run = open_run(dest)
     out = tmp_path / "fo"
@@ -499,14 +615,21 @@ def test_export_fiftyone_writes_images_heatmaps_and_clusters(audited_run: tuple[
     assert "fo.Dataset.from_dir" in capsys.readouterr().err
     samples = json.loads((out / "samples.json").read_text())["samples"]
     metadata = json.loads((out / "metadata.json").read_text())
-    assert "version" not in metadata and metadata["media_type"] == "image" and metadata["info"]["classes"] == run.class_names
+    assert (
+        "version" not in metadata
+        and metadata["media_type"] == "image"
+        and metadata["info"]["classes"] == run.class_names
+    )
     assert len(samples) == run.index.num_rows
     flagged = set(truth["members"][0][1])
     pred_of = dict(zip(run.index.column("key").to_pylist(), run.index.column("pred").to_pylist()))
     cluster_of = {key: k for c in truth["members"].values() for k, keys in c.items() for key in keys}
     _, height, width = run.attrs["input_size"]
     for sample in samples[:40]:
-        assert not Path(sample["filepath"]).is_absolute() and Image.open(out / sample["filepath"]).size == (width, height)
+        assert not Path(sample["filepath"]).is_absolute() and Image.open(out / sample["filepath"]).size == (
+            width,
+            height,
+        )
         row = sample["row"]
         maps = run.read_rows("cdam", np.asarray([row]))[0].astype(np.float32)
         for slot in range(run.n_targets):
@@ -553,14 +676,28 @@ def fiftyone_database(folder: Path) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     folder.mkdir(parents=True)
-    server = subprocess.Popen([str(mongod), "--dbpath", str(folder), "--logpath", str(folder / "mongo.log"), "--port", str(port),
-                               "--bind_ip", "127.0.0.1", "--nounixsocket"])
+    server = subprocess.Popen(
+        [
+            str(mongod),
+            "--dbpath",
+            str(folder),
+            "--logpath",
+            str(folder / "mongo.log"),
+            "--port",
+            str(port),
+            "--bind_ip",
+            "127.0.0.1",
+            "--nounixsocket",
+        ]
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
-            assert server.poll() is None and time.monotonic() < deadline, f"mongod did not start: {(folder / 'mongo.log').read_text()[-2000:]}"
+            assert server.poll() is None and time.monotonic() < deadline, (
+                f"mongod did not start: {(folder / 'mongo.log').read_text()[-2000:]}"
+            )
             time.sleep(0.2)
         yield f"mongodb://127.0.0.1:{port}"
     finally:
@@ -581,14 +718,18 @@ print(json.dumps(rows))
 """
 
 
-def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relevance(audited_run: tuple[str, dict], tmp_path: Path, capsys) -> None:
+def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relevance(
+    audited_run: tuple[str, dict], tmp_path: Path, capsys
+) -> None:
     import importlib.util
     import subprocess
     import sys
 
     if importlib.util.find_spec("fiftyone") is None:
-        pytest.skip("fiftyone is not installed: an optional extra (pip install -e '.[fiftyone]'), not in the test extra, "
-                    "because it pins starlette<1.4 and brings about 80 packages and a MongoDB server")
+        pytest.skip(
+            "fiftyone is not installed: an optional extra (pip install -e '.[fiftyone]'), not in the test extra, "
+            "because it pins starlette<1.4 and brings about 80 packages and a MongoDB server"
+        )
     dest, _ = audited_run
     run = open_run(dest)
     assert main(["export-fiftyone", dest, str(tmp_path / "written")]) == 0
@@ -596,8 +737,20 @@ def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relev
     moved.parent.mkdir()
     shutil.move(tmp_path / "written", moved)  # the folder moved (or copied to another machine) before the import
     with fiftyone_database(tmp_path / "fiftyone-db") as uri:
-        env = {**os.environ, "FIFTYONE_DATABASE_URI": uri, "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"}
-        done = subprocess.run([sys.executable, "-c", FIFTYONE_IMPORT, str(moved)], capture_output=True, text=True, timeout=500, env=env, check=False)
+        env = {
+            **os.environ,
+            "FIFTYONE_DATABASE_URI": uri,
+            "FIFTYONE_DATABASE_VALIDATION": "false",
+            "FIFTYONE_DO_NOT_TRACK": "true",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", FIFTYONE_IMPORT, str(moved)],
+            capture_output=True,
+            text=True,
+            timeout=500,
+            env=env,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     imported = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(imported) == run.index.num_rows
@@ -611,17 +764,28 @@ def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relev
             heatmap = sample["maps"][f"cdam_{slot}"]
             values = np.asarray(heatmap["map"], dtype=np.float32)
             scale = float(np.abs(maps[slot]).max())
-            assert heatmap["dtype"] == "float32" and np.array_equal(values, maps[slot]) and heatmap["range"] == [-scale, scale]
+            assert (
+                heatmap["dtype"] == "float32"
+                and np.array_equal(values, maps[slot])
+                and heatmap["range"] == [-scale, scale]
+            )
             alpha = fiftyone_alpha(values, heatmap["range"])
             assert np.allclose(alpha, np.abs(maps[slot]) / scale)  # opacity grows with |relevance|, whatever its sign
             lowest.append(alpha.min())
         attention = sample["maps"]["attention"]
-        assert fiftyone_alpha(np.asarray(attention["map"]), attention["range"]).min() == 0  # its minimum token: not painted
-    assert max(lowest) < 0.5 and np.median(lowest) < 0.02  # the least relevant token of each map shows the image through (0.5 before)
+        assert (
+            fiftyone_alpha(np.asarray(attention["map"]), attention["range"]).min() == 0
+        )  # its minimum token: not painted
+    assert (
+        max(lowest) < 0.5 and np.median(lowest) < 0.02
+    )  # the least relevant token of each map shows the image through (0.5 before)
     from cdam_worker.views.fiftyone import heatmap
 
     nothing = heatmap(np.where(np.eye(*run.grid, dtype=bool), np.nan, 0.0))  # no relevance at all (NaN tokens too)
-    assert nothing["range"] == [-1.0, 1.0] and (fiftyone_alpha(fiftyone_array(nothing["map"]), nothing["range"]) == 0).all()
+    assert (
+        nothing["range"] == [-1.0, 1.0]
+        and (fiftyone_alpha(fiftyone_array(nothing["map"]), nothing["range"]) == 0).all()
+    )
 
 
 def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: str, tmp_path: Path, capsys) -> None:
@@ -647,7 +811,9 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
         status, body = get(url + f"/tile?key={quote(nan_key)}&view=overlay&map=c0&size=160")
         size, _ = png_stats(body)
         grey = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
-        assert status == 200 and (np.abs(grey.astype(int) - 225).max(axis=2) < 3).mean() > 0.8  # the 'no map' placeholder
+        assert (
+            status == 200 and (np.abs(grey.astype(int) - 225).max(axis=2) < 3).mean() > 0.8
+        )  # the 'no map' placeholder
         status, body = get(url + f"/tile?key={quote(good_key)}&view=overlay&map=c0&size=160")
         assert status == 200 and png_stats(body)[1] > 5
         assert get(url + "/api/scatter?class=0")[1].decode().count("no audit yet") == 1
@@ -655,7 +821,13 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
         status, body = get(url + "/image?key=" + quote(lost))
         assert status == 200 and "moved-away.tar" in body.decode()  # the reason names the shard it could not read
         status, body = get(url + f"/tile?key={quote(lost)}&view=overlay&map=c0&size=160")
-        assert status == 200 and (np.abs(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int) - 225).max(axis=2) < 3).mean() > 0.8
+        assert (
+            status == 200
+            and (
+                np.abs(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int) - 225).max(axis=2) < 3
+            ).mean()
+            > 0.8
+        )
 
     report = tmp_path / "report.html"
     assert main(["report", str(dest), "-o", str(report), "--classes", "4", "--per-class", "70"]) == 0
@@ -672,13 +844,17 @@ def test_views_on_a_damaged_run_say_what_they_skipped_and_do_the_rest(demo_run: 
     assert "moved-away.tar" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["export-fiftyone", str(dest), str(tmp_path / "fo")]) == 0
     err = capsys.readouterr().err
-    assert f"left out: {len(damage['unreadable_keys'])} unreadable image(s)" in err and "map(s) not written (NaN)" in err
+    assert (
+        f"left out: {len(damage['unreadable_keys'])} unreadable image(s)" in err and "map(s) not written (NaN)" in err
+    )
     samples = json.loads((tmp_path / "fo" / "samples.json").read_text())["samples"]
     assert len(samples) == len(catalog.keys) - len(damage["unreadable_keys"])
     assert all("cdam_0" not in s for s in samples if s["key"] in damage["nan_keys"])
 
 
-def test_views_on_s3_retry_transient_faults(audited_run: tuple[str, dict], s3_server: str, s3_bucket: str, s3_client, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_views_on_s3_retry_transient_faults(
+    audited_run: tuple[str, dict], s3_server: str, s3_bucket: str, s3_client, tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
     from helpers import S3Proxy
 
     source, _ = audited_run
@@ -690,7 +866,16 @@ def test_views_on_s3_retry_transient_faults(audited_run: tuple[str, dict], s3_se
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with serving(dest) as url:
             key = open_run(source).index.column("key")[3].as_py()
-            pages = [get(url + path) for path in ("/", "/class/0", "/image?key=" + quote(key), "/api/gallery?class=0", "/contact-sheet?class=0")]
+            pages = [
+                get(url + path)
+                for path in (
+                    "/",
+                    "/class/0",
+                    "/image?key=" + quote(key),
+                    "/api/gallery?class=0",
+                    "/contact-sheet?class=0",
+                )
+            ]
             assert [status for status, _ in pages] == [200] * 5
             assert "flagged" in pages[0][1].decode()
             status, tile = get(url + f"/tile?key={quote(key)}&view=overlay&map=c0&size=160")

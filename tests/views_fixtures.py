@@ -22,9 +22,16 @@ from schemas import ERRORS_SCHEMA
 CHROMIUM = "/usr/bin/chromium"
 REBINDING_HOST = "rebind.attacker.test"
 """A host name the tests' Chromium resolves to 127.0.0.1, as a DNS-rebinding attacker's would."""
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic",
-                 f"--host-resolver-rules=MAP {REBINDING_HOST} 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    f"--host-resolver-rules=MAP {REBINDING_HOST} 127.0.0.1",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -57,14 +64,43 @@ def write_audit(dest: str | Path) -> dict[str, object]:
             inside = cluster == k
             if not inside.any():  # a class with one image has one cluster
                 continue
-            clusters.append({"class": c, "cluster": k, "size": int(inside.sum()), "share": float(inside.mean()), "purity": 0.9,
-                             "prototype": np.nanmean(maps[inside], axis=0).reshape(-1).astype(np.float32).tolist(),
-                             "medoid_key": class_keys[int(np.flatnonzero(inside)[0])], "flagged": c == 0 and k == 1})
+            clusters.append(
+                {
+                    "class": c,
+                    "cluster": k,
+                    "size": int(inside.sum()),
+                    "share": float(inside.mean()),
+                    "purity": 0.9,
+                    "prototype": np.nanmean(maps[inside], axis=0).reshape(-1).astype(np.float32).tolist(),
+                    "medoid_key": class_keys[int(np.flatnonzero(inside)[0])],
+                    "flagged": c == 0 and k == 1,
+                }
+            )
         for j, p in enumerate(positions):
-            images.append({"key": keys[p], "row": int(rows[p]), "class": c, "cluster": int(cluster[j]), "x": float(x[j]), "y": float(y[j]),
-                           "score": float(j % 7), "flagged": bool(c == 0 and cluster[j] == 1)})
-        classes.append({"class": c, "class_name": name, "n_images": int(positions.size), "score": 0.9 if c == 0 else 0.1 * c,
-                        "flagged": c == 0, "reasons": "a coherent cluster of 50% of the images puts 64% of its positive evidence on 2% of the area, in the bottom-right corner" if c == 0 else "nothing stands out"})
+            images.append(
+                {
+                    "key": keys[p],
+                    "row": int(rows[p]),
+                    "class": c,
+                    "cluster": int(cluster[j]),
+                    "x": float(x[j]),
+                    "y": float(y[j]),
+                    "score": float(j % 7),
+                    "flagged": bool(c == 0 and cluster[j] == 1),
+                }
+            )
+        classes.append(
+            {
+                "class": c,
+                "class_name": name,
+                "n_images": int(positions.size),
+                "score": 0.9 if c == 0 else 0.1 * c,
+                "flagged": c == 0,
+                "reasons": "a coherent cluster of 50% of the images puts 64% of its positive evidence on 2% of the area, in the bottom-right corner"
+                if c == 0
+                else "nothing stands out",
+            }
+        )
     order = sorted(classes, key=lambda r: -r["score"])
     for rank, row in enumerate(order, start=1):
         row["rank"] = rank
@@ -79,14 +115,24 @@ def write_audit(dest: str | Path) -> dict[str, object]:
     return {"members": members, "grid": (gh, gw), "ranked": [row["class"] for row in order]}
 
 
-HOSTILE_CLASS_NAMES = ['<img src=x onerror="window.pwned=1">', "</script><script>window.pwned=2</script>",
-                       'x" onmouseover="window.pwned=3', "c3", "c4", "c5"]
+HOSTILE_CLASS_NAMES = [
+    '<img src=x onerror="window.pwned=1">',
+    "</script><script>window.pwned=2</script>",
+    'x" onmouseover="window.pwned=3',
+    "c3",
+    "c4",
+    "c5",
+]
 HOSTILE_KEY_PREFIX = "<svg onload=alert(4)>'\"&amp;-"
 """Before each key's file name (keys are ``synthetic-00000N/<prefix>00000M``)."""
-HOSTILE_JSON = ('{"caption": "</script><script>window.pwned=5</script><img src=x onerror=window.pwned=6>", '
-                '"cell": "</td></tr><b>bold</b>"}')
-HOSTILE_ELEMENTS_JS = ("document.querySelectorAll('[onerror], [onload], [onmouseover], svg, b, "
-                       "script:not([src]):not([type=\"application/json\"])').length")
+HOSTILE_JSON = (
+    '{"caption": "</script><script>window.pwned=5</script><img src=x onerror=window.pwned=6>", '
+    '"cell": "</td></tr><b>bold</b>"}'
+)
+HOSTILE_ELEMENTS_JS = (
+    "document.querySelectorAll('[onerror], [onload], [onmouseover], svg, b, "
+    'script:not([src]):not([type="application/json"])\').length'
+)
 """How many elements of the page a payload would have made (0 when every payload stayed text)."""
 
 
@@ -95,9 +141,17 @@ def write_hostile_run(dest: Path, n_images: int = 240) -> dict[str, object]:
     and sample json are HTML and script payloads, with audit tables (``write_audit``). Returns its keys."""
     from bench.synthetic_run import write_synthetic_run
 
-    truth = write_synthetic_run(str(dest), n_images, n_classes=len(HOSTILE_CLASS_NAMES), n_targets=3,
-                                images_per_shard=n_images // 3, with_images=True, class_names=HOSTILE_CLASS_NAMES,
-                                key_prefix=HOSTILE_KEY_PREFIX, sample_json=HOSTILE_JSON)
+    truth = write_synthetic_run(
+        str(dest),
+        n_images,
+        n_classes=len(HOSTILE_CLASS_NAMES),
+        n_targets=3,
+        images_per_shard=n_images // 3,
+        with_images=True,
+        class_names=HOSTILE_CLASS_NAMES,
+        key_prefix=HOSTILE_KEY_PREFIX,
+        sample_json=HOSTILE_JSON,
+    )
     write_audit(dest)
     return {"keys": truth["keys"].tolist()}
 
@@ -113,7 +167,18 @@ def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
     run = open_run(str(dest))
     shards = run.shards
     (dest / "markers" / f"{shards[-1].index:06d}.json").unlink()
-    errors = pa.Table.from_pylist([{"shard": shards[1].name, "shard_index": shards[1].index, "key": "broken-sample", "reason": "cannot identify image file 'broken-sample.png'", "run_id": "x"}], schema=ERRORS_SCHEMA)
+    errors = pa.Table.from_pylist(
+        [
+            {
+                "shard": shards[1].name,
+                "shard_index": shards[1].index,
+                "key": "broken-sample",
+                "reason": "cannot identify image file 'broken-sample.png'",
+                "run_id": "x",
+            }
+        ],
+        schema=ERRORS_SCHEMA,
+    )
     (dest / "errors").mkdir(exist_ok=True)
     pq.write_table(errors, dest / "errors" / f"{shards[1].index:06d}-{shards[1].name}.parquet")
     for array in run.array_names:  # rows 0..15 (shard 0's first 16 images): every array reads as fill values
@@ -125,8 +190,18 @@ def damage_run(source: str | Path, dest: Path) -> dict[str, object]:
     index = run.index
     nan_keys = [k for k, r in zip(index.column("key").to_pylist(), index.column("row").to_pylist()) if r < 16]
     rows_per_shard = int(run.attrs["rows_per_shard"])
-    unreadable = [k for k, r in zip(index.column("key").to_pylist(), index.column("row").to_pylist()) if r // rows_per_shard == shards[2].index]
-    return {"skipped_shard": shards[-1].name, "skipped_first_row": shards[-1].index * rows_per_shard, "unreadable_keys": unreadable, "nan_keys": nan_keys, "error_key": "broken-sample"}
+    unreadable = [
+        k
+        for k, r in zip(index.column("key").to_pylist(), index.column("row").to_pylist())
+        if r // rows_per_shard == shards[2].index
+    ]
+    return {
+        "skipped_shard": shards[-1].name,
+        "skipped_first_row": shards[-1].index * rows_per_shard,
+        "unreadable_keys": unreadable,
+        "nan_keys": nan_keys,
+        "error_key": "broken-sample",
+    }
 
 
 @contextlib.contextmanager

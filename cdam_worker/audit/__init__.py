@@ -23,5 +23,13 @@ from cdam_worker.audit.confirm import ConfirmSettings, confirm_clusters
 from cdam_worker.audit.outputs import ranked_table, write_audit
 from cdam_worker.audit.pipeline import AuditOptions, AuditResult, apply_confirmations, audit_run
 
-__all__ = ["AuditOptions", "AuditResult", "ConfirmSettings", "apply_confirmations", "audit_run", "confirm_clusters", "ranked_table",
-           "write_audit"]
+__all__ = [
+    "AuditOptions",
+    "AuditResult",
+    "ConfirmSettings",
+    "apply_confirmations",
+    "audit_run",
+    "confirm_clusters",
+    "ranked_table",
+    "write_audit",
+]

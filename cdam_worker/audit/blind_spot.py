@@ -45,14 +45,21 @@ class BlindSpot:
         """One line for the user (empty when the maps can be audited)."""
         if not self.found:
             return ""
-        return (f"CDAM's blind spot: the last block's attention is nearly uniform (peak {self.attention_peak:.2f} x uniform) "
-                f"and the maps account for {self.map_to_logit:.0%} of the logits' spread: they cannot show what the model reads, "
-                "so finding no shortcut here means 'cannot tell'; try Smooth or Integrated CDAM (--variant smooth|integrated) "
-                "or an earlier checkpoint whose last attention is not flat")
+        return (
+            f"CDAM's blind spot: the last block's attention is nearly uniform (peak {self.attention_peak:.2f} x uniform) "
+            f"and the maps account for {self.map_to_logit:.0%} of the logits' spread: they cannot show what the model reads, "
+            "so finding no shortcut here means 'cannot tell'; try Smooth or Integrated CDAM (--variant smooth|integrated) "
+            "or an earlier checkpoint whose last attention is not flat"
+        )
 
     def as_dict(self) -> dict[str, float | int | bool | str]:
-        return {"found": self.found, "attention_peak": self.attention_peak, "map_to_logit": self.map_to_logit,
-                "images_sampled": self.images_sampled, "message": self.message()}
+        return {
+            "found": self.found,
+            "attention_peak": self.attention_peak,
+            "map_to_logit": self.map_to_logit,
+            "images_sampled": self.images_sampled,
+            "message": self.message(),
+        }
 
 
 def check_blind_spot(run: Run, rows: np.ndarray) -> BlindSpot:
@@ -79,4 +86,6 @@ def check_blind_spot(run: Run, rows: np.ndarray) -> BlindSpot:
     usable = (logit_mass > 0) & np.isfinite(attention).all(axis=(1, 2, 3))
     if not usable.any():
         return BlindSpot(float("nan"), float("nan"), 0)
-    return BlindSpot(float(np.median(peak[usable])), float(np.median(map_mass[usable] / logit_mass[usable])), int(usable.sum()))
+    return BlindSpot(
+        float(np.median(peak[usable])), float(np.median(map_mass[usable] / logit_mass[usable])), int(usable.sum())
+    )

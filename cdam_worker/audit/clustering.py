@@ -84,7 +84,9 @@ def _spectral_clusters(descriptors: np.ndarray) -> Clustering:
         values, vectors = error.eigenvalues, error.eigenvectors
         n_vectors = len(values)
         if n_vectors == 0:
-            return Clustering(labels=np.zeros(n, dtype=np.int64), coordinates=np.zeros((n, 2)), eigenvalues=np.zeros(0), n_clusters=1)
+            return Clustering(
+                labels=np.zeros(n, dtype=np.int64), coordinates=np.zeros((n, 2)), eigenvalues=np.zeros(0), n_clusters=1
+            )
     order = np.argsort(-values)
     eigenvalues = np.clip(1.0 - values[order], 0.0, 2.0)
     vectors = vectors[:, order]
@@ -100,7 +102,9 @@ def _spectral_clusters(descriptors: np.ndarray) -> Clustering:
         labels = KMeans(n_clusters=n_clusters, n_init=4, random_state=SEED).fit_predict(embedding)
         labels = _by_size(labels)
         n_clusters = int(labels.max()) + 1
-    return Clustering(labels=labels, coordinates=_unit_box(np.asarray(coordinates)), eigenvalues=eigenvalues, n_clusters=n_clusters)
+    return Clustering(
+        labels=labels, coordinates=_unit_box(np.asarray(coordinates)), eigenvalues=eigenvalues, n_clusters=n_clusters
+    )
 
 
 def _by_size(labels: np.ndarray) -> np.ndarray:

@@ -83,7 +83,9 @@ class ConfirmSettings:
         except RuntimeError as error:
             raise RunError(f"--device {self.device!r}: {error}") from None
         if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-            raise RunError(f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)")
+            raise RunError(
+                f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)"
+            )
 
 
 @dataclass
@@ -110,28 +112,42 @@ class Confirmation:
     def in_words(self) -> str:
         """The verdict and its evidence, one clause."""
         what = "removing the spot" if self.test == "mark" else "swapping the background"
-        removal = (f"{what} lowers the logit by {self.drop[0]:.2f} [{self.drop[1]:.2f}, {self.drop[2]:.2f}] beyond a control "
-                   f"(its lead over the runner-up: {self.lead:.2f}) and changes the top-1 of {_rate(self.top1_loss)} of "
-                   f"{self.n_removal} images")
+        removal = (
+            f"{what} lowers the logit by {self.drop[0]:.2f} [{self.drop[1]:.2f}, {self.drop[2]:.2f}] beyond a control "
+            f"(its lead over the runner-up: {self.lead:.2f}) and changes the top-1 of {_rate(self.top1_loss)} of "
+            f"{self.n_removal} images"
+        )
         pasted = "pasting it" if self.test == "mark" else "giving its background to"
-        paste = (f"{pasted} flips {_rate(self.flips)} of {self.n_paste} other classes' images (control {self.control_flips:.0%})"
-                 if self.n_paste else "every image of another class tried was already called the class")
+        paste = (
+            f"{pasted} flips {_rate(self.flips)} of {self.n_paste} other classes' images (control {self.control_flips:.0%})"
+            if self.n_paste
+            else "every image of another class tried was already called the class"
+        )
         verdict = "the model relies on it" if self.relied_on else "the model does not rely on it"
         return f"{verdict}: {removal}; {paste} (95% intervals)"
 
     def as_row(self) -> dict:
         """The cluster's confirmation columns (``CONFIRMATION_FIELDS``)."""
-        nan_none = (lambda v: None if v is None or not np.isfinite(v) else float(v))
+        nan_none = lambda v: None if v is None or not np.isfinite(v) else float(v)
         return {
-            "relied_on": self.relied_on, "confirm_test": self.test, "confirm_images": self.n_removal,
-            "removal_logit_drop": nan_none(self.drop[0]), "removal_logit_drop_low": nan_none(self.drop[1]),
-            "removal_logit_drop_high": nan_none(self.drop[2]), "removal_control_drop": nan_none(self.control_drop),
+            "relied_on": self.relied_on,
+            "confirm_test": self.test,
+            "confirm_images": self.n_removal,
+            "removal_logit_drop": nan_none(self.drop[0]),
+            "removal_logit_drop_low": nan_none(self.drop[1]),
+            "removal_logit_drop_high": nan_none(self.drop[2]),
+            "removal_control_drop": nan_none(self.control_drop),
             "removal_logit_lead": nan_none(self.lead),
-            "removal_top1_loss": nan_none(self.top1_loss[0]), "removal_top1_loss_low": nan_none(self.top1_loss[1]),
-            "removal_top1_loss_high": nan_none(self.top1_loss[2]), "paste_images": self.n_paste,
-            "paste_flip_rate": nan_none(self.flips[0]), "paste_flip_rate_low": nan_none(self.flips[1]),
-            "paste_flip_rate_high": nan_none(self.flips[2]), "paste_control_flip_rate": nan_none(self.control_flips),
-            "confirm_seconds": self.seconds, "confirmation": self.in_words(),
+            "removal_top1_loss": nan_none(self.top1_loss[0]),
+            "removal_top1_loss_low": nan_none(self.top1_loss[1]),
+            "removal_top1_loss_high": nan_none(self.top1_loss[2]),
+            "paste_images": self.n_paste,
+            "paste_flip_rate": nan_none(self.flips[0]),
+            "paste_flip_rate_low": nan_none(self.flips[1]),
+            "paste_flip_rate_high": nan_none(self.flips[2]),
+            "paste_control_flip_rate": nan_none(self.control_flips),
+            "confirm_seconds": self.seconds,
+            "confirmation": self.in_words(),
         }
 
 
@@ -157,7 +173,9 @@ def wilson(successes: int, n: int) -> tuple[float, float, float]:
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_mean(values: np.ndarray, rng: np.random.Generator, resamples: int = RESAMPLES) -> tuple[float, float, float]:
+def bootstrap_mean(
+    values: np.ndarray, rng: np.random.Generator, resamples: int = RESAMPLES
+) -> tuple[float, float, float]:
     """The mean of ``values`` with its percentile-bootstrap 95% interval (NaNs when empty)."""
     if len(values) == 0:
         return (float("nan"),) * 3
@@ -215,7 +233,9 @@ def moved_regions(regions: np.ndarray, rng: np.random.Generator, evidence: np.nd
     inside = (yy >= 0) & (yy < gh) & (xx >= 0) & (xx < gw)
     image = np.arange(n)[:, None, None, None]
     moved = inside & regions[image, np.clip(yy, 0, gh - 1), np.clip(xx, 0, gw - 1)]  # (n, K, gh, gw)
-    cost = (moved & regions[:, None]).sum(axis=(2, 3)).astype(np.float64)  # tokens overlapped, then the evidence covered (< 1)
+    cost = (
+        (moved & regions[:, None]).sum(axis=(2, 3)).astype(np.float64)
+    )  # tokens overlapped, then the evidence covered (< 1)
     if evidence is not None:
         cost += (moved * evidence[:, None]).sum(axis=(2, 3)) / (1.0 + evidence.sum(axis=(1, 2)))[:, None]
     best = cost.argmin(axis=1)
@@ -231,7 +251,9 @@ def _dilate(masks: np.ndarray) -> np.ndarray:
 # -- image edits (model input space) ----------------------------------------------------------------------
 
 
-def pixel_masks(token_masks: np.ndarray, patch: tuple[int, int], size: tuple[int, int], device: torch.device) -> torch.Tensor:
+def pixel_masks(
+    token_masks: np.ndarray, patch: tuple[int, int], size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """(n, 1, H, W) bool: each token mask as pixel boxes of ``patch`` pixels (False past the token grid)."""
     masks = torch.from_numpy(token_masks).to(device)
     pixels = masks.repeat_interleave(patch[0], dim=1).repeat_interleave(patch[1], dim=2)[:, : size[0], : size[1]]
@@ -267,24 +289,43 @@ class ClusterImages:
     recipient_objects: np.ndarray  # (m, gh, gw) bool: where each recipient's own class's evidence lies
 
 
-def counterfactual_tests(model: torch.nn.Module, class_index: int, kind: str, data: ClusterImages, patch: tuple[int, int],
-                         rng: np.random.Generator, batch: int) -> Confirmation:
+def counterfactual_tests(
+    model: torch.nn.Module,
+    class_index: int,
+    kind: str,
+    data: ClusterImages,
+    patch: tuple[int, int],
+    rng: np.random.Generator,
+    batch: int,
+) -> Confirmation:
     """Remove the region in the cluster's images and paste it into the recipients (at least one of each); measure as
     the module says. ``kind`` "background" swaps backgrounds; any other kind (a mark, a label-disagreement cluster) is
     tested as a mark."""
     n, m = len(data.images), len(data.recipients)
     background = kind == "background"
-    pick = (lambda count, size: torch.from_numpy(rng.integers(0, count, size=size)).to(data.images.device))
+    pick = lambda count, size: torch.from_numpy(rng.integers(0, count, size=size)).to(data.images.device)
     if background:  # each image's background swapped for a recipient's (a partner): an image of another class
         partners = data.recipients[pick(m, n)]
-        removed, controlled = paste(data.images, partners, data.regions, patch), paste(data.images, partners, data.controls, patch)
+        removed, controlled = (
+            paste(data.images, partners, data.regions, patch),
+            paste(data.images, partners, data.controls, patch),
+        )
     else:
-        removed, controlled = fill_with_surroundings(data.images, data.regions, patch), fill_with_surroundings(data.images, data.controls, patch)
+        removed, controlled = (
+            fill_with_surroundings(data.images, data.regions, patch),
+            fill_with_surroundings(data.images, data.controls, patch),
+        )
     donor = pick(n, m)
     donors = data.images[donor]
     given, given_control = data.regions[donor.cpu().numpy()], data.controls[donor.cpu().numpy()]
-    given, given_control = given & ~data.recipient_objects, given_control & ~data.recipient_objects  # add the cue, keep their objects
-    pasted, pasted_control = paste(data.recipients, donors, given, patch), paste(data.recipients, donors, given_control, patch)
+    given, given_control = (
+        given & ~data.recipient_objects,
+        given_control & ~data.recipient_objects,
+    )  # add the cue, keep their objects
+    pasted, pasted_control = (
+        paste(data.recipients, donors, given, patch),
+        paste(data.recipients, donors, given_control, patch),
+    )
     original, edited, control = (_logits(model, x, batch) for x in (data.images, removed, controlled))
     lead = original[:, class_index] - original.scatter(1, torch.full((n, 1), class_index), -torch.inf).max(1).values
     drop = (control[:, class_index] - edited[:, class_index]).numpy().astype(np.float64)  # excess over the control edit
@@ -294,10 +335,14 @@ def counterfactual_tests(model: torch.nn.Module, class_index: int, kind: str, da
     control_flips = int((top1[2] == class_index)[eligible].sum())
     n_paste = int(eligible.sum())
     return Confirmation(
-        test="background" if background else "mark", n_removal=n, drop=bootstrap_mean(drop, rng),
+        test="background" if background else "mark",
+        n_removal=n,
+        drop=bootstrap_mean(drop, rng),
         control_drop=float((original[:, class_index] - control[:, class_index]).mean()),
         top1_loss=wilson(int((edited.argmax(1) != class_index).sum()), n),
-        n_paste=n_paste, flips=wilson(flips, n_paste), control_flips=control_flips / n_paste if n_paste else float("nan"),
+        n_paste=n_paste,
+        flips=wilson(flips, n_paste),
+        control_flips=control_flips / n_paste if n_paste else float("nan"),
         lead=float(lead.mean()),
     )
 
@@ -311,8 +356,13 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.T
 # -- the audit's flagged clusters -------------------------------------------------------------------------
 
 
-def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings: ConfirmSettings,
-                     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> tuple[dict[tuple[int, int], Confirmation], list[str]]:
+def confirm_clusters(
+    run: Run,
+    result: AuditResult,
+    model: LoadedModel,
+    settings: ConfirmSettings,
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> tuple[dict[tuple[int, int], Confirmation], list[str]]:
     """Test every flagged cluster of ``result`` with ``model``: {(class, cluster): Confirmation}, and notes
     (images that could not be read). A cluster's ``kind`` (detection's: "mark", "background", "tipping"; "mark"
     when it has none) chooses the test. ``progress`` gets one line per cluster, with its time."""
@@ -334,11 +384,15 @@ def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings
         others = np.sort(rng.choice(others, size=min(settings.recipients, len(others)), replace=False))
         images, members = _read(run, model, gathered.keys, members, device, notes)
         if not len(members):
-            notes.append(f"class {audit.name}, cluster {cluster.cluster}: none of its images could be read: not confirmed")
+            notes.append(
+                f"class {audit.name}, cluster {cluster.cluster}: none of its images could be read: not confirmed"
+            )
             continue
         recipients, others = _read(run, model, gathered.keys, others, device, notes)
         if not len(others):
-            notes.append(f"class {audit.name}, cluster {cluster.cluster}: no image of another class could be read: not confirmed")
+            notes.append(
+                f"class {audit.name}, cluster {cluster.cluster}: no image of another class could be read: not confirmed"
+            )
             continue
         maps = gathered.class_maps[members]
         if kind == "background":
@@ -351,12 +405,16 @@ def confirm_clusters(run: Run, result: AuditResult, model: LoadedModel, settings
         confirmation = counterfactual_tests(network, audit.index, kind, data, patch, rng, batch)
         confirmation.seconds = time.perf_counter() - started
         confirmations[(audit.index, cluster.cluster)] = confirmation
-        progress(f"confirming {number}/{len(flagged)}: class {audit.name}, cluster {cluster.cluster} "
-                 f"({confirmation.seconds:.1f} s): {confirmation.in_words()}")
+        progress(
+            f"confirming {number}/{len(flagged)}: class {audit.name}, cluster {cluster.cluster} "
+            f"({confirmation.seconds:.1f} s): {confirmation.in_words()}"
+        )
     return confirmations, notes
 
 
-def _read(run: Run, model: LoadedModel, keys: np.ndarray, positions: np.ndarray, device: torch.device, notes: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+def _read(
+    run: Run, model: LoadedModel, keys: np.ndarray, positions: np.ndarray, device: torch.device, notes: list[str]
+) -> tuple[torch.Tensor, np.ndarray]:
     """The model inputs of the images at ``positions`` that can be read, and those positions."""
     tensors, readable = [], []
     for position in positions.tolist():

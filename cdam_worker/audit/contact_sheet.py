@@ -38,7 +38,9 @@ def sheet_path(class_index: int, class_name: str) -> str:
     return f"contact-sheets/{class_index}-{safe}.png"
 
 
-def contact_sheet(run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray, title: str, whole: np.ndarray | None = None) -> tuple[bytes, list[str]]:
+def contact_sheet(
+    run: Run, keys: list[str], maps: np.ndarray, spots: np.ndarray, title: str, whole: np.ndarray | None = None
+) -> tuple[bytes, list[str]]:
     """PNG bytes of the sheet for ``keys`` (their class maps (n, gh, gw) and spot centres (n, 2) as grid
     fractions; ``whole`` (n,) bool: show the whole image instead of the spot), and one note per image that
     could not be shown (its tile stays grey)."""
@@ -100,7 +102,9 @@ def _overlay(region: np.ndarray, scale: float) -> Image.Image:
     return Image.fromarray(rgba, mode="RGBA")
 
 
-def _input_box_in_image(tokens: tuple[int, int, int, int], grid: tuple[int, int], size: tuple[int, int], attrs: dict[str, Any]) -> tuple[int, int, int, int]:
+def _input_box_in_image(
+    tokens: tuple[int, int, int, int], grid: tuple[int, int], size: tuple[int, int], attrs: dict[str, Any]
+) -> tuple[int, int, int, int]:
     """Pixels (left, top, right, bottom) of the original image under a box of tokens (top, left, bottom,
     right), inverting timm's eval transform: resize (shorter side, or both sides for "squash"), centre crop."""
     config = attrs.get("data_config", {})

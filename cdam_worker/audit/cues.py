@@ -91,7 +91,9 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     flat = share.reshape(n, -1).astype(np.float64)
     kept = classes >= 0
     group = np.where(kept, classes, n_classes)
-    sums = sp.csr_matrix((np.ones(n), (group, np.arange(n))), shape=(n_classes + 1, n)) @ flat  # (C + 1, N) per-class sums
+    sums = (
+        sp.csr_matrix((np.ones(n), (group, np.arange(n))), shape=(n_classes + 1, n)) @ flat
+    )  # (C + 1, N) per-class sums
     counts = np.bincount(group, minlength=n_classes + 1)[:n_classes]
     total, total_count = sums[:n_classes].sum(axis=0), counts.sum()
     others = (total[None, :] - sums[:n_classes]) / np.maximum(total_count - counts, 1)[:, None]  # (C, N)
@@ -106,12 +108,23 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
     compactness = np.where(off_place > 0, windows[np.arange(n), best] / np.maximum(off_place, 1e-30), 0.0)
     off_spot = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
-    return PlaceStatistics(off_place=np.where(kept, off_place, 0.0), compactness=compactness, off_spot=off_spot,
-                           usual=usual.reshape(n_classes, gh, gw))
+    return PlaceStatistics(
+        off_place=np.where(kept, off_place, 0.0),
+        compactness=compactness,
+        off_spot=off_spot,
+        usual=usual.reshape(n_classes, gh, gw),
+    )
 
 
-def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_tests: int, other_labelled: np.ndarray | None,
-         usual_other: float, labelled: int) -> Finding:
+def find(
+    positions: np.ndarray,
+    classes: np.ndarray,
+    stats: PlaceStatistics,
+    n_tests: int,
+    other_labelled: np.ndarray | None,
+    usual_other: float,
+    labelled: int,
+) -> Finding:
     """The finding of the class made of ``positions`` (indices into the gathered images; ``classes`` their
     audited class, -1 for images not audited), tested against the other classes' images.
 
@@ -148,8 +161,16 @@ def find(positions: np.ndarray, classes: np.ndarray, stats: PlaceStatistics, n_t
             flagged = flagged | other_labelled
         else:
             tipping_excess = 0.0  # ordinary confusions are no finding
-    return Finding(score=max(cue_share, tipping_excess), place_excess=place_excess, cue_share=cue_share, place_p=place_p,
-                   tipping_excess=tipping_excess, tipping_p=tipping_p, flagged=flagged, kinds=kinds)
+    return Finding(
+        score=max(cue_share, tipping_excess),
+        place_excess=place_excess,
+        cue_share=cue_share,
+        place_p=place_p,
+        tipping_excess=tipping_excess,
+        tipping_p=tipping_p,
+        flagged=flagged,
+        kinds=kinds,
+    )
 
 
 def carrying_share(values: np.ndarray, reference: np.ndarray) -> float:

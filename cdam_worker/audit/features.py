@@ -95,8 +95,21 @@ class ImageFeatures:
 
     def descriptor(self, rarity: np.ndarray) -> np.ndarray:
         """(n, F) float64 vectors for clustering (with each image's ``place_rarity``), each feature standardised over these images."""
-        columns = np.column_stack([self.spot, self.spot_y, self.spot_x, self.profile, np.log(self.area),
-                                   self.border, self.centroid_y, self.centroid_x, self.spread, self.rival_share, rarity])
+        columns = np.column_stack(
+            [
+                self.spot,
+                self.spot_y,
+                self.spot_x,
+                self.profile,
+                np.log(self.area),
+                self.border,
+                self.centroid_y,
+                self.centroid_x,
+                self.spread,
+                self.rival_share,
+                rarity,
+            ]
+        )
         standard = _standardise(columns)
         pooled = _standardise(self.pooled) * POOLED_WEIGHT
         return np.concatenate([standard, pooled], axis=1)
@@ -125,7 +138,9 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
     rival = np.clip(np.nan_to_num(rival_maps), 0, None).sum(axis=(2, 3)).max(axis=1, initial=0.0)
     evidence = contrast.sum(axis=(1, 2))
     # An image without evidence gets a uniform distribution: no spot, nothing concentrated.
-    share = np.where(evidence[:, None, None] > 0, contrast / np.maximum(evidence, 1e-30)[:, None, None], 1.0 / (gh * gw))
+    share = np.where(
+        evidence[:, None, None] > 0, contrast / np.maximum(evidence, 1e-30)[:, None, None], 1.0 / (gh * gw)
+    )
 
     width = spot_width((gh, gw))
     windows = window_sums(share, width).reshape(n, -1)  # (n, (gh - w + 1) * (gw - w + 1))
@@ -141,7 +156,9 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
     x = (np.arange(gw) + 0.5) / gw
     centroid_y = (share.sum(axis=2) * y).sum(axis=1)
     centroid_x = (share.sum(axis=1) * x).sum(axis=1)
-    distance2 = (y[None, :, None] - centroid_y[:, None, None]) ** 2 + (x[None, None, :] - centroid_x[:, None, None]) ** 2
+    distance2 = (y[None, :, None] - centroid_y[:, None, None]) ** 2 + (
+        x[None, None, :] - centroid_x[:, None, None]
+    ) ** 2
     return ImageFeatures(
         spot=spot,
         spot_y=(wy + width / 2) / gh,
@@ -155,7 +172,9 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         rival_share=rival / np.maximum(rival + own, 1e-30),
         pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
         share=share.astype(np.float32),
-        competitors=(~np.isnan(rival_maps[:, :, 0, 0])).sum(axis=1) if rival_maps.shape[1] else np.zeros(n, dtype=np.int64),
+        competitors=(~np.isnan(rival_maps[:, :, 0, 0])).sum(axis=1)
+        if rival_maps.shape[1]
+        else np.zeros(n, dtype=np.int64),
     )
 
 

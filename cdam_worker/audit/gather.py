@@ -36,7 +36,9 @@ class Gathered:
     no_label: int = 0  # images left out with by="label" because they have no label
 
 
-def gather(run: Run, by: str, classes: set[int] | None, progress: Callable[[int], None] = lambda _rows: None) -> Gathered:
+def gather(
+    run: Run, by: str, classes: set[int] | None, progress: Callable[[int], None] = lambda _rows: None
+) -> Gathered:
     """Read the maps of every image to audit (restricted to ``classes`` when given), computing features on the way."""
     index = run.index
     rows = index.column("row").to_numpy().astype(np.int64)
@@ -72,7 +74,19 @@ def gather(run: Run, by: str, classes: set[int] | None, progress: Callable[[int]
     gh, gw = run.grid
     kept = np.concatenate(keep_positions) if keep_positions else np.zeros(0, dtype=np.int64)
     class_maps = np.concatenate(keep_maps) if keep_maps else np.zeros((0, gh, gw), dtype=np.float32)
-    features = ImageFeatures.concatenate(keep_features) if keep_features else image_features(class_maps, np.zeros((0, 0, gh, gw)))
-    return Gathered(keys=keys[kept], rows=rows[kept], classes=audited[kept], labels=labels[kept], class_maps=class_maps,
-                    features=features, no_map=no_map, unreadable=unreadable, no_label=no_label)
-
+    features = (
+        ImageFeatures.concatenate(keep_features)
+        if keep_features
+        else image_features(class_maps, np.zeros((0, 0, gh, gw)))
+    )
+    return Gathered(
+        keys=keys[kept],
+        rows=rows[kept],
+        classes=audited[kept],
+        labels=labels[kept],
+        class_maps=class_maps,
+        features=features,
+        no_map=no_map,
+        unreadable=unreadable,
+        no_label=no_label,
+    )

@@ -25,7 +25,9 @@ SHEETS_FOLDER = "contact-sheets"
 TABLE_ROWS = 20
 
 
-def write_audit(run: Run, result: AuditResult, options: AuditOptions, storage: Storage, check_lock: Callable[[], None]) -> dict:
+def write_audit(
+    run: Run, result: AuditResult, options: AuditOptions, storage: Storage, check_lock: Callable[[], None]
+) -> dict:
     """Write every file of the audit into ``storage``; returns the summary (as written to ``summary.json``)."""
     for name, table in (("classes", result.classes), ("clusters", result.clusters), ("images", result.images)):
         check_lock()
@@ -41,14 +43,20 @@ def write_audit(run: Run, result: AuditResult, options: AuditOptions, storage: S
         spots = audit.spots[order]
         title = f"{audit.index} {audit.name}: {audit.reasons}"
         whole = audit.image_kinds[order] == "background"  # a background cue shows as whole images
-        png, sheet_notes = contact_sheet(run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title, whole)
+        png, sheet_notes = contact_sheet(
+            run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title, whole
+        )
         path = sheet_path(audit.index, audit.name)
         storage.put(path, png)
         sheets[audit.name] = path
         notes += sheet_notes
     for stale in set(storage.list(SHEETS_FOLDER)) - set(sheets.values()):
         storage.delete(stale)
-    summary = result.summary(run, options) | {"output": storage.url, "contact_sheets": sheets, "contact_sheet_notes": notes}
+    summary = result.summary(run, options) | {
+        "output": storage.url,
+        "contact_sheets": sheets,
+        "contact_sheet_notes": notes,
+    }
     check_lock()
     storage.put("summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
     return summary
@@ -60,9 +68,15 @@ def ranked_table(result: AuditResult) -> str:
     lines = [f"{'rank':>4}  {'class':<20} {'images':>6} {'score':>5}  {'':7}  {'model':<10}  reasons"]
     for audit in result.audited[:TABLE_ROWS]:
         flag = "FLAGGED" if audit.flagged else ""
-        tests = [result.confirmations[(audit.index, c.cluster)] for c in audit.clusters if (audit.index, c.cluster) in result.confirmations]
+        tests = [
+            result.confirmations[(audit.index, c.cluster)]
+            for c in audit.clusters
+            if (audit.index, c.cluster) in result.confirmations
+        ]
         model = "-" if not tests else "relies" if any(t.relied_on for t in tests) else "not used"
-        lines.append(f"{audit.rank:>4}  {audit.name[:20]:<20} {len(audit.positions):>6} {audit.score:>5.2f}  {flag:7}  {model:<10}  {audit.reasons}")
+        lines.append(
+            f"{audit.rank:>4}  {audit.name[:20]:<20} {len(audit.positions):>6} {audit.score:>5.2f}  {flag:7}  {model:<10}  {audit.reasons}"
+        )
     if len(result.audited) > TABLE_ROWS:
         lines.append(f"      ... {len(result.audited) - TABLE_ROWS} more classes in classes.parquet")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from cdam_worker.audit.scoring import (
 from cdam_worker.reading import Run, RunError
 from schemas.audit import CLASSES_SCHEMA, CLUSTERS_SCHEMA, IMAGES_SCHEMA
 
+
 @dataclass(frozen=True)
 class AuditOptions:
     """What to audit: ``by`` "pred" or "label", a subset of ``classes`` (indices; empty = all), ``min_images``."""
@@ -85,18 +86,29 @@ class AuditResult:
     place: PlaceStatistics  # the run's place statistics, which the images table is built from
     not_audited: dict[str, str] = field(default_factory=dict)  # class name -> why
     skipped: list[str] = field(default_factory=list)  # one-line notes: shards not read, images left out
-    confirmations: dict[tuple[int, int], Confirmation] = field(default_factory=dict)  # (class, cluster) -> the model's test
+    confirmations: dict[tuple[int, int], Confirmation] = field(
+        default_factory=dict
+    )  # (class, cluster) -> the model's test
     confirmation_note: str = "findings unconfirmed: the model was not run"  # one line: what the model's tests did
 
     def summary(self, run: Run, options: AuditOptions) -> dict[str, Any]:
         """What ``audit/summary.json`` records."""
         return {
-            "run": run.url, "by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images},
-            "alpha": ALPHA, "images_audited": len(self.gathered.keys), "classes_audited": len(self.audited),
+            "run": run.url,
+            "by": options.by,
+            "options": {"classes": list(options.classes), "min_images": options.min_images},
+            "alpha": ALPHA,
+            "images_audited": len(self.gathered.keys),
+            "classes_audited": len(self.audited),
             "classes_flagged": [a.name for a in sorted(self.audited, key=lambda a: a.rank) if a.flagged],
-            "blind_spot": self.blind_spot.as_dict(), "not_audited": self.not_audited, "skipped": self.skipped,
-            "confirmation": {"note": self.confirmation_note, "clusters_tested": len(self.confirmations),
-                             "seconds": round(sum(c.seconds for c in self.confirmations.values()), 3)},
+            "blind_spot": self.blind_spot.as_dict(),
+            "not_audited": self.not_audited,
+            "skipped": self.skipped,
+            "confirmation": {
+                "note": self.confirmation_note,
+                "clusters_tested": len(self.confirmations),
+                "seconds": round(sum(c.seconds for c in self.confirmations.values()), 3),
+            },
         }
 
 
@@ -112,32 +124,62 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
         if counts[c] == 0:
             not_audited[names[c]] = _why_no_images(gathered, c, options.by)
     for c in np.flatnonzero((counts > 0) & (counts < options.min_images)):
-        not_audited[names[c]] = f"{counts[c]} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
+        not_audited[names[c]] = (
+            f"{counts[c]} image(s) with a stored map of it, fewer than --min-images {options.min_images}"
+        )
     kept = np.isin(gathered.classes, np.flatnonzero(counts >= options.min_images))
     audited_classes = np.where(kept, gathered.classes, -1)
     rarity = place_rarity(gathered.features.spot_y, gathered.features.spot_x, audited_classes, run.grid)
     # Without a competitor map the evidence is not class-specific (an object's shared parts count): such
     # images take no part in the place findings.
-    place = place_statistics(gathered.features.share, np.where(gathered.features.competitors > 0, audited_classes, -1), len(names))
+    place = place_statistics(
+        gathered.features.share, np.where(gathered.features.competitors > 0, audited_classes, -1), len(names)
+    )
     other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
     to_audit = np.flatnonzero(counts >= options.min_images)
-    audited = [_audit_class(gathered, int(c), names[int(c)], np.flatnonzero(gathered.classes == c),
-                            np.where(gathered.features.competitors > 0, audited_classes, -1), rarity, place,
-                            other_labels, len(to_audit), options.by) for c in to_audit]
+    audited = [
+        _audit_class(
+            gathered,
+            int(c),
+            names[int(c)],
+            np.flatnonzero(gathered.classes == c),
+            np.where(gathered.features.competitors > 0, audited_classes, -1),
+            rarity,
+            place,
+            other_labels,
+            len(to_audit),
+            options.by,
+        )
+        for c in to_audit
+    ]
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
     audited.sort(key=lambda a: a.rank)
-    return AuditResult(classes=_classes_table(audited), clusters=_clusters_table(audited), images=_images_table(audited, gathered, place),
-                       audited=audited, gathered=gathered, blind_spot=check_blind_spot(run, gathered.rows), place=place,
-                       not_audited=not_audited, skipped=skipped)
+    return AuditResult(
+        classes=_classes_table(audited),
+        clusters=_clusters_table(audited),
+        images=_images_table(audited, gathered, place),
+        audited=audited,
+        gathered=gathered,
+        blind_spot=check_blind_spot(run, gathered.rows),
+        place=place,
+        not_audited=not_audited,
+        skipped=skipped,
+    )
 
 
-def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int], Confirmation], notes: list[str]) -> AuditResult:
+def apply_confirmations(
+    result: AuditResult, confirmations: dict[tuple[int, int], Confirmation], notes: list[str]
+) -> AuditResult:
     """Record the model's tests (``confirm.confirm_clusters``) in ``result``: a flagged cluster the model does not rely
     on is unflagged (its score kept), each tested class's reasons say what the tests found, classes are re-ranked
     (flagged first, then by score) and the tables rebuilt."""
     for audit in result.audited:
-        tested = [(c, confirmations[(audit.index, c.cluster)]) for c in audit.clusters if (audit.index, c.cluster) in confirmations]
+        tested = [
+            (c, confirmations[(audit.index, c.cluster)])
+            for c in audit.clusters
+            if (audit.index, c.cluster) in confirmations
+        ]
         for cluster, confirmation in tested:
             if not confirmation.relied_on:
                 cluster.flagged = False
@@ -150,10 +192,16 @@ def apply_confirmations(result: AuditResult, confirmations: dict[tuple[int, int]
     result.audited.sort(key=lambda a: a.rank)
     relied = sum(c.relied_on for c in confirmations.values())
     result.confirmations = confirmations
-    result.confirmation_note = (f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested" if confirmations
-                                else "no flagged cluster to confirm with the model")
+    result.confirmation_note = (
+        f"the model relies on {relied} of the {len(confirmations)} flagged cluster(s) it tested"
+        if confirmations
+        else "no flagged cluster to confirm with the model"
+    )
     result.skipped += notes
-    result.classes, result.clusters = _classes_table(result.audited, confirmations), _clusters_table(result.audited, confirmations)
+    result.classes, result.clusters = (
+        _classes_table(result.audited, confirmations),
+        _clusters_table(result.audited, confirmations),
+    )
     result.images = _images_table(result.audited, result.gathered, result.place)
     return result
 
@@ -182,8 +230,18 @@ def _other_label_counts(gathered: Gathered, kept: np.ndarray, n_classes: int) ->
     return wrong, np.bincount(classes, minlength=n_classes).astype(float)
 
 
-def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarray, audited_classes: np.ndarray, rarity: np.ndarray,
-                 place: PlaceStatistics, other_labels: tuple[np.ndarray, np.ndarray] | None, n_tests: int, by: str) -> ClassAudit:
+def _audit_class(
+    gathered: Gathered,
+    index: int,
+    name: str,
+    positions: np.ndarray,
+    audited_classes: np.ndarray,
+    rarity: np.ndarray,
+    place: PlaceStatistics,
+    other_labels: tuple[np.ndarray, np.ndarray] | None,
+    n_tests: int,
+    by: str,
+) -> ClassAudit:
     features = gathered.features.take(positions)
     descriptors = features.descriptor(rarity[positions])
     clustering = spectral_clusters(descriptors)
@@ -206,47 +264,131 @@ def _audit_class(gathered: Gathered, index: int, name: str, positions: np.ndarra
     groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
     groups = [(members, kind) for members, kind in groups if len(members)]
     effect = {"mark": finding.cue_share, "background": finding.cue_share, "tipping": finding.tipping_excess, "": 0.0}
-    clusters = [describe_cluster(k, members, features, rarity[positions], off_place, descriptors, maps, keys, labels, index, by, kind, effect[kind])
-                for k, (members, kind) in enumerate(groups)]
+    clusters = [
+        describe_cluster(
+            k,
+            members,
+            features,
+            rarity[positions],
+            off_place,
+            descriptors,
+            maps,
+            keys,
+            labels,
+            index,
+            by,
+            kind,
+            effect[kind],
+        )
+        for k, (members, kind) in enumerate(groups)
+    ]
     cluster_of = np.zeros(len(positions), dtype=np.int64)
     for k, (members, _) in enumerate(groups):
         cluster_of[members] = k
     reference = np.sort(place.off_place[(audited_classes >= 0) & (audited_classes != index)])
     image_scores = (np.searchsorted(reference, off_place, side="left") / max(len(reference), 1)).astype(np.float32)
     image_scores[finding.kinds == "tipping"] = 1.0
-    return ClassAudit(index=index, name=name, positions=positions, clusters=clusters, labels=cluster_of,
-                      coordinates=clustering.coordinates, image_scores=image_scores, image_flagged=finding.flagged.copy(),
-                      image_kinds=finding.kinds.astype(str), spots=np.column_stack([features.spot_y, features.spot_x]), finding=finding, eigenvalues=clustering.eigenvalues,
-                      score=finding.score if finding.flagged.any() else min(finding.score, 0.49), reasons=reasons_in_words(finding, clusters, len(positions)))
+    return ClassAudit(
+        index=index,
+        name=name,
+        positions=positions,
+        clusters=clusters,
+        labels=cluster_of,
+        coordinates=clustering.coordinates,
+        image_scores=image_scores,
+        image_flagged=finding.flagged.copy(),
+        image_kinds=finding.kinds.astype(str),
+        spots=np.column_stack([features.spot_y, features.spot_x]),
+        finding=finding,
+        eigenvalues=clustering.eigenvalues,
+        score=finding.score if finding.flagged.any() else min(finding.score, 0.49),
+        reasons=reasons_in_words(finding, clusters, len(positions)),
+    )
 
 
-def _classes_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
+def _classes_table(
+    audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None
+) -> pa.Table:
     confirmations = confirmations or {}
-    tests = {a.index: [confirmations[(a.index, c.cluster)].relied_on for c in a.clusters if (a.index, c.cluster) in confirmations] for a in audited}
-    return pa.Table.from_pylist([
-        {"class": a.index, "class_name": a.name, "n_images": len(a.positions), "score": a.score, "rank": a.rank,
-         "flagged": a.flagged, "reasons": a.reasons, "n_clusters": len(a.clusters),
-         "eigenvalues": a.eigenvalues.astype(np.float32).tolist(), "kinds": [c.kind for c in a.clusters if c.flagged],
-         "place_p": a.finding.place_p, "tipping_p": a.finding.tipping_p,
-         "relied_on": any(tests[a.index]) if tests[a.index] else None} for a in audited], schema=CLASSES_SCHEMA)
+    tests = {
+        a.index: [
+            confirmations[(a.index, c.cluster)].relied_on for c in a.clusters if (a.index, c.cluster) in confirmations
+        ]
+        for a in audited
+    }
+    return pa.Table.from_pylist(
+        [
+            {
+                "class": a.index,
+                "class_name": a.name,
+                "n_images": len(a.positions),
+                "score": a.score,
+                "rank": a.rank,
+                "flagged": a.flagged,
+                "reasons": a.reasons,
+                "n_clusters": len(a.clusters),
+                "eigenvalues": a.eigenvalues.astype(np.float32).tolist(),
+                "kinds": [c.kind for c in a.clusters if c.flagged],
+                "place_p": a.finding.place_p,
+                "tipping_p": a.finding.tipping_p,
+                "relied_on": any(tests[a.index]) if tests[a.index] else None,
+            }
+            for a in audited
+        ],
+        schema=CLASSES_SCHEMA,
+    )
 
 
-def _clusters_table(audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None) -> pa.Table:
+def _clusters_table(
+    audited: list[ClassAudit], confirmations: dict[tuple[int, int], Confirmation] | None = None
+) -> pa.Table:
     confirmations = confirmations or {}
-    tests = {(a.index, c.cluster): confirmations[(a.index, c.cluster)].as_row() if (a.index, c.cluster) in confirmations else unconfirmed_row()
-             for a in audited for c in a.clusters}
-    return pa.Table.from_pylist([
-        {"class": a.index, "cluster": c.cluster, "size": c.size, "share": c.share, "purity": c.purity,
-         "prototype": c.prototype.astype(np.float32).ravel().tolist(), "medoid_key": c.medoid_key, "flagged": c.flagged,
-         "score": c.score, "focus": c.focus, "concentration": c.concentration, "rarity": c.rarity,
-         "other_labels": c.other_labels, "spot_area": c.spot_area, "place": c.place, "centroid_y": c.centroid_y,
-         "centroid_x": c.centroid_x, "spread": c.spread, "border": c.border, "kind": c.kind, "off_place": c.off_place} | tests[(a.index, c.cluster)]
-        for a in audited for c in a.clusters], schema=CLUSTERS_SCHEMA)
+    tests = {
+        (a.index, c.cluster): confirmations[(a.index, c.cluster)].as_row()
+        if (a.index, c.cluster) in confirmations
+        else unconfirmed_row()
+        for a in audited
+        for c in a.clusters
+    }
+    return pa.Table.from_pylist(
+        [
+            {
+                "class": a.index,
+                "cluster": c.cluster,
+                "size": c.size,
+                "share": c.share,
+                "purity": c.purity,
+                "prototype": c.prototype.astype(np.float32).ravel().tolist(),
+                "medoid_key": c.medoid_key,
+                "flagged": c.flagged,
+                "score": c.score,
+                "focus": c.focus,
+                "concentration": c.concentration,
+                "rarity": c.rarity,
+                "other_labels": c.other_labels,
+                "spot_area": c.spot_area,
+                "place": c.place,
+                "centroid_y": c.centroid_y,
+                "centroid_x": c.centroid_x,
+                "spread": c.spread,
+                "border": c.border,
+                "kind": c.kind,
+                "off_place": c.off_place,
+            }
+            | tests[(a.index, c.cluster)]
+            for a in audited
+            for c in a.clusters
+        ],
+        schema=CLUSTERS_SCHEMA,
+    )
 
 
 def _images_table(audited: list[ClassAudit], gathered: Gathered, place: PlaceStatistics) -> pa.Table:
     """One row per audited image, in row order."""
-    parts = [(a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged, a.image_kinds, a.spots) for a in audited]
+    parts = [
+        (a.positions, a.index, a.labels, a.coordinates, a.image_scores, a.image_flagged, a.image_kinds, a.spots)
+        for a in audited
+    ]
     if not parts:
         return IMAGES_SCHEMA.empty_table()
     positions = np.concatenate([p[0] for p in parts])
@@ -254,18 +396,23 @@ def _images_table(audited: list[ClassAudit], gathered: Gathered, place: PlaceSta
     positions = positions[order]
     coordinates = np.concatenate([p[3] for p in parts])[order]
     spots = np.concatenate([p[7] for p in parts])[order]
-    return pa.table({
-        "key": pa.array(gathered.keys[positions].tolist(), pa.string()),
-        "row": pa.array(gathered.rows[positions], pa.int64()),
-        "class": pa.array(np.concatenate([np.full(len(p[0]), p[1]) for p in parts])[order], pa.int32()),
-        "cluster": pa.array(np.concatenate([p[2] for p in parts])[order], pa.int32()),
-        "x": pa.array(coordinates[:, 0], pa.float32()), "y": pa.array(coordinates[:, 1], pa.float32()),
-        "score": pa.array(np.concatenate([p[4] for p in parts])[order], pa.float32()),
-        "flagged": pa.array(np.concatenate([p[5] for p in parts])[order], pa.bool_()),
-        "spot_y": pa.array(spots[:, 0], pa.float32()), "spot_x": pa.array(spots[:, 1], pa.float32()),
-        "kind": pa.array(np.concatenate([p[6] for p in parts])[order].tolist(), pa.string()),
-        "off_place": pa.array(place.off_place[positions], pa.float32()),
-    }, schema=IMAGES_SCHEMA)
+    return pa.table(
+        {
+            "key": pa.array(gathered.keys[positions].tolist(), pa.string()),
+            "row": pa.array(gathered.rows[positions], pa.int64()),
+            "class": pa.array(np.concatenate([np.full(len(p[0]), p[1]) for p in parts])[order], pa.int32()),
+            "cluster": pa.array(np.concatenate([p[2] for p in parts])[order], pa.int32()),
+            "x": pa.array(coordinates[:, 0], pa.float32()),
+            "y": pa.array(coordinates[:, 1], pa.float32()),
+            "score": pa.array(np.concatenate([p[4] for p in parts])[order], pa.float32()),
+            "flagged": pa.array(np.concatenate([p[5] for p in parts])[order], pa.bool_()),
+            "spot_y": pa.array(spots[:, 0], pa.float32()),
+            "spot_x": pa.array(spots[:, 1], pa.float32()),
+            "kind": pa.array(np.concatenate([p[6] for p in parts])[order].tolist(), pa.string()),
+            "off_place": pa.array(place.off_place[positions], pa.float32()),
+        },
+        schema=IMAGES_SCHEMA,
+    )
 
 
 def _error_notes(run: Run) -> list[str]:
@@ -274,7 +421,7 @@ def _error_notes(run: Run) -> list[str]:
     samples = len(keys) - keys.null_count
     notes = [f"{samples} sample(s) listed in errors/ could not be explained: not audited"] if samples else []
     if keys.null_count:
-        notes.append(f"{keys.null_count} shard-level error(s) in errors/ (cdam query {run.url} \"SELECT * FROM errors\")")
+        notes.append(f'{keys.null_count} shard-level error(s) in errors/ (cdam query {run.url} "SELECT * FROM errors")')
     return notes
 
 
@@ -285,17 +432,23 @@ def _left_out_notes(gathered: Gathered, names: list[str], by: str) -> list[str]:
         notes.append(f"{gathered.no_label} image(s) without a label: not audited (--by label)")
     if gathered.no_map:
         total = sum(gathered.no_map.values())
-        notes.append(f"{total} image(s) have no stored map of their {'predicted class' if by == 'pred' else 'label'} "
-                     f"(not among the run's --targets), in {len(gathered.no_map)} class(es): not audited")
+        notes.append(
+            f"{total} image(s) have no stored map of their {'predicted class' if by == 'pred' else 'label'} "
+            f"(not among the run's --targets), in {len(gathered.no_map)} class(es): not audited"
+        )
     if gathered.unreadable:
         total = sum(gathered.unreadable.values())
-        notes.append(f"{total} image(s) whose map reads NaN (a row never written or a damaged chunk), in {len(gathered.unreadable)} class(es): not audited")
+        notes.append(
+            f"{total} image(s) whose map reads NaN (a row never written or a damaged chunk), in {len(gathered.unreadable)} class(es): not audited"
+        )
     return notes
 
 
 def _why_no_images(gathered: Gathered, c: int, by: str) -> str:
     if gathered.no_map.get(c):
-        return f"none of its {gathered.no_map[c]} image(s) has a stored map of it (the run's --targets did not include it)"
+        return (
+            f"none of its {gathered.no_map[c]} image(s) has a stored map of it (the run's --targets did not include it)"
+        )
     if gathered.unreadable.get(c):
         return f"the maps of all {gathered.unreadable[c]} of its image(s) read NaN"
     return f"no image is {'predicted as' if by == 'pred' else 'labelled'} it"

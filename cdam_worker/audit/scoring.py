@@ -61,9 +61,21 @@ class ClusterReport:
     off_place: float  # median share of the images' evidence off the class's usual region (cues.py)
 
 
-def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures, rarity: np.ndarray, off_place: np.ndarray,
-                     descriptors: np.ndarray, class_maps: np.ndarray, keys: np.ndarray, labels: np.ndarray, class_index: int, by: str,
-                     kind: str, score: float) -> ClusterReport:
+def describe_cluster(
+    cluster: int,
+    members: np.ndarray,
+    features: ImageFeatures,
+    rarity: np.ndarray,
+    off_place: np.ndarray,
+    descriptors: np.ndarray,
+    class_maps: np.ndarray,
+    keys: np.ndarray,
+    labels: np.ndarray,
+    class_index: int,
+    by: str,
+    kind: str,
+    score: float,
+) -> ClusterReport:
     """Statistics of the cluster made of ``members`` (indices into the class's images), with its finding's
     ``kind`` and ``score`` (a cluster with a kind is flagged)."""
     grid = class_maps.shape[1:]
@@ -75,12 +87,26 @@ def describe_cluster(cluster: int, members: np.ndarray, features: ImageFeatures,
     medoid = members[int(np.argmin(((descriptors[members] - centre) ** 2).sum(axis=1)))]
     width = spot_width(grid)
     return ClusterReport(
-        cluster=cluster, size=len(members), share=len(members) / len(class_maps), purity=purity, prototype=class_maps[members].mean(axis=0),
-        medoid_key=str(keys[medoid]), focus=float(np.median(mine.spot)), concentration=float(np.median(concentration_of(mine.spot, grid))),
-        rarity=float(np.median(rarity[members])), other_labels=other_labels, score=score, flagged=bool(kind),
-        centroid_y=float(mine.centroid_y.mean()), centroid_x=float(mine.centroid_x.mean()), spread=float(mine.spread.mean()),
-        border=float(mine.border.mean()), spot_area=width * width / (grid[0] * grid[1]),
-        place=place_in_words(mine.spot_y, mine.spot_x, grid), kind=kind, off_place=float(np.median(off_place[members])),
+        cluster=cluster,
+        size=len(members),
+        share=len(members) / len(class_maps),
+        purity=purity,
+        prototype=class_maps[members].mean(axis=0),
+        medoid_key=str(keys[medoid]),
+        focus=float(np.median(mine.spot)),
+        concentration=float(np.median(concentration_of(mine.spot, grid))),
+        rarity=float(np.median(rarity[members])),
+        other_labels=other_labels,
+        score=score,
+        flagged=bool(kind),
+        centroid_y=float(mine.centroid_y.mean()),
+        centroid_x=float(mine.centroid_x.mean()),
+        spread=float(mine.spread.mean()),
+        border=float(mine.border.mean()),
+        spot_area=width * width / (grid[0] * grid[1]),
+        place=place_in_words(mine.spot_y, mine.spot_x, grid),
+        kind=kind,
+        off_place=float(np.median(off_place[members])),
     )
 
 
@@ -97,11 +123,15 @@ def reasons_in_words(finding: Finding, clusters: list[ClusterReport], n_images: 
     for c in (c for c in clusters if c.flagged):
         text = f"{KIND_WORDS[c.kind]}: {c.size} of {n_images} images ({c.share:.0%})"
         if c.kind == "mark":
-            text += (f" put {c.focus:.0%} of their evidence on a spot of {c.spot_area:.0%} of the area, {c.place}, "
-                     f"off where the other classes' evidence lies ({c.off_place:.0%} of it)")
+            text += (
+                f" put {c.focus:.0%} of their evidence on a spot of {c.spot_area:.0%} of the area, {c.place}, "
+                f"off where the other classes' evidence lies ({c.off_place:.0%} of it)"
+            )
         elif c.kind == "background":
-            text += (f" have {c.off_place:.0%} of their evidence off where the other classes' evidence lies, spread over the "
-                     "surroundings rather than on a compact object")
+            text += (
+                f" have {c.off_place:.0%} of their evidence off where the other classes' evidence lies, spread over the "
+                "surroundings rather than on a compact object"
+            )
         else:
             text += " are labelled as other classes, far more often than the run's other classes are confused"
         if c.kind != "tipping" and c.other_labels:
@@ -110,8 +140,10 @@ def reasons_in_words(finding: Finding, clusters: list[ClusterReport], n_images: 
         parts.append(text)
     if parts:
         return "; ".join(parts)
-    text = (f"nothing significant: {finding.place_excess:.0%} more images than expected have their evidence off where the "
-            f"other classes' lies (p = {finding.place_p:.2g})")
+    text = (
+        f"nothing significant: {finding.place_excess:.0%} more images than expected have their evidence off where the "
+        f"other classes' lies (p = {finding.place_p:.2g})"
+    )
     if finding.tipping_p < 1.0:
         text += f"; label disagreement p = {finding.tipping_p:.2g}"
     return text
@@ -162,5 +194,3 @@ def _on_border(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]) ->
     margin_y = spot_width(grid) / grid[0]
     margin_x = spot_width(grid) / grid[1]
     return (spot_y <= margin_y) | (spot_y >= 1 - margin_y) | (spot_x <= margin_x) | (spot_x >= 1 - margin_x)
-
-

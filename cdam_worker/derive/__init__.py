@@ -11,18 +11,40 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "DerivePlan": "compute", "DerivedRows": "compute", "basis_class_maps": "compute", "derive_maps": "compute",
-    "derive_rows": "compute", "plan_derive": "compute",
-    "DerivedSummary": "store", "check_name": "store", "verify_derived": "store", "write_derived": "store",
+    "DerivePlan": "compute",
+    "DerivedRows": "compute",
+    "basis_class_maps": "compute",
+    "derive_maps": "compute",
+    "derive_rows": "compute",
+    "plan_derive": "compute",
+    "DerivedSummary": "store",
+    "check_name": "store",
+    "verify_derived": "store",
+    "write_derived": "store",
 }
 
 __all__ = [  # the same names as _EXPORTS, spelled out for linters and type checkers
-    "DerivePlan", "DerivedRows", "DerivedSummary", "basis_class_maps", "check_name", "derive_maps", "derive_rows",
-    "plan_derive", "verify_derived", "write_derived",
+    "DerivePlan",
+    "DerivedRows",
+    "DerivedSummary",
+    "basis_class_maps",
+    "check_name",
+    "derive_maps",
+    "derive_rows",
+    "plan_derive",
+    "verify_derived",
+    "write_derived",
 ]
 
 if TYPE_CHECKING:
-    from cdam_worker.derive.compute import DerivedRows, DerivePlan, basis_class_maps, derive_maps, derive_rows, plan_derive
+    from cdam_worker.derive.compute import (
+        DerivedRows,
+        DerivePlan,
+        basis_class_maps,
+        derive_maps,
+        derive_rows,
+        plan_derive,
+    )
     from cdam_worker.derive.store import DerivedSummary, check_name, verify_derived, write_derived
 
 

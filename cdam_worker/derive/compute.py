@@ -49,7 +49,10 @@ class DerivePlan:
         names = np.array([*self.class_names, *(c.name for c in self.concepts)], dtype=object)
         n_classes = target_class.shape[1] - len(self.concepts)
         concept_index = len(self.class_names) + np.arange(len(self.concepts))
-        index = np.concatenate([target_class[:, :n_classes], np.broadcast_to(concept_index, (len(target_class), len(self.concepts)))], axis=1)
+        index = np.concatenate(
+            [target_class[:, :n_classes], np.broadcast_to(concept_index, (len(target_class), len(self.concepts)))],
+            axis=1,
+        )
         return names[index].tolist()
 
 
@@ -64,14 +67,18 @@ class DerivedRows:
     skipped: dict[int, str]  # row -> why it was not derived
 
 
-def plan_derive(run: Run, targets: str, concepts: Sequence[Concept | str] = (), model: ModelSpec | None = None) -> DerivePlan:
+def plan_derive(
+    run: Run, targets: str, concepts: Sequence[Concept | str] = (), model: ModelSpec | None = None
+) -> DerivePlan:
     """Check that ``run`` can derive ``targets`` and ``concepts``; RunError (one line) when it cannot.
 
     ``concepts`` are Concept objects or ``NAME=FILE|FOLDER[:cosine]`` arguments; a folder of example images
     is embedded with the run's model (``model``, else as the manifest records it), which nothing else needs.
     """
     if not run.has_basis:
-        raise RunError(f"{run.url} has no relevance basis: maps can be derived only from a run made with `cdam explain ... --store-basis`")
+        raise RunError(
+            f"{run.url} has no relevance basis: maps can be derived only from a run made with `cdam explain ... --store-basis`"
+        )
     try:
         spec = TargetSpec.parse(targets, run.class_names)
     except ValueError as error:
@@ -81,7 +88,9 @@ def plan_derive(run: Run, targets: str, concepts: Sequence[Concept | str] = (), 
     for concept in concepts:
         if isinstance(concept, Concept):
             if concept.vector.numel() != embed_dim:
-                raise RunError(f"concept {concept.name!r} has {concept.vector.numel()} dims, the run's embedding has {embed_dim}")
+                raise RunError(
+                    f"concept {concept.name!r} has {concept.vector.numel()} dims, the run's embedding has {embed_dim}"
+                )
             loaded.append(concept)
             continue
         try:
@@ -92,8 +101,12 @@ def plan_derive(run: Run, targets: str, concepts: Sequence[Concept | str] = (), 
         raise RunError("--targets none derives nothing: give classes (e.g. classes:3,zebra, topk:2, all) or --concepts")
     head = run.head
     if spec.kind != "none" and head is None:
-        raise RunError(f"{run.url} stores no linear head (a run made before heads were stored with the basis): only concepts can be derived; rerun `cdam explain ... --store-basis` to derive classes")
-    return DerivePlan(spec, tuple(loaded), torch.from_numpy(head[0]) if head is not None else None, tuple(run.class_names))
+        raise RunError(
+            f"{run.url} stores no linear head (a run made before heads were stored with the basis): only concepts can be derived; rerun `cdam explain ... --store-basis` to derive classes"
+        )
+    return DerivePlan(
+        spec, tuple(loaded), torch.from_numpy(head[0]) if head is not None else None, tuple(run.class_names)
+    )
 
 
 def derive_rows(run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarray | None = None) -> DerivedRows:
@@ -109,11 +122,16 @@ def derive_rows(run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarray
     target_class = np.full((n, n_slots), INT_FILL, dtype=np.int32)
     embedding = run.read_rows("embedding", rows)
     basis = run.read_rows("basis", rows)
-    reasons = {"its basis or embedding is not written (reads NaN)": np.isnan(basis).reshape(n, -1).any(axis=1) | np.isnan(embedding).any(axis=1)}
+    reasons = {
+        "its basis or embedding is not written (reads NaN)": np.isnan(basis).reshape(n, -1).any(axis=1)
+        | np.isnan(embedding).any(axis=1)
+    }
     if plan.spec.kind == "label":
         labels = np.full(n, -1) if labels is None else np.asarray(labels)
         reasons["no cls label (targets 'label')"] = labels < 0
-        reasons[f"its label is out of range for the run's {len(plan.class_names)} classes"] = labels >= len(plan.class_names)
+        reasons[f"its label is out of range for the run's {len(plan.class_names)} classes"] = labels >= len(
+            plan.class_names
+        )
     skipped: dict[int, str] = {}
     derived = np.ones(n, dtype=bool)
     for reason, mask in reasons.items():
@@ -123,10 +141,20 @@ def derive_rows(run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarray
     if good.size:
         h = torch.from_numpy(embedding[good]).float()
         classes = plan.spec.resolve(
-            torch.from_numpy(run.read_rows("logits", rows[good])) if plan.spec.kind == "topk" else h.new_zeros(len(good), len(plan.class_names)),
+            torch.from_numpy(run.read_rows("logits", rows[good]))
+            if plan.spec.kind == "topk"
+            else h.new_zeros(len(good), len(plan.class_names)),
             torch.from_numpy(labels[good]) if plan.spec.kind == "label" else None,
         )
-        directions = torch.cat([class_directions(plan.head_weight, classes) if classes.shape[1] else h.new_zeros(len(good), 0, h.shape[1]), concept_directions(plan.concepts, h)], dim=1)
+        directions = torch.cat(
+            [
+                class_directions(plan.head_weight, classes)
+                if classes.shape[1]
+                else h.new_zeros(len(good), 0, h.shape[1]),
+                concept_directions(plan.concepts, h),
+            ],
+            dim=1,
+        )
         good_basis = torch.from_numpy(basis[good]).float().flatten(2)  # (n, D, N)
         maps[good] = maps_from_basis(directions, good_basis.transpose(1, 2)).reshape(len(good), n_slots, gh, gw).numpy()
         target_class[good] = torch.cat([classes, classes.new_full((len(good), len(plan.concepts)), -1)], dim=1).numpy()
@@ -138,7 +166,9 @@ def basis_class_maps(run: Run, rows: np.ndarray, classes: np.ndarray) -> np.ndar
     for a negative class or a row whose basis is not written. RunError without a basis and head."""
     head = run.head
     if not run.has_basis or head is None:
-        raise RunError(f"{run.url} has no relevance basis and head to derive class maps from (a run made with --store-basis has)")
+        raise RunError(
+            f"{run.url} has no relevance basis and head to derive class maps from (a run made with --store-basis has)"
+        )
     classes = torch.from_numpy(np.asarray(classes, dtype=np.int64))
     basis = torch.from_numpy(run.read_rows("basis", rows)).float().flatten(2)  # (n, D, N)
     maps = maps_from_basis(class_directions(torch.from_numpy(head[0]), classes.clamp_min(0)), basis.transpose(1, 2))
@@ -146,13 +176,19 @@ def basis_class_maps(run: Run, rows: np.ndarray, classes: np.ndarray) -> np.ndar
     return maps.reshape(*classes.shape, *run.grid).numpy()
 
 
-def iter_derived(run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarray | None = None, step: int = READ_ROWS) -> Iterator[DerivedRows]:
+def iter_derived(
+    run: Run, plan: DerivePlan, rows: np.ndarray, labels: np.ndarray | None = None, step: int = READ_ROWS
+) -> Iterator[DerivedRows]:
     """:func:`derive_rows` a step of rows at a time (the basis of ``step`` images in memory at once)."""
     for start in range(0, len(rows), step):
-        yield derive_rows(run, plan, rows[start : start + step], None if labels is None else labels[start : start + step])
+        yield derive_rows(
+            run, plan, rows[start : start + step], None if labels is None else labels[start : start + step]
+        )
 
 
-def derive_maps(run: Run, targets: str = "none", keys: Sequence[str] | None = None, concepts: Sequence[Concept | str] = ()) -> xr.DataArray:
+def derive_maps(
+    run: Run, targets: str = "none", keys: Sequence[str] | None = None, concepts: Sequence[Concept | str] = ()
+) -> xr.DataArray:
     """CDAM of any classes (``targets``: ``classes:3,zebra``, ``topk:K``, ``label``, ``all``, ``none``) and ``concepts``
     (Concept objects or ``NAME=FILE|FOLDER[:cosine]``) for ``keys``, computed from the run's stored basis without the
     model: a DataArray (image, target, y, x) with ``key``, ``row`` and ``target_class`` coordinates.

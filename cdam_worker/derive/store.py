@@ -79,11 +79,17 @@ def write_derived(run: Run, plan: DerivePlan, name: str, overwrite: bool = False
         manifest = read_json(storage, derived_manifest_path(name))
         if manifest is not None and manifest.get("fingerprint") != fingerprint(settings) and not overwrite:
             differs = settings_difference(manifest.get("settings", {}), settings)
-            raise RunError(f"derived maps {name!r} of {run.url} were made with other settings ({differs}); use another --name, or --overwrite")
+            raise RunError(
+                f"derived maps {name!r} of {run.url} were made with other settings ({differs}); use another --name, or --overwrite"
+            )
         if manifest is None or overwrite:  # a fresh start: clear what an interrupted first attempt left
             _delete(storage, name)
             _create_arrays(run, name, plan.n_slots)
-            write_json(storage, derived_manifest_path(name), {"status": "running", "fingerprint": fingerprint(settings), "settings": settings})
+            write_json(
+                storage,
+                derived_manifest_path(name),
+                {"status": "running", "fingerprint": fingerprint(settings), "settings": settings},
+            )
         done = set(storage.list(f"{root}/markers"))
         todo = [s for s in run.shards if s.complete and derived_marker_path(name, s.index) not in done]
         group = open_zarr(storage, mode="r+")
@@ -92,13 +98,17 @@ def write_derived(run: Run, plan: DerivePlan, name: str, overwrite: bool = False
         shard_of = np.asarray(index.column("shard").to_pylist(), dtype=object)
         all_rows = index.column("row").to_numpy()
         all_keys = np.asarray(index.column("key").to_pylist(), dtype=object)
-        all_labels = np.asarray([-1 if label is None else label for label in index.column("label").to_pylist()], dtype=np.int64)
+        all_labels = np.asarray(
+            [-1 if label is None else label for label in index.column("label").to_pylist()], dtype=np.int64
+        )
         summary = DerivedSummary(name, "partial", 0, sum(s.complete for s in run.shards) - len(todo), 0)
         n_rows = sum(int((shard_of == s.name).sum()) for s in todo)
         with tqdm(total=n_rows, desc=f"deriving {name}", unit="img", file=sys.stderr, disable=n_rows == 0) as bar:
             for shard in todo:
                 mine = shard_of == shard.name
-                marker = _derive_shard(run, plan, name, shard, arrays, all_rows[mine], all_labels[mine], all_keys[mine], bar, check_lock)
+                marker = _derive_shard(
+                    run, plan, name, shard, arrays, all_rows[mine], all_labels[mine], all_keys[mine], bar, check_lock
+                )
                 summary.shards_derived += 1
                 summary.images += marker["n_images"]
                 summary.skipped += marker["skipped"]
@@ -111,7 +121,9 @@ def _settings(run: Run, plan: DerivePlan) -> dict[str, Any]:
     """What defines the derived bytes: a resume must repeat it."""
     return {
         "targets": str(plan.spec),
-        "concepts": [{"name": c.name, "similarity": c.similarity, "vector": c.vector.float().tolist()} for c in plan.concepts],
+        "concepts": [
+            {"name": c.name, "similarity": c.similarity, "vector": c.vector.float().tolist()} for c in plan.concepts
+        ],
         "run_fingerprint": run.attrs.get("run_fingerprint"),
         "n_slots": plan.n_slots,
         "maps_dtype": str(run.group["cdam"].dtype),
@@ -133,12 +145,30 @@ def _create_arrays(run: Run, name: str, n_slots: int) -> None:
         ("cdam", (n_rows, n_slots, gh, gw), cdam.dtype, FLOAT_FILL, ("image", "target", "y", "x")),
         ("target_class", (n_rows, n_slots), np.dtype("int32"), INT_FILL, ("image", "target")),
     ):
-        group.create_array(array, shape=shape, chunks=(CHUNK_ROWS, *shape[1:]), dtype=dtype, fill_value=fill,
-                           dimension_names=dims, compressors=ZstdCodec(level=3), overwrite=True)
+        group.create_array(
+            array,
+            shape=shape,
+            chunks=(CHUNK_ROWS, *shape[1:]),
+            dtype=dtype,
+            fill_value=fill,
+            dimension_names=dims,
+            compressors=ZstdCodec(level=3),
+            overwrite=True,
+        )
 
 
-def _derive_shard(run: Run, plan: DerivePlan, name: str, shard: ShardInfo, arrays: dict[str, zarr.Array],
-                  rows: np.ndarray, labels: np.ndarray, keys: np.ndarray, bar: tqdm, check_lock) -> dict[str, Any]:
+def _derive_shard(
+    run: Run,
+    plan: DerivePlan,
+    name: str,
+    shard: ShardInfo,
+    arrays: dict[str, zarr.Array],
+    rows: np.ndarray,
+    labels: np.ndarray,
+    keys: np.ndarray,
+    bar: tqdm,
+    check_lock,
+) -> dict[str, Any]:
     """Derive one shard's block in steps of whole chunks, then write its statistics and, last, its marker."""
     from cdam_worker.derive.compute import derive_rows
 
@@ -151,8 +181,10 @@ def _derive_shard(run: Run, plan: DerivePlan, name: str, shard: ShardInfo, array
     key_of = dict(zip(rows.tolist(), keys.tolist()))
     for start in range(first, first + rows_per_shard, READ_ROWS):
         stop = min(start + READ_ROWS, first + rows_per_shard)
-        block = {"cdam": np.full((stop - start, n_slots, gh, gw), FLOAT_FILL, dtype=arrays["cdam"].dtype),
-                 "target_class": np.full((stop - start, n_slots), INT_FILL, dtype=np.int32)}
+        block = {
+            "cdam": np.full((stop - start, n_slots, gh, gw), FLOAT_FILL, dtype=arrays["cdam"].dtype),
+            "target_class": np.full((stop - start, n_slots), INT_FILL, dtype=np.int32),
+        }
         inside = (rows >= start) & (rows < stop)
         if inside.any():
             part = derive_rows(run, plan, rows[inside], labels[inside])
@@ -171,8 +203,15 @@ def _derive_shard(run: Run, plan: DerivePlan, name: str, shard: ShardInfo, array
     table = pa.concat_tables(tables) if tables else DERIVED_METADATA_SCHEMA.empty_table()
     checksums = {array: digest.hexdigest() for array, digest in hashes.items()}
     checksums["metadata"] = _put_table(run.storage, derived_table_path(name, shard.index, shard.name), table)
-    marker = {"shard": shard.name, "shard_index": shard.index, "n_images": table.num_rows, "n_skipped": len(skipped),
-              "skipped": skipped[:SKIPPED_LISTED], "rows_checked": rows_per_shard, "checksums": checksums}
+    marker = {
+        "shard": shard.name,
+        "shard_index": shard.index,
+        "n_images": table.num_rows,
+        "n_skipped": len(skipped),
+        "skipped": skipped[:SKIPPED_LISTED],
+        "rows_checked": rows_per_shard,
+        "checksums": checksums,
+    }
     write_json(run.storage, derived_marker_path(name, shard.index), marker)
     return {**marker, "skipped": skipped}
 
@@ -210,23 +249,35 @@ def _finish(run: Run, name: str, settings: dict[str, Any]) -> str:
     """Write the combined statistics and the manifest from the shards' markers; returns the status."""
     storage = run.storage
     root = derived_root(name)
-    markers = [marker for s in run.shards if (marker := read_json(storage, derived_marker_path(name, s.index))) is not None]
-    tables = [pq.read_table(io.BytesIO(storage.get(derived_table_path(name, m["shard_index"], m["shard"])))) for m in markers]
+    markers = [
+        marker for s in run.shards if (marker := read_json(storage, derived_marker_path(name, s.index))) is not None
+    ]
+    tables = [
+        pq.read_table(io.BytesIO(storage.get(derived_table_path(name, m["shard_index"], m["shard"])))) for m in markers
+    ]
     table = pa.concat_tables(tables).sort_by("row") if tables else DERIVED_METADATA_SCHEMA.empty_table()
     metadata_checksum = _put_table(storage, f"{root}/metadata.parquet", table)
     status = "complete" if len(markers) == len(run.shards) else "partial"
-    write_json(storage, derived_manifest_path(name), {
-        "status": status,
-        "fingerprint": fingerprint(settings),
-        "settings": settings,
-        "shards": [{key: m[key] for key in ("shard", "shard_index", "n_images", "n_skipped", "checksums")} for m in markers],
-        "totals": {"images": sum(m["n_images"] for m in markers), "skipped": sum(m["n_skipped"] for m in markers)},
-        "metadata_checksum": metadata_checksum,
-    })
+    write_json(
+        storage,
+        derived_manifest_path(name),
+        {
+            "status": status,
+            "fingerprint": fingerprint(settings),
+            "settings": settings,
+            "shards": [
+                {key: m[key] for key in ("shard", "shard_index", "n_images", "n_skipped", "checksums")} for m in markers
+            ],
+            "totals": {"images": sum(m["n_images"] for m in markers), "skipped": sum(m["n_skipped"] for m in markers)},
+            "metadata_checksum": metadata_checksum,
+        },
+    )
     return status
 
 
-def verify_derived(storage: Storage, group: zarr.Group, settings_shards: list[dict[str, Any]], rows_per_shard: int, completed: set[int]) -> list[str]:
+def verify_derived(
+    storage: Storage, group: zarr.Group, settings_shards: list[dict[str, Any]], rows_per_shard: int, completed: set[int]
+) -> list[str]:
     """Every problem of the run's derivations (``cdam verify``): markers of the run's completed shards,
     block and table checksums, row counts, the combined table and the manifest."""
     names = sorted({path.split("/")[1] for path in storage.list(DERIVED_GROUP) if path.count("/") >= 2})
@@ -235,25 +286,40 @@ def verify_derived(storage: Storage, group: zarr.Group, settings_shards: list[di
         root = derived_root(name)
         manifest = read_json(storage, derived_manifest_path(name))
         if manifest is None:
-            problems.append(f"derived {name}: no manifest.json (a first `cdam derive --name {name}` was cut off; rerun it)")
+            problems.append(
+                f"derived {name}: no manifest.json (a first `cdam derive --name {name}` was cut off; rerun it)"
+            )
             continue
         if manifest.get("fingerprint") != fingerprint(manifest.get("settings", {})):
-            problems.append(f"derived {name}: manifest fingerprint does not match its settings (the manifest was edited)")
+            problems.append(
+                f"derived {name}: manifest fingerprint does not match its settings (the manifest was edited)"
+            )
         if manifest.get("status") == "running":
-            problems.append(f"derived {name}: status is 'running' (cut off, or still running: rerun the same `cdam derive`)")
+            problems.append(
+                f"derived {name}: status is 'running' (cut off, or still running: rerun the same `cdam derive`)"
+            )
         total = 0
         for entry in settings_shards:
             index = int(entry["index"])
             marker = read_json(storage, derived_marker_path(name, index))
             if marker is None:
                 if index in completed:
-                    problems.append(f"derived {name}: shard {index} is not derived (rerun the same `cdam derive` to finish it)")
+                    problems.append(
+                        f"derived {name}: shard {index} is not derived (rerun the same `cdam derive` to finish it)"
+                    )
                 continue
             total += marker["n_images"]
-            problems += [f"derived {name}: shard {marker['shard']}: {p}" for p in _check_shard(storage, group, name, marker, index * rows_per_shard)]
-        metadata = read_checked_table(storage, f"{root}/metadata.parquet", manifest.get("metadata_checksum"), problems, f"derived {name}: ")
+            problems += [
+                f"derived {name}: shard {marker['shard']}: {p}"
+                for p in _check_shard(storage, group, name, marker, index * rows_per_shard)
+            ]
+        metadata = read_checked_table(
+            storage, f"{root}/metadata.parquet", manifest.get("metadata_checksum"), problems, f"derived {name}: "
+        )
         if metadata is not None and manifest.get("status") != "running" and metadata.num_rows != total:
-            problems.append(f"derived {name}: metadata.parquet has {metadata.num_rows} rows, the shards' markers {total}")
+            problems.append(
+                f"derived {name}: metadata.parquet has {metadata.num_rows} rows, the shards' markers {total}"
+            )
     return problems
 
 

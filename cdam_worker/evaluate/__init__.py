@@ -3,6 +3,13 @@
 gradient-weighted attention and relevance propagation), ``methods`` (every method's maps from a model),
 ``sanity`` (randomisation checks), ``robustness`` (max-sensitivity, FGSM), ``benchmark`` (``cdam evaluate``)."""
 
-from cdam_worker.evaluate.benchmark import EvaluateSettings, Evaluation, evaluate_run, format_summary, methods_of, write_evaluation
+from cdam_worker.evaluate.benchmark import (
+    EvaluateSettings,
+    Evaluation,
+    evaluate_run,
+    format_summary,
+    methods_of,
+    write_evaluation,
+)
 
 __all__ = ["EvaluateSettings", "Evaluation", "evaluate_run", "format_summary", "methods_of", "write_evaluation"]

@@ -54,6 +54,7 @@ STORED = ("CDAM", "Smooth CDAM", "Integrated CDAM", AM)  # read from the run whe
 BOOTSTRAP_RESAMPLES = 1000
 LOGIT_TOLERANCE = 1e-3  # relative; beyond it the model (or the image decoding) does not reproduce the run
 
+
 @dataclass(frozen=True)
 class EvaluateSettings:
     """How many images (a seeded sample), which methods, how many deletion steps, how big the batches are, where
@@ -75,9 +76,13 @@ class EvaluateSettings:
 
     def __post_init__(self) -> None:
         if min(self.sample, self.steps, self.batch) < 1:
-            raise RunError(f"--sample, --steps and --batch-size must be at least 1 (got {self.sample}, {self.steps}, {self.batch})")
+            raise RunError(
+                f"--sample, --steps and --batch-size must be at least 1 (got {self.sample}, {self.steps}, {self.batch})"
+            )
         if min(self.ig_steps, self.smoothgrad_samples, self.perturbations) < 1 or min(self.sanity, self.robustness) < 0:
-            raise RunError("--ig-steps, --smoothgrad-samples and --perturbations must be at least 1, --sanity and --robustness at least 0")
+            raise RunError(
+                "--ig-steps, --smoothgrad-samples and --perturbations must be at least 1, --sanity and --robustness at least 0"
+            )
         if not (self.radius > 0 and self.fgsm_eps > 0):
             raise RunError(f"--radius and --fgsm-eps must be positive (got {self.radius}, {self.fgsm_eps})")
         try:
@@ -89,7 +94,9 @@ class EvaluateSettings:
         except RuntimeError as error:
             raise RunError(f"--device {self.device!r}: {error}") from None
         if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-            raise RunError(f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)")
+            raise RunError(
+                f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)"
+            )
 
 
 @dataclass
@@ -107,7 +114,9 @@ def methods_of(run: Run, with_model: bool, selected: str = "cheap") -> list[str]
     variant = run.attrs.get("variant", {}).get("variant", "vanilla")
     cdam = []
     if "CDAM" in names:
-        cdam = [CDAM_NAMES["vanilla"]] if variant == "vanilla" or with_model else []  # vanilla CDAM of a Smooth run: the engine
+        cdam = (
+            [CDAM_NAMES["vanilla"]] if variant == "vanilla" or with_model else []
+        )  # vanilla CDAM of a Smooth run: the engine
         if variant != "vanilla":
             cdam.append(CDAM_NAMES[variant])
     return cdam + [name for name in names if name != "CDAM" and (with_model or name == AM)]
@@ -117,9 +126,11 @@ def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings
     """Measure every method on a seeded sample of the run's images (``model`` None: stored maps only)."""
     notes = list(run.skipped)
     if model is None:
-        notes.append("measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: the model-side methods "
-                     "(TAM, input x gradient, rollout, the attention-gradient methods, IG, SmoothGrad), correctness, the deletion and insertion curves, "
-                     "the sanity and robustness checks")
+        notes.append(
+            "measured without the model: the stored maps' (CDAM, AM) compactness, Gini and class sensitivity; skipped: the model-side methods "
+            "(TAM, input x gradient, rollout, the attention-gradient methods, IG, SmoothGrad), correctness, the deletion and insertion curves, "
+            "the sanity and robustness checks"
+        )
     rows, keys, classes = _sample(run, settings)
     methods = methods_of(run, model is not None, settings.methods)
     chunk_evaluator = _ChunkEvaluator(run, model, settings, methods, notes)
@@ -137,15 +148,29 @@ def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings
     if chunk_evaluator.maps is not None:
         model_side = [m for m in methods if m in BY_NAME]
         if len(model_side) < len(methods) and (settings.sanity or settings.robustness):
-            notes.append(f"{', '.join(m for m in methods if m not in BY_NAME)}: not in the sanity and robustness checks (vanilla CDAM is)")
+            notes.append(
+                f"{', '.join(m for m in methods if m not in BY_NAME)}: not in the sanity and robustness checks (vanilla CDAM is)"
+            )
         if settings.sanity and model_side:
             head_rows = slice(0, settings.sanity)
-            sanity, per_image = sanity_checks(run, model, chunk_evaluator, model_side, rows[head_rows], keys[head_rows], classes[head_rows, :1], settings, notes)
+            sanity, per_image = sanity_checks(
+                run,
+                model,
+                chunk_evaluator,
+                model_side,
+                rows[head_rows],
+                keys[head_rows],
+                classes[head_rows, :1],
+                settings,
+                notes,
+            )
             for method, values in per_image.items():
                 checks[method].update(values)
         if settings.robustness and model_side:
             head_rows = slice(0, settings.robustness)
-            for method, values in robustness_checks(chunk_evaluator, model_side, rows[head_rows], keys[head_rows], classes[head_rows, :1], settings, notes).items():
+            for method, values in robustness_checks(
+                chunk_evaluator, model_side, rows[head_rows], keys[head_rows], classes[head_rows, :1], settings, notes
+            ).items():
                 checks[method].update(values)
     return Evaluation(images, _summary(images, methods, checks, settings.seed), notes, sanity)
 
@@ -154,23 +179,44 @@ def write_evaluation(run: Run, evaluation: Evaluation, settings: EvaluateSetting
     """Write ``evaluation/images.parquet``, ``summary.parquet`` (and ``sanity.parquet`` when the sanity checks ran)
     into the run, the settings in their schema metadata (``cdam.evaluation``). Call it holding
     ``run.exclusive("evaluate")``: one writer per file."""
-    described = {b"cdam.evaluation": json.dumps({**asdict(settings), "run_fingerprint": run.attrs.get("run_fingerprint")}).encode()}
-    tables = [("images", evaluation.images), ("summary", evaluation.summary)] + ([("sanity", evaluation.sanity)] if evaluation.sanity is not None else [])
+    described = {
+        b"cdam.evaluation": json.dumps(
+            {**asdict(settings), "run_fingerprint": run.attrs.get("run_fingerprint")}
+        ).encode()
+    }
+    tables = [("images", evaluation.images), ("summary", evaluation.summary)] + (
+        [("sanity", evaluation.sanity)] if evaluation.sanity is not None else []
+    )
     for name, table in tables:
         sink = io.BytesIO()
-        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **described}), sink, compression="zstd")
+        pq.write_table(
+            table.replace_schema_metadata({**(table.schema.metadata or {}), **described}), sink, compression="zstd"
+        )
         run.storage.put(f"evaluation/{name}.parquet", sink.getvalue())
 
 
 SHOWN = (
-    ("compactness", "compactness"), ("gini", "Gini"), ("correctness_spearman", "Spearman with TAM"), ("deletion_auc_gap", "deletion gap (logit)"),
-    ("deletion_auc", "deletion area (logit)"), ("insertion_auc", "insertion area (logit)"), ("deletion_auc_prob", "deletion area (prob.)"),
-    ("insertion_auc_prob", "insertion area (prob.)"), ("class_similarity", "class sim. cos"), ("class_similarity_spearman", "class sim. Spearman"),
-    ("sanity_spearman_head", "random head: Spearman"), ("sanity_ssim_head", "random head: SSIM"),
-    ("sanity_spearman_last_block", "random last block: Spearman"), ("sanity_ssim_last_block", "random last block: SSIM"),
-    ("sanity_spearman_cascade", "random all (cascade): Spearman"), ("sanity_ssim_cascade", "random all (cascade): SSIM"),
-    ("sanity_spearman_labels", "random labels: Spearman"), ("sanity_ssim_labels", "random labels: SSIM"),
-    ("max_sensitivity", "max-sensitivity"), ("fgsm_change", "FGSM: map change"), ("fgsm_spearman", "FGSM: Spearman"),
+    ("compactness", "compactness"),
+    ("gini", "Gini"),
+    ("correctness_spearman", "Spearman with TAM"),
+    ("deletion_auc_gap", "deletion gap (logit)"),
+    ("deletion_auc", "deletion area (logit)"),
+    ("insertion_auc", "insertion area (logit)"),
+    ("deletion_auc_prob", "deletion area (prob.)"),
+    ("insertion_auc_prob", "insertion area (prob.)"),
+    ("class_similarity", "class sim. cos"),
+    ("class_similarity_spearman", "class sim. Spearman"),
+    ("sanity_spearman_head", "random head: Spearman"),
+    ("sanity_ssim_head", "random head: SSIM"),
+    ("sanity_spearman_last_block", "random last block: Spearman"),
+    ("sanity_ssim_last_block", "random last block: SSIM"),
+    ("sanity_spearman_cascade", "random all (cascade): Spearman"),
+    ("sanity_ssim_cascade", "random all (cascade): SSIM"),
+    ("sanity_spearman_labels", "random labels: Spearman"),
+    ("sanity_ssim_labels", "random labels: SSIM"),
+    ("max_sensitivity", "max-sensitivity"),
+    ("fgsm_change", "FGSM: map change"),
+    ("fgsm_spearman", "FGSM: Spearman"),
 )
 """The measures as printed, in order: (column, label)."""
 
@@ -188,7 +234,9 @@ def format_summary(summary: pa.Table) -> str:
         for position, row in enumerate(shown):
             low, high = row[f"{column}_low"], row[f"{column}_high"]
             interval = "" if low is None or np.isnan(low) else f"[{low:.3f}, {high:.3f}]"
-            lines.append(f"{label if position == 0 else '':<{width}}  {row['method']:<{names}}  {row[column]:>8.3f}  {interval:>18}  {row[f'{column}_n']:>6}")
+            lines.append(
+                f"{label if position == 0 else '':<{width}}  {row['method']:<{names}}  {row[column]:>8.3f}  {interval:>18}  {row[f'{column}_n']:>6}"
+            )
     return "\n".join(lines)
 
 
@@ -199,8 +247,14 @@ def _sample(run: Run, settings: EvaluateSettings) -> tuple[np.ndarray, np.ndarra
     """Rows and keys of a seeded sample (sorted by row), with each image's (predicted, runner-up) classes."""
     table = run.metadata.to_table(columns=["key", "row", "pred", "topk_classes"]).sort_by("row")
     if table.num_rows == 0:
-        raise RunError(f"{run.url} has no explained image to evaluate" + (f" ({run.skipped[0]})" if run.skipped else ""))
-    chosen = np.sort(np.random.default_rng(settings.seed).choice(table.num_rows, size=min(settings.sample, table.num_rows), replace=False))
+        raise RunError(
+            f"{run.url} has no explained image to evaluate" + (f" ({run.skipped[0]})" if run.skipped else "")
+        )
+    chosen = np.sort(
+        np.random.default_rng(settings.seed).choice(
+            table.num_rows, size=min(settings.sample, table.num_rows), replace=False
+        )
+    )
     table = table.take(chosen)
     runner_up = [top[1] if len(top) > 1 else -1 for top in table.column("topk_classes").to_pylist()]
     classes = np.stack([table.column("pred").to_numpy(), np.asarray(runner_up)], axis=1).astype(np.int64)
@@ -213,18 +267,30 @@ def _sample(run: Run, settings: EvaluateSettings) -> tuple[np.ndarray, np.ndarra
 class _ChunkEvaluator:
     """Maps of every method for a chunk of images, and their measures as columns of the images table."""
 
-    def __init__(self, run: Run, model: LoadedModel | None, settings: EvaluateSettings, methods: list[str], notes: list[str]) -> None:
+    def __init__(
+        self, run: Run, model: LoadedModel | None, settings: EvaluateSettings, methods: list[str], notes: list[str]
+    ) -> None:
         self.run, self.model, self.settings, self.notes = run, model, settings, notes
         self.variant = run.attrs.get("variant", {}).get("variant", "vanilla")
         self.own = CDAM_NAMES[self.variant]
         self.device = torch.device(settings.device)
-        self.explainer = CDAMExplainer(model.model.to(self.device), class_names=model.class_names) if model is not None else None
-        self.options = MapOptions(tuple(run.attrs["patch_size"]), tuple(run.grid), settings.ig_steps, settings.smoothgrad_samples, seed=settings.seed)
+        self.explainer = (
+            CDAMExplainer(model.model.to(self.device), class_names=model.class_names) if model is not None else None
+        )
+        self.options = MapOptions(
+            tuple(run.attrs["patch_size"]),
+            tuple(run.grid),
+            settings.ig_steps,
+            settings.smoothgrad_samples,
+            seed=settings.seed,
+        )
         self.maps = ModelMaps(model.model, self.options, self.device) if model is not None else None
         self.methods = self._supported(methods)
         n_patches = run.grid[0] * run.grid[1]
         prefix = int(run.attrs.get("num_prefix_tokens", 1))
-        self.removed = metrics.deletion_steps(n_patches if prefix else n_patches - 1, settings.steps)  # a model without prefix tokens keeps one
+        self.removed = metrics.deletion_steps(
+            n_patches if prefix else n_patches - 1, settings.steps
+        )  # a model without prefix tokens keeps one
         self.logits_checked = False
 
     def _supported(self, methods: list[str]) -> list[str]:
@@ -234,7 +300,9 @@ class _ChunkEvaluator:
         try:
             check_supported(self.model.model)
         except UnsupportedModel as error:
-            dropped = [m for m in methods if m in ("Attention rollout", "Gradient-weighted attention", "Relevance propagation")]
+            dropped = [
+                m for m in methods if m in ("Attention rollout", "Gradient-weighted attention", "Relevance propagation")
+            ]
             if dropped:
                 self.notes.append(f"{', '.join(dropped)}: not measured ({error})")
             return [m for m in methods if m not in dropped]
@@ -246,8 +314,12 @@ class _ChunkEvaluator:
             self.notes.append(f"image {key} (row {row}): its arrays read NaN (not written): not evaluated")
         rows, keys, classes = rows[written], keys[written], classes[written]
         maps = self._stored_maps(rows, classes)
-        curves = {method: np.full((len(rows), 3, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods}
-        probabilities = {method: np.full((len(rows), 2, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods}
+        curves = {
+            method: np.full((len(rows), 3, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods
+        }
+        probabilities = {
+            method: np.full((len(rows), 2, len(self.removed)), np.nan, dtype=np.float32) for method in self.methods
+        }
         if self.model is not None:
             images, usable = self.images(keys)
             if usable.any():
@@ -282,10 +354,20 @@ class _ChunkEvaluator:
                 self.notes.append(f"image {key}: cannot be read ({error}): only its stored maps are measured")
         return (torch.stack(tensors).to(self.device) if tensors else None), usable
 
-    def _model_maps(self, images: torch.Tensor, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, usable: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+    def _model_maps(
+        self,
+        images: torch.Tensor,
+        rows: np.ndarray,
+        keys: np.ndarray,
+        classes: np.ndarray,
+        usable: np.ndarray,
+        maps: dict[str, np.ndarray],
+    ) -> None:
         """The model-side methods' maps, and the CDAM the run does not hold (by the engine), into ``maps`` at ``usable``."""
         n = len(rows)
-        both = torch.from_numpy(np.where(classes < 0, classes[:, :1], classes)).to(self.device)  # a missing runner-up: any valid class, NaN below
+        both = torch.from_numpy(np.where(classes < 0, classes[:, :1], classes)).to(
+            self.device
+        )  # a missing runner-up: any valid class, NaN below
         with torch.no_grad():
             self._check_logits(rows, self.model.model(images).cpu())
         computed = {}
@@ -296,25 +378,49 @@ class _ChunkEvaluator:
             computed[CDAM_NAMES["vanilla"]] = self.explainer.explain(images, both).cdam.reshape(n, 2, -1).cpu().numpy()
         if self.own in self.methods:
             own = maps[self.own][usable]
-            if np.isnan(own[classes >= 0]).any():  # neither stored nor derivable from a basis: the engine, with the run's variant
-                variant = VariantConfig(self.variant, **{k: v for k, v in self.run.attrs.get("variant", {}).items() if k != "variant"})
-                engine = self.explainer.explain(images, both, keys=list(keys), variant=variant).cdam.reshape(n, 2, -1).cpu().numpy()
+            if np.isnan(
+                own[classes >= 0]
+            ).any():  # neither stored nor derivable from a basis: the engine, with the run's variant
+                variant = VariantConfig(
+                    self.variant, **{k: v for k, v in self.run.attrs.get("variant", {}).items() if k != "variant"}
+                )
+                engine = (
+                    self.explainer.explain(images, both, keys=list(keys), variant=variant)
+                    .cdam.reshape(n, 2, -1)
+                    .cpu()
+                    .numpy()
+                )
                 computed[self.own] = np.where(np.isnan(own), engine, own)
         for method, values in computed.items():
             values[classes < 0] = np.nan
             maps[method][usable] = values
 
-    def _curves(self, images: torch.Tensor, classes: np.ndarray, usable: np.ndarray, maps: dict[str, np.ndarray],
-                curves: dict[str, np.ndarray], probabilities: dict[str, np.ndarray]) -> None:
+    def _curves(
+        self,
+        images: torch.Tensor,
+        classes: np.ndarray,
+        usable: np.ndarray,
+        maps: dict[str, np.ndarray],
+        curves: dict[str, np.ndarray],
+        probabilities: dict[str, np.ndarray],
+    ) -> None:
         """Every method's deletion and insertion curves of the predicted class, in one batch per step, into
         ``curves`` ((drops most first, drops least first, insertion logits), per step) and ``probabilities``
         (deletion, insertion) at ``usable``. Inserting the k most relevant tokens keeps what removing all but
         them keeps: the insertion curve is the least-relevant-first deletion read backwards."""
         pred_maps = np.stack([maps[method][usable, 0] for method in self.methods], axis=1)  # (u, M, N)
-        orders = metrics.deletion_orders(np.nan_to_num(pred_maps.reshape(-1, pred_maps.shape[2]), nan=0.0))  # (u * M, 2, N)
-        as_tensor = (lambda values: torch.from_numpy(values).to(self.device))
-        logits, probs = deletion_curves(self.model.model, images, as_tensor(classes[:, 0]), as_tensor(orders).view(len(pred_maps), -1, orders.shape[2]),
-                                        as_tensor(self.removed), self._rows(images))
+        orders = metrics.deletion_orders(
+            np.nan_to_num(pred_maps.reshape(-1, pred_maps.shape[2]), nan=0.0)
+        )  # (u * M, 2, N)
+        as_tensor = lambda values: torch.from_numpy(values).to(self.device)
+        logits, probs = deletion_curves(
+            self.model.model,
+            images,
+            as_tensor(classes[:, 0]),
+            as_tensor(orders).view(len(pred_maps), -1, orders.shape[2]),
+            as_tensor(self.removed),
+            self._rows(images),
+        )
         logits = logits.view(len(pred_maps), len(self.methods), 2, -1).cpu().numpy()
         probs = probs.view(len(pred_maps), len(self.methods), 2, -1).cpu().numpy()
         for position, method in enumerate(self.methods):
@@ -323,7 +429,9 @@ class _ChunkEvaluator:
             drops = mine[:, :, :1] - mine
             at = np.flatnonzero(usable)[has_map]
             curves[method][at] = np.concatenate([drops, mine[:, 1:, ::-1]], axis=1)
-            probabilities[method][at] = np.stack([probs[has_map, position, 0], probs[has_map, position, 1, ::-1]], axis=1)
+            probabilities[method][at] = np.stack(
+                [probs[has_map, position, 0], probs[has_map, position, 1, ::-1]], axis=1
+            )
 
     def _rows(self, images: torch.Tensor) -> int:
         """Sequences per forward pass for these images' token count."""
@@ -338,25 +446,40 @@ class _ChunkEvaluator:
         stored = self.run.read_rows("logits", rows)
         error = float(np.abs(logits.numpy() - stored).max() / max(np.abs(stored).max(), 1e-12))
         if error > LOGIT_TOLERANCE:
-            self.notes.append(f"the model's logits on the images differ from the run's by {error:.1e} (relative): TAM, deletion and input x gradient describe a slightly different computation")
+            self.notes.append(
+                f"the model's logits on the images differ from the run's by {error:.1e} (relative): TAM, deletion and input x gradient describe a slightly different computation"
+            )
 
-    def _columns(self, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, maps: dict[str, np.ndarray], curves: dict[str, np.ndarray],
-                 probabilities: dict[str, np.ndarray]) -> dict[str, list]:
+    def _columns(
+        self,
+        rows: np.ndarray,
+        keys: np.ndarray,
+        classes: np.ndarray,
+        maps: dict[str, np.ndarray],
+        curves: dict[str, np.ndarray],
+        probabilities: dict[str, np.ndarray],
+    ) -> dict[str, list]:
         """The images table's columns: one row per image and method."""
         columns: dict[str, list] = {f.name: [] for f in IMAGES_SCHEMA}
         tam = maps.get(TAM)
-        area = (lambda values: metrics.curve_area(values, self.removed))  # over the share removed (or inserted): the same grid read backwards
-        as_lists = (lambda values: [None if np.isnan(c).any() else c.tolist() for c in values])
+        area = lambda values: metrics.curve_area(
+            values, self.removed
+        )  # over the share removed (or inserted): the same grid read backwards
+        as_lists = lambda values: [None if np.isnan(c).any() else c.tolist() for c in values]
         for method in self.methods:
             pred, other = maps[method][:, 0], maps[method][:, 1]
             measured = {
                 "compactness": metrics.compactness(pred),
                 "gini": metrics.gini(pred),
-                "correctness_spearman": metrics.spearman(pred, tam[:, 0]) if tam is not None else np.full(len(rows), np.nan),
+                "correctness_spearman": metrics.spearman(pred, tam[:, 0])
+                if tam is not None
+                else np.full(len(rows), np.nan),
                 "deletion_auc_gap": metrics.deletion_gap(curves[method][:, :2], self.removed),
                 "class_similarity": metrics.cosine(pred, other),
                 "class_similarity_spearman": metrics.spearman(pred, other),
-                "deletion_auc": area(curves[method][:, 2, -1:] - curves[method][:, 0]),  # the full image's logit (all inserted) less the drops
+                "deletion_auc": area(
+                    curves[method][:, 2, -1:] - curves[method][:, 0]
+                ),  # the full image's logit (all inserted) less the drops
                 "insertion_auc": area(curves[method][:, 2]),
                 "deletion_auc_prob": area(probabilities[method][:, 0]),
                 "insertion_auc_prob": area(probabilities[method][:, 1]),
@@ -383,7 +506,9 @@ def _summary(images: pa.Table, methods: list[str], checks: dict[str, dict[str, n
     rows = []
     for method in methods:
         mine = method_of == method
-        values = {name: images.column(name).to_numpy(zero_copy_only=False)[mine].astype(np.float64) for name in MEASURES}
+        values = {
+            name: images.column(name).to_numpy(zero_copy_only=False)[mine].astype(np.float64) for name in MEASURES
+        }
         values.update({name: np.asarray(checks.get(method, {}).get(name, []), dtype=np.float64) for name in CHECKS})
         row = {"method": method, "n_images": int(np.isfinite(values["compactness"]).sum())}
         for name, v in values.items():

@@ -78,7 +78,10 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
     size = min(window, a.shape[1], a.shape[2])
     size -= 1 - size % 2
     scaled = [_unit_range(m) for m in (a, b)]
-    patches = [np.lib.stride_tricks.sliding_window_view(m, (size, size), axis=(1, 2)).reshape(*m.shape[:1], -1, size * size) for m in scaled]
+    patches = [
+        np.lib.stride_tricks.sliding_window_view(m, (size, size), axis=(1, 2)).reshape(*m.shape[:1], -1, size * size)
+        for m in scaled
+    ]
     mean_a, mean_b = patches[0].mean(-1), patches[1].mean(-1)
     correction = size * size / (size * size - 1) if size > 1 else 1.0
     var_a, var_b = patches[0].var(-1) * correction, patches[1].var(-1) * correction
@@ -88,7 +91,9 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
     return index.mean(axis=1)
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (1-d, finite): (NaN, NaN) for fewer than 2 values."""
     if len(values) < 2:
         return float("nan"), float("nan")

@@ -36,7 +36,13 @@ def embedded_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def logits_keeping(model: VisionTransformer, tokens: torch.Tensor, image: torch.Tensor, keep: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+def logits_keeping(
+    model: VisionTransformer,
+    tokens: torch.Tensor,
+    image: torch.Tensor,
+    keep: torch.Tensor,
+    max_rows: int = DEFAULT_ROWS,
+) -> torch.Tensor:
     """Logits (R, C) of R sequences: row r keeps tokens ``keep[r]`` (indices into the P + N tokens) of image ``image[r]``."""
     out = []
     for start in range(0, len(keep), max_rows):
@@ -48,7 +54,9 @@ def logits_keeping(model: VisionTransformer, tokens: torch.Tensor, image: torch.
 
 
 @torch.no_grad()
-def token_ablation(model: VisionTransformer, images: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+def token_ablation(
+    model: VisionTransformer, images: torch.Tensor, max_rows: int = DEFAULT_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ablation: (logits (B, C), drops (B, C, N)) where drops[b, c, i] = f_c(image b) - f_c(image b without
     patch token i). The token ablation map (TAM) of class c is drops[:, c] on the patch grid."""
     tokens = embedded_tokens(model, images)
@@ -56,7 +64,9 @@ def token_ablation(model: VisionTransformer, images: torch.Tensor, max_rows: int
     prefix = model.num_prefix_tokens
     n_patches = length - prefix
     patches = torch.arange(n_patches, device=tokens.device)
-    others = patches.expand(n_patches, -1)[patches[:, None] != patches[None]].view(n_patches, n_patches - 1)  # row i: all but i
+    others = patches.expand(n_patches, -1)[patches[:, None] != patches[None]].view(
+        n_patches, n_patches - 1
+    )  # row i: all but i
     keep = torch.cat([torch.arange(prefix, device=tokens.device).expand(n_patches, -1), others + prefix], dim=1)
     image = torch.arange(batch, device=tokens.device).repeat_interleave(n_patches)
     logits = model(images)
@@ -65,8 +75,14 @@ def token_ablation(model: VisionTransformer, images: torch.Tensor, max_rows: int
 
 
 @torch.no_grad()
-def deletion_curves(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, orders: torch.Tensor, removed: torch.Tensor,
-                    max_rows: int = DEFAULT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_curves(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    orders: torch.Tensor,
+    removed: torch.Tensor,
+    max_rows: int = DEFAULT_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion curves: (logits, probabilities), each (B, R, S+1): the logit of ``classes[b]`` (B,), and its
     softmax probability, when the first ``removed[s]`` patch tokens of ``orders[b, r]`` (B, R, N) are removed.
     One batch per step, over every image and order. (Inserting the k most relevant tokens is removing all but
@@ -84,28 +100,58 @@ def deletion_curves(model: VisionTransformer, images: torch.Tensor, classes: tor
         logits = logits_keeping(model, tokens, image, torch.cat([prefix_index, kept], dim=1), max_rows)
         scores.append(logits.gather(1, wanted)[:, 0])
         probabilities.append(logits.softmax(dim=1).gather(1, wanted)[:, 0])
-    return torch.stack(scores, dim=1).view(batch, n_orders, -1), torch.stack(probabilities, dim=1).view(batch, n_orders, -1)
+    return torch.stack(scores, dim=1).view(batch, n_orders, -1), torch.stack(probabilities, dim=1).view(
+        batch, n_orders, -1
+    )
 
 
-def input_x_gradient(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+def input_x_gradient(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    patch: tuple[int, int],
+    grid: tuple[int, int],
+    max_rows: int = DEFAULT_ROWS,
+) -> torch.Tensor:
     """Input x gradient of the logit of each ``classes[b, k]`` (B, K), summed over channels and over each token's
     pixels (``patch`` pixels per token, a ``grid`` of tokens): (B, K, gh, gw)."""
-    copies, wanted = images.repeat_interleave(classes.shape[1], dim=0), classes.reshape(-1)  # row b * K + k: classes[b, k]
+    copies, wanted = (
+        images.repeat_interleave(classes.shape[1], dim=0),
+        classes.reshape(-1),
+    )  # row b * K + k: classes[b, k]
     gradients = mean_gradient(model, copies, wanted, 1, lambda x, step, rows: x, max_rows)
     return per_token(copies * gradients, patch, grid).view(*classes.shape, *grid)
 
 
-def integrated_gradients(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], steps: int, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+def integrated_gradients(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    patch: tuple[int, int],
+    grid: tuple[int, int],
+    steps: int,
+    max_rows: int = DEFAULT_ROWS,
+) -> torch.Tensor:
     """Integrated Gradients (Sundararajan et al., 2017) from the all-zero input (the mean image after the
     model's normalisation) in ``steps`` midpoint steps: x * mean_s grad f_c((s + 1/2) / steps * x), summed per
     token: (B, K, gh, gw)."""
     copies, wanted = images.repeat_interleave(classes.shape[1], dim=0), classes.reshape(-1)
     alphas = (torch.arange(steps, device=images.device, dtype=images.dtype) + 0.5) / steps
-    gradients = mean_gradient(model, copies, wanted, steps, lambda x, step, rows: x * alphas[step].view(-1, 1, 1, 1), max_rows)
+    gradients = mean_gradient(
+        model, copies, wanted, steps, lambda x, step, rows: x * alphas[step].view(-1, 1, 1, 1), max_rows
+    )
     return per_token(copies * gradients, patch, grid).view(*classes.shape, *grid)
 
 
-def smoothgrad(model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], noise: torch.Tensor, max_rows: int = DEFAULT_ROWS) -> torch.Tensor:
+def smoothgrad(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    patch: tuple[int, int],
+    grid: tuple[int, int],
+    noise: torch.Tensor,
+    max_rows: int = DEFAULT_ROWS,
+) -> torch.Tensor:
     """SmoothGrad (Smilkov et al., 2017) times the input: x * mean_j grad f_c(x + noise[b, j]), with ``noise``
     (B, n, 3, H, W) (the same draws for every class of an image), summed per token: (B, K, gh, gw)."""
     n_classes, n_draws = classes.shape[1], noise.shape[1]
@@ -115,8 +161,14 @@ def smoothgrad(model: VisionTransformer, images: torch.Tensor, classes: torch.Te
     return per_token(copies * gradients, patch, grid).view(*classes.shape, *grid)
 
 
-def mean_gradient(model: VisionTransformer, inputs: torch.Tensor, wanted: torch.Tensor, n_points: int,
-                  point: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], max_rows: int) -> torch.Tensor:
+def mean_gradient(
+    model: VisionTransformer,
+    inputs: torch.Tensor,
+    wanted: torch.Tensor,
+    n_points: int,
+    point: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    max_rows: int,
+) -> torch.Tensor:
     """Per input row r, the gradient of the logit of class ``wanted[r]`` averaged over ``n_points`` points
     ``point(inputs[r], j, r * n_points + j)`` (j = 0..n_points-1), in passes of ``max_rows``: (R, 3, H, W)."""
     total = torch.zeros_like(inputs)

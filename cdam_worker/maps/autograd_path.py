@@ -27,7 +27,9 @@ class LastBlockOutputs:
 def head_outputs(model: nn.Module, block_input: torch.Tensor) -> LastBlockOutputs:
     """Logits and pre-logits embedding from the last block's input, exactly as the model computes them."""
     features = model.norm(model.blocks[-1](block_input))
-    return LastBlockOutputs(logits=model.forward_head(features), embedding=model.forward_head(features, pre_logits=True))
+    return LastBlockOutputs(
+        logits=model.forward_head(features), embedding=model.forward_head(features, pre_logits=True)
+    )
 
 
 def _outputs_with_leaf(model: nn.Module, block_input: torch.Tensor) -> tuple[torch.Tensor, LastBlockOutputs]:

@@ -36,11 +36,17 @@ def load_concept(text: str, embed_dim: int, embedder: Embedder) -> Concept:
     if source.endswith(":cosine"):
         source, similarity = source[: -len(":cosine")], "cosine"
     if not sep or not name or not source:
-        raise ConceptError(f"--concepts {text!r}: expected NAME=FILE, NAME=FOLDER, NAME=text:PROMPT or NAME=prompts:FILE (optionally ending in :cosine)")
+        raise ConceptError(
+            f"--concepts {text!r}: expected NAME=FILE, NAME=FOLDER, NAME=text:PROMPT or NAME=prompts:FILE (optionally ending in :cosine)"
+        )
     if is_text_source(source):  # CLIP-style models: the text tower's embedding of the prompts
         explainer, _transform = embedder()
         try:
-            return Concept(name, text_tower_of(explainer.model, f"--concepts {name}").direction(concept_prompts(name, source)), similarity)
+            return Concept(
+                name,
+                text_tower_of(explainer.model, f"--concepts {name}").direction(concept_prompts(name, source)),
+                similarity,
+            )
         except TextError as error:
             raise ConceptError(str(error)) from None
     path = Path(source)
@@ -53,7 +59,9 @@ def load_concept(text: str, embed_dim: int, embedder: Embedder) -> Concept:
     except Exception as error:  # noqa: BLE001 - any unreadable concept file is the argument's fault
         raise ConceptError(f"--concepts {name}: cannot read {path}: {str(error).splitlines()[0]}") from None
     if concept.vector.numel() != embed_dim:
-        raise ConceptError(f"--concepts {name}: vector has {concept.vector.numel()} dims, the model's embedding has {embed_dim}")
+        raise ConceptError(
+            f"--concepts {name}: vector has {concept.vector.numel()} dims, the model's embedding has {embed_dim}"
+        )
     return Concept(name, concept.vector, "cosine" if similarity == "cosine" else concept.similarity)
 
 

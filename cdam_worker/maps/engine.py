@@ -77,12 +77,18 @@ class CDAMExplainer:
             class_names = class_names or model.class_names
             model = model.model
         if not isinstance(model, VisionTransformer):
-            raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer: CDAM supports the VisionTransformer family (ViT, DeiT, DINO, CLIP, hybrids)")
+            raise ValueError(
+                f"{type(model).__name__} is not a timm VisionTransformer: CDAM supports the VisionTransformer family (ViT, DeiT, DINO, CLIP, hybrids)"
+            )
         if type(model).forward_features is not VisionTransformer.forward_features:
-            raise ValueError(f"{type(model).__name__} overrides forward_features; only timm's VisionTransformer trunk is supported")
+            raise ValueError(
+                f"{type(model).__name__} overrides forward_features; only timm's VisionTransformer trunk is supported"
+            )
         last_block = model.blocks[-1]
         if not (hasattr(last_block, "norm1") and hasattr(getattr(last_block, "attn", None), "qkv")):
-            raise ValueError(f"the last block is a {type(last_block).__name__} without norm1 and a qkv attention: CDAM is defined at blocks[-1].norm1")
+            raise ValueError(
+                f"the last block is a {type(last_block).__name__} without norm1 and a qkv attention: CDAM is defined at blocks[-1].norm1"
+            )
         for name, value in (("precision", precision), ("variant_precision", variant_precision or precision)):
             if value not in ("float32", "bf16", "tf32"):
                 raise ValueError(f"{name} must be float32, bf16 or tf32, not {value!r}")
@@ -95,12 +101,20 @@ class CDAMExplainer:
             raise ValueError(f"method must be auto, closed_form or autograd, not {method!r}")
         self.model = model.eval()
         self.method = "closed_form" if method == "closed_form" or (method == "auto" and reason is None) else "autograd"
-        self.method_reason = "closed form: CLS-pooled ViT with plain softmax attention" if self.method == "closed_form" else f"autograd through the last block: {reason or 'asked for'}"
+        self.method_reason = (
+            "closed form: CLS-pooled ViT with plain softmax attention"
+            if self.method == "closed_form"
+            else f"autograd through the last block: {reason or 'asked for'}"
+        )
         self.precision = precision
         self.variant_precision = variant_precision or precision
-        self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
+        self.class_names = (
+            list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
+        )
         self.budget = MemoryBudget(self.model, self.method, max_rows)
-        self.variants = VariantMaps(self._maps, self.variant_chunks, self._variant_precision_scope, model.num_prefix_tokens)
+        self.variants = VariantMaps(
+            self._maps, self.variant_chunks, self._variant_precision_scope, model.num_prefix_tokens
+        )
 
     @property
     def num_classes(self) -> int:
@@ -148,7 +162,9 @@ class CDAMExplainer:
         with cuda_fp32_precision(self.device, "ieee"):
             return head_outputs(self.model, self.last_block_input(images.to(self.device))).embedding
 
-    def concept_from_images(self, name: str, images: torch.Tensor | Iterable[torch.Tensor], similarity: str = "dot") -> Concept:
+    def concept_from_images(
+        self, name: str, images: torch.Tensor | Iterable[torch.Tensor], similarity: str = "dot"
+    ) -> Concept:
         """A concept vector: the mean embedding of example images of the concept.
 
         ``images``: one batch (B, 3, H, W), or an iterable of batches when the examples are many.
@@ -185,9 +201,13 @@ class CDAMExplainer:
         embed_dim = self.model.num_features
         for concept in concepts:
             if concept.vector.numel() != embed_dim:
-                raise ValueError(f"concept {concept.name!r} has {concept.vector.numel()} dims but the model's embedding has {embed_dim}")
+                raise ValueError(
+                    f"concept {concept.name!r} has {concept.vector.numel()} dims but the model's embedding has {embed_dim}"
+                )
         if return_basis and not _linear_logits(self.model):
-            raise ValueError(f"a relevance basis needs logits linear in the embedding; {type(self.model).__name__} has its own head")
+            raise ValueError(
+                f"a relevance basis needs logits linear in the embedding; {type(self.model).__name__} has its own head"
+            )
         resolve = self._target_resolver(targets, labels, batch)
 
         if config.name != "vanilla":
@@ -227,7 +247,11 @@ class CDAMExplainer:
 
     def _check_images(self, images: torch.Tensor) -> tuple[int, int]:
         channels = self.input_channels
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or (channels is not None and images.shape[1] != channels):
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.ndim != 4
+            or (channels is not None and images.shape[1] != channels)
+        ):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, {channels or 'C'}, H, W) tensor, got {shape}")
         if not images.is_floating_point():
@@ -268,12 +292,21 @@ class CDAMExplainer:
         if fixed.ndim == 1:
             fixed = fixed.expand(batch, -1)
         if fixed.ndim != 2 or fixed.shape[0] != batch:
-            raise ValueError(f"explicit targets must be a list of classes or a (B, K) tensor with B={batch}, got shape {tuple(fixed.shape)}")
+            raise ValueError(
+                f"explicit targets must be a list of classes or a (B, K) tensor with B={batch}, got shape {tuple(fixed.shape)}"
+            )
         for index in fixed.unique().tolist():
             _check_class_index(index, self.num_classes)
         return lambda logits: fixed.to(logits.device)
 
-    def _maps(self, block_input: torch.Tensor, resolve, concepts: tuple[Concept, ...], want_basis: bool, with_maps: bool = True) -> "_MapsPass":
+    def _maps(
+        self,
+        block_input: torch.Tensor,
+        resolve,
+        concepts: tuple[Concept, ...],
+        want_basis: bool,
+        with_maps: bool = True,
+    ) -> "_MapsPass":
         if self.method == "closed_form":
             return self._closed_form_pass(block_input, resolve, concepts, want_basis, with_maps)
         return self._autograd_pass(block_input, resolve, concepts, want_basis, with_maps)
@@ -292,7 +325,9 @@ class CDAMExplainer:
 
         with torch.no_grad():
             out = closed_form_maps(model, block_input, directions_of, want_basis)
-        return _MapsPass(out.maps, out.basis, resolved["target_class"], resolved["logits"], out.embedding, out.attention)
+        return _MapsPass(
+            out.maps, out.basis, resolved["target_class"], resolved["logits"], out.embedding, out.attention
+        )
 
     def _autograd_pass(self, block_input, resolve, concepts, want_basis, with_maps) -> "_MapsPass":
         model = self.model
@@ -310,7 +345,9 @@ class CDAMExplainer:
             # logits linear in the embedding: every map is g . basis, so D backward rows serve all K targets
             basis = autograd_maps(model, block_input, lambda _logits, embedding: embedding, model.num_features, rows)
             maps = maps_from_basis(self._directions(target_class, concepts, outputs.embedding), basis.transpose(1, 2))
-            return _MapsPass(maps, basis if want_basis else None, target_class, outputs.logits, outputs.embedding, attention)
+            return _MapsPass(
+                maps, basis if want_basis else None, target_class, outputs.logits, outputs.embedding, attention
+            )
 
         def score_of(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
             classes = target_class.repeat(logits.shape[0] // batch, 1)
@@ -319,7 +356,9 @@ class CDAMExplainer:
         maps = autograd_maps(model, block_input, score_of, num_targets, rows)
         return _MapsPass(maps, None, target_class, outputs.logits, outputs.embedding, attention)
 
-    def _directions(self, target_class: torch.Tensor, concepts: tuple[Concept, ...], embedding: torch.Tensor) -> torch.Tensor:
+    def _directions(
+        self, target_class: torch.Tensor, concepts: tuple[Concept, ...], embedding: torch.Tensor
+    ) -> torch.Tensor:
         """The gradient of every slot's score with respect to the embedding (B, K, D): head rows, then concepts."""
         if self.num_classes:
             head_rows = class_directions(self.model.head.weight, target_class)
@@ -328,6 +367,7 @@ class CDAMExplainer:
         if not concepts:
             return head_rows
         return torch.cat([head_rows, concept_directions(concepts, embedding)], dim=1)
+
 
 @dataclass
 class _MapsPass:
@@ -368,7 +408,9 @@ def class_directions(head_weight: torch.Tensor, target_class: torch.Tensor) -> t
 
 def _check_class_index(index: int, num_classes: int) -> None:
     if not 0 <= index < num_classes:
-        raise ValueError(f"class index {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise ValueError(
+            f"class index {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+        )
 
 
 @contextlib.contextmanager

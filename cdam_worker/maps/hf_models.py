@@ -79,19 +79,31 @@ class ClsMeanPooledViT(VisionTransformer):
         self.head = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = self.head_drop(torch.cat([x[:, 0], x[:, self.num_prefix_tokens:].mean(1)], dim=1))
+        pooled = self.head_drop(torch.cat([x[:, 0], x[:, self.num_prefix_tokens :].mean(1)], dim=1))
         return pooled if pre_logits else self.head(pooled)
 
 
-def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None, head_checkpoint: Any = None,
-                  class_names: list[str] | None = None, device: str | torch.device = "cpu", zero_shot: dict | None = None,
-                  **model_kwargs: Any) -> LoadedModel:
+def load_hf_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: Any = None,
+    head_checkpoint: Any = None,
+    class_names: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    zero_shot: dict | None = None,
+    **model_kwargs: Any,
+) -> LoadedModel:
     """The transformers checkpoint ``hf:FOLDER`` or ``hf:ORG/NAME`` as a timm ViT with its image processor's transform."""
     if checkpoint is not None or head_checkpoint is not None or pretrained:
-        raise ModelLoadError(f"--model {name}: the weights come from the folder (or the hub); drop --checkpoint, --head-checkpoint and --pretrained")
+        raise ModelLoadError(
+            f"--model {name}: the weights come from the folder (or the hub); drop --checkpoint, --head-checkpoint and --pretrained"
+        )
     if model_kwargs:
-        raise ModelLoadError(f"--model {name}: --model-kwargs do not apply to a transformers checkpoint (got {sorted(model_kwargs)})")
-    folder = _local_folder(name[len(HF_PREFIX):])
+        raise ModelLoadError(
+            f"--model {name}: --model-kwargs do not apply to a transformers checkpoint (got {sorted(model_kwargs)})"
+        )
+    folder = _local_folder(name[len(HF_PREFIX) :])
     hf_model = _read_hf_model(folder)
     converted = convert_hf_model(hf_model)
     data_config = data_config_from_processor(folder / "preprocessor_config.json")
@@ -113,7 +125,7 @@ def load_hf_model(name: str, *, pretrained: bool = False, checkpoint: Any = None
         model=model,
         transform=eval_transform(data_config),
         class_names=names,
-        name=f"{HF_PREFIX}{folder}" if Path(name[len(HF_PREFIX):]).is_dir() else name,
+        name=f"{HF_PREFIX}{folder}" if Path(name[len(HF_PREFIX) :]).is_dir() else name,
         model_kwargs={},
         checkpoint_sha256=weights_sha256(folder),
         data_config=data_config,
@@ -137,7 +149,9 @@ def text_side_of(model: nn.Module, folder: str) -> tuple[Any, float]:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # noqa: BLE001 - no or damaged tokenizer files
-        raise ModelLoadError(f"{folder}: no tokenizer for the text tower (save it too: CLIPProcessor.save_pretrained(folder)): {str(error).splitlines()[0]}") from None
+        raise ModelLoadError(
+            f"{folder}: no tokenizer for the text tower (save it too: CLIPProcessor.save_pretrained(folder)): {str(error).splitlines()[0]}"
+        ) from None
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> torch.Tensor:
@@ -166,7 +180,9 @@ def _local_folder(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as error:  # noqa: BLE001 - network, cache or unknown repository: one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"--model hf:{source}: cannot download it from the Hugging Face Hub: {type(error).__name__}: {reason}") from None
+        raise ModelLoadError(
+            f"--model hf:{source}: cannot download it from the Hugging Face Hub: {type(error).__name__}: {reason}"
+        ) from None
 
 
 def _read_hf_model(folder: Path) -> nn.Module:
@@ -180,22 +196,32 @@ def _read_hf_model(folder: Path) -> nn.Module:
         raise ModelLoadError(f"{folder}: no config.json (a transformers save_pretrained folder holds one)")
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.glob("*.bin"))
-        hint = f" ({', '.join(pickled)} is pickle, which cdam never loads: re-save with save_pretrained(safe_serialization=True))" if pickled else ""
+        hint = (
+            f" ({', '.join(pickled)} is pickle, which cdam never loads: re-save with save_pretrained(safe_serialization=True))"
+            if pickled
+            else ""
+        )
         raise ModelLoadError(f"{folder}: no .safetensors weights{hint}")
     try:
         architecture = (json.loads(config_path.read_text()).get("architectures") or [None])[0]
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{config_path}: not valid JSON ({error})") from None
     if architecture not in SUPPORTED:
-        raise ModelLoadError(f"{config_path}: architecture {architecture!r} is not supported; cdam explains {', '.join(SUPPORTED)}")
+        raise ModelLoadError(
+            f"{config_path}: architecture {architecture!r} is not supported; cdam explains {', '.join(SUPPORTED)}"
+        )
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
-        raise ModelLoadError(f"{config_path}: this transformers ({transformers.__version__}) has no {architecture}; upgrade it")
+        raise ModelLoadError(
+            f"{config_path}: this transformers ({transformers.__version__}) has no {architecture}; upgrade it"
+        )
     transformers.utils.logging.disable_progress_bar()  # one bar per weight file is noise in cdam's output
     try:
         model = model_class.from_pretrained(folder, use_safetensors=True, attn_implementation="eager").float()
     except Exception as error:  # noqa: BLE001 - a damaged or inconsistent folder: one line
-        raise ModelLoadError(f"{folder}: transformers cannot load it as {architecture}: {str(error).strip().splitlines()[0]}") from None
+        raise ModelLoadError(
+            f"{folder}: transformers cannot load it as {architecture}: {str(error).strip().splitlines()[0]}"
+        ) from None
     return model.eval()
 
 
@@ -222,7 +248,9 @@ def data_config_from_processor(path: Path) -> dict[str, Any]:
     resizes the shorter side and crops the centre.
     """
     if not path.is_file():
-        raise ModelLoadError(f"{path.parent}: no preprocessor_config.json (save the image processor too: processor.save_pretrained(folder))")
+        raise ModelLoadError(
+            f"{path.parent}: no preprocessor_config.json (save the image processor too: processor.save_pretrained(folder))"
+        )
     try:
         processor = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -230,7 +258,9 @@ def data_config_from_processor(path: Path) -> dict[str, Any]:
     size, crop = processor.get("size"), processor.get("crop_size")
     interpolation = PIL_INTERPOLATION.get(processor.get("resample", 2))
     if interpolation is None:
-        raise ModelLoadError(f"{path}: resample={processor.get('resample')} is not one cdam reproduces (nearest, bilinear or bicubic)")
+        raise ModelLoadError(
+            f"{path}: resample={processor.get('resample')} is not one cdam reproduces (nearest, bilinear or bicubic)"
+        )
     if not processor.get("do_resize", True):
         raise ModelLoadError(f"{path}: do_resize is false; cdam needs a fixed input size")
     center_crop = bool(processor.get("do_center_crop")) and crop is not None
@@ -241,19 +271,27 @@ def data_config_from_processor(path: Path) -> dict[str, Any]:
     if center_crop and "shortest_edge" in (size or {}):
         height, width = crop["height"], crop["width"]
         if height != width:
-            raise ModelLoadError(f"{path}: a non-square crop after a shortest-edge resize is not supported ({height}x{width})")
+            raise ModelLoadError(
+                f"{path}: a non-square crop after a shortest-edge resize is not supported ({height}x{width})"
+            )
         edge = int(size["shortest_edge"])
         crop_pct = height / edge if math.floor(height / (height / edge)) == edge else height / (edge + 0.5)
         config = {"input_size": (3, height, width), "crop_pct": crop_pct, "crop_mode": "center"}
     elif size is not None and "height" in size and not center_crop:
         config = {"input_size": (3, int(size["height"]), int(size["width"])), "crop_pct": 1.0, "crop_mode": "squash"}
     else:
-        raise ModelLoadError(f"{path}: resize {size} with crop {crop if center_crop else None} is not one cdam reproduces")
+        raise ModelLoadError(
+            f"{path}: resize {size} with crop {crop if center_crop else None} is not one cdam reproduces"
+        )
     if processor.get("do_rescale", True) and abs(float(processor.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise ModelLoadError(f"{path}: rescale_factor {processor.get('rescale_factor')} is not 1/255")
     normalize = processor.get("do_normalize", True)
-    config["mean"] = tuple(float(v) for v in processor.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
-    config["std"] = tuple(float(v) for v in processor.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
+    config["mean"] = (
+        tuple(float(v) for v in processor.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
+    )
+    config["std"] = (
+        tuple(float(v) for v in processor.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
+    )
     config["interpolation"] = interpolation
     return config
 
@@ -276,7 +314,10 @@ def eval_transform(data_config: dict[str, Any]) -> Any:
     from torchvision import transforms
 
     transform = create_transform(**data_config, is_training=False)
-    transform.transforms = [FlooredCenterCrop(tuple(step.size)) if isinstance(step, transforms.CenterCrop) else step for step in transform.transforms]
+    transform.transforms = [
+        FlooredCenterCrop(tuple(step.size)) if isinstance(step, transforms.CenterCrop) else step
+        for step in transform.transforms
+    ]
     return transform
 
 
@@ -303,12 +344,26 @@ class Converted:
 
 def _trunk_of(hf_model: nn.Module) -> tuple[str, nn.Module]:
     """(family, the module holding embeddings + encoder) of a supported transformers model."""
-    for family, attribute in (("clip", "vision_model"), ("vit", "vit"), ("deit", "deit"), ("dinov2", "dinov2"), ("dinov2", "dinov2_with_registers")):
+    for family, attribute in (
+        ("clip", "vision_model"),
+        ("vit", "vit"),
+        ("deit", "deit"),
+        ("dinov2", "dinov2"),
+        ("dinov2", "dinov2_with_registers"),
+    ):
         trunk = getattr(hf_model, attribute, None)
         if trunk is not None:
             return family, trunk
     name = type(hf_model).__name__
-    family = "clip" if name.startswith("CLIP") else "deit" if name.startswith("DeiT") else "dinov2" if name.startswith("Dinov2") else "vit"
+    family = (
+        "clip"
+        if name.startswith("CLIP")
+        else "deit"
+        if name.startswith("DeiT")
+        else "dinov2"
+        if name.startswith("Dinov2")
+        else "vit"
+    )
     return family, hf_model
 
 
@@ -319,7 +374,9 @@ def _find(module: nn.Module, *paths: str) -> nn.Module:
             return module.get_submodule(path)
         except AttributeError:
             continue
-    raise ModelLoadError(f"{type(module).__name__} has none of {', '.join(paths)}: a transformers layout cdam does not know")
+    raise ModelLoadError(
+        f"{type(module).__name__} has none of {', '.join(paths)}: a transformers layout cdam does not know"
+    )
 
 
 def _layers(family: str, trunk: nn.Module) -> list[nn.Module]:
@@ -335,7 +392,11 @@ def _layer_parts(family: str, layer: nn.Module) -> dict[str, nn.Module | None]:
     elif family == "dinov2":
         attn, norms, mlp = layer.attention, ("norm1", "norm2"), ("mlp.fc1", "mlp.fc2")
     else:
-        attn, norms, mlp = layer.attention, ("layernorm_before", "layernorm_after"), ("mlp.fc1|intermediate.dense", "mlp.fc2|output.dense")
+        attn, norms, mlp = (
+            layer.attention,
+            ("layernorm_before", "layernorm_after"),
+            ("mlp.fc1|intermediate.dense", "mlp.fc2|output.dense"),
+        )
     if family == "dinov2" and (hasattr(layer.mlp, "gate_proj") or hasattr(layer.mlp, "weights_in")):
         raise ModelLoadError("a DINOv2 with a SwiGLU MLP (use_swiglu_ffn, the giant model) is not supported")
     return {
@@ -359,7 +420,9 @@ def convert_hf_model(hf_model: nn.Module) -> Converted:
     architecture = type(hf_model).__name__
     activation = ACTIVATIONS.get(config.hidden_act)
     if activation is None:
-        raise ModelLoadError(f"activation {config.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})")
+        raise ModelLoadError(
+            f"activation {config.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})"
+        )
     layers = _layers(family, trunk)
     first = _layer_parts(family, layers[0])
     hidden, intermediate = config.hidden_size, first["fc1"].out_features
@@ -387,7 +450,13 @@ def convert_hf_model(hf_model: nn.Module) -> Converted:
         "act_layer": activation,
         "weight_init": "skip",
     }
-    model_class = VisionTransformerDistilled if distilled else ClsMeanPooledViT if architecture.endswith("ForImageClassification") and family == "dinov2" else VisionTransformer
+    model_class = (
+        VisionTransformerDistilled
+        if distilled
+        else ClsMeanPooledViT
+        if architecture.endswith("ForImageClassification") and family == "dinov2"
+        else VisionTransformer
+    )
     model = model_class(**kwargs)
     state = _trunk_state(family, trunk, layers, registers, distilled)
     state.update(_head_state(hf_model, architecture, head))
@@ -398,7 +467,9 @@ def convert_hf_model(hf_model: nn.Module) -> Converted:
         state["fc_norm.weight"] = projection.weight
     missing, unexpected = model.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
-        raise ModelLoadError(f"{architecture}: converting into timm left {len(missing)} weights unset (e.g. {missing[:3]}) and {len(unexpected)} unused (e.g. {unexpected[:3]})")
+        raise ModelLoadError(
+            f"{architecture}: converting into timm left {len(missing)} weights unset (e.g. {missing[:3]}) and {len(unexpected)} unused (e.g. {unexpected[:3]})"
+        )
     return Converted(model.eval(), family)
 
 
@@ -408,7 +479,9 @@ def _head_of(hf_model: nn.Module, architecture: str) -> nn.Module | None:
     return getattr(hf_model, "classifier", None)
 
 
-def _trunk_state(family: str, trunk: nn.Module, layers: list[nn.Module], registers: int, distilled: bool) -> dict[str, torch.Tensor]:
+def _trunk_state(
+    family: str, trunk: nn.Module, layers: list[nn.Module], registers: int, distilled: bool
+) -> dict[str, torch.Tensor]:
     """timm's state dict of the embeddings, blocks and final norm (DeiT's distillation token: timm's ``dist_token``
     in the distilled model, else its one register token)."""
     embeddings = trunk.embeddings
@@ -443,7 +516,13 @@ def _trunk_state(family: str, trunk: nn.Module, layers: list[nn.Module], registe
         state[prefix + "attn.qkv.weight"] = torch.cat([q.weight, k.weight, v.weight])
         if q.bias is not None:
             state[prefix + "attn.qkv.bias"] = torch.cat([q.bias, k.bias, v.bias])
-        for timm_name, hf_name in (("norm1", "norm1"), ("attn.proj", "o"), ("norm2", "norm2"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+        for timm_name, hf_name in (
+            ("norm1", "norm1"),
+            ("attn.proj", "o"),
+            ("norm2", "norm2"),
+            ("mlp.fc1", "fc1"),
+            ("mlp.fc2", "fc2"),
+        ):
             state[prefix + timm_name + ".weight"] = parts[hf_name].weight
             state[prefix + timm_name + ".bias"] = parts[hf_name].bias
         for timm_name, hf_name in (("ls1", "ls1"), ("ls2", "ls2")):
@@ -458,7 +537,12 @@ def _head_state(hf_model: nn.Module, architecture: str, head: nn.Module | None) 
         return {}
     state = {"head.weight": head.weight, "head.bias": head.bias}
     if architecture == "DeiTForImageClassificationWithTeacher":
-        state.update({"head_dist.weight": hf_model.distillation_classifier.weight, "head_dist.bias": hf_model.distillation_classifier.bias})
+        state.update(
+            {
+                "head_dist.weight": hf_model.distillation_classifier.weight,
+                "head_dist.bias": hf_model.distillation_classifier.bias,
+            }
+        )
     return state
 
 
@@ -470,7 +554,9 @@ def _with_input_size(hf_model: nn.Module, converted: Converted, size: tuple[int,
     if size == tuple(model.patch_embed.img_size):
         return model
     if converted.family != "dinov2":
-        raise ModelLoadError(f"the image processor makes {size[0]}x{size[1]} images but the model takes {model.patch_embed.img_size[0]}x{model.patch_embed.img_size[1]}")
+        raise ModelLoadError(
+            f"the image processor makes {size[0]}x{size[1]} images but the model takes {model.patch_embed.img_size[0]}x{model.patch_embed.img_size[1]}"
+        )
     embeddings = _trunk_of(hf_model)[1].embeddings
     patch = model.patch_embed.patch_size
     grid = (size[0] // patch[0], size[1] // patch[1])
@@ -513,6 +599,14 @@ def check_conversion(hf_model: nn.Module, model: VisionTransformer, input_size: 
     images = torch.randn(2, *input_size, generator=generator)
     expected = hf_outputs(hf_model, images).float()
     got = timm_outputs(model.eval(), images)
-    if got.shape != expected.shape or (got - expected).abs().max() > MATCH_TOLERANCE * expected.abs().max().clamp_min(1e-6):
-        difference = (got - expected).abs().max().item() if got.shape == expected.shape else f"shape {tuple(got.shape)} vs {tuple(expected.shape)}"
-        raise ModelLoadError(f"{type(hf_model).__name__}: the converted timm model does not reproduce transformers' outputs (max difference {difference}); this checkpoint uses a feature cdam does not convert")
+    if got.shape != expected.shape or (got - expected).abs().max() > MATCH_TOLERANCE * expected.abs().max().clamp_min(
+        1e-6
+    ):
+        difference = (
+            (got - expected).abs().max().item()
+            if got.shape == expected.shape
+            else f"shape {tuple(got.shape)} vs {tuple(expected.shape)}"
+        )
+        raise ModelLoadError(
+            f"{type(hf_model).__name__}: the converted timm model does not reproduce transformers' outputs (max difference {difference}); this checkpoint uses a feature cdam does not convert"
+        )

@@ -33,7 +33,9 @@ class MemoryBudget:
             return CPU_ROWS
         return max(1, int(CUDA_MEMORY_SHARE * free_cuda_bytes(self.device) // self.bytes_per_row(tokens)))
 
-    def variant_chunks(self, batch: int, tokens: int, n_maps: int, noisy: bool, columns: bool = False) -> tuple[int, int]:
+    def variant_chunks(
+        self, batch: int, tokens: int, n_maps: int, noisy: bool, columns: bool = False
+    ) -> tuple[int, int]:
         """(images per group, copies per chunk) of Smooth/Integrated CDAM with ``n_maps`` copies per image.
 
         With ``max_rows`` set or on the CPU, a chunk holds all images of the batch and ``rows // batch`` of
@@ -46,7 +48,9 @@ class MemoryBudget:
             images = min(batch, rows)
             return images, min(n_maps, max(1, rows // images))
         noise = n_maps * tokens * self.model.embed_dim * 4 if noisy else 0  # float32 noise per image
-        return chunks_in_budget(CUDA_MEMORY_SHARE * free_cuda_bytes(self.device), batch, n_maps, self.bytes_per_row(tokens, columns), noise)
+        return chunks_in_budget(
+            CUDA_MEMORY_SHARE * free_cuda_bytes(self.device), batch, n_maps, self.bytes_per_row(tokens, columns), noise
+        )
 
     def bytes_per_row(self, tokens: int, columns: bool = False) -> int:
         """Peak memory of one row in a pass, estimated on the safe side from the last block's shapes."""

@@ -22,7 +22,10 @@ from timm.models.vision_transformer import VisionTransformer
 from cdam_worker.class_names import resolve_class
 
 CHECKPOINT_FORMAT = "cdam-checkpoint/1"
-EXTERNAL_PREFIXES = ("hf:", "open_clip:")  # --model hf:FOLDER|ORG/NAME (hf_models.py), open_clip:ARCH (open_clip_models.py)
+EXTERNAL_PREFIXES = (
+    "hf:",
+    "open_clip:",
+)  # --model hf:FOLDER|ORG/NAME (hf_models.py), open_clip:ARCH (open_clip_models.py)
 
 
 class ModelLoadError(ValueError):
@@ -69,7 +72,9 @@ def default_class_names(model: torch.nn.Module, num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def save_checkpoint(path: str | Path, model: VisionTransformer, model_name: str, model_kwargs: dict[str, Any], class_names: list[str]) -> None:
+def save_checkpoint(
+    path: str | Path, model: VisionTransformer, model_name: str, model_kwargs: dict[str, Any], class_names: list[str]
+) -> None:
     """Save a self-describing checkpoint: architecture, class names and weights (loadable with weights_only)."""
     torch.save(
         {
@@ -90,7 +95,9 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here is a bad file
-        raise ModelLoadError(f"cannot read checkpoint {path} as a weights-only torch file: {_load_failure(error)}") from None
+        raise ModelLoadError(
+            f"cannot read checkpoint {path} as a weights-only torch file: {_load_failure(error)}"
+        ) from None
     if not isinstance(payload, dict):
         raise ModelLoadError(f"checkpoint {path} holds a {type(payload).__name__}, not a state dict")
     return payload
@@ -101,7 +108,7 @@ def _load_failure(error: Exception) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
     refused = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
     if refused is not None:
-        detail = refused[len("WeightsUnpickler error:"):].split(". Please use")[0].strip()
+        detail = refused[len("WeightsUnpickler error:") :].split(". Please use")[0].strip()
         return f"it holds pickled Python objects, which weights-only loading refuses ({detail})"
     first = next((line.split(". ")[0] for line in lines if line), "")
     return f"not a torch file, or a damaged one ({type(error).__name__}{': ' + first if first else ''})"
@@ -112,7 +119,11 @@ def _state_dict_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
         if isinstance(payload.get(key), dict):
             payload = payload[key]
             break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    return {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in payload.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _create(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -133,9 +144,13 @@ def _create(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> torch.
             if isinstance(error, OSError)  # network and cache errors
             else ""
         )
-        raise ModelLoadError(f"cannot get pretrained weights for {name!r}: {type(error).__name__}: {reason}{hint}") from None
+        raise ModelLoadError(
+            f"cannot get pretrained weights for {name!r}: {type(error).__name__}: {reason}{hint}"
+        ) from None
     if not isinstance(model, VisionTransformer):
-        raise ModelLoadError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer: CDAM needs a ViT with blocks[-1].norm1")
+        raise ModelLoadError(
+            f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer: CDAM needs a ViT with blocks[-1].norm1"
+        )
     return model
 
 
@@ -143,7 +158,11 @@ def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], s
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -162,14 +181,20 @@ def _linear_head_of(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None
     weights = [v for k, v in tensors.items() if k.endswith("weight") and v.ndim == 2]
     biases = [v for k, v in tensors.items() if k.endswith("bias") and v.ndim == 1]
     if len(weights) != 1 or len(biases) > 1:
-        raise ModelLoadError(f"head checkpoint {path} must hold one linear layer (a 2-D weight and a 1-D bias); found keys {sorted(tensors)[:6]}")
+        raise ModelLoadError(
+            f"head checkpoint {path} must hold one linear layer (a 2-D weight and a 1-D bias); found keys {sorted(tensors)[:6]}"
+        )
     weight, bias = weights[0], (biases[0] if biases else None)
     if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ModelLoadError(f"head checkpoint {path}: bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
+        raise ModelLoadError(
+            f"head checkpoint {path}: bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows"
+        )
     return weight, bias
 
 
-def _data_config(model: VisionTransformer, img_size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict[str, Any]:
+def _data_config(
+    model: VisionTransformer, img_size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+) -> dict[str, Any]:
     config = resolve_model_data_config(model)
     if img_size is not None:
         config["input_size"] = (3, img_size, img_size)
@@ -207,7 +232,9 @@ def load_model(
     ``dynamic_img_size`` model); ``mean``/``std`` override the transform only.
     """
     if name is not None and name.startswith(EXTERNAL_PREFIXES):
-        return _load_external(name, pretrained, checkpoint, head_checkpoint, class_names, (img_size, mean, std), device, model_kwargs)
+        return _load_external(
+            name, pretrained, checkpoint, head_checkpoint, class_names, (img_size, mean, std), device, model_kwargs
+        )
     checkpoint_sha = head_sha = None
     state_dict: dict[str, torch.Tensor] | None = None
     if checkpoint is not None:
@@ -241,7 +268,9 @@ def load_model(
     if head is not None:
         weight, bias = head
         if weight.shape[1] != model.num_features:
-            raise ModelLoadError(f"head checkpoint {head_checkpoint} takes {weight.shape[1]}-d features but model {name!r} gives {model.num_features}-d")
+            raise ModelLoadError(
+                f"head checkpoint {head_checkpoint} takes {weight.shape[1]}-d features but model {name!r} gives {model.num_features}-d"
+            )
         model.reset_classifier(int(weight.shape[0]))
         model_kwargs["num_classes"] = int(weight.shape[0])
         with torch.no_grad():
@@ -270,12 +299,24 @@ def load_model(
     )
 
 
-def _load_external(name: str, pretrained: bool, checkpoint, head_checkpoint, class_names, transform_overrides, device, model_kwargs) -> LoadedModel:
+def _load_external(
+    name: str, pretrained: bool, checkpoint, head_checkpoint, class_names, transform_overrides, device, model_kwargs
+) -> LoadedModel:
     """A transformers or open_clip model converted into a timm ViT (their modules import those libraries)."""
     if any(value is not None for value in transform_overrides):
-        raise ModelLoadError(f"--model {name}: the input size and normalisation come from the checkpoint; img_size, mean and std do not apply")
+        raise ModelLoadError(
+            f"--model {name}: the input size and normalisation come from the checkpoint; img_size, mean and std do not apply"
+        )
     if name.startswith("hf:"):
         from cdam_worker.maps.hf_models import load_hf_model as load
     else:
         from cdam_worker.maps.open_clip_models import load_open_clip_model as load
-    return load(name, pretrained=pretrained, checkpoint=checkpoint, head_checkpoint=head_checkpoint, class_names=class_names, device=device, **model_kwargs)
+    return load(
+        name,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        head_checkpoint=head_checkpoint,
+        class_names=class_names,
+        device=device,
+        **model_kwargs,
+    )

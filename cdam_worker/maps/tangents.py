@@ -69,7 +69,9 @@ def _generic_push(module: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tuple
     return module(x), tangents
 
 
-def _jvp(function: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _jvp(
+    function: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.func.jvp``, its first call in this process made without the noise of that call."""
     _first_jvp()
     return torch.func.jvp(function, primals, tangents)

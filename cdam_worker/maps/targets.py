@@ -96,7 +96,9 @@ class Concept:
             raise ValueError(f"concept {self.name!r}: similarity must be 'dot' or 'cosine', not {self.similarity!r}")
 
     def save(self, path: str | Path) -> None:
-        torch.save({"name": self.name, "vector": self.vector.detach().cpu().float(), "similarity": self.similarity}, path)
+        torch.save(
+            {"name": self.name, "vector": self.vector.detach().cpu().float(), "similarity": self.similarity}, path
+        )
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "Concept":
@@ -106,7 +108,9 @@ class Concept:
             return cls(name or Path(path).stem, payload.float())
         if not isinstance(payload, dict) or not isinstance(payload.get("vector"), torch.Tensor):
             raise ValueError(f"concept file {path} holds neither a 1-D tensor nor a saved Concept")
-        return cls(name or payload.get("name") or Path(path).stem, payload["vector"].float(), payload.get("similarity", "dot"))
+        return cls(
+            name or payload.get("name") or Path(path).stem, payload["vector"].float(), payload.get("similarity", "dot")
+        )
 
 
 def concept_directions(concepts: tuple[Concept, ...], embedding: torch.Tensor) -> torch.Tensor:

@@ -64,8 +64,10 @@ class TextTower:
 def text_tower_of(model: nn.Module, what: str) -> TextTower:
     tower = getattr(model, "text_tower", None)
     if tower is None:
-        raise TextError(f"{what}: the model has no text tower (text needs a CLIP model with both towers: "
-                        "a transformers CLIPModel folder with its tokenizer, or open_clip:ARCH)")
+        raise TextError(
+            f"{what}: the model has no text tower (text needs a CLIP model with both towers: "
+            "a transformers CLIPModel folder with its tokenizer, or open_clip:ARCH)"
+        )
     return tower
 
 
@@ -98,12 +100,16 @@ def concept_prompts(name: str, source: str) -> list[str]:
     value = value.strip().strip('"').strip("'") if kind == "text" else value
     if kind == "text":
         if not value:
-            raise TextError(f"--concepts {name}: empty prompt (text:\"a photo of ...\")")
+            raise TextError(f'--concepts {name}: empty prompt (text:"a photo of ...")')
         return [value]
     path = Path(value)
     if not path.is_file():
         raise TextError(f"--concepts {name}: prompts file {path} not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    prompts = [
+        line.strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not prompts:
         raise TextError(f"--concepts {name}: prompts file {path} holds no prompts (one a line)")
     return prompts
@@ -139,7 +145,7 @@ def parse_zero_shot_targets(targets: str) -> tuple[dict[str, Any], str] | None:
     """For ``--targets text:FILE[:K]``: (the model's ``zero_shot`` setting, the class targets ``topk:K``); else None."""
     if not targets.strip().lower().startswith("text:"):
         return None
-    value = targets.strip()[len("text:"):]
+    value = targets.strip()[len("text:") :]
     match = re.fullmatch(r"(.+):(\d+)", value)
     path, k = (match.group(1), int(match.group(2))) if match and not Path(value).is_file() else (value, None)
     zero_shot = read_class_prompts(path)
@@ -162,5 +168,7 @@ def apply_zero_shot(loaded: Any, zero_shot: dict[str, Any]) -> Any:
     model.head = ZeroShotHead(classes, tower.logit_scale)
     model.num_classes = classes.shape[0]
     loaded.class_names = list(zero_shot["classes"])
-    loaded.model_kwargs = {"zero_shot": {"classes": list(zero_shot["classes"]), "prompts": [list(p) for p in zero_shot["prompts"]]}}
+    loaded.model_kwargs = {
+        "zero_shot": {"classes": list(zero_shot["classes"]), "prompts": [list(p) for p in zero_shot["prompts"]]}
+    }
     return loaded

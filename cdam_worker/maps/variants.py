@@ -30,7 +30,9 @@ class VariantConfig:
         if self.name not in DEFAULT_NOISE_LEVEL:
             raise ValueError(f"unknown variant {self.name!r}: expected vanilla, smooth or integrated")
         if self.name != "vanilla" and self.n_samples < (2 if self.name == "integrated" else 1):
-            raise ValueError(f"{self.name} CDAM needs n_samples >= {2 if self.name == 'integrated' else 1}, got {self.n_samples}")
+            raise ValueError(
+                f"{self.name} CDAM needs n_samples >= {2 if self.name == 'integrated' else 1}, got {self.n_samples}"
+            )
         if self.noise_level is not None and self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
 
@@ -47,7 +49,12 @@ class VariantConfig:
         """The parameters that define the maps, for run metadata."""
         if self.name == "vanilla":
             return {"variant": "vanilla"}
-        return {"variant": self.name, "n_samples": self.n_samples, "noise_level": self.sigma_fraction, "seed": self.seed}
+        return {
+            "variant": self.name,
+            "n_samples": self.n_samples,
+            "noise_level": self.sigma_fraction,
+            "seed": self.seed,
+        }
 
 
 class VariantMaps:
@@ -57,14 +64,27 @@ class VariantMaps:
     groups of images and chunks of copies to the device; the copies run inside ``precision_scope()``.
     """
 
-    def __init__(self, vanilla: Callable[..., Any], chunks: Callable[[int, int, VariantConfig, bool], tuple[int, int]],
-                 precision_scope: Callable[[], ContextManager], num_prefix_tokens: int) -> None:
+    def __init__(
+        self,
+        vanilla: Callable[..., Any],
+        chunks: Callable[[int, int, VariantConfig, bool], tuple[int, int]],
+        precision_scope: Callable[[], ContextManager],
+        num_prefix_tokens: int,
+    ) -> None:
         self.vanilla = vanilla
         self.chunks = chunks
         self.precision_scope = precision_scope
         self.num_prefix_tokens = num_prefix_tokens
 
-    def __call__(self, block_input: torch.Tensor, resolve: Callable, concepts: tuple, want_basis: bool, keys: list[str], config: VariantConfig) -> Any:
+    def __call__(
+        self,
+        block_input: torch.Tensor,
+        resolve: Callable,
+        concepts: tuple,
+        want_basis: bool,
+        keys: list[str],
+        config: VariantConfig,
+    ) -> Any:
         """The mean of the vanilla maps of the altered copies of ``block_input`` (B, L, D), one key per image.
 
         The clean input sets the targets, logits, embedding and attention (float32); the altered copies run in
@@ -82,7 +102,9 @@ class VariantMaps:
             maps_sum, basis_sum = None, None
             for altered, copies in altered_inputs(group_input, keys[group], config, copies_per_chunk):
                 with self.precision_scope():
-                    part = self.vanilla(altered, lambda _logits: group_targets.repeat_interleave(copies, dim=0), concepts, want_basis)
+                    part = self.vanilla(
+                        altered, lambda _logits: group_targets.repeat_interleave(copies, dim=0), concepts, want_basis
+                    )
                 maps_part = part.cdam.float().view(group_size, copies, *part.cdam.shape[1:]).sum(1)
                 maps_sum = maps_part if maps_sum is None else maps_sum + maps_part
                 if want_basis:
@@ -93,7 +115,9 @@ class VariantMaps:
         return dataclasses.replace(clean, cdam=torch.cat(maps), basis=torch.cat(bases) if want_basis else None)
 
 
-def altered_inputs(block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig, copies_per_chunk: int) -> Iterator[tuple[torch.Tensor, int]]:
+def altered_inputs(
+    block_input: torch.Tensor, keys: Sequence[str], config: VariantConfig, copies_per_chunk: int
+) -> Iterator[tuple[torch.Tensor, int]]:
     """Chunks of altered last-block inputs, (B * copies, L, D), image-major, with their copy count.
 
     Each image's noise is one draw of all its copies from its own stream (:func:`image_noise`), so a map
@@ -113,7 +137,9 @@ def altered_inputs(block_input: torch.Tensor, keys: Sequence[str], config: Varia
         if config.name == "smooth":
             base = block_input[:, None].expand(-1, stop - start, -1, -1)
         else:  # integrated: X_k = (k / m) X for k = 1 .. m-1
-            scale = torch.arange(start + 1, stop + 1, device=block_input.device, dtype=block_input.dtype) / config.n_samples
+            scale = (
+                torch.arange(start + 1, stop + 1, device=block_input.device, dtype=block_input.dtype) / config.n_samples
+            )
             base = scale.view(1, -1, 1, 1) * block_input[:, None]
         altered = base if noise is None else noise[:, start:stop].add_(base)  # the noise buffer becomes the input
         yield altered.reshape(-1, *block_input.shape[1:]), stop - start

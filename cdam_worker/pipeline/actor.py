@@ -70,24 +70,42 @@ class ShardProcessor:
     to the node: its CPUs divided among the ``job_actors`` actors it can hold (:func:`default_decode_workers`).
     """
 
-    def __init__(self, config: JobConfig, layout: Layout, loaded: LoadedModel, device: str | None = None, threads: int | None = None, generation: int = 0, progress: Any = None, decode_workers: int = 0, job_actors: int = 1, faults: Faults = NO_FAULTS) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        layout: Layout,
+        loaded: LoadedModel,
+        device: str | None = None,
+        threads: int | None = None,
+        generation: int = 0,
+        progress: Any = None,
+        decode_workers: int = 0,
+        job_actors: int = 1,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
         faults.at_start(generation)
         if threads:
             torch.set_num_threads(threads)
         self.decoder = DecodePool(decode_workers or default_decode_workers(job_actors))  # starts in the background
         self.config, self.layout, self.progress, self.generation = config, layout, progress, generation
         wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.cuda_missing = wanted.startswith("cuda") and not torch.cuda.is_available()  # e.g. a GPU resource without a driver
+        self.cuda_missing = (
+            wanted.startswith("cuda") and not torch.cuda.is_available()
+        )  # e.g. a GPU resource without a driver
         self.device = "cpu" if self.cuda_missing else wanted
         self.loaded = dataclasses.replace(loaded, model=loaded.model.to(self.device))
         self.explainer = CDAMExplainer(self.loaded, method=config.method, precision=config.precision)
         self.targets = TargetSpec.parse(config.targets, self.loaded.class_names)
         self.concepts = tuple(Concept(c.name, torch.tensor(c.vector), c.similarity) for c in config.concepts)
-        self.variant = VariantConfig(**{"name": config.variant["variant"], **{k: v for k, v in config.variant.items() if k != "variant"}})
+        self.variant = VariantConfig(
+            **{"name": config.variant["variant"], **{k: v for k, v in config.variant.items() if k != "variant"}}
+        )
         self.storage = Storage.from_url(config.output)
         self.group = open_zarr(self.storage)
         on_cuda = self.device.startswith("cuda")
-        self.gpu_decoder = GpuJpegDecoder(self.loaded.transform, self.device) if config.decode == "gpu" and on_cuda else None
+        self.gpu_decoder = (
+            GpuJpegDecoder(self.loaded.transform, self.device) if config.decode == "gpu" and on_cuda else None
+        )
         self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self.batch_size = config.batch_size or (self._batch_size_filling_gpu() if on_cuda else CPU_BATCH_SIZE)
         rules = SampleRules(config.require_label, self.loaded.num_classes if self.targets.kind == "label" else None)
@@ -98,7 +116,14 @@ class ShardProcessor:
     def ready(self) -> ActorInfo:
         """Answers once the model is loaded and the decode pool started; the driver hands out work only to ready actors."""
         self.decoder.wait_until_started()
-        return ActorInfo(self.device, self.cuda_missing, "gpu" if self.gpu_decoder else "cpu", self.decoder.workers, self.batch_size, _ray_node_id())
+        return ActorInfo(
+            self.device,
+            self.cuda_missing,
+            "gpu" if self.gpu_decoder else "cpu",
+            self.decoder.workers,
+            self.batch_size,
+            _ray_node_id(),
+        )
 
     def peak_rss_mib(self) -> float:
         """This actor process's peak resident memory so far."""
@@ -106,11 +131,24 @@ class ShardProcessor:
 
     def process_shard(self, task: ShardTask) -> ShardSummary:
         """Explain every sample of a shard, record every failure, and write the shard's outputs."""
-        output = _WriterThread(ShardWriter(self.storage, self.group, self.layout, task.shard_index, task.name, task.url, task.n_samples, self.config.run_id))
+        output = _WriterThread(
+            ShardWriter(
+                self.storage,
+                self.group,
+                self.layout,
+                task.shard_index,
+                task.name,
+                task.url,
+                task.n_samples,
+                self.config.run_id,
+            )
+        )
         batch: list[PreparedSample] = []
         members: list[tuple[str, str, int, int]] = []
         try:
-            for item in self.decoder.samples(task, self.decode_settings, in_flight=2 * self.batch_size, members=members):
+            for item in self.decoder.samples(
+                task, self.decode_settings, in_flight=2 * self.batch_size, members=members
+            ):
                 if isinstance(item, SampleError):
                     self._record_error(output, item)
                     continue
@@ -138,7 +176,9 @@ class ShardProcessor:
         result = self._run(images, [p.label for p in batch], [p.key for p in batch])
         output.submit(lambda writer: self._write(writer, batch, result))
 
-    def _run(self, images: torch.Tensor, labels: list[int | None], keys: list[str], variant: VariantConfig | None = None) -> CDAMResult:
+    def _run(
+        self, images: torch.Tensor, labels: list[int | None], keys: list[str], variant: VariantConfig | None = None
+    ) -> CDAMResult:
         return self.explainer.explain(
             images,
             self.targets,
@@ -241,7 +281,11 @@ def default_decode_workers(job_actors: int) -> int:
         return len(os.sched_getaffinity(0))
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
-    given = {name: amount for name, amount in ray.get_runtime_context().get_assigned_resources().items() if name in ("CPU", "GPU") and amount > 0}
+    given = {
+        name: amount
+        for name, amount in ray.get_runtime_context().get_assigned_resources().items()
+        if name in ("CPU", "GPU") and amount > 0
+    }
     fits = min((int(node.get(name, 0) // amount) for name, amount in given.items()), default=job_actors)
     return max(1, int(node.get("CPU", 1) // max(1, min(job_actors, fits))))
 
@@ -316,8 +360,16 @@ def _row_tables(result: CDAMResult, class_names: list[str]) -> dict[str, list]:
     top = probs.topk(min(TOPK_STORED, probs.shape[1]), dim=1)
     flat = result.cdam.flatten(2).float()
     names = np.array(list(class_names) + list(result.concept_names), dtype=object)
-    slot_names = names[np.where(result.target_class.cpu().numpy() >= 0, result.target_class.cpu().numpy(), len(class_names) + _concept_positions(result))]
-    headless = [-1] * probs.shape[0] if probs.shape[1] == 0 else None  # a feature extractor (concepts only) predicts no class
+    slot_names = names[
+        np.where(
+            result.target_class.cpu().numpy() >= 0,
+            result.target_class.cpu().numpy(),
+            len(class_names) + _concept_positions(result),
+        )
+    ]
+    headless = (
+        [-1] * probs.shape[0] if probs.shape[1] == 0 else None
+    )  # a feature extractor (concepts only) predicts no class
     return {
         "pred": headless or top.indices[:, 0].int().tolist(),
         "pred_prob": [0.0] * len(headless) if headless else top.values[:, 0].tolist(),
@@ -348,4 +400,6 @@ def make_actor_class(num_cpus: float, num_gpus: float):
 
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     options = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0, **options)(ShardProcessor)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0, **options)(
+        ShardProcessor
+    )

@@ -100,7 +100,13 @@ class DecodePool:
         self.workers = workers
         self._started: Future[Executor] = _in_background(self._start)
 
-    def samples(self, task: ShardTask, settings: DecodeSettings, in_flight: int, members: list[tuple[str, str, int, int]] | None = None) -> Iterator[PreparedSample | SampleError]:
+    def samples(
+        self,
+        task: ShardTask,
+        settings: DecodeSettings,
+        in_flight: int,
+        members: list[tuple[str, str, int, int]] | None = None,
+    ) -> Iterator[PreparedSample | SampleError]:
         """The shard's samples in tar order, each prepared or its SampleError; a shard-level problem
         (truncated tar, unreadable object) comes last with key None. ``members``, if given, receives
         (key, member name, data offset, size) of every file of an uncompressed shard as it is read (all of
@@ -112,7 +118,9 @@ class DecodePool:
         """
         futures: queue.Queue = queue.Queue(maxsize=max(2 * self.workers, math.ceil(in_flight / DECODE_CHUNK)))
         stop = threading.Event()
-        reader = threading.Thread(target=self._read, args=(task, settings, futures, stop, members), name=f"read-{task.name}", daemon=True)
+        reader = threading.Thread(
+            target=self._read, args=(task, settings, futures, stop, members), name=f"read-{task.name}", daemon=True
+        )
         reader.start()
         try:
             while (entry := futures.get()) is not None:
@@ -124,7 +132,9 @@ class DecodePool:
                 except BrokenProcessPool as error:
                     self._started.result().shutdown(wait=False, cancel_futures=True)
                     self._started = _in_background(self._start)
-                    raise RuntimeError(f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted") from None
+                    raise RuntimeError(
+                        f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted"
+                    ) from None
                 rows = iter(tensors)
                 for result in results:
                     if isinstance(result, PreparedSample) and result.jpeg is None:
@@ -172,7 +182,14 @@ class DecodePool:
             failed.set_exception(error)
             return failed
 
-    def _read(self, task: ShardTask, settings: DecodeSettings, futures: queue.Queue, stop: threading.Event, members: list | None) -> None:
+    def _read(
+        self,
+        task: ShardTask,
+        settings: DecodeSettings,
+        futures: queue.Queue,
+        stop: threading.Event,
+        members: list | None,
+    ) -> None:
         """Reader thread: the shard's key groups, in chunks, to the pool; their futures, in order, to
         ``futures``, then a shard-level SampleError if the shard broke, then None; the groups' members to
         ``members`` (for an uncompressed shard, whose offsets are the file's)."""
@@ -233,6 +250,7 @@ def _refusal(task: ShardTask, index: int) -> str | None:
 
 # -- in the workers --------------------------------------------------------------------------------
 
+
 def _start_worker() -> None:
     """Initialiser of a worker process: one torch thread, freed image buffers kept for reuse, and exit
     when the actor is gone."""
@@ -262,7 +280,9 @@ def _keep_freed_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
 
 
-def _decode_pickled(jobs: list[_Job], pickled_settings: bytes) -> tuple[list[PreparedSample | SampleError], torch.Tensor]:
+def _decode_pickled(
+    jobs: list[_Job], pickled_settings: bytes
+) -> tuple[list[PreparedSample | SampleError], torch.Tensor]:
     """A pool task: :func:`decode_jobs` with the shard's settings as the reader pickled them."""
     return decode_jobs(jobs, _settings_of(pickled_settings))
 
@@ -297,7 +317,13 @@ def _prepare(job: _Job, settings: DecodeSettings) -> PreparedSample | SampleErro
             return header
         return decode_image(data, name)
 
-    sample = decode_group(job.group, job.index, {job.group.key: job.first_index}, settings.rules.require_label, image_decoder=decode_or_probe)
+    sample = decode_group(
+        job.group,
+        job.index,
+        {job.group.key: job.first_index},
+        settings.rules.require_label,
+        image_decoder=decode_or_probe,
+    )
     if isinstance(sample, SampleError):
         return sample
     if job.refusal is not None:
@@ -312,7 +338,9 @@ def _prepare(job: _Job, settings: DecodeSettings) -> PreparedSample | SampleErro
     return transformed(prepared, sample.image, settings.transform)
 
 
-def transformed(prepared: PreparedSample, image: Image.Image, transform: Callable[[Image.Image], torch.Tensor]) -> PreparedSample | SampleError:
+def transformed(
+    prepared: PreparedSample, image: Image.Image, transform: Callable[[Image.Image], torch.Tensor]
+) -> PreparedSample | SampleError:
     """``prepared`` with the transformed ``image``, or the sample's error if the transform refuses it."""
     try:
         prepared.tensor = transform(image)
@@ -398,11 +426,15 @@ def tensor_transform_steps(transform: Any) -> list[Callable[[torch.Tensor], torc
         elif isinstance(step, T.Normalize):
             steps.append(lambda x, s=step: F.normalize(x, s.mean, s.std))
         else:
-            raise ValueError(f"--decode gpu cannot run the transform step {type(step).__name__} on the GPU (it runs Resize, CenterCrop, ToTensor, Normalize); use --decode cpu")
+            raise ValueError(
+                f"--decode gpu cannot run the transform step {type(step).__name__} on the GPU (it runs Resize, CenterCrop, ToTensor, Normalize); use --decode cpu"
+            )
     return steps
 
 
-def gpu_fallback(prepared: PreparedSample, transform: Callable[[Image.Image], torch.Tensor]) -> PreparedSample | SampleError:
+def gpu_fallback(
+    prepared: PreparedSample, transform: Callable[[Image.Image], torch.Tensor]
+) -> PreparedSample | SampleError:
     """The CPU path for a JPEG nvJPEG refused: decoded and transformed as any other sample."""
     try:
         image = decode_image(prepared.jpeg or b"", prepared.image_name)

@@ -42,10 +42,14 @@ def explain(options: ExplainOptions) -> int:
             ray_session.disconnect()
         renewal.stop()
         lock.release()
-    return print_summary(plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=options.strict)
+    return print_summary(
+        plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=options.strict
+    )
 
 
-def print_summary(plan: Plan, summaries: dict[int, ShardSummary], failures: dict[int, str], seconds: float, skipped: int, strict: bool) -> int:
+def print_summary(
+    plan: Plan, summaries: dict[int, ShardSummary], failures: dict[int, str], seconds: float, skipped: int, strict: bool
+) -> int:
     images = sum(s.n_images for s in summaries.values())
     errors = sum(s.n_errors for s in summaries.values())
     lines = [
@@ -55,15 +59,28 @@ def print_summary(plan: Plan, summaries: dict[int, ShardSummary], failures: dict
     ]
     for index, reason in sorted(failures.items()):
         lines.append(f"FAILED shard {plan.shards[index].name}: {reason}")
-    unaccounted = [f"UNACCOUNTED shard {s.shard}: {problem}" for s in sorted(summaries.values(), key=lambda s: s.shard_index) if (problem := s.unaccounted())]
+    unaccounted = [
+        f"UNACCOUNTED shard {s.shard}: {problem}"
+        for s in sorted(summaries.values(), key=lambda s: s.shard_index)
+        if (problem := s.unaccounted())
+    ]
     print("\n".join(lines + unaccounted))
     if failures or len(summaries) != len(plan.shards):
-        print(f"error: {len(plan.shards) - len(summaries)} shard(s) not complete; rerun the same command to finish them", file=sys.stderr)
+        print(
+            f"error: {len(plan.shards) - len(summaries)} shard(s) not complete; rerun the same command to finish them",
+            file=sys.stderr,
+        )
         return 1
     if unaccounted:
-        print(f"error: {len(unaccounted)} shard(s) do not have each sample either explained or in errors/ exactly once (see UNACCOUNTED above)", file=sys.stderr)
+        print(
+            f"error: {len(unaccounted)} shard(s) do not have each sample either explained or in errors/ exactly once (see UNACCOUNTED above)",
+            file=sys.stderr,
+        )
         return 1
     if strict and errors:
-        print(f"error: {errors} sample(s) could not be explained (--strict); see {plan.storage.url}/errors/", file=sys.stderr)
+        print(
+            f"error: {errors} sample(s) could not be explained (--strict); see {plan.storage.url}/errors/",
+            file=sys.stderr,
+        )
         return 1
     return 0

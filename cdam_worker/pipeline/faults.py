@@ -28,7 +28,11 @@ class Faults:
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Faults:
         """The faults the ``CDAM_FAULT_*`` variables ask for (none when they are unset or empty)."""
         exit_after = environ.get(EXIT_AFTER_BATCHES_ENV)
-        return cls(int(exit_after) if exit_after else None, int(environ.get(FAIL_START_ENV) or 0), environ.get(HOLD_ENV) or None)
+        return cls(
+            int(exit_after) if exit_after else None,
+            int(environ.get(FAIL_START_ENV) or 0),
+            environ.get(HOLD_ENV) or None,
+        )
 
     def at_start(self, generation: int) -> None:
         if self.fail_start_generations > generation:

@@ -86,20 +86,38 @@ def make_plan(options: ExplainOptions) -> Plan:
         raise ConfigError(f"--batch-size must be >= 1, got {options.batch_size}")
     if options.decode_workers < 0:
         raise ConfigError(f"--decode-workers must be >= 0 (0: sized to the node), got {options.decode_workers}")
-    if options.decode == "gpu" and not (options.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available():
-        raise ConfigError("--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu")
+    if (
+        options.decode == "gpu"
+        and not (options.address or os.environ.get("RAY_ADDRESS"))
+        and not torch.cuda.is_available()
+    ):
+        raise ConfigError(
+            "--decode gpu needs CUDA, but torch.cuda.is_available() is False on this machine; use --decode cpu"
+        )
     spec, target_text = _zero_shot(spec, options.targets)
-    loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
+    loaded = load_model(
+        spec.name,
+        pretrained=spec.pretrained,
+        checkpoint=spec.checkpoint,
+        head_checkpoint=spec.head_checkpoint,
+        **dict(spec.model_kwargs),
+    )
     if loaded.num_classes == 0 and target_text.strip().lower() != "none":
-        raise ConfigError(f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one, or --targets none with --concepts")
+        raise ConfigError(
+            f"model {loaded.name!r} has no classifier head: give --head-checkpoint or a checkpoint with one, or --targets none with --concepts"
+        )
     try:
         targets = TargetSpec.parse(target_text, loaded.class_names)
         variant = VariantConfig(options.variant, options.samples, options.noise_level, options.seed)
         explainer = CDAMExplainer(loaded, method=options.method, precision=options.precision)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if options.store_basis and not (type(loaded.model) is VisionTransformer and isinstance(loaded.model.head, (torch.nn.Linear, torch.nn.Identity))):
-        raise ConfigError(f"--store-basis needs logits linear in the embedding; {loaded.name!r} has a {type(loaded.model.head).__name__} head on a {type(loaded.model).__name__}")
+    if options.store_basis and not (
+        type(loaded.model) is VisionTransformer and isinstance(loaded.model.head, (torch.nn.Linear, torch.nn.Identity))
+    ):
+        raise ConfigError(
+            f"--store-basis needs logits linear in the embedding; {loaded.name!r} has a {type(loaded.model.head).__name__} head on a {type(loaded.model).__name__}"
+        )
     concepts = tuple(_load_concept(text, explainer, loaded.transform) for text in options.concepts)
     if targets.kind == "none" and not concepts:
         raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
@@ -110,13 +128,21 @@ def make_plan(options: ExplainOptions) -> Plan:
     scans = _scan_all(urls)
     first = _first_sample(urls, scans)
     if targets.kind == "label" and first is not None and first.label is None:
-        raise ConfigError(f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none")
+        raise ConfigError(
+            f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none"
+        )
     tasks = _tasks(urls, scans)
     grid = explainer.patch_grid(*loaded.data_config["input_size"][1:])
     config = JobConfig(
         output=storage.url,
         model=spec,
-        model_identity={"name": loaded.name, "kwargs": loaded.model_kwargs, "pretrained": spec.pretrained, "checkpoint_sha256": loaded.checkpoint_sha256, "head_checkpoint_sha256": loaded.head_checkpoint_sha256},
+        model_identity={
+            "name": loaded.name,
+            "kwargs": loaded.model_kwargs,
+            "pretrained": spec.pretrained,
+            "checkpoint_sha256": loaded.checkpoint_sha256,
+            "head_checkpoint_sha256": loaded.head_checkpoint_sha256,
+        },
         class_names=tuple(loaded.class_names),
         targets=str(targets),
         concepts=tuple(ConceptSpec(c.name, tuple(c.vector.tolist()), c.similarity) for c in concepts),
@@ -150,7 +176,9 @@ def make_plan(options: ExplainOptions) -> Plan:
         "method": explainer.method,
         "class_names": list(loaded.class_names),
         "patch_grid": list(grid),
-        "patch_size": list(loaded.model.patch_embed.feat_ratio(as_scalar=False)),  # pixels per token (a hybrid stem included)
+        "patch_size": list(
+            loaded.model.patch_embed.feat_ratio(as_scalar=False)
+        ),  # pixels per token (a hybrid stem included)
         "input_size": list(loaded.data_config["input_size"]),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
         "num_prefix_tokens": loaded.model.num_prefix_tokens,
@@ -174,7 +202,9 @@ def _zero_shot(spec: ModelSpec, targets: str) -> tuple[ModelSpec, str]:
     if parsed is None:
         return spec, targets
     if not (spec.name or "").startswith(("hf:", "open_clip:")):
-        raise ConfigError(f"--targets {targets}: zero-shot classes need a CLIP model with a text tower (--model hf:FOLDER of a CLIPModel, or open_clip:ARCH)")
+        raise ConfigError(
+            f"--targets {targets}: zero-shot classes need a CLIP model with a text tower (--model hf:FOLDER of a CLIPModel, or open_clip:ARCH)"
+        )
     zero_shot, class_targets = parsed
     return dataclasses.replace(spec, model_kwargs={**spec.model_kwargs, "zero_shot": zero_shot}), class_targets
 
@@ -189,7 +219,16 @@ def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
 
 def _scan_all(urls: list[str]):
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(tqdm(pool.map(scan_shard, urls), total=len(urls), desc="scanning shards", unit="shard", file=sys.stderr, disable=len(urls) < 8))
+        return list(
+            tqdm(
+                pool.map(scan_shard, urls),
+                total=len(urls),
+                desc="scanning shards",
+                unit="shard",
+                file=sys.stderr,
+                disable=len(urls) < 8,
+            )
+        )
 
 
 def _first_sample(urls: list[str], scans) -> Sample | None:

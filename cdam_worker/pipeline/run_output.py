@@ -32,13 +32,22 @@ def prepare_output(plan: Plan, overwrite: bool) -> list[ShardTask]:
         manifest = None
     if manifest is None:
         if any(storage.list(prefix) for prefix in OUTPUT_PREFIXES[:-1]):
-            raise ConfigError(f"output {storage.url} holds files of an unfinished or foreign run without a manifest; use --overwrite to replace them")
-        create_zarr(storage, plan.layout, plan.zarr_attributes, head=_linear_head(plan.loaded.model) if plan.layout.store_basis else None)
+            raise ConfigError(
+                f"output {storage.url} holds files of an unfinished or foreign run without a manifest; use --overwrite to replace them"
+            )
+        create_zarr(
+            storage,
+            plan.layout,
+            plan.zarr_attributes,
+            head=_linear_head(plan.loaded.model) if plan.layout.store_basis else None,
+        )
         write_json(storage, MANIFEST_PATH, _manifest(plan, status="running"))
         return list(plan.shards)
     if manifest.get("fingerprint") != fingerprint(plan.settings):
         differs = settings_difference(manifest.get("settings", {}), plan.settings)
-        raise ConfigError(f"output {storage.url} was made with different settings ({differs}); use another --output or --overwrite")
+        raise ConfigError(
+            f"output {storage.url} was made with different settings ({differs}); use another --output or --overwrite"
+        )
     done = {t.shard_index for t in plan.shards if storage.exists(marker_path(t.shard_index))}
     return [t for t in plan.shards if t.shard_index not in done]
 
@@ -51,8 +60,16 @@ def _manifest(plan: Plan, status: str, shards: list[dict[str, Any]] | None = Non
         "fingerprint": fingerprint(plan.settings),
         "settings": plan.settings,
         "model_source": dataclasses.asdict(plan.config.model),  # how to load the model again (cdam evaluate, derive)
-        "layout": {"rows_per_shard": plan.layout.rows_per_shard, "n_targets": plan.layout.n_targets, "grid": list(plan.layout.grid), "maps_dtype": plan.layout.maps_dtype, "store_basis": plan.layout.store_basis},
-        "shards": shards if shards is not None else [{"index": t.shard_index, "name": t.name, "url": t.url, "n_samples": t.n_samples} for t in plan.shards],
+        "layout": {
+            "rows_per_shard": plan.layout.rows_per_shard,
+            "n_targets": plan.layout.n_targets,
+            "grid": list(plan.layout.grid),
+            "maps_dtype": plan.layout.maps_dtype,
+            "store_basis": plan.layout.store_basis,
+        },
+        "shards": shards
+        if shards is not None
+        else [{"index": t.shard_index, "name": t.name, "url": t.url, "n_samples": t.n_samples} for t in plan.shards],
     }
 
 
@@ -75,15 +92,41 @@ def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
 
 
 def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
-    shards = [{"index": s.shard_index, "name": s.shard, "url": s.url, "n_samples": s.n_samples, "n_images": s.n_images, "n_errors": s.n_errors, "rows_checked": s.rows_checked, "checksums": s.checksums} for s in sorted(summaries.values(), key=lambda s: s.shard_index)]
+    shards = [
+        {
+            "index": s.shard_index,
+            "name": s.shard,
+            "url": s.url,
+            "n_samples": s.n_samples,
+            "n_images": s.n_images,
+            "n_errors": s.n_errors,
+            "rows_checked": s.rows_checked,
+            "checksums": s.checksums,
+        }
+        for s in sorted(summaries.values(), key=lambda s: s.shard_index)
+    ]
     manifest = _manifest(plan, status="complete", shards=shards)
-    manifest["totals"] = {"images": sum(s.n_images for s in summaries.values()), "errors": sum(s.n_errors for s in summaries.values())}
+    manifest["totals"] = {
+        "images": sum(s.n_images for s in summaries.values()),
+        "errors": sum(s.n_errors for s in summaries.values()),
+    }
     write_json(plan.storage, MANIFEST_PATH, manifest)
 
 
 def write_shard_failure(plan: Plan, task: ShardTask, reason: str) -> None:
     """Record a shard given up on as one shard-level row (key null) of its errors/ table."""
-    table = pa.Table.from_pylist([{"shard": task.name, "shard_index": task.shard_index, "key": None, "reason": reason, "run_id": plan.config.run_id}], schema=ERRORS_SCHEMA)
+    table = pa.Table.from_pylist(
+        [
+            {
+                "shard": task.name,
+                "shard_index": task.shard_index,
+                "key": None,
+                "reason": reason,
+                "run_id": plan.config.run_id,
+            }
+        ],
+        schema=ERRORS_SCHEMA,
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink)
     plan.storage.put(shard_table_path(ERRORS_DIR, task.shard_index, task.name), sink.getvalue())

@@ -65,7 +65,9 @@ class ShardScheduler:
         self.generation = 0  # bumped for every replacement actor (fault injection acts on the first generations)
         self.start_failures = 0
         self.shards_done = 0
-        self.first_ready: float | None = None  # when the first actor was ready: the job's throughput is measured from there
+        self.first_ready: float | None = (
+            None  # when the first actor was ready: the job's throughput is measured from there
+        )
         self.last_progress = time.time()
 
     def run(self, tasks: list[ShardTask]) -> dict[int, str]:
@@ -89,8 +91,15 @@ class ShardScheduler:
                         self._shard_returned(ref)
                 bar.n = min(total, ray.get(self.progress.value.remote()))
                 bar.set_postfix_str(f"shards {self.shards_done}/{len(tasks)}", refresh=True)
-                if not self.running and not self.idle and self.pending and time.time() - self.last_progress > STALL_SECONDS:
-                    raise JobError("no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)")
+                if (
+                    not self.running
+                    and not self.idle
+                    and self.pending
+                    and time.time() - self.last_progress > STALL_SECONDS
+                ):
+                    raise JobError(
+                        "no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)"
+                    )
         finally:
             bar.close()
         self._report()
@@ -106,19 +115,37 @@ class ShardScheduler:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0 and options.gpus_per_actor > 0
         if self.plan.config.decode == "gpu" and not self.use_gpu:
-            raise JobError("--decode gpu needs actors with a GPU, but the Ray cluster has no GPU (or --gpus-per-actor is 0); use --decode cpu")
-        self.n_actors = options.actors or (max(1, int(gpus // options.gpus_per_actor)) if self.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1) // options.cpus_per_actor)))
+            raise JobError(
+                "--decode gpu needs actors with a GPU, but the Ray cluster has no GPU (or --gpus-per-actor is 0); use --decode cpu"
+            )
+        self.n_actors = options.actors or (
+            max(1, int(gpus // options.gpus_per_actor))
+            if self.use_gpu
+            else max(1, int(ray.cluster_resources().get("CPU", 1) // options.cpus_per_actor))
+        )
         self.n_actors = min(self.n_actors, n_tasks)
         self.actor_class = make_actor_class(options.cpus_per_actor, options.gpus_per_actor if self.use_gpu else 0)
         self.progress = ray_session.progress_counter()
-        self.model = ray.put(self.plan.loaded)  # the checked model, read by the actors from the object store of their node
+        self.model = ray.put(
+            self.plan.loaded
+        )  # the checked model, read by the actors from the object store of their node
         self.threads = max(1, int(options.cpus_per_actor))
         for _ in range(self.n_actors):
             self._start_actor()
 
     def _start_actor(self) -> None:
-        actor = self.actor_class.remote(self.plan.config, self.plan.layout, self.model, "cuda" if self.use_gpu else "cpu", self.threads, self.generation,
-                                        self.progress, self.options.decode_workers, self.n_actors, self.options.faults)
+        actor = self.actor_class.remote(
+            self.plan.config,
+            self.plan.layout,
+            self.model,
+            "cuda" if self.use_gpu else "cpu",
+            self.threads,
+            self.generation,
+            self.progress,
+            self.options.decode_workers,
+            self.n_actors,
+            self.options.faults,
+        )
         self.starting[actor.ready.remote()] = actor
 
     def _start_replacement(self) -> None:
@@ -159,7 +186,9 @@ class ShardScheduler:
 
     def on_actor_ready(self, actor: Any, info: ActorInfo) -> None:
         """A new actor loaded its model: it joins the idle actors (JobError if it cannot decode as asked)."""
-        self.ready_actors[actor] = ActorRecord(_checked_actor(info, self.plan.config, warned=any(r.info.cuda_missing for r in self.ready_actors.values())))
+        self.ready_actors[actor] = ActorRecord(
+            _checked_actor(info, self.plan.config, warned=any(r.info.cuda_missing for r in self.ready_actors.values()))
+        )
         self.first_ready = self.first_ready or time.time()
         self.idle.append(actor)
         self.last_progress = time.time()
@@ -174,7 +203,10 @@ class ShardScheduler:
         elif not (self.idle or self.running or self.starting):
             raise JobError(f"no actor could start ({self.start_failures} attempts); the last error: {reason}") from None
         else:
-            print(f"an actor could not start: {reason}; going on with {len(self.idle) + len(self.running) + len(self.starting)} other actor(s)", file=sys.stderr)
+            print(
+                f"an actor could not start: {reason}; going on with {len(self.idle) + len(self.running) + len(self.starting)} other actor(s)",
+                file=sys.stderr,
+            )
 
     def on_shard_done(self, actor: Any) -> None:
         self.shards_done += 1
@@ -193,7 +225,10 @@ class ShardScheduler:
 
     def _retry_or_fail(self, task: ShardTask, attempt: int, reason: str) -> None:
         if attempt < MAX_SHARD_ATTEMPTS:
-            print(f"shard {task.name}: {reason}; retrying (attempt {attempt + 1} of {MAX_SHARD_ATTEMPTS})", file=sys.stderr)
+            print(
+                f"shard {task.name}: {reason}; retrying (attempt {attempt + 1} of {MAX_SHARD_ATTEMPTS})",
+                file=sys.stderr,
+            )
             self.pending.append((task, attempt + 1))
             return
         self.failures[task.shard_index] = reason
@@ -208,18 +243,31 @@ class ShardScheduler:
 
         explained = ray.get(self.progress.explained.remote())
         seconds = time.time() - (self.first_ready or time.time())
-        print(f"actors: {len(self.idle)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)
-        for number, (actor, peak) in enumerate(zip(self.idle, ray.get([actor.peak_rss_mib.remote() for actor in self.idle])), 1):
+        print(
+            f"actors: {len(self.idle)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)",
+            file=sys.stderr,
+        )
+        for number, (actor, peak) in enumerate(
+            zip(self.idle, ray.get([actor.peak_rss_mib.remote() for actor in self.idle])), 1
+        ):
             record = self.ready_actors[actor]
             info = record.info
-            print(f"actor {number}: node {info.node[:12]}, {info.device}, decode {info.decode} with {info.decode_workers} worker(s), batch {info.batch_size}, {record.shards} shard(s), peak RSS {peak:.0f} MiB", file=sys.stderr)
+            print(
+                f"actor {number}: node {info.node[:12]}, {info.device}, decode {info.decode} with {info.decode_workers} worker(s), batch {info.batch_size}, {record.shards} shard(s), peak RSS {peak:.0f} MiB",
+                file=sys.stderr,
+            )
 
 
 def _checked_actor(info: ActorInfo, config: JobConfig, warned: bool) -> ActorInfo:
     """An actor's ActorInfo, once it is ready; JobError when it cannot decode as asked. Says once (unless
     ``warned``: an earlier actor said it) that actors given a GPU found no usable CUDA and run on the CPU."""
     if config.decode == "gpu" and info.decode != "gpu":
-        raise JobError(f"--decode gpu needs CUDA, but an actor on node {info.node[:12]} has none (torch.cuda.is_available() is False there); use --decode cpu")
+        raise JobError(
+            f"--decode gpu needs CUDA, but an actor on node {info.node[:12]} has none (torch.cuda.is_available() is False there); use --decode cpu"
+        )
     if info.cuda_missing and not warned:
-        print("warning: actors hold a GPU of the Ray cluster but CUDA is not usable on their node (torch.cuda.is_available() is False); they compute on the CPU", file=sys.stderr)
+        print(
+            "warning: actors hold a GPU of the Ray cluster but CUDA is not usable on their node (torch.cuda.is_available() is False); they compute on the CPU",
+            file=sys.stderr,
+        )
     return info

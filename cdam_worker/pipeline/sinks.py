@@ -21,7 +21,9 @@ from schemas.manifest import ShardSummary
 from schemas.paths import ERRORS_DIR, MEMBERS_DIR, METADATA_DIR, ZARR_PATH, marker_path, shard_table_path
 
 
-def create_zarr(storage: Storage, layout: Layout, attributes: dict[str, Any], head: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+def create_zarr(
+    storage: Storage, layout: Layout, attributes: dict[str, Any], head: tuple[np.ndarray, np.ndarray] | None = None
+) -> None:
     """Create the group and its (empty) arrays; only the driver writes Zarr metadata.
 
     ``head`` (weight (C, D), bias (C)) is the model's linear head, stored with the basis as ``head/``: the class
@@ -32,7 +34,9 @@ def create_zarr(storage: Storage, layout: Layout, attributes: dict[str, Any], he
         head_group = group.create_group(HEAD_GROUP)
         for name, values, dims in (("weight", head[0], ("class", "feature")), ("bias", head[1], ("class",))):
             values = np.ascontiguousarray(values, dtype=np.float32)
-            head_group.create_array(name, data=values, chunks=values.shape, dimension_names=dims, compressors=ZstdCodec(level=3))
+            head_group.create_array(
+                name, data=values, chunks=values.shape, dimension_names=dims, compressors=ZstdCodec(level=3)
+            )
     for spec in array_specs(layout.store_basis):
         group.create_array(
             spec.name,
@@ -68,9 +72,21 @@ class ShardWriter:
     becomes that sample's error row, and its Zarr row keeps its fill values.
     """
 
-    def __init__(self, storage: Storage, group: zarr.Group, layout: Layout, shard_index: int, shard: str, url: str, n_samples: int, run_id: str) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        group: zarr.Group,
+        layout: Layout,
+        shard_index: int,
+        shard: str,
+        url: str,
+        n_samples: int,
+        run_id: str,
+    ) -> None:
         if n_samples > layout.rows_per_shard:
-            raise ValueError(f"shard {shard} has {n_samples} samples but the run reserves {layout.rows_per_shard} rows per shard")
+            raise ValueError(
+                f"shard {shard} has {n_samples} samples but the run reserves {layout.rows_per_shard} rows per shard"
+            )
         self.storage, self.layout = storage, layout
         self.shard_index, self.shard, self.url, self.n_samples, self.run_id = shard_index, shard, url, n_samples, run_id
         self.first_row = layout.first_row(shard_index)
@@ -90,7 +106,10 @@ class ShardWriter:
     def add(self, row: ExplainedRow) -> None:
         """Record an explained image at its row of the shard's block (or, if it cannot be stored, as an error)."""
         if not self.last_row < row.local_row < self.n_samples:
-            self.add_error(row.key, f"cannot store sample {row.local_row}: rows must arrive in order (the last was {self.last_row}) and below {self.n_samples}")
+            self.add_error(
+                row.key,
+                f"cannot store sample {row.local_row}: rows must arrive in order (the last was {self.last_row}) and below {self.n_samples}",
+            )
             return
         self._advance_to(row.local_row)
         offset = row.local_row - self.chunk_index * CHUNK_ROWS
@@ -98,7 +117,10 @@ class ShardWriter:
             value, expected = row.arrays.get(name), self.buffer[name].shape[1:]
             if np.shape(value) != expected:
                 self._clear(offset)
-                self.add_error(row.key, f"cannot store sample {row.local_row}: Zarr array {name!r} needs shape {expected}, got {np.shape(value)}")
+                self.add_error(
+                    row.key,
+                    f"cannot store sample {row.local_row}: Zarr array {name!r} needs shape {expected}, got {np.shape(value)}",
+                )
                 return
             self.buffer[name][offset] = value
         self.last_row = row.local_row
@@ -123,7 +145,15 @@ class ShardWriter:
         Text is stored as UTF-8 (undecodable characters escaped), the reason on one line.
         """
         self.n_shard_errors += int(key is None)
-        self.errors.append({"shard": _utf8(self.shard), "shard_index": self.shard_index, "key": None if key is None else _utf8(key), "reason": _storable_line(reason), "run_id": self.run_id})
+        self.errors.append(
+            {
+                "shard": _utf8(self.shard),
+                "shard_index": self.shard_index,
+                "key": None if key is None else _utf8(key),
+                "reason": _storable_line(reason),
+                "run_id": self.run_id,
+            }
+        )
 
     def add_members(self, members: list[tuple[str, str, int, int]]) -> None:
         """Record where the shard's files lie in it: (key, member name, data offset, size) each."""
@@ -145,18 +175,35 @@ class ShardWriter:
             self.storage.delete(errors_path)  # a stale file from an earlier attempt
         if self.members:
             key, member, offset, size = zip(*self.members)
-            columns = [pa.array([_utf8(text) for text in key]), pa.array([_utf8(text) for text in member]), pa.array(offset, pa.int64()), pa.array(size, pa.int64())]
+            columns = [
+                pa.array([_utf8(text) for text in key]),
+                pa.array([_utf8(text) for text in member]),
+                pa.array(offset, pa.int64()),
+                pa.array(size, pa.int64()),
+            ]
             checksums["members"] = self._put_table(members_path, pa.Table.from_arrays(columns, schema=MEMBERS_SCHEMA))
         else:
             self.storage.delete(members_path)
-        summary = ShardSummary(self.shard, self.shard_index, self.url, self.n_samples, metadata.num_rows, len(self.errors), self.n_shard_errors, self.rows_flushed, checksums)
+        summary = ShardSummary(
+            self.shard,
+            self.shard_index,
+            self.url,
+            self.n_samples,
+            metadata.num_rows,
+            len(self.errors),
+            self.n_shard_errors,
+            self.rows_flushed,
+            checksums,
+        )
         self.storage.put(marker_path(self.shard_index), summary.to_json())
         return summary
 
     def _empty_chunk(self) -> dict[str, np.ndarray]:
         chunk = {}
         for spec in array_specs(self.layout.store_basis):
-            chunk[spec.name] = np.full(self.layout.chunks(spec), self.layout.fill_value(spec), dtype=self.layout.dtype(spec))
+            chunk[spec.name] = np.full(
+                self.layout.chunks(spec), self.layout.fill_value(spec), dtype=self.layout.dtype(spec)
+            )
         return chunk
 
     def _clear(self, offset: int) -> None:

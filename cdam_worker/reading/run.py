@@ -101,7 +101,8 @@ class Run:
         self.shards = self._read_shards()
         self.skipped: list[str] = [
             f"shard {s.name}: no completion marker (still running, failed or cut off): not read"
-            for s in self.shards if not s.complete
+            for s in self.shards
+            if not s.complete
         ]
 
     # -- what the run is ---------------------------------------------------------------------------
@@ -150,21 +151,38 @@ class Run:
         if spec is None:
             source = self.manifest.get("model_source")
             if source is None:
-                raise RunError(f"{self.url}: the manifest does not say how to load the model (a run made by an older cdam); give the model flags (--model, --checkpoint, ...)")
+                raise RunError(
+                    f"{self.url}: the manifest does not say how to load the model (a run made by an older cdam); give the model flags (--model, --checkpoint, ...)"
+                )
             spec = ModelSpec(**source)
-        from cdam_worker.maps.model import ModelLoadError, load_model  # torch and timm: only for the commands that run the model
+        from cdam_worker.maps.model import (
+            ModelLoadError,
+            load_model,
+        )  # torch and timm: only for the commands that run the model
 
         try:
-            loaded = load_model(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, head_checkpoint=spec.head_checkpoint, **dict(spec.model_kwargs))
+            loaded = load_model(
+                spec.name,
+                pretrained=spec.pretrained,
+                checkpoint=spec.checkpoint,
+                head_checkpoint=spec.head_checkpoint,
+                **dict(spec.model_kwargs),
+            )
         except ModelLoadError as error:
-            raise RunError(f"cannot load the run's model: {error}; give the model flags (--model, --checkpoint, ...)") from None
+            raise RunError(
+                f"cannot load the run's model: {error}; give the model flags (--model, --checkpoint, ...)"
+            ) from None
         recorded = self.attrs.get("model", {})
         for what, sha in (("checkpoint", loaded.checkpoint_sha256), ("head checkpoint", loaded.head_checkpoint_sha256)):
             expected = recorded.get(f"{what.replace(' ', '_')}_sha256")
             if sha != expected:
-                raise RunError(f"the {what} given is not the one {self.url} was made with (sha256 {str(sha)[:12]}, the run's {str(expected)[:12]})")
+                raise RunError(
+                    f"the {what} given is not the one {self.url} was made with (sha256 {str(sha)[:12]}, the run's {str(expected)[:12]})"
+                )
         if loaded.class_names != self.class_names:
-            raise RunError(f"the model's {loaded.num_classes} classes differ from the run's {len(self.class_names)} ({self.url})")
+            raise RunError(
+                f"the model's {loaded.num_classes} classes differ from the run's {len(self.class_names)} ({self.url})"
+            )
         return loaded
 
     # -- in a notebook -----------------------------------------------------------------------------
@@ -230,8 +248,19 @@ class Run:
     def derived_names(self) -> list[str]:
         """Names of the finished derivations of the run (``cdam derive --name NAME``), sorted; one still
         running (or cut off before it first finished) is not listed."""
-        names = sorted({path.split("/")[1] for path in self.storage.list(DERIVED_GROUP) if path.count("/") == 2 and path.endswith("/manifest.json")})
-        return [name for name in names if (read_json(self.storage, f"{DERIVED_GROUP}/{name}/manifest.json") or {}).get("status") in ("complete", "partial")]
+        names = sorted(
+            {
+                path.split("/")[1]
+                for path in self.storage.list(DERIVED_GROUP)
+                if path.count("/") == 2 and path.endswith("/manifest.json")
+            }
+        )
+        return [
+            name
+            for name in names
+            if (read_json(self.storage, f"{DERIVED_GROUP}/{name}/manifest.json") or {}).get("status")
+            in ("complete", "partial")
+        ]
 
     def derived_metadata(self, name: str) -> pa.Table:
         """Derivation ``name``'s table (schema ``cdam.derived-metadata/1``): per derived image ``key``, ``row``, and
@@ -250,7 +279,10 @@ class Run:
         positions = self._key_positions
         missing = [key for key in keys if key not in positions]
         if missing:
-            raise RunError(f"key {missing[0]!r} is not an explained image of {self.url}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise RunError(
+                f"key {missing[0]!r} is not an explained image of {self.url}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         rows = self.index.column("row").to_numpy()
         return rows[np.asarray([positions[key] for key in keys], dtype=np.int64)].astype(np.int64)
 
@@ -380,7 +412,9 @@ class Run:
         except (FileNotFoundError, StorageError, pa.ArrowException, OSError):  # absent or unreadable: scan
             return member_offsets(shard.url)
         offsets: dict[str, list[tuple[str, int, int]]] = {}
-        for key, member, offset, size in zip(*(table.column(name).to_pylist() for name in ("key", "member", "offset", "size"))):
+        for key, member, offset, size in zip(
+            *(table.column(name).to_pylist() for name in ("key", "member", "offset", "size"))
+        ):
             offsets.setdefault(key, []).append((member, offset, size))
         return offsets
 
@@ -413,18 +447,35 @@ class Run:
             named = next((s for s in self.manifest.get("shards", []) if s.get("index") == index), {})
             name = named.get("name") or self.attrs["shards"][index]
             marker = read_json(self.storage, marker_path(index)) if marker_path(index) in markers else None
-            shards.append(ShardInfo(index, name, entry["url"], int(entry["n_samples"]), marker is not None,
-                                    int((marker or {}).get("n_images", 0)), int((marker or {}).get("n_errors", 0))))
+            shards.append(
+                ShardInfo(
+                    index,
+                    name,
+                    entry["url"],
+                    int(entry["n_samples"]),
+                    marker is not None,
+                    int((marker or {}).get("n_images", 0)),
+                    int((marker or {}).get("n_errors", 0)),
+                )
+            )
         return shards
 
     def _dataset(self, folder: str, schema: pa.Schema) -> ds.Dataset:
         present = set(self.storage.list(folder))
-        paths = [path for s in self.shards if s.complete and (path := shard_table_path(folder, s.index, s.name)) in present]
+        paths = [
+            path for s in self.shards if s.complete and (path := shard_table_path(folder, s.index, s.name)) in present
+        ]
         if folder == ERRORS_DIR:  # a failed shard's one-line record has no marker, but is part of the contract
-            paths += [path for s in self.shards if not s.complete and (path := shard_table_path(folder, s.index, s.name)) in present]
+            paths += [
+                path
+                for s in self.shards
+                if not s.complete and (path := shard_table_path(folder, s.index, s.name)) in present
+            ]
         if not paths:
             return ds.dataset(pa.Table.from_pylist([], schema=schema))
-        return ds.dataset(paths, schema=schema, format=ds.ParquetFileFormat(), filesystem=storage_filesystem(self.storage))
+        return ds.dataset(
+            paths, schema=schema, format=ds.ParquetFileFormat(), filesystem=storage_filesystem(self.storage)
+        )
 
 
 def open_run(dest: str) -> Run:
@@ -436,7 +487,9 @@ def open_run(dest: str) -> Run:
     storage = Storage.from_url(dest)
     manifest = read_json(storage, MANIFEST_PATH)
     if manifest is None:
-        raise RunError(f"{storage.url}: no {MANIFEST_PATH}, so no cdam run (make one with `cdam explain ... --output {dest}`)")
+        raise RunError(
+            f"{storage.url}: no {MANIFEST_PATH}, so no cdam run (make one with `cdam explain ... --output {dest}`)"
+        )
     if not isinstance(manifest.get("settings"), dict) or "shards" not in manifest["settings"]:
         raise RunError(f"{storage.url}/{MANIFEST_PATH} is not a cdam run manifest")
     try:

@@ -111,7 +111,9 @@ def _tarfile_offsets(reader: BinaryIO) -> dict[str, list[tuple[str, int, int]]]:
     return offsets
 
 
-def read_sample(url: str, key: str, offsets: dict[str, list[tuple[str, int, int]]] | None = None) -> Sample | SampleError:
+def read_sample(
+    url: str, key: str, offsets: dict[str, list[tuple[str, int, int]]] | None = None
+) -> Sample | SampleError:
     """The sample ``key`` of the shard at ``url``, decoded exactly as the job decodes it.
 
     With ``offsets`` (:func:`member_offsets`), only that sample's members are read; without, the shard is
@@ -121,12 +123,19 @@ def read_sample(url: str, key: str, offsets: dict[str, list[tuple[str, int, int]
         if key not in offsets:
             return SampleError(key, f"no sample {key!r} in {url}")
         members = [(member, split_member_name(member)[1], offset, size) for member, offset, size in offsets[key]]
-        wanted = [(offset, size) for _, extension, offset, size in members if extension in DECODED_EXTENSIONS and size <= MAX_MEMBER_BYTES]
+        wanted = [
+            (offset, size)
+            for _, extension, offset, size in members
+            if extension in DECODED_EXTENSIONS and size <= MAX_MEMBER_BYTES
+        ]
         try:
             data = _read_members(url, wanted)
         except (StorageError, OSError) as exc:
             return SampleError(key, f"cannot read shard {url}: {one_line(exc)}")
-        group = KeyGroup(key, [Member(member, extension, size, data.get(offset), offset) for member, extension, offset, size in members])
+        group = KeyGroup(
+            key,
+            [Member(member, extension, size, data.get(offset), offset) for member, extension, offset, size in members],
+        )
         return decode_group(group, 0, {}, require_label=False)
     try:
         with open_shard(url) as reader:

@@ -88,8 +88,16 @@ class PackResult:
         return sum(int(shard["bytes"]) for shard in self.shards)
 
 
-def pack(src: str | Path, outdir: str, *, layout: str, labels: str | Path | None = None, maxcount: int = 1000,
-         workers: int = 1, overwrite: bool = False) -> PackResult:
+def pack(
+    src: str | Path,
+    outdir: str,
+    *,
+    layout: str,
+    labels: str | Path | None = None,
+    maxcount: int = 1000,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> PackResult:
     """Pack the images below ``src`` into shards in ``outdir`` (a folder or s3://bucket/prefix).
 
     PackError (one line) when the source, the labels file or the output cannot be used; files that cannot
@@ -125,8 +133,15 @@ def pack(src: str | Path, outdir: str, *, layout: str, labels: str | Path | None
     if samples:
         write_shard()
     result = PackResult(shards, sorted(skipped, key=lambda s: s.file))
-    index = {"format": INDEX_FORMAT, "source": str(src), "layout": layout, "maxcount": maxcount,
-             "samples": result.n_samples, "shards": shards, "skipped": [asdict(s) for s in result.skipped]}
+    index = {
+        "format": INDEX_FORMAT,
+        "source": str(src),
+        "layout": layout,
+        "maxcount": maxcount,
+        "samples": result.n_samples,
+        "shards": shards,
+        "skipped": [asdict(s) for s in result.skipped],
+    }
     storage.put(INDEX_PATH, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
     return result
 
@@ -141,8 +156,11 @@ def list_source(src: Path, layout: str, labels: str | Path | None) -> tuple[list
         raise PackError(f"source folder {src} does not exist or is not a folder")
     files, skipped = _files_below(src)
     image_files = [path for path in files if _is_image_file(path)]
-    skipped += [Skipped(path, "not an image file (extensions: " + ", ".join(IMAGE_EXTENSIONS) + ")")
-                for path in files if not _is_image_file(path)]
+    skipped += [
+        Skipped(path, "not an image file (extensions: " + ", ".join(IMAGE_EXTENSIONS) + ")")
+        for path in files
+        if not _is_image_file(path)
+    ]
     if layout == "imagenet":
         labelled, unlabelled = _imagenet_labels(image_files)
     elif layout == "csv":
@@ -226,14 +244,18 @@ def _imagenet_labels(image_files: list[str]) -> tuple[list[tuple[str, int | None
     return images, skipped
 
 
-def _csv_labels(labels: Path, image_files: list[str], files: set[str]) -> tuple[list[tuple[str, int | None]], list[Skipped]]:
+def _csv_labels(
+    labels: Path, image_files: list[str], files: set[str]
+) -> tuple[list[tuple[str, int | None]], list[Skipped]]:
     """Label the images named in a ``filename,label`` CSV; rows that cannot be used are listed, not packed."""
     try:
         with open(labels, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
             if not {"filename", "label"} <= set(columns):
-                raise PackError(f"--labels {labels}: expected a header with the columns filename,label, got {','.join(columns) or 'nothing'}")
+                raise PackError(
+                    f"--labels {labels}: expected a header with the columns filename,label, got {','.join(columns) or 'nothing'}"
+                )
             rows = [(reader.line_num, row["filename"] or "", (row["label"] or "").strip()) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise PackError(f"--labels {labels}: cannot read it: {error}") from None
@@ -276,7 +298,9 @@ def _read_checked(src: Path, images: list[SourceImage], workers: int) -> Iterato
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         in_flight: deque[tuple[list[SourceImage], Future]] = deque()
         for batch in batches:
-            in_flight.append((batch, pool.submit(_read_and_check_files, [(str(src / image.path), image.path) for image in batch])))
+            in_flight.append(
+                (batch, pool.submit(_read_and_check_files, [(str(src / image.path), image.path) for image in batch]))
+            )
             if len(in_flight) > 2 * workers:
                 yield from _paired(*in_flight.popleft())
         while in_flight:
@@ -326,9 +350,10 @@ def _prepare_output(outdir: str, overwrite: bool) -> Storage:
     earlier = [path for path in storage.list() if path == INDEX_PATH or SHARD_PATTERN.fullmatch(path)]
     if earlier and not overwrite:
         n_shards = sum(1 for path in earlier if path != INDEX_PATH)
-        held = " and ".join(([f"{n_shards} shard(s)"] if n_shards else []) + ([INDEX_PATH] if INDEX_PATH in earlier else []))
+        held = " and ".join(
+            ([f"{n_shards} shard(s)"] if n_shards else []) + ([INDEX_PATH] if INDEX_PATH in earlier else [])
+        )
         raise PackError(f"{storage.url} already holds {held} of an earlier pack; use --overwrite to replace them")
     for path in earlier:
         storage.delete(path)
     return storage
-

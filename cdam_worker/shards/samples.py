@@ -84,7 +84,13 @@ class _Rejected(Exception):
     """A sample-level problem; its message becomes the SampleError reason."""
 
 
-def decode_group(group: KeyGroup, index: int, seen: dict[str, int], require_label: bool, image_decoder: Callable[[bytes, str], Image.Image] | None = None) -> Sample | SampleError:
+def decode_group(
+    group: KeyGroup,
+    index: int,
+    seen: dict[str, int],
+    require_label: bool,
+    image_decoder: Callable[[bytes, str], Image.Image] | None = None,
+) -> Sample | SampleError:
     """The Sample of one key group, or the SampleError saying why there is none.
 
     ``image_decoder`` replaces :func:`decode_image` (the GPU decode path only reads a JPEG's header here).
@@ -98,7 +104,16 @@ def decode_group(group: KeyGroup, index: int, seen: dict[str, int], require_labe
             raise _Rejected(f"no image member (members: {', '.join(member.name for member in group.members)})")
         image = (image_decoder or decode_image)(image_member.data or b"", image_member.name)
         width, height = image.size
-        return Sample(key=group.key, image=image, label=label, meta=meta, width=width, height=height, text=text, sample_json=sample_json)
+        return Sample(
+            key=group.key,
+            image=image,
+            label=label,
+            meta=meta,
+            width=width,
+            height=height,
+            text=text,
+            sample_json=sample_json,
+        )
     except (_Rejected, ImageError) as rejected:
         return SampleError(group.key, str(rejected))
 
@@ -139,7 +154,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             # process-wide, so another thread's catch_warnings may undo ours.
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(
-                    f"{image.width}x{image.height} pixels exceed the limit of {MAX_IMAGE_PIXELS}")
+                    f"{image.width}x{image.height} pixels exceed the limit of {MAX_IMAGE_PIXELS}"
+                )
             image.load()
             image = ImageOps.exif_transpose(image)  # photographs: the upright image a viewer shows
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -199,8 +215,10 @@ def _decode_label(group: KeyGroup, require_label: bool) -> int | None:
     label = int(text) if len(digits) <= 10 else None  # int() refuses more than 4300 digits
     if label is None or not INT32_RANGE[0] <= label <= INT32_RANGE[1]:
         shown = text if len(text) <= 40 else f"{text[:20]}... ({len(digits)} digits)"
-        raise _Rejected(f"cls label {shown} in {member.name!r} does not fit the int32 label column "
-                        f"({INT32_RANGE[0]}..{INT32_RANGE[1]})")
+        raise _Rejected(
+            f"cls label {shown} in {member.name!r} does not fit the int32 label column "
+            f"({INT32_RANGE[0]}..{INT32_RANGE[1]})"
+        )
     return label
 
 

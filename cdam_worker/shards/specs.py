@@ -59,7 +59,7 @@ def _expand_pattern(pattern: str, listings: dict[str, list[str]]) -> list[str]:
     if pattern.startswith("s3://"):
         return _expand_s3_pattern(pattern, listings)
     if pattern.startswith("file://"):
-        pattern = pattern[len("file://"):]
+        pattern = pattern[len("file://") :]
     pattern = os.path.abspath(os.path.expanduser(pattern))
     if _GLOB_CHARACTERS.search(pattern):
         return sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
@@ -68,7 +68,7 @@ def _expand_pattern(pattern: str, listings: dict[str, list[str]]) -> list[str]:
 
 def _expand_s3_pattern(pattern: str, listings: dict[str, list[str]]) -> list[str]:
     """S3 objects matching ``pattern``, listing each folder before the first wildcard once."""
-    bucket, _, key = pattern[len("s3://"):].partition("/")
+    bucket, _, key = pattern[len("s3://") :].partition("/")
     parts = key.split("/")
     fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARACTERS.search(part)), len(parts) - 1)
     folder = f"s3://{bucket}/" + "/".join(parts[:fixed])
@@ -79,5 +79,8 @@ def _expand_s3_pattern(pattern: str, listings: dict[str, list[str]]) -> list[str
             raise DataError(f"cannot list shards for {pattern!r}: {exc}") from None
     wanted = "/".join(parts[fixed:])
     depth = wanted.count("/")  # '*' never crosses '/': the match must be exactly as deep
-    return [f"{folder.rstrip('/')}/{path}" for path in listings[folder]
-            if path.count("/") == depth and fnmatch.fnmatchcase(path, wanted)]
+    return [
+        f"{folder.rstrip('/')}/{path}"
+        for path in listings[folder]
+        if path.count("/") == depth and fnmatch.fnmatchcase(path, wanted)
+    ]

@@ -46,7 +46,10 @@ CACHE_BYTES = 512 << 20
 """The default bound of the tile renderer's caches (decoded images, maps, encoded tiles) together."""
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'none'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
@@ -86,7 +89,11 @@ class Dashboard:
         except (RunError, StorageError, OSError) as error:
             print(f"note: preparing the pictures (a first tile, the shards' index): {error}", file=sys.stderr)
             return
-        print(f"indexed the images of {shards} shard(s) in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"indexed the images of {shards} shard(s) in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # -- pages ----------------------------------------------------------------------------------
 
@@ -94,43 +101,83 @@ class Dashboard:
         facts = self.catalog.overview()
         errors, n_errors = self.catalog.errors()
         medoids = self.catalog.flagged_medoids()
-        strip = pages.medoid_strip(medoids, lambda m: self._tile_src(m["medoid_key"], "overlay", f"c{m['class']}", GALLERY_TILE), lambda c: f"/class/{c}")
-        body = pages.overview(facts, self.catalog.class_counts(), self.catalog.leaderboard(), errors, n_errors, self.catalog.no_audit, lambda c: f"/class/{c}", strip)
-        return self._page("cdam: overview", f"<header><h1>cdam run</h1><p class=\"muted\">{escape(pages.LEGEND)}</p></header>{body}")
+        strip = pages.medoid_strip(
+            medoids,
+            lambda m: self._tile_src(m["medoid_key"], "overlay", f"c{m['class']}", GALLERY_TILE),
+            lambda c: f"/class/{c}",
+        )
+        body = pages.overview(
+            facts,
+            self.catalog.class_counts(),
+            self.catalog.leaderboard(),
+            errors,
+            n_errors,
+            self.catalog.no_audit,
+            lambda c: f"/class/{c}",
+            strip,
+        )
+        return self._page(
+            "cdam: overview", f'<header><h1>cdam run</h1><p class="muted">{escape(pages.LEGEND)}</p></header>{body}'
+        )
 
     def class_page(self, request: Request) -> Response:
         c = self._class(request.path_params["index"])
         name = self.catalog.class_names[c]
         clusters = self.catalog.clusters(c)
-        self.tiles.render_ahead([k["medoid_key"] for k in clusters if k["medoid_key"] in self.catalog.position], "overlay", f"c{c}", GALLERY_TILE)
+        self.tiles.render_ahead(
+            [k["medoid_key"] for k in clusters if k["medoid_key"] in self.catalog.position],
+            "overlay",
+            f"c{c}",
+            GALLERY_TILE,
+        )
         parts = [
-            f"<nav><a href=\"/\">overview</a> › class {escape(name)}</nav><h1>Class {escape(name)} <span class=\"muted\">({c})</span></h1>",
+            f'<nav><a href="/">overview</a> › class {escape(name)}</nav><h1>Class {escape(name)} <span class="muted">({c})</span></h1>',
             pages.notes(self.run.skipped, "warn"),
             pages.class_audit(self.catalog.class_audit_row(c), self.catalog.no_audit),
-            pages.prototypes(clusters, lambda k: f"/prototype?class={c}&amp;cluster={k}&amp;size={GALLERY_TILE}",
-                             lambda key: self._tile_src(key, "overlay", f"c{c}", GALLERY_TILE), lambda k: f"?cluster={k}"),
+            pages.prototypes(
+                clusters,
+                lambda k: f"/prototype?class={c}&amp;cluster={k}&amp;size={GALLERY_TILE}",
+                lambda key: self._tile_src(key, "overlay", f"c{c}", GALLERY_TILE),
+                lambda k: f"?cluster={k}",
+            ),
         ]
         if self.catalog.audit is not None and c in self.catalog.audit.contact_sheets:
-            parts.append(pages.contact_sheet(f"/contact-sheet?class={c}", [k["cluster"] for k in clusters if k["flagged"]]))
-        scatter = ("<canvas id=\"scatter\" width=\"360\" height=\"360\" aria-label=\"2-D plot of the class's images\"></canvas>"
-                   "<p class=\"muted\">Drag a box to select images; click once to clear.</p><p id=\"scatter-legend\"></p>"
-                   if self.catalog.audit is not None else pages.notes([self.catalog.no_audit]))
+            parts.append(
+                pages.contact_sheet(f"/contact-sheet?class={c}", [k["cluster"] for k in clusters if k["flagged"]])
+            )
+        scatter = (
+            '<canvas id="scatter" width="360" height="360" aria-label="2-D plot of the class\'s images"></canvas>'
+            '<p class="muted">Drag a box to select images; click once to clear.</p><p id="scatter-legend"></p>'
+            if self.catalog.audit is not None
+            else pages.notes([self.catalog.no_audit])
+        )
         parts.append(
-            "<section class=\"explore\"><div class=\"scatter-box\"><h3>Audit: 2-D plot</h3>" + scatter + "</div>"
-            "<div class=\"gallery-box\"><form id=\"filters\"></form><p class=\"muted legend\">" + pages.WRONG_PREDICTION + "</p><p id=\"status\" class=\"muted\"></p>"
-            "<div id=\"gallery\" class=\"gallery\"></div><div class=\"pager\" id=\"pager\"></div></div></section>"
+            '<section class="explore"><div class="scatter-box"><h3>Audit: 2-D plot</h3>' + scatter + "</div>"
+            '<div class="gallery-box"><form id="filters"></form><p class="muted legend">'
+            + pages.WRONG_PREDICTION
+            + '</p><p id="status" class="muted"></p>'
+            '<div id="gallery" class="gallery"></div><div class="pager" id="pager"></div></div></section>'
         )
         data = {
-            "class": c, "name": name, "classes": self.catalog.class_names, "clusters": [k["cluster"] for k in clusters],
-            "audit": self.catalog.audit is not None, "limit": GALLERY_PAGE, "size": GALLERY_TILE,
+            "class": c,
+            "name": name,
+            "classes": self.catalog.class_names,
+            "clusters": [k["cluster"] for k in clusters],
+            "audit": self.catalog.audit is not None,
+            "limit": GALLERY_PAGE,
+            "size": GALLERY_TILE,
         }
         params = request.query_params
         preloads = ""
         try:  # the gallery the page opens with comes with it, its tiles rendering already (no API round trip)
-            page = max(1, _integer(params.get("page", "1"), "page")) - 1  # 1-based, as on screen (an old ?page=0 is the first)
+            page = (
+                max(1, _integer(params.get("page", "1"), "page")) - 1
+            )  # 1-based, as on screen (an old ?page=0 is the first)
             data["gallery"] = self._gallery_page(c, params, page * GALLERY_PAGE, GALLERY_PAGE)
             # the browser fetches them while it parses the page, not after the script has built the gallery
-            preloads = "".join(f"<link rel=\"preload\" as=\"image\" href=\"{escape(item['tile'])}\">" for item in data["gallery"]["items"])
+            preloads = "".join(
+                f'<link rel="preload" as="image" href="{escape(item["tile"])}">' for item in data["gallery"]["items"]
+            )
         except HTTPException:
             pass  # a bad filter in the address: the script asks the API, which says what is wrong
         parts.append(pages.json_data("class-data", data))
@@ -139,22 +186,42 @@ class Dashboard:
     def image_page(self, request: Request) -> Response:
         key = self._key(request.query_params.get("key"))
         record = self.catalog.record(key)
-        slots = list(zip(record["targets"], record["target_names"], record["relevance_pos_sum"], record["relevance_neg_sum"]))
-        problems = [] if self.catalog.maps_written(key) else [f"the maps of {key!r} were not written (its Zarr row reads as fill values, NaN): shown as 'no map'"]
+        slots = list(
+            zip(record["targets"], record["target_names"], record["relevance_pos_sum"], record["relevance_neg_sum"])
+        )
+        problems = (
+            []
+            if self.catalog.maps_written(key)
+            else [f"the maps of {key!r} were not written (its Zarr row reads as fill values, NaN): shown as 'no map'"]
+        )
         if self.tiles.model_view_image(key, IMAGE_TILE) is None:
             problems.append(self.tiles.unreadable[key])
         tiles = [pages.card(self._tile_src(key, "input", "att", IMAGE_TILE), None, "input (as the model saw it)", None)]
-        tiles.append(self._image_tile(key, "att", f"attention (mean of {self.run.array('attention').shape[1]} heads, above its minimum)"))
+        tiles.append(
+            self._image_tile(
+                key, "att", f"attention (mean of {self.run.array('attention').shape[1]} heads, above its minimum)"
+            )
+        )
         for slot, (target, target_name, pos, neg) in enumerate(slots):
             kind = "concept" if target < 0 else f"class {target}"
-            tiles.append(self._image_tile(key, f"s{slot}", f"{escape(target_name)} ({kind}); positive sum {pages.number(pos)}, negative sum {pages.number(neg)}"))
-        facts = [(name, escape(_shown(value))) for name, value in record.items() if name not in ("targets", "target_names", "relevance_pos_sum", "relevance_neg_sum", "relevance_argmax")]
-        pred_link = f"<a href=\"/class/{record['pred']}\">{escape(self.catalog.class_names[record['pred']])}</a>"
+            tiles.append(
+                self._image_tile(
+                    key,
+                    f"s{slot}",
+                    f"{escape(target_name)} ({kind}); positive sum {pages.number(pos)}, negative sum {pages.number(neg)}",
+                )
+            )
+        facts = [
+            (name, escape(_shown(value)))
+            for name, value in record.items()
+            if name not in ("targets", "target_names", "relevance_pos_sum", "relevance_neg_sum", "relevance_argmax")
+        ]
+        pred_link = f'<a href="/class/{record["pred"]}">{escape(self.catalog.class_names[record["pred"]])}</a>'
         body = (
-            f"<nav><a href=\"/\">overview</a> › class {pred_link} › image</nav><h1>{escape(key)}</h1>"
+            f'<nav><a href="/">overview</a> › class {pred_link} › image</nav><h1>{escape(key)}</h1>'
             + pages.notes(problems, "warn")
-            + "<form id=\"view-switch\" class=\"views\"></form>"
-            + f"<div class=\"gallery large\">{''.join(tiles)}</div><p class=\"muted\">{escape(pages.LEGEND)}</p><h2>Metadata</h2>"
+            + '<form id="view-switch" class="views"></form>'
+            + f'<div class="gallery large">{"".join(tiles)}</div><p class="muted">{escape(pages.LEGEND)}</p><h2>Metadata</h2>'
             + pages.table(["column", "value"], [[escape(k), v] for k, v in facts], "record")
             + pages.json_data("image-data", {"key": key})
         )
@@ -163,7 +230,13 @@ class Dashboard:
     def _image_tile(self, key: str, map_name: str, caption: str) -> str:
         """A map of the image page with its colour scale (±its largest |value|) under it."""
         scale = symmetric_scale(self.tiles.map_values(key, map_name))
-        return pages.card(self._tile_src(key, "overlay", map_name, IMAGE_TILE), None, caption + "<br>" + pages.colour_scale("/colorbar.png", scale), None, "map")
+        return pages.card(
+            self._tile_src(key, "overlay", map_name, IMAGE_TILE),
+            None,
+            caption + "<br>" + pages.colour_scale("/colorbar.png", scale),
+            None,
+            "map",
+        )
 
     # -- data and pictures ---------------------------------------------------------------------------
 
@@ -325,8 +398,13 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(run: Run, bound_host: str = "127.0.0.1", allow_hosts: Sequence[str] = (), token: str | None = None,
-               cache_bytes: int = CACHE_BYTES) -> SecurityHeaders:
+def create_app(
+    run: Run,
+    bound_host: str = "127.0.0.1",
+    allow_hosts: Sequence[str] = (),
+    token: str | None = None,
+    cache_bytes: int = CACHE_BYTES,
+) -> SecurityHeaders:
     """The dashboard of ``run`` as an ASGI app (serve it with uvicorn) behind its guard: it answers only
     requests to the bound address, loopback names and ``allow_hosts`` (Host and Origin), and with a
     ``token`` only requests that carry it (see ``guard.py``). Its pictures' caches hold ``cache_bytes`` at

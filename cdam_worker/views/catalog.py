@@ -53,7 +53,9 @@ def read_audit(run: Run) -> Audit | None:
         prefix = path.rsplit("/", 1)[-1].split("-", 1)[0]
         if path.endswith(".png") and prefix.isdigit():
             sheets[int(prefix)] = path
-    return Audit(classes.sort_by("rank"), clusters.sort_by([("class", "ascending"), ("cluster", "ascending")]), images, sheets)
+    return Audit(
+        classes.sort_by("rank"), clusters.sort_by([("class", "ascending"), ("cluster", "ascending")]), images, sheets
+    )
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,13 @@ class Catalog:
         labelled_as = np.bincount(self.labels[self.labels >= 0], minlength=n)[:n]
         hits = np.bincount(self.labels[(self.labels >= 0) & (self.preds == self.labels)], minlength=n)[:n]
         return [
-            {"class": c, "name": name, "predicted": int(predicted[c]), "labelled": int(labelled_as[c]),
-             "accuracy": float(hits[c] / labelled_as[c]) if labelled_as[c] else None}
+            {
+                "class": c,
+                "name": name,
+                "predicted": int(predicted[c]),
+                "labelled": int(labelled_as[c]),
+                "accuracy": float(hits[c] / labelled_as[c]) if labelled_as[c] else None,
+            }
             for c, name in enumerate(self.class_names)
         ]
 
@@ -177,10 +184,21 @@ class Catalog:
         for row in self.leaderboard():
             if not row["flagged"]:
                 continue
-            flagged = sorted((k for k in self.clusters(row["class"]) if k["flagged"] and k["medoid_key"] in self.position),
-                             key=lambda k: -(k.get("score") or 0.0))
-            medoids += [{"class": row["class"], "class_name": row["class_name"], "cluster": k["cluster"], "medoid_key": k["medoid_key"],
-                         "size": k["size"], "score": k.get("score")} for k in flagged]
+            flagged = sorted(
+                (k for k in self.clusters(row["class"]) if k["flagged"] and k["medoid_key"] in self.position),
+                key=lambda k: -(k.get("score") or 0.0),
+            )
+            medoids += [
+                {
+                    "class": row["class"],
+                    "class_name": row["class_name"],
+                    "cluster": k["cluster"],
+                    "medoid_key": k["medoid_key"],
+                    "size": k["size"],
+                    "score": k.get("score"),
+                }
+                for k in flagged
+            ]
         return medoids
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one cache per catalog
@@ -223,7 +241,12 @@ class Catalog:
             inside = np.zeros(len(self.keys), dtype=bool)
             if audit is not None:
                 x0, y0, x1, y1 = query.box
-                hit = (audit.x >= min(x0, x1)) & (audit.x <= max(x0, x1)) & (audit.y >= min(y0, y1)) & (audit.y <= max(y0, y1))
+                hit = (
+                    (audit.x >= min(x0, x1))
+                    & (audit.x <= max(x0, x1))
+                    & (audit.y >= min(y0, y1))
+                    & (audit.y <= max(y0, y1))
+                )
                 inside[audit.positions[hit]] = True
             selected &= inside
         positions = np.flatnonzero(selected)
@@ -258,8 +281,14 @@ class Catalog:
         audit = self.class_audit(class_index)
         if audit is None:
             return {"points": 0, "note": self.no_audit}
-        return {"points": len(audit.keys), "key": audit.keys, "x": audit.x.round(5).tolist(), "y": audit.y.round(5).tolist(),
-                "cluster": audit.cluster.tolist(), "flagged": audit.flagged.tolist()}
+        return {
+            "points": len(audit.keys),
+            "key": audit.keys,
+            "x": audit.x.round(5).tolist(),
+            "y": audit.y.round(5).tolist(),
+            "cluster": audit.cluster.tolist(),
+            "flagged": audit.flagged.tolist(),
+        }
 
     def chosen_images(self, class_index: int, per_cluster: int, limit: int) -> list[tuple[str, str]]:
         """The report's images of a class, (key, why): each audit cluster's medoid, then its images with the
@@ -273,7 +302,11 @@ class Catalog:
             members = np.flatnonzero(audit.cluster == cluster["cluster"])
             by_score = members[np.argsort(-audit.score[members], kind="stable")]
             picks = [(cluster["medoid_key"], f"medoid of cluster {cluster['cluster']}")]
-            picks += [(audit.keys[i], f"cluster {cluster['cluster']}, audit score {audit.score[i]:.2f}") for i in by_score if audit.keys[i] != cluster["medoid_key"]]
+            picks += [
+                (audit.keys[i], f"cluster {cluster['cluster']}, audit score {audit.score[i]:.2f}")
+                for i in by_score
+                if audit.keys[i] != cluster["medoid_key"]
+            ]
             chosen += [pick for pick in picks[:per_cluster] if pick[0] in self.position]
         return chosen[:limit]
 

@@ -13,15 +13,29 @@ from PIL import Image
 # ColorBrewer RdBu, reversed (blue for negative, red for positive), centred on its neutral grey-white.
 _ANCHORS = np.array(
     [
-        (5, 48, 97), (33, 102, 172), (67, 147, 195), (146, 197, 222), (209, 229, 240), (247, 247, 247),
-        (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43), (103, 0, 31),
+        (5, 48, 97),
+        (33, 102, 172),
+        (67, 147, 195),
+        (146, 197, 222),
+        (209, 229, 240),
+        (247, 247, 247),
+        (253, 219, 199),
+        (244, 165, 130),
+        (214, 96, 77),
+        (178, 24, 43),
+        (103, 0, 31),
     ],
     dtype=np.float32,
 )
 LUT_SIZE = 257  # odd, so that 0 has an entry of its own
-_LUT = np.stack(
-    [np.interp(np.linspace(0, 1, LUT_SIZE), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)], axis=1
-).round().astype(np.uint8)
+_LUT = (
+    np.stack(
+        [np.interp(np.linspace(0, 1, LUT_SIZE), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)],
+        axis=1,
+    )
+    .round()
+    .astype(np.uint8)
+)
 OVERLAY_OPACITY = 0.85
 """Opacity of the colour at ``|value| = scale`` in an overlay; 0 is fully transparent."""
 MISSING_GREY = (128, 128, 128)
@@ -66,6 +80,14 @@ def overlay(image: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
 
 def colorbar(length: int, thickness: int, vertical: bool = True) -> np.ndarray:
     """The colour map as a bar (uint8 RGB): +scale at the top (vertical) or right end (horizontal)."""
-    ramp = np.linspace(1.0, -1.0, length, dtype=np.float32) if vertical else np.linspace(-1.0, 1.0, length, dtype=np.float32)
+    ramp = (
+        np.linspace(1.0, -1.0, length, dtype=np.float32)
+        if vertical
+        else np.linspace(-1.0, 1.0, length, dtype=np.float32)
+    )
     colours = colorize(ramp, 1.0)
-    return np.repeat(colours[:, None, :], thickness, axis=1) if vertical else np.repeat(colours[None, :, :], thickness, axis=0)
+    return (
+        np.repeat(colours[:, None, :], thickness, axis=1)
+        if vertical
+        else np.repeat(colours[None, :, :], thickness, axis=0)
+    )

@@ -64,20 +64,48 @@ def export_fiftyone(run: Run, out: Path) -> dict[str, int]:
             maps = run.read_rows("cdam", rows).astype(np.float32)
             attention = run.read_rows("attention", rows).astype(np.float32).mean(axis=1)
             for n, (record, slots, heads) in enumerate(zip(records, maps, attention), start=start):
-                sample = _sample(run, out, n, record, slots, heads, model_view, catalog.class_names, audit_by_key.get(record["key"]), counts)
+                sample = _sample(
+                    run,
+                    out,
+                    n,
+                    record,
+                    slots,
+                    heads,
+                    model_view,
+                    catalog.class_names,
+                    audit_by_key.get(record["key"]),
+                    counts,
+                )
                 if sample is not None:
                     samples.append(sample)
                 progress.update(1)
     counts["samples"] = len(samples)
     (out / "samples.json").write_text(json.dumps({"samples": samples}))
-    info = {"cdam_run": run.url, "classes": catalog.class_names, "patch_grid": list(run.grid), "targets": run.attrs.get("targets"),
-            "maps": "Heatmap.map: the signed float32 map at token resolution over the model's input crop, range [-s, s] (s its largest |value|); attention less its minimum"}
-    (out / "metadata.json").write_text(json.dumps({"name": f"cdam-{Path(run.url).name}", "media_type": "image", "info": info}, indent=2))
+    info = {
+        "cdam_run": run.url,
+        "classes": catalog.class_names,
+        "patch_grid": list(run.grid),
+        "targets": run.attrs.get("targets"),
+        "maps": "Heatmap.map: the signed float32 map at token resolution over the model's input crop, range [-s, s] (s its largest |value|); attention less its minimum",
+    }
+    (out / "metadata.json").write_text(
+        json.dumps({"name": f"cdam-{Path(run.url).name}", "media_type": "image", "info": info}, indent=2)
+    )
     return counts
 
 
-def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarray, heads: np.ndarray, model_view: ModelView,
-            class_names: list[str], audit: dict[str, Any] | None, counts: dict[str, int]) -> dict[str, Any] | None:
+def _sample(
+    run: Run,
+    out: Path,
+    n: int,
+    record: dict[str, Any],
+    slots: np.ndarray,
+    heads: np.ndarray,
+    model_view: ModelView,
+    class_names: list[str],
+    audit: dict[str, Any] | None,
+    counts: dict[str, int],
+) -> dict[str, Any] | None:
     try:
         image = model_view(run.image(record["key"])).convert("RGB")
     except RunError as error:
@@ -92,12 +120,18 @@ def _sample(run: Run, out: Path, n: int, record: dict[str, Any], slots: np.ndarr
         "key": record["key"],
         "row": record["row"],
         "shard": record["shard"],
-        "prediction": {"_cls": "Classification", "label": class_names[record["pred"]], "confidence": record["pred_prob"]},
+        "prediction": {
+            "_cls": "Classification",
+            "label": class_names[record["pred"]],
+            "confidence": record["pred_prob"],
+        },
     }
     if record["label"] is not None and 0 <= record["label"] < len(class_names):
         sample["ground_truth"] = {"_cls": "Classification", "label": class_names[record["label"]]}
     attention = heads - np.nanmin(heads) if np.isfinite(heads).any() else heads
-    fields = [(f"cdam_{k}", slots[k], name) for k, name in enumerate(record["target_names"])] + [("attention", attention, None)]
+    fields = [(f"cdam_{k}", slots[k], name) for k, name in enumerate(record["target_names"])] + [
+        ("attention", attention, None)
+    ]
     for field, values, target in fields:
         if not np.isfinite(values).any():
             counts["missing_maps"] += 1
@@ -121,7 +155,11 @@ def heatmap(values: np.ndarray, signed: bool = True) -> dict[str, Any]:
     with io.BytesIO() as buffer:
         np.save(buffer, values, allow_pickle=False)
         encoded = base64.b64encode(zlib.compress(buffer.getvalue())).decode("ascii")
-    return {"_cls": "Heatmap", "map": {"$binary": {"base64": encoded, "subType": "00"}}, "range": [-scale if signed else 0.0, scale]}
+    return {
+        "_cls": "Heatmap",
+        "map": {"$binary": {"base64": encoded, "subType": "00"}},
+        "range": [-scale if signed else 0.0, scale],
+    }
 
 
 def _audit_by_key(catalog: Catalog) -> dict[str, dict[str, Any]]:
@@ -130,6 +168,3 @@ def _audit_by_key(catalog: Catalog) -> dict[str, dict[str, Any]]:
         return {}
     rows = catalog.audit.images.select(["key", "cluster", "x", "y", "score", "flagged"]).to_pylist()
     return {row.pop("key"): row for row in rows}
-
-
-

@@ -82,7 +82,12 @@ class ModelView:
                 width, height = crop_width, crop_height
             else:
                 return None
-        return max(0.0, left), max(0.0, top), min(float(original_width), right), min(float(original_height), bottom)  # no rounding past the edges
+        return (
+            max(0.0, left),
+            max(0.0, top),
+            min(float(original_width), right),
+            min(float(original_height), bottom),
+        )  # no rounding past the edges
 
 
 def _resized(size: int | Sequence[int], width: int, height: int) -> tuple[int, int]:
@@ -149,7 +154,9 @@ def figure(image: np.ndarray, values: np.ndarray, title: str, subtitle: str) -> 
     title_font, label_font = _font(max(14, width // 22)), _font(max(11, width // 36))
     title_height = title_font.size + label_font.size + 3 * margin
     label_width = round(label_font.getlength(f"-{scale:.3g}")) + margin
-    canvas = Image.new("RGB", (width + 3 * margin + bar_width + label_width, height + title_height + margin), BACKGROUND)
+    canvas = Image.new(
+        "RGB", (width + 3 * margin + bar_width + label_width, height + title_height + margin), BACKGROUND
+    )
     canvas.paste(Image.fromarray(overlay(image, upsample(values, width, height), scale)), (margin, title_height))
     bar_left = width + 2 * margin
     canvas.paste(Image.fromarray(colorbar(height, bar_width)), (bar_left, title_height))
@@ -157,7 +164,11 @@ def figure(image: np.ndarray, values: np.ndarray, title: str, subtitle: str) -> 
     draw.text((margin, margin), title, fill=INK, font=title_font)
     draw.text((margin, 2 * margin + title_font.size), subtitle, fill=INK, font=label_font)
     draw.rectangle((bar_left, title_height, bar_left + bar_width - 1, title_height + height - 1), outline=INK)
-    for text, y in ((f"+{scale:.3g}", title_height), ("0", title_height + height / 2 - label_font.size / 2), (f"-{scale:.3g}", title_height + height - label_font.size)):
+    for text, y in (
+        (f"+{scale:.3g}", title_height),
+        ("0", title_height + height / 2 - label_font.size / 2),
+        (f"-{scale:.3g}", title_height + height - label_font.size),
+    ):
         draw.text((bar_left + bar_width + margin // 2, y), text, fill=INK, font=label_font)
     return canvas
 

@@ -53,29 +53,41 @@ def build_report(run: Run, n_classes: int = 20, per_class: int = 12) -> tuple[st
     medoids = catalog.flagged_medoids()
     for c in {m["class"] for m in medoids}:
         tiles.prefetch([m["medoid_key"] for m in medoids if m["class"] == c], f"c{c}", TILE)
-    strip = pages.medoid_strip(medoids, lambda m: data_uri(tiles.tile(m["medoid_key"], "overlay", f"c{m['class']}", TILE), "image/jpeg"), class_link)
+    strip = pages.medoid_strip(
+        medoids,
+        lambda m: data_uri(tiles.tile(m["medoid_key"], "overlay", f"c{m['class']}", TILE), "image/jpeg"),
+        class_link,
+    )
     body = [
         "<header><h1>cdam report</h1>",
-        f"<p class=\"muted\">{escape(pages.LEGEND)} Hover a picture to see the image without its map.</p>",
-        f"<p class=\"muted\">{pages.colour_scale(bar, None)}; each picture's own scale is under it. {pages.WRONG_PREDICTION}.</p></header>",
+        f'<p class="muted">{escape(pages.LEGEND)} Hover a picture to see the image without its map.</p>',
+        f'<p class="muted">{pages.colour_scale(bar, None)}; each picture\'s own scale is under it. {pages.WRONG_PREDICTION}.</p></header>',
         pages.overview(catalog.overview(), counts, leaderboard, errors, n_errors, catalog.no_audit, class_link, strip),
     ]
     if len(order) > len(shown):
-        body.append(f"<p class=\"muted\">Galleries below: {len(shown)} of {len(order)} classes (cdam report --classes N for more).</p>")
+        body.append(
+            f'<p class="muted">Galleries below: {len(shown)} of {len(order)} classes (cdam report --classes N for more).</p>'
+        )
     missing_maps: list[str] = []
     for c in tqdm(shown, desc="report", unit="class", file=sys.stderr):
         body.append(_class_section(catalog, tiles, c, per_class, missing_maps, bar))
     notes = list(run.skipped)
     if missing_maps:
-        notes.append(f"{len(missing_maps)} image(s) shown have no stored map of their class (not a target, or a row not written; shown as 'no map'): {', '.join(missing_maps[:5])}{' ...' if len(missing_maps) > 5 else ''}")
+        notes.append(
+            f"{len(missing_maps)} image(s) shown have no stored map of their class (not a target, or a row not written; shown as 'no map'): {', '.join(missing_maps[:5])}{' ...' if len(missing_maps) > 5 else ''}"
+        )
     notes += [f"image not shown: {reason}" for reason in tiles.unreadable.values()]
     tiles.close()
     body.insert(1, pages.notes(notes, "warn"))
-    head = f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\"><style>{static_file('style.css').decode()}</style>"
+    head = (
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><style>{static_file("style.css").decode()}</style>'
+    )
     return pages.document(f"cdam report: {run.url}", "<main>" + "".join(body) + "</main>", head), notes
 
 
-def _class_section(catalog: Catalog, tiles: TileRenderer, c: int, per_class: int, missing_maps: list[str], bar: str) -> str:
+def _class_section(
+    catalog: Catalog, tiles: TileRenderer, c: int, per_class: int, missing_maps: list[str], bar: str
+) -> str:
     name = catalog.class_names[c]
     clusters = catalog.clusters(c)
     size = display_size(tiles.input_size, TILE)
@@ -92,14 +104,22 @@ def _class_section(catalog: Catalog, tiles: TileRenderer, c: int, per_class: int
         return data_uri(encode(tile("heatmap", None, found["prototype"], size), "JPEG"), "image/jpeg")
 
     def medoid(key: str) -> str:
-        return picture(key, "overlay") if key in catalog.position else data_uri(encode(tile("input", None, None, size), "JPEG"), "image/jpeg")
+        return (
+            picture(key, "overlay")
+            if key in catalog.position
+            else data_uri(encode(tile("input", None, None, size), "JPEG"), "image/jpeg")
+        )
 
-    parts = [f"<section class=\"class\" id=\"class-{c}\"><h2>{escape(name)} <span class=\"muted\">({c})</span></h2>",
-             pages.class_audit(catalog.class_audit_row(c), catalog.no_audit),
-             pages.prototypes(clusters, prototype, medoid, None)]
+    parts = [
+        f'<section class="class" id="class-{c}"><h2>{escape(name)} <span class="muted">({c})</span></h2>',
+        pages.class_audit(catalog.class_audit_row(c), catalog.no_audit),
+        pages.prototypes(clusters, prototype, medoid, None),
+    ]
     if catalog.audit is not None and c in catalog.audit.contact_sheets:
         sheet = catalog.run.storage.get(catalog.audit.contact_sheets[c])
-        parts.append(pages.contact_sheet(data_uri(sheet, "image/png"), [k["cluster"] for k in clusters if k["flagged"]]))
+        parts.append(
+            pages.contact_sheet(data_uri(sheet, "image/png"), [k["cluster"] for k in clusters if k["flagged"]])
+        )
     cards = []
     for key, why in chosen:
         values = tiles.map_values(key, map_name)
@@ -107,11 +127,17 @@ def _class_section(catalog: Catalog, tiles: TileRenderer, c: int, per_class: int
             missing_maps.append(key)
         position = catalog.position[key]
         label = int(catalog.labels[position])
-        caption = (f"<span class=\"key\">{escape(key)}</span><br>{'no label' if label < 0 else 'label ' + escape(catalog.class_names[label])}"
-                   f" · pred {escape(catalog.class_names[int(catalog.preds[position])])}<br><span class=\"muted\">{escape(why)}</span>"
-                   f"<br>{pages.colour_scale(bar, symmetric_scale(values))}")
+        caption = (
+            f'<span class="key">{escape(key)}</span><br>{"no label" if label < 0 else "label " + escape(catalog.class_names[label])}'
+            f' · pred {escape(catalog.class_names[int(catalog.preds[position])])}<br><span class="muted">{escape(why)}</span>'
+            f"<br>{pages.colour_scale(bar, symmetric_scale(values))}"
+        )
         wrong = label >= 0 and label != int(catalog.preds[position])
-        cards.append(pages.card(picture(key, "overlay"), picture(key, "input"), caption, None, "wrong" if wrong else ""))
-    parts.append(f"<h3>Images ({len(chosen)} chosen {'by the audit' if catalog.audit is not None else 'of those predicted as the class'})</h3>")
-    parts.append("<div class=\"gallery\">" + "".join(cards) + "</div></section>")
+        cards.append(
+            pages.card(picture(key, "overlay"), picture(key, "input"), caption, None, "wrong" if wrong else "")
+        )
+    parts.append(
+        f"<h3>Images ({len(chosen)} chosen {'by the audit' if catalog.audit is not None else 'of those predicted as the class'})</h3>"
+    )
+    parts.append('<div class="gallery">' + "".join(cards) + "</div></section>")
     return "".join(parts)

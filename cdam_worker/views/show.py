@@ -30,10 +30,14 @@ def target_map(run: Run, record: dict, target: str | None) -> tuple[str, str]:
         class_index = record["pred"] if target is None else run.class_index(target)
     except RunError as error:
         derived = ", ".join(run.derived_names()) or "none"
-        raise RunError(f"{error} (nor a concept of key {record['key']!r}: its targets are {stored}; derived maps: {derived})") from None
+        raise RunError(
+            f"{error} (nor a concept of key {record['key']!r}: its targets are {stored}; derived maps: {derived})"
+        ) from None
     if class_index not in record["targets"]:
         what = "its predicted class " if target is None else ""
-        raise RunError(f"key {record['key']!r}: no stored map of {what}{run.class_names[class_index]!r} (its targets: {stored}); pick one with --target")
+        raise RunError(
+            f"key {record['key']!r}: no stored map of {what}{run.class_names[class_index]!r} (its targets: {stored}); pick one with --target"
+        )
     return f"s{list(record['targets']).index(class_index)}", f"class {run.class_names[class_index]} ({class_index})"
 
 
@@ -44,7 +48,9 @@ def derived_slot(run: Run, key: str, target: str) -> tuple[str, int, str] | None
     names = run.derived_names()
     for name in [derivation] if derivation else names:
         if name not in names:
-            raise RunError(f"--target {target!r}: {run.url} has no derived maps named {name!r} (derived: {', '.join(names) or 'none'})")
+            raise RunError(
+                f"--target {target!r}: {run.url} has no derived maps named {name!r} (derived: {', '.join(names) or 'none'})"
+            )
         table = run.derived_metadata(name).filter(ds.field("key") == key)
         if table.num_rows == 0:
             continue
@@ -58,7 +64,11 @@ def derived_slot(run: Run, key: str, target: str) -> tuple[str, int, str] | None
         except RunError:
             continue
         if wanted_class in record["targets"]:
-            return name, list(record["targets"]).index(wanted_class), f"class {run.class_names[wanted_class]} ({wanted_class}), derived {name}"
+            return (
+                name,
+                list(record["targets"]).index(wanted_class),
+                f"class {run.class_names[wanted_class]} ({wanted_class}), derived {name}",
+            )
     return None
 
 
@@ -79,11 +89,15 @@ def show_figure(run: Run, key: str, target: str | None, size: int) -> tuple[Imag
     tiles = TileRenderer(run)
     try:
         if derived is not None:
-            values = run.read_rows(f"{DERIVED_GROUP}/{derived[0]}/cdam", np.asarray([record["row"]]))[0, derived[1]].astype(np.float32)
+            values = run.read_rows(f"{DERIVED_GROUP}/{derived[0]}/cdam", np.asarray([record["row"]]))[
+                0, derived[1]
+            ].astype(np.float32)
         else:
             values = tiles.map_values(key, map_name)
         if not np.isfinite(values).any():
-            raise RunError(f"key {key!r}: its maps were not written (the Zarr row reads as fill values, NaN); see `cdam verify {run.url}`")
+            raise RunError(
+                f"key {key!r}: its maps were not written (the Zarr row reads as fill values, NaN); see `cdam verify {run.url}`"
+            )
         image = tiles.model_view_image(key, size)
         if image is None:
             raise RunError(tiles.unreadable.get(key, f"image of {key!r} cannot be read"))
@@ -91,5 +105,9 @@ def show_figure(run: Run, key: str, target: str | None, size: int) -> tuple[Imag
         tiles.close()
     title = described.split(" (")[0].split(", derived")[0]
     scale = float(np.nanmax(np.abs(values)))
-    subtitle = f"{key}: CDAM, red = for, blue = against (scale ±{scale:.3g})" if map_name != "att" else f"{key}: last block's CLS attention"
+    subtitle = (
+        f"{key}: CDAM, red = for, blue = against (scale ±{scale:.3g})"
+        if map_name != "att"
+        else f"{key}: last block's CLS attention"
+    )
     return figure(image, values, title, subtitle), f"{described}, map scale ±{scale:.3g}"

@@ -113,7 +113,9 @@ class TileRenderer:
 
     def _prefetch_images(self, keys: Sequence[str], size: int) -> None:
         missing_images = [key for key in dict.fromkeys(keys) if (key, size) not in self._images]
-        for key, picture in zip(missing_images, self._pool.map(lambda key: self._read_image(key, size), missing_images)):
+        for key, picture in zip(
+            missing_images, self._pool.map(lambda key: self._read_image(key, size), missing_images)
+        ):
             self._images.put((key, size), picture, 64 if picture is None else picture.nbytes)
 
     def render_ahead(self, keys: Sequence[str], view: str, map_name: str, size: int) -> None:
@@ -224,7 +226,9 @@ class TileRenderer:
             try:
                 picture = self.model_view(image, display_size(self.input_size, size))
             except (ValueError, OSError) as error:  # the eval transform refuses it (as it would have in the job)
-                raise RunError(f"image of {key!r} ({image.width}x{image.height}): cannot draw the model's view of it: {error}") from None
+                raise RunError(
+                    f"image of {key!r} ({image.width}x{image.height}): cannot draw the model's view of it: {error}"
+                ) from None
         except RunError as error:
             if key not in self.unreadable:
                 self.unreadable[key] = str(error)
