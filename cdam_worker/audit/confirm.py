@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from cdam_worker.audit.features import spot_width
 from cdam_worker.shards.specs import DataError
-from cdam_worker.evaluate.perturb import rows_per_pass
+from cdam_worker.evaluate.perturb import check_device, rows_per_pass
 from cdam_worker.maps.model import LoadedModel
 from cdam_worker.reading import Run, RunError
 from cdam_worker.storage import StorageError
@@ -78,14 +78,7 @@ class ConfirmSettings:
     def __post_init__(self) -> None:
         if min(self.images, self.recipients) < 2:
             raise RunError(f"--confirm-images {self.images}: at least 2 images are needed for an interval")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as error:
-            raise RunError(f"--device {self.device!r}: {error}") from None
-        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-            raise RunError(
-                f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)"
-            )
+        check_device(self.device)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
 from cdam_worker.evaluate import metrics
 from cdam_worker.evaluate.attention import UnsupportedModel, check_supported
 from cdam_worker.evaluate.methods import BY_NAME, MapOptions, ModelMaps, parse_methods
-from cdam_worker.evaluate.perturb import deletion_curves, rows_per_pass
+from cdam_worker.evaluate.perturb import check_device, deletion_curves, rows_per_pass
 from cdam_worker.evaluate.robustness import robustness_checks
 from cdam_worker.evaluate.sanity import sanity_checks
 from cdam_worker.maps.model import LoadedModel
@@ -89,14 +89,7 @@ class EvaluateSettings:
             parse_methods(self.methods)
         except ValueError as error:
             raise RunError(str(error)) from None
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as error:
-            raise RunError(f"--device {self.device!r}: {error}") from None
-        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-            raise RunError(
-                f"--device {self.device!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)"
-            )
+        check_device(self.device)
 
 
 @dataclass

@@ -20,6 +20,22 @@ DEFAULT_ROWS = 256
 CPU_BUDGET = 1 << 30  # bytes of activations one pass may hold on the CPU; on CUDA a quarter of the free memory
 
 
+def check_device(name: str) -> torch.device:
+    """``--device NAME`` of the reading commands that run the model: cpu, or cuda[:N] where CUDA is usable; RunError
+    (one line) otherwise."""
+    from cdam_worker.reading import RunError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise RunError(f"--device {name!r}: {error}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise RunError(
+            f"--device {name!r}: use cpu, or cuda where torch.cuda.is_available() (it is {torch.cuda.is_available()} here)"
+        )
+    return device
+
+
 def rows_per_pass(model: VisionTransformer, n_tokens: int, device: torch.device) -> int:
     """Sequences of ``n_tokens`` one forward pass may hold: a block's activations of that many fit the budget."""
     block = model.blocks[-1]
