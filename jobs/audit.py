@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from jobs.model_flags import add_model_flags, model_spec
 
 if TYPE_CHECKING:
+    from cdam_worker.audit import AuditOptions
+    from cdam_worker.storage import Storage
     from schemas.manifest import ModelSpec
 
 EPILOG = """\
@@ -75,6 +77,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="where the audit's files go: a folder or s3:// prefix (default: DEST/audit/)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an audit made with other --by, --classes or --min-images in the same folder (default: refuse; --output DIR keeps both)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the summary and the ranked classes as JSON instead of a table"
     )
     parser.add_argument(
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         args.min_images,
         args.audit_output,
         args.json,
+        overwrite=args.overwrite,
         confirm=not args.no_model,
         model=model_spec(args),
         confirm_images=args.confirm_images,
@@ -125,6 +133,7 @@ def audit(
     min_images: int = 20,
     audit_output: str | None = None,
     as_json: bool = False,
+    overwrite: bool = False,
     confirm: bool = True,
     model: ModelSpec | None = None,
     confirm_images: int = 64,
@@ -132,7 +141,8 @@ def audit(
     device: str | None = None,
 ) -> int:
     """Audit the run at ``dest``, confirm its flagged clusters with the model (``model``, else the manifest's;
-    ``confirm=False``: unconfirmed) and print the ranked classes (the flags of the same names); the exit status."""
+    ``confirm=False``: unconfirmed) and print the ranked classes (the flags of the same names); the exit status.
+    An audit made with other options in the same folder is replaced only with ``overwrite``."""
     from tqdm import tqdm
 
     from cdam_worker.audit import (
@@ -165,6 +175,8 @@ def audit(
             unconfirmed = f"findings unconfirmed: {error}"
     storage = Storage.from_url(audit_output) if audit_output else run_.storage.child("audit")
     with run_.exclusive("audit") as check_lock:
+        if not overwrite:
+            _refuse_another_audit(storage, options, run_.class_names)
         with tqdm(
             total=None if classes else run_.index.num_rows,
             unit="img",
@@ -208,6 +220,24 @@ def audit(
         )
     )
     return 0
+
+
+def _refuse_another_audit(storage: Storage, options: AuditOptions, class_names: list[str]) -> None:
+    """RunError (one line) when ``storage`` holds an audit made with other options: rerunning the same audit replaces
+    it, another one needs --overwrite or its own --output."""
+    from cdam_worker.reading import RunError
+    from schemas.audit import audit_flags
+
+    try:
+        previous = json.loads(storage.get("summary.json"))
+    except FileNotFoundError:
+        return
+    wanted = {"by": options.by, "options": {"classes": list(options.classes), "min_images": options.min_images}}
+    if audit_flags(previous, class_names) != audit_flags(wanted, class_names):
+        raise RunError(
+            f"{storage.url}/ holds an audit made with {audit_flags(previous, class_names)}; this one is "
+            f"{audit_flags(wanted, class_names)}: give --overwrite to replace it, or --output DIR to keep both"
+        )
 
 
 def _default_device() -> str:

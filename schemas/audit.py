@@ -103,3 +103,15 @@ IMAGES_SCHEMA = pa.schema(
     ],
     metadata={"schema": "cdam.audit.images/2"},
 )
+
+
+def audit_flags(summary: dict, class_names: list[str]) -> str:
+    """The flags of ``cdam audit`` that made the audit whose ``summary.json`` is ``summary`` (they decide what it
+    found: another set of them is another audit), e.g. ``--by label --classes circle,square --min-images 50``."""
+    options = summary.get("options", {})
+    classes = ",".join(class_names[c] if 0 <= c < len(class_names) else str(c) for c in options.get("classes", []))
+    return (
+        f"--by {summary.get('by', 'pred')}"
+        + (f" --classes {classes}" if classes else "")
+        + (f" --min-images {options.get('min_images', '?')}")
+    )

@@ -241,6 +241,31 @@ def test_a_second_audit_on_the_same_run_is_refused(synthetic: str, tmp_path: Pat
     assert sorted(row["class"] for row in printed["classes"]) == [1, 2]
 
 
+def test_an_audit_with_other_options_does_not_replace_the_first_without_overwrite(
+    synthetic: str, tmp_path: Path, capsys
+) -> None:
+    dest = copy_run(synthetic, tmp_path)
+    assert main(["audit", dest, "--no-model"]) == 0
+    first = audit_files(dest)
+    capsys.readouterr()
+    assert main(["audit", dest, "--no-model", "--by", "label", "--min-images", "30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"cdam audit: error: {dest}/audit/ holds an audit made with --by pred --min-images 20; this one is --by label "
+        "--min-images 30: give --overwrite to replace it, or --output DIR to keep both"
+    ], err
+    assert audit_files(dest) == first  # nothing of the first audit was touched
+    assert main(["audit", dest, "--no-model"]) == 0  # the same audit again replaces itself
+    other = str(tmp_path / "by-label")
+    assert main(["audit", dest, "--no-model", "--by", "label", "--output", other]) == 0  # another folder keeps both
+    assert json.loads(Path(other, "summary.json").read_text())["by"] == "label"
+    assert main(["audit", dest, "--no-model", "--by", "label", "--overwrite"]) == 0
+    assert audit_files(dest)["summary"]["by"] == "label"
+    report = tmp_path / "report.html"
+    assert main(["report", dest, "-o", str(report)]) == 0  # the views say which audit they show
+    assert "This audit: <code>cdam audit DEST --by label --min-images 20</code>" in report.read_text()
+
+
 def test_flat_attention_and_tiny_maps_are_reported_as_the_blind_spot(synthetic: str, tmp_path: Path, capsys) -> None:
     dest = copy_run(synthetic, tmp_path)
     group = open_zarr(Storage.from_url(dest), mode="r+")

@@ -8,6 +8,7 @@ prediction, label, correctness, audit cluster, or a box on the audit's 2-D plot 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cdam_worker.reading import Run, RunError
+from schemas.audit import audit_flags
 
 AUDIT_FOLDER = "audit"
 CONTACT_SHEETS = f"{AUDIT_FOLDER}/contact-sheets"
@@ -38,6 +40,7 @@ class Audit:
     clusters: pa.Table  # class, cluster, size, share, purity, prototype, medoid_key, flagged
     images: pa.Table  # key, row, class, cluster, x, y, score, flagged
     contact_sheets: dict[int, str]  # class index -> path of its contact sheet below the run
+    flags: str = ""  # the flags of `cdam audit` that made it (schemas.audit.audit_flags), "" if summary.json is missing
 
 
 def read_audit(run: Run) -> Audit | None:
@@ -53,8 +56,16 @@ def read_audit(run: Run) -> Audit | None:
         prefix = path.rsplit("/", 1)[-1].split("-", 1)[0]
         if path.endswith(".png") and prefix.isdigit():
             sheets[int(prefix)] = path
+    try:
+        flags = audit_flags(json.loads(run.storage.get(f"{AUDIT_FOLDER}/summary.json")), run.class_names)
+    except FileNotFoundError:
+        flags = ""
     return Audit(
-        classes.sort_by("rank"), clusters.sort_by([("class", "ascending"), ("cluster", "ascending")]), images, sheets
+        classes.sort_by("rank"),
+        clusters.sort_by([("class", "ascending"), ("cluster", "ascending")]),
+        images,
+        sheets,
+        flags,
     )
 
 
@@ -126,6 +137,7 @@ class Catalog:
             "n_shards": len(self.run.shards),
             "complete": self.run.complete,
             "skipped": list(self.run.skipped),
+            "audit_flags": None if self.audit is None else self.audit.flags,
         }
 
     def errors(self, limit: int = ERRORS_SHOWN) -> tuple[list[dict[str, Any]], int]:

@@ -103,6 +103,10 @@ def overview(
         '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in run_rows) + "</dl>",
     ]
     parts.append("<h2>Audit: classes by suspicion</h2>" + strip)
+    if facts.get("audit_flags"):
+        parts.append(
+            f'<p class="audit-flags">This audit: <code>cdam audit DEST {escape(facts["audit_flags"])}</code></p>'
+        )
     if leaderboard:
         rows = [
             [
