@@ -110,7 +110,7 @@ def run_case(cue: Cue, model: str, split: str, root: Path, cache_dir: Path, samp
         != 0
     ):
         raise RuntimeError(f"cdam explain failed on {dest}")
-    if cdam(["audit", dest]) != 0:
+    if cdam(["audit", dest, "--no-model"]) != 0:
         raise RuntimeError(f"cdam audit failed on {dest}")
     return score_case(dest, cue, model, split)
 

@@ -152,13 +152,13 @@ class Client:
             while True:
                 if rng.random() < 0.1:
                     self.get("overview", "/")
-                c, page = rng.randrange(n_classes), rng.randrange(3)
+                c, page = rng.randrange(n_classes), rng.randrange(1, 4)  # pages are numbered from 1 in the address
                 self.get_pictures(
                     self.get("class page", f"/class/{c}?page={page}")
                 )  # its first gallery, prototypes, medoids
                 self.get("scatter api", f"/api/scatter?class={c}")
                 gallery = self.get(
-                    "gallery api", f"/api/gallery?class={c}&offset={48 * (page + 1)}&limit=48"
+                    "gallery api", f"/api/gallery?class={c}&offset={48 * page}&limit=48"
                 )  # the next page
                 items = json.loads(gallery)["items"] if gallery else []
                 for item in items:

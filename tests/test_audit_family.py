@@ -52,7 +52,9 @@ def background_cases(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -
             )
             == 0
         )
-        assert main(["audit", dest]) == 0
+        assert (
+            main(["audit", dest, "--no-model"]) == 0
+        )  # detection from the maps alone (confirmation: test_audit_confirm)
         results[f"{model}-{split}"] = score_case(dest, BACKGROUND, model, split)
     return results
 

@@ -22,6 +22,7 @@ from cdam_worker import load_model
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.demo_assets import write_demo_shards
+from cdam_worker.derive import derive_maps
 from cdam_worker.reading import open_run
 from cdam_worker.maps.text_concepts import (
     TextError,
@@ -261,8 +262,8 @@ def test_text_concepts_on_a_transformers_clip_model_and_derive(ray_local, shards
 
     stripes = clip_recipe(text(["a photo of stripes", "striped fabric"]))
     assert np.allclose(run.attrs["concepts"][0]["vector"], stripes.numpy(), atol=1e-6)
-    derived = run.derive(
-        "none", concepts=['dog=text:"a photo of a dog"']
+    derived = derive_maps(
+        run, "none", concepts=['dog=text:"a photo of a dog"']
     )  # the run's model reloaded for its text tower
     dog = clip_recipe(text(["a photo of a dog"]))
     loaded = load_model(f"hf:{folder}")

@@ -43,6 +43,7 @@ from views_fixtures import (
     write_hostile_run,
 )
 
+from cdam_worker.derive import derive_maps
 from cdam_worker.reading import open_run
 from cdam_worker.views.catalog import Catalog
 from jobs.cli import main
@@ -416,7 +417,7 @@ def test_dashboard_with_a_token_in_a_browser(browser, tmp_path_factory: pytest.T
             assert page.evaluate(HOSTILE_ELEMENTS_JS) == 0 and page.evaluate("window.pwned === undefined")
         page.click("#gallery figure a >> nth=0")
         page.wait_for_url(f"{url}/image?key=*")
-        contrast = wait_images(page, ".gallery.large img")  # the input (a flat grey square here), the attention, 3 maps
+        contrast = wait_images(page, ".gallery.large .tile img")  # the input (a flat grey square here), the attention, 3 maps
         assert page.inner_text("h1") in keys and len(contrast) == 5 and min(contrast[1:]) > 1
         assert HOSTILE_JSON in page.inner_text("table.record")
         assert page.evaluate(HOSTILE_ELEMENTS_JS) == 0 and page.evaluate("window.pwned === undefined")
@@ -582,7 +583,7 @@ def test_show_draws_a_concept_that_derive_wrote(demo_run: str, tmp_path: Path, c
     )
     capsys.readouterr()
     key = keys[3]
-    expected = open_run(dest).derive("none", keys=[key], concepts=[f"mark={tmp_path / 'mark.pt'}"]).values[0, 0]
+    expected = derive_maps(open_run(dest), "none", keys=[key], concepts=[f"mark={tmp_path / 'mark.pt'}"]).values[0, 0]
     scale = float(np.abs(expected).max())
     pictures = []
     for target in ("mark", "marks/mark"):
