@@ -417,7 +417,9 @@ def test_dashboard_with_a_token_in_a_browser(browser, tmp_path_factory: pytest.T
             assert page.evaluate(HOSTILE_ELEMENTS_JS) == 0 and page.evaluate("window.pwned === undefined")
         page.click("#gallery figure a >> nth=0")
         page.wait_for_url(f"{url}/image?key=*")
-        contrast = wait_images(page, ".gallery.large .tile img")  # the input (a flat grey square here), the attention, 3 maps
+        contrast = wait_images(
+            page, ".gallery.large .tile img"
+        )  # the input (a flat grey square here), the attention, 3 maps
         assert page.inner_text("h1") in keys and len(contrast) == 5 and min(contrast[1:]) > 1
         assert HOSTILE_JSON in page.inner_text("table.record")
         assert page.evaluate(HOSTILE_ELEMENTS_JS) == 0 and page.evaluate("window.pwned === undefined")
