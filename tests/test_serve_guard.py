@@ -293,7 +293,10 @@ def test_dashboard_escapes_hostile_names_and_refuses_what_is_not_a_read(hostile_
         assert status == 200 and body == b""
         status, _, body = request(url, "/image?key=" + "a" * 9000)
         assert status == 414 and body.count(b"\n") == 1 and body.startswith(b"414: request target of 9010 bytes")
-        status, _, body = request(url, "/image?key=" + "a" * 100_000)  # past what the HTTP parser itself reads
+        try:  # past what the HTTP parser itself reads: it answers 400, or closes the connection before the answer
+            status, _, body = request(url, "/image?key=" + "a" * 100_000)
+        except ConnectionResetError:
+            status, body = 400, b""  # refused: the connection was closed, nothing of the run was sent
         assert status in (400, 414) and len(body) < 200, (status, body)
         for path in (
             "/static/../../../etc/passwd",
