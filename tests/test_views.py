@@ -138,6 +138,9 @@ def test_colour_map_is_symmetric_and_centred_on_zero() -> None:
         {"crop_pct": 0.95, "crop_mode": "squash"},
         {"crop_pct": 1.0, "crop_mode": "border"},
         {"crop_pct": 0.9, "crop_mode": "center", "input_size": [3, 224, 160]},
+        {"crop_pct": 1.0, "crop_mode": "center"},
+        {"crop_pct": 1.15, "crop_mode": "center"},
+        {"crop_mode": "squash", "input_size": [3, 224, 192]},
     ],
 )
 def test_model_view_at_display_size_is_the_eval_transform_resampled_once(config: dict) -> None:
@@ -164,11 +167,14 @@ def test_model_view_at_display_size_is_the_eval_transform_resampled_once(config:
             - np.asarray(expected.resize(size, Image.Resampling.BICUBIC), dtype=np.float64)
         )
         assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2, (width, height, difference.mean())
-        pads = config["crop_mode"] == "border" and width != height
+        pads = (config["crop_mode"] == "border" and width != height) or config.get("crop_pct", 0.875) > 1
         assert (view.box(image.size) is None) == pads
+    timm_view = ModelView(view.config)
+    timm_view.plain_steps = None  # the geometry of timm's own steps
     for width in range(1, 600):  # every box lies inside its image (Pillow refuses one a rounding error past an edge)
         for height in (width, 1, 37, 375, 1000):
             box = view.box((width, height))
+            assert box == timm_view.box((width, height)), (width, height)  # the torch-free geometry is timm's
             assert box is None or (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height), (
                 width,
                 height,

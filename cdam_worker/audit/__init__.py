@@ -17,13 +17,28 @@ against the image's competing classes (its other stored class targets):
 7. ``confirm``: with the run's model, a counterfactual test of each flagged cluster (remove the region its
    maps point at, paste it into other classes' images); a cluster the model does not rely on is unflagged;
 8. ``outputs``, ``contact_sheet``: Parquet tables, contact sheets and a summary in ``DEST/audit/``.
+
+The names are imported when first used, so that reading an audit (``cdam report``, the views) and auditing
+with ``--no-model`` do not import the model's maths (torch).
 """
 
-from cdam_worker.audit.confirm import ConfirmSettings, confirm_clusters
-from cdam_worker.audit.outputs import ranked_table, write_audit
-from cdam_worker.audit.pipeline import AuditOptions, AuditResult, apply_confirmations, audit_run
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ConfirmSettings": "confirm",
+    "confirm_clusters": "confirm",
+    "ranked_table": "outputs",
+    "write_audit": "outputs",
+    "AuditOptions": "pipeline",
+    "AuditResult": "pipeline",
+    "apply_confirmations": "pipeline",
+    "audit_run": "pipeline",
+}
+
+__all__ = [  # the same names as _EXPORTS, spelled out for linters and type checkers
     "AuditOptions",
     "AuditResult",
     "ConfirmSettings",
@@ -33,3 +48,16 @@ __all__ = [
     "ranked_table",
     "write_audit",
 ]
+
+if TYPE_CHECKING:
+    from cdam_worker.audit.confirm import ConfirmSettings, confirm_clusters
+    from cdam_worker.audit.outputs import ranked_table, write_audit
+    from cdam_worker.audit.pipeline import AuditOptions, AuditResult, apply_confirmations, audit_run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cdam_worker.audit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cdam_worker.audit.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -7,7 +7,9 @@ every picture starts from :class:`ModelView`, and the map is upsampled onto it f
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +23,8 @@ VIEWS = ("input", "heatmap", "overlay")
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 PLACEHOLDER_FILL = (225, 225, 225)
+DEFAULT_CROP_PCT = 0.875
+"""timm's crop_pct when a data config has none."""
 
 
 class ModelView:
@@ -32,22 +36,32 @@ class ModelView:
     input is a box of the original image, and the view is that box resampled once to ``size`` (a gallery
     tile: one resize of the original, not an upsampling to the input size, a crop and a downsampling).
     Steps that pad, or that this class does not know, run as they are and their result is resized.
+
+    The box of timm's two plain eval transforms (``crop_mode`` "center" with a square resize, and "squash")
+    is worked out from the data config alone, so the views import neither torch nor timm for them; other
+    transforms are built with timm when first needed.
     """
 
     REDUCING_GAP = 3.0
     """Large reductions (photographs to thumbnails) first shrink by an integer factor, then resample."""
 
     def __init__(self, data_config: dict[str, Any]) -> None:
+        self.config = {key: tuple(value) if isinstance(value, list) else value for key, value in data_config.items()}
+        _, height, width = self.config["input_size"]
+        self.input_size = (int(width), int(height))
+        self.plain_steps = _plain_eval_steps(self.config)
+
+    @functools.cached_property
+    def steps(self) -> list[Callable[[Image.Image], Image.Image]]:
+        """The eval transform's picture steps (timm's own), up to the conversion to a tensor."""
         from timm.data import create_transform
 
-        config = {key: tuple(value) if isinstance(value, list) else value for key, value in data_config.items()}
-        self.steps: list[Callable[[Image.Image], Image.Image]] = []
-        for step in create_transform(**config, is_training=False).transforms:
+        steps = []
+        for step in create_transform(**self.config, is_training=False).transforms:
             if "ToTensor" in type(step).__name__:
                 break
-            self.steps.append(step)
-        _, height, width = config["input_size"]
-        self.input_size = (int(width), int(height))
+            steps.append(step)
+        return steps
 
     def __call__(self, image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
         size = size or self.input_size
@@ -61,18 +75,15 @@ class ModelView:
     def box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
         """The model's input as a box (left, top, right, bottom) of the pixels of an image of ``image_size``
         (width, height); None if a step pads or is not a resize or a centre crop."""
-        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
-        from torchvision.transforms import CenterCrop, Resize
-
         original_width, original_height = width, height = image_size
         left, top, right, bottom = 0.0, 0.0, float(width), float(height)
-        for step in self.steps:
-            if isinstance(step, Resize) and step.max_size is None:
-                width, height = _resized(step.size, width, height)
-            elif isinstance(step, ResizeKeepRatio) and step.random_scale_prob == 0 and step.random_aspect_prob == 0:
-                height, width = step.get_params(Image.new("1", (width, height)), step.size, step.longest)
-            elif isinstance(step, (CenterCrop, CenterCropOrPad)):
-                crop_height, crop_width = step.size
+        for kind, size in self.plain_steps if self.plain_steps is not None else self._timm_geometry():
+            if kind == "resize":
+                width, height = _resized(size, width, height)
+            elif kind == "keep_ratio":
+                height, width = size.get_params(Image.new("1", (width, height)), size.size, size.longest)
+            elif kind == "crop":
+                crop_height, crop_width = size
                 if crop_height > height or crop_width > width:
                     return None  # padded: not a box of the image
                 crop_top, crop_left = int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
@@ -88,6 +99,40 @@ class ModelView:
             min(float(original_width), right),
             min(float(original_height), bottom),
         )  # no rounding past the edges
+
+    def _timm_geometry(self) -> list[tuple[str, Any]]:
+        """The geometry of timm's built steps: ("resize", size), ("keep_ratio", step), ("crop", (h, w)), or
+        ("other", step) for a step that is none of these."""
+        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+        from torchvision.transforms import CenterCrop, Resize
+
+        geometry: list[tuple[str, Any]] = []
+        for step in self.steps:
+            if isinstance(step, Resize) and step.max_size is None:
+                geometry.append(("resize", step.size))
+            elif isinstance(step, ResizeKeepRatio) and step.random_scale_prob == 0 and step.random_aspect_prob == 0:
+                geometry.append(("keep_ratio", step))
+            elif isinstance(step, (CenterCrop, CenterCropOrPad)):
+                geometry.append(("crop", tuple(step.size)))
+            else:
+                geometry.append(("other", step))
+        return geometry
+
+
+def _plain_eval_steps(config: dict[str, Any]) -> list[tuple[str, Any]] | None:
+    """The geometry of timm's ``transforms_imagenet_eval`` for ``config`` where it is a plain resize and centre
+    crop ("center" with one scale for both sides, or "squash"), as ("resize", size) and ("crop", (h, w));
+    None for any other transform (timm builds those)."""
+    if config.get("crop_border_pixels") or config.get("crop_mode") not in (None, "center", "squash"):
+        return None
+    crop_pct = config.get("crop_pct") or DEFAULT_CROP_PCT
+    crop = tuple(int(side) for side in config["input_size"][-2:])
+    scale = tuple(math.floor(side / crop_pct) for side in crop)
+    if config.get("crop_mode") == "squash":
+        return [("resize", scale), ("crop", crop)]
+    if scale[0] != scale[1]:
+        return None  # timm's ResizeKeepRatio
+    return [("resize", scale[0]), ("crop", crop)]
 
 
 def _resized(size: int | Sequence[int], width: int, height: int) -> tuple[int, int]:
