@@ -10,8 +10,9 @@ reading commands do not pay for torch and timm.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cdam_worker.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -54,9 +55,4 @@ if TYPE_CHECKING:
     from cdam_worker.reading import Run, RunError, open_run
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cdam_worker' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

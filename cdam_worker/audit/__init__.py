@@ -24,18 +24,19 @@ with ``--no-model`` do not import the model's maths (torch).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cdam_worker.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "ConfirmSettings": "confirm",
-    "confirm_clusters": "confirm",
-    "ranked_table": "outputs",
-    "write_audit": "outputs",
-    "AuditOptions": "pipeline",
-    "AuditResult": "pipeline",
-    "apply_confirmations": "pipeline",
-    "audit_run": "pipeline",
+    "ConfirmSettings": "cdam_worker.audit.confirm",
+    "confirm_clusters": "cdam_worker.audit.confirm",
+    "ranked_table": "cdam_worker.audit.outputs",
+    "write_audit": "cdam_worker.audit.outputs",
+    "AuditOptions": "cdam_worker.audit.pipeline",
+    "AuditResult": "cdam_worker.audit.pipeline",
+    "apply_confirmations": "cdam_worker.audit.pipeline",
+    "audit_run": "cdam_worker.audit.pipeline",
 }
 
 __all__ = [  # the same names as _EXPORTS, spelled out for linters and type checkers
@@ -55,9 +56,4 @@ if TYPE_CHECKING:
     from cdam_worker.audit.pipeline import AuditOptions, AuditResult, apply_confirmations, audit_run
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cdam_worker.audit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cdam_worker.audit.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,20 +7,21 @@ The names are imported when first used, so that ``cdam verify`` does not import 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cdam_worker.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "DerivePlan": "compute",
-    "DerivedRows": "compute",
-    "basis_class_maps": "compute",
-    "derive_maps": "compute",
-    "derive_rows": "compute",
-    "plan_derive": "compute",
-    "DerivedSummary": "store",
-    "check_name": "store",
-    "verify_derived": "store",
-    "write_derived": "store",
+    "DerivePlan": "cdam_worker.derive.compute",
+    "DerivedRows": "cdam_worker.derive.compute",
+    "basis_class_maps": "cdam_worker.derive.compute",
+    "derive_maps": "cdam_worker.derive.compute",
+    "derive_rows": "cdam_worker.derive.compute",
+    "plan_derive": "cdam_worker.derive.compute",
+    "DerivedSummary": "cdam_worker.derive.store",
+    "check_name": "cdam_worker.derive.store",
+    "verify_derived": "cdam_worker.derive.store",
+    "write_derived": "cdam_worker.derive.store",
 }
 
 __all__ = [  # the same names as _EXPORTS, spelled out for linters and type checkers
@@ -48,9 +49,4 @@ if TYPE_CHECKING:
     from cdam_worker.derive.store import DerivedSummary, check_name, verify_derived, write_derived
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cdam_worker.derive' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cdam_worker.derive.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
