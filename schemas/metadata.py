@@ -9,13 +9,46 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+SAMPLE_FIELDS = [
+    pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
+    pa.field("shard", pa.string(), nullable=False, metadata={"doc": "shard name (file name without .tar)"}),
+    pa.field(
+        "shard_index", pa.int32(), nullable=False, metadata={"doc": "position of the shard in the run's shard list"}
+    ),
+]
+"""Where a row's sample comes from (the first columns of every per-image table)."""
+
+SLOT_SUMMARY_FIELDS = [
+    pa.field(
+        "target_names",
+        pa.list_(pa.string()),
+        nullable=False,
+        metadata={"doc": "class or concept name of each slot"},
+    ),
+    pa.field(
+        "relevance_pos_sum",
+        pa.list_(pa.float32()),
+        nullable=False,
+        metadata={"doc": "sum of positive CDAM scores per slot"},
+    ),
+    pa.field(
+        "relevance_neg_sum",
+        pa.list_(pa.float32()),
+        nullable=False,
+        metadata={"doc": "sum of negative CDAM scores per slot"},
+    ),
+    pa.field(
+        "relevance_argmax",
+        pa.list_(pa.int32()),
+        nullable=False,
+        metadata={"doc": "flat token index (y * gw + x) of the largest score per slot"},
+    ),
+]
+"""Per target slot k (after its ``targets`` column): its name and what the map ``cdam[row, k]`` holds."""
+
 METADATA_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
-        pa.field("shard", pa.string(), nullable=False, metadata={"doc": "shard name (file name without .tar)"}),
-        pa.field(
-            "shard_index", pa.int32(), nullable=False, metadata={"doc": "position of the shard in the run's shard list"}
-        ),
+        *SAMPLE_FIELDS,
         pa.field("row", pa.int64(), nullable=False, metadata={"doc": "index along the Zarr 'image' axis"}),
         pa.field("label", pa.int32(), metadata={"doc": "ground-truth class from the 'cls' member, null if absent"}),
         pa.field(
@@ -35,30 +68,7 @@ METADATA_SCHEMA = pa.schema(
             nullable=False,
             metadata={"doc": "class of each target slot, -1 for concepts"},
         ),
-        pa.field(
-            "target_names",
-            pa.list_(pa.string()),
-            nullable=False,
-            metadata={"doc": "class or concept name of each slot"},
-        ),
-        pa.field(
-            "relevance_pos_sum",
-            pa.list_(pa.float32()),
-            nullable=False,
-            metadata={"doc": "sum of positive CDAM scores per slot"},
-        ),
-        pa.field(
-            "relevance_neg_sum",
-            pa.list_(pa.float32()),
-            nullable=False,
-            metadata={"doc": "sum of negative CDAM scores per slot"},
-        ),
-        pa.field(
-            "relevance_argmax",
-            pa.list_(pa.int32()),
-            nullable=False,
-            metadata={"doc": "flat token index (y * gw + x) of the largest score per slot"},
-        ),
+        *SLOT_SUMMARY_FIELDS,
         pa.field(
             "width",
             pa.int32(),
@@ -106,11 +116,7 @@ MEMBERS_SCHEMA = pa.schema(
 
 DERIVED_METADATA_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
-        pa.field("shard", pa.string(), nullable=False, metadata={"doc": "shard name (file name without .tar)"}),
-        pa.field(
-            "shard_index", pa.int32(), nullable=False, metadata={"doc": "position of the shard in the run's shard list"}
-        ),
+        *SAMPLE_FIELDS,
         pa.field(
             "row",
             pa.int64(),
@@ -123,30 +129,7 @@ DERIVED_METADATA_SCHEMA = pa.schema(
             nullable=False,
             metadata={"doc": "class of each derived slot, -1 for concepts"},
         ),
-        pa.field(
-            "target_names",
-            pa.list_(pa.string()),
-            nullable=False,
-            metadata={"doc": "class or concept name of each slot"},
-        ),
-        pa.field(
-            "relevance_pos_sum",
-            pa.list_(pa.float32()),
-            nullable=False,
-            metadata={"doc": "sum of positive CDAM scores per slot"},
-        ),
-        pa.field(
-            "relevance_neg_sum",
-            pa.list_(pa.float32()),
-            nullable=False,
-            metadata={"doc": "sum of negative CDAM scores per slot"},
-        ),
-        pa.field(
-            "relevance_argmax",
-            pa.list_(pa.int32()),
-            nullable=False,
-            metadata={"doc": "flat token index (y * gw + x) of the largest score per slot"},
-        ),
+        *SLOT_SUMMARY_FIELDS,
     ],
     metadata={"schema": "cdam.derived-metadata/1"},
 )
