@@ -267,3 +267,19 @@ def upload_folder(
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
     return f"s3://{bucket}/{prefix}"
+
+
+def explain_argv(shards: Sequence[str | Path], output: str | Path, model: str, *flags: str) -> list[str]:
+    """``cdam explain`` of ``shards`` into ``output`` with ``model``, one actor, and the other ``flags``."""
+    return [
+        "explain",
+        "--shards",
+        *map(str, shards),
+        "--output",
+        str(output),
+        "--model",
+        model,
+        *flags,
+        "--actors",
+        "1",
+    ]

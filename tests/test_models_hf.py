@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 from PIL import Image
 
+from tests.helpers import explain_argv
 from cdam_worker import CDAMExplainer, Concept, load_model
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
@@ -277,19 +278,7 @@ def test_cdam_explain_on_a_transformers_folder(ray_local, hf_folders, shards, fa
     _config, _architecture, _processor, prefix, path = FAMILIES[family]
     folder = hf_folders[family]
     output = tmp_path / "out"
-    args = [
-        "explain",
-        "--shards",
-        *map(str, shards),
-        "--output",
-        str(output),
-        "--model",
-        f"hf:{folder}",
-        "--targets",
-        "topk:2",
-        "--actors",
-        "1",
-    ]
+    args = explain_argv(shards, output, f"hf:{folder}", "--targets", "topk:2")
     assert main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert ("closed form" if path == "closed_form" else "autograd through the last block") in printed

@@ -15,6 +15,7 @@ import open_clip
 import pytest
 import torch
 
+from tests.helpers import explain_argv
 from cdam_worker import CDAMExplainer, Concept, load_model
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
@@ -133,13 +134,9 @@ def test_cdam_explain_on_an_open_clip_checkpoint(ray_local, clip_files, tmp_path
     vector = torch.randn(TINY["embed_dim"], generator=torch.Generator().manual_seed(4))
     Concept("probe", vector).save(tmp_path / "probe.pt")
     output = tmp_path / "out"
-    args = [
-        "explain",
-        "--shards",
-        *map(str, shards),
-        "--output",
-        str(output),
-        "--model",
+    args = explain_argv(
+        shards,
+        output,
         f"open_clip:{clip_files['config']}",
         "--checkpoint",
         str(clip_files["checkpoint"]),
@@ -147,9 +144,7 @@ def test_cdam_explain_on_an_open_clip_checkpoint(ray_local, clip_files, tmp_path
         "none",
         "--concepts",
         f"probe={tmp_path / 'probe.pt'}",
-        "--actors",
-        "1",
-    ]
+    )
     assert main([*args, "--dry-run"]) == 0
     assert "closed form" in capsys.readouterr().out
     assert main(args) == 0

@@ -18,6 +18,7 @@ from test_models_hf import literal_cdam as hf_literal_cdam
 from test_models_open_clip import literal_cdam as open_clip_literal_cdam
 from test_models_open_clip import open_clip_model, tiny_config
 
+from tests.helpers import explain_argv
 from cdam_worker import load_model
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
@@ -126,13 +127,9 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
     classes = tmp_path / "classes.txt"
     classes.write_text("circle\nsquare: a photo of a square | a drawing of a square\ntriangle\n")
     output = tmp_path / "out"
-    args = [
-        "explain",
-        "--shards",
-        *map(str, shards),
-        "--output",
-        str(output),
-        "--model",
+    args = explain_argv(
+        shards,
+        output,
         f"open_clip:{clip_files['config']}",
         "--checkpoint",
         str(clip_files["checkpoint"]),
@@ -140,9 +137,7 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
         f"text:{classes}:2",
         "--concepts",
         'mark=text:"a photo of a watermark":cosine',
-        "--actors",
-        "1",
-    ]
+    )
     assert main([*args, "--dry-run"]) == 0
     assert "autograd through the last block: the head is a ZeroShotHead" in capsys.readouterr().out
     assert main(args) == 0
@@ -233,22 +228,9 @@ def test_text_concepts_on_a_transformers_clip_model_and_derive(ray_local, shards
     prompts.write_text("a photo of stripes\nstriped fabric\n")
 
     output = tmp_path / "out"
-    args = [
-        "explain",
-        "--shards",
-        *map(str, shards),
-        "--output",
-        str(output),
-        "--model",
-        f"hf:{folder}",
-        "--targets",
-        "none",
-        "--concepts",
-        f"stripes=prompts:{prompts}",
-        "--store-basis",
-        "--actors",
-        "1",
-    ]
+    args = explain_argv(
+        shards, output, f"hf:{folder}", "--targets", "none", "--concepts", f"stripes=prompts:{prompts}", "--store-basis"
+    )
     assert main(args) == 0
     run = open_run(str(output))
 
