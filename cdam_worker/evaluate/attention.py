@@ -18,6 +18,7 @@ average pooling; anything else raises ``UnsupportedModel``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -136,22 +137,34 @@ def gradient_weighted_attention(
     model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int
 ) -> torch.Tensor:
     """Chefer et al. (ICCV 2021): R = I; R += mean_h(relu(dA * A)) @ R per block: (B, K, N)."""
-    copies, wanted = _copies(images, classes)
-    maps = []
-    for start in range(0, len(copies), max_rows):
-        rows = slice(start, start + max_rows)
-        with torch.enable_grad():
-            logits, traces, _ = traced_forward(model, copies[rows])
-            grads = torch.autograd.grad(logits.gather(1, wanted[rows, None]).sum(), [t.attention for t in traces])
-        weighted = [(g * t.attention).clamp(min=0).mean(dim=1).detach() for g, t in zip(grads, traces)]
-        maps.append(output_rows(model, _chain(weighted, normalise=False)))
-    return torch.cat(maps).view(*classes.shape, -1)
+    return _gradient_weighted_chain(
+        model, images, classes, max_rows, lambda traces, final, target: [t.attention for t in traces]
+    )
 
 
 def chefer_relevance(
     model: VisionTransformer, images: torch.Tensor, classes: torch.Tensor, max_rows: int
 ) -> torch.Tensor:
     """Chefer et al. (CVPR 2021), "transformer attribution": (B, K, N)."""
+    return _gradient_weighted_chain(
+        model,
+        images,
+        classes,
+        max_rows,
+        lambda traces, final, target: _attention_relevances(model, traces, final, target),
+    )
+
+
+def _gradient_weighted_chain(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    max_rows: int,
+    weighted_by: Callable[[list, torch.Tensor, torch.Tensor], list[torch.Tensor]],
+) -> torch.Tensor:
+    """Chefer et al.'s two chains: R = I; R += mean_h(relu(dA * X)) @ R per block, with dA the class score's gradient
+    at each block's attention and X = ``weighted_by(traces, final, one-hot target)`` (the attention itself, or its
+    LRP relevance): (B, K, N)."""
     copies, wanted = _copies(images, classes)
     maps = []
     for start in range(0, len(copies), max_rows):
@@ -160,10 +173,8 @@ def chefer_relevance(
             logits, traces, final = traced_forward(model, copies[rows])
             grads = torch.autograd.grad(logits.gather(1, wanted[rows, None]).sum(), [t.attention for t in traces])
         with torch.no_grad():
-            relevances = _attention_relevances(
-                model, traces, final, F.one_hot(wanted[rows], logits.shape[1]).to(logits.dtype)
-            )
-            weighted = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(grads, relevances)]
+            weights = weighted_by(traces, final, F.one_hot(wanted[rows], logits.shape[1]).to(logits.dtype))
+            weighted = [(g * w).clamp(min=0).mean(dim=1) for g, w in zip(grads, weights)]
             maps.append(output_rows(model, _chain(weighted, normalise=False)))
     return torch.cat(maps).view(*classes.shape, -1)
 
