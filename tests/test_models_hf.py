@@ -339,3 +339,51 @@ def check_notebook_view(run, output: Path, row: dict, tmp_path: Path) -> None:
         "2 of 2 complete",
     ):
         assert expected in summary, expected
+
+
+HUB_LOAD = """
+import json, sys
+import torch
+from cdam_worker import load_model
+loaded = load_model("hf:" + sys.argv[1])
+image = torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
+with torch.no_grad():
+    logits = loaded.model(image)[0].tolist()
+print(json.dumps({"name": loaded.name, "classes": loaded.class_names, "logits": logits}))
+"""
+
+
+def test_a_hub_repository_name_loads_through_the_hub_s_own_cache(hf_folders, tmp_path) -> None:
+    """``hf:ORG/NAME`` goes through huggingface_hub's ``snapshot_download``; here it finds the repository in a hub
+    cache laid out as the hub writes it (offline, as on a cluster node with a pre-filled cache), and an unknown
+    repository is one line."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repository = tmp_path / "hub" / "models--cdam-test--tiny-vit"
+    shutil.copytree(hf_folders["vit"], repository / "snapshots" / revision)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def load(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", HUB_LOAD, name], capture_output=True, text=True, timeout=300, env=env, check=False
+        )
+
+    done = load("cdam-test/tiny-vit")
+    assert done.returncode == 0, done.stderr[-2000:]
+    from_hub = json.loads(done.stdout.strip().splitlines()[-1])
+    local = load_model(f"hf:{hf_folders['vit']}")
+    with torch.no_grad():
+        expected = local.model(torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32))[0]
+    assert from_hub["name"] == "hf:cdam-test/tiny-vit" and from_hub["classes"] == local.class_names
+    assert np.allclose(from_hub["logits"], expected.numpy(), atol=1e-6)
+
+    missing = load("cdam-test/no-such-model")
+    assert missing.returncode != 0
+    assert "--model hf:cdam-test/no-such-model: cannot download it from the Hugging Face Hub" in missing.stderr
