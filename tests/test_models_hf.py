@@ -108,7 +108,9 @@ def last_pre_attention_norm(hf_model: torch.nn.Module) -> torch.nn.Module:
     for path, norm in (
         ("vision_model.encoder.layers", "layer_norm1"),
         ("vit.layers", "layernorm_before"),
+        ("vit.encoder.layer", "layernorm_before"),  # transformers 4.x
         ("deit.layers", "layernorm_before"),
+        ("deit.encoder.layer", "layernorm_before"),  # transformers 4.x
         ("dinov2.encoder.layer", "norm1"),
         ("dinov2_with_registers.encoder.layer", "norm1"),
         ("encoder.layer", "norm1"),
