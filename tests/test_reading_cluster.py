@@ -22,9 +22,14 @@ from schemas.paths import LOCK_PATH
 def cluster():
     """A head node and one more node, one CPU each, and this process connected to them."""
     import ray
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized(), "another Ray instance is connected in this process"
+    # What RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets when Ray is imported (test_node_loss.py's drivers): this driver
+    # keeps the cluster's loopback address instead of rewriting it to the host's IP, where no GCS listens.
+    loopback = pytest.MonkeyPatch()
+    loopback.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
@@ -37,6 +42,7 @@ def cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        loopback.undo()
 
 
 def copies(demo_run: str, folder: Path) -> tuple[str, str]:
@@ -48,10 +54,11 @@ def copies(demo_run: str, folder: Path) -> tuple[str, str]:
 
 
 def files(folder: str) -> dict[str, bytes]:
-    """Every file of the run but its locks (they record who held them)."""
+    """Every file of the run but its locks (they record who held them), the run's own path in them (the audit's
+    summary names the run) written DEST."""
     root = Path(folder)
     return {
-        str(p.relative_to(root)): p.read_bytes()
+        str(p.relative_to(root)): p.read_bytes().replace(folder.encode(), b"DEST")
         for p in root.rglob("*")
         if p.is_file() and p.name != LOCK_PATH and "locks" not in p.relative_to(root).parts
     }
@@ -64,13 +71,12 @@ def run_both(argv: list[str], here: str, there: str, cluster, monkeypatch: pytes
     assert main([argv[0], there, *argv[1:], "--address", cluster.address]) == 0
 
 
-def _node_of(unit: int, run, _shared: None) -> tuple[int, str, int]:
-    import ray
-
-    return unit, ray.get_runtime_context().get_node_id(), len(run.shards)
-
-
 def test_units_run_as_tasks_on_both_nodes_each_opening_the_run(cluster, demo_run):
+    def _node_of(unit: int, run, _shared: None) -> tuple[int, str, int]:  # nested: Ray sends it by value
+        import ray
+
+        return unit, ray.get_runtime_context().get_node_id(), len(run.shards)
+
     results = run_units(_node_of, list(range(8)), open_run(demo_run), address=cluster.address)
     assert [unit for unit, _, _ in results] == list(range(8))  # in the units' order
     assert {node for _, node, _ in results} == {node.node_id for node in cluster.list_all_nodes()}

@@ -17,7 +17,7 @@ import numpy as np
 
 from cdam_worker.audit.features import ImageFeatures, image_features
 from cdam_worker.reading import Run
-from cdam_worker.reading.cluster import run_units
+from cdam_worker.reading.cluster import each_result
 
 STEP_ROWS = 1024
 """Rows read per step (64 Zarr chunks)."""
@@ -40,18 +40,17 @@ class Gathered:
 
 @dataclass(frozen=True)
 class _Block:
-    """Up to ``STEP_ROWS`` images to read: their positions in the index, rows and audited classes."""
+    """Up to ``STEP_ROWS`` images to read: their rows and audited classes."""
 
-    positions: np.ndarray
     rows: np.ndarray
     audited: np.ndarray
 
 
 @dataclass
 class _BlockMaps:
-    """What one block yields: the images kept (positions), their class maps and features, and what was left out."""
+    """What one block yields: which of its images are kept, their class maps and features, and what was left out."""
 
-    positions: np.ndarray
+    ok: np.ndarray
     class_maps: np.ndarray
     features: ImageFeatures
     no_map: Counter
@@ -79,19 +78,20 @@ def gather(
         wanted &= np.isin(audited, sorted(classes))
     positions = np.flatnonzero(wanted)
     blocks = [
-        _Block(part, rows[part], audited[part])
+        _Block(rows[part], audited[part])
         for start in range(0, len(positions), STEP_ROWS)
         for part in [positions[start : start + STEP_ROWS]]
     ]
-    parts = run_units(_read_block, blocks, run, address=address, done=lambda part: progress(part.rows_read))
-    gh, gw = run.grid
-    kept = np.concatenate([p.positions for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-    class_maps = np.concatenate([p.class_maps for p in parts]) if parts else np.zeros((0, gh, gw), dtype=np.float32)
-    features = (
-        ImageFeatures.concatenate([p.features for p in parts])
-        if parts
-        else image_features(class_maps, np.zeros((0, 0, gh, gw)))
-    )
+    slots = _Slots(len(positions))
+    no_map: Counter = Counter()
+    unreadable: Counter = Counter()
+    for b, part in each_result(_read_block, blocks, run, address=address):
+        slots.put(b * STEP_ROWS + np.flatnonzero(part.ok), part.class_maps, part.features)
+        no_map.update(part.no_map)
+        unreadable.update(part.unreadable)
+        progress(part.rows_read)
+    kept = positions[slots.filled]
+    class_maps, features = slots.kept(run.grid)
     return Gathered(
         keys=keys[kept],
         rows=rows[kept],
@@ -99,10 +99,44 @@ def gather(
         labels=labels[kept],
         class_maps=class_maps,
         features=features,
-        no_map=sum((p.no_map for p in parts), Counter()),
-        unreadable=sum((p.unreadable for p in parts), Counter()),
+        no_map=no_map,
+        unreadable=unreadable,
         no_label=no_label,
     )
+
+
+class _Slots:
+    """The blocks' class maps and features written in place, one slot per image to read (the blocks may come in
+    any order), so that the gathered arrays are never held twice."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.filled = np.zeros(n, dtype=bool)
+        self.class_maps: np.ndarray | None = None
+        self.features: dict[str, np.ndarray] = {}
+
+    def put(self, slots: np.ndarray, class_maps: np.ndarray, features: ImageFeatures) -> None:
+        if self.class_maps is None:
+            self.class_maps = np.empty((self.n, *class_maps.shape[1:]), dtype=class_maps.dtype)
+            self.features = {
+                name: np.empty((self.n, *value.shape[1:]), dtype=value.dtype) for name, value in vars(features).items()
+            }
+        self.class_maps[slots] = class_maps
+        for name, value in vars(features).items():
+            self.features[name][slots] = value
+        self.filled[slots] = True
+
+    def kept(self, grid: tuple[int, int]) -> tuple[np.ndarray, ImageFeatures]:
+        """The filled slots' class maps and features, in slot order (one array copied at a time)."""
+        if self.class_maps is None:
+            empty = np.zeros((0, *grid), dtype=np.float32)
+            return empty, image_features(empty, np.zeros((0, 0, *grid)))
+        if self.filled.all():
+            return self.class_maps, ImageFeatures(**self.features)
+        maps, self.class_maps = self.class_maps[self.filled], None
+        for name in list(self.features):
+            self.features[name] = self.features[name][self.filled]
+        return maps, ImageFeatures(**self.features)
 
 
 def _read_block(block: _Block, run: Run, _shared: None) -> _BlockMaps:
@@ -119,7 +153,7 @@ def _read_block(block: _Block, run: Run, _shared: None) -> _BlockMaps:
     is_rival = (target_class >= 0) & ~is_class
     rivals = np.where(is_rival[:, :, None, None], maps, np.nan)
     return _BlockMaps(
-        positions=block.positions[ok],
+        ok=ok,
         class_maps=class_maps[ok],
         features=image_features(class_maps[ok], rivals[ok]),
         no_map=Counter(audited[~has_map].tolist()),

@@ -144,7 +144,7 @@ def evaluate_run(
             bar.update(result[2])
 
         for unit_columns, unit_notes, _ in run_units(
-            _evaluate_unit, units, run, (model, settings, methods), address=address, done=done
+            _evaluate_unit, units, run, (model, settings, methods, torch.get_num_threads()), address=address, done=done
         ):
             for name, values in unit_columns.items():
                 columns[name] += values
@@ -291,11 +291,27 @@ def _shard_batches(
 def _evaluate_unit(
     batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     run: Run,
-    shared: tuple[LoadedModel | None, EvaluateSettings, list[str]],
+    shared: tuple[LoadedModel | None, EvaluateSettings, list[str], int],
 ) -> tuple[dict[str, list], list[str], int]:
     """One shard's batches (here or as a Ray task): their columns of the images table, their notes and the number
-    of images."""
-    model, settings, methods = shared
+    of images. It computes with the driver's number of torch threads (a Ray task gets one by default): the model's
+    sums are split by thread, so their last bits, and the tables' bytes, depend on it."""
+    model, settings, methods, threads = shared
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _evaluate_batches(batches, run, model, settings, methods)
+    finally:
+        torch.set_num_threads(own_threads)
+
+
+def _evaluate_batches(
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    run: Run,
+    model: LoadedModel | None,
+    settings: EvaluateSettings,
+    methods: list[str],
+) -> tuple[dict[str, list], list[str], int]:
     notes: list[str] = []
     evaluator = _ChunkEvaluator(run, model, settings, methods, notes)
     del notes[:]  # what the evaluator says of the model the driver's evaluator has said already

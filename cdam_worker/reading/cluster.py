@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from cdam_worker.ray_connect import connect
@@ -37,16 +37,34 @@ def run_units(
     check: Callable[[], None] = lambda: None,
     done: Callable[[Result], None] = lambda _result: None,
 ) -> list[Result]:
-    """``function(unit, run, shared)`` for every unit, in order: here, or as Ray tasks (one CPU each, spread over the nodes) on the
-    cluster at ``cluster_address(address)``. ``done`` sees each result as it comes (a progress bar)."""
+    """``function(unit, run, shared)`` for every unit, the results in the units' order (``each_result``); ``done``
+    sees each result as it comes (a progress bar)."""
+    results: list[Any] = [None] * len(units)
+    for position, result in each_result(function, units, run, shared, address=address, check=check):
+        results[position] = result
+        done(result)
+    return results
+
+
+def each_result(
+    function: Callable[[Unit, Run, Any], Result],
+    units: Sequence[Unit],
+    run: Run,
+    shared: Any = None,
+    *,
+    address: str | None = None,
+    check: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[int, Result]]:
+    """(position of the unit, ``function(unit, run, shared)``) for every unit as it is done: here one after the
+    other, in order, or as Ray tasks (one CPU each, spread over the nodes) on the cluster at
+    ``cluster_address(address)``, in the order they finish; a caller that consumes each result at once never
+    holds them all."""
     if cluster_address(address) is None:
-        results = []
-        for unit in units:
-            results.append(function(unit, run, shared))
-            done(results[-1])
+        for position, unit in enumerate(units):
+            yield position, function(unit, run, shared)
             check()
-        return results
-    return _as_tasks(function, units, run.url, shared, cluster_address(address), check, done)
+        return
+    yield from _as_tasks(function, units, run.url, shared, cluster_address(address), check)
 
 
 def _as_tasks(
@@ -56,27 +74,23 @@ def _as_tasks(
     shared: Any,
     address: str,
     check: Callable[[], None],
-    done: Callable[[Result], None],
-) -> list[Result]:
+) -> Iterator[tuple[int, Result]]:
     import ray
 
     connect(address)
     remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_in_task)  # the reading spread over the nodes
     shared_ref = ray.put(shared)
     position = {remote.remote(function, url, unit, shared_ref): i for i, unit in enumerate(units)}
-    results: list[Any] = [None] * len(units)
     pending = list(position)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=CHECK_SECONDS)
             for ref in ready:
-                results[position[ref]] = _get(ref)
-                done(results[position[ref]])
+                yield position.pop(ref), _get(ref)
             check()
     finally:
         for ref in pending:  # a failed unit (or a lost lock): the others stop too
             ray.cancel(ref)
-    return results
 
 
 def _in_task(function: Callable[[Unit, Run, Any], Result], url: str, unit: Unit, shared: Any) -> Result:
