@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.model_flags import add_model_flags, model_spec
+from jobs.model_flags import add_address_flag, add_model_flags, model_spec
 
 if TYPE_CHECKING:
     from cdam_worker.audit import AuditOptions
@@ -105,6 +105,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device", default=None, help="where the model runs: cpu or cuda[:N] (default: cuda if available, else cpu)"
     )
+    add_address_flag(parser, "one per block of rows read and one per class audited")
     add_model_flags(parser, "to confirm the flagged clusters")
     parser.set_defaults(handler=run)
 
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         confirm_images=args.confirm_images,
         seed=args.seed,
         device=args.device,
+        address=args.address,
     )
 
 
@@ -139,6 +141,7 @@ def audit(
     confirm_images: int = 64,
     seed: int = 0,
     device: str | None = None,
+    address: str | None = None,
 ) -> int:
     """Audit the run at ``dest``, confirm its flagged clusters with the model (``model``, else the manifest's;
     ``confirm=False``: unconfirmed) and print the ranked classes (the flags of the same names); the exit status.
@@ -184,7 +187,7 @@ def audit(
             file=sys.stderr,
             disable=None,
         ) as bar:
-            result = audit_run(run_, options, progress=bar.update)
+            result = audit_run(run_, options, progress=bar.update, address=address)
         if loaded is not None:
             result = apply_confirmations(result, *confirm_clusters(run_, result, loaded, settings))
         else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.model_flags import add_model_flags, model_spec
+from jobs.model_flags import add_address_flag, add_model_flags, model_spec
 
 EPILOG = """\
 writes, under DEST:
@@ -52,6 +52,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace derived maps of this name made with other settings"
     )
+    add_address_flag(parser, "one task per shard")
     add_model_flags(parser, "needed only to embed a folder of concept examples")
     parser.set_defaults(handler=run)
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_derive(run_, args.targets, args.concepts, model_spec(args))
     for note in run_.skipped:
         print(f"note: {note}", file=sys.stderr)
-    summary = write_derived(run_, plan, args.name, overwrite=args.overwrite)
+    summary = write_derived(run_, plan, args.name, overwrite=args.overwrite, address=args.address)
     for line in summary.skipped[:10]:
         print(f"note: image {line}: not derived", file=sys.stderr)
     if len(summary.skipped) > 10:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.model_flags import add_model_flags, model_spec
+from jobs.model_flags import add_address_flag, add_model_flags, model_spec
 
 EPILOG = """\
 measures, per image, of the map of the predicted class (spec section 5), averaged per method with a 95%
@@ -121,6 +121,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-model", action="store_true", help="measure only the stored maps (no model-side method, curves or checks)"
     )
+    add_address_flag(parser, "one per shard's images of the sample (the sanity and robustness checks run here)")
     add_model_flags(parser, "needed for every method but the stored CDAM and AM, for the curves and for the checks")
     parser.set_defaults(handler=run)
 
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
             print(f"note: {error}; going on without it", file=sys.stderr)
     with run_.exclusive("evaluate") as check_lock:
-        evaluation = evaluate_run(run_, model, settings)
+        evaluation = evaluate_run(run_, model, settings, address=args.address)
         check_lock()
         write_evaluation(run_, evaluation, settings)
     for note in evaluation.notes:

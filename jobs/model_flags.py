@@ -78,3 +78,11 @@ def model_spec(args: argparse.Namespace) -> ModelSpec | None:
         return spec_from_flags(args)
     except ValueError as error:
         raise RunError(str(error)) from None
+
+
+def add_address_flag(parser: argparse.ArgumentParser, unit: str) -> None:
+    """``--address``: the Ray cluster a reading command runs its units of work on (``unit``: what one task does)."""
+    parser.add_argument(
+        "--address",
+        help=f"Ray cluster to run on as tasks, {unit} (default: RAY_ADDRESS; neither: in this process)",
+    )

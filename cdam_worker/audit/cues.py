@@ -37,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.stats import binom
 
 from cdam_worker.audit.features import spot_width, window_sums
@@ -51,6 +50,8 @@ ALPHA = 0.01
 TIPPING_RATIO = 3.0
 COMPACT = 0.8
 KINDS = ("mark", "background", "tipping")
+PLACE_STEP = 4096
+"""Images whose place statistics are computed at a time."""
 KIND_WORDS = {
     "mark": "a mark at a place",
     "background": "a background/context cue (or a scene class)",
@@ -86,28 +87,36 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     """Off-place share and compactness of every image, against its class's usual region (leave-class-out).
 
     ``share`` is (n, gh, gw), each image's evidence distribution; ``classes`` (n,) its audited class (-1:
-    counts for the others' usual regions of nobody; left out)."""
+    counts for the others' usual regions of nobody; left out). Computed ``PLACE_STEP`` images at a time, so its
+    memory beyond ``share`` is bounded (the per-class sums add each class's images in order, one by one)."""
     n, gh, gw = share.shape
-    flat = share.reshape(n, -1).astype(np.float64)
     kept = classes >= 0
     group = np.where(kept, classes, n_classes)
-    sums = (
-        sp.csr_matrix((np.ones(n), (group, np.arange(n))), shape=(n_classes + 1, n)) @ flat
-    )  # (C + 1, N) per-class sums
+    sums = np.zeros((n_classes + 1, gh * gw))  # (C + 1, N) per-class sums
+    for start in range(0, n, PLACE_STEP):
+        part = slice(start, start + PLACE_STEP)
+        np.add.at(sums, group[part], share[part].reshape(-1, gh * gw).astype(np.float64))
     counts = np.bincount(group, minlength=n_classes + 1)[:n_classes]
     total, total_count = sums[:n_classes].sum(axis=0), counts.sum()
     others = (total[None, :] - sums[:n_classes]) / np.maximum(total_count - counts, 1)[:, None]  # (C, N)
     usual = others * (gh * gw) >= 1.0  # denser than evidence spread evenly
     usual[(total_count - counts) == 0] = True
-    outside = ~usual[np.clip(classes, 0, n_classes - 1)]  # (n, N)
-    off = np.where(outside, flat, 0.0)
-    off_place = off.sum(axis=1)
+    off_place, compactness, off_spot = np.zeros(n), np.zeros(n), np.zeros((n, 2))
     width = spot_width((gh, gw))
-    windows = window_sums(off.reshape(n, gh, gw), width).reshape(n, -1)
-    best = windows.argmax(axis=1)
-    wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
-    compactness = np.where(off_place > 0, windows[np.arange(n), best] / np.maximum(off_place, 1e-30), 0.0)
-    off_spot = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
+    for start in range(0, n, PLACE_STEP):
+        part = slice(start, start + PLACE_STEP)
+        flat = share[part].reshape(-1, gh * gw).astype(np.float64)
+        m = len(flat)
+        outside = ~usual[np.clip(classes[part], 0, n_classes - 1)]  # (m, N)
+        off = np.where(outside, flat, 0.0)
+        off_place[part] = off.sum(axis=1)
+        windows = window_sums(off.reshape(m, gh, gw), width).reshape(m, -1)
+        best = windows.argmax(axis=1)
+        wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
+        compactness[part] = np.where(
+            off_place[part] > 0, windows[np.arange(m), best] / np.maximum(off_place[part], 1e-30), 0.0
+        )
+        off_spot[part] = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
     return PlaceStatistics(
         off_place=np.where(kept, off_place, 0.0),
         compactness=compactness,

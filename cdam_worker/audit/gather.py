@@ -1,7 +1,8 @@
 """Gather what the audit reads from a run: each image's class, its map of that class, its competitors' maps.
 
 One pass over the run's rows in Zarr order (chunk by chunk, whatever the classes), so a 50,000-image
-run is read once. An image is audited for its predicted class (``by="pred"``) or its label
+run is read once: block by block here, or one Ray task per block on a cluster (the driver concatenates the
+blocks in order, so the result is the same). An image is audited for its predicted class (``by="pred"``) or its label
 (``by="label"``); it is left out, and counted, when that class has no stored map for it (the run's
 ``--targets`` did not include it) or when its map reads NaN (a row never written, a damaged chunk).
 """
@@ -16,6 +17,7 @@ import numpy as np
 
 from cdam_worker.audit.features import ImageFeatures, image_features
 from cdam_worker.reading import Run
+from cdam_worker.reading.cluster import each_result
 
 STEP_ROWS = 1024
 """Rows read per step (64 Zarr chunks)."""
@@ -36,10 +38,35 @@ class Gathered:
     no_label: int = 0  # images left out with by="label" because they have no label
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Up to ``STEP_ROWS`` images to read: their rows and audited classes."""
+
+    rows: np.ndarray
+    audited: np.ndarray
+
+
+@dataclass
+class _BlockMaps:
+    """What one block yields: which of its images are kept, their class maps and features, and what was left out."""
+
+    ok: np.ndarray
+    class_maps: np.ndarray
+    features: ImageFeatures
+    no_map: Counter
+    unreadable: Counter
+    rows_read: int
+
+
 def gather(
-    run: Run, by: str, classes: set[int] | None, progress: Callable[[int], None] = lambda _rows: None
+    run: Run,
+    by: str,
+    classes: set[int] | None,
+    progress: Callable[[int], None] = lambda _rows: None,
+    address: str | None = None,
 ) -> Gathered:
-    """Read the maps of every image to audit (restricted to ``classes`` when given), computing features on the way."""
+    """Read the maps of every image to audit (restricted to ``classes`` when given), computing features on the way:
+    block by block here, or one Ray task per block on the cluster at ``address`` (or RAY_ADDRESS)."""
     index = run.index
     rows = index.column("row").to_numpy().astype(np.int64)
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
@@ -49,36 +76,22 @@ def gather(
     wanted = audited >= 0
     if classes is not None:
         wanted &= np.isin(audited, sorted(classes))
-    keep_positions, keep_maps, keep_features = [], [], []
+    positions = np.flatnonzero(wanted)
+    blocks = [
+        _Block(rows[part], audited[part])
+        for start in range(0, len(positions), STEP_ROWS)
+        for part in [positions[start : start + STEP_ROWS]]
+    ]
+    slots = _Slots(len(positions))
     no_map: Counter = Counter()
     unreadable: Counter = Counter()
-    positions = np.flatnonzero(wanted)
-    for start in range(0, len(positions), STEP_ROWS):
-        part = positions[start : start + STEP_ROWS]
-        target_class = run.read_rows("target_class", rows[part]).astype(np.int64)  # (m, T)
-        maps = run.read_rows("cdam", rows[part]).astype(np.float32)  # (m, T, gh, gw)
-        progress(len(part))
-        is_class = target_class == audited[part, None]
-        has_map = is_class.any(axis=1)
-        no_map.update(audited[part][~has_map].tolist())
-        slot = is_class.argmax(axis=1)
-        class_maps = maps[np.arange(len(part)), slot]
-        readable = np.isfinite(class_maps).all(axis=(1, 2))
-        unreadable.update(audited[part][has_map & ~readable].tolist())
-        ok = has_map & readable
-        is_rival = (target_class >= 0) & ~is_class
-        rivals = np.where(is_rival[:, :, None, None], maps, np.nan)
-        keep_positions.append(part[ok])
-        keep_maps.append(class_maps[ok])
-        keep_features.append(image_features(class_maps[ok], rivals[ok]))
-    gh, gw = run.grid
-    kept = np.concatenate(keep_positions) if keep_positions else np.zeros(0, dtype=np.int64)
-    class_maps = np.concatenate(keep_maps) if keep_maps else np.zeros((0, gh, gw), dtype=np.float32)
-    features = (
-        ImageFeatures.concatenate(keep_features)
-        if keep_features
-        else image_features(class_maps, np.zeros((0, 0, gh, gw)))
-    )
+    for b, part in each_result(_read_block, blocks, run, address=address):
+        slots.put(b * STEP_ROWS + np.flatnonzero(part.ok), part.class_maps, part.features)
+        no_map.update(part.no_map)
+        unreadable.update(part.unreadable)
+        progress(part.rows_read)
+    kept = positions[slots.filled]
+    class_maps, features = slots.kept(run.grid)
     return Gathered(
         keys=keys[kept],
         rows=rows[kept],
@@ -89,4 +102,61 @@ def gather(
         no_map=no_map,
         unreadable=unreadable,
         no_label=no_label,
+    )
+
+
+class _Slots:
+    """The blocks' class maps and features written in place, one slot per image to read (the blocks may come in
+    any order), so that the gathered arrays are never held twice."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.filled = np.zeros(n, dtype=bool)
+        self.class_maps: np.ndarray | None = None
+        self.features: dict[str, np.ndarray] = {}
+
+    def put(self, slots: np.ndarray, class_maps: np.ndarray, features: ImageFeatures) -> None:
+        if self.class_maps is None:
+            self.class_maps = np.empty((self.n, *class_maps.shape[1:]), dtype=class_maps.dtype)
+            self.features = {
+                name: np.empty((self.n, *value.shape[1:]), dtype=value.dtype) for name, value in vars(features).items()
+            }
+        self.class_maps[slots] = class_maps
+        for name, value in vars(features).items():
+            self.features[name][slots] = value
+        self.filled[slots] = True
+
+    def kept(self, grid: tuple[int, int]) -> tuple[np.ndarray, ImageFeatures]:
+        """The filled slots' class maps and features, in slot order (one array copied at a time)."""
+        if self.class_maps is None:
+            empty = np.zeros((0, *grid), dtype=np.float32)
+            return empty, image_features(empty, np.zeros((0, 0, *grid)))
+        if self.filled.all():
+            return self.class_maps, ImageFeatures(**self.features)
+        maps, self.class_maps = self.class_maps[self.filled], None
+        for name in list(self.features):
+            self.features[name] = self.features[name][self.filled]
+        return maps, ImageFeatures(**self.features)
+
+
+def _read_block(block: _Block, run: Run, _shared: None) -> _BlockMaps:
+    """One block's class maps and features (here or as a Ray task)."""
+    target_class = run.read_rows("target_class", block.rows).astype(np.int64)  # (m, T)
+    maps = run.read_rows("cdam", block.rows).astype(np.float32)  # (m, T, gh, gw)
+    audited = block.audited
+    is_class = target_class == audited[:, None]
+    has_map = is_class.any(axis=1)
+    slot = is_class.argmax(axis=1)
+    class_maps = maps[np.arange(len(block.rows)), slot]
+    readable = np.isfinite(class_maps).all(axis=(1, 2))
+    ok = has_map & readable
+    is_rival = (target_class >= 0) & ~is_class
+    rivals = np.where(is_rival[:, :, None, None], maps, np.nan)
+    return _BlockMaps(
+        ok=ok,
+        class_maps=class_maps[ok],
+        features=image_features(class_maps[ok], rivals[ok]),
+        no_map=Counter(audited[~has_map].tolist()),
+        unreadable=Counter(audited[has_map & ~readable].tolist()),
+        rows_read=len(block.rows),
     )

@@ -20,7 +20,7 @@ from cdam_worker.audit.cues import (
     find,
     place_statistics,
 )
-from cdam_worker.audit.features import place_rarity
+from cdam_worker.audit.features import ImageFeatures, place_rarity
 from cdam_worker.audit.gather import Gathered, gather
 from cdam_worker.audit.scoring import (
     MIN_CLUSTER_IMAGES,
@@ -30,6 +30,7 @@ from cdam_worker.audit.scoring import (
     reasons_in_words,
 )
 from cdam_worker.reading import Run, RunError
+from cdam_worker.reading.cluster import run_units
 from schemas.audit import CLASSES_SCHEMA, CLUSTERS_SCHEMA, IMAGES_SCHEMA
 
 
@@ -112,10 +113,17 @@ class AuditResult:
         }
 
 
-def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] = lambda _rows: None) -> AuditResult:
-    """Audit every class of ``run`` (or ``options.classes``) as the package docstring describes."""
+def audit_run(
+    run: Run,
+    options: AuditOptions,
+    progress: Callable[[int], None] = lambda _rows: None,
+    address: str | None = None,
+) -> AuditResult:
+    """Audit every class of ``run`` (or ``options.classes``) as the package docstring describes: here, or with
+    the reading of the maps (a task per block of rows) and each class's audit (a task per class) as Ray tasks on
+    the cluster at ``address`` (or RAY_ADDRESS); the tables are the same bytes either way."""
     wanted = set(options.classes) or None
-    gathered = gather(run, options.by, wanted, progress)
+    gathered = gather(run, options.by, wanted, progress, address)
     names = run.class_names
     skipped = list(run.skipped) + _error_notes(run) + _left_out_notes(gathered, names, options.by)
     counts = np.bincount(gathered.classes, minlength=len(names))
@@ -132,26 +140,14 @@ def audit_run(run: Run, options: AuditOptions, progress: Callable[[int], None] =
     rarity = place_rarity(gathered.features.spot_y, gathered.features.spot_x, audited_classes, run.grid)
     # Without a competitor map the evidence is not class-specific (an object's shared parts count): such
     # images take no part in the place findings.
-    place = place_statistics(
-        gathered.features.share, np.where(gathered.features.competitors > 0, audited_classes, -1), len(names)
-    )
+    place_classes = np.where(gathered.features.competitors > 0, audited_classes, -1)
+    place = place_statistics(gathered.features.share, place_classes, len(names))
     other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
     to_audit = np.flatnonzero(counts >= options.min_images)
-    audited = [
-        _audit_class(
-            gathered,
-            int(c),
-            names[int(c)],
-            np.flatnonzero(gathered.classes == c),
-            np.where(gathered.features.competitors > 0, audited_classes, -1),
-            rarity,
-            place,
-            other_labels,
-            len(to_audit),
-            options.by,
-        )
-        for c in to_audit
-    ]
+    context = RunContext(place_classes, rarity, place, other_labels, len(to_audit), options.by)
+    audited = run_units(
+        _audit_unit, [(int(c), names[int(c)]) for c in to_audit], run, (gathered, context), address=address
+    )
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
     audited.sort(key=lambda a: a.rank)
@@ -230,22 +226,60 @@ def _other_label_counts(gathered: Gathered, kept: np.ndarray, n_classes: int) ->
     return wrong, np.bincount(classes, minlength=n_classes).astype(float)
 
 
-def _audit_class(
-    gathered: Gathered,
-    index: int,
-    name: str,
-    positions: np.ndarray,
-    audited_classes: np.ndarray,
-    rarity: np.ndarray,
-    place: PlaceStatistics,
-    other_labels: tuple[np.ndarray, np.ndarray] | None,
-    n_tests: int,
-    by: str,
-) -> ClassAudit:
-    features = gathered.features.take(positions)
+@dataclass(frozen=True)
+class ClassData:
+    """One class's images to audit: their positions in the gathered images, keys, labels, class maps, features."""
+
+    index: int
+    name: str
+    positions: np.ndarray
+    keys: np.ndarray
+    labels: np.ndarray
+    class_maps: np.ndarray
+    features: ImageFeatures
+
+    @staticmethod
+    def of(gathered: Gathered, index: int, name: str) -> ClassData:
+        positions = np.flatnonzero(gathered.classes == index)
+        return ClassData(
+            index,
+            name,
+            positions,
+            gathered.keys[positions],
+            gathered.labels[positions],
+            gathered.class_maps[positions],
+            gathered.features.take(positions),
+        )
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every class is audited against, per gathered image: its audited class for the place statistics (-1:
+    none), place rarity and place statistics; the other-label counts (``--by pred``), the number of tests, ``by``."""
+
+    audited_classes: np.ndarray
+    rarity: np.ndarray
+    place: PlaceStatistics
+    other_labels: tuple[np.ndarray, np.ndarray] | None
+    n_tests: int
+    by: str
+
+
+def _audit_unit(unit: tuple[int, str], _run: Run, shared: tuple[Gathered, RunContext]) -> ClassAudit:
+    """One class's audit as a unit of work (here or as a Ray task)."""
+    gathered, context = shared
+    return audit_class(ClassData.of(gathered, *unit), context)
+
+
+def audit_class(data: ClassData, context: RunContext) -> ClassAudit:
+    """Cluster one class's images, find what its maps point at against the run, and describe its clusters."""
+    index, name, positions = data.index, data.name, data.positions
+    audited_classes, rarity, place = context.audited_classes, context.rarity, context.place
+    other_labels, n_tests, by = context.other_labels, context.n_tests, context.by
+    features = data.features.take(np.arange(len(positions)))  # its own copy: a mark's spot is set below
     descriptors = features.descriptor(rarity[positions])
     clustering = spectral_clusters(descriptors)
-    keys, labels, maps = gathered.keys[positions], gathered.labels[positions], gathered.class_maps[positions]
+    keys, labels, maps = data.keys, data.labels, data.class_maps
     labelled = labels >= 0
     if other_labels is None or not labelled.any():
         finding = find(positions, audited_classes, place, n_tests, None, 0.0, 0)

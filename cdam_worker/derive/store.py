@@ -30,6 +30,7 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
+from cdam_worker.reading.cluster import run_units
 from cdam_worker.reading.run import READ_ROWS, Run, RunError, ShardInfo
 from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table, read_json, write_json
 from cdam_worker.storage import Storage
@@ -65,11 +66,15 @@ def check_name(name: str) -> str:
     return name
 
 
-def write_derived(run: Run, plan: DerivePlan, name: str, overwrite: bool = False) -> DerivedSummary:
+def write_derived(
+    run: Run, plan: DerivePlan, name: str, overwrite: bool = False, address: str | None = None
+) -> DerivedSummary:
     """Derive ``plan``'s maps for every image of the run's complete shards into ``derived/NAME``.
 
     Resumes an earlier call with the same settings (shards with a marker are kept); other settings under
-    the same name are refused unless ``overwrite``. Holds ``locks/derive-NAME.json`` while it writes.
+    the same name are refused unless ``overwrite``. Holds ``locks/derive-NAME.json`` while it writes. With a
+    Ray cluster (``address`` or RAY_ADDRESS) each shard is a task that opens the run and writes its own block,
+    table and marker; the driver keeps the lock and writes the combined table and the manifest.
     """
     check_name(name)
     with run.exclusive(f"derive-{name}") as check_lock:
@@ -90,28 +95,20 @@ def write_derived(run: Run, plan: DerivePlan, name: str, overwrite: bool = False
                 derived_manifest_path(name),
                 {"status": "running", "fingerprint": fingerprint(settings), "settings": settings},
             )
-        done = set(storage.list(f"{root}/markers"))
-        todo = [s for s in run.shards if s.complete and derived_marker_path(name, s.index) not in done]
-        group = open_zarr(storage, mode="r+")
-        arrays = {array: group[f"{DERIVED_GROUP}/{name}/{array}"] for array in ARRAYS}
-        index = run.index
-        shard_of = np.asarray(index.column("shard").to_pylist(), dtype=object)
-        all_rows = index.column("row").to_numpy()
-        all_keys = np.asarray(index.column("key").to_pylist(), dtype=object)
-        all_labels = np.asarray(
-            [-1 if label is None else label for label in index.column("label").to_pylist()], dtype=np.int64
-        )
+        derived = set(storage.list(f"{root}/markers"))
+        todo = [s for s in run.shards if s.complete and derived_marker_path(name, s.index) not in derived]
         summary = DerivedSummary(name, "partial", 0, sum(s.complete for s in run.shards) - len(todo), 0)
-        n_rows = sum(int((shard_of == s.name).sum()) for s in todo)
+        units = _shard_units(run, todo)
+        n_rows = sum(len(unit.rows) for unit in units)
         with tqdm(total=n_rows, desc=f"deriving {name}", unit="img", file=sys.stderr, disable=n_rows == 0) as bar:
-            for shard in todo:
-                mine = shard_of == shard.name
-                marker = _derive_shard(
-                    run, plan, name, shard, arrays, all_rows[mine], all_labels[mine], all_keys[mine], bar, check_lock
-                )
+
+            def done(marker: dict[str, Any]) -> None:
                 summary.shards_derived += 1
                 summary.images += marker["n_images"]
                 summary.skipped += marker["skipped"]
+                bar.update(marker["rows_read"])
+
+            run_units(_derive_unit, units, run, (plan, name), address=address, check=check_lock, done=done)
         check_lock()
         summary.status = _finish(run, name, settings)
         return summary
@@ -157,6 +154,37 @@ def _create_arrays(run: Run, name: str, n_slots: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _ShardUnit:
+    """One shard to derive: its rows of the index, with their labels and keys."""
+
+    shard: ShardInfo
+    rows: np.ndarray
+    labels: np.ndarray
+    keys: np.ndarray
+
+
+def _shard_units(run: Run, shards: list[ShardInfo]) -> list[_ShardUnit]:
+    index = run.index
+    shard_of = np.asarray(index.column("shard").to_pylist(), dtype=object)
+    rows = index.column("row").to_numpy()
+    keys = np.asarray(index.column("key").to_pylist(), dtype=object)
+    labels = np.asarray([-1 if label is None else label for label in index.column("label").to_pylist()], dtype=np.int64)
+    return [
+        _ShardUnit(shard, rows[mine], labels[mine], keys[mine]) for shard in shards for mine in [shard_of == shard.name]
+    ]
+
+
+def _derive_unit(unit: _ShardUnit, run: Run, shared: tuple[DerivePlan, str]) -> dict[str, Any]:
+    """Derive one shard (here or as a Ray task) and write it; its marker, every skipped image listed, and the
+    rows read."""
+    plan, name = shared
+    group = open_zarr(run.storage, mode="r+")
+    arrays = {array: group[f"{DERIVED_GROUP}/{name}/{array}"] for array in ARRAYS}
+    marker = _derive_shard(run, plan, name, unit.shard, arrays, unit.rows, unit.labels, unit.keys)
+    return {**marker, "rows_read": len(unit.rows)}
+
+
 def _derive_shard(
     run: Run,
     plan: DerivePlan,
@@ -166,8 +194,6 @@ def _derive_shard(
     rows: np.ndarray,
     labels: np.ndarray,
     keys: np.ndarray,
-    bar: tqdm,
-    check_lock,
 ) -> dict[str, Any]:
     """Derive one shard's block in steps of whole chunks, then write its statistics and, last, its marker."""
     from cdam_worker.derive.compute import derive_rows
@@ -196,10 +222,8 @@ def _derive_shard(
                 for array in ARRAYS:
                     arrays[array][start:stop] = block[array]
                 tables.append(_statistics(plan, shard, part, key_of))
-            bar.update(int(inside.sum()))
         for array in ARRAYS:
             hashes[array].update(np.ascontiguousarray(block[array]).tobytes())
-        check_lock()
     table = pa.concat_tables(tables) if tables else DERIVED_METADATA_SCHEMA.empty_table()
     checksums = {array: digest.hexdigest() for array, digest in hashes.items()}
     checksums["metadata"] = _put_table(run.storage, derived_table_path(name, shard.index, shard.name), table)

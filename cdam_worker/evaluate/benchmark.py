@@ -44,6 +44,7 @@ from cdam_worker.evaluate.perturb import check_device, deletion_curves, rows_per
 from cdam_worker.evaluate.robustness import robustness_checks
 from cdam_worker.evaluate.sanity import sanity_checks
 from cdam_worker.maps.model import LoadedModel
+from cdam_worker.reading.cluster import run_units
 from cdam_worker.reading.run import Run, RunError
 from cdam_worker.storage import StorageError
 from schemas.evaluation import CHECKS, IMAGES_SCHEMA, MEASURES, SUMMARY_SCHEMA
@@ -115,8 +116,15 @@ def methods_of(run: Run, with_model: bool, selected: str = "cheap") -> list[str]
     return cdam + [name for name in names if name != "CDAM" and (with_model or name == AM)]
 
 
-def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings = EvaluateSettings()) -> Evaluation:
-    """Measure every method on a seeded sample of the run's images (``model`` None: stored maps only)."""
+def evaluate_run(
+    run: Run,
+    model: LoadedModel | None,
+    settings: EvaluateSettings = EvaluateSettings(),
+    address: str | None = None,
+) -> Evaluation:
+    """Measure every method on a seeded sample of the run's images (``model`` None: stored maps only): the
+    sample's batches here, or one Ray task per shard's batches on the cluster at ``address`` (or RAY_ADDRESS),
+    the same batches either way; the sanity and robustness checks run here."""
     notes = list(run.skipped)
     if model is None:
         notes.append(
@@ -129,12 +137,18 @@ def evaluate_run(run: Run, model: LoadedModel | None, settings: EvaluateSettings
     chunk_evaluator = _ChunkEvaluator(run, model, settings, methods, notes)
     methods = chunk_evaluator.methods  # less any the model does not support
     columns: dict[str, list] = {f.name: [] for f in IMAGES_SCHEMA}
+    units = _shard_batches(run, rows, keys, classes, settings.batch)
     with tqdm(total=len(rows), desc="evaluating", unit="img", file=sys.stderr, disable=len(rows) == 0) as bar:
-        for start in range(0, len(rows), settings.batch):
-            part = slice(start, start + settings.batch)
-            for name, values in chunk_evaluator(rows[part], keys[part], classes[part]).items():
+
+        def done(result: tuple[dict[str, list], list[str], int]) -> None:
+            bar.update(result[2])
+
+        for unit_columns, unit_notes, _ in run_units(
+            _evaluate_unit, units, run, (model, settings, methods, torch.get_num_threads()), address=address, done=done
+        ):
+            for name, values in unit_columns.items():
                 columns[name] += values
-            bar.update(len(rows[part]))
+            notes += unit_notes
     images = pa.table(columns, schema=IMAGES_SCHEMA)
     checks: dict[str, dict[str, np.ndarray]] = {method: {} for method in methods}
     sanity = None
@@ -252,6 +266,60 @@ def _sample(run: Run, settings: EvaluateSettings) -> tuple[np.ndarray, np.ndarra
     runner_up = [top[1] if len(top) > 1 else -1 for top in table.column("topk_classes").to_pylist()]
     classes = np.stack([table.column("pred").to_numpy(), np.asarray(runner_up)], axis=1).astype(np.int64)
     return table.column("row").to_numpy(), np.asarray(table.column("key").to_pylist(), dtype=object), classes
+
+
+# -- the units of work: a shard's batches of the sample ---------------------------------------------
+
+
+def _shard_batches(
+    run: Run, rows: np.ndarray, keys: np.ndarray, classes: np.ndarray, batch: int
+) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """The sample's batches (``batch`` images each, in row order, as always), grouped by the shard of their
+    first row: one unit of work per shard."""
+    rows_per_shard = int(run.attrs["rows_per_shard"])
+    units: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+    shard_of_unit = None
+    for start in range(0, len(rows), batch):
+        part = slice(start, start + batch)
+        if rows[start] // rows_per_shard != shard_of_unit:
+            units.append([])
+            shard_of_unit = rows[start] // rows_per_shard
+        units[-1].append((rows[part], keys[part], classes[part]))
+    return units
+
+
+def _evaluate_unit(
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    run: Run,
+    shared: tuple[LoadedModel | None, EvaluateSettings, list[str], int],
+) -> tuple[dict[str, list], list[str], int]:
+    """One shard's batches (here or as a Ray task): their columns of the images table, their notes and the number
+    of images. It computes with the driver's number of torch threads (a Ray task gets one by default): the model's
+    sums are split by thread, so their last bits, and the tables' bytes, depend on it."""
+    model, settings, methods, threads = shared
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _evaluate_batches(batches, run, model, settings, methods)
+    finally:
+        torch.set_num_threads(own_threads)
+
+
+def _evaluate_batches(
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    run: Run,
+    model: LoadedModel | None,
+    settings: EvaluateSettings,
+    methods: list[str],
+) -> tuple[dict[str, list], list[str], int]:
+    notes: list[str] = []
+    evaluator = _ChunkEvaluator(run, model, settings, methods, notes)
+    del notes[:]  # what the evaluator says of the model the driver's evaluator has said already
+    columns: dict[str, list] = {f.name: [] for f in IMAGES_SCHEMA}
+    for rows, keys, classes in batches:
+        for name, values in evaluator(rows, keys, classes).items():
+            columns[name] += values
+    return columns, notes, sum(len(rows) for rows, _, _ in batches)
 
 
 # -- one chunk of images ---------------------------------------------------------------------------
