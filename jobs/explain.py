@@ -22,8 +22,9 @@ EPILOG = textwrap.dedent(
       markers/     per-shard completion markers; manifest.json: settings and checksums
 
     planning: each shard's sample count comes from --shard-index, a cdam pack index.json beside the shards,
-    the manifest of the run being resumed, or else Ray tasks that read the tars' headers. A shard holding more
-    samples than its count has the extra ones in errors/; one holding fewer is named UNACCOUNTED (exit 1).
+    the manifest of the run being resumed, or else Ray tasks that read the tars' headers. A shard whose real
+    count differs from its index entry is named in an UNACCOUNTED line (exit 1); samples beyond the entry
+    are in errors/, every other sample is explained; fix the index and rerun with --overwrite.
     Keys already in an earlier shard are checked after the shards are written: such samples of the later
     shard go to errors/ (that shard is explained again) before the run is marked complete.
 

@@ -272,7 +272,8 @@ def print_plan(plan: Plan) -> None:
         f"maps         {plan.method_reason}",
         f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
         f"variant      {plan.config.variant}",
-        f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard; counts from {plan.counts_from})",
+        f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",
+        f"counts       from {plan.counts_from}",
         f"output       {plan.storage.url} (writable)",
         f"estimate     {bytes_per_image / 1024:.1f} KiB per image before compression, {bytes_per_image * n_images / 2**20:.1f} MiB in all",
     ]
