@@ -74,3 +74,16 @@ def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_undercounts_go
     errors = Path(short, "errors").glob("000000-*.parquet")
     reasons = [r for path in errors for r in pq.read_table(path).column("reason").to_pylist()]
     assert any(f"beyond the {counts[0] - 1} samples planned" in r for r in reasons), reasons
+
+
+def test_samples_of_many_shards_are_counted_by_ray_tasks(ray_local, tmp_path):
+    from cdam_worker.pipeline.cluster_scan import LOCAL_SCAN_SHARDS, count_samples
+    from tests.helpers import make_shard, png_bytes
+
+    image = png_bytes(4, 4)
+    shards = [
+        str(make_shard(tmp_path / f"s-{i:02d}.tar", [(f"k{i}-{j}", {"png": image}) for j in range(i % 4)]))
+        for i in range(LOCAL_SCAN_SHARDS + 9)
+    ]
+    (tmp_path / "broken.tar").write_bytes(b"")
+    assert count_samples([*shards, str(tmp_path / "broken.tar")], None) == [i % 4 for i in range(len(shards))] + [0]
