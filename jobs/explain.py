@@ -21,6 +21,13 @@ EPILOG = textwrap.dedent(
       errors/      Parquet, one row per sample that could not be explained (shard, key, reason)
       markers/     per-shard completion markers; manifest.json: settings and checksums
 
+    planning: each shard's sample count comes from --shard-index, a cdam pack index.json beside the shards,
+    the manifest of the run being resumed, or else Ray tasks that read the tars' headers. A shard whose real
+    count differs from its index entry is named in an UNACCOUNTED line (exit 1); samples beyond the entry
+    are in errors/, every other sample is explained; fix the index and rerun with --overwrite.
+    Keys already in an earlier shard are checked after the shards are written: such samples of the later
+    shard go to errors/ (that shard is explained again) before the run is marked complete.
+
     rerunning the same command resumes: completed shards are skipped. S3 uses the standard AWS
     settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, roles).
 
@@ -44,9 +51,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--shards",
         nargs="+",
-        required=True,
+        default=[],
         metavar="SPEC",
-        help="tar shards: paths, globs, brace patterns (val-{0000..0063}.tar) or s3://bucket/prefix/...",
+        help="tar shards: paths, globs, brace patterns (val-{0000..0063}.tar) or s3://bucket/prefix/... (default: every shard of --shard-index)",
+    )
+    data.add_argument(
+        "--shard-index",
+        metavar="FILE",
+        help="the shards' sample counts, so the run is planned without reading a tar: a wids shard list "
+        '({"shardlist": [{"url": ..., "nsamples": ...}]}, urls absolute or relative to FILE), a cdam pack '
+        "index.json (used without this flag when it lies beside the shards) or img2dataset's per-shard "
+        "stats ('out/*_stats.json'); with --shards, the index must list each shard named",
     )
     data.add_argument("--output", required=True, metavar="DEST", help="output folder or s3://bucket/prefix")
     model = add_model_flags(explain)
@@ -164,6 +179,7 @@ def explain_options(args: argparse.Namespace) -> ExplainOptions:
         raise ConfigError(str(error)) from None
     return ExplainOptions(
         shards=tuple(args.shards),
+        shard_index=args.shard_index,
         output=args.output,
         model=model,
         method=args.method,

@@ -89,8 +89,8 @@ def reference(url: str, transform, task: ShardTask, rules: SampleRules) -> list[
     outcomes = []
     for index, item in iter_samples(url, require_label=rules.require_label):
         if isinstance(item, Sample):
-            if index in task.duplicates:
-                item = SampleError(item.key, task.duplicates[index])
+            if item.key in task.duplicates:
+                item = SampleError(item.key, task.duplicates[item.key])
             elif index >= task.n_samples:
                 item = SampleError(
                     item.key,
@@ -130,7 +130,7 @@ def outcomes(items: list) -> list[tuple]:
 
 @pytest.mark.parametrize("rules", [SampleRules(False, None), SampleRules(True, 6)], ids=["topk", "label"])
 def test_one_and_two_workers_give_the_samples_errors_and_bytes_of_iter_samples(shard, transform, two_workers, rules):
-    task = ShardTask(0, shard, "cut", 38, duplicates={5: "duplicate key 'k05': already in shard other-0000"})
+    task = ShardTask(0, shard, "cut", 38, duplicates={"k05": "duplicate key 'k05': already in shard other-0000"})
     expected = reference(shard, transform, task, rules)
     errors = [row for row in expected if len(row) == 2]
     assert len(expected) == 41 and (None, "truncated tar after 113 members: unexpected end of data") == expected[-1]

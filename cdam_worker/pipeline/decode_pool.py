@@ -210,7 +210,9 @@ class DecodePool:
                         return
                     if members is not None:
                         members.extend((group.key, member.name, member.offset, member.size) for member in group.members)
-                    chunk.append(_Job(index, group, first_seen.setdefault(group.key, index), _refusal(task, index)))
+                    chunk.append(
+                        _Job(index, group, first_seen.setdefault(group.key, index), _refusal(task, index, group.key))
+                    )
                     chunk_bytes += sum(len(member.data or b"") for member in group.members)
                     if len(chunk) == DECODE_CHUNK or chunk_bytes >= DECODE_CHUNK_BYTES:
                         futures.put(self._submit(chunk, pickled))
@@ -240,9 +242,9 @@ def _in_background(start: Callable[[], Executor]) -> Future[Executor]:
     return future
 
 
-def _refusal(task: ShardTask, index: int) -> str | None:
-    if index in task.duplicates:
-        return task.duplicates[index]
+def _refusal(task: ShardTask, index: int, key: str) -> str | None:
+    if key in task.duplicates:
+        return task.duplicates[key]
     if index >= task.n_samples:
         return f"sample {index} is beyond the {task.n_samples} samples planned for this shard (the shard changed since the job started)"
     return None

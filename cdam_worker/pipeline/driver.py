@@ -8,8 +8,9 @@ import time
 
 from cdam_worker.output_lock import LockRenewal, OutputLock
 from cdam_worker.pipeline import ray_session
+from cdam_worker.pipeline.duplicate_keys import shards_to_refuse_again
 from cdam_worker.pipeline.plan import ExplainOptions, Plan, make_plan, print_plan
-from cdam_worker.pipeline.run_output import collect_markers, finish_manifest, prepare_output
+from cdam_worker.pipeline.run_output import collect_markers, finish_manifest, prepare_output, run_complete
 from cdam_worker.pipeline.scheduler import ShardScheduler
 from schemas.manifest import ShardSummary
 
@@ -22,17 +23,22 @@ def explain(options: ExplainOptions) -> int:
     when the job cannot go on; shards finished before that are kept, and rerunning resumes.
     """
     started = time.time()
+    ray_was_connected = ray_session.connected()  # planning may start Ray (to count samples on the cluster)
     plan = make_plan(options)
     if options.dry_run:
         print_plan(plan)
+        if not ray_was_connected:
+            ray_session.disconnect()
         return 0
     lock = OutputLock(plan.storage, plan.config.run_id)
     lock.acquire()
     renewal = LockRenewal(lock)
-    ray_was_connected = ray_session.connected()
     try:
         todo = prepare_output(plan, overwrite=options.overwrite)
         failures = ShardScheduler(plan, options, renewal.check).run(todo) if todo else {}
+        if not failures and (todo or not run_complete(plan)):  # cross-shard duplicate keys, from the written tables
+            redo = shards_to_refuse_again(plan, options.address)
+            failures = ShardScheduler(plan, options, renewal.check).run(redo) if redo else {}
         summaries = collect_markers(plan)
         renewal.check()
         if not failures and len(summaries) == len(plan.shards):

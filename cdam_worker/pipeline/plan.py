@@ -1,19 +1,21 @@
-"""Planning a run: every setting of ``cdam explain`` checked, the shards scanned and the output's layout fixed,
-before an actor starts (so a bad configuration costs one line and no cluster time)."""
+"""Planning a run: every setting of ``cdam explain`` checked, the shards' sample counts found and the output's
+layout fixed, before an actor starts (so a bad configuration costs one line and no cluster time).
+
+The driver holds O(shards) state: one count per shard, from a shard index, the manifest of the run it resumes or
+Ray tasks reading the tar headers (``cluster_scan.py``). Cross-shard duplicate keys are found after the shards are
+written (``duplicate_keys.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
+import posixpath
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
-from tqdm import tqdm
 
 from cdam_worker import __version__
 from cdam_worker.maps.concepts import ConceptError, load_concept
@@ -21,14 +23,18 @@ from cdam_worker.maps.engine import CDAMExplainer, VariantConfig
 from cdam_worker.maps.model import LoadedModel, load_model
 from cdam_worker.maps.targets import Concept, TargetSpec
 from cdam_worker.maps.text_concepts import TextError, parse_zero_shot_targets
+from cdam_worker.pipeline.cluster_scan import count_samples
 from cdam_worker.pipeline.faults import NO_FAULTS, Faults
 from cdam_worker.pipeline.settings import ConceptSpec, JobConfig, ShardTask
 from cdam_worker.shards.samples import Sample
+from cdam_worker.run_files import read_json
+from cdam_worker.shards.shard_index import entries_for, index_beside, read_shard_index
 from cdam_worker.shards.specs import expand_shard_specs, shard_name
-from cdam_worker.shards.tar_reader import iter_samples, scan_shard
+from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
 from schemas import Layout, rows_per_shard_for
 from schemas.manifest import ModelSpec, fingerprint
+from schemas.paths import MANIFEST_PATH
 
 
 class ConfigError(ValueError):
@@ -39,7 +45,7 @@ class ConfigError(ValueError):
 class ExplainOptions:
     """Everything a ``cdam explain`` run takes, typed; each field is the flag of the same name (see ``cdam explain --help``)."""
 
-    shards: Sequence[str]  # tar shards: paths, globs, brace patterns or s3:// URLs
+    shards: Sequence[str]  # tar shards: paths, globs, brace patterns or s3:// URLs (empty: those of shard_index)
     output: str  # a folder or s3://bucket/prefix
     model: ModelSpec
     method: str = "auto"  # auto | closed_form | autograd
@@ -62,6 +68,7 @@ class ExplainOptions:
     address: str | None = None  # Ray cluster address (None: RAY_ADDRESS, else a local Ray)
     dry_run: bool = False
     strict: bool = False
+    shard_index: str | None = None  # a wids shard list, a cdam pack index.json or img2dataset *_stats.json
     faults: Faults = field(default=NO_FAULTS)  # fault injection, for the reliability tests only
 
 
@@ -77,6 +84,7 @@ class Plan:
     loaded: LoadedModel
     zarr_attributes: dict[str, Any]
     method_reason: str = ""  # why the maps take the closed form or autograd (printed by --dry-run)
+    counts_from: str = ""  # where the shards' sample counts come from (printed by --dry-run)
 
 
 def make_plan(options: ExplainOptions) -> Plan:
@@ -122,16 +130,17 @@ def make_plan(options: ExplainOptions) -> Plan:
     if targets.kind == "none" and not concepts:
         raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
 
-    urls = expand_shard_specs(options.shards)
     storage = Storage.from_url(options.output)
     storage.check_writable()
-    scans = _scan_all(urls)
-    first = _first_sample(urls, scans)
+    urls, counts, source = _shard_counts(options, storage)
+    first = _first_sample(urls)
     if targets.kind == "label" and first is not None and first.label is None:
         raise ConfigError(
             f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none"
         )
-    tasks = _tasks(urls, scans)
+    if counts is None:
+        counts = count_samples(urls, options.address)
+    tasks = [ShardTask(index, url, shard_name(url), n) for index, (url, n) in enumerate(zip(urls, counts))]
     grid = explainer.patch_grid(*loaded.data_config["input_size"][1:])
     config = JobConfig(
         output=storage.url,
@@ -152,7 +161,7 @@ def make_plan(options: ExplainOptions) -> Plan:
         batch_size=options.batch_size or 0,
         method=explainer.method,
         precision=options.precision,
-        rows_per_shard=rows_per_shard_for(max([len(s.keys) for s in scans] + [1])),
+        rows_per_shard=rows_per_shard_for(max([*counts, 1])),
         require_label=targets.kind == "label",
         decode=options.decode,
     )
@@ -190,7 +199,7 @@ def make_plan(options: ExplainOptions) -> Plan:
         "rows_per_shard": config.rows_per_shard,
         "shards": [t.name for t in tasks],
     }
-    return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason)
+    return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason, source)
 
 
 def _zero_shot(spec: ModelSpec, targets: str) -> tuple[ModelSpec, str]:
@@ -217,44 +226,41 @@ def _load_concept(text: str, explainer: CDAMExplainer, transform) -> Concept:
         raise ConfigError(str(error)) from None
 
 
-def _scan_all(urls: list[str]):
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(
-            tqdm(
-                pool.map(scan_shard, urls),
-                total=len(urls),
-                desc="scanning shards",
-                unit="shard",
-                file=sys.stderr,
-                disable=len(urls) < 8,
-            )
-        )
+def _shard_counts(options: ExplainOptions, storage: Storage) -> tuple[list[str], list[int] | None, str]:
+    """The run's shards and their samples, from the first of: ``--shard-index``, a ``cdam pack`` index.json beside
+    the shards, the manifest of the run being resumed (same shards); None: to be read from the shards' headers."""
+    urls = expand_shard_specs(options.shards) if options.shards else []
+    if options.shard_index:
+        entries = read_shard_index(options.shard_index)
+        if urls:
+            entries = entries_for(entries, urls, options.shard_index)
+        return [e.url for e in entries], [e.n_samples for e in entries], f"shard index {options.shard_index}"
+    if not urls:
+        raise ConfigError("give the shards: --shards SPEC ... and/or --shard-index FILE")
+    if (beside := index_beside(urls)) is not None:
+        entries = entries_for(beside, urls, "index.json")
+        return urls, [e.n_samples for e in entries], f"{posixpath.dirname(urls[0])}/index.json"
+    if not options.overwrite and (planned := _resumed_counts(storage, urls)) is not None:
+        return urls, planned, f"the manifest of the run in {storage.url} (resumed)"
+    return urls, None, "the shards' tar headers"
 
 
-def _first_sample(urls: list[str], scans) -> Sample | None:
-    """The first readable sample of the run (checks decoding and labels before the job starts)."""
-    for url, scan in zip(urls, scans):
-        if not scan.keys:
-            continue
+def _resumed_counts(storage: Storage, urls: list[str]) -> list[int] | None:
+    """The sample counts the manifest at ``storage`` planned, when it planned exactly these shards."""
+    manifest = read_json(storage, MANIFEST_PATH)
+    shards = (manifest or {}).get("settings", {}).get("shards")
+    if not isinstance(shards, list) or [s.get("url") for s in shards] != urls:
+        return None
+    return [int(s["n_samples"]) for s in shards]
+
+
+def _first_sample(urls: list[str]) -> Sample | None:
+    """The first readable sample of the run (checks decoding and labels before the job starts, or a scan)."""
+    for url in urls:
         for _, item in iter_samples(url):
             if isinstance(item, Sample):
                 return item
     return None
-
-
-def _tasks(urls: list[str], scans) -> list[ShardTask]:
-    """One task per shard; a key already seen in an earlier shard is refused in the later one."""
-    first_seen: dict[str, str] = {}
-    tasks = []
-    for index, (url, scan) in enumerate(zip(urls, scans)):
-        name = shard_name(url)
-        duplicates = {}
-        for group, key in enumerate(scan.keys):
-            if key in first_seen and first_seen[key] != name:
-                duplicates[group] = f"duplicate key {key!r}: already in shard {first_seen[key]}"
-            first_seen.setdefault(key, name)
-        tasks.append(ShardTask(index, url, name, len(scan.keys), duplicates))
-    return tasks
 
 
 def print_plan(plan: Plan) -> None:
@@ -267,6 +273,7 @@ def print_plan(plan: Plan) -> None:
         f"targets      {plan.config.targets} + {len(plan.config.concepts)} concept(s) = {layout.n_targets} maps per image",
         f"variant      {plan.config.variant}",
         f"shards       {len(plan.shards)} ({n_images} samples, {plan.config.rows_per_shard} rows reserved per shard)",
+        f"counts       from {plan.counts_from}",
         f"output       {plan.storage.url} (writable)",
         f"estimate     {bytes_per_image / 1024:.1f} KiB per image before compression, {bytes_per_image * n_images / 2**20:.1f} MiB in all",
     ]

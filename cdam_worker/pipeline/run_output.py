@@ -82,6 +82,12 @@ def _linear_head(model: torch.nn.Module) -> tuple[Any, Any] | None:
     return head.weight.detach().float().cpu().numpy(), bias.detach().float().cpu().numpy()
 
 
+def run_complete(plan: Plan) -> bool:
+    """Whether the run's manifest says it is complete (every shard written and checked for duplicate keys)."""
+    manifest = read_json(plan.storage, MANIFEST_PATH)
+    return manifest is not None and manifest.get("status") == "complete"
+
+
 def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
     summaries = {}
     for task in plan.shards:

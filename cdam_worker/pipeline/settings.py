@@ -17,13 +17,14 @@ class ConceptSpec:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One unit of work: a shard, its block of rows, and the key groups to refuse as cross-shard duplicates."""
+    """One unit of work: a shard, its block of rows, and the keys to refuse as cross-shard duplicates (key -> the
+    reason; found after the shards are written, see ``duplicate_keys.py``)."""
 
     shard_index: int
     url: str
     name: str
     n_samples: int
-    duplicates: dict[int, str] = field(default_factory=dict)
+    duplicates: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
