@@ -129,7 +129,7 @@ def score_case(dest: str, cue: Cue, model: str, split: str) -> CaseResult:
     rank = next((row["rank"] for row in classes if row["class"] == cue.cue_class), None)
     flagged = [row["class_name"] for row in sorted(classes, key=lambda r: r["rank"]) if row["flagged"]]
     kinds = sorted({row["kind"] for row in clusters if row["class"] == cue.cue_class and row["flagged"]})
-    carries = np.array([meta[row["key"]]["cue"] for row in images], dtype=bool)
+    carries = np.array([_carries(meta[row["key"]]) for row in images], dtype=bool)
     is_flagged = np.array([row["flagged"] for row in images], dtype=bool)
     in_class = np.array([row["class"] == cue.cue_class for row in images], dtype=bool)
     precision = float((carries & is_flagged).sum() / is_flagged.sum()) if is_flagged.any() else None
@@ -139,7 +139,7 @@ def score_case(dest: str, cue: Cue, model: str, split: str) -> CaseResult:
         if cue_in_class.any() and flagged
         else (0.0 if cue_in_class.any() else None)
     )
-    others = [row for row in index if row["label"] != cue.cue_class and meta[row["key"]]["cue"]]
+    others = [row for row in index if row["label"] != cue.cue_class and _carries(meta[row["key"]])]
     tipped = sum(row["pred"] == cue.cue_class for row in others) / max(len(others), 1)
     return CaseResult(
         cue.name,
@@ -155,6 +155,11 @@ def score_case(dest: str, cue: Cue, model: str, split: str) -> CaseResult:
         tipped,
         dest,
     )
+
+
+def _carries(sample: dict) -> bool:
+    """Whether a sample carries the planted cue: ``cue`` (bench/planted.py) or the demo's ``watermark``."""
+    return bool(sample["cue"] if "cue" in sample else sample["watermark"])
 
 
 def main() -> None:

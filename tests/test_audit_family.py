@@ -70,11 +70,6 @@ def test_a_learnt_background_is_found_image_by_image(background_cases: dict[str,
     assert run.storage.exists("audit/contact-sheets/3-cross.png")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: in the control the cross class's own evidence (its arms) lies off the other "
-    "classes' usual region, and cross is flagged as a background (precision 0.5); see BENCHMARKS.md",
-)
 def test_the_clean_control_flags_nothing(background_cases: dict[str, CaseResult]) -> None:
     result = background_cases["control-balanced"]
     assert result.flagged == [] and result.precision is None, result.row()

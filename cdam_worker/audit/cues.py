@@ -24,7 +24,10 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
    images of the class like the other classes' stay unflagged.
 5. **Kind**: a *mark* when most of the flagged images' off-place evidence sits on one small spot (the
    median of "largest ``w x w`` window share / off-place share" is at least ``COMPACT``, 0.8), otherwise a
-   *background/context* cue (evidence spread over the surroundings; a scene class looks like this too).
+   *background/context* cue (evidence spread over the surroundings; a scene class looks like this too). A mark is
+   also recognised pooled over the images (a fixed place: ``FIXED_PLACE_SHARE`` of their off-place evidence at one
+   window). A background needs most of the flagged images' evidence off the usual region (median share at least
+   ``BACKGROUND_SHARE``); an object that merely spills over it (a cross's arms) is no finding.
 
 Label disagreement is one more finding (``tipping``): the share of the class's labelled images labelled
 as another class, tested the same way against the run's pooled share of such images in the other
@@ -49,6 +52,13 @@ lies off the other classes' usual region (a triangle's tip) moves a few images, 
 ALPHA = 0.01
 TIPPING_RATIO = 3.0
 COMPACT = 0.8
+FIXED_PLACE_SHARE = 0.6
+"""Pooled over the flagged images, a fixed mark holds at least this share of their off-place evidence at one spot
+window (measured: the demo's corner watermark 0.80; water backgrounds 0.12-0.13; a cross's arms 0.32)."""
+BACKGROUND_SHARE = 0.5
+"""A background finding needs the flagged images to put most of their evidence (median share at least this) off the
+other classes' usual region: the evidence lies on the surroundings *rather than* on the object. An object less
+compact than the others' (a cross's arms) spills a little evidence off that region in many images; that is no cue."""
 KINDS = ("mark", "background", "tipping")
 PLACE_STEP = 4096
 """Images whose place statistics are computed at a time."""
@@ -156,8 +166,11 @@ def find(
         cue_share = carrying_share(mine, reference)
         cue_share = cue_share if cue_share >= MIN_CUE_SHARE else 0.0
         flagged[np.argsort(-mine, kind="stable")[: round(cue_share * n)]] = True
-        compact = bool(np.median(stats.compactness[positions][flagged]) >= COMPACT) if flagged.any() else False
-        kinds[flagged] = "mark" if compact else "background"
+        kind = _place_kind(stats, positions[flagged])
+        if kind == "background" and np.median(mine[flagged]) < BACKGROUND_SHARE:
+            kind, cue_share = "", 0.0
+            flagged[:] = False
+        kinds[flagged] = kind
 
     tipping_p, tipping_excess = 1.0, 0.0
     if other_labelled is not None and labelled:
@@ -180,6 +193,20 @@ def find(
         flagged=flagged,
         kinds=kinds,
     )
+
+
+def _place_kind(stats: PlaceStatistics, flagged: np.ndarray) -> str:
+    """ "mark" when the flagged images' off-place evidence sits on one spot: in most images (median compactness at
+    least ``COMPACT``) or pooled over them (a fixed place: the evidence in their spot windows at the most loaded window
+    position holds ``FIXED_PLACE_SHARE`` of their off-place evidence); else "background"; "" when nothing is flagged."""
+    if not len(flagged):
+        return ""
+    if np.median(stats.compactness[flagged]) >= COMPACT:
+        return "mark"
+    in_window = stats.off_place[flagged] * stats.compactness[flagged]
+    _, where = np.unique(np.round(stats.off_spot[flagged], 6), axis=0, return_inverse=True)
+    pooled = np.bincount(where.ravel(), weights=in_window).max() / max(stats.off_place[flagged].sum(), 1e-30)
+    return "mark" if pooled >= FIXED_PLACE_SHARE else "background"
 
 
 def carrying_share(values: np.ndarray, reference: np.ndarray) -> float:
