@@ -150,10 +150,8 @@ def audit(
 
     from cdam_worker.audit import (
         AuditOptions,
-        ConfirmSettings,
         apply_confirmations,
         audit_run,
-        confirm_clusters,
         ranked_table,
         write_audit,
     )
@@ -165,11 +163,13 @@ def audit(
         print(f"note: {note}", file=sys.stderr)
     classes = tuple(run_.class_index(c.strip()) for c in class_list.split(",") if c.strip()) if class_list else ()
     options = AuditOptions(by=by, classes=classes, min_images=min_images)
-    settings = ConfirmSettings(
-        images=confirm_images, recipients=confirm_images, seed=seed, device=device or _default_device()
-    )
     loaded, unconfirmed = None, "findings unconfirmed: --no-model"
-    if confirm:
+    if confirm:  # checked before the audit reads anything; torch only for the model's tests
+        from cdam_worker.audit import ConfirmSettings, confirm_clusters
+
+        settings = ConfirmSettings(
+            images=confirm_images, recipients=confirm_images, seed=seed, device=device or _default_device()
+        )
         try:
             loaded = run_.load_model(model)
         except RunError as error:

@@ -25,7 +25,6 @@ from cdam_worker.audit import (
     confirm_clusters,
 )
 from cdam_worker.audit.confirm import (
-    CONFIRMATION_FIELDS,
     ClusterImages,
     bootstrap_mean,
     counterfactual_tests,
@@ -36,6 +35,7 @@ from cdam_worker.audit.confirm import (
     wilson,
 )
 from cdam_worker.reading import open_run
+from schemas.audit import CONFIRMATION_FIELDS
 from cdam_worker.views import pages
 from cdam_worker.views.catalog import Catalog
 from cdam_worker.views.report import build_report

@@ -1,6 +1,6 @@
 """The commands that only read a run start without torch, timm or Ray (`cdam --help`, `query`, `verify`, `show`,
-`report`, `export-fiftyone`); `cdam query` and `cdam verify` answer in about the time Python takes to import
-pyarrow, zarr and DuckDB (bench/bench_startup.py measures it)."""
+`report`, `export-fiftyone`, `audit --no-model`); `cdam query` and `cdam verify` answer in about the time Python
+takes to import pyarrow, zarr and DuckDB (bench/bench_startup.py measures it)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def modules_after(argv: list[str]) -> tuple[int, set[str], str]:
         (["show", "{run}", "--key", "test-000042", "-o", "{tmp}/figure.png"], "map scale"),
         (["report", "{run}", "-o", "{tmp}/report.html"], "wrote"),
         (["export-fiftyone", "{run}", "{tmp}/fiftyone"], "wrote 256 samples"),
+        (["audit", "{run}", "--no-model", "--output", "{tmp}/audit"], "audited classes flagged: circle"),
     ],
 )
 def test_reading_a_run_imports_neither_torch_nor_timm_nor_ray(

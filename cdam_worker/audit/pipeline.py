@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
-from cdam_worker.audit.confirm import Confirmation, unconfirmed_row
+from cdam_worker.audit.confirmation import Confirmation, unconfirmed_row
 from cdam_worker.audit.cues import (
     ALPHA,
     KINDS,
