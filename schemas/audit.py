@@ -3,6 +3,8 @@ per image. schemas/README.md describes every column."""
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 CONFIRMATION_FIELDS = [
@@ -115,3 +117,13 @@ def audit_flags(summary: dict, class_names: list[str]) -> str:
         + (f" --classes {classes}" if classes else "")
         + (f" --min-images {options.get('min_images', '?')}")
     )
+
+
+CONTACT_SHEET_NAME = re.compile(r"(\d+)-.*-cluster-(\d+)\.png")
+"""A sheet's file name: ``<class index>-<safe class name>-cluster-<cluster>.png``."""
+
+
+def contact_sheet_path(class_index: int, class_name: str, cluster: int) -> str:
+    """Where a flagged cluster's contact sheet goes below the audit folder (its file name matches ``CONTACT_SHEET_NAME``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", class_name).strip("_") or "class"
+    return f"contact-sheets/{class_index}-{safe}-cluster-{cluster}.png"

@@ -59,8 +59,15 @@ def test_demo_audit_ranks_the_watermarked_class_first(demo_run: str) -> None:
     assert corner and corner[0]["kind"] == "mark" and corner[0]["off_place"] > 0.25, files["clusters"]
     assert "a mark at a place" in ranked[0]["reasons"], ranked[0]["reasons"]
     assert not files["summary"]["blind_spot"]["found"]
-    sheet = open_run(demo_run).storage.get("audit/contact-sheets/0-circle.png")
-    assert Image.open(io.BytesIO(sheet)).size[0] > 0
+    sheet = open_run(demo_run).storage.get(f"audit/contact-sheets/0-circle-cluster-{corner[0]['cluster']}.png")
+    assert Image.open(io.BytesIO(sheet)).size[0] > 0  # one sheet per flagged cluster
+    assert files["summary"]["contact_sheets"] == {
+        "circle": {
+            str(row["cluster"]): f"contact-sheets/0-circle-cluster-{row['cluster']}.png"
+            for row in files["clusters"]
+            if row["class"] == 0 and row["flagged"]
+        }
+    }
     images = files["images"]
     assert len(images) == sum(row["n_images"] for row in files["classes"])
     assert {row["key"] for row in images if row["flagged"]} <= {row["key"] for row in images if row["class"] == 0}

@@ -67,7 +67,8 @@ def test_a_learnt_background_is_found_image_by_image(background_cases: dict[str,
     run = open_run(result.dest)
     classes = {row["class_name"]: row for row in run.table("audit/classes.parquet").to_pylist()}
     assert "a background/context cue (or a scene class)" in classes["cross"]["reasons"], classes["cross"]["reasons"]
-    assert run.storage.exists("audit/contact-sheets/3-cross.png")
+    flagged = [row["cluster"] for row in run.table("audit/clusters.parquet").to_pylist() if row["flagged"]]
+    assert flagged and all(run.storage.exists(f"audit/contact-sheets/3-cross-cluster-{k}.png") for k in flagged)
 
 
 def test_the_clean_control_flags_nothing(background_cases: dict[str, CaseResult]) -> None:

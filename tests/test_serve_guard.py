@@ -232,7 +232,7 @@ def routes(keys: list[str]) -> list[str]:
         "/api/scatter?class=0",
         f"/tile?key={key}&view=overlay&map=c0&size=160",
         "/prototype?class=0&cluster=0",
-        "/contact-sheet?class=0",
+        "/contact-sheet?class=0&cluster=1",
         "/colorbar.png",
         "/static/app.js",
     ]

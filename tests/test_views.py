@@ -271,11 +271,10 @@ def test_dashboard_in_a_browser(audited_run: tuple[str, dict], browser) -> None:
         assert min(wait_images(page, ".clusters img")) > 1
         # the red border's legend, drawn with the wrong cards' own border
         assert page.inner_text(".legend") == "red border = a wrong prediction (the image's label is another class)"
-        # the contact sheet: collapsed, its summary in page-sized text naming the flagged cluster; the plot is not pushed down
+        # the contact sheet of the flagged cluster: collapsed, its summary in page-sized text naming the cluster and
+        # its kind; the plot is not pushed down
         assert page.eval_on_selector("details.sheet", "(d) => d.open") is False
-        assert page.inner_text("details.sheet summary").startswith(
-            "Contact sheet: the spot of each image of the flagged cluster (1)"
-        )
+        assert page.inner_text("details.sheet summary").startswith("Contact sheet of cluster 1 (")
         assert (
             float(page.eval_on_selector("details.sheet summary", "(n) => parseFloat(getComputedStyle(n).fontSize)"))
             >= 14
@@ -903,7 +902,7 @@ def test_views_on_s3_retry_transient_faults(
                     "/class/0",
                     "/image?key=" + quote(key),
                     "/api/gallery?class=0",
-                    "/contact-sheet?class=0",
+                    "/contact-sheet?class=0&cluster=1",
                 )
             ]
             assert [status for status, _ in pages] == [200] * 5

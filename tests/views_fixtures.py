@@ -38,7 +38,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 def write_audit(dest: str | Path) -> dict[str, object]:
     """Audit tables for a local run, with the columns ``cdam audit`` writes: two clusters per class (images
     alternate between them, cluster 1 of class 0 flagged), 2-D coordinates that separate the clusters
-    (cluster k around x = 4k), prototypes that are the clusters' mean maps, a contact sheet for class 0.
+    (cluster k around x = 4k), prototypes that are the clusters' mean maps, a contact sheet for class 0's flagged cluster 1.
     Returns the truth the tests check against."""
     from cdam_worker.reading import open_run
 
@@ -110,7 +110,7 @@ def write_audit(dest: str | Path) -> dict[str, object]:
     pq.write_table(pa.Table.from_pylist(order), audit / "classes.parquet")
     pq.write_table(pa.Table.from_pylist(clusters), audit / "clusters.parquet")
     pq.write_table(pa.Table.from_pylist(images), audit / "images.parquet")
-    Image.new("RGB", (64, 32), (200, 40, 40)).save(audit / "contact-sheets" / f"0-{run.class_names[0]}.png")
+    Image.new("RGB", (64, 32), (200, 40, 40)).save(audit / "contact-sheets" / f"0-{run.class_names[0]}-cluster-1.png")
     (audit / "summary.json").write_text(json.dumps({"run": run.url, "by": "pred"}))
     return {"members": members, "grid": (gh, gw), "ranked": [row["class"] for row in order]}
 

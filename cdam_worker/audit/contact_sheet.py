@@ -1,4 +1,4 @@
-"""A contact sheet per flagged class: the most relevant spot of each flagged image, cropped from the original.
+"""A contact sheet per flagged cluster: the most relevant spot of each of its images, cropped from the original.
 
 An image flagged for a mark (or tipped over) gets a spot tile; one flagged for a background/context cue gets
 its whole model input (the original under the eval transform's crop) with the whole map overlaid, since its
@@ -13,29 +13,23 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import textwrap
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from cdam_worker.audit.features import spot_width
 from cdam_worker.reading import Run, RunError
 from cdam_worker.storage import StorageError
 
-TILE = 96
-CAPTION = 12
+TILE = 128
+FONT_SIZE = 14
+CAPTION = 18  # pixels per line of text
 TITLE_LINES = 3
 COLUMNS = 8
 MAX_TILES = 64
 OVERLAY_OPACITY = 0.55
-
-
-def sheet_path(class_index: int, class_name: str) -> str:
-    """Where a class's sheet goes below the audit folder: ``contact-sheets/<index>-<safe name>.png``."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", class_name).strip("_") or "class"
-    return f"contact-sheets/{class_index}-{safe}.png"
 
 
 def contact_sheet(
@@ -49,8 +43,9 @@ def contact_sheet(
     header = TITLE_LINES * CAPTION
     sheet = Image.new("RGB", (COLUMNS * TILE, header + rows * (TILE + CAPTION)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    for line, text in enumerate(textwrap.wrap(title, width=COLUMNS * TILE // 6)[:TITLE_LINES]):
-        draw.text((2, line * CAPTION), text, fill=(255, 255, 255))
+    font = ImageFont.load_default(size=FONT_SIZE)
+    for line, text in enumerate(textwrap.wrap(title, width=COLUMNS * TILE // 8)[:TITLE_LINES]):
+        draw.text((4, line * CAPTION + 1), text, fill=(255, 255, 255), font=font)
     notes = []
     for n, key in enumerate(keys):
         left, top = (n % COLUMNS) * TILE, header + (n // COLUMNS) * (TILE + CAPTION)
@@ -60,7 +55,7 @@ def contact_sheet(
             notes.append(f"contact sheet: image {key!r}: {error}")
             continue
         sheet.paste(tile, (left, top))
-        draw.text((left + 2, top + TILE), key[-15:], fill=(200, 200, 200))
+        draw.text((left + 2, top + TILE + 1), key[-16:], fill=(200, 200, 200), font=font)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue(), notes

@@ -1,8 +1,8 @@
 """Write an audit's files (one writer per file) and render its ranked table.
 
 Below the audit folder (``DEST/audit/`` by default): ``classes.parquet``, ``clusters.parquet``,
-``images.parquet``, ``contact-sheets/<class index>-<safe class name>.png`` (one per flagged class: spot tiles for marks,
-whole images for a background/context cue), and
+``images.parquet``, ``contact-sheets/<class index>-<safe class name>-cluster-<k>.png`` (one per flagged cluster: spot
+tiles for marks, whole images for a background/context cue), and
 ``summary.json``, written last. Sheets of an earlier audit that no longer apply are deleted.
 """
 
@@ -16,10 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cdam_worker.audit.contact_sheet import contact_sheet, sheet_path
-from cdam_worker.audit.pipeline import AuditOptions, AuditResult
+from cdam_worker.audit.contact_sheet import contact_sheet
+from cdam_worker.audit.cues import KIND_WORDS
+from cdam_worker.audit.pipeline import AuditOptions, AuditResult, ClassAudit
+from cdam_worker.audit.scoring import ClusterReport
 from cdam_worker.reading import Run
 from cdam_worker.storage import Storage
+from schemas.audit import contact_sheet_path
 
 SHEETS_FOLDER = "contact-sheets"
 TABLE_ROWS = 20
@@ -32,25 +35,17 @@ def write_audit(
     for name, table in (("classes", result.classes), ("clusters", result.clusters), ("images", result.images)):
         check_lock()
         storage.put(f"{name}.parquet", _parquet_bytes(table))
-    sheets, notes = {}, []
+    sheets: dict[str, dict[str, str]] = {}
+    notes: list[str] = []
     for audit in result.audited:
-        if not audit.flagged:
-            continue
-        check_lock()
-        chosen = np.flatnonzero(audit.image_flagged)
-        order = chosen[np.argsort(-audit.image_scores[chosen], kind="stable")]
-        positions = audit.positions[order]
-        spots = audit.spots[order]
-        title = f"{audit.index} {audit.name}: {audit.reasons}"
-        whole = audit.image_kinds[order] == "background"  # a background cue shows as whole images
-        png, sheet_notes = contact_sheet(
-            run, result.gathered.keys[positions].tolist(), result.gathered.class_maps[positions], spots, title, whole
-        )
-        path = sheet_path(audit.index, audit.name)
-        storage.put(path, png)
-        sheets[audit.name] = path
-        notes += sheet_notes
-    for stale in set(storage.list(SHEETS_FOLDER)) - set(sheets.values()):
+        for cluster in (c for c in audit.clusters if c.flagged):
+            check_lock()
+            path, sheet_notes = _write_sheet(run, result, audit, cluster, storage)
+            sheets.setdefault(audit.name, {})[str(cluster.cluster)] = path
+            notes += sheet_notes
+    for stale in set(storage.list(SHEETS_FOLDER)) - {
+        path for by_cluster in sheets.values() for path in by_cluster.values()
+    }:
         storage.delete(stale)
     summary = result.summary(run, options) | {
         "output": storage.url,
@@ -60,6 +55,29 @@ def write_audit(
     check_lock()
     storage.put("summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
     return summary
+
+
+def _write_sheet(
+    run: Run, result: AuditResult, audit: ClassAudit, cluster: ClusterReport, storage: Storage
+) -> tuple[str, list[str]]:
+    """Write the contact sheet of one flagged cluster of ``audit``; its path and notes on images not shown."""
+    members = np.flatnonzero(audit.labels == cluster.cluster)
+    order = members[np.argsort(-audit.image_scores[members], kind="stable")]
+    positions = audit.positions[order]
+    what = KIND_WORDS.get(cluster.kind, "flagged")
+    title = f"{audit.index} {audit.name}, cluster {cluster.cluster}: {what}, {cluster.place}; {len(order)} images"
+    whole = audit.image_kinds[order] == "background"  # a background cue shows as whole images
+    png, notes = contact_sheet(
+        run,
+        result.gathered.keys[positions].tolist(),
+        result.gathered.class_maps[positions],
+        audit.spots[order],
+        title,
+        whole,
+    )
+    path = contact_sheet_path(audit.index, audit.name, cluster.cluster)
+    storage.put(path, png)
+    return path, notes
 
 
 def ranked_table(result: AuditResult) -> str:

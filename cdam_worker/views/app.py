@@ -141,10 +141,16 @@ class Dashboard:
                 lambda k: f"?cluster={k}",
             ),
         ]
-        if self.catalog.audit is not None and c in self.catalog.audit.contact_sheets:
-            parts.append(
-                pages.contact_sheet(f"/contact-sheet?class={c}", [k["cluster"] for k in clusters if k["flagged"]])
+        sheets = self.catalog.audit.contact_sheets.get(c, {}) if self.catalog.audit is not None else {}
+        parts.append(
+            pages.contact_sheets(
+                [
+                    (f"/contact-sheet?class={c}&amp;cluster={k['cluster']}", k)
+                    for k in clusters
+                    if k["cluster"] in sheets
+                ]
             )
+        )
         scatter = (
             '<canvas id="scatter" width="360" height="360" aria-label="2-D plot of the class\'s images"></canvas>'
             '<p class="muted">Drag a box to select images; click once to clear.</p><p id="scatter-legend"></p>'
@@ -307,10 +313,11 @@ class Dashboard:
 
     def contact_sheet(self, request: Request) -> Response:
         c = self._class(request.query_params.get("class"))
-        sheets = self.catalog.audit.contact_sheets if self.catalog.audit is not None else {}
-        if c not in sheets:
-            raise HTTPException(404, f"no contact sheet for class {c}")
-        return Response(self.run.storage.get(sheets[c]), media_type="image/png", headers=PICTURE_CACHING)
+        cluster = _integer(request.query_params.get("cluster", ""), "cluster")
+        sheets = self.catalog.audit.contact_sheets.get(c, {}) if self.catalog.audit is not None else {}
+        if cluster not in sheets:
+            raise HTTPException(404, f"no contact sheet for cluster {cluster} of class {c}")
+        return Response(self.run.storage.get(sheets[cluster]), media_type="image/png", headers=PICTURE_CACHING)
 
     def colorbar_png(self, request: Request) -> Response:
         from PIL import Image

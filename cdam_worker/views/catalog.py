@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cdam_worker.reading import Run, RunError
-from schemas.audit import audit_flags
+from schemas.audit import CONTACT_SHEET_NAME, audit_flags
 
 AUDIT_FOLDER = "audit"
 CONTACT_SHEETS = f"{AUDIT_FOLDER}/contact-sheets"
@@ -39,7 +39,9 @@ class Audit:
     classes: pa.Table  # class, class_name, n_images, score, rank, flagged, reasons; sorted by rank
     clusters: pa.Table  # class, cluster, size, share, purity, prototype, medoid_key, flagged
     images: pa.Table  # key, row, class, cluster, x, y, score, flagged
-    contact_sheets: dict[int, str]  # class index -> path of its contact sheet below the run
+    contact_sheets: dict[
+        int, dict[int, str]
+    ]  # class index -> flagged cluster -> path of its contact sheet below the run
     flags: str = ""  # the flags of `cdam audit` that made it (schemas.audit.audit_flags), "" if summary.json is missing
 
 
@@ -51,11 +53,10 @@ def read_audit(run: Run) -> Audit | None:
         images = run.table(f"{AUDIT_FOLDER}/images.parquet")
     except FileNotFoundError:
         return None
-    sheets = {}
+    sheets: dict[int, dict[int, str]] = {}
     for path in run.storage.list(CONTACT_SHEETS):
-        prefix = path.rsplit("/", 1)[-1].split("-", 1)[0]
-        if path.endswith(".png") and prefix.isdigit():
-            sheets[int(prefix)] = path
+        if named := CONTACT_SHEET_NAME.fullmatch(path.rsplit("/", 1)[-1]):
+            sheets.setdefault(int(named[1]), {})[int(named[2])] = path
     try:
         flags = audit_flags(json.loads(run.storage.get(f"{AUDIT_FOLDER}/summary.json")), run.class_names)
     except FileNotFoundError:

@@ -263,14 +263,19 @@ def colour_scale(bar_src: str, scale: float | None) -> str:
     )
 
 
-def contact_sheet(src: str, flagged_clusters: Sequence[int]) -> str:
-    """The audit's contact sheet of a class, collapsed: the spots of its flagged clusters' images."""
-    clusters = ", ".join(str(k) for k in flagged_clusters) or "none"
-    noun = "cluster" if len(flagged_clusters) == 1 else "clusters"
-    return (
-        f'<details class="sheet"><summary>Contact sheet: the spot of each image of the flagged {noun} ({clusters}), '
-        f'most suspicious first, at most 64 (open it)</summary><div class="sheet-box"><img class="sheet" alt="contact sheet" src="{src}"></div></details>'
-    )
+def contact_sheets(sheets: Sequence[tuple[str, dict]]) -> str:
+    """The audit's contact sheets of a class, one per flagged cluster (its source and its ``clusters.parquet``
+    row), each collapsed: the spot (or, for a background cue, the whole input) of each of the cluster's images."""
+    parts = []
+    for src, cluster in sheets:
+        kind = KIND_WORDS.get(cluster.get("kind") or "", "flagged")
+        what = "the whole image" if cluster.get("kind") == "background" else "the spot"
+        parts.append(
+            f'<details class="sheet"><summary>Contact sheet of cluster {cluster["cluster"]} ({escape(kind)}, '
+            f"{cluster['size']} images): {what} of each image, most suspicious first, at most 64 (open it)</summary>"
+            f'<div class="sheet-box"><img class="sheet" alt="contact sheet of cluster {cluster["cluster"]}" src="{src}"></div></details>'
+        )
+    return "".join(parts)
 
 
 def card(src: str, alt_src: str | None, caption: str, href: str | None, css: str = "") -> str:

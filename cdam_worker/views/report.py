@@ -115,11 +115,16 @@ def _class_section(
         pages.class_audit(catalog.class_audit_row(c), catalog.no_audit),
         pages.prototypes(clusters, prototype, medoid, None),
     ]
-    if catalog.audit is not None and c in catalog.audit.contact_sheets:
-        sheet = catalog.run.storage.get(catalog.audit.contact_sheets[c])
-        parts.append(
-            pages.contact_sheet(data_uri(sheet, "image/png"), [k["cluster"] for k in clusters if k["flagged"]])
+    sheets = catalog.audit.contact_sheets.get(c, {}) if catalog.audit is not None else {}
+    parts.append(
+        pages.contact_sheets(
+            [
+                (data_uri(catalog.run.storage.get(sheets[k["cluster"]]), "image/png"), k)
+                for k in clusters
+                if k["cluster"] in sheets
+            ]
         )
+    )
     cards = []
     for key, why in chosen:
         values = tiles.map_values(key, map_name)
