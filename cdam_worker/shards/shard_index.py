@@ -109,28 +109,30 @@ def _resolve(index_url: str, url: str) -> str:
 
 
 def _wids_entries(index_url: str, document: dict) -> list[IndexEntry]:
-    shardlist = document["shardlist"]
-    if not isinstance(shardlist, list):
-        raise DataError(f"shard index {index_url}: 'shardlist' must be a list")
-    entries = []
-    for number, shard in enumerate(shardlist):
-        where = f"shard index {index_url}, shardlist[{number}]"
-        if not isinstance(shard, dict) or not isinstance(shard.get("url"), str):
-            raise DataError(f"{where}: needs a 'url' string and 'nsamples'")
-        entries.append(IndexEntry(_resolve(index_url, shard["url"]), _count(shard.get("nsamples"), where)))
-    return _unique(entries, index_url)
+    """A wids shard list: ``{"shardlist": [{"url": ..., "nsamples": ...}]}``."""
+    return _listed_entries(index_url, document, "shardlist", ("url", "a 'url' string"), "nsamples")
 
 
 def _pack_entries(index_url: str, document: dict) -> list[IndexEntry]:
-    shards = document.get("shards")
-    if not isinstance(shards, list):
-        raise DataError(f"shard index {index_url}: 'shards' must be a list")
+    """The index.json of ``cdam pack``: ``{"shards": [{"shard": ..., "samples": ...}]}``."""
+    return _listed_entries(index_url, document, "shards", ("shard", "a 'shard' name"), "samples")
+
+
+def _listed_entries(
+    index_url: str, document: dict, list_key: str, url: tuple[str, str], count_key: str
+) -> list[IndexEntry]:
+    """The entries of ``document[list_key]``, each with its shard at ``url[0]`` (``url[1]`` says what it must be)
+    and its sample count at ``count_key``."""
+    listed = document.get(list_key)
+    if not isinstance(listed, list):
+        raise DataError(f"shard index {index_url}: '{list_key}' must be a list")
+    url_key, url_words = url
     entries = []
-    for number, shard in enumerate(shards):
-        where = f"shard index {index_url}, shards[{number}]"
-        if not isinstance(shard, dict) or not isinstance(shard.get("shard"), str):
-            raise DataError(f"{where}: needs a 'shard' name and 'samples'")
-        entries.append(IndexEntry(_resolve(index_url, shard["shard"]), _count(shard.get("samples"), where)))
+    for number, shard in enumerate(listed):
+        where = f"shard index {index_url}, {list_key}[{number}]"
+        if not isinstance(shard, dict) or not isinstance(shard.get(url_key), str):
+            raise DataError(f"{where}: needs {url_words} and '{count_key}'")
+        entries.append(IndexEntry(_resolve(index_url, shard[url_key]), _count(shard.get(count_key), where)))
     return _unique(entries, index_url)
 
 
