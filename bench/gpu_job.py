@@ -5,13 +5,14 @@ builds the job's plan as ``cdam explain`` does (``make_plan``, ``prepare_output`
 ``ShardProcessor``, in this process, with the resources a Ray actor gets (one torch thread, the decode pool
 sized to the machine): the code a Ray actor runs.
 
-    python -m bench.gpu_job [--shards 12] [--per-shard 512] [--output gpu_job.md]
+    python -m bench.gpu_job [--shards 50] [--per-shard 1000] [--output gpu_job.md]
 
 1. ImageNet-sized synthetic JPEGs (photo-like, 500x375), written in parallel.
 2. Decoding alone: the decode pool (default size: all cores) over the shards, CPU path.
 3. ``--decode cpu|gpu`` x ``--precision float32|bf16``, ``--targets topk:5``, other settings at their defaults
-   (the batch that fills the GPU): the actor's start (model to the GPU, batch probe, decode pool), the first
-   shard as a warm-up, the others timed; images/s, GPU utilisation (nvidia-smi every 100 ms over the timed
+   (the batch that fills the GPU), phase by phase: planning, the actor's start (decode pool) and configuration
+   (model to the GPU, batch probe), the first shard as a warm-up, the others timed two at a time as a Ray
+   actor holds them; images/s, GPU utilisation (nvidia-smi every 100 ms over the timed
    shards) and the time 50,000 images would take (start + 50,000 / rate).
 4. GPU decoding against the CPU path on real photographs (scikit-image's bundled samples, as JPEG q90): the
    CDAM of the CPU path's top-1 class from both inputs; per map the relative error (max |diff| / max |CPU
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch
 from bench.bench_job import write_shards
 from bench.report import machine_line
 from cdam_worker import CDAMExplainer, load_model, save_checkpoint
-from cdam_worker.pipeline.actor import ShardProcessor
+from cdam_worker.pipeline.actor import SHARDS_AT_ONCE, ShardProcessor
 from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules
 from cdam_worker.pipeline.plan import make_plan
 from cdam_worker.pipeline.run_output import prepare_output
@@ -134,27 +135,38 @@ def decode_alone(shards: list[str], checkpoint: str) -> tuple[int, float, int]:
     pool.wait_until_started()
     settings = DecodeSettings(plan.loaded.transform, SampleRules(False, None))
     started = time.perf_counter()
-    images = sum(
-        isinstance(item, PreparedSample) for task in plan.shards for item in pool.samples(task, settings, in_flight=512)
-    )
+    images = 0
+    for task in plan.shards:
+        with pool.samples(task, settings, in_flight=512) as samples:
+            images += sum(isinstance(item, PreparedSample) for item in samples)
     seconds = time.perf_counter() - started
     pool.close()
     return images, seconds, pool.workers
 
 
 def run_case(shards: list[str], checkpoint: str, decode: str, precision: str, device: str) -> dict:
-    """One case: the actor's start, a warm-up shard, then the other shards timed."""
-    plan = plan_for(shards, Path(tempfile.mkdtemp()), checkpoint, decode, precision)
+    """One case, phase by phase: planning, the actor's start (decode pool) and configuration (model to the GPU,
+    batch probe), a warm-up shard, then the other shards timed, two at a time as a Ray actor takes them (the
+    next one read and decoded while the current one is explained)."""
     started = time.perf_counter()
-    processor = ShardProcessor(plan.config, plan.layout, plan.loaded, device, threads=1)
-    info = processor.ready()
-    start_seconds = time.perf_counter() - started
+    plan = plan_for(shards, Path(tempfile.mkdtemp()), checkpoint, decode, precision)
+    planning = time.perf_counter() - started
+    started = time.perf_counter()
+    processor = ShardProcessor(device, threads=1)
+    processor.decoder.wait_until_started()
+    actor_start = time.perf_counter() - started
+    started = time.perf_counter()
+    info = processor.configure(plan.config, plan.layout, plan.loaded)
+    configure = time.perf_counter() - started
+    started = time.perf_counter()
     processor.process_shard(plan.shards[0])
+    warm_up = time.perf_counter() - started
     timed = plan.shards[1:]
-    with GpuUtilisation() as utilisation:
+    with GpuUtilisation() as utilisation, ThreadPoolExecutor(SHARDS_AT_ONCE) as shards_at_once:
         started = time.perf_counter()
-        images = sum(processor.process_shard(task).n_images for task in timed)
+        images = sum(summary.n_images for summary in shards_at_once.map(processor.process_shard, timed))
         seconds = time.perf_counter() - started
+    start_seconds = planning + actor_start + configure
     processor.decoder.close()
     rate = images / seconds
     return {
@@ -163,6 +175,7 @@ def run_case(shards: list[str], checkpoint: str, decode: str, precision: str, de
         "batch": info.batch_size,
         "workers": info.decode_workers,
         "start": start_seconds,
+        "phases": f"plan {planning:.1f} s, actor {actor_start:.1f} s, configure {configure:.1f} s, warm-up shard {warm_up:.1f} s",
         "images": images,
         "seconds": seconds,
         "rate": rate,
@@ -235,8 +248,8 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--shards", type=int, default=12)
-    parser.add_argument("--per-shard", type=int, default=512)
+    parser.add_argument("--shards", type=int, default=50)
+    parser.add_argument("--per-shard", type=int, default=1000, help="(default: 50 x 1,000, ImageNet val's size)")
     parser.add_argument("--output", default="gpu_job.md")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,10 +290,10 @@ def main() -> None:
         "",
         f"`{args.model}`, random weights, 1000 classes, `--targets topk:5`, maps float32; the actor's class in-process (one torch thread), first shard a warm-up.",
         "",
-        "| `--decode` | `--precision` | batch (default) | decode workers | actor start s | images timed | images/s | GPU utilisation | 50,000 images |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| `--decode` | `--precision` | batch (default) | decode workers | start-up phases | images timed | images/s | GPU utilisation | 50,000 images |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
         *[
-            f"| {r['decode']} | {r['precision']} | {r['batch']} | {r['workers']} | {r['start']:.1f} | {r['images']} | {r['rate']:.0f} | {_percent(r['gpu'])} | {r['extrapolated'] / 60:.1f} min |"
+            f"| {r['decode']} | {r['precision']} | {r['batch']} | {r['workers']} | {r['phases']} | {r['images']} | {r['rate']:.0f} | {_percent(r['gpu'])} | {r['extrapolated'] / 60:.1f} min |"
             for r in rows
         ],
         "",

@@ -42,11 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in READING_COMMANDS + TOOL_COMMANDS:
         importlib.import_module(f"jobs.{name}").add_parser(commands)
+    parser.set_defaults(started_at=None)  # when the command's process started, if it is the whole process
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``cdam`` program (``argv`` None: ``sys.argv``, the whole process is this command) or one command
+    run in-process (``argv`` given); returns the exit status."""
     args = build_parser().parse_args(argv)
+    if argv is None:  # cdam explain reports the process's start-up (Python and imports) as a phase
+        import psutil
+
+        args.started_at = psutil.Process().create_time()
     got_sigterm = threading.Event()
     try:
         with _sigterm_as_interrupt(got_sigterm):
@@ -74,7 +81,7 @@ ONE_LINE_ERRORS = (
     ("cdam_worker.storage", "StorageError"),
     ("cdam_worker.output_lock", "OutputInUseError"),
     ("cdam_worker.output_lock", "OutputLockLost"),
-    ("cdam_worker.pipeline.scheduler", "JobError"),
+    ("cdam_worker.pipeline.actor_pool", "JobError"),
     ("cdam_worker.reading.run", "RunError"),
 )
 """The errors a command reports as one line (bad input, a refused output, a job that cannot go on), by module."""

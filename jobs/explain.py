@@ -161,10 +161,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``cdam explain``; returns the process exit status."""
+    """Entry point of ``cdam explain``; returns the process exit status. Ray starts (or is joined) in the
+    background before torch is imported, so the two overlap."""
+    from cdam_worker.ray_connect import Connection
+
+    connection = Connection(args.address, background=not args.dry_run)
     from cdam_worker.pipeline.driver import explain
 
-    return explain(explain_options(args))
+    return explain(explain_options(args), connection)
 
 
 def explain_options(args: argparse.Namespace) -> ExplainOptions:
@@ -203,4 +207,5 @@ def explain_options(args: argparse.Namespace) -> ExplainOptions:
         dry_run=args.dry_run,
         strict=args.strict,
         faults=Faults.from_environment(),
+        started_at=args.started_at,
     )

@@ -51,7 +51,9 @@ def in_process_processor(root: Path, targets: str) -> ShardProcessor:
         ExplainOptions(shards=(str(placeholder),), output=str(root / "out"), model=model, targets=targets, batch_size=4)
     )
     prepare_output(plan, overwrite=False)
-    return ShardProcessor(plan.config, plan.layout, plan.loaded, device="cpu", threads=1, decode_workers=1)
+    processor = ShardProcessor(device="cpu", threads=1, decode_workers=1)
+    processor.configure(plan.config, plan.layout, plan.loaded)
+    return processor
 
 
 def process(processor: ShardProcessor, shard: str) -> tuple[list[str], ShardSummary]:

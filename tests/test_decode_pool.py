@@ -138,11 +138,11 @@ def test_one_and_two_workers_give_the_samples_errors_and_bytes_of_iter_samples(s
     settings = DecodeSettings(transform, rules)
     one = DecodePool(1)
     try:
-        assert outcomes(list(one.samples(task, settings, in_flight=4))) == expected
+        assert outcomes(all_samples(one, task, settings, in_flight=4)) == expected
     finally:
         one.close()
-    assert outcomes(list(two_workers.samples(task, settings, in_flight=4))) == expected
-    assert outcomes(list(two_workers.samples(task, settings, in_flight=64))) == expected
+    assert outcomes(all_samples(two_workers, task, settings, in_flight=4)) == expected
+    assert outcomes(all_samples(two_workers, task, settings, in_flight=64)) == expected
 
 
 def fork_server_children() -> set[psutil.Process]:
@@ -155,21 +155,36 @@ def test_workers_are_processes_sending_tensors_through_shared_memory(shard, tran
     settings = DecodeSettings(transform, SampleRules(False, None))
     prepared = [
         p
-        for p in two_workers.samples(ShardTask(0, shard, "cut", 40), settings, in_flight=16)
+        for p in all_samples(two_workers, ShardTask(0, shard, "cut", 40), settings, in_flight=16)
         if isinstance(p, PreparedSample)
     ]
     assert len(prepared) == 36 and all(p.tensor.is_shared() for p in prepared)
     assert len(fork_server_children()) >= 2
 
 
+def all_samples(pool: DecodePool, task: ShardTask, settings: DecodeSettings, in_flight: int) -> list:
+    with pool.samples(task, settings, in_flight) as samples:
+        return list(samples)
+
+
 def test_a_consumer_that_stops_early_leaves_no_reader_behind(shard, transform, two_workers):
-    items = two_workers.samples(
+    with two_workers.samples(
         ShardTask(0, shard, "cut", 40), DecodeSettings(transform, SampleRules(False, None)), in_flight=DECODE_CHUNK
-    )
-    assert next(items).key == "k00"
-    assert [thread.name for thread in threading.enumerate()].count("read-cut") == 1
-    items.close()
+    ) as items:
+        assert [thread.name for thread in threading.enumerate()].count("read-cut") == 1  # reading before the first take
+        assert next(items).key == "k00"
     assert "read-cut" not in [thread.name for thread in threading.enumerate()]
+
+
+def test_a_next_shard_opened_early_gives_its_own_samples_after_the_current_one(shard, transform, two_workers):
+    """An actor opens its next shard while it still takes the current one's samples (no drain at the boundary):
+    both streams share the pool and each gives exactly its own samples, in order."""
+    settings = DecodeSettings(transform, SampleRules(False, None))
+    first, second = ShardTask(0, shard, "cut", 40), ShardTask(1, shard, "cut", 40)
+    expected = reference(shard, transform, first, SampleRules(False, None))
+    with two_workers.samples(first, settings, 16) as current, two_workers.samples(second, settings, 16) as following:
+        assert outcomes(list(current)) == expected
+        assert outcomes(list(following)) == expected
 
 
 def test_a_dead_worker_fails_the_shard_and_the_pool_restarts(shard, transform):
@@ -178,7 +193,7 @@ def test_a_dead_worker_fails_the_shard_and_the_pool_restarts(shard, transform):
     settings = DecodeSettings(transform, SampleRules(False, None))
     task = ShardTask(0, shard, "cut", 40)
     try:
-        assert len(list(pool.samples(task, settings, in_flight=8))) == 41
+        assert len(all_samples(pool, task, settings, in_flight=8)) == 41
         victims = sorted(fork_server_children() - others, key=lambda p: p.pid)
         assert len(victims) == 2
         victims[0].kill()
@@ -187,8 +202,8 @@ def test_a_dead_worker_fails_the_shard_and_the_pool_restarts(shard, transform):
             RuntimeError,
             match="a decode worker process died while decoding shard cut .*; the decode pool was restarted",
         ):
-            list(pool.samples(task, settings, in_flight=8))
-        assert outcomes(list(pool.samples(task, settings, in_flight=8))) == reference(
+            all_samples(pool, task, settings, in_flight=8)
+        assert outcomes(all_samples(pool, task, settings, in_flight=8)) == reference(
             shard, transform, task, SampleRules(False, None)
         )
     finally:
@@ -218,8 +233,8 @@ def test_gpu_path_hands_back_jpegs_and_keeps_every_other_outcome(shard, transfor
     gpu = DecodeSettings(transform, SampleRules(False, None), gpu_jpegs=True)
     pool = DecodePool(1)
     try:
-        on_cpu = list(pool.samples(task, cpu, in_flight=8))
-        for_gpu = list(pool.samples(task, gpu, in_flight=8))
+        on_cpu = all_samples(pool, task, cpu, in_flight=8)
+        for_gpu = all_samples(pool, task, gpu, in_flight=8)
     finally:
         pool.close()
     assert [type(item) for item in for_gpu] == [type(item) for item in on_cpu]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -115,10 +117,16 @@ def check_output(url: str, dataset: dict, targets: str, store_basis: bool = Fals
     assert verify_output(url) == []
 
 
-def test_local_job_matches_engine_and_is_queryable(ray_local, dataset, tmp_path):
+def test_local_job_matches_engine_and_is_queryable(ray_local, dataset, tmp_path, capsys):
     output = str(tmp_path / "out")
     assert main(explain_args(dataset, output, "--targets", "topk:2")) == 0
     check_output(output, dataset, "topk:2")
+    phases = re.search(
+        r"^phases: planning [\d.]+ s, .*explaining [\d.]+ s, .*shutdown [\d.]+ s", capsys.readouterr().out, re.M
+    )
+    assert phases, "the summary names each phase's time"
+    timings = json.loads(Path(output, "manifest.json").read_text())["timings"]
+    assert {"planning", "waiting_for_actors", "explaining", "actors"} <= set(timings) and min(timings.values()) >= 0
 
     count = duckdb.sql(
         f"SELECT count(*), count(DISTINCT key), min(row) >= 0 FROM '{output}/metadata/*.parquet'"

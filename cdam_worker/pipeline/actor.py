@@ -44,6 +44,7 @@ from schemas import Layout
 from schemas.manifest import ShardSummary
 
 TOPK_STORED = 5
+SHARDS_AT_ONCE = 2  # shards a Ray actor holds: the one it explains and the next, read and decoded meanwhile
 CPU_BATCH_SIZE = 32  # the default batch on the CPU
 GPU_BATCH_RANGE = (16, 512)  # the default batch on CUDA: the largest power of two in this range that fits
 GPU_MEMORY_SHARE = 0.5  # share of the free GPU memory the default batch may fill
@@ -65,16 +66,19 @@ class ActorInfo:
 class ShardProcessor:
     """Explains shards for one job; run as a Ray actor (:func:`make_actor_class`), usable in-process too.
 
-    ``loaded`` is the model the driver loaded and checked (shipped once per node through Ray's object
-    store, so no actor creates a model or reads a checkpoint). ``decode_workers`` 0 sizes the decode pool
-    to the node: its CPUs divided among the ``job_actors`` actors it can hold (:func:`default_decode_workers`).
+    It starts in two steps, so that the driver can start its actors while it still plans the run: making
+    it imports torch and starts the decode pool; :meth:`configure` then gives it the job (settings, layout,
+    and the model the driver loaded and checked, shipped once per node through Ray's object store, so no
+    actor creates a model or reads a checkpoint). ``decode_workers`` 0 sizes the decode pool to the node:
+    its CPUs divided among the ``job_actors`` actors it can hold (:func:`default_decode_workers`).
+
+    As a Ray actor it takes two shards at once (:data:`SHARDS_AT_ONCE`): the second one's samples are read
+    and decoded while the first one's last batches are explained and written, and its compute starts when
+    the first one's ends, so there is no drain at shard boundaries. Each shard keeps its own writer.
     """
 
     def __init__(
         self,
-        config: JobConfig,
-        layout: Layout,
-        loaded: LoadedModel,
         device: str | None = None,
         threads: int | None = None,
         generation: int = 0,
@@ -86,13 +90,25 @@ class ShardProcessor:
         faults.at_start(generation)
         if threads:
             torch.set_num_threads(threads)
+        self.decode_workers = decode_workers
         self.decoder = DecodePool(decode_workers or default_decode_workers(job_actors))  # starts in the background
-        self.config, self.layout, self.progress, self.generation = config, layout, progress, generation
+        self.progress, self.generation, self.faults = progress, generation, faults
         wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda_missing = (
             wanted.startswith("cuda") and not torch.cuda.is_available()
         )  # e.g. a GPU resource without a driver
         self.device = "cpu" if self.cuda_missing else wanted
+        self.compute_turn = threading.Lock()  # one shard explains at a time; the next one reads and decodes meanwhile
+        self.batches_done = 0
+
+    def configure(self, config: JobConfig, layout: Layout, loaded: LoadedModel, job_actors: int = 0) -> ActorInfo:
+        """Take the job: the model on this actor's device, the targets, the output. Answers once the decode
+        pool is up too; the driver hands out shards only to configured actors. ``job_actors`` (when given)
+        is the number of actors the job kept: a default-sized decode pool is resized to it."""
+        if job_actors and not self.decode_workers and default_decode_workers(job_actors) != self.decoder.workers:
+            self.decoder.close()
+            self.decoder = DecodePool(default_decode_workers(job_actors))
+        self.config, self.layout = config, layout
         self.loaded = dataclasses.replace(loaded, model=loaded.model.to(self.device))
         self.explainer = CDAMExplainer(self.loaded, method=config.method, precision=config.precision)
         self.targets = TargetSpec.parse(config.targets, self.loaded.class_names)
@@ -110,11 +126,6 @@ class ShardProcessor:
         self.batch_size = config.batch_size or (self._batch_size_filling_gpu() if on_cuda else CPU_BATCH_SIZE)
         rules = SampleRules(config.require_label, self.loaded.num_classes if self.targets.kind == "label" else None)
         self.decode_settings = DecodeSettings(self.loaded.transform, rules, gpu_jpegs=self.gpu_decoder is not None)
-        self.batches_done = 0
-        self.faults = faults
-
-    def ready(self) -> ActorInfo:
-        """Answers once the model is loaded and the decode pool started; the driver hands out work only to ready actors."""
         self.decoder.wait_until_started()
         return ActorInfo(
             self.device,
@@ -146,18 +157,19 @@ class ShardProcessor:
         batch: list[PreparedSample] = []
         members: list[tuple[str, str, int, int]] = []
         try:
-            for item in self.decoder.samples(
-                task, self.decode_settings, in_flight=2 * self.batch_size, members=members
-            ):
-                if isinstance(item, SampleError):
-                    self._record_error(output, item)
-                    continue
-                batch.append(item)
-                if len(batch) == self.batch_size:
-                    self._explain(batch, output)
-                    batch = []
-            if batch:
-                self._explain(batch, output)
+            # Reading and decoding start now; explaining waits for the shard before this one (if any) to finish its own.
+            with self.decoder.samples(task, self.decode_settings, 2 * self.batch_size, members) as samples:
+                with self.compute_turn:
+                    for item in samples:
+                        if isinstance(item, SampleError):
+                            self._record_error(output, item)
+                            continue
+                        batch.append(item)
+                        if len(batch) == self.batch_size:
+                            self._explain(batch, output)
+                            batch = []
+                    if batch:
+                        self._explain(batch, output)
             output.submit(lambda writer: writer.add_members(members))
         except BaseException:
             output.abandon()
@@ -400,6 +412,11 @@ def make_actor_class(num_cpus: float, num_gpus: float):
 
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     options = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0, **options)(
-        ShardProcessor
-    )
+    return ray.remote(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=0,
+        max_task_retries=0,
+        max_concurrency=SHARDS_AT_ONCE,
+        **options,
+    )(ShardProcessor)

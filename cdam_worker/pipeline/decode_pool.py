@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,21 +101,24 @@ class DecodePool:
         self.workers = workers
         self._started: Future[Executor] = _in_background(self._start)
 
+    @contextmanager
     def samples(
         self,
         task: ShardTask,
         settings: DecodeSettings,
         in_flight: int,
         members: list[tuple[str, str, int, int]] | None = None,
-    ) -> Iterator[PreparedSample | SampleError]:
-        """The shard's samples in tar order, each prepared or its SampleError; a shard-level problem
-        (truncated tar, unreadable object) comes last with key None. ``members``, if given, receives
-        (key, member name, data offset, size) of every file of an uncompressed shard as it is read (all of
-        them once the samples are), so that readers can later fetch a sample with one ranged read.
+    ) -> Iterator[Iterator[PreparedSample | SampleError]]:
+        """Start reading and decoding the shard now; the context gives its samples in tar order, each
+        prepared or its SampleError, with a shard-level problem (truncated tar, unreadable object) last
+        with key None. ``members``, if given, receives (key, member name, data offset, size) of every file
+        of an uncompressed shard as it is read (all of them once the samples are), so that readers can
+        later fetch a sample with one ranged read.
 
-        At most about ``in_flight`` samples are read ahead. A worker process that dies (a crash in an
+        At most about ``in_flight`` samples are read ahead (before the first is taken, too: an actor opens
+        its next shard while it still explains the current one). A worker process that dies (a crash in an
         image library) fails the shard with RuntimeError after the pool is restarted, so the driver's
-        retry finds a working pool.
+        retry finds a working pool. Leaving the context stops the reader.
         """
         futures: queue.Queue = queue.Queue(maxsize=max(2 * self.workers, math.ceil(in_flight / DECODE_CHUNK)))
         stop = threading.Event()
@@ -123,23 +127,7 @@ class DecodePool:
         )
         reader.start()
         try:
-            while (entry := futures.get()) is not None:
-                if isinstance(entry, SampleError):
-                    yield entry
-                    continue
-                try:
-                    results, tensors = entry.result()
-                except BrokenProcessPool as error:
-                    self._started.result().shutdown(wait=False, cancel_futures=True)
-                    self._started = _in_background(self._start)
-                    raise RuntimeError(
-                        f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted"
-                    ) from None
-                rows = iter(tensors)
-                for result in results:
-                    if isinstance(result, PreparedSample) and result.jpeg is None:
-                        result.tensor = next(rows)
-                    yield result
+            yield self._results(task, futures)
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
@@ -149,6 +137,26 @@ class DecodePool:
                         pending.cancel()
                 except queue.Empty:
                     pass
+
+    def _results(self, task: ShardTask, futures: queue.Queue) -> Iterator[PreparedSample | SampleError]:
+        """The reader's futures, in order, as samples (see :meth:`samples`)."""
+        while (entry := futures.get()) is not None:
+            if isinstance(entry, SampleError):
+                yield entry
+                continue
+            try:
+                results, tensors = entry.result()
+            except BrokenProcessPool as error:
+                self._started.result().shutdown(wait=False, cancel_futures=True)
+                self._started = _in_background(self._start)
+                raise RuntimeError(
+                    f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted"
+                ) from None
+            rows = iter(tensors)
+            for result in results:
+                if isinstance(result, PreparedSample) and result.jpeg is None:
+                    result.tensor = next(rows)
+                yield result
 
     def wait_until_started(self) -> None:
         """Block until the worker processes are up (raises what starting them raised)."""

@@ -7,60 +7,106 @@ import sys
 import time
 
 from cdam_worker.output_lock import LockRenewal, OutputLock
-from cdam_worker.pipeline import ray_session
+from cdam_worker.pipeline.actor_pool import ActorPool, start_actor_pool
 from cdam_worker.pipeline.duplicate_keys import shards_to_refuse_again
-from cdam_worker.pipeline.plan import ExplainOptions, Plan, make_plan, print_plan
+from cdam_worker.pipeline.phases import PhaseClock
+from cdam_worker.pipeline.plan import ExplainOptions, Plan, make_plan, plan_shards, print_plan
 from cdam_worker.pipeline.run_output import collect_markers, finish_manifest, prepare_output, run_complete
 from cdam_worker.pipeline.scheduler import ShardScheduler
+from cdam_worker.pipeline.settings import ShardTask
+from cdam_worker.ray_connect import Connection
 from schemas.manifest import ShardSummary
 
 
-def explain(options: ExplainOptions) -> int:
+def explain(options: ExplainOptions, connection: Connection | None = None) -> int:
     """Run (or resume) the job ``options`` describe; prints a summary and returns the exit status:
     0 when every shard is complete and accounted for, 1 otherwise (or, with ``strict``, when any sample failed).
 
-    Raises ConfigError for a bad setting (before any work), JobError, OutputInUseError or OutputLockLost
-    when the job cannot go on; shards finished before that are kept, and rerunning resumes.
+    Start-up overlaps: Ray is joined in the background from the start (``connection``, begun by ``cdam explain``
+    before it imported torch; else here), and the actors start as soon as the shards are known, while the
+    model is loaded and checked. Each phase's time is printed and kept in the manifest.
+
+    Raises ConfigError for a bad setting (before any shard is explained), JobError, OutputInUseError or
+    OutputLockLost when the job cannot go on; shards finished before that are kept, and rerunning resumes.
     """
-    started = time.time()
-    ray_was_connected = ray_session.connected()  # planning may start Ray (to count samples on the cluster)
-    plan = make_plan(options)
-    if options.dry_run:
-        print_plan(plan)
-        if not ray_was_connected:
-            ray_session.disconnect()
-        return 0
-    lock = OutputLock(plan.storage, plan.config.run_id)
-    lock.acquire()
-    renewal = LockRenewal(lock)
+    clock = PhaseClock(options.started_at)
+    connection = connection or Connection(options.address, background=not options.dry_run)
+    lock: OutputLock | None = None
+    renewal: LockRenewal | None = None
     try:
+        shards = plan_shards(options)
+        pool = None if options.dry_run else start_actor_pool(options, len(shards.urls))
+        plan = make_plan(options, shards)
+        clock.planned()
+        if options.dry_run:
+            print_plan(plan)
+            return 0
+        lock = OutputLock(plan.storage, plan.config.run_id)
+        lock.acquire()
+        renewal = LockRenewal(lock)
         todo = prepare_output(plan, overwrite=options.overwrite)
-        failures = ShardScheduler(plan, options, renewal.check).run(todo) if todo else {}
-        if not failures and (todo or not run_complete(plan)):  # cross-shard duplicate keys, from the written tables
+        failures = _explain_shards(plan, options, renewal, pool.result(), todo, clock) if todo else {}
+        clock.explained()
+        already_complete = not todo and run_complete(plan)  # a rerun of a complete run changes nothing
+        if not failures and not already_complete:  # cross-shard duplicate keys, from the written tables
             redo = shards_to_refuse_again(plan, options.address)
-            failures = ShardScheduler(plan, options, renewal.check).run(redo) if redo else {}
+            if redo:
+                failures = _explain_shards(
+                    plan, options, renewal, start_actor_pool(options, len(redo)).result(), redo, clock
+                )
         summaries = collect_markers(plan)
         renewal.check()
-        if not failures and len(summaries) == len(plan.shards):
-            finish_manifest(plan, summaries)
+        clock.ray_up(connection.began, connection.up_at)
+        if not failures and len(summaries) == len(plan.shards) and not already_complete:
+            finish_manifest(plan, summaries, clock.phases())
     finally:
-        if not ray_was_connected:  # the Ray this job started (or joined) goes now, not at the interpreter's exit
-            ray_session.disconnect()
-        renewal.stop()
-        lock.release()
+        clock.finished()
+        connection.close()
+        clock.shut_down()
+        if renewal is not None:
+            renewal.stop()
+        if lock is not None:
+            lock.release()
     return print_summary(
-        plan, summaries, failures, time.time() - started, skipped=len(plan.shards) - len(todo), strict=options.strict
+        plan,
+        summaries,
+        failures,
+        clock,
+        skipped=len(plan.shards) - len(todo),
+        strict=options.strict,
     )
 
 
+def _explain_shards(
+    plan: Plan,
+    options: ExplainOptions,
+    renewal: LockRenewal,
+    pool: ActorPool,
+    tasks: list[ShardTask],
+    clock: PhaseClock,
+) -> dict[int, str]:
+    scheduler = ShardScheduler(plan, options, renewal.check, pool)
+    try:
+        return scheduler.run(tasks)
+    finally:
+        clock.actors(pool.asked_at, scheduler.first_ready)
+
+
 def print_summary(
-    plan: Plan, summaries: dict[int, ShardSummary], failures: dict[int, str], seconds: float, skipped: int, strict: bool
+    plan: Plan,
+    summaries: dict[int, ShardSummary],
+    failures: dict[int, str],
+    clock: PhaseClock,
+    skipped: int,
+    strict: bool,
 ) -> int:
     images = sum(s.n_images for s in summaries.values())
     errors = sum(s.n_errors for s in summaries.values())
+    seconds = time.time() - (clock.process_started or clock.begun)
     lines = [
         f"done: {images} images explained, {errors} samples in errors/, {len(summaries)}/{len(plan.shards)} shards complete ({skipped} already done before this run)",
         f"time: {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s overall)",
+        clock.line(),
         f"output: {plan.storage.url} ({plan.storage.total_size() / 2**20:.1f} MiB)",
     ]
     for index, reason in sorted(failures.items()):

@@ -70,6 +70,7 @@ class ExplainOptions:
     strict: bool = False
     shard_index: str | None = None  # a wids shard list, a cdam pack index.json or img2dataset *_stats.json
     faults: Faults = field(default=NO_FAULTS)  # fault injection, for the reliability tests only
+    started_at: float | None = None  # when the command's process started (time.time()): its start-up is reported
 
 
 @dataclass
@@ -87,8 +88,29 @@ class Plan:
     counts_from: str = ""  # where the shards' sample counts come from (printed by --dry-run)
 
 
-def make_plan(options: ExplainOptions) -> Plan:
-    """Check every setting and build the run's plan; ConfigError on the first problem."""
+@dataclass(frozen=True)
+class ShardList:
+    """The run's shards and their sample counts, and where the counts come from (printed by --dry-run)."""
+
+    urls: list[str]
+    counts: list[int]
+    source: str
+
+
+def plan_shards(options: ExplainOptions) -> ShardList:
+    """The run's shards and their sample counts, from the first of: ``--shard-index``, a ``cdam pack`` index.json
+    beside the shards, the manifest of the run being resumed, or Ray tasks reading the tars' headers (a local
+    scan of a few shards); ConfigError for shards that cannot be found. Cheap unless a scan is needed, so the
+    driver knows the run's size, and starts its actors, before it loads the model."""
+    urls, counts, source = _shard_counts(options, Storage.from_url(options.output))
+    if counts is None:
+        counts = count_samples(urls, options.address)
+    return ShardList(urls, counts, source)
+
+
+def make_plan(options: ExplainOptions, shards: ShardList | None = None) -> Plan:
+    """Check every setting and build the run's plan (the shards of :func:`plan_shards` unless given);
+    ConfigError on the first problem."""
     spec = options.model
     if options.batch_size is not None and options.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {options.batch_size}")
@@ -132,14 +154,13 @@ def make_plan(options: ExplainOptions) -> Plan:
 
     storage = Storage.from_url(options.output)
     storage.check_writable()
-    urls, counts, source = _shard_counts(options, storage)
+    shards = shards or plan_shards(options)
+    urls, counts = shards.urls, shards.counts
     first = _first_sample(urls)
     if targets.kind == "label" and first is not None and first.label is None:
         raise ConfigError(
             f"--targets label needs a 'cls' member per sample, but sample {first.key!r} of {urls[0]} has none"
         )
-    if counts is None:
-        counts = count_samples(urls, options.address)
     tasks = [ShardTask(index, url, shard_name(url), n) for index, (url, n) in enumerate(zip(urls, counts))]
     grid = explainer.patch_grid(*loaded.data_config["input_size"][1:])
     config = JobConfig(
@@ -199,7 +220,7 @@ def make_plan(options: ExplainOptions) -> Plan:
         "rows_per_shard": config.rows_per_shard,
         "shards": [t.name for t in tasks],
     }
-    return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason, source)
+    return Plan(config, layout, storage, tasks, settings, loaded, attributes, explainer.method_reason, shards.source)
 
 
 def _zero_shot(spec: ModelSpec, targets: str) -> tuple[ModelSpec, str]:

@@ -97,7 +97,9 @@ def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
     return summaries
 
 
-def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
+def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary], timings: dict[str, float]) -> None:
+    """The manifest of a complete run: every shard's summary, the totals, and ``timings`` (seconds per phase of
+    the command that completed it; the only field that differs between two runs of the same settings)."""
     shards = [
         {
             "index": s.shard_index,
@@ -116,6 +118,7 @@ def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary]) -> None:
         "images": sum(s.n_images for s in summaries.values()),
         "errors": sum(s.n_errors for s in summaries.values()),
     }
+    manifest["timings"] = timings
     write_json(plan.storage, MANIFEST_PATH, manifest)
 
 

@@ -1,5 +1,6 @@
-"""Hands a run's shards to a pool of Ray actors, after ``ray.util.ActorPool``: idle actors get the next shard,
-a shard whose actor died is retried on another, an actor that could not start is replaced (up to a budget)."""
+"""Hands a run's shards to a pool of Ray actors, after ``ray.util.ActorPool``: each actor holds up to two
+shards (the one it explains and the next, read and decoded meanwhile), a shard whose actor died is retried on
+another, an actor that could not start is replaced (up to a budget)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,33 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
 from cdam_worker.pipeline import ray_session
-from cdam_worker.pipeline.actor import ActorInfo, make_actor_class
+from cdam_worker.pipeline.actor import SHARDS_AT_ONCE, ActorInfo
+from cdam_worker.pipeline.actor_pool import ActorPool, JobError
 from cdam_worker.pipeline.plan import ExplainOptions, Plan
 from cdam_worker.pipeline.run_output import write_shard_failure
 from cdam_worker.pipeline.settings import JobConfig, ShardTask
 from cdam_worker.storage import StorageError
+
+__all__ = ["JobError", "ShardScheduler"]
 
 MAX_SHARD_ATTEMPTS = 3
 MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
 STALL_SECONDS = 600  # no actor ready and none starting for this long: the cluster lacks the resources asked for
 
 
-class JobError(RuntimeError):
-    """The job could not go on (no actor could start, or another job took the output's lock over)."""
-
-
 @dataclass
 class ActorRecord:
-    """A ready actor: what it reported when it started, and how many shards it completed."""
+    """A ready actor: what it reported when it was configured, the shards it holds (``process_shard()``
+    references, in the order handed out: the first is being explained), and how many it completed."""
 
     info: ActorInfo
+    held: list[Any] = field(default_factory=list)
     shards: int = 0
 
 
@@ -41,23 +43,24 @@ class ShardScheduler:
 
     State, as Ray references map to what they stand for:
 
-    - ``starting``: ``ready()`` reference -> actor still loading its model;
-    - ``idle``: ready actors without a shard; ``ready_actors``: every ready actor's :class:`ActorRecord`;
+    - ``starting``: ``configure()`` reference -> actor still starting or taking the job;
+    - ``ready_actors``: every live, configured actor's :class:`ActorRecord`;
     - ``running``: ``process_shard()`` reference -> (actor, shard, attempt);
     - ``pending``: (shard, attempt) still to hand out; ``failures``: shard index -> why it was given up on.
 
     Each event ``ray.wait`` reports goes to one handler: :meth:`on_actor_ready`, :meth:`on_actor_start_failed`,
-    :meth:`on_shard_done`, :meth:`on_actor_died` (the shard is retried on another actor, the actor replaced),
-    :meth:`on_shard_failed` (the actor stays; the shard is retried). Every second :meth:`check_lock` runs the
-    lock renewal's check, which raises OutputLockLost when another job took the output over.
+    :meth:`on_shard_done`, :meth:`on_actor_died` (the shards it held are retried on other actors, the actor
+    replaced), :meth:`on_shard_failed` (the actor stays; the shard is retried). Every second :meth:`check_lock`
+    runs the lock renewal's check, which raises OutputLockLost when another job took the output over.
     """
 
-    def __init__(self, plan: Plan, options: ExplainOptions, check_lock: Callable[[], None]) -> None:
+    def __init__(self, plan: Plan, options: ExplainOptions, check_lock: Callable[[], None], pool: ActorPool) -> None:
         self.plan = plan
         self.options = options
         self.check_lock = check_lock
+        self.pool = pool
+        self.progress = pool.progress
         self.starting: dict[Any, Any] = {}
-        self.idle: list[Any] = []
         self.ready_actors: dict[Any, ActorRecord] = {}
         self.running: dict[Any, tuple[Any, ShardTask, int]] = {}
         self.pending: deque[tuple[ShardTask, int]] = deque()
@@ -65,16 +68,20 @@ class ShardScheduler:
         self.generation = 0  # bumped for every replacement actor (fault injection acts on the first generations)
         self.start_failures = 0
         self.shards_done = 0
-        self.first_ready: float | None = (
-            None  # when the first actor was ready: the job's throughput is measured from there
-        )
+        self.first_ready: float | None = None  # when the first actor was ready: throughput is measured from there
         self.last_progress = time.time()
 
     def run(self, tasks: list[ShardTask]) -> dict[int, str]:
-        """Run ``tasks`` on a new pool of actors; returns the shards given up on, with the reason."""
+        """Run ``tasks`` on the pool's actors (those beyond one per task are let go, the rest are given the job,
+        and all are let go at the end); returns the shards given up on, with the reason."""
         import ray
 
-        self._start_pool(len(tasks))
+        self.model = ray.put(self.plan.loaded)  # the checked model, read by the actors from their node's object store
+        self.kept = min(self.pool.size, len(tasks))  # actors that get the job (each one's decode pool is sized to them)
+        for surplus in self.pool.actors[self.kept :]:
+            ray.kill(surplus)
+        for actor in self.pool.actors[: self.kept]:
+            self._configure(actor)
         self.pending.extend((task, 1) for task in tasks)
         self.last_progress = time.time()
         total = sum(t.n_samples for t in tasks)
@@ -87,76 +94,43 @@ class ShardScheduler:
                 for ref in ready:
                     if ref in self.starting:
                         self._actor_started(ref)
-                    else:
+                    elif ref in self.running:  # not already retried with the rest of a dead actor's shards
                         self._shard_returned(ref)
                 bar.n = min(total, ray.get(self.progress.value.remote()))
                 bar.set_postfix_str(f"shards {self.shards_done}/{len(tasks)}", refresh=True)
-                if (
-                    not self.running
-                    and not self.idle
-                    and self.pending
-                    and time.time() - self.last_progress > STALL_SECONDS
-                ):
+                if not self.running and self.pending and time.time() - self.last_progress > STALL_SECONDS:
                     raise JobError(
                         "no actor could be started for 10 minutes: the cluster lacks the resources asked for (--cpus-per-actor / --gpus-per-actor)"
                     )
+            bar.close()
+            self._report()
         finally:
             bar.close()
-        self._report()
+            for actor in [*self.ready_actors, *self.starting.values()]:
+                ray.kill(actor)
         return self.failures
 
     # -- the pool ----------------------------------------------------------------------------------
 
-    def _start_pool(self, n_tasks: int) -> None:
-        import ray
-
-        options = self.options
-        ray_session.connect(options.address)
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        self.use_gpu = gpus > 0 and options.gpus_per_actor > 0
-        if self.plan.config.decode == "gpu" and not self.use_gpu:
-            raise JobError(
-                "--decode gpu needs actors with a GPU, but the Ray cluster has no GPU (or --gpus-per-actor is 0); use --decode cpu"
-            )
-        self.n_actors = options.actors or (
-            max(1, int(gpus // options.gpus_per_actor))
-            if self.use_gpu
-            else max(1, int(ray.cluster_resources().get("CPU", 1) // options.cpus_per_actor))
-        )
-        self.n_actors = min(self.n_actors, n_tasks)
-        self.actor_class = make_actor_class(options.cpus_per_actor, options.gpus_per_actor if self.use_gpu else 0)
-        self.progress = ray_session.progress_counter()
-        self.model = ray.put(
-            self.plan.loaded
-        )  # the checked model, read by the actors from the object store of their node
-        self.threads = max(1, int(options.cpus_per_actor))
-        for _ in range(self.n_actors):
-            self._start_actor()
-
-    def _start_actor(self) -> None:
-        actor = self.actor_class.remote(
-            self.plan.config,
-            self.plan.layout,
-            self.model,
-            "cuda" if self.use_gpu else "cpu",
-            self.threads,
-            self.generation,
-            self.progress,
-            self.options.decode_workers,
-            self.n_actors,
-            self.options.faults,
-        )
-        self.starting[actor.ready.remote()] = actor
+    def _configure(self, actor: Any) -> None:
+        self.starting[actor.configure.remote(self.plan.config, self.plan.layout, self.model, self.kept)] = actor
 
     def _start_replacement(self) -> None:
         self.generation += 1
-        self._start_actor()
+        self._configure(self.pool.new_actor(self.generation))
 
     def _hand_out_shards(self) -> None:
-        while self.idle and self.pending:
-            actor = self.idle.pop()
+        """Pending shards to the actors holding the fewest (up to SHARDS_AT_ONCE each): every actor gets one
+        before any gets a second."""
+        while self.pending:
+            holding = min(self.ready_actors.items(), key=lambda item: len(item[1].held), default=None)
+            if holding is None or len(holding[1].held) >= SHARDS_AT_ONCE:
+                return
+            actor, record = holding
             task, attempt = self.pending.popleft()
-            self.running[actor.process_shard.remote(task)] = (actor, task, attempt)
+            ref = actor.process_shard.remote(task)
+            self.running[ref] = (actor, task, attempt)
+            record.held.append(ref)
 
     def _actor_started(self, ref: Any) -> None:
         import ray
@@ -164,7 +138,7 @@ class ShardScheduler:
         actor = self.starting.pop(ref)
         try:
             info = ray.get(ref)
-        except ray.exceptions.RayError as error:  # e.g. its node was lost while it loaded the model
+        except ray.exceptions.RayError as error:  # e.g. its node was lost while it started
             self.on_actor_start_failed(error)
             return
         self.on_actor_ready(actor, info)
@@ -175,52 +149,59 @@ class ShardScheduler:
         actor, task, attempt = self.running.pop(ref)
         try:
             ray.get(ref)
-            self.on_shard_done(actor)
+            self.on_shard_done(actor, ref)
         except ray.exceptions.RayActorError as error:
-            self.on_actor_died(task, attempt, error)
+            self.on_actor_died(actor, ref, task, attempt, error)
         except ray.exceptions.RayError as error:
-            self.on_shard_failed(actor, task, attempt, error)
+            self.on_shard_failed(actor, ref, task, attempt, error)
         self.last_progress = time.time()
 
     # -- handlers ----------------------------------------------------------------------------------
 
     def on_actor_ready(self, actor: Any, info: ActorInfo) -> None:
-        """A new actor loaded its model: it joins the idle actors (JobError if it cannot decode as asked)."""
+        """A new actor took the job: it joins the ready actors (JobError if it cannot decode as asked)."""
         self.ready_actors[actor] = ActorRecord(
             _checked_actor(info, self.plan.config, warned=any(r.info.cuda_missing for r in self.ready_actors.values()))
         )
         self.first_ready = self.first_ready or time.time()
-        self.idle.append(actor)
         self.last_progress = time.time()
 
     def on_actor_start_failed(self, error: BaseException) -> None:
         """An actor could not start: replaced up to a budget, then the job goes on with the others (or stops)."""
         self.start_failures += 1
         reason = ray_session.failure_reason(error)
-        if self.start_failures <= MAX_START_FAILURES_PER_ACTOR * self.n_actors:
+        if self.start_failures <= MAX_START_FAILURES_PER_ACTOR * self.pool.size:
             self._start_replacement()
             print(f"an actor could not start: {reason}; starting a replacement", file=sys.stderr)
-        elif not (self.idle or self.running or self.starting):
+        elif not (self.ready_actors or self.starting):
             raise JobError(f"no actor could start ({self.start_failures} attempts); the last error: {reason}") from None
         else:
             print(
-                f"an actor could not start: {reason}; going on with {len(self.idle) + len(self.running) + len(self.starting)} other actor(s)",
+                f"an actor could not start: {reason}; going on with {len(self.ready_actors) + len(self.starting)} other actor(s)",
                 file=sys.stderr,
             )
 
-    def on_shard_done(self, actor: Any) -> None:
+    def on_shard_done(self, actor: Any, ref: Any) -> None:
         self.shards_done += 1
-        self.ready_actors[actor].shards += 1
-        self.idle.append(actor)
+        record = self.ready_actors[actor]
+        record.shards += 1
+        record.held.remove(ref)
 
-    def on_actor_died(self, task: ShardTask, attempt: int, error: BaseException) -> None:
-        """The actor is gone (its process or node died): a replacement starts, the shard is retried."""
+    def on_actor_died(self, actor: Any, ref: Any, task: ShardTask, attempt: int, error: BaseException) -> None:
+        """The actor is gone (its process or node died): a replacement starts, and every shard it held is
+        retried; the attempt counts against the one it was explaining (the first handed out), not the next."""
+        held = self.ready_actors.pop(actor).held
         self._start_replacement()
-        self._retry_or_fail(task, attempt, f"actor died: {ray_session.failure_reason(error)}")
+        reason = f"actor died: {ray_session.failure_reason(error)}"
+        (current, current_attempt), *waiting = [(task, attempt) if r == ref else self.running.pop(r)[1:] for r in held]
+        for waited, its_attempt in reversed(waiting):
+            print(f"shard {waited.name}: {reason} before its turn; retrying", file=sys.stderr)
+            self.pending.appendleft((waited, its_attempt))
+        self._retry_or_fail(current, current_attempt, reason)
 
-    def on_shard_failed(self, actor: Any, task: ShardTask, attempt: int, error: BaseException) -> None:
+    def on_shard_failed(self, actor: Any, ref: Any, task: ShardTask, attempt: int, error: BaseException) -> None:
         """The shard raised in a live actor: the actor takes other work, the shard is retried."""
-        self.idle.append(actor)
+        self.ready_actors[actor].held.remove(ref)
         self._retry_or_fail(task, attempt, ray_session.failure_reason(error))
 
     def _retry_or_fail(self, task: ShardTask, attempt: int, reason: str) -> None:
@@ -244,11 +225,12 @@ class ShardScheduler:
         explained = ray.get(self.progress.explained.remote())
         seconds = time.time() - (self.first_ready or time.time())
         print(
-            f"actors: {len(self.idle)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)",
+            f"actors: {len(self.ready_actors)} at the end; {explained} images in {seconds:.1f} s since the first actor was ready ({explained / max(seconds, 1e-9):.1f} images/s)",
             file=sys.stderr,
         )
+        actors = list(self.ready_actors)
         for number, (actor, peak) in enumerate(
-            zip(self.idle, ray.get([actor.peak_rss_mib.remote() for actor in self.idle])), 1
+            zip(actors, ray.get([actor.peak_rss_mib.remote() for actor in actors])), 1
         ):
             record = self.ready_actors[actor]
             info = record.info
