@@ -73,14 +73,20 @@ class Connection:
         self.began = time.time()
         self.up_at: float | None = None  # when Ray was up (None: not yet, or not begun)
         self.ready: Future[None] = Future()
+        self._sigterm_handler = signal.getsignal(signal.SIGTERM) if background and not self.was_connected else None
         if background and not self.was_connected:
             threading.Thread(target=self._run, name="ray-connect", daemon=True).start()
         else:
             self.ready.set_result(None)
 
     def wait(self) -> None:
-        """Block until Ray is up (raises what ``ray.init`` raised)."""
+        """Block until Ray is up (raises what ``ray.init`` raised). Called from the main thread, it then puts back
+        the SIGTERM handler the process had: joining Ray installs a native one (a stack trace, then an abort) that
+        only the main thread can replace."""
         self.ready.result()
+        if self._sigterm_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm_handler)
+            self._sigterm_handler = None
 
     def close(self) -> None:
         """Shut down the local Ray this command started (or leave the cluster it joined) now, not at the interpreter's exit."""

@@ -38,6 +38,7 @@ def explain(options: ExplainOptions, connection: Connection | None = None) -> in
         pool = None if options.dry_run else start_actor_pool(options, len(shards.urls))
         plan = make_plan(options, shards)
         clock.planned()
+        connection.wait()
         if options.dry_run:
             print_plan(plan)
             return 0
