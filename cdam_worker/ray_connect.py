@@ -3,6 +3,7 @@ commands that run their work as Ray tasks (``cdam_worker/reading/cluster.py``)."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -89,9 +90,14 @@ class Connection:
             self._sigterm_handler = None
 
     def close(self) -> None:
-        """Shut down the local Ray this command started (or leave the cluster it joined) now, not at the interpreter's exit."""
-        if not self.was_connected:
-            disconnect()
+        """Shut down the local Ray this command started (or leave the cluster it joined) now, not at the
+        interpreter's exit; a connection still starting is waited for first (a refused setting stops the
+        command before it needs Ray), so no Ray is left behind."""
+        if self.was_connected:
+            return
+        with contextlib.suppress(Exception):  # a Ray that failed to start has nothing to shut down
+            self.ready.result()
+        disconnect()
 
     def _run(self) -> None:
         try:
@@ -107,11 +113,12 @@ class Connection:
 
 
 class _NoticeFilter(logging.Filter):
-    """Drops two of Ray's notices that are not the user's business: a new local cluster uses token
-    authentication (it does, and nothing is to be done), and Ray set no SIGTERM handler when started off the
-    main thread (``cdam`` handles SIGTERM itself)."""
+    """Drops Ray's notices that are not the user's business: a local Ray started (the run's summary says how
+    long it took), a new local cluster uses token authentication (it does, and nothing is to be done), and Ray
+    set no SIGTERM handler when started off the main thread (``cdam`` handles SIGTERM itself)."""
 
     NOTICES = (
+        "Started a local Ray instance",  # the summary's phases line says how long it took
         "Token authentication is enabled for this Ray cluster",
         "SIGTERM handler is not set because current thread is not the main thread",
     )

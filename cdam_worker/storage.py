@@ -246,7 +246,17 @@ class Storage:
         return ObjectStore(store, read_only=read_only)
 
     def check_writable(self) -> None:
-        """Write and delete a probe object; StorageError with a one-line reason when that fails."""
+        """Write and delete a probe object; StorageError with a one-line reason when that fails. A local folder
+        that does not exist yet is not made: its nearest existing parent must be a folder this process may write."""
+        if self._local_root is not None and not os.path.isdir(self._local_root):
+            parent = os.path.dirname(os.path.abspath(self._local_root))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise StorageError(f"local folder {self.url} is not writable: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise StorageError(f"local folder {self.url} is not writable: permission denied on {parent}")
+            return
         probe = f".cdam-write-probe-{uuid.uuid4().hex}"
         try:
             store = self._obstore(create=True)

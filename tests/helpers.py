@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
+
+from cdam_worker.storage import Storage
+from schemas.paths import LOCK_PATH
 
 
 def make_tar(path: str | Path, members: Sequence[tuple[str | tarfile.TarInfo, bytes]]) -> Path:
@@ -283,3 +287,15 @@ def explain_argv(shards: Sequence[str | Path], output: str | Path, model: str, *
         "--actors",
         "1",
     ]
+
+
+def output_files(url: str | Path) -> dict[str, bytes]:
+    """Every object of a run's output (local or S3) but the lock, by path; the manifest without its ``timings``
+    (seconds per phase of the command that completed the run: the one field that differs between runs)."""
+    storage = Storage.from_url(str(url))
+    files = {path: storage.get(path) for path in storage.list() if path != LOCK_PATH}
+    if "manifest.json" in files:
+        manifest = json.loads(files["manifest.json"])
+        manifest.pop("timings", None)
+        files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return files

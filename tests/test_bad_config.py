@@ -74,7 +74,8 @@ def explain(
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the command, check it is refused with status 2 before Ray starts, return its one stderr line."""
+    """Run the command, check it is refused with status 2, one stderr line, and no Ray left running (Ray starts in
+    the background as the command begins); return that line."""
     assert not ray.is_initialized(), "another module left Ray running: this check would prove nothing"
     status = main(argv)
     captured = capsys.readouterr()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from accounting import assert_every_sample_accounted, in_process_processor, process, write_checkpoint
 from cdam_worker.pipeline.driver import print_summary
+from cdam_worker.pipeline.phases import PhaseClock
 from cdam_worker.pipeline.settings import ShardTask
 from cdam_worker.pipeline.sinks import ExplainedRow, ShardWriter
 from cdam_worker.shards.samples import Sample, SampleError
@@ -296,7 +297,7 @@ def test_summary_names_a_shard_whose_samples_are_not_all_accounted_for(tmp_path,
     storage = Storage.from_url(str(tmp_path / "out"))
     plan = SimpleNamespace(shards=[ShardTask(0, "a.tar", "a", 8), ShardTask(1, "b.tar", "b", 3)], storage=storage)
     summaries = {0: ShardSummary("a", 0, "a.tar", 8, 7, 1, 0, 16), 1: ShardSummary("b", 1, "b.tar", 3, 1, 2, 1, 16)}
-    assert print_summary(plan, summaries, {}, 1.0, skipped=0, strict=False) == 1
+    assert print_summary(plan, summaries, {}, PhaseClock(None), skipped=0, strict=False) == 1
     captured = capsys.readouterr()
     assert "UNACCOUNTED shard b: 3 samples planned, but 1 explained + 1 in errors/" in captured.out.splitlines()
     assert "UNACCOUNTED shard a" not in captured.out

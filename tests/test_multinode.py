@@ -20,9 +20,8 @@ from PIL import Image
 
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.faults import HOLD_ENV
-from helpers import finish, image_bytes, make_shard, start_driver, wait_for
+from helpers import finish, image_bytes, make_shard, output_files, start_driver, wait_for
 from jobs.verify import verify_output
-from schemas.paths import LOCK_PATH
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 N_SHARDS, SHARD_SIZE = 4, 9
@@ -114,17 +113,11 @@ def run_job(dataset: dict[str, str], cluster, root: Path, hold: Path | None = No
     return stdout, stderr
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH
-    }
-
-
 @pytest.fixture(scope="module")
 def single_node(cluster, dataset, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("single-node")
     _, stderr = run_job(dataset, cluster, root)
-    return {"stderr": stderr, "files": files(root / "out")}
+    return {"stderr": stderr, "files": output_files(root / "out")}
 
 
 def test_fake_gpu_job_runs_one_actor_per_gpu_on_the_cpu_decoding_with_the_node_cpus(single_node):
@@ -150,4 +143,4 @@ def test_two_nodes_share_the_shards_and_write_the_same_bytes(cluster, dataset, s
     assert (actors[head][0], actors[second][0]) == (2, 1)  # each node's CPUs
     assert min(actors[head][1], actors[second][1]) >= 1 and actors[head][1] + actors[second][1] == N_SHARDS
     assert stderr.count(NO_CUDA_WARNING) == 1, stderr
-    assert files(tmp_path / "out") == single_node["files"]
+    assert output_files(tmp_path / "out") == single_node["files"]

@@ -19,9 +19,8 @@ from PIL import Image
 
 from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.faults import HOLD_ENV
-from helpers import finish, image_bytes, make_shard, start_driver, wait_for
+from helpers import finish, image_bytes, make_shard, output_files, start_driver, wait_for
 from jobs.verify import verify_output
-from schemas.paths import LOCK_PATH
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
 N_SHARDS, SHARD_SIZE = 8, 8  # about 4 batches per shard: plenty of work is left after the first marker
@@ -113,12 +112,6 @@ def actors_holding(hold: Path) -> int:
     return len(list(hold.parent.glob(f"{hold.name}.*")))
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_PATH
-    }
-
-
 def shard_processors(cluster) -> list[dict]:
     """State and node of every ShardProcessor of the current driver, from the GCS (no driver needed here)."""
     actors = cluster.global_state.actor_table(None).values()
@@ -138,7 +131,7 @@ def reference(cluster, dataset, tmp_path_factory: pytest.TempPathFactory) -> dic
     )
     assert status == 0, stderr
     assert verify_output(str(root / "out")) == []
-    return files(root / "out")
+    return output_files(root / "out")
 
 
 def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, tmp_path):
@@ -160,7 +153,7 @@ def test_lost_worker_node_job_finishes_on_the_rest(cluster, dataset, reference, 
     assert "actor died" in stderr and "retrying (attempt 2 of 3)" in stderr
     assert f"{N_SHARDS}/{N_SHARDS} shards complete" in stdout
     assert verify_output(str(output)) == []
-    assert files(output) == reference
+    assert output_files(output) == reference
 
 
 def test_worker_node_lost_while_its_actor_starts(cluster, dataset, reference, tmp_path):
@@ -187,4 +180,4 @@ def test_worker_node_lost_while_its_actor_starts(cluster, dataset, reference, tm
     assert "an actor could not start" in stderr
     assert f"{N_SHARDS}/{N_SHARDS} shards complete" in stdout
     assert verify_output(str(output)) == []
-    assert files(output) == reference
+    assert output_files(output) == reference

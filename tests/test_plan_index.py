@@ -11,14 +11,9 @@ import pytest
 
 from cdam_worker.shards.shard_index import index_beside, read_shard_index
 from cdam_worker.shards.specs import DataError
+from helpers import output_files
 from jobs.cli import main
 from tests.test_job import dataset, explain_args  # noqa: F401 - the module's fixture
-
-
-def _files(root: str) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file() and "lock" not in p.name
-    }
 
 
 def test_index_formats_resolve_urls_and_counts(tmp_path):
@@ -57,7 +52,7 @@ def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_undercounts_go
     args = explain_args(dataset, indexed, "--targets", "topk:1", "--shard-index", str(index))
     args.remove("--shards"), args.remove(dataset["spec"])
     assert main(args) == 0
-    assert _files(indexed) == _files(scanned)
+    assert output_files(indexed) == output_files(scanned)
 
     index.write_text(
         json.dumps(

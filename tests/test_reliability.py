@@ -39,7 +39,18 @@ from cdam_worker.output_lock import LOCK_LEASE_SECONDS, OutputInUseError, Output
 from cdam_worker.pipeline.faults import EXIT_AFTER_BATCHES_ENV, FAIL_START_ENV, HOLD_ENV
 from cdam_worker.storage import Storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
-from helpers import S3Proxy, finish, image_bytes, jpeg_bytes, make_shard, make_tar, png_bytes, start_driver, wait_for
+from helpers import (
+    S3Proxy,
+    finish,
+    output_files,
+    image_bytes,
+    jpeg_bytes,
+    make_shard,
+    make_tar,
+    png_bytes,
+    start_driver,
+    wait_for,
+)
 from jobs.cli import main
 from jobs.verify import verify_output
 from schemas.paths import LOCK_PATH, marker_path
@@ -100,18 +111,6 @@ def explain_args(dataset: dict[str, str], output: str, *extra: str) -> list[str]
         "topk:2",
         *extra,
     ]
-
-
-def output_files(url: str) -> dict[str, bytes]:
-    """Every object of an output (local or S3) but the lock, by path; the manifest without its ``timings``
-    (seconds per phase of the command that completed the run: the one field that differs between runs)."""
-    storage = Storage.from_url(url)
-    files = {path: storage.get(path) for path in storage.list() if path != LOCK_PATH}
-    if "manifest.json" in files:
-        manifest = json.loads(files["manifest.json"])
-        manifest.pop("timings", None)
-        files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
-    return files
 
 
 @pytest.fixture(scope="module")

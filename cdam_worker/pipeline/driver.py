@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import Future, wait
 
 from cdam_worker.output_lock import LockRenewal, OutputLock
 from cdam_worker.pipeline.actor_pool import ActorPool, start_actor_pool
@@ -33,6 +34,7 @@ def explain(options: ExplainOptions, connection: Connection | None = None) -> in
     connection = connection or Connection(options.address, background=not options.dry_run)
     lock: OutputLock | None = None
     renewal: LockRenewal | None = None
+    pool: Future[ActorPool] | None = None
     try:
         shards = plan_shards(options)
         pool = None if options.dry_run else start_actor_pool(options, len(shards.urls))
@@ -62,6 +64,8 @@ def explain(options: ExplainOptions, connection: Connection | None = None) -> in
             finish_manifest(plan, summaries, clock.phases())
     finally:
         clock.finished()
+        if pool is not None:  # asking for the actors is over before Ray goes (a refused setting stops sooner)
+            wait([pool])
         connection.close()
         clock.shut_down()
         if renewal is not None:

@@ -101,8 +101,11 @@ def plan_shards(options: ExplainOptions) -> ShardList:
     """The run's shards and their sample counts, from the first of: ``--shard-index``, a ``cdam pack`` index.json
     beside the shards, the manifest of the run being resumed, or Ray tasks reading the tars' headers (a local
     scan of a few shards); ConfigError for shards that cannot be found. Cheap unless a scan is needed, so the
-    driver knows the run's size, and starts its actors, before it loads the model."""
-    urls, counts, source = _shard_counts(options, Storage.from_url(options.output))
+    driver knows the run's size, and starts its actors, before it loads the model. The output must be writable
+    (StorageError, one line, else)."""
+    storage = Storage.from_url(options.output)
+    storage.check_writable()
+    urls, counts, source = _shard_counts(options, storage)
     if counts is None:
         counts = count_samples(urls, options.address)
     return ShardList(urls, counts, source)
@@ -152,9 +155,8 @@ def make_plan(options: ExplainOptions, shards: ShardList | None = None) -> Plan:
     if targets.kind == "none" and not concepts:
         raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
 
+    shards = shards or plan_shards(options)  # the output's writability checked too
     storage = Storage.from_url(options.output)
-    storage.check_writable()
-    shards = shards or plan_shards(options)
     urls, counts = shards.urls, shards.counts
     first = _first_sample(urls)
     if targets.kind == "label" and first is not None and first.label is None:
