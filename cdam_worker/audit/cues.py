@@ -77,6 +77,8 @@ class PlaceStatistics:
     compactness: np.ndarray  # (n,) largest spot window of the off-place evidence / off-place share
     off_spot: np.ndarray  # (n, 2) centre (y, x, grid fractions) of that window: where a mark lies
     usual: np.ndarray  # (C, gh, gw) bool: each class's usual region (all True for classes not audited)
+    share: np.ndarray  # (n, gh, gw) each image's evidence distribution ``P`` (the features' own array, not a copy)
+    magnitude: np.ndarray  # (n, gh, gw) float32 each image's class map ``|m| / sum(|m|)``: attribution of either sign
 
 
 @dataclass
@@ -93,10 +95,11 @@ class Finding:
     kinds: np.ndarray  # (n_class,) str: the kind of each flagged image, "" for the others
 
 
-def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
+def place_statistics(share: np.ndarray, class_maps: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
     """Off-place share and compactness of every image, against its class's usual region (leave-class-out).
 
-    ``share`` is (n, gh, gw), each image's evidence distribution; ``classes`` (n,) its audited class (-1:
+    ``share`` is (n, gh, gw), each image's evidence distribution; ``class_maps`` (n, gh, gw) its signed map of its
+    audited class (for ``magnitude``); ``classes`` (n,) its audited class (-1:
     counts for the others' usual regions of nobody; left out). Computed ``PLACE_STEP`` images at a time, so its
     memory beyond ``share`` is bounded (the per-class sums add each class's images in order, one by one)."""
     n, gh, gw = share.shape
@@ -112,6 +115,7 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     usual = others * (gh * gw) >= 1.0  # denser than evidence spread evenly
     usual[(total_count - counts) == 0] = True
     off_place, compactness, off_spot = np.zeros(n), np.zeros(n), np.zeros((n, 2))
+    magnitude = np.empty((n, gh, gw), np.float32)
     width = spot_width((gh, gw))
     for start in range(0, n, PLACE_STEP):
         part = slice(start, start + PLACE_STEP)
@@ -127,11 +131,16 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
             off_place[part] > 0, windows[np.arange(m), best] / np.maximum(off_place[part], 1e-30), 0.0
         )
         off_spot[part] = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
+        absolute = np.abs(class_maps[part].astype(np.float64))
+        mass = absolute.sum(axis=(1, 2), keepdims=True)
+        magnitude[part] = np.where(mass > 0, absolute / np.maximum(mass, 1e-30), 1.0 / (gh * gw))
     return PlaceStatistics(
         off_place=np.where(kept, off_place, 0.0),
         compactness=compactness,
         off_spot=off_spot,
         usual=usual.reshape(n_classes, gh, gw),
+        share=share,
+        magnitude=magnitude,
     )
 
 
@@ -160,7 +169,7 @@ def find(
     if len(reference):
         above = int((mine > np.quantile(reference, REFERENCE_QUANTILE)).sum())
         expected = 1.0 - REFERENCE_QUANTILE
-        place_p = float(binom.sf(above - 1, n, expected)) if above else 1.0
+        place_p = _off_place_test(mine, reference)
         place_excess = float(np.clip((above / n - expected) / (1 - expected), 0.0, 1.0))
     if place_p * n_tests < ALPHA:
         cue_share = carrying_share(mine, reference)
@@ -170,6 +179,8 @@ def find(
         if kind == "background" and np.median(mine[flagged]) < BACKGROUND_SHARE:
             kind, cue_share = "", 0.0
             flagged[:] = False
+        if kind == "mark":
+            flagged, cue_share = _at_the_mark(stats, positions, classes, own, flagged, cue_share)
         kinds[flagged] = kind
 
     tipping_p, tipping_excess = 1.0, 0.0
@@ -178,7 +189,11 @@ def find(
         usual = max(usual_other, 1.0 / max(labelled, 1))  # no confusions elsewhere: one in the class is the usual
         tipping_p = float(binom.sf(wrong - 1, labelled, usual)) if wrong else 1.0
         tipping_excess = float(np.clip((wrong / labelled - usual) / max(1 - usual, 1e-12), 0.0, 1.0))
-        if tipping_p * n_tests < ALPHA and wrong / labelled >= TIPPING_RATIO * usual:
+        if (
+            tipping_p * n_tests < ALPHA
+            and wrong / labelled >= TIPPING_RATIO * usual
+            and _off_place_test(mine[other_labelled], reference) * n_tests < ALPHA
+        ):
             kinds[other_labelled & ~flagged] = "tipping"
             flagged = flagged | other_labelled
         else:
@@ -193,6 +208,47 @@ def find(
         flagged=flagged,
         kinds=kinds,
     )
+
+
+def _off_place_test(values: np.ndarray, reference: np.ndarray) -> float:
+    """One-sided binomial p-value that more of ``values`` (off-place shares) than the ``1 - REFERENCE_QUANTILE``
+    expected exceed the ``REFERENCE_QUANTILE`` of ``reference``; 0 without a reference (no competitor maps: the labels
+    speak alone), 1 without values."""
+    if not len(reference):
+        return 0.0
+    above = int((values > np.quantile(reference, REFERENCE_QUANTILE)).sum())
+    return float(binom.sf(above - 1, len(values), 1.0 - REFERENCE_QUANTILE)) if above else 1.0
+
+
+def _at_the_mark(
+    stats: PlaceStatistics, positions: np.ndarray, classes: np.ndarray, own: int, flagged: np.ndarray, cue_share: float
+) -> tuple[np.ndarray, float]:
+    """The images of a class with a mark, found again by their evidence at the mark's place (step 6).
+
+    The mark's region: the tokens off the usual region where the flagged images' mean evidence distribution is denser
+    than the other classes' by more than evidence spread evenly (``1/N``). Each image's share of its evidence there is
+    compared with the other classes' images' shares at the same tokens: ``pi`` (``carrying_share``) of the class carry
+    the mark, the ``round(pi * n)`` with the largest share (and some evidence there) are flagged. An image whose
+    object holds most of its evidence but which also has some on the mark is found so; the off-place share missed it.
+    Keeps ``flagged`` when the region is empty; flags nothing when the new estimate is under ``MIN_CUE_SHARE`` (too few
+    of the class put evidence at the place: off-place evidence that does not gather at a place is no mark)."""
+    n_tokens = stats.share[0].size
+    others = (classes >= 0) & (classes != own)
+    mine_share = stats.share[positions].reshape(len(positions), -1)
+    denser = mine_share[flagged].mean(axis=0, dtype=np.float64) - stats.share[others].reshape(-1, n_tokens).mean(
+        axis=0, dtype=np.float64
+    )
+    region = (denser * n_tokens > 1.0).astype(np.float64)
+    if not region.any():
+        return flagged, cue_share
+    at_mark = stats.magnitude[positions].reshape(len(positions), -1) @ region
+    reference = stats.magnitude[others].reshape(-1, n_tokens) @ region
+    share = carrying_share(at_mark, reference)
+    if share < MIN_CUE_SHARE:
+        return np.zeros_like(flagged), 0.0
+    again = np.zeros(len(positions), dtype=bool)
+    again[np.argsort(-at_mark, kind="stable")[: round(share * len(positions))]] = True
+    return again & (at_mark > 0), share
 
 
 def _place_kind(stats: PlaceStatistics, flagged: np.ndarray) -> str:
