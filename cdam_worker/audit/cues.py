@@ -28,11 +28,21 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
    also recognised pooled over the images (a fixed place: ``FIXED_PLACE_SHARE`` of their off-place evidence at one
    window). A background needs most of the flagged images' evidence off the usual region (median share at least
    ``BACKGROUND_SHARE``); an object that merely spills over it (a cross's arms) is no finding.
+6. **At the mark's place**: for a mark, the images are found again by where it lies. Its region is the tokens where
+   the flagged images' mean ``P`` is denser than the other classes' by more than ``1/N``; each image's share of its
+   map's *absolute* attribution there (``|m| / sum(|m|)``, either sign: a model can put negative evidence for the
+   class on the very mark it relies on, and then ``P`` misses it) is compared with the other classes' images' shares
+   at the same tokens, ``pi`` as in step 4, and the ``round(pi * n)`` images with the largest share are flagged. An
+   image whose object holds most of its evidence but whose map also weighs the mark is found so. When fewer than
+   ``MIN_CUE_SHARE`` of the class weigh the place, the off-place evidence does not gather at one and nothing is
+   flagged.
 
 Label disagreement is one more finding (``tipping``): the share of the class's labelled images labelled
 as another class, tested the same way against the run's pooled share of such images in the other
-classes (binomial, Bonferroni, at least ``TIPPING_RATIO`` times the usual). A clean model's ordinary
-confusions are near the usual share and are not flagged.
+classes (binomial, Bonferroni, at least ``TIPPING_RATIO`` times the usual), and only when the maps show a cue
+tipped them: more of those images than the ``1 - REFERENCE_QUANTILE`` expected put their evidence off place beyond
+the other classes' ``REFERENCE_QUANTILE`` (the step-3 test on them). A clean model's ordinary confusions (near the
+usual share, or two similar classes confused with the evidence where everyone's lies) are not flagged.
 """
 
 from __future__ import annotations
