@@ -103,6 +103,7 @@ class Finding:
     tipping_p: float
     flagged: np.ndarray  # (n_class,) bool: images carrying the cue (place) or tipped over (tipping)
     kinds: np.ndarray  # (n_class,) str: the kind of each flagged image, "" for the others
+    mark_spots: np.ndarray | None = None  # (n_class, 2) for a mark: each image's spot at the mark's place (step 6)
 
 
 def place_statistics(share: np.ndarray, class_maps: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
@@ -175,6 +176,7 @@ def find(
     reference = stats.off_place[(classes >= 0) & (classes != own)] if own >= 0 else np.zeros(0)
     flagged = np.zeros(n, dtype=bool)
     kinds = np.full(n, "", dtype=object)
+    mark_spots = None
     place_p, place_excess, cue_share = 1.0, 0.0, 0.0
     if len(reference):
         above = int((mine > np.quantile(reference, REFERENCE_QUANTILE)).sum())
@@ -190,7 +192,7 @@ def find(
             kind, cue_share = "", 0.0
             flagged[:] = False
         if kind == "mark":
-            flagged, cue_share = _at_the_mark(stats, positions, classes, own, flagged, cue_share)
+            flagged, cue_share, mark_spots = _at_the_mark(stats, positions, classes, own, flagged, cue_share)
         kinds[flagged] = kind
 
     tipping_p, tipping_excess = 1.0, 0.0
@@ -217,6 +219,7 @@ def find(
         tipping_p=tipping_p,
         flagged=flagged,
         kinds=kinds,
+        mark_spots=mark_spots,
     )
 
 
@@ -232,33 +235,34 @@ def _off_place_test(values: np.ndarray, reference: np.ndarray) -> float:
 
 def _at_the_mark(
     stats: PlaceStatistics, positions: np.ndarray, classes: np.ndarray, own: int, flagged: np.ndarray, cue_share: float
-) -> tuple[np.ndarray, float]:
-    """The images of a class with a mark, found again by their evidence at the mark's place (step 6).
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """The images of a class with a mark, found again by the attribution at the mark's place (step 6): the flagged
+    images, the new ``pi`` and each image's spot there, (n, 2) centres (y, x, grid fractions) of its ``w x w`` window
+    with the most attribution inside the region (None: ``flagged`` kept).
 
-    The mark's region: the tokens off the usual region where the flagged images' mean evidence distribution is denser
-    than the other classes' by more than evidence spread evenly (``1/N``). Each image's share of its evidence there is
-    compared with the other classes' images' shares at the same tokens: ``pi`` (``carrying_share``) of the class carry
-    the mark, the ``round(pi * n)`` with the largest share (and some evidence there) are flagged. An image whose
-    object holds most of its evidence but which also has some on the mark is found so; the off-place share missed it.
-    Keeps ``flagged`` when the region is empty; flags nothing when the new estimate is under ``MIN_CUE_SHARE`` (too few
-    of the class put evidence at the place: off-place evidence that does not gather at a place is no mark)."""
-    n_tokens = stats.share[0].size
+    The region: the tokens where the flagged images' mean ``P`` is denser than the other classes' by more than ``1/N``.
+    Each image's share of its absolute attribution there is compared with the other classes' images' shares at the
+    same tokens (``carrying_share``), and the ``round(pi * n)`` images with the largest share (some of it there) are
+    flagged. Keeps ``flagged`` when the region is empty; flags nothing when ``pi`` is under ``MIN_CUE_SHARE``."""
+    n, n_tokens = len(positions), stats.share[0].size
     others = (classes >= 0) & (classes != own)
-    mine_share = stats.share[positions].reshape(len(positions), -1)
-    denser = mine_share[flagged].mean(axis=0, dtype=np.float64) - stats.share[others].reshape(-1, n_tokens).mean(
-        axis=0, dtype=np.float64
-    )
+    flagged_mean = stats.share[positions[flagged]].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
+    denser = flagged_mean - stats.share[others].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
     region = (denser * n_tokens > 1.0).astype(np.float64)
     if not region.any():
-        return flagged, cue_share
-    at_mark = stats.magnitude[positions].reshape(len(positions), -1) @ region
-    reference = stats.magnitude[others].reshape(-1, n_tokens) @ region
-    share = carrying_share(at_mark, reference)
+        return flagged, cue_share, None
+    magnitude = stats.magnitude[positions].reshape(n, n_tokens) * region  # the attribution inside the region
+    at_mark = magnitude.sum(axis=1)
+    share = carrying_share(at_mark, stats.magnitude[others].reshape(-1, n_tokens) @ region)
     if share < MIN_CUE_SHARE:
-        return np.zeros_like(flagged), 0.0
-    again = np.zeros(len(positions), dtype=bool)
-    again[np.argsort(-at_mark, kind="stable")[: round(share * len(positions))]] = True
-    return again & (at_mark > 0), share
+        return np.zeros_like(flagged), 0.0, None
+    again = np.zeros(n, dtype=bool)
+    again[np.argsort(-at_mark, kind="stable")[: round(share * n)]] = True
+    gh, gw = stats.share.shape[1:]
+    width = spot_width((gh, gw))
+    windows = window_sums(magnitude.reshape(n, gh, gw), width).reshape(n, -1)
+    wy, wx = np.unravel_index(windows.argmax(axis=1), (gh - width + 1, gw - width + 1))
+    return again & (at_mark > 0), share, np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
 
 
 def _place_kind(stats: PlaceStatistics, flagged: np.ndarray) -> str:

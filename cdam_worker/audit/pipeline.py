@@ -292,8 +292,9 @@ def audit_class(data: ClassData, context: RunContext) -> ClassAudit:
         finding.flagged[:] = False
         finding.kinds[:] = ""
     off_place = place.off_place[positions]
-    is_mark = finding.kinds == "mark"  # a mark's spot is where its off-place evidence lies, not the object's
-    features.spot_y[is_mark], features.spot_x[is_mark] = place.off_spot[positions[is_mark]].T
+    is_mark = finding.kinds == "mark"  # a mark's spot is where the mark lies, not the object's
+    spots = place.off_spot[positions] if finding.mark_spots is None else finding.mark_spots
+    features.spot_y[is_mark], features.spot_x[is_mark] = spots[is_mark].T
     groups = [(np.flatnonzero(finding.kinds == kind), kind) for kind in KINDS]
     groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
     groups = [(members, kind) for members, kind in groups if len(members)]
