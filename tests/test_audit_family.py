@@ -101,7 +101,8 @@ def test_label_disagreement_flags_only_far_beyond_the_usual_confusions_and_where
             off_spot=np.zeros((len(classes), 2)),
             usual=np.ones((n_classes, 2, 2), bool),
             share=np.full((len(classes), 2, 2), 0.25),
-            magnitude=np.full((len(classes), 2, 2), 0.25, np.float32),
+            class_maps=np.ones((len(classes), 2, 2), np.float32),
+            mass=np.full(len(classes), 4.0),
         )
         finding = find(positions, classes, stats, n_classes, other, 0.03, per_class)
         assert bool(finding.flagged.any()) is flagged, (wrong_share, off_place, finding)

@@ -30,7 +30,7 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
    ``BACKGROUND_SHARE``); an object that merely spills over it (a cross's arms) is no finding.
 6. **At the mark's place**: for a mark, the images are found again by where it lies. Its region is the tokens where
    the flagged images' mean ``P`` is denser than the other classes' by more than ``1/N``; each image's share of its
-   map's *absolute* attribution there (``|m| / sum(|m|)``, either sign: a model can put negative evidence for the
+   map's *absolute* attribution there (``|m| / sum(|m|)`` of its class map ``m``, either sign: a model can put negative evidence for the
    class on the very mark it relies on, and then ``P`` misses it) is compared with the other classes' images' shares
    at the same tokens, ``pi`` as in step 4, and the ``round(pi * n)`` images with the largest share are flagged. An
    image whose object holds most of its evidence but whose map also weighs the mark is found so. When fewer than
@@ -88,7 +88,26 @@ class PlaceStatistics:
     off_spot: np.ndarray  # (n, 2) centre (y, x, grid fractions) of that window: where a mark lies
     usual: np.ndarray  # (C, gh, gw) bool: each class's usual region (all True for classes not audited)
     share: np.ndarray  # (n, gh, gw) each image's evidence distribution ``P`` (the features' own array, not a copy)
-    magnitude: np.ndarray  # (n, gh, gw) float32 each image's class map ``|m| / sum(|m|)``: attribution of either sign
+    class_maps: np.ndarray  # (n, gh, gw) each image's signed map ``m`` of its class (the gathered array, not a copy)
+    mass: np.ndarray  # (n,) ``sum(|m|)``: an image's attribution of either sign at tokens T is ``sum_T |m| / mass``
+
+    def attribution(self, index: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(len(index), N) float64 ``|m| / sum(|m|)`` of the images ``index`` on the tokens of ``region`` (N bool),
+        0 elsewhere (uniform for an all-zero map)."""
+        flat = self.class_maps.reshape(len(self.class_maps), -1)
+        absolute = np.abs(flat[index].astype(np.float64))
+        mass = self.mass[index][:, None]
+        return np.where(mass > 0, absolute / np.maximum(mass, 1e-30), 1.0 / flat.shape[1]) * region
+
+    def attribution_sums(self, index: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(len(index),) the images' share of attribution on ``region``, ``PLACE_STEP`` images at a time."""
+        return np.concatenate(
+            [
+                self.attribution(index[start : start + PLACE_STEP], region).sum(axis=1)
+                for start in range(0, len(index), PLACE_STEP)
+            ]
+            or [np.zeros(0)]
+        )
 
 
 @dataclass
@@ -110,7 +129,7 @@ def place_statistics(share: np.ndarray, class_maps: np.ndarray, classes: np.ndar
     """Off-place share and compactness of every image, against its class's usual region (leave-class-out).
 
     ``share`` is (n, gh, gw), each image's evidence distribution; ``class_maps`` (n, gh, gw) its signed map of its
-    audited class (for ``magnitude``); ``classes`` (n,) its audited class (-1:
+    audited class (kept by reference, for the attribution at a mark's place); ``classes`` (n,) its audited class (-1:
     counts for the others' usual regions of nobody; left out). Computed ``PLACE_STEP`` images at a time, so its
     memory beyond ``share`` is bounded (the per-class sums add each class's images in order, one by one)."""
     n, gh, gw = share.shape
@@ -126,7 +145,7 @@ def place_statistics(share: np.ndarray, class_maps: np.ndarray, classes: np.ndar
     usual = others * (gh * gw) >= 1.0  # denser than evidence spread evenly
     usual[(total_count - counts) == 0] = True
     off_place, compactness, off_spot = np.zeros(n), np.zeros(n), np.zeros((n, 2))
-    magnitude = np.empty((n, gh, gw), np.float32)
+    mass = np.zeros(n)
     width = spot_width((gh, gw))
     for start in range(0, n, PLACE_STEP):
         part = slice(start, start + PLACE_STEP)
@@ -142,16 +161,15 @@ def place_statistics(share: np.ndarray, class_maps: np.ndarray, classes: np.ndar
             off_place[part] > 0, windows[np.arange(m), best] / np.maximum(off_place[part], 1e-30), 0.0
         )
         off_spot[part] = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
-        absolute = np.abs(class_maps[part].astype(np.float64))
-        mass = absolute.sum(axis=(1, 2), keepdims=True)
-        magnitude[part] = np.where(mass > 0, absolute / np.maximum(mass, 1e-30), 1.0 / (gh * gw))
+        mass[part] = np.abs(class_maps[part].astype(np.float64)).sum(axis=(1, 2))
     return PlaceStatistics(
         off_place=np.where(kept, off_place, 0.0),
         compactness=compactness,
         off_spot=off_spot,
         usual=usual.reshape(n_classes, gh, gw),
         share=share,
-        magnitude=magnitude,
+        class_maps=class_maps,
+        mass=mass,
     )
 
 
@@ -248,19 +266,19 @@ def _at_the_mark(
     others = (classes >= 0) & (classes != own)
     flagged_mean = stats.share[positions[flagged]].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
     denser = flagged_mean - stats.share[others].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
-    region = (denser * n_tokens > 1.0).astype(np.float64)
+    region = denser * n_tokens > 1.0
     if not region.any():
         return flagged, cue_share, None
-    magnitude = stats.magnitude[positions].reshape(n, n_tokens) * region  # the attribution inside the region
-    at_mark = magnitude.sum(axis=1)
-    share = carrying_share(at_mark, stats.magnitude[others].reshape(-1, n_tokens) @ region)
+    attribution = stats.attribution(positions, region)  # (n, N): the class's images' attribution inside the region
+    at_mark = attribution.sum(axis=1)
+    share = carrying_share(at_mark, stats.attribution_sums(np.flatnonzero(others), region))
     if share < MIN_CUE_SHARE:
         return np.zeros_like(flagged), 0.0, None
     again = np.zeros(n, dtype=bool)
     again[np.argsort(-at_mark, kind="stable")[: round(share * n)]] = True
     gh, gw = stats.share.shape[1:]
     width = spot_width((gh, gw))
-    windows = window_sums(magnitude.reshape(n, gh, gw), width).reshape(n, -1)
+    windows = window_sums(attribution.reshape(n, gh, gw), width).reshape(n, -1)
     wy, wx = np.unravel_index(windows.argmax(axis=1), (gh - width + 1, gw - width + 1))
     return again & (at_mark > 0), share, np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
 
