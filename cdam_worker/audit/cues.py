@@ -81,7 +81,8 @@ KIND_WORDS = {
 
 @dataclass
 class PlaceStatistics:
-    """Per image (aligned with the gathered images): its off-place share and how compact that evidence is."""
+    """Per image (aligned with the gathered images): its off-place share and how compact that evidence is, and what the
+    attribution at a mark's place is read from (step 6)."""
 
     off_place: np.ndarray  # (n,) share of the image's evidence outside its class's usual region
     compactness: np.ndarray  # (n,) largest spot window of the off-place evidence / off-place share
