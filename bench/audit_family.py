@@ -1,6 +1,6 @@
 """The audit's benchmark family: planted marks and backgrounds, learnt or not, found or not, image by image.
 
-    python -m bench.audit_family [--cues all|NAME,...] [--samples 512] [--cache-dir DIR] [--report BENCHMARKS.md]
+    python -m bench.audit_family [--cues all|NAME,...] [--samples 512] [--cache-dir DIR] [--keep DIR] [--report BENCHMARKS.md]
 
 For each cue of ``CUES`` (``bench/planted.py``: a mark at the corner, along the top edge or anywhere, in
 two sizes; a water background) it trains the demo's tiny ViT with one block on the cue's training split (the cue on
@@ -176,6 +176,11 @@ def main() -> None:
     parser.add_argument(
         "--cache-dir", default=None, help="trained models are kept here (default: the demo's cache folder, planted/)"
     )
+    parser.add_argument(
+        "--keep",
+        default=None,
+        help="write the shards and audited runs here and keep them (default: a temporary folder)",
+    )
     parser.add_argument("--report", default="BENCHMARKS.md")
     args = parser.parse_args()
     wanted = CUES if args.cues == "all" else [c for c in CUES if c.name in args.cues.split(",")]
@@ -186,9 +191,10 @@ def main() -> None:
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
     lines = []
     with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.keep) if args.keep else Path(scratch)
         for cue in wanted:
             for model, split in CASES:
-                result = run_case(cue, model, split, Path(scratch), cache, args.samples)
+                result = run_case(cue, model, split, root, cache, args.samples)
                 lines.append(result.row())
                 print(result.row(), file=sys.stderr, flush=True)
     table = "\n".join([HEADER, *lines])

@@ -76,22 +76,36 @@ def test_the_clean_control_flags_nothing(background_cases: dict[str, CaseResult]
     assert result.flagged == [] and result.precision is None, result.row()
 
 
-def test_label_disagreement_flags_only_far_beyond_the_usual_confusions() -> None:
-    """``find`` on made-up statistics: every image on the usual region, so only the labels can speak."""
+def test_label_disagreement_flags_only_far_beyond_the_usual_confusions_and_where_the_maps_show_it() -> None:
+    """``find`` on made-up statistics (the others confused 3% of the time, their off-place shares spread evenly under
+    0.5): label disagreement is flagged only far beyond the usual confusions and only when the images labelled as other
+    classes put their evidence off where the other classes' lies (a cue tipped them over); confusions with the evidence
+    where everyone's lies are ordinary (say two similar classes), whatever their number. Too few such images (15%)
+    for a place finding (``MIN_CUE_SHARE``), so only the labels and the maps of those images speak."""
     n_classes, per_class = 4, 200
     classes = np.repeat(np.arange(n_classes), per_class)
-    stats = PlaceStatistics(
-        off_place=np.zeros(len(classes)),
-        compactness=np.zeros(len(classes)),
-        off_spot=np.zeros((len(classes), 2)),
-        usual=np.ones((n_classes, 2, 2), bool),
-    )
     rng = np.random.default_rng(0)
     positions = np.flatnonzero(classes == 0)
-    for wrong_share, flagged in ((0.12, False), (0.6, True)):  # the others are confused 10% of the time
+    for wrong_share, off_place, flagged in (
+        (0.05, 0.8, False),
+        (0.15, 0.0, False),
+        (0.6, 0.0, False),
+        (0.15, 0.8, True),
+    ):
         other = rng.random(per_class) < wrong_share
-        finding = find(positions, classes, stats, n_classes, other, 0.1, per_class)
-        assert bool(finding.flagged.any()) is flagged, (wrong_share, finding)
+        shares = rng.uniform(0.0, 0.5, len(classes))
+        shares[positions[other]] = off_place
+        stats = PlaceStatistics(
+            off_place=shares,
+            compactness=np.zeros(len(classes)),
+            off_spot=np.zeros((len(classes), 2)),
+            usual=np.ones((n_classes, 2, 2), bool),
+            share=np.full((len(classes), 2, 2), 0.25),
+            class_maps=np.ones((len(classes), 2, 2), np.float32),
+            mass=np.full(len(classes), 4.0),
+        )
+        finding = find(positions, classes, stats, n_classes, other, 0.03, per_class)
+        assert bool(finding.flagged.any()) is flagged, (wrong_share, off_place, finding)
         assert set(finding.kinds[finding.flagged]) <= {"tipping"}
         if flagged:
             assert np.array_equal(finding.flagged, other)

@@ -28,11 +28,21 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
    also recognised pooled over the images (a fixed place: ``FIXED_PLACE_SHARE`` of their off-place evidence at one
    window). A background needs most of the flagged images' evidence off the usual region (median share at least
    ``BACKGROUND_SHARE``); an object that merely spills over it (a cross's arms) is no finding.
+6. **At the mark's place**: for a mark, the images are found again by where it lies. Its region is the tokens where
+   the flagged images' mean ``P`` is denser than the other classes' by more than ``1/N``; each image's share of its
+   map's *absolute* attribution there (``|m| / sum(|m|)`` of its class map ``m``, either sign: a model can put negative evidence for the
+   class on the very mark it relies on, and then ``P`` misses it) is compared with the other classes' images' shares
+   at the same tokens, ``pi`` as in step 4, and the ``round(pi * n)`` images with the largest share are flagged. An
+   image whose object holds most of its evidence but whose map also weighs the mark is found so. When fewer than
+   ``MIN_CUE_SHARE`` of the class weigh the place, the off-place evidence does not gather at one and nothing is
+   flagged.
 
 Label disagreement is one more finding (``tipping``): the share of the class's labelled images labelled
 as another class, tested the same way against the run's pooled share of such images in the other
-classes (binomial, Bonferroni, at least ``TIPPING_RATIO`` times the usual). A clean model's ordinary
-confusions are near the usual share and are not flagged.
+classes (binomial, Bonferroni, at least ``TIPPING_RATIO`` times the usual), and only when the maps show a cue
+tipped them: more of those images than the ``1 - REFERENCE_QUANTILE`` expected put their evidence off place beyond
+the other classes' ``REFERENCE_QUANTILE`` (the step-3 test on them). A clean model's ordinary confusions (near the
+usual share, or two similar classes confused with the evidence where everyone's lies) are not flagged.
 """
 
 from __future__ import annotations
@@ -71,12 +81,34 @@ KIND_WORDS = {
 
 @dataclass
 class PlaceStatistics:
-    """Per image (aligned with the gathered images): its off-place share and how compact that evidence is."""
+    """Per image (aligned with the gathered images): its off-place share and how compact that evidence is, and what the
+    attribution at a mark's place is read from (step 6)."""
 
     off_place: np.ndarray  # (n,) share of the image's evidence outside its class's usual region
     compactness: np.ndarray  # (n,) largest spot window of the off-place evidence / off-place share
     off_spot: np.ndarray  # (n, 2) centre (y, x, grid fractions) of that window: where a mark lies
     usual: np.ndarray  # (C, gh, gw) bool: each class's usual region (all True for classes not audited)
+    share: np.ndarray  # (n, gh, gw) each image's evidence distribution ``P`` (the features' own array, not a copy)
+    class_maps: np.ndarray  # (n, gh, gw) each image's signed map ``m`` of its class (the gathered array, not a copy)
+    mass: np.ndarray  # (n,) ``sum(|m|)``: an image's attribution of either sign at tokens T is ``sum_T |m| / mass``
+
+    def attribution(self, index: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(len(index), N) float64 ``|m| / sum(|m|)`` of the images ``index`` on the tokens of ``region`` (N bool),
+        0 elsewhere (uniform for an all-zero map)."""
+        flat = self.class_maps.reshape(len(self.class_maps), -1)
+        absolute = np.abs(flat[index].astype(np.float64))
+        mass = self.mass[index][:, None]
+        return np.where(mass > 0, absolute / np.maximum(mass, 1e-30), 1.0 / flat.shape[1]) * region
+
+    def attribution_sums(self, index: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(len(index),) the images' share of attribution on ``region``, ``PLACE_STEP`` images at a time."""
+        return np.concatenate(
+            [
+                self.attribution(index[start : start + PLACE_STEP], region).sum(axis=1)
+                for start in range(0, len(index), PLACE_STEP)
+            ]
+            or [np.zeros(0)]
+        )
 
 
 @dataclass
@@ -91,12 +123,14 @@ class Finding:
     tipping_p: float
     flagged: np.ndarray  # (n_class,) bool: images carrying the cue (place) or tipped over (tipping)
     kinds: np.ndarray  # (n_class,) str: the kind of each flagged image, "" for the others
+    mark_spots: np.ndarray | None = None  # (n_class, 2) for a mark: each image's spot at the mark's place (step 6)
 
 
-def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
+def place_statistics(share: np.ndarray, class_maps: np.ndarray, classes: np.ndarray, n_classes: int) -> PlaceStatistics:
     """Off-place share and compactness of every image, against its class's usual region (leave-class-out).
 
-    ``share`` is (n, gh, gw), each image's evidence distribution; ``classes`` (n,) its audited class (-1:
+    ``share`` is (n, gh, gw), each image's evidence distribution; ``class_maps`` (n, gh, gw) its signed map of its
+    audited class (kept by reference, for the attribution at a mark's place); ``classes`` (n,) its audited class (-1:
     counts for the others' usual regions of nobody; left out). Computed ``PLACE_STEP`` images at a time, so its
     memory beyond ``share`` is bounded (the per-class sums add each class's images in order, one by one)."""
     n, gh, gw = share.shape
@@ -112,6 +146,7 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
     usual = others * (gh * gw) >= 1.0  # denser than evidence spread evenly
     usual[(total_count - counts) == 0] = True
     off_place, compactness, off_spot = np.zeros(n), np.zeros(n), np.zeros((n, 2))
+    mass = np.zeros(n)
     width = spot_width((gh, gw))
     for start in range(0, n, PLACE_STEP):
         part = slice(start, start + PLACE_STEP)
@@ -127,11 +162,15 @@ def place_statistics(share: np.ndarray, classes: np.ndarray, n_classes: int) -> 
             off_place[part] > 0, windows[np.arange(m), best] / np.maximum(off_place[part], 1e-30), 0.0
         )
         off_spot[part] = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
+        mass[part] = np.abs(class_maps[part].astype(np.float64)).sum(axis=(1, 2))
     return PlaceStatistics(
         off_place=np.where(kept, off_place, 0.0),
         compactness=compactness,
         off_spot=off_spot,
         usual=usual.reshape(n_classes, gh, gw),
+        share=share,
+        class_maps=class_maps,
+        mass=mass,
     )
 
 
@@ -156,11 +195,12 @@ def find(
     reference = stats.off_place[(classes >= 0) & (classes != own)] if own >= 0 else np.zeros(0)
     flagged = np.zeros(n, dtype=bool)
     kinds = np.full(n, "", dtype=object)
+    mark_spots = None
     place_p, place_excess, cue_share = 1.0, 0.0, 0.0
     if len(reference):
         above = int((mine > np.quantile(reference, REFERENCE_QUANTILE)).sum())
         expected = 1.0 - REFERENCE_QUANTILE
-        place_p = float(binom.sf(above - 1, n, expected)) if above else 1.0
+        place_p = _off_place_test(mine, reference)
         place_excess = float(np.clip((above / n - expected) / (1 - expected), 0.0, 1.0))
     if place_p * n_tests < ALPHA:
         cue_share = carrying_share(mine, reference)
@@ -170,6 +210,8 @@ def find(
         if kind == "background" and np.median(mine[flagged]) < BACKGROUND_SHARE:
             kind, cue_share = "", 0.0
             flagged[:] = False
+        if kind == "mark":
+            flagged, cue_share, mark_spots = _at_the_mark(stats, positions, classes, own, flagged, cue_share)
         kinds[flagged] = kind
 
     tipping_p, tipping_excess = 1.0, 0.0
@@ -178,7 +220,11 @@ def find(
         usual = max(usual_other, 1.0 / max(labelled, 1))  # no confusions elsewhere: one in the class is the usual
         tipping_p = float(binom.sf(wrong - 1, labelled, usual)) if wrong else 1.0
         tipping_excess = float(np.clip((wrong / labelled - usual) / max(1 - usual, 1e-12), 0.0, 1.0))
-        if tipping_p * n_tests < ALPHA and wrong / labelled >= TIPPING_RATIO * usual:
+        if (
+            tipping_p * n_tests < ALPHA
+            and wrong / labelled >= TIPPING_RATIO * usual
+            and _off_place_test(mine[other_labelled], reference) * n_tests < ALPHA
+        ):
             kinds[other_labelled & ~flagged] = "tipping"
             flagged = flagged | other_labelled
         else:
@@ -192,7 +238,50 @@ def find(
         tipping_p=tipping_p,
         flagged=flagged,
         kinds=kinds,
+        mark_spots=mark_spots,
     )
+
+
+def _off_place_test(values: np.ndarray, reference: np.ndarray) -> float:
+    """One-sided binomial p-value that more of ``values`` (off-place shares) than the ``1 - REFERENCE_QUANTILE``
+    expected exceed the ``REFERENCE_QUANTILE`` of ``reference``; 0 without a reference (no competitor maps: the labels
+    speak alone), 1 without values."""
+    if not len(reference):
+        return 0.0
+    above = int((values > np.quantile(reference, REFERENCE_QUANTILE)).sum())
+    return float(binom.sf(above - 1, len(values), 1.0 - REFERENCE_QUANTILE)) if above else 1.0
+
+
+def _at_the_mark(
+    stats: PlaceStatistics, positions: np.ndarray, classes: np.ndarray, own: int, flagged: np.ndarray, cue_share: float
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """The images of a class with a mark, found again by the attribution at the mark's place (step 6): the flagged
+    images, the new ``pi`` and each image's spot there, (n, 2) centres (y, x, grid fractions) of its ``w x w`` window
+    with the most attribution inside the region (None: ``flagged`` kept).
+
+    The region: the tokens where the flagged images' mean ``P`` is denser than the other classes' by more than ``1/N``.
+    Each image's share of its absolute attribution there is compared with the other classes' images' shares at the
+    same tokens (``carrying_share``), and the ``round(pi * n)`` images with the largest share (some of it there) are
+    flagged. Keeps ``flagged`` when the region is empty; flags nothing when ``pi`` is under ``MIN_CUE_SHARE``."""
+    n, n_tokens = len(positions), stats.share[0].size
+    others = (classes >= 0) & (classes != own)
+    flagged_mean = stats.share[positions[flagged]].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
+    denser = flagged_mean - stats.share[others].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
+    region = denser * n_tokens > 1.0
+    if not region.any():
+        return flagged, cue_share, None
+    attribution = stats.attribution(positions, region)  # (n, N): the class's images' attribution inside the region
+    at_mark = attribution.sum(axis=1)
+    share = carrying_share(at_mark, stats.attribution_sums(np.flatnonzero(others), region))
+    if share < MIN_CUE_SHARE:
+        return np.zeros_like(flagged), 0.0, None
+    again = np.zeros(n, dtype=bool)
+    again[np.argsort(-at_mark, kind="stable")[: round(share * n)]] = True
+    gh, gw = stats.share.shape[1:]
+    width = spot_width((gh, gw))
+    windows = window_sums(attribution.reshape(n, gh, gw), width).reshape(n, -1)
+    wy, wx = np.unravel_index(windows.argmax(axis=1), (gh - width + 1, gw - width + 1))
+    return again & (at_mark > 0), share, np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
 
 
 def _place_kind(stats: PlaceStatistics, flagged: np.ndarray) -> str:

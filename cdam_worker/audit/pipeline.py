@@ -141,7 +141,7 @@ def audit_run(
     # Without a competitor map the evidence is not class-specific (an object's shared parts count): such
     # images take no part in the place findings.
     place_classes = np.where(gathered.features.competitors > 0, audited_classes, -1)
-    place = place_statistics(gathered.features.share, place_classes, len(names))
+    place = place_statistics(gathered.features.share, gathered.class_maps, place_classes, len(names))
     other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
     to_audit = np.flatnonzero(counts >= options.min_images)
     context = RunContext(place_classes, rarity, place, other_labels, len(to_audit), options.by)
@@ -292,8 +292,9 @@ def audit_class(data: ClassData, context: RunContext) -> ClassAudit:
         finding.flagged[:] = False
         finding.kinds[:] = ""
     off_place = place.off_place[positions]
-    is_mark = finding.kinds == "mark"  # a mark's spot is where its off-place evidence lies, not the object's
-    features.spot_y[is_mark], features.spot_x[is_mark] = place.off_spot[positions[is_mark]].T
+    is_mark = finding.kinds == "mark"  # a mark's spot is where the mark lies, not the object's
+    spots = place.off_spot[positions] if finding.mark_spots is None else finding.mark_spots
+    features.spot_y[is_mark], features.spot_x[is_mark] = spots[is_mark].T
     groups = [(np.flatnonzero(finding.kinds == kind), kind) for kind in KINDS]
     groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
     groups = [(members, kind) for members, kind in groups if len(members)]
