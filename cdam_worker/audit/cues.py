@@ -36,6 +36,15 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
    image whose object holds most of its evidence but whose map also weighs the mark is found so. When fewer than
    ``MIN_CUE_SHARE`` of the class weigh the place, the off-place evidence does not gather at one and nothing is
    flagged.
+7. **A mark goes with its place**: a learnt mark speaks for the class in every image that carries it, also in the other
+   classes' images, while a part of the class's own object (a triangle's base corner just off the other classes' usual
+   region) does not travel. Of the other classes' images whose map weighs the mark's region at least as much as the
+   flagged images' ``TRAVEL_WEIGHT_QUANTILE`` (10th percentile) but not for their own class (their own class's ``P``
+   there no more than chance), the share in which the class's own stored map (``target_shares``: its ``P`` against the
+   image's other stored maps) puts more there than chance (chance: the ``REFERENCE_QUANTILE`` of the other, third
+   classes' ``P`` there) must not lie significantly below ``TRAVEL_SHARE`` (one-sided binomial, Bonferroni, ``ALPHA``);
+   else nothing is flagged. Without other stored maps (``--targets`` without the class), or with few such images
+   (the training correlation: few other images carry the mark), it cannot be told and the mark is kept.
 
 Label disagreement is one more finding (``tipping``): the share of the class's labelled images labelled
 as another class, tested the same way against the run's pooled share of such images in the other
