@@ -1,4 +1,5 @@
-"""Gather what the audit reads from a run: each image's class, its map of that class, its competitors' maps.
+"""Gather what the audit reads from a run: each image's class, its map of that class, its competitors' maps, and
+every stored map's evidence distribution (so that ``cues.py`` can read a class's evidence in other classes' images).
 
 One pass over the run's rows in Zarr order (chunk by chunk, whatever the classes), so a 50,000-image
 run is read once: block by block here, or one Ray task per block on a cluster (the driver concatenates the
