@@ -109,3 +109,39 @@ def test_label_disagreement_flags_only_far_beyond_the_usual_confusions_and_where
         assert set(finding.kinds[finding.flagged]) <= {"tipping"}
         if flagged:
             assert np.array_equal(finding.flagged, other)
+
+
+@pytest.mark.parametrize("travels", [True, False])
+def test_a_mark_is_kept_only_when_its_evidence_goes_with_its_place_into_other_classes_images(travels: bool) -> None:
+    """Step 7 of cues.py, on hand-made statistics: half of the other classes' images weigh the mark's corner token,
+    not for their own class; the marked class's evidence lies there in all of them (a mark) or in none (an object
+    part of the marked class that only looks like one). Without the other stored maps it cannot be told: kept."""
+    from cdam_worker.audit.cues import _follows_the_place
+
+    n_classes, per_class, tokens = 3, 40, 16
+    classes = np.repeat(np.arange(n_classes), per_class)
+    n = len(classes)
+    region = np.zeros(tokens, bool)
+    region[-1] = True
+    carries = (classes > 0) & (np.arange(n) % 2 == 0)
+    class_maps = np.ones((n, tokens), np.float32)
+    class_maps[carries] = 1 / 15
+    class_maps[carries, -1] = 1.0  # half of their map's absolute attribution on the place
+    shares = np.full((n, n_classes, tokens), 1 / tokens)
+    shares[carries[:, None] & (np.arange(n_classes)[None, :] == classes[:, None]), -1] = 0.0  # not their own class
+    shares[carries, 0, -1] = 0.9 if travels else 1 / tokens
+    stats = PlaceStatistics(
+        off_place=np.zeros(n),
+        compactness=np.zeros(n),
+        off_spot=np.zeros((n, 2)),
+        usual=np.ones((n_classes, 4, 4), bool),
+        share=np.full((n, 4, 4), 1 / tokens),
+        class_maps=class_maps.reshape(n, 4, 4),
+        mass=np.abs(class_maps).sum(axis=1),
+        target_classes=np.tile(np.arange(n_classes), (n, 1)),
+        target_shares=shares.reshape(n, n_classes, 4, 4).astype(np.float16),
+    )
+    weights = np.full(per_class, 0.5)
+    assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is travels
+    stats.target_classes = stats.target_shares = None
+    assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is True

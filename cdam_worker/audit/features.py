@@ -127,6 +127,21 @@ def contrast_evidence(class_maps: np.ndarray, rival_maps: np.ndarray) -> np.ndar
     return np.clip(class_maps - mean, 0, None)
 
 
+def target_shares(maps: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """(n, T, gh, gw) float16: every stored map's evidence distribution ``P`` against the mean of the image's other
+    stored maps (``contrast_evidence`` for each of its targets at once); 0 where ``stored`` (n, T) is False, uniform
+    for a stored map without evidence. ``cues.py`` reads from it where a class's evidence lies in other classes' images."""
+    n, _, gh, gw = maps.shape
+    present = stored[:, :, None, None]
+    values = np.where(present, maps.astype(np.float64), 0.0)
+    rivals = stored.sum(axis=1)[:, None, None, None] - 1
+    mean = (values.sum(axis=1, keepdims=True) - values) / np.maximum(rivals, 1)
+    contrast = np.clip(values - np.where(rivals > 0, mean, 0.0), 0, None)
+    evidence = contrast.sum(axis=(2, 3), keepdims=True)
+    share = np.where(evidence > 0, contrast / np.maximum(evidence, 1e-30), 1.0 / (gh * gw))
+    return np.where(present, share, 0.0).astype(np.float16)
+
+
 def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatures:
     """Features of each image's class map ``class_maps`` (n, gh, gw) against its competitors ``rival_maps``
     (n, R, gh, gw, NaN-padded)."""

@@ -1,4 +1,5 @@
-"""Gather what the audit reads from a run: each image's class, its map of that class, its competitors' maps.
+"""Gather what the audit reads from a run: each image's class, its map of that class, its competitors' maps, and
+every stored map's evidence distribution (so that ``cues.py`` can read a class's evidence in other classes' images).
 
 One pass over the run's rows in Zarr order (chunk by chunk, whatever the classes), so a 50,000-image
 run is read once: block by block here, or one Ray task per block on a cluster (the driver concatenates the
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cdam_worker.audit.features import ImageFeatures, image_features
+from cdam_worker.audit.features import ImageFeatures, image_features, target_shares
 from cdam_worker.reading import Run
 from cdam_worker.reading.cluster import each_result
 
@@ -33,6 +34,8 @@ class Gathered:
     labels: np.ndarray  # (n,) int64, -1 where the image has no label
     class_maps: np.ndarray  # (n, gh, gw) float32: the stored map of the audited class
     features: ImageFeatures
+    target_classes: np.ndarray  # (n, T) int64: the classes of the image's stored maps (-1: slot unused or unreadable)
+    target_shares: np.ndarray  # (n, T, gh, gw) float16: each stored map's evidence distribution (``target_shares``)
     no_map: Counter = field(default_factory=Counter)  # class -> images without a stored map of it
     unreadable: Counter = field(default_factory=Counter)  # class -> images whose map reads NaN
     no_label: int = 0  # images left out with by="label" because they have no label
@@ -53,6 +56,7 @@ class _BlockMaps:
     ok: np.ndarray
     class_maps: np.ndarray
     features: ImageFeatures
+    targets: dict[str, np.ndarray]  # target_classes, target_shares (as in ``Gathered``) of the kept images
     no_map: Counter
     unreadable: Counter
     rows_read: int
@@ -86,12 +90,12 @@ def gather(
     no_map: Counter = Counter()
     unreadable: Counter = Counter()
     for b, part in each_result(_read_block, blocks, run, address=address):
-        slots.put(b * STEP_ROWS + np.flatnonzero(part.ok), part.class_maps, part.features)
+        slots.put(b * STEP_ROWS + np.flatnonzero(part.ok), part.class_maps, part.features, part.targets)
         no_map.update(part.no_map)
         unreadable.update(part.unreadable)
         progress(part.rows_read)
     kept = positions[slots.filled]
-    class_maps, features = slots.kept(run.grid)
+    class_maps, features, targets = slots.kept(run.grid)
     return Gathered(
         keys=keys[kept],
         rows=rows[kept],
@@ -99,6 +103,7 @@ def gather(
         labels=labels[kept],
         class_maps=class_maps,
         features=features,
+        **targets,
         no_map=no_map,
         unreadable=unreadable,
         no_label=no_label,
@@ -114,29 +119,40 @@ class _Slots:
         self.filled = np.zeros(n, dtype=bool)
         self.class_maps: np.ndarray | None = None
         self.features: dict[str, np.ndarray] = {}
+        self.targets: dict[str, np.ndarray] = {}
 
-    def put(self, slots: np.ndarray, class_maps: np.ndarray, features: ImageFeatures) -> None:
+    def put(
+        self, slots: np.ndarray, class_maps: np.ndarray, features: ImageFeatures, targets: dict[str, np.ndarray]
+    ) -> None:
         if self.class_maps is None:
             self.class_maps = np.empty((self.n, *class_maps.shape[1:]), dtype=class_maps.dtype)
             self.features = {
                 name: np.empty((self.n, *value.shape[1:]), dtype=value.dtype) for name, value in vars(features).items()
             }
+            self.targets = {
+                name: np.empty((self.n, *value.shape[1:]), dtype=value.dtype) for name, value in targets.items()
+            }
         self.class_maps[slots] = class_maps
-        for name, value in vars(features).items():
-            self.features[name][slots] = value
+        for name, value in [*vars(features).items(), *targets.items()]:
+            (self.features if name in self.features else self.targets)[name][slots] = value
         self.filled[slots] = True
 
-    def kept(self, grid: tuple[int, int]) -> tuple[np.ndarray, ImageFeatures]:
-        """The filled slots' class maps and features, in slot order (one array copied at a time)."""
+    def kept(self, grid: tuple[int, int]) -> tuple[np.ndarray, ImageFeatures, dict[str, np.ndarray]]:
+        """The filled slots' class maps, features and stored targets, in slot order (one array copied at a time)."""
         if self.class_maps is None:
             empty = np.zeros((0, *grid), dtype=np.float32)
-            return empty, image_features(empty, np.zeros((0, 0, *grid)))
+            targets = {
+                "target_classes": np.zeros((0, 0), dtype=np.int64),
+                "target_shares": np.zeros((0, 0, *grid), dtype=np.float16),
+            }
+            return empty, image_features(empty, np.zeros((0, 0, *grid))), targets
         if self.filled.all():
-            return self.class_maps, ImageFeatures(**self.features)
+            return self.class_maps, ImageFeatures(**self.features), self.targets
         maps, self.class_maps = self.class_maps[self.filled], None
-        for name in list(self.features):
-            self.features[name] = self.features[name][self.filled]
-        return maps, ImageFeatures(**self.features)
+        for arrays in (self.features, self.targets):
+            for name in list(arrays):
+                arrays[name] = arrays[name][self.filled]
+        return maps, ImageFeatures(**self.features), self.targets
 
 
 def _read_block(block: _Block, run: Run, _shared: None) -> _BlockMaps:
@@ -152,10 +168,15 @@ def _read_block(block: _Block, run: Run, _shared: None) -> _BlockMaps:
     ok = has_map & readable
     is_rival = (target_class >= 0) & ~is_class
     rivals = np.where(is_rival[:, :, None, None], maps, np.nan)
+    stored = (target_class >= 0) & np.isfinite(maps).all(axis=(2, 3))
     return _BlockMaps(
         ok=ok,
         class_maps=class_maps[ok],
         features=image_features(class_maps[ok], rivals[ok]),
+        targets={
+            "target_classes": np.where(stored, target_class, -1)[ok],
+            "target_shares": target_shares(maps[ok], stored[ok]),
+        },
         no_map=Counter(audited[~has_map].tolist()),
         unreadable=Counter(audited[has_map & ~readable].tolist()),
         rows_read=len(block.rows),

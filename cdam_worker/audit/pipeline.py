@@ -141,7 +141,14 @@ def audit_run(
     # Without a competitor map the evidence is not class-specific (an object's shared parts count): such
     # images take no part in the place findings.
     place_classes = np.where(gathered.features.competitors > 0, audited_classes, -1)
-    place = place_statistics(gathered.features.share, gathered.class_maps, place_classes, len(names))
+    place = place_statistics(
+        gathered.features.share,
+        gathered.class_maps,
+        place_classes,
+        len(names),
+        gathered.target_classes,
+        gathered.target_shares,
+    )
     other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
     to_audit = np.flatnonzero(counts >= options.min_images)
     context = RunContext(place_classes, rarity, place, other_labels, len(to_audit), options.by)
