@@ -33,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import timm
 import torch
 
-from bench.bench_job import write_shards
+from bench.bench_job import random_checkpoint, write_shards
 from bench.report import machine_line
-from cdam_worker import CDAMExplainer, load_model, save_checkpoint
+from cdam_worker import CDAMExplainer, load_model
 from cdam_worker.pipeline.actor import SHARDS_AT_ONCE, ShardProcessor
 from cdam_worker.pipeline.decode_pool import DecodePool, DecodeSettings, GpuJpegDecoder, PreparedSample, SampleRules
 from cdam_worker.pipeline.plan import make_plan
@@ -263,15 +262,7 @@ def main() -> None:
         lines.append(
             f"- Data: {args.shards} shards x {args.per_shard} synthetic photo-like JPEGs of {IMAGENET_SIZE[0]}x{IMAGENET_SIZE[1]} px ({sum(sizes) / args.shards / args.per_shard / 1024:.0f} KiB each), made in {time.perf_counter() - started:.1f} s."
         )
-        torch.manual_seed(0)
-        checkpoint = str(root / "model.pt")
-        save_checkpoint(
-            checkpoint,
-            timm.create_model(args.model, num_classes=1000),
-            args.model,
-            {"num_classes": 1000},
-            [f"class_{i}" for i in range(1000)],
-        )
+        checkpoint = random_checkpoint(root / "model.pt", args.model)
         images, seconds, workers = decode_alone(shards, checkpoint)
         lines.append(
             f"- Decoding alone (CPU path, Pillow + the timm transform, {workers} worker processes): {images / seconds:.0f} images/s."
