@@ -1,7 +1,7 @@
 """The job's actors, started while the driver still plans the run.
 
 Ray is joined (or started) on a thread of its own from the moment the command begins
-(:func:`cdam_worker.ray_connect.connect_in_background`). As soon as the driver knows how many shards there
+(:class:`cdam_worker.ray_connect.Connection`). As soon as the driver knows how many shards there
 are, :func:`start_actor_pool` sizes the pool to the cluster and asks Ray for the actors, again in the
 background: each actor imports torch and starts its decode pool while the driver loads and checks the model.
 The scheduler then gives every actor the job (:meth:`ShardProcessor.configure
@@ -37,7 +37,6 @@ class ActorPool:
     use_gpu: bool
     progress: Any  # the samples-done counter the actors feed (ray_session.progress_counter)
     asked_at: float  # time.time() when the actors were asked for
-    connected_seconds: float  # how long the driver waited for Ray at this point (0: it was up)
     actors: list[Any] = field(default_factory=list)  # handles, in the order they were asked for; none configured yet
 
     def new_actor(self, generation: int) -> Any:
@@ -72,9 +71,7 @@ def start_actor_pool(options: ExplainOptions, n_shards: int) -> Future[ActorPool
 def _start(options: ExplainOptions, n_shards: int) -> ActorPool:
     import ray
 
-    waited = time.time()
     ray_session.connect(options.address)  # waits for the connection started when the command began, if any
-    waited = time.time() - waited
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0))
     use_gpu = gpus > 0 and options.gpus_per_actor > 0
@@ -94,7 +91,6 @@ def _start(options: ExplainOptions, n_shards: int) -> ActorPool:
         use_gpu,
         ray_session.progress_counter(),
         time.time(),
-        waited,
     )
     pool.actors = [pool.new_actor(0) for _ in range(pool.size)]
     return pool

@@ -21,8 +21,6 @@ from cdam_worker.pipeline.run_output import write_shard_failure
 from cdam_worker.pipeline.settings import JobConfig, ShardTask
 from cdam_worker.storage import StorageError
 
-__all__ = ["JobError", "ShardScheduler"]
-
 MAX_SHARD_ATTEMPTS = 3
 MAX_START_FAILURES_PER_ACTOR = 2  # failed actor starts replaced, per actor of the pool, before giving up
 STALL_SECONDS = 600  # no actor ready and none starting for this long: the cluster lacks the resources asked for
