@@ -210,6 +210,35 @@ def test_a_dead_worker_fails_the_shard_and_the_pool_restarts(shard, transform):
         pool.close()
 
 
+def test_two_shards_that_meet_a_dead_worker_restart_the_pool_once(shard, transform, monkeypatch):
+    """Both shards an actor holds may see the broken pool; only the first finder restarts it, so the other does
+    not shut down the fresh pool (a shard that met the broken pool fails and is retried by the driver; one whose
+    reader reached the fresh pool decodes normally)."""
+    starts = []
+    start = DecodePool._start
+    monkeypatch.setattr(DecodePool, "_start", lambda pool: starts.append(1) or start(pool))
+    pool = DecodePool(2)
+    settings = DecodeSettings(transform, SampleRules(False, None))
+    first, second = ShardTask(0, shard, "cut", 40), ShardTask(1, shard, "cut", 40)
+    expected = reference(shard, transform, first, SampleRules(False, None))
+    try:
+        assert len(all_samples(pool, first, settings, in_flight=8)) == 41  # both workers are up
+        victim = min(pool._started.result()._processes.values(), key=lambda p: p.pid)
+        victim.kill()
+        victim.join(timeout=30)
+        with pool.samples(first, settings, 8) as current, pool.samples(second, settings, 8) as following:
+            with pytest.raises(RuntimeError, match="a decode worker process died"):
+                list(current)
+            try:
+                assert outcomes(list(following)) == expected
+            except RuntimeError as error:
+                assert "a decode worker process died" in str(error)
+        assert len(starts) == 2  # the first pool and one restart
+        assert outcomes(all_samples(pool, first, settings, in_flight=8)) == expected
+    finally:
+        pool.close()
+
+
 # -- the GPU path, on the CPU -------------------------------------------------------------------------
 
 

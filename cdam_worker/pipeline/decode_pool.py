@@ -80,6 +80,14 @@ class _Job:
 
 
 @dataclass(frozen=True)
+class _Submitted:
+    """A pool task's future, with the pool it went to (a broken pool is restarted once, by its first finder)."""
+
+    result: Future
+    pool: Future[Executor]
+
+
+@dataclass(frozen=True)
 class DecodeSettings:
     """How a job turns samples into model inputs (travels with every pool task: it is small)."""
 
@@ -100,6 +108,7 @@ class DecodePool:
             raise ValueError(f"decode workers must be >= 1, got {workers}")
         self.workers = workers
         self._started: Future[Executor] = _in_background(self._start)
+        self._restarting = threading.Lock()
 
     @contextmanager
     def samples(
@@ -133,8 +142,8 @@ class DecodePool:
             while reader.is_alive():  # unblock a reader waiting on a full queue
                 try:
                     pending = futures.get(timeout=0.1)
-                    if isinstance(pending, Future):
-                        pending.cancel()
+                    if isinstance(pending, _Submitted):
+                        pending.result.cancel()
                 except queue.Empty:
                     pass
 
@@ -145,10 +154,9 @@ class DecodePool:
                 yield entry
                 continue
             try:
-                results, tensors = entry.result()
+                results, tensors = entry.result.result()
             except BrokenProcessPool as error:
-                self._started.result().shutdown(wait=False, cancel_futures=True)
-                self._started = _in_background(self._start)
+                self._restart(entry.pool)
                 raise RuntimeError(
                     f"a decode worker process died while decoding shard {task.name} ({error}); the decode pool was restarted"
                 ) from None
@@ -181,14 +189,22 @@ class DecodePool:
             started.result()
         return executor
 
-    def _submit(self, jobs: list[_Job], pickled_settings: bytes) -> Future:
+    def _restart(self, broken: Future[Executor]) -> None:
+        """Replace the ``broken`` pool with a fresh one, unless another shard's stream already did."""
+        with self._restarting:
+            if self._started is broken:
+                broken.result().shutdown(wait=False, cancel_futures=True)
+                self._started = _in_background(self._start)
+
+    def _submit(self, jobs: list[_Job], pickled_settings: bytes) -> _Submitted:
         """The pool's future for ``jobs``; a pool that cannot take work gives a failed future (never raises)."""
+        pool = self._started
         try:
-            return self._started.result().submit(_decode_pickled, jobs, pickled_settings)
+            return _Submitted(pool.result().submit(_decode_pickled, jobs, pickled_settings), pool)
         except Exception as error:  # noqa: BLE001 - e.g. BrokenProcessPool: the consumer sees it in order
             failed: Future = Future()
             failed.set_exception(error)
-            return failed
+            return _Submitted(failed, pool)
 
     def _read(
         self,
