@@ -151,19 +151,7 @@ def write_synthetic_run(
             "maps_dtype": maps_dtype,
             "store_basis": False,
         },
-        "shards": [
-            {
-                "index": s.shard_index,
-                "name": s.shard,
-                "url": s.url,
-                "n_samples": s.n_samples,
-                "n_images": s.n_images,
-                "n_errors": s.n_errors,
-                "rows_checked": s.rows_checked,
-                "checksums": s.checksums,
-            }
-            for s in summaries
-        ],
+        "shards": [s.manifest_entry() for s in summaries],
         "totals": {"images": sum(s.n_images for s in summaries), "errors": 0},
     }
     write_json(storage, MANIFEST_PATH, manifest)

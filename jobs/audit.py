@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from jobs.model_flags import add_address_flag, add_model_flags, model_spec
+from jobs.command import add_run_command
 
 if TYPE_CHECKING:
     from cdam_worker.audit import AuditOptions
@@ -47,14 +48,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "audit",
         help="rank classes by how much their maps point at a shortcut",
         description="Audit a run's maps for shortcuts (a mark, a background, a cue that tips images over): compare where each class's evidence lies with the other classes', flag the images that carry the cue, cluster, rank the classes, and write the findings (Parquet, contact sheets) into the run.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument(
         "--classes",
         metavar="LIST",

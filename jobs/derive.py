@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from jobs.model_flags import add_address_flag, add_model_flags, model_spec
+from jobs.command import add_run_command
 
 EPILOG = """\
 writes, under DEST:
@@ -26,14 +27,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "derive",
         help="derive maps of other classes or concepts from the stored basis",
         description="Compute the CDAM of any classes or concepts for every image of a run made with --store-basis (one matrix product per image, no model for classes) and write them into the run.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument(
         "--targets",
         default="none",

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from jobs.model_flags import add_address_flag, add_model_flags, model_spec
+from jobs.command import add_run_command
 
 EPILOG = """\
 measures, per image, of the map of the predicted class (spec section 5), averaged per method with a 95%
@@ -54,14 +55,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "evaluate",
         help="measure the maps like the paper: compactness, correctness, class sensitivity, sanity, robustness",
         description="Compare CDAM with the other importance estimators of the CDAM paper (token ablation, the attention map, attention rollout, the attention-gradient methods and relevance propagation of Chefer et al., input x gradient, Integrated Gradients, SmoothGrad) on a seeded sample of a run's images (the paper's benchmarks), run the sanity (randomisation) and robustness checks, and write the results into the run.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument(
         "--sample",
         type=int,

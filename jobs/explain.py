@@ -8,6 +8,7 @@ import textwrap
 from typing import TYPE_CHECKING
 
 from jobs.model_flags import add_model_flags, spec_from_flags
+from jobs.command import add_command
 
 if TYPE_CHECKING:  # importing cdam_worker loads torch: not at parser construction (cdam --help stays fast)
     from cdam_worker.pipeline.plan import ExplainOptions
@@ -40,12 +41,12 @@ EPILOG = textwrap.dedent(
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    explain = commands.add_parser(
+    explain = add_command(
+        commands,
         "explain",
         help="explain WebDataset shards with a Ray job",
         description="Explain every image of WebDataset shards: Ray actors run batched CDAM and write Zarr + Parquet.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = explain.add_argument_group("data")
     data.add_argument(

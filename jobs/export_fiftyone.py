@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from jobs.command import add_run_command
 
 EPILOG = """\
 OUT gets FiftyOne's JSON dataset format: samples.json, metadata.json and data/ (each image as the model
@@ -23,14 +24,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "export-fiftyone",
         help="write a run as a FiftyOne dataset folder",
         description="Write a run as a FiftyOne dataset folder: images, every stored map as a signed Heatmap with its range, predictions, labels and the audit's clusters as fields and tags.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("out", metavar="OUT", help="a new (or empty) local folder for the FiftyOne dataset")
     parser.set_defaults(handler=run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from jobs.command import add_command
 
 MAX_LISTED = 20
 """Skipped files printed at most; index.json lists them all."""
@@ -34,12 +35,12 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "pack",
         help="pack a folder of images into WebDataset shards",
         description="Pack a folder of image files into WebDataset tar shards that cdam explain reads, with labels from the folder layout or a CSV file.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", help="the folder of images")
     parser.add_argument("outdir", metavar="OUTDIR", help="output folder or s3://bucket/prefix")

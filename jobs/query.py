@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from jobs.command import add_run_command
 
 EPILOG = """\
 tables:
@@ -20,14 +21,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "query",
         help="run DuckDB SQL over a run's metadata",
         description="Run DuckDB SQL over the Parquet tables of a run (only shards with a completion marker are read).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("sql", metavar="SQL", help="a DuckDB query over the tables metadata, errors and targets")
     written = parser.add_mutually_exclusive_group()
     written.add_argument("--csv", metavar="FILE", help="write the result to a CSV file instead of printing it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from jobs.command import add_run_command
 
 EPILOG = """\
 The file holds the run's overview, the audit's class leaderboard, and for the most suspicious classes
@@ -18,14 +19,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "report",
         help="a self-contained HTML report of a run",
         description="Write one self-contained HTML file with the run's overview, the audit's class leaderboard, per-class galleries and prototypes.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("-o", "--out", required=True, metavar="FILE", help="the HTML file to write")
     parser.add_argument("--classes", type=int, default=20, metavar="N", help="classes with a gallery (default: 20)")
     parser.add_argument("--per-class", type=int, default=12, metavar="M", help="images per class gallery (default: 12)")

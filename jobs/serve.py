@@ -9,6 +9,7 @@ import socket
 import sys
 
 from cdam_worker.views.guard import WILDCARD_ADDRESSES, check_token, host_name
+from jobs.command import add_run_command
 
 EPILOG = """\
 pages:
@@ -43,14 +44,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "serve",
         help="a local web dashboard over a run",
         description="Serve a read-only web dashboard over a run: overview, per-class galleries of every image, the audit's plots and prototypes, per-image maps.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
     parser.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from jobs.command import add_run_command
 
 EPILOG = """\
 The picture is the image as the model saw it (resized and cropped by the run's eval transform) with the
@@ -21,14 +22,13 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_run_command(
+        commands,
         "show",
         help="one image with its map overlaid, as a PNG",
         description="Draw one image of a run with a stored map overlaid, the colour bar and the class name (for papers and bug reports).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", metavar="DEST", help="the run: output folder or s3://bucket/prefix")
     parser.add_argument("--key", required=True, help="the image's WebDataset key")
     parser.add_argument(
         "--target",

@@ -44,6 +44,19 @@ class ShardSummary:
         """The summary a marker records; markers of cdam 0.1 have no ``n_shard_errors`` (read as 0)."""
         return cls(**{"n_shard_errors": 0, **marker})
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """The shard's entry in the manifest's ``shards`` list."""
+        return {
+            "index": self.shard_index,
+            "name": self.shard,
+            "url": self.url,
+            "n_samples": self.n_samples,
+            "n_images": self.n_images,
+            "n_errors": self.n_errors,
+            "rows_checked": self.rows_checked,
+            "checksums": self.checksums,
+        }
+
     def unaccounted(self) -> str | None:
         """Why the shard's samples are not each either explained or in errors/ (None when they are)."""
         sample_errors = self.n_errors - self.n_shard_errors

@@ -100,19 +100,7 @@ def collect_markers(plan: Plan) -> dict[int, ShardSummary]:
 def finish_manifest(plan: Plan, summaries: dict[int, ShardSummary], timings: dict[str, float]) -> None:
     """The manifest of a complete run: every shard's summary, the totals, and ``timings`` (seconds per phase of
     the command that completed it; the only field that differs between two runs of the same settings)."""
-    shards = [
-        {
-            "index": s.shard_index,
-            "name": s.shard,
-            "url": s.url,
-            "n_samples": s.n_samples,
-            "n_images": s.n_images,
-            "n_errors": s.n_errors,
-            "rows_checked": s.rows_checked,
-            "checksums": s.checksums,
-        }
-        for s in sorted(summaries.values(), key=lambda s: s.shard_index)
-    ]
+    shards = [s.manifest_entry() for s in sorted(summaries.values(), key=lambda s: s.shard_index)]
     manifest = _manifest(plan, status="complete", shards=shards)
     manifest["totals"] = {
         "images": sum(s.n_images for s in summaries.values()),
