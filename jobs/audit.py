@@ -47,14 +47,12 @@ examples:
 """
 
 
+HELP = "rank classes by how much their maps point at a shortcut"
+DESCRIPTION = "Audit a run's maps for shortcuts (a mark, a background, a cue that tips images over): compare where each class's evidence lies with the other classes', flag the images that carry the cue, cluster, rank the classes, and write the findings (Parquet, contact sheets) into the run."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "audit",
-        help="rank classes by how much their maps point at a shortcut",
-        description="Audit a run's maps for shortcuts (a mark, a background, a cue that tips images over): compare where each class's evidence lies with the other classes', flag the images that carry the cue, cluster, rank the classes, and write the findings (Parquet, contact sheets) into the run.",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "audit", HELP, DESCRIPTION, EPILOG)
     parser.add_argument(
         "--classes",
         metavar="LIST",

@@ -26,14 +26,12 @@ examples:
 """
 
 
+HELP = "derive maps of other classes or concepts from the stored basis"
+DESCRIPTION = "Compute the CDAM of any classes or concepts for every image of a run made with --store-basis (one matrix product per image, no model for classes) and write them into the run."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "derive",
-        help="derive maps of other classes or concepts from the stored basis",
-        description="Compute the CDAM of any classes or concepts for every image of a run made with --store-basis (one matrix product per image, no model for classes) and write them into the run.",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "derive", HELP, DESCRIPTION, EPILOG)
     parser.add_argument(
         "--targets",
         default="none",

@@ -54,14 +54,12 @@ examples:
 """
 
 
+HELP = "measure the maps like the paper: compactness, correctness, class sensitivity, sanity, robustness"
+DESCRIPTION = "Compare CDAM with the other importance estimators of the CDAM paper (token ablation, the attention map, attention rollout, the attention-gradient methods and relevance propagation of Chefer et al., input x gradient, Integrated Gradients, SmoothGrad) on a seeded sample of a run's images (the paper's benchmarks), run the sanity (randomisation) and robustness checks, and write the results into the run."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "evaluate",
-        help="measure the maps like the paper: compactness, correctness, class sensitivity, sanity, robustness",
-        description="Compare CDAM with the other importance estimators of the CDAM paper (token ablation, the attention map, attention rollout, the attention-gradient methods and relevance propagation of Chefer et al., input x gradient, Integrated Gradients, SmoothGrad) on a seeded sample of a run's images (the paper's benchmarks), run the sanity (randomisation) and robustness checks, and write the results into the run.",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "evaluate", HELP, DESCRIPTION, EPILOG)
     parser.add_argument(
         "--sample",
         type=int,

@@ -40,14 +40,12 @@ EPILOG = textwrap.dedent(
 )
 
 
+HELP = "explain WebDataset shards with a Ray job"
+DESCRIPTION = "Explain every image of WebDataset shards: Ray actors run batched CDAM and write Zarr + Parquet."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    explain = add_command(
-        commands,
-        "explain",
-        help="explain WebDataset shards with a Ray job",
-        description="Explain every image of WebDataset shards: Ray actors run batched CDAM and write Zarr + Parquet.",
-        epilog=EPILOG,
-    )
+    explain = add_command(commands, "explain", HELP, DESCRIPTION, EPILOG)
     data = explain.add_argument_group("data")
     data.add_argument(
         "--shards",

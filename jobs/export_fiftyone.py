@@ -23,14 +23,12 @@ examples:
 """
 
 
+HELP = "write a run as a FiftyOne dataset folder"
+DESCRIPTION = "Write a run as a FiftyOne dataset folder: images, every stored map as a signed Heatmap with its range, predictions, labels and the audit's clusters as fields and tags."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "export-fiftyone",
-        help="write a run as a FiftyOne dataset folder",
-        description="Write a run as a FiftyOne dataset folder: images, every stored map as a signed Heatmap with its range, predictions, labels and the audit's clusters as fields and tags.",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "export-fiftyone", HELP, DESCRIPTION, EPILOG)
     parser.add_argument("out", metavar="OUT", help="a new (or empty) local folder for the FiftyOne dataset")
     parser.set_defaults(handler=run)
 

@@ -34,14 +34,12 @@ examples:
 """
 
 
+HELP = "pack a folder of images into WebDataset shards"
+DESCRIPTION = "Pack a folder of image files into WebDataset tar shards that cdam explain reads, with labels from the folder layout or a CSV file."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        commands,
-        "pack",
-        help="pack a folder of images into WebDataset shards",
-        description="Pack a folder of image files into WebDataset tar shards that cdam explain reads, with labels from the folder layout or a CSV file.",
-        epilog=EPILOG,
-    )
+    parser = add_command(commands, "pack", HELP, DESCRIPTION, EPILOG)
     parser.add_argument("src", metavar="SRC", help="the folder of images")
     parser.add_argument("outdir", metavar="OUTDIR", help="output folder or s3://bucket/prefix")
     parser.add_argument(

@@ -20,14 +20,12 @@ examples:
 """
 
 
+HELP = "run DuckDB SQL over a run's metadata"
+DESCRIPTION = "Run DuckDB SQL over the Parquet tables of a run (only shards with a completion marker are read)."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "query",
-        help="run DuckDB SQL over a run's metadata",
-        description="Run DuckDB SQL over the Parquet tables of a run (only shards with a completion marker are read).",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "query", HELP, DESCRIPTION, EPILOG)
     parser.add_argument("sql", metavar="SQL", help="a DuckDB query over the tables metadata, errors and targets")
     written = parser.add_mutually_exclusive_group()
     written.add_argument("--csv", metavar="FILE", help="write the result to a CSV file instead of printing it")

@@ -18,14 +18,12 @@ examples:
 """
 
 
+HELP = "a self-contained HTML report of a run"
+DESCRIPTION = "Write one self-contained HTML file with the run's overview, the audit's class leaderboard, per-class galleries and prototypes."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "report",
-        help="a self-contained HTML report of a run",
-        description="Write one self-contained HTML file with the run's overview, the audit's class leaderboard, per-class galleries and prototypes.",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "report", HELP, DESCRIPTION, EPILOG)
     parser.add_argument("-o", "--out", required=True, metavar="FILE", help="the HTML file to write")
     parser.add_argument("--classes", type=int, default=20, metavar="N", help="classes with a gallery (default: 20)")
     parser.add_argument("--per-class", type=int, default=12, metavar="M", help="images per class gallery (default: 12)")

@@ -43,14 +43,12 @@ examples:
 """
 
 
+HELP = "a local web dashboard over a run"
+DESCRIPTION = "Serve a read-only web dashboard over a run: overview, per-class galleries of every image, the audit's plots and prototypes, per-image maps."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "serve",
-        help="a local web dashboard over a run",
-        description="Serve a read-only web dashboard over a run: overview, per-class galleries of every image, the audit's plots and prototypes, per-image maps.",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "serve", HELP, DESCRIPTION, EPILOG)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
     parser.add_argument(

@@ -21,14 +21,12 @@ examples:
 """
 
 
+HELP = "one image with its map overlaid, as a PNG"
+DESCRIPTION = "Draw one image of a run with a stored map overlaid, the colour bar and the class name (for papers and bug reports)."
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_run_command(
-        commands,
-        "show",
-        help="one image with its map overlaid, as a PNG",
-        description="Draw one image of a run with a stored map overlaid, the colour bar and the class name (for papers and bug reports).",
-        epilog=EPILOG,
-    )
+    parser = add_run_command(commands, "show", HELP, DESCRIPTION, EPILOG)
     parser.add_argument("--key", required=True, help="the image's WebDataset key")
     parser.add_argument(
         "--target",
