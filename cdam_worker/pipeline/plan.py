@@ -90,11 +90,13 @@ class Plan:
 
 @dataclass(frozen=True)
 class ShardList:
-    """The run's shards and their sample counts, and where the counts come from (printed by --dry-run)."""
+    """The run's shards and their sample counts, where the counts come from (printed by --dry-run), and the
+    output they were planned for (opened once: on S3, credentials are resolved once)."""
 
     urls: list[str]
     counts: list[int]
     source: str
+    output: Storage
 
 
 def plan_shards(options: ExplainOptions) -> ShardList:
@@ -108,7 +110,7 @@ def plan_shards(options: ExplainOptions) -> ShardList:
     urls, counts, source = _shard_counts(options, storage)
     if counts is None:
         counts = count_samples(urls, options.address)
-    return ShardList(urls, counts, source)
+    return ShardList(urls, counts, source, storage)
 
 
 def make_plan(options: ExplainOptions, shards: ShardList | None = None) -> Plan:
@@ -156,7 +158,7 @@ def make_plan(options: ExplainOptions, shards: ShardList | None = None) -> Plan:
         raise ConfigError("--targets none needs at least one --concepts NAME=FILE")
 
     shards = shards or plan_shards(options)  # the output's writability checked too
-    storage = Storage.from_url(options.output)
+    storage = shards.output
     urls, counts = shards.urls, shards.counts
     first = _first_sample(urls)
     if targets.kind == "label" and first is not None and first.label is None:
