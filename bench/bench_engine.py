@@ -396,27 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if autograd_all is not None:
         rows.append(autograd_all)
-    elif chunk_targets >= num_classes:
-        rows.append(
-            Row(
-                "CDAM, autograd through the last block",
-                f"{num_classes} (all)",
-                float("nan"),
-                float("nan"),
-                None,
-                f"all {num_classes} classes fit in one backward chunk",
-            )
-        )
     else:
+        why = (
+            f"all {num_classes} classes fit in one backward chunk"
+            if chunk_targets >= num_classes
+            else "skipped (--autograd-all skip)"
+        )
         rows.append(
-            Row(
-                "CDAM, autograd through the last block",
-                f"{num_classes} (all)",
-                float("nan"),
-                float("nan"),
-                None,
-                "skipped (--autograd-all skip)",
-            )
+            Row("CDAM, autograd through the last block", f"{num_classes} (all)", float("nan"), float("nan"), None, why)
         )
     rows.append(
         Row(
