@@ -161,8 +161,7 @@ def place_in_words(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]
     if counts.max() >= MOST_SPOTS * len(spot_y):
         top = places[np.argmax(counts)] / np.array(grid)
         return f"mostly at one place, {_where(float(top[0]), float(top[1]))} ({counts.max() / len(spot_y):.0%} of the spots)"
-    vertical = "top" if y < EDGE_ZONE else "bottom" if y > 1 - EDGE_ZONE else ""
-    horizontal = "left" if x < EDGE_ZONE else "right" if x > 1 - EDGE_ZONE else ""
+    vertical, horizontal = _edges(y, x)
     if fixed_y and vertical:
         return f"along the {vertical} edge"
     if fixed_x and horizontal:
@@ -175,13 +174,19 @@ def place_in_words(spot_y: np.ndarray, spot_x: np.ndarray, grid: tuple[int, int]
 
 def _where(y: float, x: float) -> str:
     """A place on the grid in words: a corner, an edge, or inside the image."""
-    vertical = "top" if y < EDGE_ZONE else "bottom" if y > 1 - EDGE_ZONE else ""
-    horizontal = "left" if x < EDGE_ZONE else "right" if x > 1 - EDGE_ZONE else ""
+    vertical, horizontal = _edges(y, x)
     if vertical and horizontal:
         return f"the {vertical}-{horizontal} corner"
     if vertical or horizontal:
         return f"on the {vertical or horizontal} edge"
     return "inside the image"
+
+
+def _edges(y: float, x: float) -> tuple[str, str]:
+    """The edges a place on the grid (0..1 each way) lies near: ("top" | "bottom" | "", "left" | "right" | "")."""
+    vertical = "top" if y < EDGE_ZONE else "bottom" if y > 1 - EDGE_ZONE else ""
+    horizontal = "left" if x < EDGE_ZONE else "right" if x > 1 - EDGE_ZONE else ""
+    return vertical, horizontal
 
 
 def _robust_spread(values: np.ndarray) -> float:
