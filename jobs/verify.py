@@ -17,7 +17,7 @@ from cdam_worker.derive import verify_derived
 from cdam_worker.run_files import block_checksums, open_zarr, read_checked_table, read_json
 from cdam_worker.storage import Storage
 from schemas import array_specs
-from schemas.manifest import ShardSummary, fingerprint
+from schemas.manifest import ShardSummary, count_mismatch_reason, fingerprint
 from schemas.paths import ERRORS_DIR, MANIFEST_PATH, MEMBERS_DIR, METADATA_DIR, marker_path, shard_table_path
 
 
@@ -72,8 +72,6 @@ def _check_shard(
     seen_keys: dict[str, str],
 ) -> list[str]:
     problems = []
-    if summary.n_samples != planned["n_samples"]:
-        problems.append(f"marker counts {summary.n_samples} samples, manifest plans {planned['n_samples']}")
     if recorded is not None:
         for count in ("n_samples", "n_images", "n_errors"):
             if count in recorded and recorded[count] != getattr(summary, count):
@@ -137,6 +135,14 @@ def _check_shard(
             problems.append(
                 f"errors has {errors.column('key').null_count} shard-level rows, marker says {summary.n_shard_errors}"
             )
+    reasons = errors.column("reason").to_pylist() if errors is not None else []
+    if (
+        summary.n_samples != planned["n_samples"]
+        and count_mismatch_reason(summary.n_samples, planned["n_samples"]) not in reasons
+    ):
+        problems.append(
+            f"marker counts {summary.n_samples} samples, manifest plans {planned['n_samples']} (and errors/ does not say why)"
+        )
     if "members" in summary.checksums:  # where the shard's files lie in it (uncompressed shards; older runs have none)
         members = read_checked_table(storage, members_path, summary.checksums["members"], problems)
         if (

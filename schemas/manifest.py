@@ -65,6 +65,12 @@ class ShardSummary:
         return f"{self.n_samples} samples planned, but {self.n_images} explained + {sample_errors} in errors/"
 
 
+def count_mismatch_reason(held: int, planned: int) -> str:
+    """The shard-level errors/ row of a shard whose tar holds another number of samples than its plan counted
+    (its marker then records ``held``)."""
+    return f"the tar holds {held} samples, but {planned} were planned (a wrong shard index entry, or the shard changed since it was counted)"
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

@@ -37,13 +37,12 @@ def test_index_formats_resolve_urls_and_counts(tmp_path):
         read_shard_index(str(wids))
 
 
-def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_undercounts_go_to_errors(
+def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_wrong_counts_go_to_errors(
     ray_local,
     dataset,  # noqa: F811
     tmp_path,
-    capsys,
 ):
-    scanned, indexed, short = (str(tmp_path / name) for name in ("scanned", "indexed", "short"))
+    scanned, indexed = str(tmp_path / "scanned"), str(tmp_path / "indexed")
     assert main(explain_args(dataset, scanned, "--targets", "topk:1")) == 0
     manifest = json.loads(Path(scanned, "manifest.json").read_text())
     counts = [s["n_samples"] for s in manifest["settings"]["shards"]]
@@ -54,21 +53,22 @@ def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_undercounts_go
     assert main(args) == 0
     assert output_files(indexed) == output_files(scanned)
 
-    index.write_text(
-        json.dumps(
-            {
-                "shardlist": [
-                    {"url": u, "nsamples": n - (i == 0)} for i, (u, n) in enumerate(zip(dataset["shards"], counts))
-                ]
-            }
-        )
-    )
-    # an index entry one short: the extra sample is in errors/, and the summary names the shard (exit 1)
-    assert main(explain_args(dataset, short, "--targets", "topk:1", "--shard-index", str(index))) == 1
-    assert f"UNACCOUNTED shard train-0000: {counts[0] - 1} samples planned" in capsys.readouterr().out
-    errors = Path(short, "errors").glob("000000-*.parquet")
-    reasons = [r for path in errors for r in pq.read_table(path).column("reason").to_pylist()]
-    assert any(f"beyond the {counts[0] - 1} samples planned" in r for r in reasons), reasons
+    # index entries one short and one over: bad input like any other, recorded in errors/ (the run completes,
+    # exit 0); the markers and the manifest hold the real counts, so verify finds every sample accounted for
+    wrong = [counts[0] - 1, counts[1] + 1, *counts[2:]]
+    index.write_text(json.dumps({"shardlist": [{"url": u, "nsamples": n} for u, n in zip(dataset["shards"], wrong)]}))
+    off = str(tmp_path / "off")
+    assert main(explain_args(dataset, off, "--targets", "topk:1", "--shard-index", str(index))) == 0
+    reasons = {
+        int(path.name[:6]): pq.read_table(path).column("reason").to_pylist()
+        for path in Path(off, "errors").glob("*.parquet")
+    }
+    assert f"the tar holds {counts[0]} samples, but {counts[0] - 1} were planned" in " ".join(reasons[0])
+    assert any(f"sample {counts[0] - 1} is beyond the {counts[0] - 1} samples planned" in r for r in reasons[0])
+    assert f"the tar holds {counts[1]} samples, but {counts[1] + 1} were planned" in " ".join(reasons[1])
+    shards = json.loads(Path(off, "manifest.json").read_text())["shards"]
+    assert [s["n_samples"] for s in shards] == counts
+    assert main(["verify", off]) == 0
 
 
 def test_samples_of_many_shards_are_counted_by_ray_tasks(ray_local, tmp_path):

@@ -797,7 +797,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         lambda out: _edit_json(out / "manifest.json", lambda m: m["settings"]["shards"][1].update(n_samples=8)),
         [
             "manifest fingerprint does not match its settings (the manifest was edited)",
-            "shard train-0001: marker counts 7 samples, manifest plans 8",
+            "shard train-0001: marker counts 7 samples, manifest plans 8 (and errors/ does not say why)",
         ],
     ),
 }

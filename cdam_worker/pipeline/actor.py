@@ -156,11 +156,13 @@ class ShardProcessor:
         )
         batch: list[PreparedSample] = []
         members: list[tuple[str, str, int, int]] = []
+        samples_read = 0
         try:
             # Reading and decoding start now; explaining waits for the shard before this one (if any) to finish its own.
             with self.decoder.samples(task, self.decode_settings, 2 * self.batch_size, members) as samples:
                 with self.compute_turn:
                     for item in samples:
+                        samples_read += item.key is not None  # a SampleError without a key is about the shard
                         if isinstance(item, SampleError):
                             self._record_error(output, item)
                             continue
@@ -171,6 +173,7 @@ class ShardProcessor:
                     if batch:
                         self._explain(batch, output)
             output.submit(lambda writer: writer.add_members(members))
+            output.submit(lambda writer: writer.record_samples_read(samples_read))
         except BaseException:
             output.abandon()
             raise

@@ -17,7 +17,7 @@ from zarr.codecs import ZstdCodec
 
 from cdam_worker.storage import Storage
 from schemas import CHUNK_ROWS, ERRORS_SCHEMA, HEAD_GROUP, MEMBERS_SCHEMA, METADATA_SCHEMA, Layout, array_specs
-from schemas.manifest import ShardSummary
+from schemas.manifest import ShardSummary, count_mismatch_reason
 from schemas.paths import ERRORS_DIR, MEMBERS_DIR, METADATA_DIR, ZARR_PATH, marker_path, shard_table_path
 
 
@@ -158,6 +158,14 @@ class ShardWriter:
     def add_members(self, members: list[tuple[str, str, int, int]]) -> None:
         """Record where the shard's files lie in it: (key, member name, data offset, size) each."""
         self.members.extend(members)
+
+    def record_samples_read(self, count: int) -> None:
+        """How many samples the tar held (each explained or in errors/). Where the plan counted another number (a
+        wrong shard index entry, or a shard that changed), a shard-level row of errors/ says so and the marker
+        records the real count, so the shard is complete and every sample accounted for."""
+        if count != self.n_samples:
+            self.add_error(None, count_mismatch_reason(count, self.n_samples))
+            self.n_samples = count
 
     def finish(self) -> ShardSummary:
         """Write the last chunk, the tables, then the completion marker."""
