@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -179,9 +180,9 @@ class DecodePool:
         if self.workers == 1:
             return ThreadPoolExecutor(1, thread_name_prefix="decode")
         # forkserver: workers fork from a clean server that imported torch and PIL once (not from this
-        # process's threads or CUDA context); '__main__' is preloaded so workers need not import it again.
+        # process's threads or CUDA context).
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["__main__", __name__])
+        context.set_forkserver_preload(_forkserver_preload())
         executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
         # Python starts a process per submit until all are there. Waiting for the answers makes "started"
         # mean decoding can begin: the forkserver has imported torch and the workers are forked from it.
@@ -264,6 +265,17 @@ def _in_background(start: Callable[[], Executor]) -> Future[Executor]:
 
     threading.Thread(target=run, name="decode-pool-start", daemon=True).start()
     return future
+
+
+def _forkserver_preload() -> list[str]:
+    """The modules the fork server imports once for all workers: this one (torch, PIL), and the main script where
+    it is the user's (a function of it may travel in the settings, so workers need not import it again). In a Ray
+    actor the main script is Ray's worker loop, which no decode worker needs: not importing it (all of Ray) starts
+    the pool sooner."""
+    main = getattr(sys.modules["__main__"], "__file__", None) or ""
+    if main.endswith(os.path.join("ray", "_private", "workers", "default_worker.py")):
+        return [__name__]
+    return ["__main__", __name__]
 
 
 def _refusal(task: ShardTask, index: int, key: str) -> str | None:
