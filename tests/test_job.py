@@ -11,17 +11,16 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
 import torch
 import xarray as xr
 from PIL import Image
 
-from cdam_worker import CDAMExplainer, Concept, load_model, save_checkpoint
+from cdam_worker import CDAMExplainer, Concept, load_model
 from cdam_worker.run_files import open_zarr
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
-from helpers import gradient_image, image_bytes, make_shard
+from helpers import gradient_image, image_bytes, make_shard, save_tiny_vit
 from jobs.cli import main
 from jobs.verify import verify_output
 
@@ -55,13 +54,8 @@ def dataset(tmp_path_factory) -> dict:
                 )
             )
         shards.append(str(make_shard(root / f"train-{s:04d}.tar", samples)))
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
-    checkpoint = root / "model.pt"
-    save_checkpoint(
-        checkpoint, model, "vit_small_patch16_224", MODEL_KWARGS, ["cat", "dog", "zebra", "analog clock", "car", "tree"]
-    )
-    return {"root": root, "shards": shards, "checkpoint": str(checkpoint), "spec": str(root / "train-{0000..0002}.tar")}
+    checkpoint = save_tiny_vit(root / "model.pt", MODEL_KWARGS, ["cat", "dog", "zebra", "analog clock", "car", "tree"])
+    return {"root": root, "shards": shards, "checkpoint": checkpoint, "spec": str(root / "train-{0000..0002}.tar")}
 
 
 def explain_args(dataset: dict, output: str, *extra: str) -> list[str]:

@@ -30,11 +30,8 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
-import torch
 from PIL import Image
 
-from cdam_worker import save_checkpoint
 from cdam_worker.output_lock import LOCK_LEASE_SECONDS, OutputInUseError, OutputLock, OutputLockLost
 from cdam_worker.pipeline.faults import EXIT_AFTER_BATCHES_ENV, FAIL_START_ENV, HOLD_ENV
 from cdam_worker.storage import Storage
@@ -48,6 +45,7 @@ from helpers import (
     make_shard,
     make_tar,
     png_bytes,
+    save_tiny_vit,
     start_driver,
     wait_for,
 )
@@ -63,13 +61,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # --- shared set-up -----------------------------------------------------------------------------------
-
-
-def write_checkpoint(path: Path) -> str:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
-    save_checkpoint(path, model, "vit_small_patch16_224", MODEL_KWARGS, CLASS_NAMES)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
         "root": str(root),
         "spec": str(root / "train-{0000..0002}.tar"),
-        "checkpoint": write_checkpoint(root / "model.pt"),
+        "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, CLASS_NAMES),
     }
 
 
@@ -639,7 +630,7 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "unpickled": unpickled,
         "explained": explained,
         "errors": errors,
-        "checkpoint": write_checkpoint(root / "model.pt"),
+        "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, CLASS_NAMES),
     }
 
 
