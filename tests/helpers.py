@@ -333,6 +333,25 @@ def write_photo_shards(
     return str(root / f"part-{{0000..{n_shards - 1:04d}}}.tar")
 
 
+def two_actor_explain_argv(dataset: dict, output: str, *extra: str) -> list[str]:
+    """``cdam explain`` of a dataset fixture's ``spec`` with its ``checkpoint`` into ``output``: two actors,
+    batches of 4, then ``extra``."""
+    return [
+        "explain",
+        "--shards",
+        dataset["spec"],
+        "--output",
+        output,
+        "--checkpoint",
+        dataset["checkpoint"],
+        "--actors",
+        "2",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
+
+
 def output_files(url: str | Path) -> dict[str, bytes]:
     """Every object of a run's output (local or S3) but the lock, by path; the manifest without its ``timings``
     (seconds per phase of the command that completed the run: the one field that differs between runs)."""

@@ -46,6 +46,7 @@ from helpers import (
     make_tar,
     png_bytes,
     save_tiny_vit,
+    two_actor_explain_argv,
     start_driver,
     wait_for,
 )
@@ -86,22 +87,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def explain_args(dataset: dict[str, str], output: str, *extra: str) -> list[str]:
-    return [
-        "explain",
-        "--shards",
-        dataset["spec"],
-        "--output",
-        output,
-        "--checkpoint",
-        dataset["checkpoint"],
-        "--actors",
-        "2",
-        "--batch-size",
-        "4",
-        "--targets",
-        "topk:2",
-        *extra,
-    ]
+    """``helpers.two_actor_explain_argv`` with the top-2 targets every test here explains."""
+    return two_actor_explain_argv(dataset, output, "--targets", "topk:2", *extra)
 
 
 @pytest.fixture(scope="module")
