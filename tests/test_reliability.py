@@ -418,6 +418,18 @@ def test_lock_lease_and_stale_holders(where, tmp_path, request):
     assert json.loads(storage.get(LOCK_PATH))["token"] == "theirs"
 
 
+def another_jobs_lock() -> dict[str, object]:
+    """The lock of another job (run "other", token "theirs", on host "elsewhere"), renewed just now."""
+    return {
+        "run_id": "other",
+        "token": "theirs",
+        "host": "elsewhere",
+        "pid": 7,
+        "renewed_at": time.time(),
+        "lease_seconds": LOCK_LEASE_SECONDS,
+    }
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_renewal_notices_a_takeover_and_restores_a_deleted_lock(where, tmp_path, request):
     url = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/renew"
@@ -429,14 +441,7 @@ def test_renewal_notices_a_takeover_and_restores_a_deleted_lock(where, tmp_path,
     storage.delete(LOCK_PATH)  # removed by hand while the job runs: renewing makes it ours again
     lock.renew()
     assert json.loads(storage.get(LOCK_PATH))["token"] == lock.payload["token"]
-    taken = {
-        "run_id": "other",
-        "token": "theirs",
-        "host": "elsewhere",
-        "pid": 7,
-        "renewed_at": time.time(),
-        "lease_seconds": LOCK_LEASE_SECONDS,
-    }
+    taken = another_jobs_lock()
     storage.put(LOCK_PATH, json.dumps(taken).encode())  # another job took over after our lease ran out
     with pytest.raises(
         OutputLockLost, match=r"another cdam job took over the output lock of .* \(run other, pid 7 on elsewhere\)"
@@ -456,14 +461,7 @@ def test_job_that_lost_its_lock_stops(ray_local, dataset, tmp_path):
     )
     try:
         wait_for(lambda: list(tmp_path.glob("hold.*")), "an actor waiting inside a shard", driver)
-        taken = {
-            "run_id": "other",
-            "token": "theirs",
-            "host": "elsewhere",
-            "pid": 7,
-            "renewed_at": time.time(),
-            "lease_seconds": LOCK_LEASE_SECONDS,
-        }
+        taken = another_jobs_lock()
         (output / LOCK_PATH).write_text(json.dumps(taken))
         status, _, stderr = finish(driver, tmp_path / "driver", timeout=90)  # the next renewal comes within 20 s
     finally:
