@@ -44,14 +44,19 @@ def tiny_config(folder: Path, name: str = "cdam-tiny-clip", **vision: object) ->
 def clip_files(tmp_path_factory) -> dict[str, Path]:
     """A config file, the model created from it (weights perturbed off their init) and its state dict."""
     root = tmp_path_factory.mktemp("open_clip")
-    config = tiny_config(root)
+    return perturbed_clip_files(tiny_config(root), seed=0)
+
+
+def perturbed_clip_files(config: Path, seed: int) -> dict[str, Path]:
+    """The open_clip model of ``config`` (registered with open_clip here), its weights moved off their init by
+    0.05 x noise drawn after ``torch.manual_seed(seed)``, saved as ``tiny.pt`` next to ``config``."""
     open_clip.add_model_config(config)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = open_clip.create_model(config.stem).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    checkpoint = root / "tiny.pt"
+    checkpoint = config.parent / "tiny.pt"
     torch.save(model.state_dict(), checkpoint)
     return {"config": config, "checkpoint": checkpoint}
 
