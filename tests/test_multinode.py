@@ -50,7 +50,7 @@ def cluster():
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Four shards of small photos with a corrupt JPEG in each (error rows must match too)."""
     root = tmp_path_factory.mktemp("multinode-data")
-    spec = write_photo_shards(root, N_SHARDS, SHARD_SIZE, 40, 36, b"2", seed=5, corrupt=True)
+    spec = write_photo_shards(root, N_SHARDS, SHARD_SIZE, height=40, width=36, label=b"2", seed=5, corrupt=True)
     return {"spec": spec, "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, [f"c{i}" for i in range(6)])}
 
 

@@ -49,7 +49,7 @@ def add_worker(cluster):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("node-loss-data")
-    spec = write_photo_shards(root, N_SHARDS, SHARD_SIZE, 24, 28, b"1", seed=2)
+    spec = write_photo_shards(root, N_SHARDS, SHARD_SIZE, height=24, width=28, label=b"1", seed=2)
     return {"spec": spec, "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, [f"c{i}" for i in range(6)])}
 
 
