@@ -26,6 +26,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,29 +87,29 @@ HEADER = (
 )
 
 
+def explain_every_class_argv(shards: Sequence[Path], dest: str, checkpoint: Path) -> list[str]:
+    """``cdam explain`` of ``shards`` into ``dest`` with every class's map, on two actors."""
+    return [
+        "explain",
+        "--shards",
+        *map(str, shards),
+        "--output",
+        dest,
+        "--checkpoint",
+        str(checkpoint),
+        "--targets",
+        "all",
+        "--actors",
+        "2",
+    ]
+
+
 def run_case(cue: Cue, model: str, split: str, root: Path, cache_dir: Path, samples: int) -> CaseResult:
     """Train (or reuse) the model, explain the split with every class's map, audit it and score the audit."""
     checkpoint = train_model(cache_dir, cue, control=model == "control", config=CONFIG)
     shards = write_shards(root / cue.name / "shards", cue, split, 4, samples // 4, seed=0)
     dest = str(root / cue.name / f"{model}-{split}")
-    if (
-        cdam(
-            [
-                "explain",
-                "--shards",
-                *map(str, shards),
-                "--output",
-                dest,
-                "--checkpoint",
-                str(checkpoint),
-                "--targets",
-                "all",
-                "--actors",
-                "2",
-            ]
-        )
-        != 0
-    ):
+    if cdam(explain_every_class_argv(shards, dest, checkpoint)) != 0:
         raise RuntimeError(f"cdam explain failed on {dest}")
     if cdam(["audit", dest, "--no-model"]) != 0:
         raise RuntimeError(f"cdam audit failed on {dest}")

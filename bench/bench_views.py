@@ -40,21 +40,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+
 REPO = Path(__file__).resolve().parent.parent
 
-CHROMIUM = "/usr/bin/chromium"
 LISTENING = r"cdam serve: (http://\S+)/ "
 """The line `cdam serve` prints once it listens (its address in group 1)."""
 VIEWPORT = {"width": 1400, "height": 1000}
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
 
 
 def write_run(dest: Path, n_images: int, n_classes: int, photo_size: tuple[int, int] | None) -> None:

@@ -21,19 +21,10 @@
 # (15 MiB; their other needs, numpy, packaging, typing-extensions, pyyaml, matplotlib, tqdm, are there.)
 # Then the device tool's `run` with carry [".whl"], timeout_s 500 (the steps stop themselves by 460 s) and the command
 #   bash bench/gpu_engine_check.sh
-# This script installs .whl/*.whl into /tmp/site itself and puts it on PYTHONPATH.
+# This script installs .whl/*.whl into /tmp/site itself and puts it on PYTHONPATH (bench/gpu_preamble.sh).
 
-set -uo pipefail
-cd "$(dirname "$0")/.."
-results="${OUT:-/tmp/gpu_engine_check}"
-mkdir -p "$results"
-export PYTHONUNBUFFERED=1
-
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import torch, timm; assert torch.cuda.is_available(), 'no CUDA device'; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'timm', timm.__version__)" || exit 1
+# shellcheck source=bench/gpu_preamble.sh
+source "$(dirname "$0")/gpu_preamble.sh" gpu_engine_check torch timm
 
 failed=0
 echo "== 1. CUDA engine tests"

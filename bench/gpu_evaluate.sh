@@ -19,19 +19,10 @@
 #       zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 obstore==0.12.1 braceexpand==0.1.7 captum==0.9.0
 # Then the device tool's `run` with carry [".whl"], timeout_s 400 (the steps stop themselves by 360 s) and the command
 #   bash bench/gpu_evaluate.sh
-# This script installs .whl/*.whl into /tmp/site itself and puts it on PYTHONPATH.
+# This script installs .whl/*.whl into /tmp/site itself and puts it on PYTHONPATH (bench/gpu_preamble.sh).
 
-set -uo pipefail
-cd "$(dirname "$0")/.."
-results="${OUT:-/tmp/gpu_evaluate}"
-mkdir -p "$results"
-export PYTHONUNBUFFERED=1
-
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import torch, timm; assert torch.cuda.is_available(), 'no CUDA device'; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'timm', timm.__version__)" || exit 1
+# shellcheck source=bench/gpu_preamble.sh
+source "$(dirname "$0")/gpu_preamble.sh" gpu_evaluate torch timm
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 failed=0

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import timm
-import torch
 
-from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.actor import ShardProcessor
 from cdam_worker.pipeline.plan import ExplainOptions, make_plan
 from cdam_worker.pipeline.run_output import prepare_output
@@ -21,7 +18,7 @@ from cdam_worker.run_files import open_zarr
 from cdam_worker.shards.specs import shard_name
 from cdam_worker.shards.tar_reader import scan_shard
 from cdam_worker.storage import Storage
-from helpers import make_shard, png_bytes
+from helpers import make_shard, png_bytes, save_tiny_vit
 from schemas import CHUNK_ROWS
 from schemas.manifest import ModelSpec, ShardSummary
 from schemas.paths import shard_file_stem
@@ -33,10 +30,7 @@ PLACEHOLDER_SAMPLES = 40  # the plan's shard: its size sets rows_per_shard (48),
 
 def write_checkpoint(path: Path) -> str:
     """A tiny ViT (32x32 input, 4x4 tokens, 6 classes) saved the way cdam saves checkpoints."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
-    save_checkpoint(path, model, "vit_small_patch16_224", MODEL_KWARGS, CLASS_NAMES)
-    return str(path)
+    return save_tiny_vit(path, MODEL_KWARGS, CLASS_NAMES)
 
 
 def in_process_processor(root: Path, targets: str) -> ShardProcessor:

@@ -289,6 +289,69 @@ def explain_argv(shards: Sequence[str | Path], output: str | Path, model: str, *
     ]
 
 
+def save_tiny_vit(path: str | Path, model_kwargs: dict[str, int], class_names: Sequence[str]) -> str:
+    """A randomly initialised (seed 0) ``vit_small_patch16_224`` built with ``model_kwargs``, saved as a cdam
+    checkpoint at ``path``; returns the path."""
+    import timm  # here, not at the top: most tests that use helpers need no model
+    import torch
+
+    from cdam_worker import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(
+        path,
+        timm.create_model("vit_small_patch16_224", **model_kwargs),
+        "vit_small_patch16_224",
+        model_kwargs,
+        list(class_names),
+    )
+    return str(path)
+
+
+def write_photo_shards(
+    root: Path, n_shards: int, shard_size: int, height: int, width: int, label: bytes, seed: int, corrupt: bool = False
+) -> str:
+    """``n_shards`` shards ``part-NNNN.tar`` of ``shard_size`` random ``height`` x ``width`` JPEGs labelled
+    ``label``; with ``corrupt``, sample ``s + 1`` of shard ``s`` is a truncated JPEG. Returns the brace spec."""
+    rng = np.random.default_rng(seed)
+    for s in range(n_shards):
+        samples = [
+            (
+                f"s{s}/img{i}",
+                {
+                    "jpg": image_bytes(
+                        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)), "JPEG"
+                    ),
+                    "cls": label,
+                },
+            )
+            for i in range(shard_size)
+        ]
+        if corrupt:
+            samples[s + 1] = (f"s{s}/broken", {"jpg": b"\xff\xd8\xff" + bytes(40)})
+        make_shard(root / f"part-{s:04d}.tar", samples)
+    return str(root / f"part-{{0000..{n_shards - 1:04d}}}.tar")
+
+
+def two_actor_explain_argv(dataset: dict, output: str, *extra: str) -> list[str]:
+    """``cdam explain`` of a dataset fixture's ``spec`` with its ``checkpoint`` into ``output``: two actors,
+    batches of 4, then ``extra``."""
+    return [
+        "explain",
+        "--shards",
+        dataset["spec"],
+        "--output",
+        output,
+        "--checkpoint",
+        dataset["checkpoint"],
+        "--actors",
+        "2",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
+
+
 def output_files(url: str | Path) -> dict[str, bytes]:
     """Every object of a run's output (local or S3) but the lock, by path; the manifest without its ``timings``
     (seconds per phase of the command that completed the run: the one field that differs between runs)."""

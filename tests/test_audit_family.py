@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.audit_family import CONFIG, CaseResult, score_case
+from bench.audit_family import CONFIG, CaseResult, explain_every_class_argv, score_case
 from bench.planted import Cue, train_model, write_shards
 from cdam_worker.audit.cues import PlaceStatistics, find
 from cdam_worker.reading import open_run
@@ -34,24 +34,7 @@ def background_cases(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -
         checkpoint = train_model(cache, BACKGROUND, control=model == "control", config=CONFIG)
         shards = write_shards(root / "shards", BACKGROUND, split, 4, SAMPLES // 4, seed=0)
         dest = str(root / f"{model}-{split}")
-        assert (
-            main(
-                [
-                    "explain",
-                    "--shards",
-                    *map(str, shards),
-                    "--output",
-                    dest,
-                    "--checkpoint",
-                    str(checkpoint),
-                    "--targets",
-                    "all",
-                    "--actors",
-                    "2",
-                ]
-            )
-            == 0
-        )
+        assert main(explain_every_class_argv(shards, dest, checkpoint)) == 0
         assert (
             main(["audit", dest, "--no-model"]) == 0
         )  # detection from the maps alone (confirmation: test_audit_confirm)

@@ -12,13 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 import ray
-import timm
 import torch
 
-from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.plan import make_plan
 from cdam_worker.pipeline.run_output import prepare_output
-from helpers import jpeg_bytes, make_shard
+from helpers import jpeg_bytes, make_shard, save_tiny_vit
 from jobs.cli import build_parser, main
 from jobs.explain import explain_options
 
@@ -44,16 +42,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         root / "labelled-0000.tar", [(f"k{i}", {"jpg": jpeg_bytes(20, 20), "cls": b"1"}) for i in range(3)]
     )
     unlabelled = make_shard(root / "unlabelled-0000.tar", [(f"u{i}", {"jpg": jpeg_bytes(20, 20)}) for i in range(3)])
-    torch.manual_seed(0)
-    checkpoint = root / "model.pt"
-    save_checkpoint(
-        checkpoint,
-        timm.create_model("vit_small_patch16_224", **MODEL_KWARGS),
-        "vit_small_patch16_224",
-        MODEL_KWARGS,
-        CLASS_NAMES,
-    )
-    return {"root": str(root), "labelled": str(labelled), "unlabelled": str(unlabelled), "checkpoint": str(checkpoint)}
+    checkpoint = save_tiny_vit(root / "model.pt", MODEL_KWARGS, CLASS_NAMES)
+    return {"root": str(root), "labelled": str(labelled), "unlabelled": str(unlabelled), "checkpoint": checkpoint}
 
 
 def explain(

@@ -424,6 +424,8 @@ def evaluated(demo_run, tmp_path_factory) -> tuple[str, str]:
     return run_dir, printed.getvalue()
 
 
+FOUR_METHODS_ONLY = ["--methods", "cdam,tam,am,ixg", "--sanity", "0", "--robustness", "0"]
+"""`cdam evaluate` flags: the faithfulness curves of cdam, tam, am and ixg, without the sanity and robustness checks."""
 ALL_METHODS = [
     "CDAM",
     "TAM",
@@ -539,25 +541,7 @@ def test_a_smooth_run_is_compared_with_vanilla_cdam_from_the_engine(demo_run, tm
     run_dir = copy_run(demo_run, tmp_path)
     group = zarr.open_group(Path(run_dir, "cdam.zarr"), mode="r+", zarr_format=3)
     group.attrs["variant"] = {"variant": "smooth", "n_samples": 4, "noise_level": 0.05, "seed": 0}
-    assert (
-        main(
-            [
-                "evaluate",
-                run_dir,
-                "--sample",
-                "6",
-                "--steps",
-                "2",
-                "--methods",
-                "cdam,tam,am,ixg",
-                "--sanity",
-                "0",
-                "--robustness",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(["evaluate", run_dir, "--sample", "6", "--steps", "2", *FOUR_METHODS_ONLY]) == 0
     images = open_run(run_dir).table("evaluation/images.parquet")
     by_method = {
         m: images.filter(images.column("method").to_numpy(zero_copy_only=False) == m) for m in ("CDAM", "Smooth CDAM")
@@ -622,12 +606,7 @@ def test_evaluate_on_s3_retries_transient_faults(demo_run, s3_client, s3_bucket,
         "2",
         "--seed",
         "5",
-        "--methods",
-        "cdam,tam,am,ixg",
-        "--sanity",
-        "0",
-        "--robustness",
-        "0",
+        *FOUR_METHODS_ONLY,
     ]
     with S3Proxy(s3_server, fail_every=4, fault=("503", "drop")) as flaky:
         monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)

@@ -11,17 +11,16 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
 import torch
 import xarray as xr
 from PIL import Image
 
-from cdam_worker import CDAMExplainer, Concept, load_model, save_checkpoint
+from cdam_worker import CDAMExplainer, Concept, load_model
 from cdam_worker.run_files import open_zarr
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
-from helpers import gradient_image, image_bytes, make_shard
+from helpers import gradient_image, image_bytes, make_shard, save_tiny_vit, two_actor_explain_argv
 from jobs.cli import main
 from jobs.verify import verify_output
 
@@ -55,30 +54,8 @@ def dataset(tmp_path_factory) -> dict:
                 )
             )
         shards.append(str(make_shard(root / f"train-{s:04d}.tar", samples)))
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
-    checkpoint = root / "model.pt"
-    save_checkpoint(
-        checkpoint, model, "vit_small_patch16_224", MODEL_KWARGS, ["cat", "dog", "zebra", "analog clock", "car", "tree"]
-    )
-    return {"root": root, "shards": shards, "checkpoint": str(checkpoint), "spec": str(root / "train-{0000..0002}.tar")}
-
-
-def explain_args(dataset: dict, output: str, *extra: str) -> list[str]:
-    return [
-        "explain",
-        "--shards",
-        dataset["spec"],
-        "--output",
-        output,
-        "--checkpoint",
-        dataset["checkpoint"],
-        "--actors",
-        "2",
-        "--batch-size",
-        "4",
-        *extra,
-    ]
+    checkpoint = save_tiny_vit(root / "model.pt", MODEL_KWARGS, ["cat", "dog", "zebra", "analog clock", "car", "tree"])
+    return {"root": root, "shards": shards, "checkpoint": checkpoint, "spec": str(root / "train-{0000..0002}.tar")}
 
 
 def expected_rows(dataset: dict, targets: str, **explain_kwargs) -> dict[str, object]:
@@ -119,7 +96,7 @@ def check_output(url: str, dataset: dict, targets: str, store_basis: bool = Fals
 
 def test_local_job_matches_engine_and_is_queryable(ray_local, dataset, tmp_path, capsys):
     output = str(tmp_path / "out")
-    assert main(explain_args(dataset, output, "--targets", "topk:2")) == 0
+    assert main(two_actor_explain_argv(dataset, output, "--targets", "topk:2")) == 0
     check_output(output, dataset, "topk:2")
     phases = re.search(
         r"^phases: planning [\d.]+ s, .*explaining [\d.]+ s, .*shutdown [\d.]+ s", capsys.readouterr().out, re.M
@@ -146,7 +123,7 @@ def test_s3_shards_to_s3_output_with_basis_and_class_names(ray_local, dataset, s
     for shard in dataset["shards"]:
         s3_client.upload_file(shard, s3_bucket, f"data/{Path(shard).name}")
     output = f"s3://{s3_bucket}/runs/a"
-    args = explain_args(dataset, output, "--targets", "classes:zebra,1", "--store-basis")
+    args = two_actor_explain_argv(dataset, output, "--targets", "classes:zebra,1", "--store-basis")
     args[args.index("--shards") + 1] = f"s3://{s3_bucket}/data/train-{{0000..0002}}.tar"
     assert main(args) == 0
     check_output(output, dataset, "classes:2,1", store_basis=True)
@@ -168,7 +145,7 @@ def test_concepts_from_a_saved_vector_and_a_folder_of_examples(ray_local, datase
     output = str(tmp_path / "out")
     assert (
         main(
-            explain_args(
+            two_actor_explain_argv(
                 dataset,
                 output,
                 "--targets",
@@ -201,22 +178,22 @@ def test_concepts_from_a_saved_vector_and_a_folder_of_examples(ray_local, datase
 
 def test_rerun_skips_completed_shards_and_refuses_other_settings(ray_local, dataset, tmp_path, capsys):
     output = str(tmp_path / "out")
-    assert main(explain_args(dataset, output, "--targets", "topk:1")) == 0
+    assert main(two_actor_explain_argv(dataset, output, "--targets", "topk:1")) == 0
     before = {p: p.read_bytes() for p in Path(output).rglob("*") if p.is_file() and "lock" not in p.name}
-    assert main(explain_args(dataset, output, "--targets", "topk:1")) == 0
+    assert main(two_actor_explain_argv(dataset, output, "--targets", "topk:1")) == 0
     assert "3 already done before this run" in capsys.readouterr().out
     after = {p: p.read_bytes() for p in Path(output).rglob("*") if p.is_file()}
     assert before == after
 
-    assert main(explain_args(dataset, output, "--targets", "topk:2")) == 2
+    assert main(two_actor_explain_argv(dataset, output, "--targets", "topk:2")) == 2
     assert "was made with different settings (targets)" in capsys.readouterr().err
-    assert main(explain_args(dataset, output, "--targets", "topk:2", "--overwrite")) == 0
+    assert main(two_actor_explain_argv(dataset, output, "--targets", "topk:2", "--overwrite")) == 0
     assert verify_output(output) == []
 
 
 def test_dry_run_prints_plan_and_writes_nothing(ray_local, dataset, tmp_path, capsys):
     output = tmp_path / "dry"
-    assert main(explain_args(dataset, str(output), "--dry-run", "--targets", "all")) == 0
+    assert main(two_actor_explain_argv(dataset, str(output), "--dry-run", "--targets", "all")) == 0
     printed = capsys.readouterr().out
     assert "3 (31 samples, 16 rows reserved per shard)" in printed
     assert "all + 0 concept(s) = 6 maps per image" in printed

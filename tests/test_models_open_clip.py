@@ -8,6 +8,7 @@ The model is a small custom architecture, given the way users give one (a config
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,19 @@ def tiny_config(folder: Path, name: str = "cdam-tiny-clip", **vision: object) ->
 def clip_files(tmp_path_factory) -> dict[str, Path]:
     """A config file, the model created from it (weights perturbed off their init) and its state dict."""
     root = tmp_path_factory.mktemp("open_clip")
-    config = tiny_config(root)
+    return perturbed_clip_files(tiny_config(root), seed=0)
+
+
+def perturbed_clip_files(config: Path, seed: int) -> dict[str, Path]:
+    """The open_clip model of ``config`` (registered with open_clip here), its weights moved off their init by
+    0.05 x noise drawn after ``torch.manual_seed(seed)``, saved as ``tiny.pt`` next to ``config``."""
     open_clip.add_model_config(config)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = open_clip.create_model(config.stem).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    checkpoint = root / "tiny.pt"
+    checkpoint = config.parent / "tiny.pt"
     torch.save(model.state_dict(), checkpoint)
     return {"config": config, "checkpoint": checkpoint}
 
@@ -129,22 +135,29 @@ def test_bad_open_clip_models_are_refused(clip_files, tmp_path):
         load_model(f"open_clip:{other}", checkpoint=clip_files["checkpoint"])
 
 
-def test_cdam_explain_on_an_open_clip_checkpoint(ray_local, clip_files, tmp_path, capsys):
-    shards = write_demo_shards(tmp_path / "shards", "test", n_shards=2, samples_per_shard=2, seed=3)
-    vector = torch.randn(TINY["embed_dim"], generator=torch.Generator().manual_seed(4))
-    Concept("probe", vector).save(tmp_path / "probe.pt")
-    output = tmp_path / "out"
-    args = explain_argv(
+def open_clip_explain_argv(
+    shards: Sequence[str | Path], output: Path, clip_files: dict[str, Path], targets: str, concepts: str
+) -> list[str]:
+    """``cdam explain`` of ``shards`` into ``output`` with the open_clip model of ``clip_files``."""
+    return explain_argv(
         shards,
         output,
         f"open_clip:{clip_files['config']}",
         "--checkpoint",
         str(clip_files["checkpoint"]),
         "--targets",
-        "none",
+        targets,
         "--concepts",
-        f"probe={tmp_path / 'probe.pt'}",
+        concepts,
     )
+
+
+def test_cdam_explain_on_an_open_clip_checkpoint(ray_local, clip_files, tmp_path, capsys):
+    shards = write_demo_shards(tmp_path / "shards", "test", n_shards=2, samples_per_shard=2, seed=3)
+    vector = torch.randn(TINY["embed_dim"], generator=torch.Generator().manual_seed(4))
+    Concept("probe", vector).save(tmp_path / "probe.pt")
+    output = tmp_path / "out"
+    args = open_clip_explain_argv(shards, output, clip_files, "none", f"probe={tmp_path / 'probe.pt'}")
     assert main([*args, "--dry-run"]) == 0
     assert "closed form" in capsys.readouterr().out
     assert main(args) == 0

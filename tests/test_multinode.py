@@ -12,15 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import timm
-import torch
-from PIL import Image
 
-from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.faults import HOLD_ENV
-from helpers import finish, image_bytes, make_shard, output_files, start_driver, wait_for
+from helpers import finish, output_files, save_tiny_vit, start_driver, wait_for, write_photo_shards
 from jobs.verify import verify_output
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
@@ -55,30 +50,8 @@ def cluster():
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Four shards of small photos with a corrupt JPEG in each (error rows must match too)."""
     root = tmp_path_factory.mktemp("multinode-data")
-    rng = np.random.default_rng(5)
-    for s in range(N_SHARDS):
-        samples = [
-            (
-                f"s{s}/img{i}",
-                {
-                    "jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)), "JPEG"),
-                    "cls": b"2",
-                },
-            )
-            for i in range(SHARD_SIZE)
-        ]
-        samples[s + 1] = (f"s{s}/broken", {"jpg": b"\xff\xd8\xff" + bytes(40)})
-        make_shard(root / f"part-{s:04d}.tar", samples)
-    torch.manual_seed(0)
-    checkpoint = root / "model.pt"
-    save_checkpoint(
-        checkpoint,
-        timm.create_model("vit_small_patch16_224", **MODEL_KWARGS),
-        "vit_small_patch16_224",
-        MODEL_KWARGS,
-        [f"c{i}" for i in range(6)],
-    )
-    return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
+    spec = write_photo_shards(root, N_SHARDS, SHARD_SIZE, height=40, width=36, label=b"2", seed=5, corrupt=True)
+    return {"spec": spec, "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, [f"c{i}" for i in range(6)])}
 
 
 def run_job(dataset: dict[str, str], cluster, root: Path, hold: Path | None = None) -> tuple[str, str]:

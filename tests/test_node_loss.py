@@ -11,15 +11,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-import timm
-import torch
-from PIL import Image
 
-from cdam_worker import save_checkpoint
 from cdam_worker.pipeline.faults import HOLD_ENV
-from helpers import finish, image_bytes, make_shard, output_files, start_driver, wait_for
+from helpers import finish, output_files, save_tiny_vit, start_driver, wait_for, write_photo_shards
 from jobs.verify import verify_output
 
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=6)
@@ -54,29 +49,8 @@ def add_worker(cluster):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("node-loss-data")
-    rng = np.random.default_rng(2)
-    for s in range(N_SHARDS):
-        samples = [
-            (
-                f"s{s}/img{i}",
-                {
-                    "jpg": image_bytes(Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)), "JPEG"),
-                    "cls": b"1",
-                },
-            )
-            for i in range(SHARD_SIZE)
-        ]
-        make_shard(root / f"part-{s:04d}.tar", samples)
-    torch.manual_seed(0)
-    checkpoint = root / "model.pt"
-    save_checkpoint(
-        checkpoint,
-        timm.create_model("vit_small_patch16_224", **MODEL_KWARGS),
-        "vit_small_patch16_224",
-        MODEL_KWARGS,
-        [f"c{i}" for i in range(6)],
-    )
-    return {"spec": str(root / f"part-{{0000..{N_SHARDS - 1:04d}}}.tar"), "checkpoint": str(checkpoint)}
+    spec = write_photo_shards(root, N_SHARDS, SHARD_SIZE, height=24, width=28, label=b"1", seed=2)
+    return {"spec": spec, "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, [f"c{i}" for i in range(6)])}
 
 
 def start_job(

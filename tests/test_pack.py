@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import timm
-import torch
 
-from cdam_worker import save_checkpoint
 from cdam_worker.shards.samples import Sample
 from cdam_worker.shards.tar_reader import iter_samples
 from cdam_worker.storage import Storage
-from helpers import gradient_image, image_bytes, jpeg_bytes, png_bytes
+from helpers import gradient_image, image_bytes, jpeg_bytes, png_bytes, save_tiny_vit
 from jobs.cli import main
 from jobs.verify import verify_output
 
@@ -185,15 +182,7 @@ def test_pack_to_s3_writes_the_same_objects_as_a_local_pack(sources, tmp_path, s
 
 
 def test_explain_reads_packed_shards_with_their_labels(sources, tmp_path, ray_local):
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "model.pt"
-    save_checkpoint(
-        checkpoint,
-        timm.create_model("vit_small_patch16_224", **TINY_VIT),
-        "vit_small_patch16_224",
-        TINY_VIT,
-        [f"class {i}" for i in range(1000)],
-    )
+    checkpoint = save_tiny_vit(tmp_path / "model.pt", TINY_VIT, [f"class {i}" for i in range(1000)])
     assert pack_into(tmp_path / "imagenet", sources["imagenet"], "--layout", "imagenet", "--maxcount", "3") == 0
     assert pack_into(tmp_path / "csv", sources["csv"], "--labels", str(sources["labels"])) == 0
     output = tmp_path / "cdam-out"

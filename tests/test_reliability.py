@@ -30,11 +30,8 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
-import torch
 from PIL import Image
 
-from cdam_worker import save_checkpoint
 from cdam_worker.output_lock import LOCK_LEASE_SECONDS, OutputInUseError, OutputLock, OutputLockLost
 from cdam_worker.pipeline.faults import EXIT_AFTER_BATCHES_ENV, FAIL_START_ENV, HOLD_ENV
 from cdam_worker.storage import Storage
@@ -48,6 +45,8 @@ from helpers import (
     make_shard,
     make_tar,
     png_bytes,
+    save_tiny_vit,
+    two_actor_explain_argv,
     start_driver,
     wait_for,
 )
@@ -63,13 +62,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # --- shared set-up -----------------------------------------------------------------------------------
-
-
-def write_checkpoint(path: Path) -> str:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", **MODEL_KWARGS)
-    save_checkpoint(path, model, "vit_small_patch16_224", MODEL_KWARGS, CLASS_NAMES)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -90,27 +82,13 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
         "root": str(root),
         "spec": str(root / "train-{0000..0002}.tar"),
-        "checkpoint": write_checkpoint(root / "model.pt"),
+        "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, CLASS_NAMES),
     }
 
 
 def explain_args(dataset: dict[str, str], output: str, *extra: str) -> list[str]:
-    return [
-        "explain",
-        "--shards",
-        dataset["spec"],
-        "--output",
-        output,
-        "--checkpoint",
-        dataset["checkpoint"],
-        "--actors",
-        "2",
-        "--batch-size",
-        "4",
-        "--targets",
-        "topk:2",
-        *extra,
-    ]
+    """``helpers.two_actor_explain_argv`` with the top-2 targets every test here explains."""
+    return two_actor_explain_argv(dataset, output, "--targets", "topk:2", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -440,6 +418,18 @@ def test_lock_lease_and_stale_holders(where, tmp_path, request):
     assert json.loads(storage.get(LOCK_PATH))["token"] == "theirs"
 
 
+def another_jobs_lock() -> dict[str, object]:
+    """The lock of another job (run "other", token "theirs", on host "elsewhere"), renewed just now."""
+    return {
+        "run_id": "other",
+        "token": "theirs",
+        "host": "elsewhere",
+        "pid": 7,
+        "renewed_at": time.time(),
+        "lease_seconds": LOCK_LEASE_SECONDS,
+    }
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_renewal_notices_a_takeover_and_restores_a_deleted_lock(where, tmp_path, request):
     url = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/renew"
@@ -451,14 +441,7 @@ def test_renewal_notices_a_takeover_and_restores_a_deleted_lock(where, tmp_path,
     storage.delete(LOCK_PATH)  # removed by hand while the job runs: renewing makes it ours again
     lock.renew()
     assert json.loads(storage.get(LOCK_PATH))["token"] == lock.payload["token"]
-    taken = {
-        "run_id": "other",
-        "token": "theirs",
-        "host": "elsewhere",
-        "pid": 7,
-        "renewed_at": time.time(),
-        "lease_seconds": LOCK_LEASE_SECONDS,
-    }
+    taken = another_jobs_lock()
     storage.put(LOCK_PATH, json.dumps(taken).encode())  # another job took over after our lease ran out
     with pytest.raises(
         OutputLockLost, match=r"another cdam job took over the output lock of .* \(run other, pid 7 on elsewhere\)"
@@ -478,14 +461,7 @@ def test_job_that_lost_its_lock_stops(ray_local, dataset, tmp_path):
     )
     try:
         wait_for(lambda: list(tmp_path.glob("hold.*")), "an actor waiting inside a shard", driver)
-        taken = {
-            "run_id": "other",
-            "token": "theirs",
-            "host": "elsewhere",
-            "pid": 7,
-            "renewed_at": time.time(),
-            "lease_seconds": LOCK_LEASE_SECONDS,
-        }
+        taken = another_jobs_lock()
         (output / LOCK_PATH).write_text(json.dumps(taken))
         status, _, stderr = finish(driver, tmp_path / "driver", timeout=90)  # the next renewal comes within 20 s
     finally:
@@ -639,7 +615,7 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "unpickled": unpickled,
         "explained": explained,
         "errors": errors,
-        "checkpoint": write_checkpoint(root / "model.pt"),
+        "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, CLASS_NAMES),
     }
 
 

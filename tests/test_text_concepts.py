@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import transformers as tf
 from test_models_hf import literal_cdam as hf_literal_cdam
 from test_models_open_clip import literal_cdam as open_clip_literal_cdam
-from test_models_open_clip import open_clip_model, tiny_config
+from test_models_open_clip import open_clip_explain_argv, open_clip_model, perturbed_clip_files, tiny_config
 
 from tests.helpers import explain_argv
 from cdam_worker import load_model
@@ -41,15 +41,7 @@ def clip_recipe(embeddings: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("open_clip_text")
-    config = tiny_config(root, "cdam-tiny-text-clip")
-    open_clip.add_model_config(config)
-    torch.manual_seed(3)
-    model = open_clip.create_model(config.stem).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    torch.save(model.state_dict(), root / "tiny.pt")
-    return {"config": config, "checkpoint": root / "tiny.pt"}
+    return perturbed_clip_files(tiny_config(root, "cdam-tiny-text-clip"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +119,8 @@ def test_zero_shot_targets_and_a_text_concept_on_open_clip(ray_local, clip_files
     classes = tmp_path / "classes.txt"
     classes.write_text("circle\nsquare: a photo of a square | a drawing of a square\ntriangle\n")
     output = tmp_path / "out"
-    args = explain_argv(
-        shards,
-        output,
-        f"open_clip:{clip_files['config']}",
-        "--checkpoint",
-        str(clip_files["checkpoint"]),
-        "--targets",
-        f"text:{classes}:2",
-        "--concepts",
-        'mark=text:"a photo of a watermark":cosine',
+    args = open_clip_explain_argv(
+        shards, output, clip_files, f"text:{classes}:2", 'mark=text:"a photo of a watermark":cosine'
     )
     assert main([*args, "--dry-run"]) == 0
     assert "autograd through the last block: the head is a ZeroShotHead" in capsys.readouterr().out

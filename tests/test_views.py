@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.chromium import CHROMIUM
 from conftest import TEST_ACCESS_KEY, TEST_SECRET
 from views_fixtures import (
     ARTIFACTS,
-    CHROMIUM,
     CHROMIUM_ARGS,
     HOSTILE_CLASS_NAMES,
     HOSTILE_ELEMENTS_JS,

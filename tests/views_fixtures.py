@@ -17,21 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from bench.chromium import CHROMIUM_ARGS as HEADLESS_CHROMIUM_ARGS
 from schemas import ERRORS_SCHEMA
 
-CHROMIUM = "/usr/bin/chromium"
 REBINDING_HOST = "rebind.attacker.test"
 """A host name the tests' Chromium resolves to 127.0.0.1, as a DNS-rebinding attacker's would."""
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-    f"--host-resolver-rules=MAP {REBINDING_HOST} 127.0.0.1",
-]
+CHROMIUM_ARGS = [*HEADLESS_CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBINDING_HOST} 127.0.0.1"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
