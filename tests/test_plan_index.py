@@ -11,9 +11,9 @@ import pytest
 
 from cdam_worker.shards.shard_index import index_beside, read_shard_index
 from cdam_worker.shards.specs import DataError
-from helpers import output_files
+from helpers import output_files, two_actor_explain_argv
 from jobs.cli import main
-from tests.test_job import dataset, explain_args  # noqa: F401 - the module's fixture
+from tests.test_job import dataset  # noqa: F401 - the module's fixture
 
 
 def test_index_formats_resolve_urls_and_counts(tmp_path):
@@ -43,12 +43,12 @@ def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_wrong_counts_g
     tmp_path,
 ):
     scanned, indexed = str(tmp_path / "scanned"), str(tmp_path / "indexed")
-    assert main(explain_args(dataset, scanned, "--targets", "topk:1")) == 0
+    assert main(two_actor_explain_argv(dataset, scanned, "--targets", "topk:1")) == 0
     manifest = json.loads(Path(scanned, "manifest.json").read_text())
     counts = [s["n_samples"] for s in manifest["settings"]["shards"]]
     index = tmp_path / "shards.json"
     index.write_text(json.dumps({"shardlist": [{"url": u, "nsamples": n} for u, n in zip(dataset["shards"], counts)]}))
-    args = explain_args(dataset, indexed, "--targets", "topk:1", "--shard-index", str(index))
+    args = two_actor_explain_argv(dataset, indexed, "--targets", "topk:1", "--shard-index", str(index))
     args.remove("--shards"), args.remove(dataset["spec"])
     assert main(args) == 0
     assert output_files(indexed) == output_files(scanned)
@@ -58,7 +58,7 @@ def test_index_planned_run_is_byte_identical_to_a_scanned_one_and_wrong_counts_g
     wrong = [counts[0] - 1, counts[1] + 1, *counts[2:]]
     index.write_text(json.dumps({"shardlist": [{"url": u, "nsamples": n} for u, n in zip(dataset["shards"], wrong)]}))
     off = str(tmp_path / "off")
-    assert main(explain_args(dataset, off, "--targets", "topk:1", "--shard-index", str(index))) == 0
+    assert main(two_actor_explain_argv(dataset, off, "--targets", "topk:1", "--shard-index", str(index))) == 0
     reasons = {
         int(path.name[:6]): pq.read_table(path).column("reason").to_pylist()
         for path in Path(off, "errors").glob("*.parquet")
