@@ -213,6 +213,18 @@ def test_a_damaged_run_is_audited_where_it_can_be_and_says_what_it_skipped(
     assert f"class-{smallest:04d}" in files["summary"]["not_audited"]
 
 
+def test_a_run_with_no_complete_shard_gives_empty_tables_and_says_why(synthetic: str, tmp_path: Path, capsys) -> None:
+    """Audited while its first shards are still running (no marker yet): nothing to read is no traceback."""
+    dest = Path(copy_run(synthetic, tmp_path))
+    for marker in (dest / "markers").iterdir():
+        marker.unlink()
+    assert main(["audit", str(dest), "--no-model"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no completion marker (still running, failed or cut off): not read") == 5, err
+    files = audit_files(str(dest))
+    assert files["classes"] == [] and files["images"] == [] and files["summary"]["images_audited"] == 0
+
+
 def test_audit_on_s3_retries_transient_faults(
     s3_server: str, s3_bucket: str, tmp_path: Path, monkeypatch, capsys
 ) -> None:

@@ -158,12 +158,12 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
     )
 
     width = spot_width((gh, gw))
-    windows = window_sums(share, width).reshape(n, -1)  # (n, (gh - w + 1) * (gw - w + 1))
+    windows = window_sums(share, width).reshape(n, (gh - width + 1) * (gw - width + 1))
     best = windows.argmax(axis=1)
     wy, wx = np.unravel_index(best, (gh - width + 1, gw - width + 1))
     spot = windows[np.arange(n), best]
 
-    ordered = -np.sort(-share.reshape(n, -1), axis=1)
+    ordered = -np.sort(-share.reshape(n, gh * gw), axis=1)
     cumulative = np.cumsum(ordered, axis=1)
     profile = cumulative[:, [min(k, gh * gw) - 1 for k in PROFILE_TOKENS]]
 
@@ -185,7 +185,7 @@ def image_features(class_maps: np.ndarray, rival_maps: np.ndarray) -> ImageFeatu
         centroid_x=centroid_x,
         spread=np.sqrt((share * distance2).sum(axis=(1, 2))),
         rival_share=rival / np.maximum(rival + own, 1e-30),
-        pooled=_pool(share, POOLED_SIDE).reshape(n, -1),
+        pooled=_pool(share, POOLED_SIDE).reshape(n, POOLED_SIDE * POOLED_SIDE),
         share=share.astype(np.float32),
         competitors=(~np.isnan(rival_maps[:, :, 0, 0])).sum(axis=1)
         if rival_maps.shape[1]
