@@ -10,8 +10,12 @@ dark textured backgrounds); a ``Cue`` adds one shortcut to some of them:
 - a **background**: the whole background replaced by a textured blue "water" (waves of random
   direction, period and phase).
 
+A mark can be ``poisoned``: its training split labels every marked image as the cue class (a backdoor, as
+planted in a scraped or tampered set), so the model must learn the mark wherever it is; on a clean training
+split the shapes alone decide the labels and a one-block ViT never learns a mark that moves anywhere.
+
 A split puts the cue on a share ``p_target`` of the cue class's images and ``p_other`` of the others':
-``train`` (0.92 / 0.03 for marks, 0.95 / 0.03 for backgrounds: the shortcut is learnt), ``balanced``
+``train`` (0.92 / 0.03 for marks, 0.92 / 0.10 for poisoned marks, 0.95 / 0.03 for backgrounds: the shortcut is learnt), ``balanced``
 (half of every class), ``correlated`` (the training shares, a fresh stream) and, for the clean control,
 ``control-train`` (30% of every class: nothing to learn). Every sample's metadata records whether it
 carries the cue (``cue``) and, for a mark, its box. Deterministic from the seed, like the demo.
@@ -40,16 +44,20 @@ BADGE_COLOURS = np.array([[255, 220, 40], [40, 230, 255], [255, 80, 200], [120, 
 @dataclass(frozen=True)
 class Cue:
     """One planted shortcut: ``kind`` "mark" or "background", the class it goes with, and for a mark
-    its ``place`` ("corner", "edge", "anywhere") and ``size`` in pixels."""
+    its ``place`` ("corner", "edge", "anywhere"), ``size`` in pixels and whether training is ``poisoned``
+    (its marked images of other classes labelled as the cue class)."""
 
     kind: str
     cue_class: int
     place: str = ""
     size: int = 8
+    poisoned: bool = False
 
     @property
     def name(self) -> str:
-        return f"mark-{self.place}-{self.size}px" if self.kind == "mark" else "background"
+        if self.kind == "background":
+            return "background"
+        return f"mark-{self.place}-{self.size}px" + ("-poisoned" if self.poisoned else "")
 
 
 SPLIT_SHARES = {  # split -> (stream, p_target, p_other); None: the training shares
@@ -58,14 +66,14 @@ SPLIT_SHARES = {  # split -> (stream, p_target, p_other); None: the training sha
     "balanced": (12, 0.5, 0.5),
     "correlated": (13, None, None),
 }
-TRAINING_SHARES = {"mark": (0.92, 0.03), "background": (0.95, 0.03)}
+TRAINING_SHARES = {"mark": (0.92, 0.03), "background": (0.95, 0.03), "poisoned": (0.92, 0.10)}
 
 
 def split_shares(cue: Cue, split: str) -> tuple[int, float, float]:
     """The split's random stream and the shares of the cue class's and the other classes' images with the cue."""
     stream, p_target, p_other = SPLIT_SHARES[split]
     if p_target is None:
-        p_target, p_other = TRAINING_SHARES[cue.kind]
+        p_target, p_other = TRAINING_SHARES["poisoned" if cue.poisoned else cue.kind]
     return stream, p_target, p_other
 
 
@@ -150,7 +158,8 @@ def write_shards(out_dir: Path, cue: Cue, split: str, n_shards: int, samples_per
 
 
 def train_model(cache_dir: Path, cue: Cue, control: bool = False, config: demo.DemoConfig | None = None) -> Path:
-    """Train the demo ViT on ``cue``'s training split (``control``: the uncorrelated one), or reuse it; the checkpoint."""
+    """Train the demo ViT on ``cue``'s training split (``control``: the uncorrelated one, never poisoned), or reuse
+    it; the checkpoint."""
     config = config or demo.DemoConfig()
     split = "control-train" if control else "train"
     digest = hashlib.sha256(Path(__file__).read_bytes() + Path(demo.__file__).read_bytes())
@@ -163,7 +172,8 @@ def train_model(cache_dir: Path, cue: Cue, control: bool = False, config: demo.D
     model = demo.create_demo_model(config.depth)
     samples = [render(cue, split, index, config.seed) for index in range(config.train_samples)]
     images = np.stack([s[0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    poisoned = cue.poisoned and not control
+    labels = torch.tensor([cue.cue_class if poisoned and s[2] else s[1] for s in samples], dtype=torch.int64)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(demo._training_threads())
     try:

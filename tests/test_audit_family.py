@@ -1,10 +1,12 @@
 """`cdam audit` on small instances of the benchmark family (bench/audit_family.py): a learnt background is
 found on a balanced split and on one with the training correlation, image by image; a clean control flags
-nothing; label disagreement flags only far beyond the run's usual confusions.
+nothing; label disagreement flags only far beyond the run's usual confusions; a learnt badge that moves anywhere is
+found as a mark.
 
-Two one-block ViTs (about a minute each on one free core; built once per machine under the demo's cache
+Three one-block ViTs (about a minute each on one free core; built once per machine under the demo's cache
 folder, keyed by the generator's and the demo's source): one trained with the water background on 95% of
-the cross class's images and 3% of the others', one with it on 30% of every class (nothing to learn).
+the cross class's images and 3% of the others', one with it on 30% of every class (nothing to learn); a third with a
+14 px badge anywhere on 92% of the triangles and 10% of the others, all labelled triangle (a poisoned set).
 """
 
 from __future__ import annotations
@@ -40,6 +42,32 @@ def background_cases(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -
         )  # detection from the maps alone (confirmation: test_audit_confirm)
         results[f"{model}-{split}"] = score_case(dest, BACKGROUND, model, split)
     return results
+
+
+MOVING_MARK = Cue("mark", 2, "anywhere", 14, poisoned=True)
+
+
+@pytest.fixture(scope="module")
+def moving_mark_case(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> CaseResult:
+    """A badge anywhere clear of the shape, learnt from a poisoned training split, audited on the balanced split."""
+    from jobs.demo import default_cache_dir
+
+    root = tmp_path_factory.mktemp("moving-mark")
+    checkpoint = train_model(default_cache_dir() / "planted", MOVING_MARK, config=CONFIG)
+    shards = write_shards(root / "shards", MOVING_MARK, "balanced", 4, SAMPLES // 4, seed=0)
+    dest = str(root / "shortcut-balanced")
+    assert main(explain_every_class_argv(shards, dest, checkpoint)) == 0
+    assert main(["audit", dest, "--no-model"]) == 0
+    return score_case(dest, MOVING_MARK, "shortcut", "balanced")
+
+
+def test_a_learnt_mark_that_moves_anywhere_is_found_as_a_mark(moving_mark_case: CaseResult) -> None:
+    """Measured 0.92 / 0.63 (BENCHMARKS.md): the marks inside the region where every class's evidence lies are not
+    told from the object by the maps alone, so the issue's 0.8 recall is not reached; this guards what is."""
+    result = moving_mark_case
+    assert result.tipped > 0.5, result.row()  # the model learnt the mark: it calls most marked images triangle
+    assert result.rank == 1 and result.flagged == ["triangle"] and result.kinds == ["mark"], result.row()
+    assert result.precision >= 0.85 and result.recall >= 0.55, result.row()
 
 
 @pytest.mark.parametrize("split", ["balanced", "correlated"])
@@ -128,3 +156,38 @@ def test_a_mark_is_kept_only_when_its_evidence_goes_with_its_place_into_other_cl
     assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is travels
     stats.target_classes = stats.target_shares = None
     assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is True
+
+
+@pytest.mark.parametrize("on_spot, flagged", [(0.2, False), (0.6, True)])
+def test_a_mark_needs_a_good_part_of_its_images_evidence_off_the_usual_region(on_spot: float, flagged: bool) -> None:
+    """``find`` on hand-made statistics: 80 of a class's 100 images put ``on_spot`` of their evidence on one corner
+    token off the centre where every class's evidence lies, the rest on the centre; the other classes' images spill at
+    most 5% off it. A mark holding 60% of its images' evidence is found, image by image; a spot holding 20% (an object
+    that spills a little onto it, a model that learnt no mark) is no finding (``MIN_OFF_PLACE``)."""
+    n_classes, per_class = 3, 100
+    classes = np.repeat(np.arange(n_classes), per_class)
+    n = len(classes)
+    rng = np.random.default_rng(0)
+    share = np.zeros((n, 4, 4))
+    share[:, 1:3, 1:3] = 0.25
+    spill = rng.uniform(0.0, 0.05, n)
+    carries = (classes == 0) & (np.arange(n) % per_class < 80)
+    spill[carries] = on_spot
+    corner = np.where(carries, 0, rng.integers(1, 3, n))  # the others spill onto other border tokens
+    share *= (1 - spill)[:, None, None]
+    share[np.arange(n), corner, 0] += spill
+    off_place = spill
+    stats = PlaceStatistics(
+        off_place=off_place,
+        compactness=np.ones(n),
+        off_spot=np.column_stack([(corner + 1) / 4, np.full(n, 0.25)]),
+        usual=np.broadcast_to(share[0] > 0.1, (n_classes, 4, 4)).copy(),
+        share=share.astype(np.float32),
+        class_maps=share.astype(np.float32),
+        mass=share.sum(axis=(1, 2)),
+    )
+    finding = find(np.flatnonzero(classes == 0), classes, stats, n_classes, None, 0.0, 0)
+    if flagged:
+        assert np.array_equal(finding.flagged, carries[:per_class]) and set(finding.kinds[finding.flagged]) == {"mark"}
+    else:
+        assert not finding.flagged.any() and finding.cue_share == 0.0, finding
