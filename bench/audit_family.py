@@ -137,11 +137,10 @@ def score_case(dest: str, cue: Cue, model: str, split: str) -> CaseResult:
     in_class = np.array([row["class"] == cue.cue_class for row in images], dtype=bool)
     precision = float((carries & is_flagged).sum() / is_flagged.sum()) if is_flagged.any() else None
     cue_in_class = carries & in_class
-    recall = (
-        float((cue_in_class & is_flagged).sum() / cue_in_class.sum())
-        if cue_in_class.any() and flagged
-        else (0.0 if cue_in_class.any() else None)
-    )
+    if model == "control" or not cue_in_class.any():
+        recall = None  # a clean control has nothing planted to find
+    else:
+        recall = float((cue_in_class & is_flagged).sum() / cue_in_class.sum()) if flagged else 0.0
     others = [row for row in index if row["label"] != cue.cue_class and _carries(meta[row["key"]])]
     tipped = sum(row["pred"] == cue.cue_class for row in others) / max(len(others), 1)
     return CaseResult(
