@@ -35,8 +35,9 @@ of each image's evidence distribution ``P``, features.py), so they need no knowl
    at the same tokens, ``pi`` as in step 4, and the ``round(pi * n)`` images with the largest share are flagged. An
    image whose object holds most of its evidence but whose map also weighs the mark is found so. A mark that moves
    between images gathers at no one region: the images of step 4 that put a good part of their evidence off place
-   (``MIN_OFF_PLACE``), on one spot elsewhere (compactness at least ``COMPACT``), stay flagged, at their own spot. When fewer than ``MIN_CUE_SHARE`` of
-   the class weigh the place, the off-place evidence does not gather at one and nothing is flagged.
+   (``MIN_OFF_PLACE``), on one spot elsewhere (compactness at least ``COMPACT``), stay flagged, at their own spot.
+   When fewer than ``MIN_CUE_SHARE`` of the class weigh the place, the off-place evidence does not gather at one and
+   nothing is flagged.
 7. **A mark goes with its place**: a learnt mark speaks for the class in every image that carries it, also in the other
    classes' images, while a part of the class's own object (a triangle's base corner just off the other classes' usual
    region) does not travel. Of the other classes' images whose map weighs the mark's region at least as much as the
@@ -305,8 +306,9 @@ def _at_the_mark(
     Each image's share of its absolute attribution there is compared with the other classes' images' shares at the
     same tokens (``carrying_share``), and the ``round(pi * n)`` images with the largest share (some of it there) are
     flagged, with those of ``flagged`` that put a good part of their evidence (``MIN_OFF_PLACE``) compactly on one
-    spot elsewhere (a mark that moves). Keeps ``flagged`` when the region is empty; flags nothing when ``pi`` is under ``MIN_CUE_SHARE`` or when
-    the class's evidence does not go with the place into the other classes' images (``_follows_the_place``)."""
+    spot elsewhere (a mark that moves). Keeps ``flagged`` when the region is empty; flags nothing when ``pi`` is under
+    ``MIN_CUE_SHARE`` or when the class's evidence does not go with the place into the other classes' images
+    (``_follows_the_place``)."""
     n, n_tokens = len(positions), stats.share[0].size
     others = (classes >= 0) & (classes != own)
     flagged_mean = stats.share[positions[flagged]].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
