@@ -191,3 +191,39 @@ def test_a_mark_needs_a_good_part_of_its_images_evidence_off_the_usual_region(on
         assert np.array_equal(finding.flagged, carries[:per_class]) and set(finding.kinds[finding.flagged]) == {"mark"}
     else:
         assert not finding.flagged.any() and finding.cue_share == 0.0, finding
+
+
+def test_a_learnt_mark_is_not_dropped_for_the_other_images_that_weigh_its_place_only_a_little() -> None:
+    """Step 7 with the training correlation, on hand-made statistics: the other classes' images that carry the mark
+    (4, where the class's evidence follows it) weigh its place as much as a typical flagged image; 30 more weigh it only
+    a little (under the flagged images' lower quartile), for reasons of their own, and the class's evidence does not go
+    there. They are not judged (``TRAVEL_WEIGHT_QUANTILE``), so the mark is kept."""
+    from cdam_worker.audit.cues import _follows_the_place
+
+    n_classes, per_class, tokens = 3, 40, 16
+    classes = np.repeat(np.arange(n_classes), per_class)
+    n = len(classes)
+    region = np.zeros(tokens, bool)
+    region[-1] = True
+    others = np.flatnonzero(classes > 0)
+    carries, weighs_a_little = others[:4], others[4:34]
+    class_maps = np.ones((n, tokens), np.float32)
+    class_maps[carries, -1] = 15.0  # half of their map's absolute attribution on the place
+    class_maps[weighs_a_little, -1] = 3.75  # a fifth of it
+    shares = np.full((n, n_classes, tokens), 1 / tokens)
+    shares[others, classes[others], -1] = 0.0  # not for their own class
+    shares[carries, 0, -1] = 0.9  # the marked class's evidence follows the mark
+    stats = PlaceStatistics(
+        off_place=np.zeros(n),
+        compactness=np.zeros(n),
+        off_spot=np.zeros((n, 2)),
+        usual=np.ones((n_classes, 4, 4), bool),
+        share=np.full((n, 4, 4), 1 / tokens),
+        class_maps=class_maps.reshape(n, 4, 4),
+        mass=np.abs(class_maps).sum(axis=1),
+        target_classes=np.tile(np.arange(n_classes), (n, 1)),
+        target_shares=shares.reshape(n, n_classes, 4, 4).astype(np.float16),
+    )
+    weights = np.linspace(0.05, 0.9, per_class)  # the flagged images' attribution on the place
+    assert np.quantile(weights, 0.1) < 0.2 < np.quantile(weights, 0.25)
+    assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is True
