@@ -122,6 +122,23 @@ def test_label_disagreement_flags_only_far_beyond_the_usual_confusions_and_where
             assert np.array_equal(finding.flagged, other)
 
 
+def travel_statistics(class_maps: np.ndarray, shares: np.ndarray) -> PlaceStatistics:
+    """Step 7's inputs on a 4 x 4 grid: each image's class map ``class_maps`` (n, 16) and every class's stored evidence
+    distribution ``shares`` (n, C, 16); the place statistics step 7 does not read are neutral."""
+    n, n_classes, _ = shares.shape
+    return PlaceStatistics(
+        off_place=np.zeros(n),
+        compactness=np.zeros(n),
+        off_spot=np.zeros((n, 2)),
+        usual=np.ones((n_classes, 4, 4), bool),
+        share=np.full((n, 4, 4), 1 / 16),
+        class_maps=class_maps.reshape(n, 4, 4),
+        mass=np.abs(class_maps).sum(axis=1),
+        target_classes=np.tile(np.arange(n_classes), (n, 1)),
+        target_shares=shares.reshape(n, n_classes, 4, 4).astype(np.float16),
+    )
+
+
 @pytest.mark.parametrize("travels", [True, False])
 def test_a_mark_is_kept_only_when_its_evidence_goes_with_its_place_into_other_classes_images(travels: bool) -> None:
     """Step 7 of cues.py, on hand-made statistics: half of the other classes' images weigh the mark's corner token,
@@ -141,17 +158,7 @@ def test_a_mark_is_kept_only_when_its_evidence_goes_with_its_place_into_other_cl
     shares = np.full((n, n_classes, tokens), 1 / tokens)
     shares[carries[:, None] & (np.arange(n_classes)[None, :] == classes[:, None]), -1] = 0.0  # not their own class
     shares[carries, 0, -1] = 0.9 if travels else 1 / tokens
-    stats = PlaceStatistics(
-        off_place=np.zeros(n),
-        compactness=np.zeros(n),
-        off_spot=np.zeros((n, 2)),
-        usual=np.ones((n_classes, 4, 4), bool),
-        share=np.full((n, 4, 4), 1 / tokens),
-        class_maps=class_maps.reshape(n, 4, 4),
-        mass=np.abs(class_maps).sum(axis=1),
-        target_classes=np.tile(np.arange(n_classes), (n, 1)),
-        target_shares=shares.reshape(n, n_classes, 4, 4).astype(np.float16),
-    )
+    stats = travel_statistics(class_maps, shares)
     weights = np.full(per_class, 0.5)
     assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is travels
     stats.target_classes = stats.target_shares = None
@@ -213,17 +220,7 @@ def test_a_learnt_mark_is_not_dropped_for_the_other_images_that_weigh_its_place_
     shares = np.full((n, n_classes, tokens), 1 / tokens)
     shares[others, classes[others], -1] = 0.0  # not for their own class
     shares[carries, 0, -1] = 0.9  # the marked class's evidence follows the mark
-    stats = PlaceStatistics(
-        off_place=np.zeros(n),
-        compactness=np.zeros(n),
-        off_spot=np.zeros((n, 2)),
-        usual=np.ones((n_classes, 4, 4), bool),
-        share=np.full((n, 4, 4), 1 / tokens),
-        class_maps=class_maps.reshape(n, 4, 4),
-        mass=np.abs(class_maps).sum(axis=1),
-        target_classes=np.tile(np.arange(n_classes), (n, 1)),
-        target_shares=shares.reshape(n, n_classes, 4, 4).astype(np.float16),
-    )
+    stats = travel_statistics(class_maps, shares)
     weights = np.linspace(0.05, 0.9, per_class)  # the flagged images' attribution on the place
     assert np.quantile(weights, 0.1) < 0.2 < np.quantile(weights, 0.25)
     assert _follows_the_place(stats, classes, 0, region, weights, n_classes) is True
