@@ -3,9 +3,10 @@
     python -m bench.audit_family [--cues all|NAME,...] [--samples 512] [--cache-dir DIR] [--keep DIR] [--report BENCHMARKS.md]
 
 For each cue of ``CUES`` (``bench/planted.py``: a mark at the corner, along the top edge or anywhere, in
-two sizes, the mark anywhere also with a poisoned training split; a water background) it trains the demo's tiny ViT with one block on the cue's training split (the cue on
-92-95% of one class's images and 3% of the others'; cached) and a clean control on the same images with
-the cue on 30% of every class (nothing to learn), renders the test splits (``balanced``: the cue on half
+two sizes, the mark anywhere also with a poisoned training split; a water background) it trains the demo's
+tiny ViT with one block on the cue's training split (the cue on 92-95% of one class's images and 3% of the
+others', 10% when poisoned; cached) and a clean control on the same images with the cue on 30% of every
+class (nothing to learn), renders the test splits (``balanced``: the cue on half
 of every class; ``correlated``: the training shares), and runs the real ``cdam explain --targets all``
 and ``cdam audit`` on each. Per case it reports:
 
