@@ -16,9 +16,10 @@ split the shapes alone decide the labels and a one-block ViT never learns a mark
 
 A split puts the cue on a share ``p_target`` of the cue class's images and ``p_other`` of the others':
 ``train`` (0.92 / 0.03 for marks, 0.92 / 0.10 for poisoned marks, 0.95 / 0.03 for backgrounds: the
-shortcut is learnt), ``balanced`` (half of every class), ``correlated`` (the training shares, a fresh stream) and, for the clean control,
-``control-train`` (30% of every class: nothing to learn). Every sample's metadata records whether it
-carries the cue (``cue``) and, for a mark, its box. Deterministic from the seed, like the demo.
+shortcut is learnt), ``balanced`` (half of every class), ``correlated`` (the training shares, a fresh
+stream) and, for the clean control, ``control-train`` (30% of every class: nothing to learn). Every
+sample's metadata records whether it carries the cue (``cue``) and, for a mark, its box. Deterministic
+from the seed, like the demo.
 """
 
 from __future__ import annotations

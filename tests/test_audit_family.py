@@ -183,9 +183,8 @@ def test_a_mark_needs_a_good_part_of_its_images_evidence_off_the_usual_region(on
     corner = np.where(carries, 0, rng.integers(1, 3, n))  # the others spill onto other border tokens
     share *= (1 - spill)[:, None, None]
     share[np.arange(n), corner, 0] += spill
-    off_place = spill
     stats = PlaceStatistics(
-        off_place=off_place,
+        off_place=spill,
         compactness=np.ones(n),
         off_spot=np.column_stack([(corner + 1) / 4, np.full(n, 0.25)]),
         usual=np.broadcast_to(share[0] > 0.1, (n_classes, 4, 4)).copy(),
