@@ -7,101 +7,73 @@ import re
 
 import pyarrow as pa
 
+from schemas.columns import column, columns
+
 CONFIRMATION_FIELDS = [
-    pa.field("relied_on", pa.bool_(), metadata={"doc": "the model relies on the cluster's cue (null: not tested)"}),
-    pa.field(
-        "confirm_test", pa.string(), metadata={"doc": "mark (remove/paste the spot) or background (swap backgrounds)"}
-    ),
-    pa.field("confirm_images", pa.int32(), metadata={"doc": "cluster images edited (the removal test)"}),
-    pa.field(
-        "removal_logit_drop",
-        pa.float64(),
-        metadata={"doc": "mean drop of the class's logit, region removed, beyond the control"},
-    ),
-    pa.field("removal_logit_drop_low", pa.float64()),
-    pa.field("removal_logit_drop_high", pa.float64()),
-    pa.field(
-        "removal_control_drop", pa.float64(), metadata={"doc": "mean drop of the class's logit with the control edit"}
-    ),
-    pa.field(
-        "removal_logit_lead", pa.float64(), metadata={"doc": "the class's mean logit lead over the runner-up, unedited"}
-    ),
-    pa.field(
-        "removal_top1_loss", pa.float64(), metadata={"doc": "share of the cluster images whose top-1 leaves the class"}
-    ),
-    pa.field("removal_top1_loss_low", pa.float64()),
-    pa.field("removal_top1_loss_high", pa.float64()),
-    pa.field("paste_images", pa.int32(), metadata={"doc": "images of other classes the region was pasted into"}),
-    pa.field("paste_flip_rate", pa.float64(), metadata={"doc": "share of them whose top-1 becomes the class"}),
-    pa.field("paste_flip_rate_low", pa.float64()),
-    pa.field("paste_flip_rate_high", pa.float64()),
-    pa.field("paste_control_flip_rate", pa.float64(), metadata={"doc": "the same with the control region pasted"}),
-    pa.field("confirm_seconds", pa.float64(), metadata={"doc": "wall time of this cluster's confirmation"}),
-    pa.field("confirmation", pa.string(), metadata={"doc": "the verdict in words"}),
+    column("relied_on", pa.bool_(), "the model relies on the cluster's cue (null: not tested)"),
+    column("confirm_test", pa.string(), "mark (remove/paste the spot) or background (swap backgrounds)"),
+    column("confirm_images", pa.int32(), "cluster images edited (the removal test)"),
+    column("removal_logit_drop", pa.float64(), "mean drop of the class's logit, region removed, beyond the control"),
+    *columns(pa.float64(), "removal_logit_drop_low", "removal_logit_drop_high"),
+    column("removal_control_drop", pa.float64(), "mean drop of the class's logit with the control edit"),
+    column("removal_logit_lead", pa.float64(), "the class's mean logit lead over the runner-up, unedited"),
+    column("removal_top1_loss", pa.float64(), "share of the cluster images whose top-1 leaves the class"),
+    *columns(pa.float64(), "removal_top1_loss_low", "removal_top1_loss_high"),
+    column("paste_images", pa.int32(), "images of other classes the region was pasted into"),
+    column("paste_flip_rate", pa.float64(), "share of them whose top-1 becomes the class"),
+    *columns(pa.float64(), "paste_flip_rate_low", "paste_flip_rate_high"),
+    column("paste_control_flip_rate", pa.float64(), "the same with the control region pasted"),
+    column("confirm_seconds", pa.float64(), "wall time of this cluster's confirmation"),
+    column("confirmation", pa.string(), "the verdict in words"),
 ]
 """The columns of a cluster's confirmation with the model (null where it was not tested)."""
 
 CLASSES_SCHEMA = pa.schema(
     [
-        pa.field("class", pa.int32(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("n_images", pa.int32(), nullable=False),
-        pa.field("score", pa.float64(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("flagged", pa.bool_(), nullable=False),
-        pa.field("reasons", pa.string(), nullable=False),
-        pa.field("n_clusters", pa.int32(), nullable=False),
-        pa.field("eigenvalues", pa.list_(pa.float32()), nullable=False),
-        pa.field("kinds", pa.list_(pa.string()), nullable=False),
-        pa.field("place_p", pa.float64(), nullable=False),
-        pa.field("tipping_p", pa.float64(), nullable=False),
-        pa.field(
-            "relied_on", pa.bool_(), metadata={"doc": "the model relies on a tested cluster's cue (null: none tested)"}
-        ),
+        column("class", pa.int32(), required=True),
+        column("class_name", pa.string(), required=True),
+        column("n_images", pa.int32(), required=True),
+        column("score", pa.float64(), required=True),
+        column("rank", pa.int32(), required=True),
+        column("flagged", pa.bool_(), required=True),
+        column("reasons", pa.string(), required=True),
+        column("n_clusters", pa.int32(), required=True),
+        column("eigenvalues", pa.list_(pa.float32()), required=True),
+        column("kinds", pa.list_(pa.string()), required=True),
+        *columns(pa.float64(), "place_p", "tipping_p", required=True),
+        column("relied_on", pa.bool_(), "the model relies on a tested cluster's cue (null: none tested)"),
     ],
     metadata={"schema": "cdam.audit.classes/2"},
 )
 CLUSTERS_SCHEMA = pa.schema(
     [
-        pa.field("class", pa.int32(), nullable=False),
-        pa.field("cluster", pa.int32(), nullable=False),
-        pa.field("size", pa.int32(), nullable=False),
-        pa.field("share", pa.float64(), nullable=False),
-        pa.field("purity", pa.float64()),
-        pa.field("prototype", pa.list_(pa.float32()), nullable=False),
-        pa.field("medoid_key", pa.string(), nullable=False),
-        pa.field("flagged", pa.bool_(), nullable=False),
-        pa.field("score", pa.float64(), nullable=False),
-        pa.field("focus", pa.float64(), nullable=False),
-        pa.field("concentration", pa.float64(), nullable=False),
-        pa.field("rarity", pa.float64(), nullable=False),
-        pa.field("other_labels", pa.float64()),
-        pa.field("spot_area", pa.float64(), nullable=False),
-        pa.field("place", pa.string(), nullable=False),
-        pa.field("centroid_y", pa.float64(), nullable=False),
-        pa.field("centroid_x", pa.float64(), nullable=False),
-        pa.field("spread", pa.float64(), nullable=False),
-        pa.field("border", pa.float64(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("off_place", pa.float64(), nullable=False),
+        *columns(pa.int32(), "class", "cluster", "size", required=True),
+        column("share", pa.float64(), required=True),
+        column("purity", pa.float64()),
+        column("prototype", pa.list_(pa.float32()), required=True),
+        column("medoid_key", pa.string(), required=True),
+        column("flagged", pa.bool_(), required=True),
+        *columns(pa.float64(), "score", "focus", "concentration", "rarity", required=True),
+        column("other_labels", pa.float64()),
+        column("spot_area", pa.float64(), required=True),
+        column("place", pa.string(), required=True),
+        *columns(pa.float64(), "centroid_y", "centroid_x", "spread", "border", required=True),
+        column("kind", pa.string(), required=True),
+        column("off_place", pa.float64(), required=True),
         *CONFIRMATION_FIELDS,
     ],
     metadata={"schema": "cdam.audit.clusters/2"},
 )
 IMAGES_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("row", pa.int64(), nullable=False),
-        pa.field("class", pa.int32(), nullable=False),
-        pa.field("cluster", pa.int32(), nullable=False),
-        pa.field("x", pa.float32(), nullable=False),
-        pa.field("y", pa.float32(), nullable=False),
-        pa.field("score", pa.float32(), nullable=False),
-        pa.field("flagged", pa.bool_(), nullable=False),
-        pa.field("spot_y", pa.float32(), nullable=False),
-        pa.field("spot_x", pa.float32(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("off_place", pa.float32(), nullable=False),
+        column("key", pa.string(), required=True),
+        column("row", pa.int64(), required=True),
+        *columns(pa.int32(), "class", "cluster", required=True),
+        *columns(pa.float32(), "x", "y", "score", required=True),
+        column("flagged", pa.bool_(), required=True),
+        *columns(pa.float32(), "spot_y", "spot_x", required=True),
+        column("kind", pa.string(), required=True),
+        column("off_place", pa.float32(), required=True),
     ],
     metadata={"schema": "cdam.audit.images/2"},
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.columns import column, columns
+
 MEASURES = (
     "compactness",
     "gini",
@@ -24,42 +26,27 @@ MEASURE_DOCS = {
     "insertion_auc_prob": "insertion_auc in softmax probability",
 }
 
+CURVE = pa.list_(pa.float32())
+"""A curve's values, one per step."""
+
 IMAGES_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("row", pa.int64(), nullable=False),
-        pa.field("method", pa.string(), nullable=False),
-        pa.field("class", pa.int32(), nullable=False, metadata={"doc": "the predicted class, whose map is measured"}),
-        pa.field(
-            "other_class",
-            pa.int32(),
-            nullable=False,
-            metadata={"doc": "the runner-up class (class sensitivity), -1 if none"},
+        column("key", pa.string(), required=True),
+        column("row", pa.int64(), required=True),
+        column("method", pa.string(), required=True),
+        column("class", pa.int32(), "the predicted class, whose map is measured", required=True),
+        column("other_class", pa.int32(), "the runner-up class (class sensitivity), -1 if none", required=True),
+        *(column(name, pa.float64(), MEASURE_DOCS.get(name)) for name in MEASURES),
+        column("deletion_most_first", CURVE, "logit drop with the most relevant tokens removed first, per step"),
+        column("deletion_least_first", CURVE, "the same, least relevant first"),
+        column(
+            "insertion_most_first", CURVE, "the class's logit with the most relevant tokens inserted first, per step"
         ),
-        *(
-            pa.field(name, pa.float64(), metadata={"doc": MEASURE_DOCS[name]} if name in MEASURE_DOCS else None)
-            for name in MEASURES
+        column(
+            "deletion_prob_most_first", CURVE, "the class's probability with the most relevant tokens removed first"
         ),
-        pa.field(
-            "deletion_most_first",
-            pa.list_(pa.float32()),
-            metadata={"doc": "logit drop with the most relevant tokens removed first, per step"},
-        ),
-        pa.field("deletion_least_first", pa.list_(pa.float32()), metadata={"doc": "the same, least relevant first"}),
-        pa.field(
-            "insertion_most_first",
-            pa.list_(pa.float32()),
-            metadata={"doc": "the class's logit with the most relevant tokens inserted first, per step"},
-        ),
-        pa.field(
-            "deletion_prob_most_first",
-            pa.list_(pa.float32()),
-            metadata={"doc": "the class's probability with the most relevant tokens removed first"},
-        ),
-        pa.field(
-            "insertion_prob_most_first",
-            pa.list_(pa.float32()),
-            metadata={"doc": "the class's probability with the most relevant tokens inserted first"},
+        column(
+            "insertion_prob_most_first", CURVE, "the class's probability with the most relevant tokens inserted first"
         ),
     ],
     metadata={"schema": "cdam.evaluation-images/1"},
@@ -80,12 +67,12 @@ CHECKS = (
 """Summary measures of the sanity checks (``cascade``: the head and every block randomised) and robustness."""
 SUMMARY_SCHEMA = pa.schema(
     [
-        pa.field("method", pa.string(), nullable=False),
-        *(pa.field(name, pa.float64()) for name in MEASURES),
-        pa.field("n_images", pa.int64(), nullable=False),
-        *(pa.field(name, pa.float64()) for name in CHECKS),
+        column("method", pa.string(), required=True),
+        *columns(pa.float64(), *MEASURES),
+        column("n_images", pa.int64(), required=True),
+        *columns(pa.float64(), *CHECKS),
         *(
-            pa.field(f"{name}_{part}", pa.int64() if part == "n" else pa.float64())
+            column(f"{name}_{part}", pa.int64() if part == "n" else pa.float64())
             for name in MEASURES + CHECKS
             for part in ("low", "high", "n")
         ),
@@ -98,24 +85,19 @@ SUMMARY_SCHEMA = pa.schema(
 
 SANITY_SCHEMA = pa.schema(
     [
-        pa.field("method", pa.string(), nullable=False),
-        pa.field(
+        column("method", pa.string(), required=True),
+        column(
             "randomized",
             pa.string(),
-            nullable=False,
-            metadata={"doc": "head, last_block, cascade_K (the head and the last K blocks), labels"},
+            "head, last_block, cascade_K (the head and the last K blocks), labels",
+            required=True,
         ),
-        pa.field(
-            "spearman",
-            pa.float64(),
-            metadata={"doc": "mean over the images of the Spearman correlation of the map before and after"},
+        column(
+            "spearman", pa.float64(), "mean over the images of the Spearman correlation of the map before and after"
         ),
-        pa.field("ssim", pa.float64(), metadata={"doc": "mean SSIM of the maps before and after, each scaled to 0..1"}),
-        pa.field("n_images", pa.int64(), nullable=False),
-        pa.field("spearman_low", pa.float64()),
-        pa.field("spearman_high", pa.float64()),
-        pa.field("ssim_low", pa.float64()),
-        pa.field("ssim_high", pa.float64()),
+        column("ssim", pa.float64(), "mean SSIM of the maps before and after, each scaled to 0..1"),
+        column("n_images", pa.int64(), required=True),
+        *columns(pa.float64(), "spearman_low", "spearman_high", "ssim_low", "ssim_high"),
     ],
     metadata={
         "schema": "cdam.evaluation-sanity/1",

@@ -9,39 +9,24 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.columns import column
+
 SAMPLE_FIELDS = [
-    pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
-    pa.field("shard", pa.string(), nullable=False, metadata={"doc": "shard name (file name without .tar)"}),
-    pa.field(
-        "shard_index", pa.int32(), nullable=False, metadata={"doc": "position of the shard in the run's shard list"}
-    ),
+    column("key", pa.string(), "WebDataset __key__ of the sample", required=True),
+    column("shard", pa.string(), "shard name (file name without .tar)", required=True),
+    column("shard_index", pa.int32(), "position of the shard in the run's shard list", required=True),
 ]
 """Where a row's sample comes from (the first columns of every per-image table)."""
 
 SLOT_SUMMARY_FIELDS = [
-    pa.field(
-        "target_names",
-        pa.list_(pa.string()),
-        nullable=False,
-        metadata={"doc": "class or concept name of each slot"},
-    ),
-    pa.field(
-        "relevance_pos_sum",
-        pa.list_(pa.float32()),
-        nullable=False,
-        metadata={"doc": "sum of positive CDAM scores per slot"},
-    ),
-    pa.field(
-        "relevance_neg_sum",
-        pa.list_(pa.float32()),
-        nullable=False,
-        metadata={"doc": "sum of negative CDAM scores per slot"},
-    ),
-    pa.field(
+    column("target_names", pa.list_(pa.string()), "class or concept name of each slot", required=True),
+    column("relevance_pos_sum", pa.list_(pa.float32()), "sum of positive CDAM scores per slot", required=True),
+    column("relevance_neg_sum", pa.list_(pa.float32()), "sum of negative CDAM scores per slot", required=True),
+    column(
         "relevance_argmax",
         pa.list_(pa.int32()),
-        nullable=False,
-        metadata={"doc": "flat token index (y * gw + x) of the largest score per slot"},
+        "flat token index (y * gw + x) of the largest score per slot",
+        required=True,
     ),
 ]
 """Per target slot k (after its ``targets`` column): its name and what the map ``cdam[row, k]`` holds."""
@@ -49,67 +34,48 @@ SLOT_SUMMARY_FIELDS = [
 METADATA_SCHEMA = pa.schema(
     [
         *SAMPLE_FIELDS,
-        pa.field("row", pa.int64(), nullable=False, metadata={"doc": "index along the Zarr 'image' axis"}),
-        pa.field("label", pa.int32(), metadata={"doc": "ground-truth class from the 'cls' member, null if absent"}),
-        pa.field(
+        column("row", pa.int64(), "index along the Zarr 'image' axis", required=True),
+        column("label", pa.int32(), "ground-truth class from the 'cls' member, null if absent"),
+        column(
             "pred",
             pa.int32(),
-            nullable=False,
-            metadata={
-                "doc": "predicted class (argmax of logits); -1 for a model without classes (a feature extractor explained for concepts)"
-            },
+            "predicted class (argmax of logits); -1 for a model without classes (a feature extractor explained for concepts)",
+            required=True,
         ),
-        pa.field("pred_prob", pa.float32(), nullable=False, metadata={"doc": "softmax probability of pred"}),
-        pa.field("topk_classes", pa.list_(pa.int32()), nullable=False, metadata={"doc": "top-5 predicted classes"}),
-        pa.field("topk_probs", pa.list_(pa.float32()), nullable=False, metadata={"doc": "their softmax probabilities"}),
-        pa.field(
-            "targets",
-            pa.list_(pa.int32()),
-            nullable=False,
-            metadata={"doc": "class of each target slot, -1 for concepts"},
-        ),
+        column("pred_prob", pa.float32(), "softmax probability of pred", required=True),
+        column("topk_classes", pa.list_(pa.int32()), "top-5 predicted classes", required=True),
+        column("topk_probs", pa.list_(pa.float32()), "their softmax probabilities", required=True),
+        column("targets", pa.list_(pa.int32()), "class of each target slot, -1 for concepts", required=True),
         *SLOT_SUMMARY_FIELDS,
-        pa.field(
-            "width",
-            pa.int32(),
-            nullable=False,
-            metadata={"doc": "original image width in pixels, upright (EXIF orientation applied)"},
+        column(
+            "width", pa.int32(), "original image width in pixels, upright (EXIF orientation applied)", required=True
         ),
-        pa.field(
-            "height",
-            pa.int32(),
-            nullable=False,
-            metadata={"doc": "original image height in pixels, upright (EXIF orientation applied)"},
+        column(
+            "height", pa.int32(), "original image height in pixels, upright (EXIF orientation applied)", required=True
         ),
-        pa.field("sample_json", pa.string(), metadata={"doc": "the sample's 'json' member, verbatim, null if absent"}),
-        pa.field("run_id", pa.string(), nullable=False, metadata={"doc": "id of the run that wrote the row"}),
+        column("sample_json", pa.string(), "the sample's 'json' member, verbatim, null if absent"),
+        column("run_id", pa.string(), "id of the run that wrote the row", required=True),
     ],
     metadata={"schema": "cdam.metadata/1"},
 )
 
 ERRORS_SCHEMA = pa.schema(
     [
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("shard_index", pa.int32(), nullable=False),
-        pa.field(
-            "key", pa.string(), metadata={"doc": "null for a shard-level problem (truncated tar, unreadable object)"}
-        ),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
+        column("shard", pa.string(), required=True),
+        column("shard_index", pa.int32(), required=True),
+        column("key", pa.string(), "null for a shard-level problem (truncated tar, unreadable object)"),
+        column("reason", pa.string(), required=True),
+        column("run_id", pa.string(), required=True),
     ],
     metadata={"schema": "cdam.errors/1"},
 )
 
 MEMBERS_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False, metadata={"doc": "WebDataset __key__ of the sample"}),
-        pa.field(
-            "member", pa.string(), nullable=False, metadata={"doc": "name of the tar member (a file of the sample)"}
-        ),
-        pa.field(
-            "offset", pa.int64(), nullable=False, metadata={"doc": "byte offset of the member's data in the shard file"}
-        ),
-        pa.field("size", pa.int64(), nullable=False, metadata={"doc": "bytes of the member's data"}),
+        column("key", pa.string(), "WebDataset __key__ of the sample", required=True),
+        column("member", pa.string(), "name of the tar member (a file of the sample)", required=True),
+        column("offset", pa.int64(), "byte offset of the member's data in the shard file", required=True),
+        column("size", pa.int64(), "bytes of the member's data", required=True),
     ],
     metadata={"schema": "cdam.members/1"},
 )
@@ -117,18 +83,8 @@ MEMBERS_SCHEMA = pa.schema(
 DERIVED_METADATA_SCHEMA = pa.schema(
     [
         *SAMPLE_FIELDS,
-        pa.field(
-            "row",
-            pa.int64(),
-            nullable=False,
-            metadata={"doc": "index along the Zarr 'image' axis (of derived/NAME/cdam too)"},
-        ),
-        pa.field(
-            "targets",
-            pa.list_(pa.int32()),
-            nullable=False,
-            metadata={"doc": "class of each derived slot, -1 for concepts"},
-        ),
+        column("row", pa.int64(), "index along the Zarr 'image' axis (of derived/NAME/cdam too)", required=True),
+        column("targets", pa.list_(pa.int32()), "class of each derived slot, -1 for concepts", required=True),
         *SLOT_SUMMARY_FIELDS,
     ],
     metadata={"schema": "cdam.derived-metadata/1"},
