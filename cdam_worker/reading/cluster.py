@@ -33,14 +33,13 @@ def run_units(
     run: Run,
     shared: Any = None,
     *,
-    address: str | None = None,
-    check: Callable[[], None] = lambda: None,
     done: Callable[[Result], None] = lambda _result: None,
+    **where: Any,
 ) -> list[Result]:
-    """``function(unit, run, shared)`` for every unit, the results in the units' order (``each_result``); ``done``
-    sees each result as it comes (a progress bar)."""
+    """``function(unit, run, shared)`` for every unit, the results in the units' order; ``done`` sees each
+    result as it comes (a progress bar); ``where``: ``address`` and ``check``, as for ``each_result``."""
     results: list[Any] = [None] * len(units)
-    for position, result in each_result(function, units, run, shared, address=address, check=check):
+    for position, result in each_result(function, units, run, shared, **where):
         results[position] = result
         done(result)
     return results

@@ -7,15 +7,7 @@ import tarfile
 from typing import BinaryIO
 
 from cdam_worker.messages import one_line
-from cdam_worker.shards.samples import (
-    DECODED_EXTENSIONS,
-    MAX_MEMBER_BYTES,
-    KeyGroup,
-    Member,
-    Sample,
-    SampleError,
-    decode_group,
-)
+from cdam_worker.shards.samples import KeyGroup, Member, Sample, SampleError, decode_group, is_read
 from cdam_worker.shards.tar_reader import (
     READ_ERRORS,
     ShardProblem,
@@ -123,11 +115,7 @@ def read_sample(
         if key not in offsets:
             return SampleError(key, f"no sample {key!r} in {url}")
         members = [(member, split_member_name(member)[1], offset, size) for member, offset, size in offsets[key]]
-        wanted = [
-            (offset, size)
-            for _, extension, offset, size in members
-            if extension in DECODED_EXTENSIONS and size <= MAX_MEMBER_BYTES
-        ]
+        wanted = [(offset, size) for _, extension, offset, size in members if is_read(extension, size)]
         try:
             data = _read_members(url, wanted)
         except (StorageError, OSError) as exc:

@@ -29,6 +29,13 @@ INT32_RANGE = (-(2**31), 2**31 - 1)
 
 DECODED_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, *LABEL_EXTENSIONS, "json", "txt"))
 """Members of these extensions are read and decoded; others are skipped unread."""
+
+
+def is_read(extension: str, size: int) -> bool:
+    """Whether a member's bytes are read: an extension we decode, and no larger than ``MAX_MEMBER_BYTES``."""
+    return extension in DECODED_EXTENSIONS and size <= MAX_MEMBER_BYTES
+
+
 # Pillow formats we decode, whatever the extension says; everything else (EPS, which runs Ghostscript,
 # and the rarer parsers) is refused.
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")

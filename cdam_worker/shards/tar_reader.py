@@ -17,15 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from cdam_worker.messages import one_line
-from cdam_worker.shards.samples import (
-    DECODED_EXTENSIONS,
-    MAX_MEMBER_BYTES,
-    KeyGroup,
-    Member,
-    Sample,
-    SampleError,
-    decode_group,
-)
+from cdam_worker.shards.samples import KeyGroup, Member, Sample, SampleError, decode_group, is_read
 from cdam_worker.storage import StorageError, split_url
 
 _COMPRESSION_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -158,7 +150,7 @@ def read_groups(reader: BinaryIO, mode: str, *, read_data: bool) -> Iterator[Key
                         if group is not None:
                             yield group
                         group = KeyGroup(key)
-                    wanted = read_data and extension in DECODED_EXTENSIONS and info.size <= MAX_MEMBER_BYTES
+                    wanted = read_data and is_read(extension, info.size)
                     data = tar.extractfile(info).read() if wanted else None  # type: ignore[union-attr]
                     group.members.append(Member(info.name, extension, info.size, data, info.offset_data))
     except READ_ERRORS as exc:
