@@ -577,23 +577,9 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     full.write_bytes(full.read_bytes()[:cut])  # a tar cut inside t3's image
     make_tar(root / "bad-0003.tar", [])  # a valid tar without members
     (root / "bad-0004.tar").write_bytes(b"")  # not a tar at all
-    explained = {
-        "ok",
-        "gray",
-        "cmyk",
-        "rgba",
-        "palette",
-        "sixteen-bit",
-        "one-pixel",
-        "no-cls",
-        "cls-99",
-        "v1.2/dotted-folder",
-        "pickles",
-        "other",
-        "t0",
-        "t1",
-        "t2",
-    }
+    # labelled: the images of bad-0000 with a label in range (--targets label explains them alone)
+    labelled = {"ok", "gray", "cmyk", "rgba", "palette", "sixteen-bit", "one-pixel", "v1.2/dotted-folder", "pickles"}
+    explained = labelled | {"no-cls", "cls-99", "other", "t0", "t1", "t2"}
     errors = {
         ("bad-0000", "corrupt-jpeg", "corrupt image 'corrupt-jpeg.jpg': "),
         ("bad-0000", "not-an-image", "corrupt image 'not-an-image.png': cannot identify image file"),
@@ -613,6 +599,7 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "root": root,
         "spec": str(root / "bad-{0000..0004}.tar"),
         "unpickled": unpickled,
+        "labelled": labelled,
         "explained": explained,
         "errors": errors,
         "checkpoint": save_tiny_vit(root / "model.pt", MODEL_KWARGS, CLASS_NAMES),
@@ -709,17 +696,7 @@ def test_label_targets_refuse_missing_and_out_of_range_labels_and_strict_fails(
         == f"error: {len(expected)} sample(s) could not be explained (--strict); see {output}/errors/"
     )
     assert "1/1 shards complete" in captured.out
-    assert {row["key"] for row in read_tables(output, "metadata")} == {
-        "ok",
-        "gray",
-        "cmyk",
-        "rgba",
-        "palette",
-        "sixteen-bit",
-        "one-pixel",
-        "v1.2/dotted-folder",
-        "pickles",
-    }
+    assert {row["key"] for row in read_tables(output, "metadata")} == bad_dataset["labelled"]
     assert verify_output(output) == []
     assert not bad_dataset["unpickled"].exists()
 
