@@ -57,7 +57,9 @@ FAMILIES = {
 CLOSED_FORM_FAMILIES = sorted(name for name, (_, _, method) in FAMILIES.items() if method == "closed_form")
 
 
-def make_model(name: str, kwargs: dict, num_classes: int = 12) -> torch.nn.Module:
+def make_model(family: str, num_classes: int = 12) -> torch.nn.Module:
+    """A random model of the family (the same weights every call)."""
+    name, kwargs, _ = FAMILIES[family]
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=num_classes, **kwargs).eval()
     with torch.no_grad():  # random norms and biases: no parameter sits at a special value
@@ -78,8 +80,7 @@ def images_for(model: torch.nn.Module, batch: int = 3, seed: int = 1) -> torch.T
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
-    name, kwargs, method = FAMILIES[request.param]
-    model = make_model(name, kwargs)
+    model, method = make_model(request.param), FAMILIES[request.param][2]
     return model, CDAMExplainer(model), method
 
 
@@ -138,8 +139,7 @@ def test_attention_is_cls_query_attention(family):
 @pytest.mark.parametrize("variant", ["smooth", "integrated"])
 @pytest.mark.parametrize("family_name", ["cls_qkv_bias", "registers_layerscale", "distilled_deit", "avg_pool_no_cls"])
 def test_smooth_and_integrated_match_reference(variant, family_name):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs)
+    model = make_model(family_name)
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=2)
     keys = ["a/0001", "b/0002"]
@@ -164,8 +164,7 @@ def test_smooth_and_integrated_match_reference(variant, family_name):
 
 
 def test_variant_noise_does_not_depend_on_batch_composition():
-    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
-    model = make_model(name, kwargs)
+    model = make_model("cls_qkv_bias")
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=3)
     config = VariantConfig("smooth", n_samples=6, seed=11)
@@ -186,8 +185,7 @@ def test_variant_noise_does_not_depend_on_batch_composition():
     ],
 )
 def test_chunking_of_variant_copies_does_not_change_the_maps(family_name, config):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs)
+    model = make_model(family_name)
     images = images_for(model, batch=3)
     keys = ["p", "q", "r"]
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
@@ -217,8 +215,7 @@ def test_gpu_chunks_fit_their_memory_budget():
 
 
 def test_variant_copies_follow_the_precision_unless_told_otherwise():
-    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
-    model = make_model(name, kwargs)
+    model = make_model("cls_qkv_bias")
     images = images_for(model, batch=2)
     config = VariantConfig("smooth", n_samples=6, seed=2)
     assert CDAMExplainer(model, precision="bf16").variant_precision == "bf16"
@@ -240,8 +237,7 @@ def test_variant_copies_follow_the_precision_unless_told_otherwise():
 @pytest.mark.parametrize("family_name", ["cls_qkv_bias", "registers_layerscale", "avg_pool_no_cls"])
 @pytest.mark.parametrize("variant", ["vanilla", "smooth"])
 def test_maps_from_basis_match_direct_maps(family_name, variant):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs)
+    model = make_model(family_name)
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=2)
     concept = Concept("c", torch.randn(model.num_features, generator=torch.Generator().manual_seed(5)))
@@ -256,8 +252,7 @@ def test_maps_from_basis_match_direct_maps(family_name, variant):
 
 @pytest.mark.parametrize("family_name", CLOSED_FORM_FAMILIES)
 def test_many_targets_use_the_column_route_and_still_match(family_name):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs, num_classes=60)  # K=60 > N (at most 16 patches here)
+    model = make_model(family_name, num_classes=60)  # K=60 > N (at most 16 patches here)
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=2)
     assert model.patch_embed.num_patches < 60
@@ -270,8 +265,7 @@ def test_many_targets_use_the_column_route_and_still_match(family_name):
 
 @pytest.mark.parametrize("family_name", ["avg_pool_no_cls", "avg_pool_with_cls", "qk_norm", "distilled_deit"])
 def test_more_targets_than_features_on_the_autograd_path(family_name):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs, num_classes=400)  # K=400 > D=384: linear heads go through the basis
+    model = make_model(family_name, num_classes=400)  # K=400 > D=384: linear heads go through the basis
     explainer = CDAMExplainer(model)
     images = images_for(model, batch=2)
     concept = Concept("c", torch.randn(model.num_features, generator=torch.Generator().manual_seed(3)), "cosine")
@@ -280,19 +274,16 @@ def test_more_targets_than_features_on_the_autograd_path(family_name):
 
 
 def test_closed_form_refused_where_it_does_not_hold():
-    name, kwargs, _ = FAMILIES["distilled_deit"]
     with pytest.raises(
         ValueError, match="closed form does not hold.*DistilledPatch|closed form does not hold.*own forward"
     ):
-        CDAMExplainer(make_model(name, kwargs), method="closed_form")
-    name, kwargs, _ = FAMILIES["avg_pool_no_cls"]
+        CDAMExplainer(make_model("distilled_deit"), method="closed_form")
     with pytest.raises(ValueError, match="global_pool='avg'"):
-        CDAMExplainer(make_model(name, kwargs), method="closed_form")
+        CDAMExplainer(make_model("avg_pool_no_cls"), method="closed_form")
 
 
 def test_forced_autograd_equals_closed_form():
-    name, kwargs, _ = FAMILIES["registers_layerscale"]
-    model = make_model(name, kwargs)
+    model = make_model("registers_layerscale")
     images = images_for(model)
     fast = CDAMExplainer(model).explain(images, "topk:3")
     slow = CDAMExplainer(model, method="autograd").explain(images, "topk:3")
@@ -301,8 +292,7 @@ def test_forced_autograd_equals_closed_form():
 
 
 def test_bf16_trunk_is_close_and_reports_float32_maps():
-    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
-    model = make_model(name, kwargs)
+    model = make_model("cls_qkv_bias")
     images = images_for(model)
     exact = CDAMExplainer(model).explain(images, "classes:1,2")
     approx = CDAMExplainer(model, precision="bf16").explain(images, "classes:1,2")
@@ -326,8 +316,7 @@ def test_cuda_precision_scope_sets_and_restores_the_tf32_flags():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family_name", ["registers_layerscale", "distilled_deit"])
 def test_cuda_float32_matches_the_reference_and_reduced_precisions_stay_close(family_name):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs)
+    model = make_model(family_name)
     images = images_for(model, batch=2)
     cpu = CDAMExplainer(model).explain(images, "all")
     check_against_reference(model, images, cpu, slots=[0, 5])
@@ -341,8 +330,7 @@ def test_cuda_float32_matches_the_reference_and_reduced_precisions_stay_close(fa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family_name", ["cls_qkv_bias", "avg_pool_no_cls"])
 def test_cuda_smooth_chunks_sized_to_free_memory_match_small_chunks(family_name):
-    name, kwargs, _ = FAMILIES[family_name]
-    model = make_model(name, kwargs).cuda()
+    model = make_model(family_name).cuda()
     images = images_for(model, batch=4).cuda()
     keys = ["a", "b", "c", "d"]
     config = VariantConfig("smooth", n_samples=50, seed=1)
@@ -360,8 +348,7 @@ def test_cuda_smooth_chunks_sized_to_free_memory_match_small_chunks(family_name)
 
 @pytest.fixture(scope="module")
 def explainer():
-    name, kwargs, _ = FAMILIES["cls_qkv_bias"]
-    return CDAMExplainer(make_model(name, kwargs), class_names=[f"c{i}" for i in range(11)] + ["zebra"])
+    return CDAMExplainer(make_model("cls_qkv_bias"), class_names=[f"c{i}" for i in range(11)] + ["zebra"])
 
 
 class TestBadInput:

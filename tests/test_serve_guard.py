@@ -380,37 +380,23 @@ def test_serve_off_loopback_wants_a_token_and_only_loopback_or_allowed_names(
     assert "--no-auth" not in log and "anyone who can reach" not in log
 
 
+def serve_refusal(dest: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``cdam serve DEST FLAGS`` as a user runs it, for flags it must refuse before it serves anything."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", "serve", dest, *flags], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+
+
 def test_serve_token_file_no_auth_and_refusals(hostile_run: tuple[str, list[str]], tmp_path: Path) -> None:
     dest, _ = hostile_run
     (tmp_path / "bad").write_text("short\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs", "serve", dest, "--port", "0", "--token-file", str(tmp_path / "bad")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+    done = serve_refusal(dest, "--port", "0", "--token-file", str(tmp_path / "bad"))
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
         f"cdam serve: error: --token-file {tmp_path / 'bad'}: a token must be"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs", "serve", dest, "--token", "--no-auth"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+    done = serve_refusal(dest, "--token", "--no-auth")
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs", "serve", dest, "--allow-host", "http://dash.example.org"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+    done = serve_refusal(dest, "--allow-host", "http://dash.example.org")
     assert done.returncode == 2
     assert "argument --allow-host: 'http://dash.example.org': a host name or address" in done.stderr
     (tmp_path / "token").write_text(TOKEN + "\n")
