@@ -24,8 +24,10 @@ EPILOG = textwrap.dedent(
 
     planning: each shard's sample count comes from --shard-index, a cdam pack index.json beside the shards,
     the manifest of the run being resumed, or else Ray tasks that read the tars' headers. A shard whose real
-    count differs from its index entry is named in an UNACCOUNTED line (exit 1); samples beyond the entry
-    are in errors/, every other sample is explained; fix the index and rerun with --overwrite.
+    count differs from its index entry is bad input like any other: errors/ gets one shard-level row saying
+    so, samples beyond the entry are in errors/, every other sample is explained, and the marker and the
+    manifest record the real count (the run completes; fix the index and rerun with --overwrite to explain
+    the refused samples).
     Keys already in an earlier shard are checked after the shards are written: such samples of the later
     shard go to errors/ (that shard is explained again) before the run is marked complete.
 
