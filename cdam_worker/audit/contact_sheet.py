@@ -72,7 +72,7 @@ def _tile(run: Run, key: str, class_map: np.ndarray, spot: np.ndarray, whole: bo
         top = int(np.clip(round(spot[0] * gh - width / 2) - 1, 0, gh - 1))
         left = int(np.clip(round(spot[1] * gw - width / 2) - 1, 0, gw - 1))
         bottom, right = min(gh, top + width + 2), min(gw, left + width + 2)
-    box = _input_box_in_image((top, left, bottom, right), (gh, gw), image.size, run.attrs)
+    box = input_box_in_image((top, left, bottom, right), (gh, gw), image.size, run.attrs)
     crop = image.crop(box).resize((TILE, TILE), Image.Resampling.BILINEAR)
     region = class_map[top:bottom, left:right]
     overlay = _overlay(region, np.abs(class_map).max())
@@ -97,7 +97,7 @@ def _overlay(region: np.ndarray, scale: float) -> Image.Image:
     return Image.fromarray(rgba, mode="RGBA")
 
 
-def _input_box_in_image(
+def input_box_in_image(
     tokens: tuple[int, int, int, int], grid: tuple[int, int], size: tuple[int, int], attrs: dict[str, Any]
 ) -> tuple[int, int, int, int]:
     """Pixels (left, top, right, bottom) of the original image under a box of tokens (top, left, bottom,

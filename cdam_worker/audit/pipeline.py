@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cdam_worker.audit.appearance import search_by_look, with_look
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
 from cdam_worker.audit.confirmation import Confirmation, unconfirmed_row
@@ -272,14 +273,15 @@ class RunContext:
     by: str
 
 
-def _audit_unit(unit: tuple[int, str], _run: Run, shared: tuple[Gathered, RunContext]) -> ClassAudit:
+def _audit_unit(unit: tuple[int, str], run: Run, shared: tuple[Gathered, RunContext]) -> ClassAudit:
     """One class's audit as a unit of work (here or as a Ray task)."""
     gathered, context = shared
-    return audit_class(ClassData.of(gathered, *unit), context)
+    return audit_class(ClassData.of(gathered, *unit), context, run)
 
 
-def audit_class(data: ClassData, context: RunContext) -> ClassAudit:
-    """Cluster one class's images, find what its maps point at against the run, and describe its clusters."""
+def audit_class(data: ClassData, context: RunContext, run: Run | None = None) -> ClassAudit:
+    """Cluster one class's images, find what its maps point at against the run, and describe its clusters; with
+    ``run``, a mark's images are found again by its look in their pixels (appearance.py)."""
     index, name, positions = data.index, data.name, data.positions
     audited_classes, rarity, place = context.audited_classes, context.rarity, context.place
     other_labels, n_tests, by = context.other_labels, context.n_tests, context.by
@@ -298,9 +300,14 @@ def audit_class(data: ClassData, context: RunContext) -> ClassAudit:
     if finding.flagged.sum() < max(MIN_CLUSTER_IMAGES, MIN_CLUSTER_SHARE * len(positions)):
         finding.flagged[:] = False
         finding.kinds[:] = ""
+    spots = place.off_spot[positions] if finding.mark_spots is None else finding.mark_spots
+    look_note = ""
+    if run is not None and (finding.kinds == "mark").any():
+        search = search_by_look(run, keys, finding.kinds == "mark", spots, run.grid)
+        finding, look_note = with_look(finding, search, spots), f"; its look: {search.note}"
+        spots = spots if finding.mark_spots is None else finding.mark_spots
     off_place = place.off_place[positions]
     is_mark = finding.kinds == "mark"  # a mark's spot is where the mark lies, not the object's
-    spots = place.off_spot[positions] if finding.mark_spots is None else finding.mark_spots
     features.spot_y[is_mark], features.spot_x[is_mark] = spots[is_mark].T
     groups = [(np.flatnonzero(finding.kinds == kind), kind) for kind in KINDS]
     groups += [(np.flatnonzero((clustering.labels == k) & ~finding.flagged), "") for k in range(clustering.n_clusters)]
@@ -344,7 +351,7 @@ def audit_class(data: ClassData, context: RunContext) -> ClassAudit:
         finding=finding,
         eigenvalues=clustering.eigenvalues,
         score=finding.score if finding.flagged.any() else min(finding.score, 0.49),
-        reasons=reasons_in_words(finding, clusters, len(positions)),
+        reasons=reasons_in_words(finding, clusters, len(positions)) + look_note,
     )
 
 
