@@ -113,7 +113,7 @@ def search_by_look(
         spots[at] = where / np.array([height, width])
     carries = np.nan_to_num(scores, nan=-np.inf) > look.threshold
     unread = int(np.isnan(scores).sum())
-    note = f"{int(carries.sum())} of {n} images carry its look (masked NCC > {look.threshold:.2f}; "
+    note = f"{int(carries.sum())} of {n} images carry it (masked NCC > {look.threshold:.2f}; "
     note += f"{look.seed_match:.0%} of the {len(seed_index)} seeds do)" + (f", {unread} not read" if unread else "")
     return LookSearch(carries, spots, scores, look, note)
 
