@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cdam_worker.audit.appearance import MIN_SEED_MATCH, learn_look, match
+from cdam_worker.audit.appearance import MIN_SEED_MATCH, is_common_content, learn_look, match
 
 SIZE, TOKEN, SPOT_TOKENS, BADGE = 64, 8, 2, 12
 
@@ -55,3 +55,15 @@ def test_seeds_that_share_no_look_give_none():
     spots = np.random.default_rng(3).uniform(8, SIZE - 8, (24, 2))
     look = learn_look(views[:24], spots, SPOT_TOKENS, (TOKEN, TOKEN))
     assert look is None or look.seed_match < MIN_SEED_MATCH
+
+
+def test_a_look_that_other_classes_images_carry_as_often_is_common_content_not_a_mark():
+    # the same badge in every image of every class: the seeds share its look, but so does every other image
+    views, centres = _views(24, np.ones(24, dtype=bool), seed=4)
+    look = learn_look(views, centres, SPOT_TOKENS, (TOKEN, TOKEN))
+    assert look is not None and look.seed_match >= MIN_SEED_MATCH
+    class_share = float((match(views, look)[0] > look.threshold).mean())
+    outside, _ = _views(64, np.ones(64, dtype=bool), seed=5)
+    outside_share = float((match(outside, look)[0] > look.threshold).mean())
+    assert class_share > 0.9 and is_common_content(class_share, outside_share)
+    assert not is_common_content(0.9, 0.3)  # a mark's look that few other images carry is not

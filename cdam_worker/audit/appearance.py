@@ -17,7 +17,9 @@ mark's spot give its look, and every image of the class is searched for it:
    match: how well the look matches an image's other content.
 4. **Verdict.** The threshold lies halfway between the null's ``NULL_QUANTILE`` and the seeds' median best match
    (the boundary between the two). When at least ``MIN_SEED_MATCH`` of the seeds
-   match it above that (anywhere: the maps' spot of a mark that moves is a token or two off), the mark has a look of
+   match it above that (anywhere: the maps' spot of a mark that moves is a token or two off), and a sample of the
+   other classes' images carries it less than half as often as the class's own images (a mark the model uses gathers
+   its images in its class; an edge or a texture the seeds happen to share is everywhere), the mark has a look of
    its own, and the class's images that match it anywhere are
    the mark's images. Otherwise (a mark whose look varies, too few seeds, images that cannot be read) the maps'
    images stand.
@@ -50,6 +52,11 @@ MIN_MASK_SHARE = 0.25
 """A look needs at least this share of its window's pixels agreeing."""
 NULL_QUANTILE = 0.99
 MIN_SEED_MATCH = 0.8
+OUTSIDE_SAMPLE = 256
+"""Other classes' images searched for the look, at most (a seeded sample)."""
+MAX_OUTSIDE_RATIO = 0.5
+"""A look is a mark's only when the share of other classes' images that carry it is under this fraction of the share
+of the class's own: a mark the model uses gathers its images in its class, common content is everywhere."""
 SEARCH_BATCH = 256
 """Images scored at once."""
 MIN_STD = 2.0 / 255.0
@@ -80,10 +87,15 @@ class LookSearch:
 
 
 def search_by_look(
-    run: Run, keys: np.ndarray, seeds: np.ndarray, seed_spots: np.ndarray, grid: tuple[int, int]
+    run: Run,
+    keys: np.ndarray,
+    seeds: np.ndarray,
+    seed_spots: np.ndarray,
+    grid: tuple[int, int],
+    outside: np.ndarray,
 ) -> LookSearch:
     """Step 8 for the images ``keys`` of one class: ``seeds`` (bool, n) are the maps' images of its mark, at
-    ``seed_spots`` (n, 2; grid fractions)."""
+    ``seed_spots`` (n, 2; grid fractions); ``outside`` the keys of a sample of other classes' images."""
     n = len(keys)
     none = LookSearch(np.zeros(n, dtype=bool), np.zeros((n, 2)), np.full(n, np.nan), None, "")
     seed_index = np.flatnonzero(seeds)[:MAX_SEEDS]
@@ -99,23 +111,39 @@ def search_by_look(
     if look is None:
         return _without(none, "the seeds' spots share no look")
     if look.seed_match < MIN_SEED_MATCH:
+        return _without(none, f"{look.seed_match:.0%} of the seeds match the look, under {MIN_SEED_MATCH:.0%}")
+    scores, spots = _search(run, keys, grid, look)
+    carries = np.nan_to_num(scores, nan=-np.inf) > look.threshold
+    outside_share = float((np.nan_to_num(_search(run, outside, grid, look)[0], nan=-np.inf) > look.threshold).mean())
+    if is_common_content(float(carries.mean()), outside_share):
         return _without(
             none,
-            f"{look.seed_match:.0%} of the seeds match the look, under {MIN_SEED_MATCH:.0%}",
+            f"it is in {outside_share:.0%} of {len(outside)} other classes' images, against {carries.mean():.0%} of "
+            "the class's: common content (an edge, a texture), not a mark",
         )
-    scores, spots = np.full(n, np.nan), np.zeros((n, 2))
-    for start in range(0, n, SEARCH_BATCH):
-        part = slice(start, start + SEARCH_BATCH)
-        views, readable = read_views(run, keys[part], grid)
-        best, where = match(views[readable], look)
-        at = np.arange(start, min(start + SEARCH_BATCH, n))[readable]
-        scores[at] = best
-        spots[at] = where / np.array([height, width])
-    carries = np.nan_to_num(scores, nan=-np.inf) > look.threshold
     unread = int(np.isnan(scores).sum())
     note = f"{int(carries.sum())} of {n} images carry it (masked NCC > {look.threshold:.2f}; "
-    note += f"{look.seed_match:.0%} of the {len(seed_index)} seeds do)" + (f", {unread} not read" if unread else "")
+    note += f"{look.seed_match:.0%} of the {len(seed_index)} seeds do, {outside_share:.0%} of {len(outside)} "
+    note += "other classes' images)" + (f", {unread} not read" if unread else "")
     return LookSearch(carries, spots, scores, look, note)
+
+
+def is_common_content(class_share: float, outside_share: float) -> bool:
+    """Whether a look the class's images carry at ``class_share`` is common content rather than a mark: the other
+    classes' images carry it at ``outside_share``, at least ``MAX_OUTSIDE_RATIO`` of the class's share."""
+    return outside_share >= MAX_OUTSIDE_RATIO * class_share
+
+
+def _search(run: Run, keys: np.ndarray, grid: tuple[int, int], look: Look) -> tuple[np.ndarray, np.ndarray]:
+    """The best masked NCC of ``look`` in each image of ``keys`` (NaN: not read) and where (grid fractions)."""
+    scores, spots = np.full(len(keys), np.nan), np.zeros((len(keys), 2))
+    for start in range(0, len(keys), SEARCH_BATCH):
+        views, readable = read_views(run, keys[start : start + SEARCH_BATCH], grid)
+        best, where = match(views[readable], look)
+        at = start + np.flatnonzero(readable)
+        scores[at] = best
+        spots[at] = where / np.array(views.shape[1:])
+    return scores, spots
 
 
 def with_look(finding: Finding, search: LookSearch, spots: np.ndarray) -> Finding:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cdam_worker.audit.appearance import search_by_look, with_look
+from cdam_worker.audit.appearance import OUTSIDE_SAMPLE, search_by_look, with_look
 from cdam_worker.audit.blind_spot import BlindSpot, check_blind_spot
 from cdam_worker.audit.clustering import spectral_clusters
 from cdam_worker.audit.confirmation import Confirmation, unconfirmed_row
@@ -276,12 +276,22 @@ class RunContext:
 def _audit_unit(unit: tuple[int, str], run: Run, shared: tuple[Gathered, RunContext]) -> ClassAudit:
     """One class's audit as a unit of work (here or as a Ray task)."""
     gathered, context = shared
-    return audit_class(ClassData.of(gathered, *unit), context, run)
+    return audit_class(ClassData.of(gathered, *unit), context, run, _outside_sample(gathered, unit[0]))
 
 
-def audit_class(data: ClassData, context: RunContext, run: Run | None = None) -> ClassAudit:
+def _outside_sample(gathered: Gathered, index: int) -> np.ndarray:
+    """The keys of a seeded sample of the other audited classes' images (step 8 searches them for a mark's look)."""
+    others = np.flatnonzero((gathered.classes != index) & (gathered.classes >= 0))
+    rng = np.random.default_rng([index])
+    return gathered.keys[np.sort(rng.choice(others, size=min(OUTSIDE_SAMPLE, len(others)), replace=False))]
+
+
+def audit_class(
+    data: ClassData, context: RunContext, run: Run | None = None, outside: np.ndarray | None = None
+) -> ClassAudit:
     """Cluster one class's images, find what its maps point at against the run, and describe its clusters; with
-    ``run``, a mark's images are found again by its look in their pixels (appearance.py)."""
+    ``run``, a mark's images are found again by its look in their pixels (appearance.py), checked against the
+    ``outside`` keys (other classes' images)."""
     index, name, positions = data.index, data.name, data.positions
     audited_classes, rarity, place = context.audited_classes, context.rarity, context.place
     other_labels, n_tests, by = context.other_labels, context.n_tests, context.by
@@ -302,8 +312,8 @@ def audit_class(data: ClassData, context: RunContext, run: Run | None = None) ->
         finding.kinds[:] = ""
     spots = place.off_spot[positions] if finding.mark_spots is None else finding.mark_spots
     look_note = ""
-    if run is not None and (finding.kinds == "mark").any():
-        search = search_by_look(run, keys, finding.kinds == "mark", spots, run.grid)
+    if run is not None and outside is not None and (finding.kinds == "mark").any():
+        search = search_by_look(run, keys, finding.kinds == "mark", spots, run.grid, outside)
         finding, look_note = with_look(finding, search, spots), f"; its look: {search.note}"
         spots = spots if finding.mark_spots is None else finding.mark_spots
     off_place = place.off_place[positions]
