@@ -8,8 +8,8 @@ mark's spot give its look, and every image of the class is searched for it:
 
 1. **Crops.** Each seed's model input (the original under the eval transform's resize and centre crop), in grey,
    cropped at its mark's spot: the spot's ``w x w`` tokens and a token more on every side.
-2. **The look.** The seed whose spot the others match best (the largest median normalised cross-correlation,
-   NCC, over the shifts within the margin) is the reference; every seed is aligned to it (its best shift) and
+2. **The look.** Of the first ``REFERENCE_CANDIDATES`` seeds, the one whose spot the others match best (the
+   largest median normalised cross-correlation, NCC, over the shifts within the margin) is the reference; every seed is aligned to it (its best shift) and
    standardised; the look is their pixelwise median, and its **mask** the pixels where they agree (standard
    deviation under ``AGREEMENT``): the mark, without the surroundings that differ from image to image.
 3. **Search.** Each image of the class is scored by the best masked NCC of the look anywhere in it (where it
@@ -57,8 +57,10 @@ OUTSIDE_SAMPLE = 256
 MAX_OUTSIDE_RATIO = 0.5
 """A look is a mark's only when the share of other classes' images that carry it is under this fraction of the share
 of the class's own: a mark the model uses gathers its images in its class, common content is everywhere."""
-SEARCH_BATCH = 256
-"""Images scored at once."""
+SEARCH_BATCH = 64
+"""Images scored at once (their FFTs are held together)."""
+REFERENCE_CANDIDATES = 8
+"""Seeds tried as the reference the others are aligned to (the first in row order)."""
 MIN_STD = 2.0 / 255.0
 """A window flatter than this (in grey levels of 0..1) matches nothing."""
 
@@ -198,8 +200,9 @@ def learn_look(views: np.ndarray, centres: np.ndarray, spot_tokens: int, token: 
     spots = np.clip(np.round(centres - size / 2).astype(int), 0, shape - size)  # each seed's spot window
     origins = np.clip(spots - margin, 0, shape - side)  # and the crop around it
     crops = _windows(views, origins, side)  # (k, side, side)
-    templates = _standardised(_windows(crops, spots - origins, size))
-    ncc = _ncc(crops, templates, np.ones((size, size), dtype=bool))  # (k crops, k templates, shifts, shifts)
+    candidates = slice(0, REFERENCE_CANDIDATES)
+    templates = _standardised(_windows(crops[candidates], (spots - origins)[candidates], size))
+    ncc = _ncc(crops, templates, np.ones((size, size), dtype=bool))  # (k crops, candidates, shifts, shifts)
     best = ncc.reshape(len(crops), len(templates), -1).max(axis=2)
     reference = int(np.argmax(np.median(best, axis=0)))
     shifts = np.column_stack(np.unravel_index(ncc[:, reference].reshape(len(crops), -1).argmax(axis=1), ncc.shape[2:]))
