@@ -225,8 +225,7 @@ def test_a_cluster_whose_region_the_model_does_not_use_is_reported_and_not_flagg
     for other in result.audited:  # only circle's clusters are tested
         for cluster in other.clusters:
             cluster.flagged = cluster.flagged and other.index == 0
-    features = result.gathered.features
-    features.spot_y[circle.positions], features.spot_x[circle.positions] = 1 / 8, 1 / 8
+    circle.spots[:] = 1 / 8  # the spot of each image, as the confirmation reads it (for a mark: where it lies)
     result.gathered.class_maps[circle.positions] = 0.0
     result.gathered.class_maps[circle.positions, :2, :2] = (
         1.0  # evidence on the spot only: the region is the 2 x 2 spot

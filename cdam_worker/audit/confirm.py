@@ -5,7 +5,8 @@ module tests it with counterfactual images, edited in the model's input space (a
 transform; token ``(i, j)`` of the maps is the pixel box ``[i*ph, (i+1)*ph) x [j*pw, (j+1)*pw)``):
 
 - the **region** of each of the cluster's images is where its evidence for the class lies. For a mark
-  (and a label-disagreement cluster) it is the ``w x w`` spot of the features (``spot_width``), grown by
+  (and a label-disagreement cluster) it is the image's ``w x w`` spot as the audit gives it (``spot_width``; for a
+  mark, where the mark lies: at its place, or where its look matches), grown by
   the neighbouring tokens that carry at least half the spot's mean share of the class's positive
   evidence (a mark larger than the spot). For a background cue it is every token whose positive evidence
   for the class is above the image's mean (the surroundings the maps point at); the rest is the object.
@@ -312,7 +313,8 @@ def confirm_clusters(
             regions = evidence_regions(maps)
             controls = ~regions
         else:
-            regions = spot_regions(maps, gathered.features.spot_y[members], gathered.features.spot_x[members])
+            spots = audit.spots[np.searchsorted(audit.positions, members)]  # a mark's spot: where the mark lies
+            regions = spot_regions(maps, spots[:, 0], spots[:, 1])
             controls = moved_regions(regions, rng, positive_share(maps))
         data = ClusterImages(images, regions, controls, recipients, evidence_regions(gathered.class_maps[others]))
         confirmation = counterfactual_tests(network, audit.index, kind, data, patch, rng, batch)

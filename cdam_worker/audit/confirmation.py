@@ -46,12 +46,14 @@ class Confirmation:
             f"(its lead over the runner-up: {self.lead:.2f}) and changes the top-1 of {_rate(self.top1_loss)} of "
             f"{self.n_removal} images"
         )
-        pasted = "pasting it" if self.test == "mark" else "giving its background to"
-        paste = (
-            f"{pasted} flips {_rate(self.flips)} of {self.n_paste} other classes' images (control {self.control_flips:.0%})"
-            if self.n_paste
-            else "every image of another class tried was already called the class"
-        )
+        control = f"(control {self.control_flips:.0%})"
+        if not self.n_paste:
+            paste = "every image of another class tried was already called the class"
+        elif self.test == "mark":
+            paste = f"pasting it flips {_rate(self.flips)} of {self.n_paste} other classes' images {control}"
+        else:
+            paste = f"giving its background to {self.n_paste} other classes' images flips {_rate(self.flips)} {control}"
+
         verdict = "the model relies on it" if self.relied_on else "the model does not rely on it"
         return f"{verdict}: {removal}; {paste} (95% intervals)"
 
