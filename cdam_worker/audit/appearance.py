@@ -8,21 +8,22 @@ mark's spot give its look, and every image of the class is searched for it:
 
 1. **Crops.** Each seed's model input (the original under the eval transform's resize and centre crop), in grey,
    cropped at its mark's spot: the spot's ``w x w`` tokens and a token more on every side.
-2. **The look.** Of the first ``REFERENCE_CANDIDATES`` seeds, the one whose spot the others match best (the
-   largest median normalised cross-correlation, NCC, over the shifts within the margin) is the reference; every seed is aligned to it (its best shift) and
-   standardised; the look is their pixelwise median, and its **mask** the pixels where they agree (standard
-   deviation under ``AGREEMENT``): the mark, without the surroundings that differ from image to image.
+2. **The look.** Of the first ``REFERENCE_CANDIDATES`` seeds, the one whose spot the others match best (the largest
+   median normalised cross-correlation, NCC, over the shifts within the margin) is the reference; every seed is
+   aligned to it (its best shift) and standardised. The look is their pixelwise median, cut to the pixels that stand
+   out from the field around the window (whose contrast with the mark changes from image to image), and its
+   **mask** the pixels where the seeds agree (a robust spread under ``AGREEMENT``): the mark, without what differs
+   from image to image.
 3. **Search.** Each image of the class is scored by the best masked NCC of the look anywhere in it (where it
    matches gives its spot). The **null** is each seed's best score away from its mark's crop and from its best
    match: how well the look matches an image's other content.
 4. **Verdict.** The threshold lies halfway between the null's ``NULL_QUANTILE`` and the seeds' median best match
-   (the boundary between the two). When at least ``MIN_SEED_MATCH`` of the seeds
-   match it above that (anywhere: the maps' spot of a mark that moves is a token or two off), and a sample of the
-   other classes' images carries it less than half as often as the class's own images (a mark the model uses gathers
-   its images in its class; an edge or a texture the seeds happen to share is everywhere), the mark has a look of
-   its own, and the class's images that match it anywhere are
-   the mark's images. Otherwise (a mark whose look varies, too few seeds, images that cannot be read) the maps'
-   images stand.
+   (the boundary between the two). The mark has a look of its own when at least ``MIN_SEED_MATCH`` of the seeds
+   match above it (anywhere: the maps' spot of a mark that moves is a token or two off), and a sample of the other
+   classes' images carries it less than ``MAX_OUTSIDE_RATIO`` times as often as the class's images (a mark the model
+   uses gathers its images in its class; an edge or a texture the seeds happen to share is everywhere). Then the
+   class's images that match it are the mark's images; otherwise (a mark whose look varies, too few seeds, common
+   content, images that cannot be read) the maps' images stand.
 
 The pixels are read through the run (``Run.image``); the step needs neither the model nor labels.
 """
@@ -47,7 +48,8 @@ MIN_SEEDS = 8
 MAX_SEEDS = 64
 """Seeds a look is learnt from, at most (the first in row order)."""
 AGREEMENT = 0.5
-"""A pixel belongs to the look where the aligned, standardised seeds' standard deviation is under this."""
+"""A pixel belongs to the look where the aligned, standardised seeds' robust spread (1.4826 x their median absolute
+deviation) is under this; a pixel stands out from the field when it differs from it by more than this."""
 MIN_MASK_SHARE = 0.25
 """A look needs at least this share of its window's pixels agreeing."""
 NULL_QUANTILE = 0.99
@@ -83,7 +85,6 @@ class LookSearch:
 
     carries: np.ndarray  # (n,) bool
     spots: np.ndarray  # (n, 2) centre (y, x, grid fractions) of the best match
-    scores: np.ndarray  # (n,) best masked NCC (NaN where the image could not be read)
     look: Look | None
     note: str
 
@@ -99,7 +100,7 @@ def search_by_look(
     """Step 8 for the images ``keys`` of one class: ``seeds`` (bool, n) are the maps' images of its mark, at
     ``seed_spots`` (n, 2; grid fractions); ``outside`` the keys of a sample of other classes' images."""
     n = len(keys)
-    none = LookSearch(np.zeros(n, dtype=bool), np.zeros((n, 2)), np.full(n, np.nan), None, "")
+    none = LookSearch(np.zeros(n, dtype=bool), np.zeros((n, 2)), None, "")
     seed_index = np.flatnonzero(seeds)[:MAX_SEEDS]
     if len(seed_index) < MIN_SEEDS:
         return _without(none, f"{len(seed_index)} seed(s), fewer than {MIN_SEEDS}")
@@ -116,7 +117,8 @@ def search_by_look(
         return _without(none, f"{look.seed_match:.0%} of the seeds match the look, under {MIN_SEED_MATCH:.0%}")
     scores, spots = _search(run, keys, grid, look)
     carries = np.nan_to_num(scores, nan=-np.inf) > look.threshold
-    outside_share = float((np.nan_to_num(_search(run, outside, grid, look)[0], nan=-np.inf) > look.threshold).mean())
+    outside_scores = _search(run, outside, grid, look)[0]
+    outside_share = float((np.nan_to_num(outside_scores, nan=-np.inf) > look.threshold).mean()) if len(outside) else 0.0
     if is_common_content(float(carries.mean()), outside_share):
         return _without(
             none,
@@ -127,7 +129,7 @@ def search_by_look(
     note = f"{int(carries.sum())} of {n} images carry it (masked NCC > {look.threshold:.2f}; "
     note += f"{look.seed_match:.0%} of the {len(seed_index)} seeds do, {outside_share:.0%} of {len(outside)} "
     note += "other classes' images)" + (f", {unread} not read" if unread else "")
-    return LookSearch(carries, spots, scores, look, note)
+    return LookSearch(carries, spots, look, note)
 
 
 def is_common_content(class_share: float, outside_share: float) -> bool:
@@ -168,7 +170,7 @@ def with_look(finding: Finding, search: LookSearch, spots: np.ndarray) -> Findin
 
 
 def _without(none: LookSearch, why: str) -> LookSearch:
-    return LookSearch(none.carries, none.spots, none.scores, None, f"no look learnt: {why}")
+    return LookSearch(none.carries, none.spots, None, f"no look learnt: {why}")
 
 
 def read_views(run: Run, keys: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -209,9 +211,10 @@ def learn_look(views: np.ndarray, centres: np.ndarray, spot_tokens: int, token: 
     windows = _windows(crops, shifts, size)
     mean = windows.mean(axis=(1, 2), keepdims=True)
     std = np.maximum(windows.std(axis=(1, 2), keepdims=True), MIN_STD)
-    outside = np.ones(crops.shape, dtype=bool)
-    for i, (y, x) in enumerate(shifts):
-        outside[i, y : y + size, x : x + size] = False
+    steps = np.arange(side)[None, :]
+    in_rows = (steps >= shifts[:, :1]) & (steps < shifts[:, :1] + size)  # (k, side)
+    in_cols = (steps >= shifts[:, 1:]) & (steps < shifts[:, 1:] + size)
+    outside = ~(in_rows[:, :, None] & in_cols[:, None, :])  # each crop's pixels around its aligned window
     field = float(np.median(((crops - mean) / std)[outside])) if outside.any() else None
     top, bottom, left, right = _mark_extent((np.median((windows - mean) / std, axis=0)), field)
     aligned = _standardised(windows[:, top:bottom, left:right])
