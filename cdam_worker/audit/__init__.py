@@ -8,7 +8,8 @@ against the image's competing classes (its other stored class targets):
    small spot, wherever it is (translation-invariant, so moving marks count as well as fixed ones);
 3. ``cues``: the findings from the maps alone, against the other classes' images (evidence off the
    class's usual region: a mark at a place, or a background/context cue), per image and per class,
-   and label disagreement far beyond the run's usual confusions (a cue that tips images over);
+   and label disagreement far beyond the run's usual confusions (a cue that tips images over); ``appearance``:
+   a mark's images found again by its look in their pixels (a mark that moves, or lies where objects do);
 4. ``clustering``: a sparse k-nearest-neighbour graph, spectral embedding, the number of clusters from
    the eigengap, k-means, 2-D coordinates;
 5. ``scoring``: per cluster (one per finding, then the spectral clusters of the other images) its size,
