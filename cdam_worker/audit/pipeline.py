@@ -276,7 +276,7 @@ class RunContext:
 def _audit_unit(unit: tuple[int, str], run: Run, shared: tuple[Gathered, RunContext]) -> ClassAudit:
     """One class's audit as a unit of work (here or as a Ray task)."""
     gathered, context = shared
-    return audit_class(ClassData.of(gathered, *unit), context, run, _outside_sample(gathered, unit[0]))
+    return audit_class(ClassData.of(gathered, *unit), context, run, lambda: _outside_sample(gathered, unit[0]))
 
 
 def _outside_sample(gathered: Gathered, index: int) -> np.ndarray:
@@ -287,11 +287,14 @@ def _outside_sample(gathered: Gathered, index: int) -> np.ndarray:
 
 
 def audit_class(
-    data: ClassData, context: RunContext, run: Run | None = None, outside: np.ndarray | None = None
+    data: ClassData,
+    context: RunContext,
+    run: Run | None = None,
+    outside: Callable[[], np.ndarray] | None = None,
 ) -> ClassAudit:
     """Cluster one class's images, find what its maps point at against the run, and describe its clusters; with
-    ``run``, a mark's images are found again by its look in their pixels (appearance.py), checked against the
-    ``outside`` keys (other classes' images)."""
+    ``run``, a mark's images are found again by its look in their pixels (appearance.py), checked against the keys
+    of other classes' images that ``outside()`` gives (asked for only when the class has a mark)."""
     index, name, positions = data.index, data.name, data.positions
     audited_classes, rarity, place = context.audited_classes, context.rarity, context.place
     other_labels, n_tests, by = context.other_labels, context.n_tests, context.by
@@ -313,7 +316,7 @@ def audit_class(
     spots = place.off_spot[positions] if finding.mark_spots is None else finding.mark_spots
     look_note = ""
     if run is not None and outside is not None and (finding.kinds == "mark").any():
-        search = search_by_look(run, keys, finding.kinds == "mark", spots, run.grid, outside)
+        search = search_by_look(run, keys, finding.kinds == "mark", spots, run.grid, outside())
         finding, look_note = with_look(finding, search, spots), f"; its look: {search.note}"
         spots = spots if finding.mark_spots is None else finding.mark_spots
     off_place = place.off_place[positions]
