@@ -172,13 +172,40 @@ def test_a_background_cue_is_confirmed_by_swapping_backgrounds() -> None:
         BackgroundReader(),
         0,
         "background",
-        ClusterImages(images, regions, ~regions, recipients, objects),
+        ClusterImages(images, regions, None, recipients, objects),
         PATCH,
         rng,
         8,
     )
     assert result.test == "background" and result.relied_on
     assert result.drop[1] > 5.0 and result.flips[0] == 1.0 and result.control_flips == 0.0
+
+
+class ObjectReader(torch.nn.Module):
+    """Class 0's logit is 10 x the red of the image's centre (its object); the background counts for nothing."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        centre = images[:, :, 16:48, 16:48]
+        return torch.stack([10 * centre[:, 0].mean((1, 2)), 5 * centre[:, 1].mean((1, 2))], dim=1)
+
+
+def test_a_model_that_ignores_the_background_is_not_confirmed() -> None:
+    """The background swapped for another class's or for another cluster image's: the same logit, so no drop beyond
+    the control; given to other classes' images, it flips none."""
+    rng = np.random.default_rng(1)
+    n = 30
+    images = torch.zeros(n, 3, 64, 64)
+    images[:, 2] = torch.rand(n, 1, 1) * 0.5 + 0.5  # water of varying blue
+    images[:, 0, 16:48, 16:48], images[:, 2, 16:48, 16:48] = 0.7, 0.0  # the red object
+    recipients = torch.zeros(n, 3, 64, 64)
+    recipients[:, 1, 16:48, 16:48] = 0.9
+    regions = np.ones((n, *GRID), dtype=bool)
+    regions[:, 2:6, 2:6] = False
+    result = counterfactual_tests(
+        ObjectReader(), 0, "background", ClusterImages(images, regions, None, recipients, ~regions), PATCH, rng, 8
+    )
+    assert result.test == "background" and not result.relied_on
+    assert result.drop[0] == pytest.approx(0.0, abs=1e-4) and result.flips[0] == 0.0 and result.control_flips == 0.0
 
 
 # --- the demo's trained ViT: its corner watermark -------------------------------------------------------------------

@@ -15,12 +15,14 @@ transform; token ``(i, j)`` of the maps is the pixel box ``[i*ph, (i+1)*ph) x [j
   swapped for the pixels of an image of another class at the same tokens. Measured on the cluster's
   images: the drop of the class's logit, beyond the drop of a **control** edit of the same size made
   elsewhere (for a mark, the same region moved to a place that does not overlap it where the maps see the
-  least evidence for the class; for a background, the object swapped instead), so that "any occlusion lowers the logit a little" is not taken for
-  reliance; and the share of images whose top-1 leaves the class.
+  least evidence for the class; for a background, the background swapped for another of the cluster's images',
+  which carries the same cue), so that "any edit lowers the logit a little" is not taken for reliance; and the
+  share of images whose top-1 leaves the class.
 - **paste**: the region's pixels of a cluster image are put at the same place into random images of
   other classes (model top-1 not the class), except on the recipient's own object (where its own class's
   evidence lies: the cue is added, the recipient's evidence kept), and the flips to the class are counted, beside the
-  flips when the control region is pasted instead.
+  flips when the control region is pasted instead (for a background: the same tokens from another recipient, a
+  background swap without the cue).
 
 Intervals are 95%: a percentile bootstrap (``RESAMPLES`` resamples of the images, seeded) for the mean
 logit drop, and Wilson score intervals for the rates. A cluster is **relied on** when removing its
@@ -198,7 +200,7 @@ class ClusterImages:
 
     images: torch.Tensor  # (n, 3, H, W), model input space
     regions: np.ndarray  # (n, gh, gw) bool
-    controls: np.ndarray  # (n, gh, gw) bool
+    controls: np.ndarray | None  # (n, gh, gw) bool: a mark test's control regions (None for a background)
     recipients: torch.Tensor  # (m, 3, H, W)
     recipient_objects: np.ndarray  # (m, gh, gw) bool: where each recipient's own class's evidence lies
 
@@ -218,28 +220,24 @@ def counterfactual_tests(
     n, m = len(data.images), len(data.recipients)
     background = kind == "background"
     pick = lambda count, size: torch.from_numpy(rng.integers(0, count, size=size)).to(data.images.device)
-    if background:  # each image's background swapped for a recipient's (a partner): an image of another class
-        partners = data.recipients[pick(m, n)]
-        removed, controlled = (
-            paste(data.images, partners, data.regions, patch),
-            paste(data.images, partners, data.controls, patch),
-        )
+    if background:  # each image's background swapped for a recipient's (another class's); control: another of the
+        # cluster's images' background, which carries the same cue (the swap itself, not the cue, is what it measures)
+        removed = paste(data.images, data.recipients[pick(m, n)], data.regions, patch)
+        controlled = paste(data.images, data.images[_others(n, rng, data.images.device)], data.regions, patch)
     else:
         removed, controlled = (
             fill_with_surroundings(data.images, data.regions, patch),
             fill_with_surroundings(data.images, data.controls, patch),
         )
     donor = pick(n, m)
-    donors = data.images[donor]
-    given, given_control = data.regions[donor.cpu().numpy()], data.controls[donor.cpu().numpy()]
-    given, given_control = (
-        given & ~data.recipient_objects,
-        given_control & ~data.recipient_objects,
-    )  # add the cue, keep their objects
-    pasted, pasted_control = (
-        paste(data.recipients, donors, given, patch),
-        paste(data.recipients, donors, given_control, patch),
-    )
+    donors, chosen = data.images[donor], donor.cpu().numpy()
+    keep = ~data.recipient_objects  # add the cue, keep their objects
+    given = data.regions[chosen] & keep
+    pasted = paste(data.recipients, donors, given, patch)
+    if background:  # control: the same tokens from another recipient (a background swap without the cue)
+        pasted_control = paste(data.recipients, data.recipients[_others(m, rng, data.images.device)], given, patch)
+    else:
+        pasted_control = paste(data.recipients, donors, data.controls[chosen] & keep, patch)
     original, edited, control = (_logits(model, x, batch) for x in (data.images, removed, controlled))
     lead = original[:, class_index] - original.scatter(1, torch.full((n, 1), class_index), -torch.inf).max(1).values
     drop = (control[:, class_index] - edited[:, class_index]).numpy().astype(np.float64)  # excess over the control edit
@@ -259,6 +257,12 @@ def counterfactual_tests(
         control_flips=control_flips / n_paste if n_paste else float("nan"),
         lead=float(lead.mean()),
     )
+
+
+def _others(n: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
+    """For each of ``n`` images the index of another one, at random (itself only when ``n`` is 1)."""
+    shift = rng.integers(1, n, size=n) if n > 1 else np.zeros(n, dtype=np.int64)
+    return torch.from_numpy((np.arange(n) + shift) % n).to(device)
 
 
 @torch.no_grad()
@@ -310,8 +314,7 @@ def confirm_clusters(
             continue
         maps = gathered.class_maps[members]
         if kind == "background":
-            regions = evidence_regions(maps)
-            controls = ~regions
+            regions, controls = evidence_regions(maps), None
         else:
             spots = audit.spots[np.searchsorted(audit.positions, members)]  # a mark's spot: where the mark lies
             regions = spot_regions(maps, spots[:, 0], spots[:, 1])
