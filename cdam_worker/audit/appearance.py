@@ -115,7 +115,12 @@ def search_by_look(
         return _without(none, "the seeds' spots share no look")
     if look.seed_match < MIN_SEED_MATCH:
         return _without(none, f"{look.seed_match:.0%} of the seeds match the look, under {MIN_SEED_MATCH:.0%}")
-    scores, spots = _search(run, keys, grid, look)
+    read = seed_index[readable]  # the seeds' images are scored from the views already read, the others read now
+    rest = np.setdiff1d(np.arange(n), seed_index)
+    scores, spots = np.full(n, np.nan), np.zeros((n, 2))
+    scores[rest], spots[rest] = _search(run, keys[rest], grid, look)
+    scores[read], where = match(views[readable], look)
+    spots[read] = where / np.array([height, width])
     carries = np.nan_to_num(scores, nan=-np.inf) > look.threshold
     outside_scores = _search(run, outside, grid, look)[0]
     outside_share = float((np.nan_to_num(outside_scores, nan=-np.inf) > look.threshold).mean()) if len(outside) else 0.0
