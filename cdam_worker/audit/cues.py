@@ -64,6 +64,7 @@ import numpy as np
 from scipy.stats import binom
 
 from cdam_worker.audit.features import spot_width, window_sums
+from cdam_worker.audit.spill import release
 
 REFERENCE_QUANTILE = 0.9
 SHARE_QUANTILES = (0.25, 0.5, 0.75, 0.9)
@@ -128,13 +129,20 @@ class PlaceStatistics:
 
     def attribution_sums(self, index: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(len(index),) the images' share of attribution on ``region``, ``PLACE_STEP`` images at a time."""
-        return np.concatenate(
-            [
-                self.attribution(index[start : start + PLACE_STEP], region).sum(axis=1)
-                for start in range(0, len(index), PLACE_STEP)
-            ]
-            or [np.zeros(0)]
-        )
+        sums = np.zeros(len(index))
+        for start in range(0, len(index), PLACE_STEP):
+            sums[start : start + PLACE_STEP] = self.attribution(index[start : start + PLACE_STEP], region).sum(axis=1)
+            release(self.class_maps)
+        return sums
+
+    def mean_share(self, index: np.ndarray) -> np.ndarray:
+        """(N,) float64 the mean evidence distribution ``P`` of the images ``index``, ``PLACE_STEP`` images at a time."""
+        n_tokens = self.share[0].size
+        total = np.zeros(n_tokens)
+        for start in range(0, len(index), PLACE_STEP):
+            total += self.share[index[start : start + PLACE_STEP]].reshape(-1, n_tokens).sum(axis=0, dtype=np.float64)
+            release(self.share)
+        return total / max(len(index), 1)
 
 
 @dataclass
@@ -174,6 +182,7 @@ def place_statistics(
     for start in range(0, n, PLACE_STEP):
         part = slice(start, start + PLACE_STEP)
         np.add.at(sums, group[part], share[part].reshape(-1, gh * gw).astype(np.float64))
+        release(share)
     counts = np.bincount(group, minlength=n_classes + 1)[:n_classes]
     total, total_count = sums[:n_classes].sum(axis=0), counts.sum()
     others = (total[None, :] - sums[:n_classes]) / np.maximum(total_count - counts, 1)[:, None]  # (C, N)
@@ -197,6 +206,7 @@ def place_statistics(
         )
         off_spot[part] = np.column_stack([(wy + width / 2) / gh, (wx + width / 2) / gw])
         mass[part] = np.abs(class_maps[part].astype(np.float64)).sum(axis=(1, 2))
+        release(share, class_maps)
     return PlaceStatistics(
         off_place=np.where(kept, off_place, 0.0),
         compactness=compactness,
@@ -312,7 +322,7 @@ def _at_the_mark(
     n, n_tokens = len(positions), stats.share[0].size
     others = (classes >= 0) & (classes != own)
     flagged_mean = stats.share[positions[flagged]].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
-    denser = flagged_mean - stats.share[others].reshape(-1, n_tokens).mean(axis=0, dtype=np.float64)
+    denser = flagged_mean - stats.mean_share(np.flatnonzero(others))
     region = denser * n_tokens > 1.0
     if not region.any():
         return flagged, cue_share, None
@@ -346,8 +356,7 @@ def _follows_the_place(
     if stats.target_classes is None or stats.target_shares is None or not stats.target_classes.size:
         return True
     others = np.flatnonzero((classes >= 0) & (classes != own))
-    n, slots = stats.target_classes.shape
-    at_place = stats.target_shares.reshape(n, slots, -1)[:, :, region][others].sum(axis=2, dtype=np.float64)  # (k, T)
+    at_place = _shares_at(stats.target_shares, others, region)  # (k, T)
     targets = stats.target_classes[others]
     is_class, is_own = targets == own, targets == classes[others][:, None]
     rest = (targets >= 0) & ~is_class & ~is_own
@@ -359,6 +368,18 @@ def _follows_the_place(
     judged = weighing & not_their_own & is_class.any(axis=1)
     follows = int(((at_place * is_class).sum(axis=1)[judged] > chance).sum())
     return float(binom.cdf(follows, int(judged.sum()), TRAVEL_SHARE)) * n_tests >= ALPHA
+
+
+def _shares_at(target_shares: np.ndarray, index: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(len(index), T) float64 each stored map's share of its evidence on ``region`` (N bool) in the images ``index``,
+    ``PLACE_STEP`` images at a time."""
+    n, slots = target_shares.shape[:2]
+    flat = target_shares.reshape(n, slots, -1)
+    at = np.zeros((len(index), slots))
+    for start in range(0, len(index), PLACE_STEP):
+        at[start : start + PLACE_STEP] = flat[index[start : start + PLACE_STEP]][:, :, region].sum(axis=2, dtype=np.float64)
+        release(target_shares)
+    return at
 
 
 def _place_kind(stats: PlaceStatistics, flagged: np.ndarray) -> str:

@@ -3,7 +3,8 @@ every stored map's evidence distribution (so that ``cues.py`` can read a class's
 
 One pass over the run's rows in Zarr order (chunk by chunk, whatever the classes), so a 50,000-image
 run is read once: block by block here, or one Ray task per block on a cluster (the driver concatenates the
-blocks in order, so the result is the same). An image is audited for its predicted class (``by="pred"``) or its label
+blocks in order, so the result is the same). The per-image arrays live on local disk (``spill.py``), so the
+driver's memory holds the blocks and, later, one class's rows at a time. An image is audited for its predicted class (``by="pred"``) or its label
 (``by="label"``); it is left out, and counted, when that class has no stored map for it (the run's
 ``--targets`` did not include it) or when its map reads NaN (a row never written, a damaged chunk).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cdam_worker.audit.features import ImageFeatures, image_features, target_shares
+from cdam_worker.audit.spill import Spill
 from cdam_worker.reading import Run
 from cdam_worker.reading.cluster import each_result
 
@@ -26,7 +28,8 @@ STEP_ROWS = 1024
 
 @dataclass
 class Gathered:
-    """The audited images of a run (in row order) with their features, and what was left out."""
+    """The audited images of a run (in row order) with their features, and what was left out; the class maps, the
+    features and the stored targets are disk-backed (``spill``: ``release`` after reading a class)."""
 
     keys: np.ndarray  # (n,) object
     rows: np.ndarray  # (n,) int64
@@ -39,6 +42,11 @@ class Gathered:
     no_map: Counter = field(default_factory=Counter)  # class -> images without a stored map of it
     unreadable: Counter = field(default_factory=Counter)  # class -> images whose map reads NaN
     no_label: int = 0  # images left out with by="label" because they have no label
+    spill: Spill = field(default_factory=Spill)
+
+    def release(self) -> None:
+        """Hand back the pages read of the disk-backed arrays (``spill.py``)."""
+        self.spill.release()
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,11 @@ def gather(
     classes: set[int] | None,
     progress: Callable[[int], None] = lambda _rows: None,
     address: str | None = None,
+    spill: Spill | None = None,
 ) -> Gathered:
     """Read the maps of every image to audit (restricted to ``classes`` when given), computing features on the way:
-    block by block here, or one Ray task per block on the cluster at ``address`` (or RAY_ADDRESS)."""
+    block by block here, or one Ray task per block on the cluster at ``address`` (or RAY_ADDRESS); the arrays are
+    written to ``spill`` (a new one in TMPDIR by default)."""
     index = run.index
     rows = index.column("row").to_numpy().astype(np.int64)
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
@@ -86,13 +96,15 @@ def gather(
         for start in range(0, len(positions), STEP_ROWS)
         for part in [positions[start : start + STEP_ROWS]]
     ]
-    slots = _Slots(len(positions))
+    spill = spill or Spill()
+    slots = _Slots(len(positions), spill)
     no_map: Counter = Counter()
     unreadable: Counter = Counter()
     for b, part in each_result(_read_block, blocks, run, address=address):
         slots.put(b * STEP_ROWS + np.flatnonzero(part.ok), part.class_maps, part.features, part.targets)
         no_map.update(part.no_map)
         unreadable.update(part.unreadable)
+        spill.release()
         progress(part.rows_read)
     kept = positions[slots.filled]
     class_maps, features, targets = slots.kept(run.grid)
@@ -107,15 +119,17 @@ def gather(
         no_map=no_map,
         unreadable=unreadable,
         no_label=no_label,
+        spill=spill,
     )
 
 
 class _Slots:
     """The blocks' class maps and features written in place, one slot per image to read (the blocks may come in
-    any order), so that the gathered arrays are never held twice."""
+    any order), on disk (``spill``), so that the gathered arrays are never held in memory."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, spill: Spill) -> None:
         self.n = n
+        self.spill = spill
         self.filled = np.zeros(n, dtype=bool)
         self.class_maps: np.ndarray | None = None
         self.features: dict[str, np.ndarray] = {}
@@ -125,20 +139,17 @@ class _Slots:
         self, slots: np.ndarray, class_maps: np.ndarray, features: ImageFeatures, targets: dict[str, np.ndarray]
     ) -> None:
         if self.class_maps is None:
-            self.class_maps = np.empty((self.n, *class_maps.shape[1:]), dtype=class_maps.dtype)
-            self.features = {
-                name: np.empty((self.n, *value.shape[1:]), dtype=value.dtype) for name, value in vars(features).items()
-            }
-            self.targets = {
-                name: np.empty((self.n, *value.shape[1:]), dtype=value.dtype) for name, value in targets.items()
-            }
+            self.class_maps = self._empty_like(class_maps, self.n)
+            self.features = {name: self._empty_like(value, self.n) for name, value in vars(features).items()}
+            self.targets = {name: self._empty_like(value, self.n) for name, value in targets.items()}
         self.class_maps[slots] = class_maps
         for name, value in [*vars(features).items(), *targets.items()]:
             (self.features if name in self.features else self.targets)[name][slots] = value
         self.filled[slots] = True
 
     def kept(self, grid: tuple[int, int]) -> tuple[np.ndarray, ImageFeatures, dict[str, np.ndarray]]:
-        """The filled slots' class maps, features and stored targets, in slot order (one array copied at a time)."""
+        """The filled slots' class maps, features and stored targets, in slot order (copied, block by block, into
+        new disk-backed arrays when some slots stayed empty)."""
         if self.class_maps is None:
             empty = np.zeros((0, *grid), dtype=np.float32)
             targets = {
@@ -148,11 +159,23 @@ class _Slots:
             return empty, image_features(empty, np.zeros((0, 0, *grid))), targets
         if self.filled.all():
             return self.class_maps, ImageFeatures(**self.features), self.targets
-        maps, self.class_maps = self.class_maps[self.filled], None
+        maps = self._compacted(self.class_maps)
         for arrays in (self.features, self.targets):
             for name in list(arrays):
-                arrays[name] = arrays[name][self.filled]
+                arrays[name] = self._compacted(arrays[name])
         return maps, ImageFeatures(**self.features), self.targets
+
+    def _empty_like(self, value: np.ndarray, n: int) -> np.ndarray:
+        return self.spill.empty((n, *value.shape[1:]), value.dtype)
+
+    def _compacted(self, array: np.ndarray) -> np.ndarray:
+        """The filled slots of ``array``, in a new disk-backed array."""
+        filled = np.flatnonzero(self.filled)
+        out = self._empty_like(array, len(filled))
+        for start in range(0, len(filled), STEP_ROWS * 16):
+            out[start : start + STEP_ROWS * 16] = array[filled[start : start + STEP_ROWS * 16]]
+            self.spill.release()
+        return out
 
 
 def _read_block(block: _Block, run: Run, _shared: None) -> _BlockMaps:

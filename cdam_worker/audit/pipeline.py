@@ -153,9 +153,9 @@ def audit_run(
     other_labels = _other_label_counts(gathered, kept, len(names)) if options.by == "pred" else None
     to_audit = np.flatnonzero(counts >= options.min_images)
     context = RunContext(place_classes, rarity, place, other_labels, len(to_audit), options.by)
-    audited = run_units(
-        _audit_unit, [(int(c), names[int(c)]) for c in to_audit], run, (gathered, context), address=address
-    )
+    gathered.release()
+    units = [(int(c), names[int(c)]) for c in to_audit]
+    audited = run_units(_audit_unit, units, run, (gathered, context), done=lambda _: gathered.release(), address=address)
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
     audited.sort(key=lambda a: a.rank)
