@@ -5,7 +5,7 @@ Each array is an unnamed temporary file (in ``TMPDIR``, or the folder given) map
 written as any numpy array, and it disappears with the process. What the audit has read of it stays in the page
 cache, not in the process: ``release`` hands the mapped pages back after each block and each class (the data stays
 in the file), so the process's resident memory does not grow with the run. The disk it needs is the gathered arrays'
-size: about 3.5 KB per audited image for top-5 maps on a 14 x 14 grid (docs/scaling.md).
+size: about 3.8 KB per audited image for top-5 maps on a 14 x 14 grid (README, "Auditing a dataset").
 """
 
 from __future__ import annotations
