@@ -70,3 +70,8 @@ def test_gather_writes_the_maps_and_features_to_the_spill(tmp_path: Path) -> Non
     maps = run.read_rows("cdam", gathered.rows).astype(np.float32)
     slot = (run.read_rows("target_class", gathered.rows) == gathered.classes[:, None]).argmax(axis=1)
     assert np.array_equal(gathered.class_maps, maps[np.arange(96), slot])
+    grouped = np.lexsort((gathered.rows, gathered.classes))
+    assert np.array_equal(grouped, np.arange(96))  # a class's images are one stretch, in row order
+    assert np.array_equal(
+        gathered.rows[gathered.in_row_order(gathered.classes != 1)], np.sort(gathered.rows[gathered.classes != 1])
+    )

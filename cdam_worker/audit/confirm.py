@@ -298,8 +298,8 @@ def confirm_clusters(
         kind = getattr(cluster, "kind", "mark")
         members = audit.positions[audit.labels == cluster.cluster]
         members = np.sort(rng.choice(members, size=min(settings.images, len(members)), replace=False))
-        others = np.flatnonzero((gathered.classes != audit.index) & (gathered.labels != audit.index))
-        others = np.sort(rng.choice(others, size=min(settings.recipients, len(others)), replace=False))
+        others = gathered.in_row_order((gathered.classes != audit.index) & (gathered.labels != audit.index))
+        others = others[np.sort(rng.choice(len(others), size=min(settings.recipients, len(others)), replace=False))]
         images, members = _read(run, model, gathered.keys, members, device, notes)
         if not len(members):
             notes.append(

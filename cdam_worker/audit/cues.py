@@ -377,7 +377,9 @@ def _shares_at(target_shares: np.ndarray, index: np.ndarray, region: np.ndarray)
     flat = target_shares.reshape(n, slots, -1)
     at = np.zeros((len(index), slots))
     for start in range(0, len(index), PLACE_STEP):
-        at[start : start + PLACE_STEP] = flat[index[start : start + PLACE_STEP]][:, :, region].sum(axis=2, dtype=np.float64)
+        at[start : start + PLACE_STEP] = flat[index[start : start + PLACE_STEP]][:, :, region].sum(
+            axis=2, dtype=np.float64
+        )
         release(target_shares)
     return at
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from cdam_worker.audit.features import ImageFeatures, image_features, target_shares
 from cdam_worker.audit.spill import Spill
@@ -28,7 +29,8 @@ STEP_ROWS = 1024
 
 @dataclass
 class Gathered:
-    """The audited images of a run (in row order) with their features, and what was left out; the class maps, the
+    """The audited images of a run, grouped by audited class (in row order within a class, so that a class's images
+    are one stretch of the disk-backed arrays), with their features, and what was left out; the class maps, the
     features and the stored targets are disk-backed (``spill``: ``release`` after reading a class)."""
 
     keys: np.ndarray  # (n,) object
@@ -43,6 +45,11 @@ class Gathered:
     unreadable: Counter = field(default_factory=Counter)  # class -> images whose map reads NaN
     no_label: int = 0  # images left out with by="label" because they have no label
     spill: Spill = field(default_factory=Spill)
+
+    def in_row_order(self, selected: np.ndarray) -> np.ndarray:
+        """The positions of the images ``selected`` (a bool mask over the gathered images), in row order."""
+        positions = np.flatnonzero(selected)
+        return positions[np.argsort(self.rows[positions], kind="stable")]
 
     def release(self) -> None:
         """Hand back the pages read of the disk-backed arrays (``spill.py``)."""
@@ -86,6 +93,7 @@ def gather(
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
     labels = index.column("label").fill_null(-1).to_numpy().astype(np.int64)
     audited = labels.copy() if by == "label" else index.column("pred").to_numpy().astype(np.int64)
+    pa.default_memory_pool().release_unused()  # what reading the metadata tables left in Arrow's pool
     no_label = int((audited < 0).sum()) if by == "label" else 0
     wanted = audited >= 0
     if classes is not None:
@@ -96,17 +104,20 @@ def gather(
         for start in range(0, len(positions), STEP_ROWS)
         for part in [positions[start : start + STEP_ROWS]]
     ]
+    by_class = np.argsort(audited[positions], kind="stable")  # slot i holds the image at positions[by_class[i]]
+    slot_of = np.empty_like(by_class)
+    slot_of[by_class] = np.arange(len(by_class))
     spill = spill or Spill()
     slots = _Slots(len(positions), spill)
     no_map: Counter = Counter()
     unreadable: Counter = Counter()
     for b, part in each_result(_read_block, blocks, run, address=address):
-        slots.put(b * STEP_ROWS + np.flatnonzero(part.ok), part.class_maps, part.features, part.targets)
+        slots.put(slot_of[b * STEP_ROWS + np.flatnonzero(part.ok)], part.class_maps, part.features, part.targets)
         no_map.update(part.no_map)
         unreadable.update(part.unreadable)
         spill.release()
         progress(part.rows_read)
-    kept = positions[slots.filled]
+    kept = positions[by_class][slots.filled]
     class_maps, features, targets = slots.kept(run.grid)
     return Gathered(
         keys=keys[kept],
@@ -124,8 +135,8 @@ def gather(
 
 
 class _Slots:
-    """The blocks' class maps and features written in place, one slot per image to read (the blocks may come in
-    any order), on disk (``spill``), so that the gathered arrays are never held in memory."""
+    """The blocks' class maps and features written in place, one slot per image to read (grouped by class; the blocks
+    may come in any order), on disk (``spill``), so that the gathered arrays are never held in memory."""
 
     def __init__(self, n: int, spill: Spill) -> None:
         self.n = n

@@ -155,7 +155,9 @@ def audit_run(
     context = RunContext(place_classes, rarity, place, other_labels, len(to_audit), options.by)
     gathered.release()
     units = [(int(c), names[int(c)]) for c in to_audit]
-    audited = run_units(_audit_unit, units, run, (gathered, context), done=lambda _: gathered.release(), address=address)
+    audited = run_units(
+        _audit_unit, units, run, (gathered, context), done=lambda _: gathered.release(), address=address
+    )
     for rank, audit in enumerate(sorted(audited, key=lambda a: (-a.score, a.index)), start=1):
         audit.rank = rank
     audited.sort(key=lambda a: a.rank)
@@ -281,9 +283,10 @@ def _audit_unit(unit: tuple[int, str], run: Run, shared: tuple[Gathered, RunCont
 
 def _outside_sample(gathered: Gathered, index: int) -> np.ndarray:
     """The keys of a seeded sample of the other audited classes' images (step 8 searches them for a mark's look)."""
-    others = np.flatnonzero((gathered.classes != index) & (gathered.classes >= 0))
+    others = gathered.in_row_order((gathered.classes != index) & (gathered.classes >= 0))
     rng = np.random.default_rng([index])
-    return gathered.keys[np.sort(rng.choice(others, size=min(OUTSIDE_SAMPLE, len(others)), replace=False))]
+    chosen = rng.choice(len(others), size=min(OUTSIDE_SAMPLE, len(others)), replace=False)
+    return gathered.keys[others[np.sort(chosen)]]
 
 
 def audit_class(
