@@ -16,15 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from cdam_worker.audit.features import ImageFeatures, image_features, target_shares
-from cdam_worker.audit.spill import Spill
+from cdam_worker.audit.spill import Spill, hand_back_freed_memory
 from cdam_worker.reading import Run
 from cdam_worker.reading.cluster import each_result
 
 STEP_ROWS = 1024
 """Rows read per step (64 Zarr chunks)."""
+TRIM_BLOCKS = 16
+"""The memory freed by reading is handed back to the system every this many blocks."""
 
 
 @dataclass
@@ -93,7 +94,7 @@ def gather(
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
     labels = index.column("label").fill_null(-1).to_numpy().astype(np.int64)
     audited = labels.copy() if by == "label" else index.column("pred").to_numpy().astype(np.int64)
-    pa.default_memory_pool().release_unused()  # what reading the metadata tables left in Arrow's pool
+    hand_back_freed_memory()  # what reading the metadata tables left behind
     no_label = int((audited < 0).sum()) if by == "label" else 0
     wanted = audited >= 0
     if classes is not None:
@@ -116,6 +117,8 @@ def gather(
         no_map.update(part.no_map)
         unreadable.update(part.unreadable)
         spill.release()
+        if b % TRIM_BLOCKS == 0:
+            hand_back_freed_memory()
         progress(part.rows_read)
     kept = positions[by_class][slots.filled]
     class_maps, features, targets = slots.kept(run.grid)

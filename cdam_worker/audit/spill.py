@@ -10,11 +10,14 @@ size: about 3.8 KB per audited image for top-5 maps on a 14 x 14 grid (README, "
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import mmap
 import tempfile
 
 import numpy as np
+import pyarrow as pa
 
 
 class Spill:
@@ -61,3 +64,23 @@ def release(*arrays: np.ndarray | None) -> None:
 def _release(mapping: mmap.mmap) -> None:
     if not mapping.closed and hasattr(mmap, "MADV_DONTNEED"):
         mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def hand_back_freed_memory() -> None:
+    """Return what the process freed to the system: Arrow's pool and, with glibc, the heap (``malloc_trim``), which
+    otherwise keeps the blocks that reading thousands of Zarr chunks freed."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
