@@ -84,11 +84,10 @@ def gather(
     classes: set[int] | None,
     progress: Callable[[int], None] = lambda _rows: None,
     address: str | None = None,
-    spill: Spill | None = None,
 ) -> Gathered:
     """Read the maps of every image to audit (restricted to ``classes`` when given), computing features on the way:
     block by block here, or one Ray task per block on the cluster at ``address`` (or RAY_ADDRESS); the arrays are
-    written to ``spill`` (a new one in TMPDIR by default)."""
+    written to a new ``Spill`` in TMPDIR."""
     index = run.index
     rows = index.column("row").to_numpy().astype(np.int64)
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
@@ -108,7 +107,7 @@ def gather(
     by_class = np.argsort(audited[positions], kind="stable")  # slot i holds the image at positions[by_class[i]]
     slot_of = np.empty_like(by_class)
     slot_of[by_class] = np.arange(len(by_class))
-    spill = spill or Spill()
+    spill = Spill()
     slots = _Slots(len(positions), spill)
     no_map: Counter = Counter()
     unreadable: Counter = Counter()
